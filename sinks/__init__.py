@@ -1,0 +1,1 @@
+"""Beam sinks of this project. The Tinybird Events API sink lives in :mod:`sinks.tinybird`."""

@@ -1,0 +1,346 @@
+"""Batching: NDJSON lines into size-bounded requests, per window, across bundles.
+
+Two steps, so that per-element work stays stateless and cheap (stateful work per
+element is about ten times slower on the DirectRunner, see REFERENCE.md s.3):
+
+1. :class:`_EncodeAndChunkDoFn` encodes each element once and appends its line
+   to a per-window buffer inside the bundle; buffers leave as *chunks* (one
+   ``bytes`` blob of ``\\n``-terminated lines) keyed by a shard and the window.
+2. :class:`_BatchDoFn`, keyed by shard and window, keeps chunks (not elements)
+   in state and cuts them into batches at line boundaries: a full batch leaves
+   as soon as the bytes or rows limit is reached, whatever the runner's bundle
+   size; the rest leaves when the watermark passes the end of the element's
+   window and, for unbounded input, once its oldest chunk has waited
+   ``max_buffering_secs``.
+
+Between the two steps chunks move to the global window, their own window being
+part of the key: batches never mix windows, and a runner never drops late data
+at the stateful step for an expired window (late rows are sent, not lost).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.coders import BytesCoder, TupleCoder, VarIntCoder
+from apache_beam.transforms import userstate
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+
+from sinks.tinybird._encoding import EncodingError, element_repr, encode_element
+from sinks.tinybird.dead_letters import DeadLetter, DeadLetterKind, window_text
+
+DEAD_LETTERS_TAG = "dead_letters"
+
+# Chunks are small enough that a batch cut from them is rarely far from full,
+# and large enough that state holds few of them.
+_MAX_CHUNK_BYTES = 1 << 20
+
+
+class Chunk(NamedTuple):
+    """``\\n``-terminated NDJSON lines and how many there are."""
+
+    payload: bytes
+    rows: int
+
+
+class WindowKey(NamedTuple):
+    """Where a chunk belongs: a shard of one window (deterministically encodable)."""
+
+    shard: int
+    window_max_micros: int
+    window: str
+
+
+class Batch(NamedTuple):
+    """One request's worth of lines, and the window (as text) they belong to."""
+
+    window: str
+    payload: bytes
+    rows: int
+
+
+_CHUNK_CODER = TupleCoder([BytesCoder(), VarIntCoder()])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchLimits:
+    """Bounds on one request, and how long a partial batch may wait.
+
+    Attributes:
+        max_batch_bytes: Bound on the uncompressed NDJSON of one request.
+        max_batch_rows: Bound on the rows of one request.
+        max_buffering_secs: For unbounded input, the longest a row waits in a
+            partial batch before it is sent anyway.
+        num_shards: Keys the batching state is spread over; each shard posts
+            on its own, so this bounds the sink's parallelism.
+    """
+
+    max_batch_bytes: int
+    max_batch_rows: int
+    max_buffering_secs: float
+    num_shards: int
+
+    def __post_init__(self) -> None:
+        if self.max_batch_bytes < 2:
+            raise ValueError(f"max_batch_bytes must be at least 2, got {self.max_batch_bytes!r}")
+        if self.max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be at least 1, got {self.max_batch_rows!r}")
+        if not self.max_buffering_secs > 0:
+            raise ValueError(f"max_buffering_secs must be positive, got {self.max_buffering_secs!r}")
+        if self.num_shards < 1:
+            raise ValueError(f"num_shards must be at least 1, got {self.num_shards!r}")
+
+    @property
+    def chunk_bytes(self) -> int:
+        return min(self.max_batch_bytes, _MAX_CHUNK_BYTES)
+
+
+def _utc_now_text() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def never_sent(
+    *, datasource: str, kind: DeadLetterKind, message: str, window: object,
+    line: Optional[str] = None, element: Optional[str] = None,
+) -> DeadLetter:
+    """A dead letter for an element refused before any request."""
+    now = _utc_now_text()
+    return DeadLetter(
+        line=line, element=element, datasource=datasource, kind=kind.value,
+        status=None, message=message, attempts=0,
+        first_attempt_at=now, last_attempt_at=now, window=window_text(window),
+    )
+
+
+class _WindowBuffer:
+    __slots__ = ("lines", "size", "min_timestamp")
+
+    def __init__(self, timestamp: Timestamp) -> None:
+        self.lines: List[bytes] = []
+        self.size = 0
+        self.min_timestamp = timestamp
+
+
+class _EncodeAndChunkDoFn(beam.DoFn):
+    """Encodes elements to NDJSON lines and groups them in per-window chunks.
+
+    Outputs ``(WindowKey, Chunk)`` on the main output and :class:`DeadLetter` on
+    ``DEAD_LETTERS_TAG`` for elements that cannot be encoded or whose line alone
+    is larger than ``max_batch_bytes``. Every buffer is emitted before
+    ``finish_bundle`` returns.
+    """
+
+    def __init__(self, *, datasource: str, limits: BatchLimits) -> None:
+        self._datasource = datasource
+        self._limits = limits
+
+    def setup(self) -> None:
+        self._elements_in = beam.metrics.Metrics.counter("tinybird", "elements_in")
+
+    def start_bundle(self) -> None:
+        self._buffers: dict = {}
+        self._shard = random.randrange(self._limits.num_shards)
+        self._count = 0
+
+    def _next_shard(self) -> int:
+        self._shard = (self._shard + 1) % self._limits.num_shards
+        return self._shard
+
+    def _chunk(self, window, buffer: _WindowBuffer) -> Tuple[WindowKey, Chunk]:
+        rows = len(buffer.lines)
+        buffer.lines.append(b"")
+        key = WindowKey(self._next_shard(), window.max_timestamp().micros, window_text(window))
+        return key, Chunk(b"\n".join(buffer.lines), rows)
+
+    def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+        self._count += 1
+        try:
+            line = encode_element(element)
+        except EncodingError as error:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS_TAG, never_sent(
+                datasource=self._datasource, kind=DeadLetterKind.UNENCODABLE,
+                message=error.reason, window=window, element=element_repr(element)))
+            return
+        size = len(line) + 1
+        limits = self._limits
+        if size > limits.max_batch_bytes:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS_TAG, never_sent(
+                datasource=self._datasource, kind=DeadLetterKind.OVERSIZE,
+                message=f"the encoded row is {size} bytes, over max_batch_bytes={limits.max_batch_bytes}",
+                window=window, line=line.decode("utf-8")))
+            return
+        buffer = self._buffers.get(window)
+        if buffer is not None and buffer.size + size > limits.chunk_bytes:
+            # Emit before adding, so that no chunk is over the limit.
+            del self._buffers[window]
+            yield beam.window.TimestampedValue(self._chunk(window, buffer), buffer.min_timestamp)
+            buffer = None
+        if buffer is None:
+            buffer = self._buffers[window] = _WindowBuffer(timestamp)
+        elif timestamp < buffer.min_timestamp:
+            buffer.min_timestamp = timestamp
+        buffer.lines.append(line)
+        buffer.size += size
+        if len(buffer.lines) >= limits.max_batch_rows:
+            del self._buffers[window]
+            yield beam.window.TimestampedValue(self._chunk(window, buffer), buffer.min_timestamp)
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        self._elements_in.inc(self._count)
+        buffers, self._buffers = self._buffers, {}
+        for window, buffer in buffers.items():
+            yield WindowedValue(self._chunk(window, buffer), buffer.min_timestamp, (window,))
+
+
+def cut_batches(
+    chunks: Iterable[Chunk], *, max_bytes: int, max_rows: int, flush: bool,
+) -> Tuple[List[Chunk], Optional[Chunk]]:
+    """Cuts chunks into batches at line boundaries.
+
+    Returns the full batches and, unless ``flush``, the remainder that fills
+    neither limit (``None`` when nothing remains). With ``flush`` the remainder
+    is returned as the last batch. Every line of the input is in exactly one
+    output, in order; no batch is over ``max_bytes`` or ``max_rows``, given
+    that no single line (with its newline) is over ``max_bytes``.
+    """
+    chunks = list(chunks)
+    if not chunks:
+        return [], None
+    data = chunks[0].payload if len(chunks) == 1 else b"".join(c.payload for c in chunks)
+    rows_left = sum(c.rows for c in chunks)
+    batches: List[Chunk] = []
+    start, total = 0, len(data)
+    while start < total and (total - start >= max_bytes or rows_left >= max_rows):
+        end = data.rfind(b"\n", start, start + max_bytes) + 1
+        if end <= start:
+            raise ValueError(f"a line at offset {start} is longer than max_bytes={max_bytes}")
+        rows = data.count(b"\n", start, end)
+        if rows > max_rows:
+            end = start
+            for _ in range(max_rows):
+                end = data.index(b"\n", end) + 1
+            rows = max_rows
+        batches.append(Chunk(data[start:end], rows))
+        rows_left -= rows
+        start = end
+    if start == total:
+        return batches, None
+    rest = Chunk(data[start:] if start else data, rows_left)
+    if flush:
+        batches.append(rest)
+        return batches, None
+    return batches, rest
+
+
+class _BatchDoFn(beam.DoFn):
+    """Per shard and window, turns chunks into full batches across bundles.
+
+    Emits :class:`Batch` values. A batch leaves as soon as it is full; what is left
+    leaves when the watermark passes the end of the window, and, when
+    ``buffer_in_processing_time`` (unbounded input), once the oldest buffered
+    chunk has waited ``max_buffering_secs``. Timers are overwritten, never
+    deleted (deleting is not supported by every runner in batch mode), and a
+    timer that finds nothing to do does nothing.
+    """
+
+    BUFFER = userstate.BagStateSpec("buffer", _CHUNK_CODER)
+    # (bytes, rows) in BUFFER, so that a chunk that does not fill a batch costs no bag read.
+    HELD = userstate.ReadModifyWriteStateSpec("held", TupleCoder([VarIntCoder(), VarIntCoder()]))
+    OLDEST_MS = userstate.ReadModifyWriteStateSpec("oldest_ms", VarIntCoder())
+    WINDOW_END = userstate.TimerSpec("window_end", TimeDomain.WATERMARK)
+    STALE = userstate.TimerSpec("stale", TimeDomain.REAL_TIME)
+
+    def __init__(self, *, limits: BatchLimits, buffer_in_processing_time: bool, clock=time.time) -> None:
+        self._limits = limits
+        self._processing_time = buffer_in_processing_time
+        self._clock = clock
+
+    def process(
+        self,
+        element: Tuple[WindowKey, Chunk],
+        buffer=beam.DoFn.StateParam(BUFFER),
+        held=beam.DoFn.StateParam(HELD),
+        oldest_ms=beam.DoFn.StateParam(OLDEST_MS),
+        window_end=beam.DoFn.TimerParam(WINDOW_END),
+        stale=beam.DoFn.TimerParam(STALE),
+    ) -> Iterator[Batch]:
+        key, chunk = WindowKey(*element[0]), Chunk(*element[1])
+        limits = self._limits
+        held_bytes, held_rows = held.read() or (0, 0)
+        if (held_bytes + len(chunk.payload) < limits.max_batch_bytes
+                and held_rows + chunk.rows < limits.max_batch_rows):
+            buffer.add(chunk)
+            held.write((held_bytes + len(chunk.payload), held_rows + chunk.rows))
+            if held_bytes == 0:
+                self._arm(key, window_end, stale, oldest_ms)
+            return
+        chunks = list(buffer.read()) if held_bytes else []
+        chunks.append(chunk)
+        batches, rest = cut_batches(
+            chunks, max_bytes=limits.max_batch_bytes, max_rows=limits.max_batch_rows, flush=False)
+        buffer.clear()
+        if rest is None:
+            held.clear()
+            oldest_ms.clear()
+        else:
+            buffer.add(rest)
+            held.write((len(rest.payload), rest.rows))
+            if held_bytes == 0:
+                self._arm(key, window_end, stale, oldest_ms)
+        for batch in batches:
+            yield Batch(key.window, *batch)
+
+    def _arm(self, key: WindowKey, window_end, stale, oldest_ms) -> None:
+        """Called when the buffer goes from empty to not empty."""
+        window_end.set(Timestamp(micros=key.window_max_micros))
+        if self._processing_time:
+            now_ms = int(self._clock() * 1000)
+            oldest_ms.write(now_ms)
+            stale.set(Timestamp(micros=(now_ms + int(self._limits.max_buffering_secs * 1000)) * 1000))
+
+    def _flush(self, key, buffer, held, oldest_ms) -> List[Batch]:
+        if not held.read():
+            return []
+        chunks, _ = cut_batches(
+            buffer.read(), max_bytes=self._limits.max_batch_bytes,
+            max_rows=self._limits.max_batch_rows, flush=True)
+        buffer.clear()
+        held.clear()
+        oldest_ms.clear()
+        return [Batch(WindowKey(*key).window, *chunk) for chunk in chunks]
+
+    @userstate.on_timer(WINDOW_END)
+    def on_window_end(
+        self,
+        key=beam.DoFn.KeyParam,
+        buffer=beam.DoFn.StateParam(BUFFER),
+        held=beam.DoFn.StateParam(HELD),
+        oldest_ms=beam.DoFn.StateParam(OLDEST_MS),
+    ) -> Iterator[Batch]:
+        yield from self._flush(key, buffer, held, oldest_ms)
+
+    @userstate.on_timer(STALE)
+    def on_stale(
+        self,
+        key=beam.DoFn.KeyParam,
+        buffer=beam.DoFn.StateParam(BUFFER),
+        held=beam.DoFn.StateParam(HELD),
+        oldest_ms=beam.DoFn.StateParam(OLDEST_MS),
+        stale=beam.DoFn.TimerParam(STALE),
+    ) -> Iterator[Batch]:
+        oldest = oldest_ms.read()
+        if oldest is None:
+            return
+        due_ms = oldest + int(self._limits.max_buffering_secs * 1000)
+        if int(self._clock() * 1000) < due_ms:
+            # A size flush kept a remainder after this timer was set: wait for it.
+            stale.set(Timestamp(micros=due_ms * 1000))
+            return
+        yield from self._flush(key, buffer, held, oldest_ms)

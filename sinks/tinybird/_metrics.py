@@ -1,0 +1,62 @@
+"""The sink's Beam metrics, all under the namespace ``tinybird``.
+
+Counters: ``elements_in``, ``rows_acknowledged``, ``rows_quarantined``,
+``requests``, ``responses_2xx``/``3xx``/``4xx``/``5xx``, ``responses_none``
+(timeouts and connection errors), ``retries`` and ``retries_<cause>`` (cause is
+the status code, ``timeout`` or ``connection_error``), ``bytes_raw`` and
+``bytes_wire`` (per attempt, before and after compression), ``dead_letters``
+and ``dead_letters_<kind>``. Distributions: ``batch_bytes``, ``batch_rows``,
+``request_latency_ms``.
+
+Beam metric cells are bound to the bundle's thread, so everything is recorded
+from there, after the HTTP threads hand their reports back.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from apache_beam.metrics import Metrics
+
+from sinks.tinybird._events_api import SendReport
+
+NAMESPACE = "tinybird"
+
+
+class SinkMetrics:
+    """Records what one batch's :class:`SendReport` says."""
+
+    def __init__(self) -> None:
+        self._counters: Dict[str, object] = {}
+        self._batch_bytes = Metrics.distribution(NAMESPACE, "batch_bytes")
+        self._batch_rows = Metrics.distribution(NAMESPACE, "batch_rows")
+        self._latency_ms = Metrics.distribution(NAMESPACE, "request_latency_ms")
+
+    def inc(self, name: str, value: int = 1) -> None:
+        counter = self._counters.get(name)
+        if counter is None:
+            counter = self._counters[name] = Metrics.counter(NAMESPACE, name)
+        counter.inc(value)
+
+    def batch(self, *, payload_bytes: int, rows: int) -> None:
+        self._batch_bytes.update(payload_bytes)
+        self._batch_rows.update(rows)
+
+    def report(self, report: SendReport) -> None:
+        for attempt in report.attempts:
+            self.inc("requests")
+            self.inc("bytes_raw", attempt.raw_bytes)
+            self.inc("bytes_wire", attempt.wire_bytes)
+            self._latency_ms.update(int(attempt.latency_secs * 1000))
+            self.inc(f"responses_{attempt.status // 100}xx" if attempt.status else "responses_none")
+            if attempt.retry_cause:
+                self.inc("retries")
+                self.inc(f"retries_{attempt.retry_cause}")
+        for part in report.delivered:
+            self.inc("rows_acknowledged", part.rows)
+            if part.quarantined_rows:
+                self.inc("rows_quarantined", part.quarantined_rows)
+
+    def dead_letters(self, kind: str, count: int) -> None:
+        self.inc("dead_letters", count)
+        self.inc(f"dead_letters_{kind}", count)

@@ -1,0 +1,65 @@
+"""Where the token comes from: a value, an environment variable, or Secret Manager.
+
+The token is resolved on the worker, in ``setup()``, so that it need not sit in
+pipeline options or the job graph. Nothing here logs or shows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Optional
+
+DEFAULT_TOKEN_ENV = "TINYBIRD_TOKEN"
+_SECRET_VERSION = re.compile(r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$")
+
+
+class TokenError(RuntimeError):
+    """No token could be found where the sink was told to look."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenSource:
+    """One of: a token value, a Secret Manager secret version, an environment variable."""
+
+    value: Optional[str] = dataclasses.field(default=None, repr=False)
+    secret_version: Optional[str] = None
+    env_var: str = DEFAULT_TOKEN_ENV
+
+    def __post_init__(self) -> None:
+        if self.value is not None and (not isinstance(self.value, str) or not self.value.strip()):
+            raise ValueError("token must be a non-empty string (its value is not shown)")
+        if self.value is not None and self.secret_version is not None:
+            raise ValueError("give either token or token_secret, not both")
+        if self.secret_version is not None and not _SECRET_VERSION.match(self.secret_version):
+            raise ValueError(
+                "token_secret must look like projects/PROJECT/secrets/NAME/versions/VERSION, "
+                f"got {self.secret_version!r}")
+        if not self.env_var:
+            raise ValueError(f"token_env must name an environment variable, got {self.env_var!r}")
+
+    def resolve(self) -> str:
+        """The token; raises :class:`TokenError` saying where it looked."""
+        if self.value is not None:
+            return self.value.strip()
+        if self.secret_version is not None:
+            return _read_secret(self.secret_version)
+        token = os.environ.get(self.env_var, "").strip()
+        if not token:
+            raise TokenError(
+                f"no Tinybird token: pass token= or token_secret=, or set {self.env_var} on the workers")
+        return token
+
+
+def _read_secret(version: str) -> str:
+    try:
+        from google.cloud import secretmanager  # type: ignore[import-not-found]
+    except ImportError as error:
+        raise TokenError(
+            "token_secret needs google-cloud-secret-manager: pip install 'beam-tinybird[gcp]'") from error
+    client = secretmanager.SecretManagerServiceClient()
+    token = client.access_secret_version(name=version).payload.data.decode("utf-8").strip()
+    if not token:
+        raise TokenError(f"the secret version {version} is empty")
+    return token

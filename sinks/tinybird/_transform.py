@@ -1,0 +1,289 @@
+"""WriteToTinybird: the PTransform that delivers a PCollection to the Events API."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import time
+from typing import Deque, Iterator, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
+from apache_beam.typehints import Tuple as TupleHint
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+
+from sinks.tinybird._batching import (
+    DEAD_LETTERS_TAG, Batch, BatchLimits, _BatchDoFn, _EncodeAndChunkDoFn,
+)
+from sinks.tinybird._events_api import ClientSettings, EventsApiClient, Failed, SendReport
+from sinks.tinybird._metrics import SinkMetrics
+from sinks.tinybird._token import DEFAULT_TOKEN_ENV, TokenSource
+from sinks.tinybird.dead_letters import (
+    DEAD_LETTER_FORMATS, DeadLetter, DeliveryError, WriteDeadLetterFiles,
+)
+from sinks.tinybird.retry import RetryPolicy
+
+_LOG = logging.getLogger(__name__)
+
+DEFAULT_API_URL = "https://api.tinybird.co"
+DEFAULT_MAX_BATCH_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_BATCH_ROWS = 200_000
+DEFAULT_MAX_BUFFERING_SECS = 5.0
+DEFAULT_NUM_SHARDS = 8
+DEFAULT_MAX_IN_FLIGHT = 4
+_PROGRESS_EVERY_SECS = 10.0
+
+_KEYED_CHUNK = TupleHint[TupleHint[int, int, str], TupleHint[bytes, int]]
+_BATCH = TupleHint[str, bytes, int]
+
+
+def _iso(epoch_secs: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_secs)) + f".{int(epoch_secs % 1 * 1000):03d}Z"
+
+
+class _PostDoFn(beam.DoFn):
+    """Posts batches, a bounded number at a time, and dead-letters what fails.
+
+    One client (one ``requests.Session``) and one thread pool per instance,
+    made in ``setup()``. Every request of a bundle is finished, delivered or
+    dead-lettered, before ``finish_bundle`` returns. Metrics and outputs are
+    produced in the bundle's thread. Dead letters are emitted in the global
+    window, at the timestamp of their batch; each keeps its window as text.
+    """
+
+    def __init__(
+        self, *, settings: ClientSettings, token: TokenSource, retry_policy: RetryPolicy,
+        raise_on_failure: bool,
+    ) -> None:
+        self._settings = settings
+        self._token = token
+        self._retry_policy = retry_policy
+        self._raise_on_failure = raise_on_failure
+
+    def setup(self) -> None:
+        self._client = EventsApiClient(
+            self._settings, token=self._token.resolve(), retry_policy=self._retry_policy)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self._settings.max_in_flight, thread_name_prefix="tinybird-post")
+        self._metrics = SinkMetrics()
+        self._started = time.monotonic()
+        self._next_progress = self._started + _PROGRESS_EVERY_SECS
+        self._acknowledged = 0
+        self._dead_lettered = 0
+
+    def start_bundle(self) -> None:
+        self._pending: Deque[Tuple[concurrent.futures.Future, str, Timestamp]] = collections.deque()
+
+    def process(self, element, timestamp=beam.DoFn.TimestampParam) -> Iterator[WindowedValue]:
+        batch = Batch(*element)
+        self._metrics.batch(payload_bytes=len(batch.payload), rows=batch.rows)
+        future = self._pool.submit(self._client.send, batch.payload, batch.rows)
+        self._pending.append((future, batch.window, timestamp))
+        # Results leave in order; at most max_in_flight requests are under way.
+        while self._pending and (
+                len(self._pending) > self._settings.max_in_flight or self._pending[0][0].done()):
+            yield from self._complete(*self._pending.popleft())
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        while self._pending:
+            yield from self._complete(*self._pending.popleft())
+
+    def teardown(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        client = getattr(self, "_client", None)
+        if client is not None:
+            client.close()
+
+    def _complete(
+        self, future: concurrent.futures.Future, window: str, timestamp: Timestamp,
+    ) -> Iterator[WindowedValue]:
+        report: SendReport = future.result()
+        self._metrics.report(report)
+        self._acknowledged += sum(part.rows for part in report.delivered)
+        for failed in report.failed:
+            if self._raise_on_failure:
+                raise DeliveryError(
+                    datasource=self._settings.datasource, kind=failed.kind.value, status=failed.status,
+                    message=failed.message, rows=failed.rows)
+            self._metrics.dead_letters(failed.kind.value, failed.rows)
+            self._dead_lettered += failed.rows
+            for record in self._dead_letters(failed, window):
+                yield beam.pvalue.TaggedOutput(
+                    DEAD_LETTERS_TAG, WindowedValue(record, timestamp, (GlobalWindow(),)))
+        self._progress()
+
+    def _dead_letters(self, failed: Failed, window: str) -> Iterator[DeadLetter]:
+        first, last = _iso(failed.first_attempt_at), _iso(failed.last_attempt_at)
+        kind = failed.kind.value
+        for line in failed.payload.split(b"\n")[:-1]:
+            yield DeadLetter(
+                line=line.decode("utf-8"), element=None, datasource=self._settings.datasource,
+                kind=kind, status=failed.status, message=failed.message, attempts=failed.attempts,
+                first_attempt_at=first, last_attempt_at=last, window=window)
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        if now < self._next_progress:
+            return
+        self._next_progress = now + _PROGRESS_EVERY_SECS
+        _LOG.info(
+            "Tinybird %s: %d rows acknowledged (%.0f rows/s), %d dead-lettered, by this worker",
+            self._settings.datasource, self._acknowledged,
+            self._acknowledged / max(now - self._started, 1e-9), self._dead_lettered)
+
+
+class WriteToTinybirdResult:
+    """What :class:`WriteToTinybird` returns.
+
+    Attributes:
+        dead_letters: A ``PCollection`` of :class:`DeadLetter`, one per element
+            that was not delivered, in the global window with the timestamp of
+            its batch (its own window is kept as text in ``window``).
+        dead_letter_files: When ``dead_letter_path`` was given, the
+            ``PCollection`` of ``fileio.FileResult`` for the files written,
+            else ``None``.
+    """
+
+    def __init__(self, *, dead_letters, dead_letter_files) -> None:
+        self.dead_letters = dead_letters
+        self.dead_letter_files = dead_letter_files
+
+
+class WriteToTinybird(beam.PTransform):
+    """Delivers a PCollection to a Tinybird data source through the Events API.
+
+    Elements may be dicts (datetimes, dates, Decimals and UUIDs included),
+    ``beam.Row`` or NamedTuples, dataclasses, or ``str``/``bytes`` that already
+    hold one JSON object. Each is encoded once to one NDJSON line.
+
+    **Batching.** Lines are grouped per window into requests of at most
+    ``max_batch_bytes`` (uncompressed) and ``max_batch_rows``, across bundles,
+    over ``num_shards`` keys. A batch is posted as soon as it is full; what is
+    left is posted when the watermark passes the end of its window (for bounded
+    input: at the end of the input) and, for unbounded input, once it has
+    waited ``max_buffering_secs``. Late data is sent, not dropped.
+
+    **Posting.** Each worker posts at most ``max_in_flight`` requests at once,
+    compressed with ``compression``, with connect and read timeouts. 408, 429,
+    500, 502, 503, 504, timeouts and connection errors are retried under
+    ``retry_policy`` (exponential backoff with jitter, honouring
+    ``Retry-After`` and ``X-RateLimit-Reset``, pacing on
+    ``X-RateLimit-Remaining: 0``). A 413 splits the batch in halves,
+    recursively.
+
+    **Failures.** Unencodable elements, rows larger than ``max_batch_bytes``,
+    400/401/403/404, 422 (partially ingested, never retried), a single row
+    refused with 413, and exhausted retries become :class:`DeadLetter` records
+    in ``result.dead_letters``, written to ``dead_letter_path`` when given. The
+    pipeline goes on, unless ``raise_on_failure`` is set. Delivery is
+    at-least-once: a duplicate can happen only when a request that the server
+    stored is retried (a 500, a timeout or a reset after the body was sent) or
+    when the runner retries a bundle whose batches were already posted.
+
+    Args:
+        datasource: The target data source name.
+        token: The token, or None to read it on the workers from
+            ``token_secret`` or the ``token_env`` environment variable.
+        token_env: Environment variable read on the workers when neither
+            ``token`` nor ``token_secret`` is given. Default ``TINYBIRD_TOKEN``.
+        token_secret: A Secret Manager secret version
+            (``projects/P/secrets/S/versions/V``), read on the workers; needs
+            the ``gcp`` extra.
+        api_url: The API host of the workspace's region. Default
+            ``https://api.tinybird.co``.
+        wait: Ask the server to acknowledge only committed writes (200) rather
+            than accepted ones (202). Default False.
+        compression: ``"zstd"`` (default), ``"gzip"`` or None.
+        max_batch_bytes: Bound on the uncompressed NDJSON of one request.
+            Default 8 MiB (the Events API refuses requests over 10 MB).
+        max_batch_rows: Bound on the rows of one request. Default 200,000.
+        max_buffering_secs: Unbounded input only: the longest a row waits in a
+            partial batch. Default 5 s.
+        num_shards: Keys batching is spread over. Default 8.
+        max_in_flight: Requests under way at once per worker. Default 4.
+        retry_policy: A :class:`RetryPolicy`; default ``RetryPolicy()``
+            (6 attempts, 0.5 s doubling to 30 s, at most 300 s in all).
+        connect_timeout_secs: Default 5 s.
+        read_timeout_secs: Default 30 s.
+        dead_letter_path: Where to write dead-letter files (any Beam filesystem
+            path, e.g. ``gs://bucket/dlq/``), or None for no files.
+        dead_letter_format: ``"json"`` (JSON lines, default) or ``"avro"``.
+        raise_on_failure: Fail the bundle with :class:`DeliveryError` instead
+            of dead-lettering what the server did not accept. Encoding and
+            size failures are still dead-lettered. Default False.
+        ca_bundle_path: A CA bundle to verify the server's certificate with.
+            Certificates are always verified for https.
+        allow_insecure_http: Allow sending the token over plain http to a host
+            that is not loopback. Default False.
+    """
+
+    def __init__(
+        self,
+        *,
+        datasource: str,
+        token: Optional[str] = None,
+        token_env: str = DEFAULT_TOKEN_ENV,
+        token_secret: Optional[str] = None,
+        api_url: str = DEFAULT_API_URL,
+        wait: bool = False,
+        compression: Optional[str] = "zstd",
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+        max_buffering_secs: float = DEFAULT_MAX_BUFFERING_SECS,
+        num_shards: int = DEFAULT_NUM_SHARDS,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        retry_policy: Optional[RetryPolicy] = None,
+        connect_timeout_secs: float = 5.0,
+        read_timeout_secs: float = 30.0,
+        dead_letter_path: Optional[str] = None,
+        dead_letter_format: str = "json",
+        raise_on_failure: bool = False,
+        ca_bundle_path: Optional[str] = None,
+        allow_insecure_http: bool = False,
+    ) -> None:
+        super().__init__()
+        self._settings = ClientSettings(
+            api_url=api_url, datasource=datasource, wait=wait, compression=compression,
+            connect_timeout_secs=connect_timeout_secs, read_timeout_secs=read_timeout_secs,
+            max_in_flight=max_in_flight, ca_bundle_path=ca_bundle_path,
+            allow_insecure_http=allow_insecure_http)
+        self._limits = BatchLimits(
+            max_batch_bytes=max_batch_bytes, max_batch_rows=max_batch_rows,
+            max_buffering_secs=max_buffering_secs, num_shards=num_shards)
+        self._token = TokenSource(value=token, secret_version=token_secret, env_var=token_env)
+        self._retry_policy = retry_policy if retry_policy is not None else RetryPolicy()
+        if dead_letter_format not in DEAD_LETTER_FORMATS:
+            raise ValueError(
+                f"dead_letter_format must be one of {DEAD_LETTER_FORMATS}, got {dead_letter_format!r}")
+        self._dead_letter_path = dead_letter_path
+        self._dead_letter_format = dead_letter_format
+        self._raise_on_failure = raise_on_failure
+
+    def expand(self, pcoll) -> WriteToTinybirdResult:
+        datasource = self._settings.datasource
+        encoded = pcoll | "EncodeAndChunk" >> beam.ParDo(
+            _EncodeAndChunkDoFn(datasource=datasource, limits=self._limits)
+        ).with_output_types(_KEYED_CHUNK).with_outputs(DEAD_LETTERS_TAG, main="chunks")
+        posted = (
+            encoded.chunks
+            | "ToGlobalWindow" >> beam.WindowInto(GlobalWindows())
+            | "Batch" >> beam.ParDo(_BatchDoFn(
+                limits=self._limits, buffer_in_processing_time=not pcoll.is_bounded,
+            )).with_output_types(_BATCH)
+            | "Post" >> beam.ParDo(_PostDoFn(
+                settings=self._settings, token=self._token, retry_policy=self._retry_policy,
+                raise_on_failure=self._raise_on_failure,
+            )).with_outputs(DEAD_LETTERS_TAG, main="done")
+        )
+        refused = encoded[DEAD_LETTERS_TAG] | "RefusedToGlobalWindow" >> beam.WindowInto(GlobalWindows())
+        dead_letters = (refused, posted[DEAD_LETTERS_TAG]) | "DeadLetters" >> beam.Flatten(
+        ).with_output_types(DeadLetter)
+        files = None
+        if self._dead_letter_path:
+            files = dead_letters | "WriteDeadLetters" >> WriteDeadLetterFiles(
+                self._dead_letter_path, file_format=self._dead_letter_format)
+        return WriteToTinybirdResult(dead_letters=dead_letters, dead_letter_files=files)

@@ -1,0 +1,212 @@
+"""Dead letters: what the sink could not deliver, one record per element, and why.
+
+A record keeps the exact NDJSON line that was (or would have been) sent, so a
+dead-letter file can be replayed as it is. It never holds the token.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Iterator, NamedTuple, Optional
+
+import apache_beam as beam
+import fastavro
+import orjson
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.transforms import window as window_fns
+from apache_beam.transforms.window import GlobalWindow, IntervalWindow
+
+__all__ = ["DeadLetter", "DeadLetterKind", "DeliveryError", "ReadDeadLetters", "WriteDeadLetterFiles"]
+
+
+class DeadLetterKind(str, enum.Enum):
+    """Why an element ended in the dead letters."""
+
+    UNENCODABLE = "unencodable"
+    """The element could not be encoded as one JSON object; it was never sent."""
+    OVERSIZE = "oversize"
+    """Its line alone is larger than ``max_batch_bytes``; it was never sent."""
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    """The server answered 413 to a request holding only this row."""
+    REJECTED = "rejected"
+    """A status that retrying cannot fix: 400, 401, 403, 404 and other 4xx, 501."""
+    PARTIAL = "partial"
+    """422: the server ingested the request partially; never retried (may duplicate)."""
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    """Retryable failures (408, 429, 5xx, timeouts, resets) outlasted the RetryPolicy."""
+
+
+class DeadLetter(NamedTuple):
+    """One element that was not delivered.
+
+    Attributes:
+        line: The exact NDJSON line (without the newline) that was or would have
+            been sent; replaying it as is re-sends the element. ``None`` when the
+            element could not be encoded.
+        element: A truncated ``repr`` of the element when it could not be
+            encoded, else ``None``.
+        datasource: The target data source.
+        kind: A :class:`DeadLetterKind` value.
+        status: The last HTTP status, or ``None`` when there was no response.
+        message: Why: the server's error message, or the sink's own reason.
+        attempts: HTTP attempts made for this element (0 when never sent).
+        first_attempt_at: ISO-8601 UTC time of the first attempt, or when it was
+            dead-lettered if never sent.
+        last_attempt_at: ISO-8601 UTC time of the last attempt.
+        window: The element's window, as text (``"global"`` for the global window).
+    """
+
+    line: Optional[str]
+    element: Optional[str]
+    datasource: str
+    kind: str
+    status: Optional[int]
+    message: str
+    attempts: int
+    first_attempt_at: str
+    last_attempt_at: str
+    window: str
+
+
+class DeliveryError(RuntimeError):
+    """Raised instead of dead-lettering when ``raise_on_failure`` is set.
+
+    Carries what happened, never the token or the rows themselves.
+    """
+
+    def __init__(self, *, datasource: str, kind: str, status: Optional[int], message: str, rows: int) -> None:
+        super().__init__(f"{rows} rows not delivered to {datasource}: {kind} (status {status}): {message}")
+        self.datasource = datasource
+        self.kind = kind
+        self.status = status
+        self.message = message
+        self.rows = rows
+
+    def __reduce__(self):
+        return _rebuild_delivery_error, (self.datasource, self.kind, self.status, self.message, self.rows)
+
+
+def _rebuild_delivery_error(datasource, kind, status, message, rows) -> "DeliveryError":
+    return DeliveryError(datasource=datasource, kind=kind, status=status, message=message, rows=rows)
+
+
+def window_text(window: object) -> str:
+    """The window of an element as text: ``"global"`` or ``"[start, end)"`` in UTC."""
+    if isinstance(window, GlobalWindow):
+        return "global"
+    if isinstance(window, IntervalWindow):
+        return f"[{window.start.to_rfc3339()}, {window.end.to_rfc3339()})"
+    return str(window)
+
+
+def to_json_line(record: DeadLetter) -> bytes:
+    """One dead letter as a JSON line (with its newline)."""
+    return orjson.dumps(record._asdict()) + b"\n"
+
+
+def from_dict(fields: dict) -> DeadLetter:
+    """A dead letter from the fields of a JSON line or Avro record."""
+    return DeadLetter(**{name: fields.get(name) for name in DeadLetter._fields})
+
+
+AVRO_SCHEMA = fastavro.parse_schema({
+    "type": "record",
+    "name": "DeadLetter",
+    "namespace": "sinks.tinybird",
+    "doc": "An element that the Tinybird sink could not deliver, and why.",
+    "fields": [
+        {"name": "line", "type": ["null", "string"], "default": None},
+        {"name": "element", "type": ["null", "string"], "default": None},
+        {"name": "datasource", "type": "string"},
+        {"name": "kind", "type": "string"},
+        {"name": "status", "type": ["null", "int"], "default": None},
+        {"name": "message", "type": "string"},
+        {"name": "attempts", "type": "int"},
+        {"name": "first_attempt_at", "type": "string"},
+        {"name": "last_attempt_at", "type": "string"},
+        {"name": "window", "type": "string"},
+    ],
+})
+
+_SUFFIXES = {"json": ".jsonl", "avro": ".avro"}
+DEAD_LETTER_FORMATS = tuple(_SUFFIXES)
+
+
+class _JsonLinesSink(fileio.FileSink):
+    def open(self, fh) -> None:
+        self._fh = fh
+
+    def write(self, record: DeadLetter) -> None:
+        self._fh.write(to_json_line(record))
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
+class _AvroSink(fileio.FileSink):
+    def open(self, fh) -> None:
+        self._writer = fastavro.write.Writer(fh, AVRO_SCHEMA, codec="deflate")
+
+    def write(self, record: DeadLetter) -> None:
+        self._writer.write(record._asdict())
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+
+class WriteDeadLetterFiles(beam.PTransform):
+    """Writes dead letters to files under ``path`` (any Beam filesystem path).
+
+    Files are named ``dead-letters-<window>-<shard>-of-<n>.jsonl`` (or
+    ``.avro``). Unbounded input in the global window is written in fixed
+    windows of ``streaming_window_secs`` so that files are closed as the
+    pipeline runs; each record keeps its original window as text.
+    """
+
+    def __init__(self, path: str, *, file_format: str = "json", streaming_window_secs: int = 60) -> None:
+        super().__init__()
+        if file_format not in _SUFFIXES:
+            raise ValueError(f"dead_letter_format must be one of {DEAD_LETTER_FORMATS}, got {file_format!r}")
+        self._path = path
+        self._format = file_format
+        self._streaming_window_secs = streaming_window_secs
+
+    def expand(self, dead_letters):
+        if not dead_letters.is_bounded and isinstance(dead_letters.windowing.windowfn, window_fns.GlobalWindows):
+            dead_letters = dead_letters | "FixedWindows" >> beam.WindowInto(
+                window_fns.FixedWindows(self._streaming_window_secs))
+        sink = _AvroSink if self._format == "avro" else _JsonLinesSink
+        return dead_letters | "Write" >> fileio.WriteToFiles(
+            path=self._path,
+            sink=lambda _destination: sink(),
+            file_naming=fileio.default_file_naming("dead-letters", _SUFFIXES[self._format]),
+            shards=1,
+        )
+
+
+def _read_file(readable: fileio.ReadableFile) -> Iterator[DeadLetter]:
+    with readable.open(compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        if readable.metadata.path.endswith(".avro"):
+            for fields in fastavro.reader(fh):
+                yield from_dict(fields)
+            return
+        for raw in fh:
+            if raw.strip():
+                yield from_dict(orjson.loads(raw))
+
+
+class ReadDeadLetters(beam.PTransform):
+    """Reads dead-letter files (``*.avro`` as Avro, anything else as JSON lines)."""
+
+    def __init__(self, file_pattern: str) -> None:
+        super().__init__()
+        self._file_pattern = file_pattern
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Match" >> fileio.MatchFiles(self._file_pattern)
+            | "Open" >> fileio.ReadMatches()
+            | "Parse" >> beam.FlatMap(_read_file)
+        )
