@@ -253,7 +253,6 @@ class _BatchDoFn(beam.DoFn):
     BUFFER = userstate.BagStateSpec("buffer", _CHUNK_CODER)
     # (bytes, rows) in BUFFER, so that a chunk that does not fill a batch costs no bag read.
     HELD = userstate.ReadModifyWriteStateSpec("held", TupleCoder([VarIntCoder(), VarIntCoder()]))
-    OLDEST_MS = userstate.ReadModifyWriteStateSpec("oldest_ms", VarIntCoder())
     WINDOW_END = userstate.TimerSpec("window_end", TimeDomain.WATERMARK)
     STALE = userstate.TimerSpec("stale", TimeDomain.REAL_TIME)
 
@@ -267,7 +266,6 @@ class _BatchDoFn(beam.DoFn):
         element: Tuple[WindowKey, Chunk],
         buffer=beam.DoFn.StateParam(BUFFER),
         held=beam.DoFn.StateParam(HELD),
-        oldest_ms=beam.DoFn.StateParam(OLDEST_MS),
         window_end=beam.DoFn.TimerParam(WINDOW_END),
         stale=beam.DoFn.TimerParam(STALE),
     ) -> Iterator[Batch]:
@@ -279,41 +277,42 @@ class _BatchDoFn(beam.DoFn):
             buffer.add(chunk)
             held.write((held_bytes + len(chunk.payload), held_rows + chunk.rows))
             if held_bytes == 0:
-                self._arm(key, window_end, stale, oldest_ms)
+                self._arm(key, window_end, stale)
             return
-        chunks = list(buffer.read()) if held_bytes else []
+        chunks = [Chunk(*c) for c in buffer.read()] if held_bytes else []
         chunks.append(chunk)
         batches, rest = cut_batches(
             chunks, max_bytes=limits.max_batch_bytes, max_rows=limits.max_batch_rows, flush=False)
         buffer.clear()
         if rest is None:
             held.clear()
-            oldest_ms.clear()
         else:
             buffer.add(rest)
             held.write((len(rest.payload), rest.rows))
             if held_bytes == 0:
-                self._arm(key, window_end, stale, oldest_ms)
+                self._arm(key, window_end, stale)
         for batch in batches:
             yield Batch(key.window, *batch)
 
-    def _arm(self, key: WindowKey, window_end, stale, oldest_ms) -> None:
+    def _arm(self, key: WindowKey, window_end, stale) -> None:
         """Called when the buffer goes from empty to not empty."""
         window_end.set(Timestamp(micros=key.window_max_micros))
         if self._processing_time:
-            now_ms = int(self._clock() * 1000)
-            oldest_ms.write(now_ms)
-            stale.set(Timestamp(micros=(now_ms + int(self._limits.max_buffering_secs * 1000)) * 1000))
+            # Overwritten, never deleted. Set when the buffer stops being empty,
+            # so when it fires the oldest buffered row has waited its time
+            # (younger rows leave with it: early, never late). A flush that
+            # empties the buffer leaves it to fire on nothing, or to be replaced
+            # when the next chunk arrives.
+            stale.set(Timestamp.of(self._clock() + self._limits.max_buffering_secs))
 
-    def _flush(self, key, buffer, held, oldest_ms) -> List[Batch]:
+    def _flush(self, key, buffer, held) -> List[Batch]:
         if not held.read():
             return []
         chunks, _ = cut_batches(
-            buffer.read(), max_bytes=self._limits.max_batch_bytes,
+            (Chunk(*c) for c in buffer.read()), max_bytes=self._limits.max_batch_bytes,
             max_rows=self._limits.max_batch_rows, flush=True)
         buffer.clear()
         held.clear()
-        oldest_ms.clear()
         return [Batch(WindowKey(*key).window, *chunk) for chunk in chunks]
 
     @userstate.on_timer(WINDOW_END)
@@ -322,9 +321,8 @@ class _BatchDoFn(beam.DoFn):
         key=beam.DoFn.KeyParam,
         buffer=beam.DoFn.StateParam(BUFFER),
         held=beam.DoFn.StateParam(HELD),
-        oldest_ms=beam.DoFn.StateParam(OLDEST_MS),
     ) -> Iterator[Batch]:
-        yield from self._flush(key, buffer, held, oldest_ms)
+        yield from self._flush(key, buffer, held)
 
     @userstate.on_timer(STALE)
     def on_stale(
@@ -332,15 +330,5 @@ class _BatchDoFn(beam.DoFn):
         key=beam.DoFn.KeyParam,
         buffer=beam.DoFn.StateParam(BUFFER),
         held=beam.DoFn.StateParam(HELD),
-        oldest_ms=beam.DoFn.StateParam(OLDEST_MS),
-        stale=beam.DoFn.TimerParam(STALE),
     ) -> Iterator[Batch]:
-        oldest = oldest_ms.read()
-        if oldest is None:
-            return
-        due_ms = oldest + int(self._limits.max_buffering_secs * 1000)
-        if int(self._clock() * 1000) < due_ms:
-            # A size flush kept a remainder after this timer was set: wait for it.
-            stale.set(Timestamp(micros=due_ms * 1000))
-            return
-        yield from self._flush(key, buffer, held, oldest_ms)
+        yield from self._flush(key, buffer, held)

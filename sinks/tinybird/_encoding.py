@@ -312,7 +312,8 @@ def _json_kind_of(value: Any) -> str:
         return "a string"
     if isinstance(value, list):
         return "a list"
-    return f"a {_type_name(value)}"
+    name = _type_name(value)
+    return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
 
 
 def _type_name(value: Any) -> str:

@@ -1,0 +1,372 @@
+"""Data source schemas: inference from the first events and the SQL that applies them.
+
+Nested objects are flattened into columns named after their JSONPath
+(``$.purchase.datetime`` -> ``purchase_datetime``). Types follow Tinybird's
+names (Int64, Float64, String, Bool, Date, DateTime, DateTime64, Array(T),
+Nullable(T)). The insert statement checks every value's JSON type in SQLite, so
+the per-row work stays in C; rows that fail a check go to the quarantine table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+__all__ = [
+    "Column",
+    "Schema",
+    "infer_schema",
+    "quote_ident",
+    "QUARANTINE_FIXED_COLUMNS",
+]
+
+MAX_FLATTEN_DEPTH = 32
+MAX_COLUMNS = 1000
+QUARANTINE_SUFFIX = "_quarantine"
+# Tinybird's quarantine columns, plus c__raw: the row as received.
+QUARANTINE_FIXED_COLUMNS = ("c__error_column", "c__error", "c__import_id", "insertion_date", "c__raw")
+
+_DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(Z|[+-]\d{2}:\d{2})?$")
+_DATETIME64_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}\.\d{1,9}(Z|[+-]\d{2}:\d{2})?$")
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DATETIME_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9][ T][0-9][0-9]:[0-9][0-9]:[0-9][0-9]*"
+_DATE_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]"
+
+_SCALARS = ("Int64", "Float64", "String", "Bool", "Date", "DateTime", "DateTime64")
+_ELEMENT_JSON_TYPES = {
+    "Int64": "('integer')",
+    "Float64": "('integer','real')",
+    "Bool": "('true','false')",
+    "String": "('text','integer','real')",
+}
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sql_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """A column of a data source.
+
+    Attributes:
+        name: Column name (an SQL identifier).
+        base: Type without Nullable: Int64, Float64, String, Bool, Date, DateTime,
+            DateTime64, or Array(Int64|Float64|String|Bool).
+        nullable: Missing and null values are accepted (stored as NULL, ``[]`` for arrays).
+        jsonpath: Tinybird-style JSONPath, e.g. ``$.purchase.datetime``.
+        sql_path: The same path in SQLite's syntax.
+    """
+
+    name: str
+    base: str
+    nullable: bool
+    jsonpath: str
+    sql_path: str
+
+    @property
+    def type(self) -> str:
+        # ClickHouse has no Nullable(Array(T)): a missing array is an empty one.
+        if self.nullable and not self.base.startswith("Array("):
+            return f"Nullable({self.base})"
+        return self.base
+
+    @property
+    def affinity(self) -> str:
+        if self.base in ("Int64", "Bool"):
+            return "INTEGER"
+        if self.base == "Float64":
+            return "REAL"
+        return "TEXT"
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "jsonpath": self.jsonpath,
+            "base": self.base,
+            "nullable": self.nullable,
+            "sql_path": self.sql_path,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Dict[str, Any]) -> "Column":
+        return cls(
+            name=obj["name"],
+            base=obj["base"],
+            nullable=bool(obj["nullable"]),
+            jsonpath=obj["jsonpath"],
+            sql_path=obj["sql_path"],
+        )
+
+    # -- SQL fragments over a JSON object text named ``v`` -------------------
+
+    def _jt(self) -> str:
+        return f"json_type(v, {_sql_str(self.sql_path)})"
+
+    def _text(self) -> str:
+        return f"(v ->> {_sql_str(self.sql_path)})"
+
+    def sql_check(self) -> str:
+        """An expression that is 1 when the row's value fits this column, else 0 (never NULL)."""
+        jt = self._jt()
+        base = self.base
+        if base == "Int64":
+            fits = f"{jt} = 'integer'"
+        elif base == "Float64":
+            fits = f"{jt} IN ('integer','real')"
+        elif base == "Bool":
+            fits = f"{jt} IN ('true','false')"
+        elif base == "String":
+            fits = f"{jt} IN ('text','integer','real')"
+        elif base in ("DateTime", "DateTime64"):
+            fits = (
+                f"{jt} = 'text' AND {self._text()} GLOB {_sql_str(_DATETIME_GLOB)} "
+                f"AND datetime({self._text()}) IS NOT NULL"
+            )
+        elif base == "Date":
+            fits = (
+                f"{jt} = 'text' AND {self._text()} GLOB {_sql_str(_DATE_GLOB)} "
+                f"AND date({self._text()}) IS NOT NULL"
+            )
+        elif base.startswith("Array("):
+            allowed = _ELEMENT_JSON_TYPES[base[6:-1]]
+            fits = (
+                f"{jt} = 'array' AND NOT EXISTS (SELECT 1 FROM json_each(v, {_sql_str(self.sql_path)}) "
+                f"AS e WHERE e.type NOT IN {allowed})"
+            )
+        else:  # pragma: no cover - schemas are built by this module
+            raise ValueError(f"unknown column type {base!r}")
+        if self.nullable:
+            return f"coalesce({jt} = 'null' OR ({fits}), 1)"
+        return f"coalesce(({fits}), 0)"
+
+    def sql_value(self) -> str:
+        """The value to store, assuming :meth:`sql_check` passed."""
+        path = _sql_str(self.sql_path)
+        if self.base == "DateTime":
+            return f"datetime({self._text()})"
+        if self.base == "DateTime64":
+            return f"strftime('%Y-%m-%d %H:%M:%f', {self._text()})"
+        if self.base == "Date":
+            return f"date({self._text()})"
+        if self.base.startswith("Array("):
+            return f"coalesce(json_extract(v, {path}), '[]')"
+        return f"(v ->> {path})"
+
+    def sql_raw(self) -> str:
+        """The value as received, as text (for the quarantine table)."""
+        path = _sql_str(self.sql_path)
+        return f"CASE {self._jt()} WHEN 'text' THEN (v ->> {path}) WHEN 'null' THEN NULL ELSE (v -> {path}) END"
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """The columns of one data source and the statements derived from them."""
+
+    name: str
+    columns: Tuple[Column, ...]
+
+    @property
+    def quarantine_name(self) -> str:
+        return self.name + QUARANTINE_SUFFIX
+
+    def to_json(self) -> List[Dict[str, Any]]:
+        return [c.to_json() for c in self.columns]
+
+    @classmethod
+    def from_json(cls, name: str, columns: Sequence[Dict[str, Any]]) -> "Schema":
+        return cls(name=name, columns=tuple(Column.from_json(c) for c in columns))
+
+    def create_statements(self) -> List[str]:
+        cols = ", ".join(f"{quote_ident(c.name)} {c.affinity}" for c in self.columns)
+        fixed = ", ".join(f"{quote_ident(c)} TEXT" for c in QUARANTINE_FIXED_COLUMNS)
+        raw = "".join(f", {quote_ident(c.name)} TEXT" for c in self.columns)
+        return [
+            f"CREATE TABLE IF NOT EXISTS {quote_ident(self.name)} ({cols})",
+            f"CREATE TABLE IF NOT EXISTS {quote_ident(self.quarantine_name)} ({fixed}{raw})",
+        ]
+
+    def ok_expression(self) -> str:
+        return " AND ".join(c.sql_check() for c in self.columns) or "1"
+
+    def insert_statement(self) -> str:
+        """Inserts the fitting rows of a JSON array (parameter 1) of objects."""
+        names = ", ".join(quote_ident(c.name) for c in self.columns)
+        values = ", ".join(c.sql_value() for c in self.columns)
+        # LIMIT -1 keeps the subquery from being flattened: each element's text is
+        # then produced once per row instead of once per column reference.
+        return (
+            f"INSERT INTO {quote_ident(self.name)} ({names}) SELECT {values} "
+            f"FROM (SELECT value AS v FROM json_each(?1) LIMIT -1) WHERE {self.ok_expression()}"
+        )
+
+    def misfits_statement(self) -> str:
+        """Selects, for rows of the array that do not fit: index, text, then per column
+        (fits, json type, raw value)."""
+        per_col = ", ".join(f"{c.sql_check()}, {c._jt()}, {c.sql_raw()}" for c in self.columns)
+        sep = ", " if per_col else ""
+        return (
+            f"SELECT k, v{sep}{per_col} FROM (SELECT key AS k, value AS v FROM json_each(?1) LIMIT -1) "
+            f"WHERE NOT ({self.ok_expression()})"
+        )
+
+    def quarantine_insert_statement(self) -> str:
+        names = list(QUARANTINE_FIXED_COLUMNS) + [c.name for c in self.columns]
+        marks = ", ".join("?" for _ in names)
+        return (
+            f"INSERT INTO {quote_ident(self.quarantine_name)} "
+            f"({', '.join(quote_ident(n) for n in names)}) VALUES ({marks})"
+        )
+
+
+# -- inference ---------------------------------------------------------------
+
+
+def _scalar_kind(value: Any) -> Optional[str]:
+    """The column type of one JSON value, ``"null"``, or None when it cannot be a column."""
+    if value is None:
+        return "null"
+    kind = type(value)
+    if kind is bool:
+        return "Bool"
+    if kind is int:
+        return "Int64" if -(2**63) <= value < 2**63 else "Float64"
+    if kind is float:
+        return "Float64"
+    if kind is str:
+        if len(value) <= 40:
+            if _DATETIME_RE.match(value):
+                return "DateTime"
+            if _DATETIME64_RE.match(value):
+                return "DateTime64"
+            if _DATE_RE.match(value):
+                return "Date"
+        return "String"
+    if kind is list:
+        elem_kinds = set()
+        for item in value:
+            k = _scalar_kind(item)
+            if k is None or k.startswith("Array(") or k == "null":
+                return None
+            elem_kinds.add("String" if k in ("Date", "DateTime", "DateTime64") else k)
+        elem = _merge(elem_kinds) if elem_kinds else "String"
+        return f"Array({elem})" if elem in _ELEMENT_JSON_TYPES else None
+    return None
+
+
+def _merge(kinds: Iterable[str]) -> str:
+    kinds = set(kinds) - {"null"}
+    if not kinds:
+        return "String"
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    if kinds <= {"Int64", "Float64"}:
+        return "Float64"
+    if kinds <= {"DateTime", "DateTime64"}:
+        return "DateTime64"
+    if all(k.startswith("Array(") for k in kinds):
+        elems = {k[6:-1] for k in kinds}
+        merged = _merge(elems)
+        return f"Array({merged})" if merged in _ELEMENT_JSON_TYPES else "Array(String)"
+    return "String"
+
+
+class _Acc:
+    __slots__ = ("kinds", "seen", "nulls", "ignored")
+
+    def __init__(self) -> None:
+        self.kinds: set = set()
+        self.seen = 0
+        self.nulls = 0
+        self.ignored = False
+
+
+def _walk(obj: Dict[str, Any], prefix: Tuple[str, ...], accs: Dict[Tuple[str, ...], _Acc]) -> None:
+    for key, value in obj.items():
+        path = prefix + (key,)
+        if type(value) is dict:
+            if len(path) < MAX_FLATTEN_DEPTH:
+                _walk(value, path, accs)
+            continue
+        acc = accs.get(path)
+        if acc is None:
+            if len(accs) >= MAX_COLUMNS * 2:
+                continue
+            acc = accs[path] = _Acc()
+        kind = _scalar_kind(value)
+        acc.seen += 1
+        if kind is None:
+            acc.ignored = True
+        elif kind == "null":
+            acc.nulls += 1
+        else:
+            acc.kinds.add(kind)
+
+
+def _column_name(path: Tuple[str, ...]) -> str:
+    name = re.sub(r"[^A-Za-z0-9_]", "_", "_".join(path))
+    if not name or name[0].isdigit():
+        name = "_" + name
+    return name[:100]
+
+
+def _paths(path: Tuple[str, ...]) -> Optional[Tuple[str, str]]:
+    """(Tinybird JSONPath, SQLite path), or None when SQLite cannot address the key."""
+    tb, sql = "$", "$"
+    for key in path:
+        if not key or '"' in key or "\\" in key or "\x00" in key:
+            return None
+        if _IDENT_RE.match(key):
+            tb += "." + key
+            sql += "." + key
+        else:
+            tb += "['" + key.replace("'", "\\'") + "']"
+            sql += '."' + key + '"'
+    return tb, sql
+
+
+def infer_schema(name: str, objects: Sequence[Dict[str, Any]]) -> Schema:
+    """Infers the columns of a new data source from its first events.
+
+    A column is Nullable when any first event lacks it or holds null. Values whose
+    types disagree widen (Int64+Float64 -> Float64, DateTime+DateTime64 ->
+    DateTime64, anything else -> String). Arrays of objects or arrays, keys that
+    SQLite paths cannot express, and objects nested deeper than 32 levels are not
+    turned into columns (those fields are ignored, as unknown fields are).
+    """
+    accs: Dict[Tuple[str, ...], _Acc] = {}
+    for obj in objects:
+        _walk(obj, (), accs)
+    total = len(objects)
+    columns: List[Column] = []
+    used = set(QUARANTINE_FIXED_COLUMNS)
+    for path, acc in accs.items():
+        if acc.ignored or len(columns) >= MAX_COLUMNS:
+            continue
+        paths = _paths(path)
+        if paths is None:
+            continue
+        base = _merge(acc.kinds)
+        col_name = _column_name(path)
+        candidate, n = col_name, 1
+        while candidate.lower() in {u.lower() for u in used}:
+            n += 1
+            candidate = f"{col_name}_{n}"
+        used.add(candidate)
+        columns.append(
+            Column(
+                name=candidate,
+                base=base,
+                nullable=acc.nulls > 0 or acc.seen < total,
+                jsonpath=paths[0],
+                sql_path=paths[1],
+            )
+        )
+    return Schema(name=name, columns=tuple(columns))

@@ -1,0 +1,99 @@
+"""The batch cutter: limits, order, and every line in exactly one batch."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sinks.tinybird._batching import BatchLimits, Chunk, cut_batches
+
+
+def _chunk(*lines: bytes) -> Chunk:
+    return Chunk(b"".join(line + b"\n" for line in lines), len(lines))
+
+
+def test_remainder_is_kept_when_no_limit_is_reached():
+    batches, rest = cut_batches([_chunk(b"aaa", b"bbb")], max_bytes=9, max_rows=10, flush=False)
+    assert batches == []
+    assert rest == Chunk(b"aaa\nbbb\n", 2)
+
+
+@pytest.mark.parametrize(
+    ("max_bytes", "expected_batches", "expected_rest"),
+    [
+        # limit - 1: the second line does not fit in the first batch.
+        (7, [Chunk(b"aaa\n", 1)], Chunk(b"bbb\n", 1)),
+        # limit: both lines make exactly one full batch.
+        (8, [Chunk(b"aaa\nbbb\n", 2)], None),
+        # limit + 1: not full yet.
+        (9, [], Chunk(b"aaa\nbbb\n", 2)),
+    ],
+)
+def test_byte_limit_at_its_edges(max_bytes, expected_batches, expected_rest):
+    batches, rest = cut_batches([_chunk(b"aaa"), _chunk(b"bbb")], max_bytes=max_bytes, max_rows=100, flush=False)
+    assert batches == expected_batches
+    assert rest == expected_rest
+
+
+def test_row_limit_cuts_on_the_nth_line():
+    batches, rest = cut_batches([_chunk(b"a", b"b", b"c", b"d", b"e")], max_bytes=1000, max_rows=2, flush=False)
+    assert batches == [Chunk(b"a\nb\n", 2), Chunk(b"c\nd\n", 2)]
+    assert rest == Chunk(b"e\n", 1)
+
+
+def test_flush_returns_the_remainder_as_the_last_batch():
+    batches, rest = cut_batches([_chunk(b"aaa", b"bbb", b"c")], max_bytes=8, max_rows=100, flush=True)
+    assert batches == [Chunk(b"aaa\nbbb\n", 2), Chunk(b"c\n", 1)]
+    assert rest is None
+
+
+def test_a_line_longer_than_the_limit_is_refused_not_split():
+    with pytest.raises(ValueError, match="longer than max_bytes=4"):
+        cut_batches([_chunk(b"abcdefgh")], max_bytes=4, max_rows=10, flush=True)
+
+
+def test_limits_are_validated_with_the_bad_value_named():
+    with pytest.raises(ValueError, match="max_batch_bytes must be at least 2, got 0"):
+        BatchLimits(max_batch_bytes=0, max_batch_rows=1, max_buffering_secs=1, num_shards=1)
+    with pytest.raises(ValueError, match="num_shards must be at least 1, got 0"):
+        BatchLimits(max_batch_bytes=10, max_batch_rows=1, max_buffering_secs=1, num_shards=0)
+    with pytest.raises(ValueError, match="max_buffering_secs must be positive, got -1"):
+        BatchLimits(max_batch_bytes=10, max_batch_rows=1, max_buffering_secs=-1, num_shards=1)
+
+
+_lines = st.lists(st.binary(min_size=0, max_size=30).map(lambda b: b.replace(b"\n", b"_")), min_size=1, max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    groups=st.lists(_lines, min_size=1, max_size=6),
+    max_bytes=st.integers(min_value=31, max_value=200),
+    max_rows=st.integers(min_value=1, max_value=50),
+    flush=st.booleans(),
+)
+def test_every_line_in_exactly_one_batch_in_order_and_within_limits(groups, max_bytes, max_rows, flush):
+    chunks = [_chunk(*lines) for lines in groups]
+    batches, rest = cut_batches(chunks, max_bytes=max_bytes, max_rows=max_rows, flush=flush)
+    outputs = batches + ([rest] if rest is not None else [])
+    assert b"".join(c.payload for c in outputs) == b"".join(c.payload for c in chunks)
+    for batch in outputs:
+        assert len(batch.payload) <= max_bytes
+        assert 1 <= batch.rows <= max_rows
+        assert batch.payload.count(b"\n") == batch.rows
+        assert batch.payload.endswith(b"\n")
+    if flush:
+        assert rest is None
+    else:
+        # Whatever is kept back fills neither limit.
+        assert rest is None or (len(rest.payload) < max_bytes and rest.rows < max_rows)
+    # Every batch but the last is full: the next line would not have fitted.
+    payload = b"".join(c.payload for c in outputs)
+    offset = 0
+    for batch in batches[:-1] if flush else batches:
+        offset += len(batch.payload)
+        if offset == len(payload):
+            assert batch.rows == max_rows or len(batch.payload) == max_bytes
+        else:
+            next_line_end = payload.find(b"\n", offset) + 1
+            assert batch.rows == max_rows or len(batch.payload) + (next_line_end - offset) > max_bytes
