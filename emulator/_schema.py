@@ -34,6 +34,7 @@ _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DATETIME_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9][ T][0-9][0-9]:[0-9][0-9]:[0-9][0-9]*"
 _DATE_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]"
 
+_EMPTY_ARRAY = "Array()"
 _SCALARS = ("Int64", "Float64", "String", "Bool", "Date", "DateTime", "DateTime64")
 _ELEMENT_JSON_TYPES = {
     "Int64": "('integer')",
@@ -126,9 +127,10 @@ class Column:
         elif base == "String":
             fits = f"{jt} IN ('text','integer','real')"
         elif base in ("DateTime", "DateTime64"):
+            # A date alone is midnight, as ClickHouse's best-effort parsing reads it.
             fits = (
-                f"{jt} = 'text' AND {self._text()} GLOB {_sql_str(_DATETIME_GLOB)} "
-                f"AND datetime({self._text()}) IS NOT NULL"
+                f"{jt} = 'text' AND ({self._text()} GLOB {_sql_str(_DATETIME_GLOB)} "
+                f"OR {self._text()} GLOB {_sql_str(_DATE_GLOB)}) AND datetime({self._text()}) IS NOT NULL"
             )
         elif base == "Date":
             fits = (
@@ -256,20 +258,31 @@ def _scalar_kind(value: Any) -> Optional[str]:
             if k is None or k.startswith("Array(") or k == "null":
                 return None
             elem_kinds.add("String" if k in ("Date", "DateTime", "DateTime64") else k)
-        elem = _merge(elem_kinds) if elem_kinds else "String"
+        if not elem_kinds:
+            return _EMPTY_ARRAY
+        elem = _merge(elem_kinds)
         return f"Array({elem})" if elem in _ELEMENT_JSON_TYPES else None
     return None
 
 
 def _merge(kinds: Iterable[str]) -> str:
     kinds = set(kinds) - {"null"}
+    if _EMPTY_ARRAY in kinds:
+        # An empty array says nothing about its elements.
+        kinds.discard(_EMPTY_ARRAY)
+        if not kinds:
+            return "Array(String)"
+        if not any(k.startswith("Array(") for k in kinds):
+            return "String"
     if not kinds:
         return "String"
     if len(kinds) == 1:
         return next(iter(kinds))
     if kinds <= {"Int64", "Float64"}:
         return "Float64"
-    if kinds <= {"DateTime", "DateTime64"}:
+    if kinds <= {"Date", "DateTime"}:
+        return "DateTime"
+    if kinds <= {"Date", "DateTime", "DateTime64"}:
         return "DateTime64"
     if all(k.startswith("Array(") for k in kinds):
         elems = {k[6:-1] for k in kinds}
@@ -346,7 +359,7 @@ def infer_schema(name: str, objects: Sequence[Dict[str, Any]]) -> Schema:
         _walk(obj, (), accs)
     total = len(objects)
     columns: List[Column] = []
-    used = set(QUARANTINE_FIXED_COLUMNS)
+    used = {c.lower() for c in QUARANTINE_FIXED_COLUMNS}
     for path, acc in accs.items():
         if acc.ignored or len(columns) >= MAX_COLUMNS:
             continue
@@ -356,10 +369,10 @@ def infer_schema(name: str, objects: Sequence[Dict[str, Any]]) -> Schema:
         base = _merge(acc.kinds)
         col_name = _column_name(path)
         candidate, n = col_name, 1
-        while candidate.lower() in {u.lower() for u in used}:
+        while candidate.lower() in used:
             n += 1
             candidate = f"{col_name}_{n}"
-        used.add(candidate)
+        used.add(candidate.lower())
         columns.append(
             Column(
                 name=candidate,

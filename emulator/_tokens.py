@@ -90,7 +90,13 @@ class TokenInfo:
         return Scope(ADMIN) in self.scopes
 
     def can_append(self, datasource: str) -> bool:
-        return self.is_admin or Scope(APPEND) in self.scopes or Scope(APPEND, datasource) in self.scopes
+        # Tinybird: DATASOURCES:CREATE "enables your token to create and append data to data sources".
+        return (
+            self.is_admin
+            or Scope(CREATE) in self.scopes
+            or Scope(APPEND) in self.scopes
+            or Scope(APPEND, datasource) in self.scopes
+        )
 
     def can_create(self) -> bool:
         return self.is_admin or Scope(CREATE) in self.scopes

@@ -1,17 +1,19 @@
 """Batching: NDJSON lines into size-bounded requests, per window, across bundles.
 
-Two steps, so that per-element work stays stateless and cheap (stateful work per
-element is about ten times slower on the DirectRunner, see REFERENCE.md s.3):
+Per-element work stays stateless and cheap (stateful work per element is about
+ten times slower on the DirectRunner, see REFERENCE.md s.3):
 
-1. :class:`_EncodeAndChunkDoFn` encodes each element once and appends its line
-   to a per-window buffer inside the bundle; buffers leave as *chunks* (one
-   ``bytes`` blob of ``\\n``-terminated lines) keyed by a shard and the window.
-2. :class:`_BatchDoFn`, keyed by shard and window, keeps chunks (not elements)
-   in state and cuts them into batches at line boundaries: a full batch leaves
-   as soon as the bytes or rows limit is reached, whatever the runner's bundle
-   size; the rest leaves when the watermark passes the end of the element's
-   window and, for unbounded input, once its oldest chunk has waited
-   ``max_buffering_secs``.
+1. :class:`_EncodeAndBatchDoFn` encodes each element once and appends its line
+   to a per-window buffer inside the bundle. A buffer that fills leaves at once
+   as a full :class:`Batch`: with large bundles (batch runners) most data is
+   posted without any shuffle, so memory does not grow with the input. What is
+   left at the end of the bundle leaves as a *chunk* keyed by shard and window.
+2. Chunks from every bundle are merged into full batches, cut at line
+   boundaries: for bounded input by a ``GroupByKey`` and
+   :class:`_MergeRemaindersDoFn` (no timers, which batch runners support
+   unevenly); for unbounded input by the stateful :class:`_BatchDoFn`, which
+   sends a batch as soon as it is full, at the end of its window, and once its
+   oldest chunk has waited ``max_buffering_secs``.
 
 Between the two steps chunks move to the global window, their own window being
 part of the key: batches never mix windows, and a runner never drops late data
@@ -33,14 +35,12 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from sinks.tinybird._metrics import SinkMetrics
 from sinks.tinybird._encoding import EncodingError, element_repr, encode_element
 from sinks.tinybird.dead_letters import DeadLetter, DeadLetterKind, window_text
 
 DEAD_LETTERS_TAG = "dead_letters"
-
-# Chunks are small enough that a batch cut from them is rarely far from full,
-# and large enough that state holds few of them.
-_MAX_CHUNK_BYTES = 1 << 20
+FULL_TAG = "full"
 
 
 class Chunk(NamedTuple):
@@ -97,10 +97,6 @@ class BatchLimits:
         if self.num_shards < 1:
             raise ValueError(f"num_shards must be at least 1, got {self.num_shards!r}")
 
-    @property
-    def chunk_bytes(self) -> int:
-        return min(self.max_batch_bytes, _MAX_CHUNK_BYTES)
-
 
 def _utc_now_text() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -128,13 +124,15 @@ class _WindowBuffer:
         self.min_timestamp = timestamp
 
 
-class _EncodeAndChunkDoFn(beam.DoFn):
-    """Encodes elements to NDJSON lines and groups them in per-window chunks.
+class _EncodeAndBatchDoFn(beam.DoFn):
+    """Encodes elements to NDJSON lines and batches them inside the bundle.
 
-    Outputs ``(WindowKey, Chunk)`` on the main output and :class:`DeadLetter` on
-    ``DEAD_LETTERS_TAG`` for elements that cannot be encoded or whose line alone
-    is larger than ``max_batch_bytes``. Every buffer is emitted before
-    ``finish_bundle`` returns.
+    A window's buffer leaves as a full :class:`Batch` on ``FULL_TAG`` as soon as
+    the next line would not fit; at ``finish_bundle`` what is left of each
+    window leaves as ``(WindowKey, Chunk)`` on the main output, to be merged
+    with other bundles' remainders. :class:`DeadLetter` records go to
+    ``DEAD_LETTERS_TAG`` for elements that cannot be encoded or whose line
+    alone is larger than ``max_batch_bytes``.
     """
 
     def __init__(self, *, datasource: str, limits: BatchLimits) -> None:
@@ -142,28 +140,19 @@ class _EncodeAndChunkDoFn(beam.DoFn):
         self._limits = limits
 
     def setup(self) -> None:
-        self._elements_in = beam.metrics.Metrics.counter("tinybird", "elements_in")
+        self._metrics = SinkMetrics()
 
     def start_bundle(self) -> None:
         self._buffers: dict = {}
         self._shard = random.randrange(self._limits.num_shards)
         self._count = 0
 
-    def _next_shard(self) -> int:
-        self._shard = (self._shard + 1) % self._limits.num_shards
-        return self._shard
-
-    def _chunk(self, window, buffer: _WindowBuffer) -> Tuple[WindowKey, Chunk]:
-        rows = len(buffer.lines)
-        buffer.lines.append(b"")
-        key = WindowKey(self._next_shard(), window.max_timestamp().micros, window_text(window))
-        return key, Chunk(b"\n".join(buffer.lines), rows)
-
     def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         self._count += 1
         try:
             line = encode_element(element)
         except EncodingError as error:
+            self._metrics.dead_letters(DeadLetterKind.UNENCODABLE.value, 1)
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS_TAG, never_sent(
                 datasource=self._datasource, kind=DeadLetterKind.UNENCODABLE,
                 message=error.reason, window=window, element=element_repr(element)))
@@ -171,18 +160,18 @@ class _EncodeAndChunkDoFn(beam.DoFn):
         size = len(line) + 1
         limits = self._limits
         if size > limits.max_batch_bytes:
+            self._metrics.dead_letters(DeadLetterKind.OVERSIZE.value, 1)
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS_TAG, never_sent(
                 datasource=self._datasource, kind=DeadLetterKind.OVERSIZE,
                 message=f"the encoded row is {size} bytes, over max_batch_bytes={limits.max_batch_bytes}",
                 window=window, line=line.decode("utf-8")))
             return
         buffer = self._buffers.get(window)
-        if buffer is not None and buffer.size + size > limits.chunk_bytes:
-            # Emit before adding, so that no chunk is over the limit.
-            del self._buffers[window]
-            yield beam.window.TimestampedValue(self._chunk(window, buffer), buffer.min_timestamp)
-            buffer = None
         if buffer is None:
+            buffer = self._buffers[window] = _WindowBuffer(timestamp)
+        elif buffer.size + size > limits.max_batch_bytes:
+            # Checked before adding, so that no batch is over the limit.
+            yield self._full(window, buffer)
             buffer = self._buffers[window] = _WindowBuffer(timestamp)
         elif timestamp < buffer.min_timestamp:
             buffer.min_timestamp = timestamp
@@ -190,13 +179,26 @@ class _EncodeAndChunkDoFn(beam.DoFn):
         buffer.size += size
         if len(buffer.lines) >= limits.max_batch_rows:
             del self._buffers[window]
-            yield beam.window.TimestampedValue(self._chunk(window, buffer), buffer.min_timestamp)
+            yield self._full(window, buffer)
+
+    @staticmethod
+    def _payload(buffer: _WindowBuffer) -> bytes:
+        buffer.lines.append(b"")
+        return b"\n".join(buffer.lines)
+
+    def _full(self, window, buffer: _WindowBuffer) -> beam.pvalue.TaggedOutput:
+        rows = len(buffer.lines)
+        batch = Batch(window_text(window), self._payload(buffer), rows)
+        return beam.pvalue.TaggedOutput(FULL_TAG, beam.window.TimestampedValue(batch, buffer.min_timestamp))
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
-        self._elements_in.inc(self._count)
+        self._metrics.inc("elements_in", self._count)
         buffers, self._buffers = self._buffers, {}
         for window, buffer in buffers.items():
-            yield WindowedValue(self._chunk(window, buffer), buffer.min_timestamp, (window,))
+            self._shard = (self._shard + 1) % self._limits.num_shards
+            key = WindowKey(self._shard, window.max_timestamp().micros, window_text(window))
+            rows = len(buffer.lines)
+            yield WindowedValue((key, Chunk(self._payload(buffer), rows)), buffer.min_timestamp, (window,))
 
 
 def cut_batches(
@@ -332,3 +334,37 @@ class _BatchDoFn(beam.DoFn):
         held=beam.DoFn.StateParam(HELD),
     ) -> Iterator[Batch]:
         yield from self._flush(key, buffer, held)
+
+
+class _MergeRemaindersDoFn(beam.DoFn):
+    """Bounded input: cuts the grouped remainders of one shard and window into batches.
+
+    Follows a ``GroupByKey``, which every batch runner supports without timers;
+    the group is read as it streams in, holding about one batch at a time.
+    """
+
+    def __init__(self, *, limits: BatchLimits) -> None:
+        self._limits = limits
+
+    def process(self, element: Tuple[WindowKey, Iterable[Chunk]]) -> Iterator[Batch]:
+        key, chunks = WindowKey(*element[0]), element[1]
+        limits = self._limits
+        pending: List[Chunk] = []
+        pending_bytes = pending_rows = 0
+        for raw in chunks:
+            chunk = Chunk(*raw)
+            pending.append(chunk)
+            pending_bytes += len(chunk.payload)
+            pending_rows += chunk.rows
+            if pending_bytes >= limits.max_batch_bytes or pending_rows >= limits.max_batch_rows:
+                batches, rest = cut_batches(
+                    pending, max_bytes=limits.max_batch_bytes, max_rows=limits.max_batch_rows, flush=False)
+                for batch in batches:
+                    yield Batch(key.window, *batch)
+                pending = [rest] if rest is not None else []
+                pending_bytes = len(rest.payload) if rest is not None else 0
+                pending_rows = rest.rows if rest is not None else 0
+        batches, _ = cut_batches(
+            pending, max_bytes=limits.max_batch_bytes, max_rows=limits.max_batch_rows, flush=True)
+        for batch in batches:
+            yield Batch(key.window, *batch)

@@ -6,7 +6,7 @@ import collections
 import concurrent.futures
 import logging
 import time
-from typing import Deque, Iterator, Optional, Tuple
+from typing import Callable, Deque, Iterator, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
@@ -15,7 +15,8 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from sinks.tinybird._batching import (
-    DEAD_LETTERS_TAG, Batch, BatchLimits, _BatchDoFn, _EncodeAndChunkDoFn,
+    DEAD_LETTERS_TAG, FULL_TAG, Batch, BatchLimits, _BatchDoFn, _EncodeAndBatchDoFn,
+    _MergeRemaindersDoFn,
 )
 from sinks.tinybird._events_api import ClientSettings, EventsApiClient, Failed, SendReport
 from sinks.tinybird._metrics import SinkMetrics
@@ -219,6 +220,8 @@ class WriteToTinybird(beam.PTransform):
             Certificates are always verified for https.
         allow_insecure_http: Allow sending the token over plain http to a host
             that is not loopback. Default False.
+        clock: The processing-time clock (epoch seconds) that buffering timers
+            are set from; tests with ``TestStream`` pass one that starts at 0.
     """
 
     def __init__(
@@ -244,8 +247,10 @@ class WriteToTinybird(beam.PTransform):
         raise_on_failure: bool = False,
         ca_bundle_path: Optional[str] = None,
         allow_insecure_http: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
+        self._clock = clock
         self._settings = ClientSettings(
             api_url=api_url, datasource=datasource, wait=wait, compression=compression,
             connect_timeout_secs=connect_timeout_secs, read_timeout_secs=read_timeout_secs,
@@ -264,26 +269,37 @@ class WriteToTinybird(beam.PTransform):
         self._raise_on_failure = raise_on_failure
 
     def expand(self, pcoll) -> WriteToTinybirdResult:
-        datasource = self._settings.datasource
-        encoded = pcoll | "EncodeAndChunk" >> beam.ParDo(
-            _EncodeAndChunkDoFn(datasource=datasource, limits=self._limits)
-        ).with_output_types(_KEYED_CHUNK).with_outputs(DEAD_LETTERS_TAG, main="chunks")
-        posted = (
-            encoded.chunks
-            | "ToGlobalWindow" >> beam.WindowInto(GlobalWindows())
-            | "Batch" >> beam.ParDo(_BatchDoFn(
-                limits=self._limits, buffer_in_processing_time=not pcoll.is_bounded,
-            )).with_output_types(_BATCH)
-            | "Post" >> beam.ParDo(_PostDoFn(
-                settings=self._settings, token=self._token, retry_policy=self._retry_policy,
-                raise_on_failure=self._raise_on_failure,
-            )).with_outputs(DEAD_LETTERS_TAG, main="done")
-        )
+        limits = self._limits
+        encoded = pcoll | "EncodeAndBatch" >> beam.ParDo(
+            _EncodeAndBatchDoFn(datasource=self._settings.datasource, limits=limits)
+        ).with_output_types(_KEYED_CHUNK).with_outputs(DEAD_LETTERS_TAG, FULL_TAG, main="remainders")
+        remainders = encoded.remainders | "RemaindersToGlobalWindow" >> beam.WindowInto(GlobalWindows())
+        if pcoll.is_bounded:
+            merged = (
+                remainders
+                | "GroupRemainders" >> beam.GroupByKey()
+                | "MergeRemainders" >> beam.ParDo(_MergeRemaindersDoFn(limits=limits)).with_output_types(_BATCH))
+        else:
+            merged = remainders | "MergeRemainders" >> beam.ParDo(
+                _BatchDoFn(limits=limits, buffer_in_processing_time=True, clock=self._clock)
+            ).with_output_types(_BATCH)
+        full = encoded[FULL_TAG] | "FullToGlobalWindow" >> beam.WindowInto(GlobalWindows())
+        # The same DoFn twice rather than a Flatten: each posts in the stage
+        # that produced its batches, so full batches never wait for a shuffle.
+        posted_full = full | "PostFull" >> self._post()
+        posted_merged = merged | "PostMerged" >> self._post()
         refused = encoded[DEAD_LETTERS_TAG] | "RefusedToGlobalWindow" >> beam.WindowInto(GlobalWindows())
-        dead_letters = (refused, posted[DEAD_LETTERS_TAG]) | "DeadLetters" >> beam.Flatten(
-        ).with_output_types(DeadLetter)
+        dead_letters = (
+            refused, posted_full[DEAD_LETTERS_TAG], posted_merged[DEAD_LETTERS_TAG]
+        ) | "DeadLetters" >> beam.Flatten().with_output_types(DeadLetter)
         files = None
         if self._dead_letter_path:
             files = dead_letters | "WriteDeadLetters" >> WriteDeadLetterFiles(
                 self._dead_letter_path, file_format=self._dead_letter_format)
         return WriteToTinybirdResult(dead_letters=dead_letters, dead_letter_files=files)
+
+    def _post(self) -> beam.PTransform:
+        return beam.ParDo(_PostDoFn(
+            settings=self._settings, token=self._token, retry_policy=self._retry_policy,
+            raise_on_failure=self._raise_on_failure,
+        )).with_outputs(DEAD_LETTERS_TAG, main="done")

@@ -35,9 +35,9 @@ class RetryPolicy:
     after the first) waits :meth:`delay_secs`: the jittered exponential backoff,
     or longer when the server asked to wait (``Retry-After``, or
     ``X-RateLimit-Reset`` on a 429), honouring the server up to
-    ``max_retry_after_secs``. The defaults retry 5 times over about 15 s
-    (0.5, 1, 2, 4, 8 s before jitter), enough to ride out a short overload
-    without stalling a bundle for minutes.
+    ``max_retry_after_secs``. The defaults retry 5 times, waiting 0.25-0.5,
+    0.5-1, 1-2, 2-4 and 4-8 s (8 to 15.5 s in all): enough to ride out a short
+    overload without stalling a bundle for minutes.
 
     Attributes:
         max_attempts: Attempts per batch, the first included; 1 disables retries.

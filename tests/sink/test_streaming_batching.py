@@ -11,7 +11,7 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import FixedWindows, GlobalWindows, TimestampedValue
 
-from sinks.tinybird._batching import BatchLimits, _BatchDoFn, _EncodeAndChunkDoFn
+from sinks.tinybird._batching import BatchLimits, _BatchDoFn, _EncodeAndBatchDoFn
 
 # Each event encodes to exactly 20 bytes with its newline: {"id":1000,"p":"x"}
 _ROW_BYTES = 20
@@ -35,12 +35,18 @@ class _FrozenClock:
 
 
 def _batches(pcoll, *, limits: BatchLimits):
-    chunks = pcoll | beam.ParDo(_EncodeAndChunkDoFn(datasource="events", limits=limits)).with_outputs(
-        "dead_letters", main="chunks")
-    return (
-        chunks.chunks
+    """The batches the sink would post: full ones from inside bundles, merged ones across bundles."""
+    encoded = pcoll | beam.ParDo(_EncodeAndBatchDoFn(datasource="events", limits=limits)).with_outputs(
+        "dead_letters", "full", main="remainders")
+    merged = (
+        encoded.remainders
         | "Global" >> beam.WindowInto(GlobalWindows())
         | beam.ParDo(_BatchDoFn(limits=limits, buffer_in_processing_time=True, clock=_FrozenClock()))
+    )
+    full = encoded.full | "FullGlobal" >> beam.WindowInto(GlobalWindows())
+    return (
+        (full, merged)
+        | beam.Flatten()
         | beam.Map(lambda b: (b.window, b.rows, tuple(orjson.loads(line)["id"] - 1000
                                                        for line in b.payload.splitlines())))
     )

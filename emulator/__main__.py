@@ -1,0 +1,201 @@
+"""Command line of the local Tinybird Events API server.
+
+Usage::
+
+    python -m emulator serve --port 7181 --data-dir DIR [--token TOKEN] [--faults FILE.json]
+        [--rate-limit-rps 100|none] [--rate-limit-bytes-per-sec N|none]
+        [--max-body-bytes 10000000] [--queue-max-bytes N] [--queue-max-requests N]
+        [--synchronous FULL|NORMAL] [--host 127.0.0.1] [--log-level INFO]
+    python -m emulator token create --data-dir DIR --name NAME --scope DATASOURCE:APPEND:events [--scope ...]
+    python -m emulator sql --url URL --token TOKEN "SELECT count(*) FROM events"
+    python -m emulator datasources --url URL --token TOKEN
+
+``serve`` prints ``Tinybird local Events API listening on http://127.0.0.1:PORT``
+once it accepts requests (``--port 0`` picks a free port). Without ``--token``
+an admin token is generated and printed. SIGTERM or Ctrl-C stops it after
+committing everything it accepted.
+
+``token create`` writes to the data dir directly (the running server sees the
+new token at once). ``sql`` and ``datasources`` ask a running server over HTTP
+(``GET /v0/sql``, ``GET /v0/datasources``) and print its JSON answer.
+
+Fault rules (``--faults FILE.json`` and ``PUT /_emulator/faults``) are a JSON
+list of objects with the keys: status (400-599) or reset (true), when
+("before"|"after"), latency_secs, datasource, probability, seed, sequence
+(1-based ordinals of matching requests), times, retry_after_secs, message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import TYPE_CHECKING, List, Optional, Sequence
+
+if TYPE_CHECKING:
+    from emulator._config import ServerConfig
+
+__all__ = ["main"]
+
+
+def _optional_number(kind: type):
+    def parse(text: str):
+        if text.strip().lower() in ("none", "off", "unlimited", ""):
+            return None
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0 or 'none', got {text!r}")
+        return value
+
+    return parse
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from emulator._config import (
+        DEFAULT_MAX_BODY_BYTES,
+        DEFAULT_PORT,
+        DEFAULT_QUEUE_MAX_BYTES,
+        DEFAULT_QUEUE_MAX_REQUESTS,
+        DEFAULT_RATE_LIMIT_RPS,
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="python -m emulator",
+        description="A local, durable, fault-injecting imitation of Tinybird's Events API.",
+        epilog=__doc__.split("\n\n", 2)[2] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port, 0 for a free one (default {DEFAULT_PORT})")
+    serve.add_argument("--data-dir", required=True, help="folder for the SQLite database and tokens")
+    serve.add_argument("--token", default=None, help="admin token (generated and printed when omitted)")
+    serve.add_argument(
+        "--rate-limit-rps", type=_optional_number(float), default=DEFAULT_RATE_LIMIT_RPS,
+        help=f"requests/s per data source, or 'none' (default {DEFAULT_RATE_LIMIT_RPS:g})",
+    )
+    serve.add_argument(
+        "--rate-limit-bytes-per-sec", type=_optional_number(int), default=None,
+        help="wire bytes/s per data source, or 'none' (default none)",
+    )
+    serve.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                       help=f"largest body, wire and decoded (default {DEFAULT_MAX_BODY_BYTES})")
+    serve.add_argument("--queue-max-bytes", type=int, default=DEFAULT_QUEUE_MAX_BYTES,
+                       help=f"uncommitted bytes before 503 (default {DEFAULT_QUEUE_MAX_BYTES})")
+    serve.add_argument("--queue-max-requests", type=int, default=DEFAULT_QUEUE_MAX_REQUESTS,
+                       help=f"uncommitted requests before 503 (default {DEFAULT_QUEUE_MAX_REQUESTS})")
+    serve.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL", "EXTRA", "OFF"],
+                       type=str.upper, help="SQLite synchronous mode (default FULL: a 200 survives power loss)")
+    serve.add_argument("--faults", default=None, help="JSON file with fault rules active from the start")
+    serve.add_argument("--log-level", default="INFO", help="logging level on stderr (default INFO)")
+
+    token = sub.add_parser("token", help="manage tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="create a token with narrower scopes; prints it")
+    create.add_argument("--data-dir", required=True)
+    create.add_argument("--name", required=True)
+    create.add_argument("--scope", action="append", required=True,
+                        help="ADMIN, DATASOURCE:APPEND[:name], DATASOURCE:CREATE, DATASOURCE:READ[:name]; repeatable")
+
+    sql = sub.add_parser("sql", help="run a read-only query on a running server")
+    sql.add_argument("--url", required=True)
+    sql.add_argument("--token", required=True)
+    sql.add_argument("query")
+
+    ds = sub.add_parser("datasources", help="list data sources of a running server")
+    ds.add_argument("--url", required=True)
+    ds.add_argument("--token", required=True)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from emulator._app import serve
+    from emulator._faults import parse_rules
+    from emulator._tokens import generate_token
+
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    faults = ()
+    if args.faults:
+        try:
+            with open(args.faults, "r", encoding="utf-8") as fh:
+                faults = parse_rules(json.load(fh))
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot use the faults file {args.faults}: {exc}", file=sys.stderr)
+            return 2
+    token = args.token
+    if not token:
+        token = generate_token()
+        print(f"Admin token: {token}", flush=True)
+    try:
+        config = _config(args, token, faults)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    serve(config)
+    return 0
+
+
+def _config(args: argparse.Namespace, token: str, faults: tuple) -> "ServerConfig":
+    from emulator._config import ServerConfig
+
+    return ServerConfig(
+        data_dir=os.path.abspath(args.data_dir),
+        admin_token=token,
+        host=args.host,
+        port=args.port,
+        rate_limit_rps=args.rate_limit_rps,
+        rate_limit_bytes_per_sec=args.rate_limit_bytes_per_sec,
+        max_body_bytes=args.max_body_bytes,
+        queue_max_bytes=args.queue_max_bytes,
+        queue_max_requests=args.queue_max_requests,
+        synchronous=args.synchronous,
+        faults=faults,
+    )
+
+
+def _http_get(url: str, token: str, path: str, params: Sequence[tuple] = ()) -> int:
+    full = url.rstrip("/") + path + ("?" + urllib.parse.urlencode(list(params)) if params else "")
+    request = urllib.request.Request(full, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode("utf-8", "replace"), file=sys.stderr)
+        return 1
+    print(json.dumps(body, indent=2, ensure_ascii=False))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "token":
+        from emulator._tokens import TokenStore
+
+        os.makedirs(args.data_dir, exist_ok=True)
+        try:
+            token, _ = TokenStore(args.data_dir).create(name=args.name, scopes=args.scope)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(token)
+        return 0
+    if args.command == "sql":
+        return _http_get(args.url, args.token, "/v0/sql", [("q", args.query)])
+    if args.command == "datasources":
+        return _http_get(args.url, args.token, "/v0/datasources")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,523 @@
+"""The aiohttp application: /v0/events, /v0/tokens, /v0/sql, /v0/datasources, /_emulator/*.
+
+Request flow of ``POST /v0/events``: name -> token -> request rate (429) -> queue
+room (503) -> body, bounded (413) -> byte rate (429) -> decode and validate
+(400) -> fault rules -> enqueue (503 when full) -> 202, or 200 once committed.
+Every response carries the ``X-RateLimit-*`` headers; every error body is
+``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import math
+import re
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Tuple, Union
+
+import orjson
+from aiohttp import web
+
+from emulator._body import BodyError, ParsedBody, decompress, parse_body
+from emulator._config import ServerConfig
+from emulator._faults import WHEN_AFTER, FaultInjector, FiredFault, parse_rules
+from emulator._ratelimit import RateDecision, RateLimiter
+from emulator._schema import QUARANTINE_SUFFIX, Schema, infer_schema
+from emulator._storage import QueryError, Store, WriteJob, WriteResult
+from emulator._tokens import TokenInfo, TokenStore
+
+__all__ = ["EventsApp", "READY_LINE_PREFIX", "serve"]
+
+_LOG = logging.getLogger(__name__)
+
+READY_LINE_PREFIX = "Tinybird local Events API listening on "
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
+_RESERVED_PREFIXES = ("_emulator", "sqlite_")
+_EVENTS_APP_KEY = web.AppKey("events_app", object) if hasattr(web, "AppKey") else "events_app"
+# After a refused body has been read this far, the connection is closed instead.
+_MAX_DRAIN_BYTES = 512 * 1024 * 1024
+_FORMAT_SUFFIX_RE = re.compile(r"\s+FORMAT\s+JSON\s*;?\s*$", re.IGNORECASE)
+
+
+def _json(obj: Any, *, status: int = 200, headers: Optional[Mapping[str, str]] = None) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, headers=headers, content_type="application/json")
+
+
+def _error(status: int, message: str, *, headers: Optional[Mapping[str, str]] = None) -> web.Response:
+    return _json({"error": message}, status=status, headers=headers)
+
+
+class _Reset(Exception):
+    """The connection was reset on purpose; there is no response."""
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _token_of(request: web.Request) -> Optional[str]:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return request.query.get("token") or None
+
+
+def _decode_and_parse(wire: bytes, encoding: str, max_bytes: int, fmt: str, keep_objects: bool) -> ParsedBody:
+    data = decompress(wire, encoding, max_bytes=max_bytes)
+    if len(data) > max_bytes:
+        raise BodyError(413, f"body is larger than the limit of {max_bytes} bytes")
+    return parse_body(data, fmt=fmt, keep_objects=keep_objects)
+
+
+class EventsApp:
+    """State shared by the handlers of one server."""
+
+    def __init__(self, config: ServerConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.tokens = TokenStore(config.data_dir, admin_token=config.admin_token)
+        self.store = Store(config.data_dir, synchronous=config.synchronous, sql_timeout_secs=config.sql_timeout_secs)
+        window = config.rate_limit_window_secs
+        self.limiter = RateLimiter(
+            requests_per_window=None if config.rate_limit_rps is None else config.rate_limit_rps * window,
+            bytes_per_window=(
+                None if config.rate_limit_bytes_per_sec is None else int(config.rate_limit_bytes_per_sec * window)
+            ),
+            window_secs=window,
+            clock=clock,
+        )
+        self.faults = FaultInjector(config.faults)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="emulator-decode")
+        self._decode_sem: Optional[asyncio.Semaphore] = None
+        self._started = clock()
+        self._reset_stats()
+
+    def _reset_stats(self) -> None:
+        self.by_status: Dict[str, int] = collections.Counter()
+        self.rows_after_faults = 0
+        self._rows_base = (self.store.rows_stored, self.store.rows_quarantined)
+
+    # -- app ---------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=self.config.max_body_bytes)
+        app[_EVENTS_APP_KEY] = self
+        app.router.add_post("/v0/events", self.post_events)
+        app.router.add_post("/v0/tokens", self.post_tokens)
+        app.router.add_get("/v0/sql", self.sql)
+        app.router.add_post("/v0/sql", self.sql)
+        app.router.add_get("/v0/datasources", self.get_datasources)
+        app.router.add_get("/_emulator/faults", self.get_faults)
+        app.router.add_put("/_emulator/faults", self.put_faults)
+        app.router.add_delete("/_emulator/faults", self.delete_faults)
+        app.router.add_get("/_emulator/stats", self.get_stats)
+        app.router.add_delete("/_emulator/stats", self.delete_stats)
+        app.router.add_post("/_emulator/flush", self.flush)
+        app.router.add_get("/_emulator/health", self.health)
+        app.on_response_prepare.append(self._add_rate_headers)
+        return app
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        is_events = request.path == "/v0/events"
+        try:
+            response = await handler(request)
+        except _Reset:
+            if is_events:
+                self.by_status["reset"] += 1
+            # The transport is already aborted: aiohttp drops whatever is returned.
+            return web.Response(status=500)
+        except web.HTTPException as exc:
+            response = _error(exc.status, exc.reason or "error", headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _LOG.exception("unexpected error on %s %s", request.method, request.path)
+            response = _error(500, "unexpected error in the local server")
+        if is_events:
+            self.by_status[str(response.status)] += 1
+        return response
+
+    async def _add_rate_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        decision: Optional[RateDecision] = request.get("rate")
+        if decision is None:
+            name = request.query.get("name", "") if request.path == "/v0/events" else ""
+            decision = self.limiter.peek(name if _NAME_RE.match(name) else "")
+        for key, value in decision.headers().items():
+            response.headers.setdefault(key, value)
+
+    def _auth(self, request: web.Request) -> Optional[TokenInfo]:
+        return self.tokens.lookup(_token_of(request))
+
+    # -- /v0/events ----------------------------------------------------------
+
+    async def post_events(self, request: web.Request) -> web.StreamResponse:
+        query = request.query
+        name = query.get("name", "")
+        if not name:
+            return _error(400, "missing the 'name' parameter: the data source to append to")
+        if (
+            not _NAME_RE.match(name)
+            or name.endswith(QUARANTINE_SUFFIX)
+            or name.lower().startswith(_RESERVED_PREFIXES)
+        ):
+            return _error(
+                400,
+                "invalid data source name: use 1-100 characters of A-Z a-z 0-9 _, not starting with a digit, "
+                "not ending in _quarantine",
+            )
+        info = self._auth(request)
+        if info is None:
+            return _error(403, "invalid or missing token")
+        exists = self.store.schema(name) is not None
+        if not exists and not info.can_create():
+            return _error(
+                403,
+                f"the data source '{name}' does not exist and this token has no DATASOURCE:CREATE scope",
+            )
+        if not info.can_append(name):
+            return _error(403, f"this token has no DATASOURCE:APPEND scope for '{name}'")
+        decision = self.limiter.acquire_request(name)
+        request["rate"] = decision
+        if not decision.allowed:
+            return _error(
+                429, decision.reason, headers={"Retry-After": str(decision.retry_after_secs)}
+            )
+        jobs, nbytes = self.store.queued()
+        if jobs >= self.config.queue_max_requests or nbytes >= self.config.queue_max_bytes:
+            await self._drain(request)
+            return _error(503, "the write queue is full; nothing was inserted, retry later")
+
+        fmt = query.get("format", "").lower()
+        if fmt not in ("", "ndjson", "json"):
+            return _error(400, f"unsupported format {fmt!r}; use ndjson or json")
+        wait = query.get("wait", "").lower() in ("true", "1", "yes")
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+
+        if self._decode_sem is None:
+            self._decode_sem = asyncio.Semaphore(self.config.max_concurrent_decodes)
+        async with self._decode_sem:
+            try:
+                wire = await self._read_body(request, self.config.max_body_bytes)
+            except _TooLarge:
+                return _error(413, f"the body is larger than the limit of {self.config.max_body_bytes} bytes")
+            byte_decision = self.limiter.acquire_bytes(name, len(wire))
+            if not byte_decision.allowed:
+                request["rate"] = byte_decision
+                return _error(429, byte_decision.reason, headers={"Retry-After": str(byte_decision.retry_after_secs)})
+            schema_known = self.store.schema(name) is not None
+            loop = asyncio.get_running_loop()
+            try:
+                parsed = await loop.run_in_executor(
+                    self._pool, _decode_and_parse, wire, encoding, self.config.max_body_bytes, fmt, not schema_known
+                )
+            except BodyError as exc:
+                return _error(exc.status, exc.message)
+            del wire
+            new_schema: Optional[Schema] = None
+            if not schema_known:
+                if not parsed.valid_rows:
+                    return _error(
+                        400, f"cannot create the data source '{name}': the body holds no valid JSON object"
+                    )
+                new_schema = await loop.run_in_executor(self._pool, infer_schema, name, parsed.objects or [])
+                if not new_schema.columns:
+                    return _error(400, f"cannot create the data source '{name}': no column could be inferred")
+                parsed.objects = None
+
+        fault = self.faults.decide(name)
+        if fault is not None and fault.rule.when != WHEN_AFTER:
+            outcome = await self._apply_fault(request, fault)
+            if outcome is not None:
+                return outcome
+            fault = None  # latency only: carry on
+
+        must_wait = wait or fault is not None
+        future: Optional[asyncio.Future] = loop.create_future() if must_wait else None
+
+        def done(result: Union[WriteResult, BaseException]) -> None:
+            if isinstance(result, WriteResult) and fault is not None:
+                self.faults.record_rows_stored_after(fault, result.successful_rows)
+                loop.call_soon_threadsafe(self._count_after_rows, result.successful_rows)
+            if future is not None:
+                loop.call_soon_threadsafe(_resolve, future, result)
+
+        job = WriteJob(
+            name=name,
+            array_text=parsed.array_text,
+            valid_rows=parsed.valid_rows,
+            invalid=parsed.invalid,
+            new_schema=new_schema,
+            cost_bytes=len(parsed.array_text) + sum(len(raw) for raw, _ in parsed.invalid) + 256,
+            done=done,
+        )
+        if not self.store.try_submit(
+            job, max_jobs=self.config.queue_max_requests, max_bytes=self.config.queue_max_bytes
+        ):
+            return _error(503, "the write queue is full; nothing was inserted, retry later")
+        del parsed
+        if future is None:
+            return _json({"successful_rows": job.valid_rows, "quarantined_rows": len(job.invalid)}, status=202)
+        result = await asyncio.shield(future)
+        if isinstance(result, BaseException):
+            return _error(500, f"the write failed: {result}")
+        if fault is not None:
+            outcome = await self._apply_fault(request, fault)
+            if outcome is not None:
+                return outcome
+        return _json(
+            {"successful_rows": result.successful_rows, "quarantined_rows": result.quarantined_rows},
+            status=200 if wait else 202,
+        )
+
+    def _count_after_rows(self, rows: int) -> None:
+        self.rows_after_faults += rows
+
+    async def _apply_fault(self, request: web.Request, fault: FiredFault) -> Optional[web.StreamResponse]:
+        rule = fault.rule
+        if rule.latency_secs:
+            await asyncio.sleep(rule.latency_secs)
+        if rule.reset:
+            self._reset_connection(request)
+            raise _Reset()
+        if rule.status is None:
+            return None
+        headers = {}
+        if rule.retry_after_secs is not None:
+            headers["Retry-After"] = str(int(math.ceil(rule.retry_after_secs)))
+        message = rule.message or f"injected fault: rule {fault.index} ({rule.when})"
+        return _error(rule.status, message, headers=headers)
+
+    @staticmethod
+    def _reset_connection(request: web.Request) -> None:
+        transport = request.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                # Linger 0: close() sends RST, like a crashed server or a proxy reset.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        transport.abort()
+
+    async def _read_body(self, request: web.Request, limit: int) -> bytes:
+        length = request.content_length
+        if length is not None and length > limit:
+            await self._drain(request)
+            raise _TooLarge()
+        chunks = []
+        total = 0
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                chunks.clear()
+                await self._drain(request)
+                raise _TooLarge()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _drain(self, request: web.Request) -> None:
+        """Reads and drops the rest of a refused body, so that the client reads our answer."""
+        drained = 0
+        while drained < _MAX_DRAIN_BYTES:
+            chunk = await request.content.readany()
+            if not chunk:
+                return
+            drained += len(chunk)
+        # A client that keeps sending that much is cut off after the answer.
+        request.protocol.force_close()  # type: ignore[union-attr]
+
+    # -- /v0/tokens ----------------------------------------------------------
+
+    async def post_tokens(self, request: web.Request) -> web.StreamResponse:
+        info = self._auth(request)
+        if info is None or not info.is_admin:
+            return _error(403, "creating tokens needs an ADMIN token")
+        name = request.query.get("name", "")
+        scopes = request.query.getall("scope", [])
+        try:
+            token, created = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.tokens.create(name=name, scopes=scopes)
+            )
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return _json({"token": token, "name": created.name, "scopes": sorted(str(s) for s in created.scopes)})
+
+    # -- reads ---------------------------------------------------------------
+
+    async def sql(self, request: web.Request) -> web.StreamResponse:
+        info = self._auth(request)
+        if info is None:
+            return _error(403, "invalid or missing token")
+        readable = info.readable()
+        if readable is not None and not readable:
+            return _error(403, "this token has no DATASOURCE:READ scope")
+        q = request.query.get("q")
+        if q is None and request.method == "POST":
+            if request.content_type == "application/x-www-form-urlencoded":
+                q = (await request.post()).get("q")  # type: ignore[assignment]
+            else:
+                q = (await request.read()).decode("utf-8", "replace")
+        if not q or not str(q).strip():
+            return _error(400, "missing the 'q' parameter: a SELECT statement")
+        sql = _FORMAT_SUFFIX_RE.sub("", str(q).strip())
+        try:
+            result = await asyncio.wrap_future(self.store.submit_query(sql, readable=readable))
+        except QueryError as exc:
+            return _error(exc.status, f"query failed: {exc}")
+        return _json(result)
+
+    async def get_datasources(self, request: web.Request) -> web.StreamResponse:
+        info = self._auth(request)
+        if info is None:
+            return _error(403, "invalid or missing token")
+        readable = info.readable()
+        sources = [d for d in self.store.datasources() if readable is None or d["name"] in readable]
+        return _json({"datasources": sources})
+
+    # -- /_emulator ----------------------------------------------------------
+
+    def _admin(self, request: web.Request) -> Optional[web.Response]:
+        info = self._auth(request)
+        if info is None or not info.is_admin:
+            return _error(403, "this endpoint needs an ADMIN token")
+        return None
+
+    async def get_faults(self, request: web.Request) -> web.StreamResponse:
+        denied = self._admin(request)
+        if denied is not None:
+            return denied
+        return _json({"rules": self.faults.rules(), "state": self.faults.snapshot()})
+
+    async def put_faults(self, request: web.Request) -> web.StreamResponse:
+        denied = self._admin(request)
+        if denied is not None:
+            return denied
+        try:
+            rules = parse_rules(orjson.loads(await request.read()))
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            return _error(400, f"invalid fault rules: {exc}")
+        self.faults.set_rules(rules)
+        _LOG.info("fault rules set: %d rule(s)", len(rules))
+        return _json({"rules": self.faults.rules()})
+
+    async def delete_faults(self, request: web.Request) -> web.StreamResponse:
+        denied = self._admin(request)
+        if denied is not None:
+            return denied
+        self.faults.set_rules(())
+        return _json({"rules": []})
+
+    def stats(self) -> Dict[str, Any]:
+        jobs, nbytes = self.store.queued()
+        return {
+            "requests": {"total": sum(self.by_status.values()), "by_status": dict(self.by_status)},
+            "rows": {
+                "stored": self.store.rows_stored - self._rows_base[0],
+                "quarantined": self.store.rows_quarantined - self._rows_base[1],
+                "stored_by_after_faults": self.rows_after_faults,
+            },
+            "faults": self.faults.snapshot(),
+            "queue": {
+                "requests": jobs,
+                "bytes": nbytes,
+                "max_requests": self.config.queue_max_requests,
+                "max_bytes": self.config.queue_max_bytes,
+            },
+            "commits": self.store.commits,
+            "uptime_secs": self.clock() - self._started,
+        }
+
+    async def get_stats(self, request: web.Request) -> web.StreamResponse:
+        denied = self._admin(request)
+        if denied is not None:
+            return denied
+        return _json(self.stats())
+
+    async def delete_stats(self, request: web.Request) -> web.StreamResponse:
+        denied = self._admin(request)
+        if denied is not None:
+            return denied
+        self._reset_stats()
+        return _json(self.stats())
+
+    async def flush(self, request: web.Request) -> web.StreamResponse:
+        """Answers once everything accepted before it is committed."""
+        denied = self._admin(request)
+        if denied is not None:
+            return denied
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        job = WriteJob(
+            name="",
+            array_text="",
+            valid_rows=0,
+            invalid=[],
+            new_schema=None,
+            cost_bytes=0,
+            done=lambda result: loop.call_soon_threadsafe(_resolve, future, result),
+        )
+        self.store.submit_marker(job)
+        await future
+        return _json({"flushed": True})
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        return _json({"status": "ok"})
+
+    def close(self) -> None:
+        self.store.close()
+        self._pool.shutdown(wait=True)
+
+
+def _resolve(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+async def _serve_async(config: ServerConfig, *, announce: Callable[[str], None]) -> None:
+    events = EventsApp(config)
+    events.store.start()
+    app = events.make_app()
+    runner = web.AppRunner(
+        app,
+        access_log=None,  # access logs would show ?token= query strings
+        auto_decompress=False,  # bodies are decompressed here, with a size cap
+        max_line_size=65536,
+        max_field_size=65536,
+        handle_signals=False,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=10.0, backlog=1024)
+    await site.start()
+    port = config.port
+    for sock in getattr(site._server, "sockets", None) or ():  # type: ignore[union-attr]
+        port = sock.getsockname()[1]
+        break
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    announce(f"{READY_LINE_PREFIX}http://{config.host}:{port}")
+    await stop.wait()
+    _LOG.info("stopping: finishing requests in flight, then committing the queue")
+    await runner.cleanup()
+    await loop.run_in_executor(None, events.close)
+
+
+def serve(config: ServerConfig, *, announce: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
+    """Runs the server until SIGTERM or SIGINT; everything accepted is committed before returning."""
+    asyncio.run(_serve_async(config, announce=announce))

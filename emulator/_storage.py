@@ -1,0 +1,436 @@
+"""Storage: one SQLite database in the data dir, one writer thread, one reader thread.
+
+The writer thread owns the only write connection. It takes queued jobs in
+groups, applies each inside a savepoint of one transaction, commits, and only
+then reports the jobs done (which is when a ``wait=true`` request is answered
+200). WAL mode; ``synchronous=FULL`` by default so that a 200 survives power
+loss, ``NORMAL`` survives a killed process. Queries from /v0/sql run on a
+separate read-only connection guarded by ``PRAGMA query_only`` and an
+authorizer that allows reads only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
+
+import orjson
+
+from emulator._schema import Schema
+
+__all__ = ["Store", "WriteJob", "WriteResult", "QueryError", "DB_FILE"]
+
+_LOG = logging.getLogger(__name__)
+
+DB_FILE = "events.sqlite3"
+_CATALOG = "_emulator_datasources"
+_MAX_GROUP_JOBS = 64
+_MAX_GROUP_BYTES = 32_000_000
+_MAX_RESULT_ROWS = 1_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteResult:
+    successful_rows: int
+    quarantined_rows: int
+    import_id: str
+
+
+@dataclasses.dataclass
+class WriteJob:
+    """Rows for one data source, from one request.
+
+    ``done`` is called from the writer thread once the job is committed (with a
+    WriteResult) or failed (with the exception).
+    """
+
+    name: str
+    array_text: str
+    valid_rows: int
+    invalid: List[Tuple[str, str]]
+    new_schema: Optional[Schema]
+    cost_bytes: int
+    done: Optional[Callable[[Union[WriteResult, BaseException]], None]] = None
+
+
+class QueryError(Exception):
+    """A /v0/sql query was refused (status 403) or failed (400); the message is safe to return."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_STOP = object()
+
+
+def _utc_now_text() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+class Store:
+    """The database of one data dir: catalog, writer thread, read-only queries."""
+
+    def __init__(self, data_dir: str, *, synchronous: str = "FULL", sql_timeout_secs: float = 30.0) -> None:
+        os.makedirs(data_dir, exist_ok=True)
+        self.path = os.path.join(data_dir, DB_FILE)
+        self._synchronous = synchronous.upper()
+        self._sql_timeout_secs = sql_timeout_secs
+        self._lock = threading.Lock()
+        self._catalog: Dict[str, Schema] = {}
+        self._counts: Dict[str, List[int]] = {}  # name -> [rows, quarantined]
+        self._created: Dict[str, str] = {}
+        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._queued_bytes = 0
+        self._queued_jobs = 0
+        self.rows_stored = 0
+        self.rows_quarantined = 0
+        self.commits = 0
+        self._writer: Optional[threading.Thread] = None
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="emulator-sql")
+        self._read_conn: Optional[sqlite3.Connection] = None
+        self._init_db()
+
+    # -- setup -------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        return conn
+
+    def _init_db(self) -> None:
+        conn = self._connect()
+        try:
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {_CATALOG} (name TEXT PRIMARY KEY, columns TEXT NOT NULL, "
+                "created_at TEXT NOT NULL, rows INTEGER NOT NULL DEFAULT 0, "
+                "quarantined_rows INTEGER NOT NULL DEFAULT 0)"
+            )
+            for name, columns, created, rows, quarantined in conn.execute(
+                f"SELECT name, columns, created_at, rows, quarantined_rows FROM {_CATALOG}"
+            ):
+                self._catalog[name] = Schema.from_json(name, orjson.loads(columns))
+                self._counts[name] = [rows, quarantined]
+                self._created[name] = created
+        finally:
+            conn.close()
+
+    def start(self) -> None:
+        self._writer = threading.Thread(target=self._run_writer, name="emulator-writer", daemon=True)
+        self._writer.start()
+
+    def close(self) -> None:
+        """Commits everything queued, then stops the threads."""
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            self._writer.join()
+            self._writer = None
+        self._reader.submit(self._close_reader).result()
+        self._reader.shutdown(wait=True)
+
+    def _close_reader(self) -> None:
+        if self._read_conn is not None:
+            self._read_conn.close()
+            self._read_conn = None
+
+    # -- catalog -----------------------------------------------------------
+
+    def schema(self, name: str) -> Optional[Schema]:
+        return self._catalog.get(name)
+
+    def datasources(self) -> List[Dict[str, Any]]:
+        with self._lock:
+            out = []
+            for name, schema in sorted(self._catalog.items()):
+                rows, quarantined = self._counts.get(name, [0, 0])
+                out.append(
+                    {
+                        "name": name,
+                        "columns": [
+                            {"name": c.name, "type": c.type, "jsonpath": c.jsonpath} for c in schema.columns
+                        ],
+                        "rows": rows,
+                        "quarantined_rows": quarantined,
+                        "quarantine": schema.quarantine_name,
+                        "created_at": self._created.get(name),
+                    }
+                )
+            return out
+
+    # -- queue ---------------------------------------------------------------
+
+    def queued(self) -> Tuple[int, int]:
+        """(jobs, bytes) accepted but not yet committed."""
+        with self._lock:
+            return self._queued_jobs, self._queued_bytes
+
+    def try_submit(self, job: WriteJob, *, max_jobs: int, max_bytes: int) -> bool:
+        """Queues the job unless the queue is full; False means nothing was queued."""
+        with self._lock:
+            if self._queued_jobs + 1 > max_jobs or (
+                self._queued_jobs > 0 and self._queued_bytes + job.cost_bytes > max_bytes
+            ):
+                return False
+            self._queued_jobs += 1
+            self._queued_bytes += job.cost_bytes
+        self._queue.put(job)
+        return True
+
+    def submit_marker(self, job: WriteJob) -> None:
+        """Queues a job without rows (name ``""``) that completes after everything before it."""
+        with self._lock:
+            self._queued_jobs += 1
+        self._queue.put(job)
+
+    # -- writer --------------------------------------------------------------
+
+    def _run_writer(self) -> None:
+        conn = self._connect()
+        stopping = False
+        try:
+            while not stopping:
+                first = self._queue.get()
+                if first is _STOP:
+                    break
+                group = [first]
+                size = first.cost_bytes
+                while len(group) < _MAX_GROUP_JOBS and size < _MAX_GROUP_BYTES:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    group.append(item)
+                    size += item.cost_bytes
+                self._write_group(conn, group)
+        finally:
+            conn.close()
+
+    def _write_group(self, conn: sqlite3.Connection, group: List[WriteJob]) -> None:
+        outcomes: List[Union[WriteResult, BaseException]] = []
+        new_schemas: Dict[str, Schema] = {}
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in group:
+                if not job.name:
+                    outcomes.append(WriteResult(successful_rows=0, quarantined_rows=0, import_id=""))
+                    continue
+                creates = job.name not in self._catalog and job.name not in new_schemas
+                conn.execute("SAVEPOINT job")
+                try:
+                    outcomes.append(self._apply(conn, job, new_schemas))
+                    conn.execute("RELEASE job")
+                except sqlite3.Error as exc:
+                    _LOG.error("write to %s failed: %s", job.name, exc)
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    if creates:
+                        new_schemas.pop(job.name, None)
+                    outcomes.append(exc)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _LOG.error("commit failed: %s", exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [exc for _ in group]
+            new_schemas = {}
+        now = _utc_now_text()
+        with self._lock:
+            for name, schema in new_schemas.items():
+                self._catalog[name] = schema
+                self._counts.setdefault(name, [0, 0])
+                self._created[name] = now
+            for job, outcome in zip(group, outcomes):
+                self._queued_jobs -= 1
+                self._queued_bytes -= job.cost_bytes
+                if isinstance(outcome, WriteResult):
+                    counts = self._counts.setdefault(job.name, [0, 0])
+                    counts[0] += outcome.successful_rows
+                    counts[1] += outcome.quarantined_rows
+                    self.rows_stored += outcome.successful_rows
+                    self.rows_quarantined += outcome.quarantined_rows
+            self.commits += 1
+        for job, outcome in zip(group, outcomes):
+            if job.done is not None:
+                try:
+                    job.done(outcome)
+                except Exception:  # a callback bug must not stop the writer
+                    _LOG.exception("write callback failed")
+
+    def _apply(self, conn: sqlite3.Connection, job: WriteJob, new_schemas: Dict[str, Schema]) -> WriteResult:
+        schema = self._catalog.get(job.name) or new_schemas.get(job.name)
+        if schema is None:
+            if job.new_schema is None:
+                raise sqlite3.OperationalError(f"data source {job.name} does not exist")
+            schema = job.new_schema
+            for stmt in schema.create_statements():
+                conn.execute(stmt)
+            conn.execute(
+                f"INSERT INTO {_CATALOG} (name, columns, created_at) VALUES (?, ?, ?)",
+                (schema.name, orjson.dumps(schema.to_json()).decode(), _utc_now_text()),
+            )
+            new_schemas[job.name] = schema
+        import_id = uuid.uuid4().hex
+        ok = 0
+        quarantined: List[Tuple[Any, ...]] = []
+        if job.valid_rows:
+            conn.execute("SAVEPOINT fast")
+            try:
+                ok = conn.execute(schema.insert_statement(), (job.array_text,)).rowcount
+                if ok < job.valid_rows:
+                    quarantined.extend(self._misfits(conn, schema, job.array_text, import_id))
+                conn.execute("RELEASE fast")
+            except sqlite3.Error as exc:
+                # SQLite refused the array as a whole (e.g. a value its JSON parser
+                # rejects although orjson accepted it): retry row by row.
+                _LOG.warning("bulk insert into %s failed (%s); inserting row by row", job.name, exc)
+                conn.execute("ROLLBACK TO fast")
+                conn.execute("RELEASE fast")
+                ok, quarantined = self._row_by_row(conn, schema, job.array_text, import_id)
+        if job.invalid:
+            now = _utc_now_text()
+            empty = (None,) * len(schema.columns)
+            for raw, error in job.invalid:
+                quarantined.append(("[]", orjson.dumps([error]).decode(), import_id, now, raw) + empty)
+        if quarantined:
+            conn.executemany(schema.quarantine_insert_statement(), quarantined)
+        conn.execute(
+            f"UPDATE {_CATALOG} SET rows = rows + ?, quarantined_rows = quarantined_rows + ? WHERE name = ?",
+            (ok, len(quarantined), job.name),
+        )
+        return WriteResult(successful_rows=ok, quarantined_rows=len(quarantined), import_id=import_id)
+
+    @staticmethod
+    def _misfits(conn: sqlite3.Connection, schema: Schema, array_text: str, import_id: str) -> List[Tuple[Any, ...]]:
+        now = _utc_now_text()
+        rows = []
+        for row in conn.execute(schema.misfits_statement(), (array_text,)):
+            error_columns: List[str] = []
+            errors: List[str] = []
+            raws: List[Any] = []
+            for i, col in enumerate(schema.columns):
+                fits, json_type, raw = row[2 + 3 * i : 5 + 3 * i]
+                raws.append(raw)
+                if fits:
+                    continue
+                error_columns.append(col.name)
+                if json_type is None:
+                    errors.append(f"column '{col.name}' ({col.type}) is missing")
+                elif json_type == "null":
+                    errors.append(f"column '{col.name}' ({col.type}) cannot be null")
+                else:
+                    shown = raw if raw is None or len(str(raw)) <= 100 else str(raw)[:100] + "..."
+                    errors.append(f"value {shown!r} ({json_type}) of column '{col.name}' is not a valid {col.type}")
+            rows.append(
+                (orjson.dumps(error_columns).decode(), orjson.dumps(errors).decode(), import_id, now, row[1])
+                + tuple(raws)
+            )
+        return rows
+
+    def _row_by_row(
+        self, conn: sqlite3.Connection, schema: Schema, array_text: str, import_id: str
+    ) -> Tuple[int, List[Tuple[Any, ...]]]:
+        ok = 0
+        quarantined: List[Tuple[Any, ...]] = []
+        empty = (None,) * len(schema.columns)
+        insert = schema.insert_statement()
+        for obj in orjson.loads(array_text):
+            line = orjson.dumps(obj).decode()
+            single = "[" + line + "]"
+            conn.execute("SAVEPOINT row")
+            try:
+                inserted = conn.execute(insert, (single,)).rowcount
+                if inserted:
+                    ok += 1
+                else:
+                    quarantined.extend(self._misfits(conn, schema, single, import_id))
+                conn.execute("RELEASE row")
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK TO row")
+                conn.execute("RELEASE row")
+                quarantined.append(
+                    ("[]", orjson.dumps([f"rejected by storage: {exc}"]).decode(), import_id, _utc_now_text(), line)
+                    + empty
+                )
+        return ok, quarantined
+
+    # -- reads ---------------------------------------------------------------
+
+    def query(self, sql: str, *, readable: Optional[FrozenSet[str]]) -> Dict[str, Any]:
+        """Runs one read-only statement on the reader thread (blocking)."""
+        return self._reader.submit(self._query, sql, readable).result()
+
+    def submit_query(self, sql: str, *, readable: Optional[FrozenSet[str]]) -> "concurrent.futures.Future[Dict[str, Any]]":
+        return self._reader.submit(self._query, sql, readable)
+
+    def _reader_conn(self) -> sqlite3.Connection:
+        if self._read_conn is None:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA query_only=ON")
+            self._read_conn = conn
+        return self._read_conn
+
+    def _query(self, sql: str, readable: Optional[FrozenSet[str]]) -> Dict[str, Any]:
+        conn = self._reader_conn()
+        allowed_tables: Optional[FrozenSet[str]] = None
+        if readable is not None:
+            allowed_tables = frozenset(readable) | frozenset(f"{n}_quarantine" for n in readable)
+
+        denied: List[str] = []
+
+        def authorize(action: int, arg1: Optional[str], arg2: Optional[str], db: Optional[str], src: Optional[str]) -> int:
+            if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE):
+                return sqlite3.SQLITE_OK
+            if action == sqlite3.SQLITE_READ:
+                if allowed_tables is None or arg1 in allowed_tables:
+                    return sqlite3.SQLITE_OK
+                denied.append(f"this token may not read {arg1}")
+                return sqlite3.SQLITE_DENY
+            return sqlite3.SQLITE_DENY
+
+        deadline = time.monotonic() + self._sql_timeout_secs
+        conn.set_authorizer(authorize)
+        conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 100_000)
+        started = time.perf_counter()
+        try:
+            cur = conn.execute(sql)
+            names = [d[0] for d in cur.description or ()]
+            rows = cur.fetchmany(_MAX_RESULT_ROWS + 1)
+            if len(rows) > _MAX_RESULT_ROWS:
+                raise QueryError(f"the result has more than {_MAX_RESULT_ROWS} rows; add a LIMIT")
+        except (sqlite3.Error, sqlite3.Warning) as exc:
+            if denied:
+                raise QueryError(denied[0], status=403) from None
+            raise QueryError(str(exc)) from None
+        finally:
+            conn.set_authorizer(None)
+            conn.set_progress_handler(None, 0)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        types = []
+        for index in range(len(names)):
+            kind = next((type(r[index]) for r in rows if r[index] is not None), None)
+            base = {int: "Int64", float: "Float64", bytes: "String"}.get(kind, "String")  # type: ignore[arg-type]
+            types.append(base if all(r[index] is not None for r in rows) and rows else f"Nullable({base})")
+        data = [
+            {n: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for n, v in zip(names, r)} for r in rows
+        ]
+        return {
+            "meta": [{"name": n, "type": t} for n, t in zip(names, types)],
+            "data": data,
+            "rows": len(data),
+            "statistics": {"elapsed": time.perf_counter() - started, "rows_read": len(data)},
+        }
+

@@ -1,0 +1,117 @@
+"""Files to Tinybird: a batch job that reads files and appends their records to a data source.
+
+    python -m pipelines.files_to_tinybird                       # the sample data, local server
+    python -m pipelines.files_to_tinybird --input 'data/*.parquet' --datasource events \\
+        --api_url https://api.tinybird.co --token_env TINYBIRD_TOKEN \\
+        --dead_letter_path gs://bucket/dead-letters/ --runner DataflowRunner ...
+
+Formats: NDJSON, JSON (one array or one object per file), CSV (header row),
+Avro and Parquet, chosen by ``--format`` or from the extension of ``--input``.
+Without ``--api_url`` the job starts the local Events API server itself (data in
+``./tinybird-local/``), writes dead letters to ``./dead-letters/``, and without
+``--input`` reads the sample data set shipped in ``pipelines/sample_data/``.
+Any other option (``--runner``, ``--direct_num_workers``...) goes to Beam.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, TextIO
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines._common import (
+    CountRowsDoFn, Endpoint, RunSummary, SinkConfig, UsageError, add_argument_once,
+    check_input_exists, add_sink_arguments, config_or_usage_error, configure_logging,
+    exit_on_usage_error, run_pipeline,
+)
+from pipelines._formats import FORMATS, ReadRecords, format_from_path
+
+TITLE = "Files to Tinybird"
+SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data" / "events.ndjson"
+"""The sample data set read when no ``--input`` is given."""
+LOCAL_DEAD_LETTER_DIR = "dead-letters"
+"""Dead letters go to ``./dead-letters/`` with the embedded local server."""
+
+
+class FilesToTinybirdOptions(PipelineOptions):
+    """Options of the files pipeline; see ``--help``."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        add_argument_once(
+            parser, "--input",
+            help="Files to read: a path or glob on any Beam filesystem (local, gs://, s3://), "
+                 "compressed or not. Default: the sample data set shipped with the pipelines.")
+        add_argument_once(
+            parser, "--format", choices=("auto",) + FORMATS, default="auto",
+            help="ndjson, json (one array or one object per file), csv (header row), avro or "
+                 "parquet. Default auto: from the extension of --input (.ndjson/.jsonl, .json, "
+                 ".csv, .avro, .parquet, optionally followed by .gz/.bz2/.zst/.deflate/.xz).")
+        add_sink_arguments(parser)
+
+
+def resolve_input(options: FilesToTinybirdOptions) -> str:
+    """``--input``, or the sample data set when it is absent."""
+    return options.input or str(SAMPLE_DATA)
+
+
+def resolve_format(file_pattern: str, requested: str) -> str:
+    """The format to read ``file_pattern`` with; raises :class:`UsageError` when it cannot be told."""
+    if requested != "auto":
+        return requested
+    detected = format_from_path(file_pattern)
+    if detected is None:
+        raise UsageError(
+            f"cannot tell the format of --input {file_pattern!r} from its extension; "
+            f"pass --format ({', '.join(FORMATS)})")
+    return detected
+
+
+def build(pipeline: beam.Pipeline, *, file_pattern: str, file_format: str,
+          write: beam.PTransform) -> beam.pvalue.PValue:
+    """Adds read -> count -> write to ``pipeline``; returns the sink's result."""
+    return (
+        pipeline
+        | "Read" >> ReadRecords(file_pattern, file_format=file_format)
+        | "CountRows" >> beam.ParDo(CountRowsDoFn())
+        | "WriteToTinybird" >> write
+    )
+
+
+def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
+        data_dir: Optional[Path] = None) -> Optional[RunSummary]:
+    """Parses ``argv``, runs the job to the end, prints the summary and returns it.
+
+    Raises:
+        UsageError: A bad option value, an unknown format, or no matching file.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = FilesToTinybirdOptions(argv)
+    config = config_or_usage_error(lambda: SinkConfig.from_options(options))
+    if config.embedded and config.dead_letter_path is None:
+        config = config.with_dead_letter_path(LOCAL_DEAD_LETTER_DIR + "/")
+    else:
+        config = config.with_dead_letter_path(config.dead_letter_path)
+    file_pattern = resolve_input(options)
+    file_format = resolve_format(file_pattern, options.format)
+    check_input_exists(file_pattern)
+
+    def _build(pipeline: beam.Pipeline, endpoint: Endpoint, sink: SinkConfig) -> None:
+        build(pipeline, file_pattern=file_pattern, file_format=file_format,
+              write=sink.write_transform(endpoint))
+
+    return run_pipeline(title=TITLE, argv=argv, config=config, build=_build,
+                        dead_letter_path=config.dead_letter_path, out=out, data_dir=data_dir)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    configure_logging()
+    exit_on_usage_error(run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()

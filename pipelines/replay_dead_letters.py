@@ -1,0 +1,184 @@
+"""Replay dead letters: resends what an earlier run could not deliver, once the cause is fixed.
+
+    python -m pipelines.replay_dead_letters --input 'dead-letters/*' --datasource events \\
+        --dead_letter_path dead-letters-replayed/ [--api_url https://api.tinybird.co ...]
+
+Reads dead-letter files (JSON lines ``*.jsonl`` and Avro ``*.avro``) and resends
+each record's ``line`` exactly as it was. What fails again is written to
+``--dead_letter_path``, which must be a new location: the job refuses, before
+anything runs, a path equal to, inside, or containing the input's location, so
+the files being read are never overwritten.
+
+Records without a ``line`` (elements that could not be encoded at all) cannot
+be replayed: they are counted as ``unreplayable`` and copied unchanged to the
+new dead-letter path, so that it holds everything still undelivered and the
+old location can be deleted. Without ``--api_url`` the job uses the local
+Events API server on ``./tinybird-local/``, like the files pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, TextIO, Union
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines._common import (
+    METRICS_NAMESPACE, CountRowsDoFn, Endpoint, RunSummary, SinkConfig, UsageError,
+    add_argument_once, add_sink_arguments, check_input_exists, config_or_usage_error, configure_logging,
+    exit_on_usage_error, run_pipeline,
+)
+
+TITLE = "Replay dead letters"
+UNREPLAYABLE = "dead_letters_unreplayable"
+"""Counter (namespace ``pipelines``) of records without a line, carried over unchanged."""
+_UNREPLAYABLE_TAG = "unreplayable"
+_GLOB_CHARS = re.compile(r"[*?\[{]")
+
+
+class ReplayDeadLettersOptions(PipelineOptions):
+    """Options of the replay pipeline; see ``--help``."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        add_argument_once(
+            parser, "--input",
+            help="Dead-letter files to replay: a path or glob on any Beam filesystem, e.g. "
+                 "'dead-letters/*' or gs://bucket/dead-letters/*. *.avro files are read as Avro, "
+                 "others as JSON lines.")
+        add_sink_arguments(parser)
+
+
+class _SplitDoFn(beam.DoFn):
+    """Replayable records -> their line as bytes; the others -> the ``unreplayable`` output."""
+
+    def setup(self) -> None:
+        self._unreplayable = Metrics.counter(METRICS_NAMESPACE, UNREPLAYABLE)
+
+    def process(self, record) -> Iterator[Union[bytes, beam.pvalue.TaggedOutput]]:
+        if record.line is None:
+            self._unreplayable.inc()
+            yield beam.pvalue.TaggedOutput(_UNREPLAYABLE_TAG, record)
+        else:
+            yield record.line.encode("utf-8")
+
+
+def build(pipeline: beam.Pipeline, *, input_pattern: str, write: beam.PTransform,
+          dead_letter_path: str, dead_letter_format: str) -> beam.PCollection:
+    """Adds read -> split -> resend -> write what is still undelivered; returns the file results.
+
+    ``write`` must not write dead-letter files itself: its dead letters and the
+    unreplayable records are written together, once, to ``dead_letter_path``.
+    """
+    from sinks.tinybird import ReadDeadLetters, WriteDeadLetterFiles
+
+    split = (
+        pipeline
+        | "ReadDeadLetters" >> ReadDeadLetters(input_pattern)
+        | "CountRows" >> beam.ParDo(CountRowsDoFn(verb="replaying"))
+        | "Split" >> beam.ParDo(_SplitDoFn()).with_outputs(_UNREPLAYABLE_TAG, main="lines")
+    )
+    result = split.lines | "WriteToTinybird" >> write
+    return (
+        (result.dead_letters, split[_UNREPLAYABLE_TAG])
+        | "StillUndelivered" >> beam.Flatten()
+        | "WriteDeadLetters" >> WriteDeadLetterFiles(dead_letter_path, file_format=dead_letter_format)
+    )
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _normalise(path: str) -> str:
+    if _is_url(path):
+        scheme, rest = path.split("://", 1)
+        rest = re.sub(r"/+", "/", rest).rstrip("/")
+        return f"{scheme.lower()}://{rest}"
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def input_location(input_pattern: str) -> str:
+    """The folder that ``input_pattern`` reads from, normalised.
+
+    The part before the first glob character, cut back to its folder; for a
+    pattern without glob characters, the folder itself when it is a local
+    folder, else the file's folder.
+    """
+    match = _GLOB_CHARS.search(input_pattern)
+    if match is None:
+        if not _is_url(input_pattern) and os.path.isdir(input_pattern):
+            return _normalise(input_pattern)
+        head = input_pattern.rstrip("/")
+        return _normalise(head.rsplit("/", 1)[0] if "/" in head else ".")
+    head = input_pattern[: match.start()]
+    folder = head.rsplit("/", 1)[0] if "/" in head else "."
+    if _is_url(input_pattern) and "://" not in folder:
+        folder = head  # e.g. "gs://bucket*": the scheme and bucket prefix
+    return _normalise(folder or "/")
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def check_output_outside_input(input_pattern: str, dead_letter_path: Optional[str]) -> None:
+    """Refuses a missing dead-letter path, or one that overlaps the input's location.
+
+    Raises:
+        UsageError: ``dead_letter_path`` is missing, equal to the input's
+            folder, inside it, or contains it.
+    """
+    if not dead_letter_path:
+        raise UsageError(
+            "--dead_letter_path is required: a new location, outside the input's, for what fails again")
+    source = input_location(input_pattern)
+    target = _normalise(dead_letter_path)
+    if _is_url(source) != _is_url(target):
+        return
+    if _within(target, source) or _within(source, target):
+        raise UsageError(
+            f"--dead_letter_path {dead_letter_path!r} overlaps the input location {source!r} "
+            f"(of --input {input_pattern!r}): replaying must never write over or next to the files "
+            "it reads; choose a new location outside it")
+
+
+def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
+        data_dir: Optional[Path] = None) -> Optional[RunSummary]:
+    """Parses ``argv``, checks the paths, replays, prints the summary and returns it.
+
+    Raises:
+        UsageError: No ``--input``, nothing matching it, or a dead-letter path
+            that is missing or overlaps the input.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = ReplayDeadLettersOptions(argv)
+    config = config_or_usage_error(lambda: SinkConfig.from_options(options))
+    if not options.input:
+        raise UsageError("--input is required: the dead-letter files to replay, e.g. 'dead-letters/*'")
+    check_output_outside_input(options.input, config.dead_letter_path)
+    check_input_exists(options.input)
+    config = config.with_dead_letter_path(config.dead_letter_path)
+
+    def _build(pipeline: beam.Pipeline, endpoint: Endpoint, sink: SinkConfig) -> None:
+        build(pipeline, input_pattern=options.input,
+              write=sink.write_transform(endpoint, write_dead_letter_files=False),
+              dead_letter_path=str(sink.dead_letter_path), dead_letter_format=sink.dead_letter_format)
+
+    return run_pipeline(title=TITLE, argv=argv, config=config, build=_build,
+                        dead_letter_path=config.dead_letter_path, out=out, data_dir=data_dir)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    configure_logging()
+    exit_on_usage_error(run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()

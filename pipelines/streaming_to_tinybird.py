@@ -1,0 +1,167 @@
+"""Streaming to Tinybird: Pub/Sub messages holding JSON, in fixed windows, into a data source.
+
+    python -m pipelines.streaming_to_tinybird \\
+        --input_subscription projects/P/subscriptions/S --datasource events --window_secs 60 \\
+        --api_url https://api.tinybird.co --token_secret projects/P/secrets/tinybird/versions/latest \\
+        --dead_letter_path gs://bucket/dead-letters/ --runner DataflowRunner ...
+
+A message holds one JSON object (compact or pretty-printed) or several as
+NDJSON lines. Messages are not parsed here: the sink validates each one as it
+encodes it, and one that is not a JSON object (invalid JSON, an array, bytes
+that are not UTF-8) becomes a dead letter with the reason, never a loss.
+Reading Pub/Sub needs the ``gcp`` extra. The body of the job is :func:`build`,
+which takes a ``PCollection`` of message bytes (tests feed it a ``TestStream``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, TextIO
+
+import apache_beam as beam
+import orjson
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import FixedWindows
+
+from pipelines._common import (
+    CountRowsDoFn, Endpoint, RunSummary, SinkConfig, UsageError,
+    add_argument_once, add_sink_arguments, config_or_usage_error, configure_logging,
+    exit_on_usage_error, run_pipeline,
+)
+
+TITLE = "Streaming to Tinybird"
+DEFAULT_WINDOW_SECS = 60
+SUBSCRIPTION_PATTERN = r"^projects/[^/]+/subscriptions/[^/]+$"
+TOPIC_PATTERN = r"^projects/[^/]+/topics/[^/]+$"
+
+
+class StreamingToTinybirdOptions(PipelineOptions):
+    """Options of the streaming pipeline; see ``--help``."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        add_argument_once(
+            parser, "--input_subscription",
+            help="Pub/Sub subscription to read, projects/PROJECT/subscriptions/NAME. "
+                 "Give this or --input_topic.")
+        add_argument_once(
+            parser, "--input_topic",
+            help="Pub/Sub topic to read through a temporary subscription, projects/PROJECT/topics/NAME "
+                 "(messages published while the job is down are lost: prefer --input_subscription).")
+        add_argument_once(
+            parser, "--window_secs", type=_window_secs, default=DEFAULT_WINDOW_SECS,
+            help=f"Length of the fixed windows; the rest of a window's batch is sent when the "
+                 f"watermark passes its end. Default {DEFAULT_WINDOW_SECS}.")
+        add_argument_once(
+            parser, "--timestamp_attribute",
+            help="Message attribute holding the event time (RFC 3339 or milliseconds since the "
+                 "epoch); default: the publish time.")
+        add_sink_arguments(parser, streaming=True)
+
+
+def _window_secs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 second, got {text!r}")
+    return value
+
+
+def split_message(data: bytes) -> Iterator[bytes]:
+    """The rows of one message: the message itself, or its lines when it holds NDJSON.
+
+    A message without a newline is passed on untouched (the sink validates it).
+    One with newlines is one pretty-printed JSON value if it parses as one,
+    else NDJSON: each non-blank line is a row.
+    """
+    body = data.strip()
+    if not body:
+        yield data  # empty: the sink dead-letters it ("invalid JSON"), so it is not lost silently
+        return
+    if b"\n" not in body:
+        yield body
+        return
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        for line in body.split(b"\n"):
+            if line.strip():
+                yield line
+        return
+    yield body
+
+
+def build(messages: beam.PCollection, *, window_secs: float, write: beam.PTransform) -> beam.pvalue.PValue:
+    """The job's body: message bytes -> rows -> fixed windows -> ``write``; returns the sink's result."""
+    return (
+        messages
+        | "SplitMessages" >> beam.FlatMap(split_message)
+        | "CountRows" >> beam.ParDo(CountRowsDoFn(verb="received"))
+        | "FixedWindows" >> beam.WindowInto(FixedWindows(window_secs))
+        | "WriteToTinybird" >> write
+    )
+
+
+def require_pubsub() -> None:
+    """Raises :class:`UsageError` when the Pub/Sub client library (gcp extra) is missing."""
+    if importlib.util.find_spec("google.cloud.pubsub") is None:
+        raise UsageError(
+            "reading Pub/Sub needs the gcp extra (google-cloud-pubsub): "
+            "pip install 'beam-tinybird[gcp]'")
+
+
+def read_pubsub(pipeline: beam.Pipeline, *, subscription: Optional[str], topic: Optional[str],
+                timestamp_attribute: Optional[str]) -> beam.PCollection:
+    """Message payloads (bytes) from Pub/Sub."""
+    from apache_beam.io.gcp.pubsub import ReadFromPubSub
+
+    return pipeline | "ReadPubSub" >> ReadFromPubSub(
+        subscription=subscription, topic=None if subscription else topic,
+        timestamp_attribute=timestamp_attribute)
+
+
+def check_source(options: StreamingToTinybirdOptions) -> None:
+    """Exactly one of ``--input_subscription`` and ``--input_topic``, well formed."""
+    subscription, topic = options.input_subscription, options.input_topic
+    if bool(subscription) == bool(topic):
+        raise UsageError("give exactly one of --input_subscription and --input_topic")
+    if subscription and not re.match(SUBSCRIPTION_PATTERN, subscription):
+        raise UsageError(
+            f"--input_subscription must look like projects/PROJECT/subscriptions/NAME, got {subscription!r}")
+    if topic and not re.match(TOPIC_PATTERN, topic):
+        raise UsageError(f"--input_topic must look like projects/PROJECT/topics/NAME, got {topic!r}")
+
+
+def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
+        data_dir: Optional[Path] = None) -> Optional[RunSummary]:
+    """Parses ``argv`` and runs the streaming job until it is cancelled or drained."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = StreamingToTinybirdOptions(argv)
+    config = config_or_usage_error(lambda: SinkConfig.from_options(options))
+    config = config.with_dead_letter_path(config.dead_letter_path)
+    check_source(options)
+    require_pubsub()
+
+    def _build(pipeline: beam.Pipeline, endpoint: Endpoint, sink: SinkConfig) -> None:
+        messages = read_pubsub(
+            pipeline, subscription=options.input_subscription, topic=options.input_topic,
+            timestamp_attribute=options.timestamp_attribute)
+        build(messages, window_secs=options.window_secs, write=sink.write_transform(endpoint))
+
+    return run_pipeline(title=TITLE, argv=argv + ["--streaming"], config=config, build=_build,
+                        dead_letter_path=config.dead_letter_path, out=out, data_dir=data_dir)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    configure_logging()
+    exit_on_usage_error(run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()

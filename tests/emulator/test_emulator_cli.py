@@ -1,0 +1,94 @@
+"""The command line: serve (ready line, generated token, --port 0), token create, sql, datasources."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "emulator", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_serve_generates_token_prints_url_and_stops_on_sigterm(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulator", "serve", "--port", "0", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        token_line = proc.stdout.readline()
+        assert token_line.startswith("Admin token: ")
+        token = token_line.split(": ", 1)[1].strip()
+        ready = proc.stdout.readline().strip()
+        assert ready.startswith("Tinybird local Events API listening on http://127.0.0.1:")
+        url = ready.rsplit(" ", 1)[1]
+        port = int(url.rsplit(":", 1)[1])
+        assert 0 < port < 65536
+        response = requests.post(
+            f"{url}/v0/events?name=cli&wait=true", data=b'{"a": 1}\n', headers={"Authorization": f"Bearer {token}"}
+        )
+        assert response.status_code == 200
+        # Token creation from the CLI while the server runs: usable at once.
+        created = _run("token", "create", "--data-dir", str(tmp_path), "--name", "appender", "--scope", "DATASOURCE:APPEND:cli")
+        assert created.returncode == 0, created.stderr
+        narrow = created.stdout.strip()
+        response = requests.post(
+            f"{url}/v0/events?name=cli&wait=true", data=b'{"a": 2}\n', headers={"Authorization": f"Bearer {narrow}"}
+        )
+        assert response.status_code == 200, response.text
+        dup = _run("token", "create", "--data-dir", str(tmp_path), "--name", "appender", "--scope", "ADMIN")
+        assert dup.returncode == 2 and "already exists" in dup.stderr
+        bad = _run("token", "create", "--data-dir", str(tmp_path), "--name", "x", "--scope", "NOPE")
+        assert bad.returncode == 2 and "unknown scope" in bad.stderr
+
+        out = _run("sql", "--url", url, "--token", token, "SELECT sum(a) AS s FROM cli")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["data"] == [{"s": 3}]
+        out = _run("sql", "--url", url, "--token", token, "DELETE FROM cli")
+        assert out.returncode == 1 and "error" in json.loads(out.stderr)
+        out = _run("datasources", "--url", url, "--token", token)
+        assert out.returncode == 0
+        listing = json.loads(out.stdout)["datasources"]
+        assert [(d["name"], d["rows"]) for d in listing] == [("cli", 2)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        stderr = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert token not in stderr
+    assert narrow not in stderr
+
+
+def test_help_lists_commands():
+    out = _run("--help")
+    assert out.returncode == 0
+    for command in ("serve", "token", "sql", "datasources"):
+        assert command in out.stdout
+    serve_help = _run("serve", "--help").stdout
+    for flag in ("--port", "--data-dir", "--token", "--faults", "--rate-limit-rps", "--max-body-bytes", "--queue-max-bytes"):
+        assert flag in serve_help
+
+
+def test_serve_refuses_bad_faults_file(tmp_path):
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps([{"status": 999}]))
+    out = _run("serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--faults", str(faults))
+    assert out.returncode != 0
+    assert "status" in out.stderr

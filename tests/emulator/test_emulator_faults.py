@@ -1,0 +1,251 @@
+"""Fault rules: before/after, status, latency, reset, sequence, probability, times, stats."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+
+from emulator import FaultRule, LocalServer, LocalServerError
+from emulator_testlib import EventsClient, assert_error, assert_ok
+
+pytestmark = pytest.mark.timeout(90)
+
+LINE = b'{"a": 1}\n'
+
+
+def _rule(stats: dict, index: int) -> dict:
+    return stats["faults"][index]
+
+
+def _statuses(client: EventsClient, name: str, n: int, *, wait: bool = True) -> list:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(client.post(name, LINE, wait=wait).status_code)
+        except requests.ConnectionError:
+            out.append("reset")
+    return out
+
+
+def test_before_fault_inserts_nothing(client, ds):
+    assert_ok(client.post(ds, LINE), 200, 1)
+    client.server.reset_stats()
+    client.server.set_faults([{"status": 503, "when": "before", "datasource": ds, "times": 1}])
+    response = client.post(ds, LINE)
+    assert_error(response, 503, "injected")
+    assert_ok(client.post(ds, LINE), 200, 1)
+    assert client.count(ds) == 2
+    stats = client.server.stats()
+    assert stats["requests"]["by_status"] == {"503": 1, "200": 1}
+    assert stats["rows"]["stored"] == 1
+    assert stats["rows"]["stored_by_after_faults"] == 0
+    assert _rule(stats, 0)["fired"] == 1 and _rule(stats, 0)["matched"] == 2
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_after_fault_stores_and_commits_but_fails(client, ds, wait):
+    assert_ok(client.post(ds, LINE), 200, 1)
+    client.server.reset_stats()
+    client.server.set_faults(
+        [{"status": 500, "when": "after", "datasource": ds, "sequence": [1], "message": "boom after"}]
+    )
+    response = client.post(ds, b'{"a": 2}\n{"a": 3}\n', wait=wait)
+    assert_error(response, 500, "boom after")
+    # Committed before the failure was answered: visible at once, no flush needed.
+    assert client.count(ds) == 3
+    stats = client.server.stats()
+    assert stats["rows"]["stored_by_after_faults"] == 2
+    assert _rule(stats, 0)["rows_stored_after"] == 2
+    assert stats["requests"]["by_status"] == {"500": 1}
+
+
+def test_sequence_fires_on_chosen_ordinals(client, ds):
+    assert_ok(client.post(ds, LINE), 200, 1)
+    client.server.set_faults([{"status": 503, "sequence": [1, 2, 5], "datasource": ds}])
+    assert _statuses(client, ds, 6) == [503, 503, 200, 200, 503, 200]
+    assert client.count(ds) == 4
+    assert _rule(client.server.stats(), 0)["fired"] == 3
+
+
+def test_probability_with_seed_is_reproducible(client, ds):
+    assert_ok(client.post(ds, LINE), 200, 1)
+    rule = {"status": 502, "probability": 0.3, "seed": 42, "datasource": ds}
+    client.server.set_faults([rule])
+    first = _statuses(client, ds, 40)
+    client.server.set_faults([rule])  # counters and generator start again
+    second = _statuses(client, ds, 40)
+    assert first == second
+    fired = first.count(502)
+    assert 4 <= fired <= 22, first
+    assert set(first) == {200, 502}
+    assert _rule(client.server.stats(), 0)["fired"] == fired
+    assert client.count(ds) == 1 + 2 * first.count(200)
+
+
+def test_times_caps_the_firings(client, ds):
+    assert_ok(client.post(ds, LINE), 200, 1)
+    client.server.set_faults([{"status": 503, "times": 2, "datasource": ds}])
+    assert _statuses(client, ds, 4) == [503, 503, 200, 200]
+    state = _rule(client.server.stats(), 0)
+    assert (state["matched"], state["fired"]) == (4, 2)
+
+
+def test_times_zero_never_fires(client, ds):
+    assert_ok(client.post(ds, LINE), 200, 1)
+    client.server.set_faults([{"status": 503, "times": 0, "datasource": ds}])
+    assert _statuses(client, ds, 2) == [200, 200]
+
+
+def test_datasource_filter(client, ds):
+    other = ds + "_other"
+    assert_ok(client.post(ds, LINE), 200, 1)
+    assert_ok(client.post(other, LINE), 200, 1)
+    client.server.set_faults([{"status": 503, "datasource": other}])
+    assert _statuses(client, ds, 2) == [200, 200]
+    assert _statuses(client, other, 2) == [503, 503]
+    assert _rule(client.server.stats(), 0)["matched"] == 2
+
+
+def test_retry_after_header_and_429(client, ds):
+    assert_ok(client.post(ds, LINE), 200, 1)
+    client.server.set_faults([{"status": 429, "retry_after_secs": 2.5, "datasource": ds, "times": 1}])
+    response = client.post(ds, LINE)
+    assert_error(response, 429)
+    assert response.headers["Retry-After"] == "3"
+
+
+def test_latency_before_and_after(client, ds):
+    assert_ok(client.post(ds, LINE), 200, 1)
+    client.server.set_faults([{"latency_secs": 0.4, "datasource": ds, "times": 1}])
+    started = time.perf_counter()
+    assert_ok(client.post(ds, LINE), 200, 1)
+    assert time.perf_counter() - started >= 0.4
+    started = time.perf_counter()
+    assert_ok(client.post(ds, LINE), 200, 1)
+    assert time.perf_counter() - started < 0.4
+    client.server.set_faults([{"latency_secs": 0.3, "when": "after", "status": 504, "datasource": ds, "times": 1}])
+    started = time.perf_counter()
+    assert_error(client.post(ds, LINE), 504)
+    assert time.perf_counter() - started >= 0.3
+    assert client.count(ds) == 4
+
+
+def test_latency_makes_client_timeout(client, ds):
+    assert_ok(client.post(ds, LINE), 200, 1)
+    client.server.set_faults([{"latency_secs": 2, "datasource": ds, "times": 1}])
+    with pytest.raises(requests.ReadTimeout):
+        client.post(ds, LINE, timeout=0.5)
+    client.server.flush()
+    time.sleep(1.8)  # the delayed request then completes on the server
+    client.server.flush()
+    assert client.count(ds) == 2
+
+
+def test_reset_before_stores_nothing(client, ds):
+    assert_ok(client.post(ds, LINE), 200, 1)
+    client.server.reset_stats()
+    client.server.set_faults([{"reset": True, "when": "before", "datasource": ds, "sequence": [1]}])
+    with pytest.raises(requests.ConnectionError):
+        client.post(ds, LINE)
+    assert_ok(client.post(ds, LINE), 200, 1)
+    assert client.count(ds) == 2
+    assert client.server.stats()["requests"]["by_status"] == {"reset": 1, "200": 1}
+
+
+def test_reset_after_stores_the_rows(client, ds):
+    assert_ok(client.post(ds, LINE), 200, 1)
+    client.server.set_faults([{"reset": True, "when": "after", "datasource": ds, "sequence": [1]}])
+    with pytest.raises(requests.ConnectionError):
+        client.post(ds, b'{"a": 5}\n{"a": 6}\n{"a": 7}\n')
+    assert client.count(ds) == 4
+    stats = client.server.stats()
+    assert _rule(stats, 0)["rows_stored_after"] == 3
+
+
+def test_first_firing_rule_wins_and_all_rules_count(client, ds):
+    assert_ok(client.post(ds, LINE), 200, 1)
+    client.server.set_faults(
+        [
+            {"status": 500, "sequence": [2], "datasource": ds},
+            {"status": 503, "sequence": [1, 2], "datasource": ds},
+        ]
+    )
+    assert _statuses(client, ds, 3) == [503, 500, 200]
+    stats = client.server.stats()
+    assert [(r["matched"], r["fired"]) for r in stats["faults"]] == [(3, 1), (3, 1)]
+
+
+def test_faults_get_and_clear(client, ds):
+    rules = client.server.set_faults([FaultRule(status=503, sequence=(3,), datasource=ds)])
+    assert rules[0]["status"] == 503 and rules[0]["sequence"] == [3]
+    listing = client.server.faults()
+    assert listing["rules"] == rules
+    client.server.clear_faults()
+    assert client.server.faults()["rules"] == []
+
+
+@pytest.mark.parametrize(
+    "rules,fragment",
+    [
+        ([{"status": 200}], "status"),
+        ([{"status": 503, "when": "during"}], "when"),
+        ([{"status": 503, "reset": True}], "either"),
+        ([{"probability": 0.5}], "needs a status"),
+        ([{"status": 503, "probability": 2}], "probability"),
+        ([{"status": 503, "sequence": [0]}], "sequence"),
+        ([{"status": 503, "bogus": 1}], "unknown"),
+        ({"status": 503}, "list"),
+    ],
+)
+def test_invalid_rules_are_400(client, rules, fragment):
+    response = client.session.put(
+        f"{client.server.url}/_emulator/faults",
+        data=json.dumps(rules),
+        headers={"Authorization": f"Bearer {client.server.token}"},
+    )
+    assert_error(response, 400, fragment)
+    response = client.session.put(
+        f"{client.server.url}/_emulator/faults",
+        data=b"{not json",
+        headers={"Authorization": f"Bearer {client.server.token}"},
+    )
+    assert_error(response, 400, "invalid fault rules")
+
+
+def test_emulator_endpoints_need_admin(client, ds):
+    token = client.server.create_token(f"app_{ds}", scopes=[f"DATASOURCE:APPEND:{ds}", "DATASOURCE:CREATE"])
+    url = client.server.url
+    for method, path in [
+        ("GET", "/_emulator/faults"),
+        ("PUT", "/_emulator/faults"),
+        ("DELETE", "/_emulator/faults"),
+        ("GET", "/_emulator/stats"),
+        ("DELETE", "/_emulator/stats"),
+        ("POST", "/_emulator/flush"),
+    ]:
+        for headers in ({"Authorization": f"Bearer {token}"}, {}):
+            response = client.session.request(method, url + path, data=b"[]", headers=headers)
+            assert_error(response, 403, "ADMIN")
+
+
+def test_local_server_validates_rules_before_sending(client):
+    with pytest.raises(ValueError):
+        client.server.set_faults([{"status": 42}])
+
+
+def test_faults_file_at_start(tmp_path):
+    with LocalServer(data_dir=tmp_path, faults=[{"status": 503, "sequence": [1]}], rate_limit_rps=None) as srv:
+        client = EventsClient(srv)
+        assert _statuses(client, "ev", 2) == [503, 200]
+        assert srv.faults()["rules"][0]["sequence"] == [1]
+    with pytest.raises(ValueError):
+        LocalServer(data_dir=tmp_path, faults=[{"status": 503, "when": "later"}])
+
+
+def test_local_server_error_carries_status(client):
+    with pytest.raises(LocalServerError) as info:
+        client.server.query("SELECT * FROM does_not_exist")
+    assert info.value.status == 400

@@ -1,0 +1,202 @@
+"""Bad input never crashes the server nor yields a 500, and acknowledged rows stay intact."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+
+import pytest
+import requests
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from emulator import LocalServer
+from emulator_testlib import EventsClient, assert_error, assert_ok
+
+pytestmark = pytest.mark.timeout(120)
+
+GOOD = b'{"id": 1, "s": "keep"}\n'
+ALLOWED = {200, 202, 400, 413}
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """A server whose body limit lets a 50 MB line through."""
+    with LocalServer(
+        data_dir=tmp_path_factory.mktemp("emulator-big"), rate_limit_rps=None, max_body_bytes=64_000_000
+    ) as srv:
+        client = EventsClient(srv)
+        assert_ok(client.post("keep", GOOD * 10), 200, 10)
+        yield srv
+        # Whatever the tests sent, the acknowledged rows are intact and the server answers.
+        assert srv.running
+        assert srv.query("SELECT count(*) AS n, min(s) AS s FROM keep") == [{"n": 10, "s": "keep"}]
+
+
+@pytest.fixture
+def bclient(big):
+    return EventsClient(big)
+
+
+def _still_fine(client: EventsClient, name: str = "keep", rows: int = 10) -> None:
+    assert client.server.query(f"SELECT count(*) AS n FROM {name}") == [{"n": rows}]
+    health = client.session.get(f"{client.server.url}/_emulator/health", timeout=10)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+def test_random_bytes(bclient):
+    rng = random.Random(1)
+    for size in (1, 10, 1000, 100_000):
+        body = bytes(rng.getrandbits(8) for _ in range(size))
+        for encoding in (None, "gzip", "zstd"):
+            headers = {"Content-Encoding": encoding} if encoding else {}
+            response = bclient.post("keep", body, headers=headers)
+            assert response.status_code in (200, 400), (size, encoding, response.text)
+            assert "error" in response.json() or response.status_code == 200
+    # Random bytes that happen to be line-separated UTF-8 are quarantined, not stored.
+    _still_fine(bclient)
+
+
+def test_invalid_utf8_in_some_lines_is_quarantined(bclient, ds):
+    assert_ok(bclient.post(ds, GOOD), 200, 1)
+    body = GOOD + b'{"id": 2, "s": "\xff\xfe"}\n' + GOOD + b"\xc3\x28\n"
+    assert_ok(bclient.post(ds, body), 200, 2, 2)
+    rows = bclient.quarantined(ds)
+    assert [r["c__error"][0].startswith("invalid UTF-8") for r in rows] == [True, True]
+    assert rows[0]["c__raw"] == '{"id": 2, "s": "\ufffd\ufffd"}'
+    _still_fine(bclient)
+
+
+def test_invalid_utf8_everywhere_is_400(bclient):
+    assert_error(bclient.post("keep", b"\xff" * 1000 + b"\n" + b"\xfe" * 10), 400, "UTF-8")
+    _still_fine(bclient)
+
+
+def test_truncated_gzip_of_valid_rows(bclient):
+    body = gzip.compress(GOOD * 10_000)
+    for cut in (1, 10, len(body) // 2, len(body) - 1):
+        assert_error(bclient.post("keep", body[:cut], headers={"Content-Encoding": "gzip"}), 400)
+    _still_fine(bclient)
+
+
+def test_a_50_mb_line(bclient, ds):
+    assert_ok(bclient.post(ds, b'{"id": 0, "s": "small"}\n'), 200, 1)
+    huge = b'{"id": 1, "s": "' + b"x" * 50_000_000 + b'"}\n'
+    assert_ok(bclient.post(ds, huge, timeout=120), 200, 1)
+    assert bclient.server.query(f"SELECT id, length(s) AS n FROM {ds} ORDER BY id") == [
+        {"id": 0, "n": 5},
+        {"id": 1, "n": 50_000_000},
+    ]
+    broken = b'{"id": 2, "s": "' + b"x" * 50_000_000 + b"\n"
+    assert_ok(bclient.post(ds, broken, timeout=120), 200, 0, 1)
+    _still_fine(bclient)
+
+
+def test_a_50_mb_line_against_the_default_limit(client, ds):
+    assert_ok(client.post(ds, GOOD), 200, 1)
+    huge = b'{"id": 1, "s": "' + b"x" * 50_000_000 + b'"}\n'
+    assert_error(client.post(ds, huge, timeout=120), 413)
+    assert_error(client.post(ds, gzip.compress(huge), headers={"Content-Encoding": "gzip"}), 413, "decoded")
+    assert client.count(ds) == 1
+
+
+@pytest.mark.parametrize("fmt", [None, "json", "ndjson"])
+def test_deeply_nested_json(bclient, ds, fmt):
+    assert_ok(bclient.post(ds, GOOD), 200, 1)
+    depth = 100_000
+    deep_object = b'{"a":' * depth + b"1" + b"}" * depth
+    deep_array = b"[" * depth + b"]" * depth
+    params = {"format": fmt} if fmt else {}
+    for body in (deep_object, deep_array, deep_object + b"\n" + GOOD):
+        response = bclient.post(ds, body, params=params)
+        assert response.status_code in (200, 400), response.text
+        if response.status_code == 200:
+            assert response.json()["quarantined_rows"] >= 1
+    # Nested within orjson's limits but deeper than the flattening depth: stored, extra depth ignored.
+    nested = b'{"id": 5, "s": "n", "deep": ' + b'{"a":' * 500 + b"1" + b"}" * 500 + b"}\n"
+    assert_ok(bclient.post(ds, nested), 200, 1)
+    _still_fine(bclient)
+
+
+def test_deep_nesting_in_a_first_batch(bclient, ds):
+    nested = b'{"id": 5, "deep": ' + b'{"a":' * 900 + b"1" + b"}" * 900 + b"}\n"
+    assert_ok(bclient.post(ds, nested), 200, 1)
+    # Deeper than 32 levels is not flattened into columns (ignored like unknown fields).
+    assert [c["name"] for c in bclient.server.datasources()[ds]["columns"]] == ["id"]
+    shallow = b'{"id": 6, "deep": ' + b'{"a":' * 3 + b"1" + b"}" * 3 + b"}\n"
+    other = ds + "_shallow"
+    assert_ok(bclient.post(other, shallow), 200, 1)
+    columns = bclient.server.datasources()[other]["columns"]
+    assert columns[1] == {"name": "deep_a_a_a", "type": "Int64", "jsonpath": "$.deep.a.a.a"}
+
+
+def test_lines_sqlite_rejects_but_orjson_accepts_fall_back_row_by_row(bclient, ds):
+    assert_ok(bclient.post(ds, b'{"id": 1, "v": 1.5}\n'), 200, 1)
+    # Integers beyond 64 bits: orjson reads them as floats; the row still lands.
+    body = b'{"id": 2, "v": 18446744073709551616}\n{"id": 3, "v": 2.5}\n'
+    response = bclient.post(ds, body)
+    assert response.status_code == 200
+    assert response.json()["successful_rows"] + response.json()["quarantined_rows"] == 2
+    _still_fine(bclient)
+
+
+def test_unsafe_names_leave_the_database_alone(bclient):
+    for name in ['keep"; DROP TABLE keep; --', "keep; DELETE FROM keep", "../../etc/passwd", "keep%00"]:
+        assert_error(bclient.post(name, GOOD), 400, "name")
+    _still_fine(bclient)
+
+
+def test_slow_and_aborted_uploads(bclient):
+    import socket
+
+    host, port = bclient.server.url.rsplit("//", 1)[1].split(":")
+    # A client that announces a body and hangs up half-way.
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v0/events?name=keep&wait=true HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {bclient.server.token}\r\n".encode()
+            + b"Content-Length: 100000\r\n\r\n"
+            + GOOD * 10
+        )
+    # Garbage that is not HTTP at all.
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(os.urandom(2000))
+        try:
+            sock.recv(1000)
+        except OSError:
+            pass
+    _still_fine(bclient)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=st.one_of(
+        st.binary(max_size=2000),
+        st.text(max_size=500).map(lambda t: t.encode("utf-8", "surrogatepass")),
+        st.lists(st.text(alphabet='{}[]":,0123456789.-eE \\nultrfas', max_size=40), max_size=20).map(
+            lambda parts: "\n".join(parts).encode()
+        ),
+    ),
+    encoding=st.sampled_from([None, "gzip", "zstd", "identity"]),
+    fmt=st.sampled_from([None, "json", "ndjson"]),
+    compress=st.booleans(),
+)
+def test_fuzzed_bodies_never_500(bclient, body, encoding, fmt, compress):
+    if compress and encoding == "gzip":
+        body = gzip.compress(body)
+    elif compress and encoding == "zstd":
+        body = zstandard.ZstdCompressor().compress(body)
+    headers = {"Content-Encoding": encoding} if encoding else {}
+    params = {"format": fmt} if fmt else {}
+    try:
+        response = bclient.post("fuzz_target", body, headers=headers, params=params)
+    except requests.ConnectionError as exc:  # pragma: no cover - would be a bug
+        pytest.fail(f"connection error: {exc}")
+    assert response.status_code in ALLOWED, response.text
+    body_json = response.json()
+    if response.status_code >= 400:
+        assert list(body_json) == ["error"]
+    else:
+        assert set(body_json) == {"successful_rows", "quarantined_rows"}

@@ -1,0 +1,224 @@
+"""WriteToTinybird end to end: real pipelines against the local Events API server."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import glob
+import logging
+import os
+import uuid
+import zlib
+
+import apache_beam as beam
+import orjson
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from emulator import LocalServer
+from sinks.tinybird import (
+    DeadLetter, DeadLetterKind, DeliveryError, ReadDeadLetters, RetryPolicy, WriteToTinybird,
+)
+
+_FAST_RETRIES = RetryPolicy(
+    max_attempts=4, initial_backoff_secs=0.01, max_backoff_secs=0.05, max_total_secs=20,
+    max_retry_after_secs=0.2)
+
+_RUNNERS = {
+    "direct": ["--runner=DirectRunner"],
+    "multi_processing": [
+        "--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+    "portable": [
+        "--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"],
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LocalServer(data_dir=tmp_path_factory.mktemp("tinybird"), rate_limit_rps=None) as running:
+        yield running
+
+
+@pytest.fixture()
+def datasource(request) -> str:
+    # One data source per test, so tests on one server do not see each other's rows.
+    name = request.node.name
+    return f"t_{zlib.crc32(name.encode()):08x}_" + "".join(c if c.isalnum() else "_" for c in name)[:40]
+
+
+def _events(n: int, *, start: int = 0, pad: int = 150) -> list[dict]:
+    return [{"id": i, "kind": "view", "value": i * 0.5, "pad": "x" * pad} for i in range(start, start + n)]
+
+
+def _run(build, *, runner: str = "direct"):
+    """Runs a pipeline built by ``build(p)``; returns the counters of the tinybird namespace."""
+    options = PipelineOptions(_RUNNERS[runner])
+    p = beam.Pipeline(options=options)
+    build(p)
+    result = p.run()
+    result.wait_until_finish()
+    counters = result.metrics().query(MetricsFilter().with_namespace("tinybird"))["counters"]
+    totals: dict = {}
+    for counter in counters:
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + counter.committed
+    return totals
+
+
+def _ids(server, datasource: str) -> list[int]:
+    """Every stored id, duplicates included, once everything accepted (202) is committed."""
+    server.flush()
+    if datasource not in server.datasources():
+        return []
+    return [row["id"] for row in server.query(f"SELECT id FROM {datasource} ORDER BY id")]
+
+
+def _dead_letters(path) -> list[DeadLetter]:
+    records = []
+    for name in sorted(glob.glob(os.path.join(str(path), "*"))):
+        with open(name, "rb") as fh:
+            if name.endswith(".avro"):
+                import fastavro
+
+                records.extend(DeadLetter(**r) for r in fastavro.reader(fh))
+            else:
+                records.extend(DeadLetter(**orjson.loads(line)) for line in fh if line.strip())
+    return records
+
+
+def _sink(server, datasource, **overrides):
+    settings = dict(
+        datasource=datasource, token=server.token, api_url=server.url, retry_policy=_FAST_RETRIES,
+        max_batch_bytes=64 * 1024, num_shards=2, read_timeout_secs=10)
+    settings.update(overrides)
+    return WriteToTinybird(**settings)
+
+
+@dataclasses.dataclass
+class _Purchase:
+    id: int
+    amount: decimal.Decimal
+    at: datetime.datetime
+
+
+@pytest.mark.parametrize("runner", sorted(_RUNNERS))
+def test_every_row_is_acknowledged_or_dead_lettered_on_every_runner(server, datasource, runner, tmp_path):
+    good = _events(3000)
+    unencodable = [{"id": 10_000, "bad": object()}, ["not", "an", "object"], b"\xff\xfe not utf-8"]
+    oversize = [{"id": 10_001, "pad": "y" * (70 * 1024)}]
+    dead_dir = tmp_path / "dlq"
+
+    def build(p):
+        (p | beam.Create(good + unencodable + oversize, reshuffle=False)
+           | _sink(server, datasource, dead_letter_path=str(dead_dir) + "/"))
+
+    counters = _run(build, runner=runner)
+    assert _ids(server, datasource) == list(range(3000))
+    letters = _dead_letters(dead_dir)
+    assert sorted(letter.kind for letter in letters) == sorted(
+        [DeadLetterKind.UNENCODABLE.value] * 3 + [DeadLetterKind.OVERSIZE.value])
+    oversize_letter = next(letter for letter in letters if letter.kind == "oversize")
+    assert orjson.loads(oversize_letter.line) == oversize[0]
+    assert oversize_letter.attempts == 0 and oversize_letter.window == "global"
+    assert all(letter.line is None and letter.element for letter in letters if letter.kind == "unencodable")
+    assert counters["elements_in"] == 3004
+    assert counters["rows_acknowledged"] == 3000
+    assert counters["dead_letters"] == 4
+
+
+def test_types_beyond_plain_dicts_are_encoded(server, datasource):
+    Row = beam.Row
+    at = datetime.datetime(2026, 11, 22, 10, 30, 0, tzinfo=datetime.timezone.utc)
+    elements = [
+        _Purchase(id=1, amount=decimal.Decimal("12.50"), at=at),
+        Row(id=2, amount=3.25, at=at.isoformat()),
+        '{"id": 3, "amount": 1.0, "at": "2026-11-22T10:30:00+00:00"}',
+        b'{"id": 4, "amount": 2.0, "at": "2026-11-22T10:30:00+00:00"}',
+        {"id": 5, "amount": 5.0, "at": at, "ref": uuid.UUID(int=5)},
+    ]
+    _run(lambda p: p | beam.Create(elements, reshuffle=False) | _sink(server, datasource))
+    assert _ids(server, datasource) == [1, 2, 3, 4, 5]
+
+
+def test_bounded_batches_are_full_whatever_the_bundle_size(server, datasource):
+    max_batch_bytes = 32 * 1024
+    # Many small bundles: each Create shard is its own bundle here.
+    def build(p):
+        parts = [p | f"Part{k}" >> beam.Create(_events(200, start=k * 200, pad=100), reshuffle=False)
+                 for k in range(40)]
+        parts | beam.Flatten() | _sink(server, datasource, max_batch_bytes=max_batch_bytes, num_shards=2)
+
+    options = PipelineOptions(_RUNNERS["direct"])
+    p = beam.Pipeline(options=options)
+    build(p)
+    result = p.run()
+    result.wait_until_finish()
+    dist = result.metrics().query(MetricsFilter().with_name("batch_bytes"))["distributions"][0].committed
+    assert len(_ids(server, datasource)) == 8000
+    assert dist.max <= max_batch_bytes
+    # At most one partial batch per shard at the end of the input.
+    assert dist.sum / dist.count >= 0.9 * max_batch_bytes * (dist.count - 2) / dist.count
+    assert dist.count >= dist.sum / max_batch_bytes
+
+
+def test_rejected_batches_are_dead_lettered_with_the_servers_message(server, datasource, tmp_path):
+    server.set_faults([{"datasource": datasource, "status": 400, "when": "before", "sequence": [2],
+                        "message": "injected bad request"}])
+    try:
+        dead_dir = tmp_path / "dlq"
+        counters = _run(lambda p: p | beam.Create(_events(2000), reshuffle=False) | _sink(
+            server, datasource, num_shards=1, max_in_flight=1, dead_letter_path=str(dead_dir)))
+    finally:
+        server.clear_faults()
+    stored = _ids(server, datasource)
+    letters = _dead_letters(dead_dir)
+    dead_ids = sorted(orjson.loads(letter.line)["id"] for letter in letters)
+    assert sorted(stored + dead_ids) == list(range(2000))
+    assert len(dead_ids) > 0 and len(stored) > 0
+    assert {(letter.kind, letter.status, letter.attempts) for letter in letters} == {("rejected", 400, 1)}
+    assert all("injected bad request" in letter.message for letter in letters)
+    assert counters["dead_letters_rejected"] == len(dead_ids)
+
+
+def test_wrong_token_dead_letters_everything_and_never_shows_the_token(server, datasource, tmp_path, caplog):
+    secret = "not-the-right-token-7f3a9c"
+    dead_dir = tmp_path / "dlq"
+    caplog.set_level(logging.DEBUG)
+    sink = _sink(server, datasource, token=secret, dead_letter_path=str(dead_dir))
+    assert secret not in repr(sink) and secret not in str(vars(sink))
+    _run(lambda p: p | beam.Create(_events(50), reshuffle=False) | sink)
+    letters = _dead_letters(dead_dir)
+    assert len(letters) == 50
+    assert {(letter.kind, letter.status) for letter in letters} == {("rejected", 403)}
+    assert secret not in caplog.text
+    for name in glob.glob(str(dead_dir / "*")):
+        with open(name, "rb") as fh:
+            assert secret.encode() not in fh.read()
+
+
+def test_raise_on_failure_fails_the_pipeline_with_data(server, datasource):
+    with pytest.raises(Exception) as raised:
+        _run(lambda p: p | beam.Create(_events(10), reshuffle=False) | _sink(
+            server, datasource, token="wrong-token-value", raise_on_failure=True))
+    assert "403" in str(raised.value) and "wrong-token-value" not in str(raised.value)
+    assert DeliveryError.__name__ in str(raised.value)
+
+
+@pytest.mark.parametrize("file_format", ["json", "avro"])
+def test_dead_letter_files_are_read_back_and_resent_as_they_are(server, datasource, tmp_path, file_format):
+    dead_dir = tmp_path / "dlq"
+    _run(lambda p: p | beam.Create(_events(300), reshuffle=False) | _sink(
+        server, datasource, token="wrong", dead_letter_path=str(dead_dir), dead_letter_format=file_format))
+    assert _ids(server, datasource) == []
+    assert all(name.endswith(".avro" if file_format == "avro" else ".jsonl")
+               for name in glob.glob(str(dead_dir / "*")))
+
+    def replay(p):
+        (p | ReadDeadLetters(str(dead_dir / "*"))
+           | beam.Map(lambda letter: letter.line)
+           | _sink(server, datasource))
+
+    counters = _run(replay)
+    assert counters["rows_acknowledged"] == 300
+    assert _ids(server, datasource) == list(range(300))
