@@ -95,6 +95,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        type=str.upper, help="SQLite synchronous mode (default FULL: a 200 survives power loss)")
     serve.add_argument("--faults", default=None, help="JSON file with fault rules active from the start")
     serve.add_argument("--log-level", default="INFO", help="logging level on stderr (default INFO)")
+    serve.add_argument("--stop-on-stdin-eof", action="store_true",
+                       help="stop when stdin closes (used by LocalServer so that no server outlives its parent)")
 
     token = sub.add_parser("token", help="manage tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
@@ -116,7 +118,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from emulator._app import serve
+    from emulator._app import DataDirInUse, serve
     from emulator._faults import parse_rules
     from emulator._tokens import generate_token
 
@@ -140,7 +142,14 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    serve(config)
+    try:
+        serve(config, stop_on_stdin_eof=args.stop_on_stdin_eof)
+    except DataDirInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:  # e.g. the port is taken
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

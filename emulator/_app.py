@@ -12,18 +12,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import fcntl
 import logging
 import math
+import os
 import re
 import signal
 import socket
 import struct
 import sys
+import threading
 import time
-from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Union
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from emulator._body import BodyError, ParsedBody, decompress, parse_body
 from emulator._config import ServerConfig
@@ -33,7 +36,7 @@ from emulator._schema import QUARANTINE_SUFFIX, Schema, infer_schema
 from emulator._storage import QueryError, Store, WriteJob, WriteResult
 from emulator._tokens import TokenInfo, TokenStore
 
-__all__ = ["EventsApp", "READY_LINE_PREFIX", "serve"]
+__all__ = ["DataDirInUse", "EventsApp", "READY_LINE_PREFIX", "serve"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ class EventsApp:
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=self.config.max_body_bytes)
         app[_EVENTS_APP_KEY] = self
-        app.router.add_post("/v0/events", self.post_events)
+        app.router.add_post("/v0/events", self.post_events, expect_handler=self._expect_continue)
         app.router.add_post("/v0/tokens", self.post_tokens)
         app.router.add_get("/v0/sql", self.sql)
         app.router.add_post("/v0/sql", self.sql)
@@ -155,12 +158,29 @@ class EventsApp:
         for key, value in decision.headers().items():
             response.headers.setdefault(key, value)
 
+    async def _expect_continue(self, request: web.Request) -> Optional[web.StreamResponse]:
+        """``Expect: 100-continue``: refuses an announced oversized body before it is sent."""
+        expect = request.headers.get("Expect", "").lower()
+        if request.version != HttpVersion11:
+            return None
+        if expect != "100-continue":
+            self.by_status["417"] += 1
+            return _error(417, f"unsupported Expect header {expect!r}")
+        length = request.content_length
+        if length is not None and length > self.config.max_body_bytes:
+            self.by_status["413"] += 1
+            return _error(413, f"the body is larger than the limit of {self.config.max_body_bytes} bytes")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+        request.writer.output_size = 0  # type: ignore[union-attr]
+        return None
+
     def _auth(self, request: web.Request) -> Optional[TokenInfo]:
         return self.tokens.lookup(_token_of(request))
 
     # -- /v0/events ----------------------------------------------------------
 
     async def post_events(self, request: web.Request) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
         query = request.query
         name = query.get("name", "")
         if not name:
@@ -215,7 +235,6 @@ class EventsApp:
                 request["rate"] = byte_decision
                 return _error(429, byte_decision.reason, headers={"Retry-After": str(byte_decision.retry_after_secs)})
             schema_known = self.store.schema(name) is not None
-            loop = asyncio.get_running_loop()
             try:
                 parsed = await loop.run_in_executor(
                     self._pool, _decode_and_parse, wire, encoding, self.config.max_body_bytes, fmt, not schema_known
@@ -244,8 +263,11 @@ class EventsApp:
         must_wait = wait or fault is not None
         future: Optional[asyncio.Future] = loop.create_future() if must_wait else None
 
+        fails_after = fault is not None and (fault.rule.status is not None or fault.rule.reset)
+
         def done(result: Union[WriteResult, BaseException]) -> None:
-            if isinstance(result, WriteResult) and fault is not None:
+            # Runs on the writer thread once the job is committed (or failed).
+            if isinstance(result, WriteResult) and fault is not None and fails_after:
                 self.faults.record_rows_stored_after(fault, result.successful_rows)
                 loop.call_soon_threadsafe(self._count_after_rows, result.successful_rows)
             if future is not None:
@@ -423,6 +445,15 @@ class EventsApp:
         return _json({"rules": []})
 
     def stats(self) -> Dict[str, Any]:
+        """Counters since the start or the last ``DELETE /_emulator/stats``.
+
+        ``requests.by_status``: /v0/events answers by status code (``"reset"`` for
+        connections reset by a fault); ``rows.stored`` / ``rows.quarantined``:
+        rows committed; ``rows.stored_by_after_faults``: rows committed for
+        requests whose client got an ``after`` failure (the duplicates a retrying
+        client will cause); ``faults``: per rule, requests matched, times fired and
+        rows stored behind its failures; ``queue``: accepted, uncommitted work.
+        """
         jobs, nbytes = self.store.queued()
         return {
             "requests": {"total": sum(self.by_status.values()), "by_status": dict(self.by_status)},
@@ -488,36 +519,82 @@ def _resolve(future: asyncio.Future, result: Any) -> None:
         future.set_result(result)
 
 
-async def _serve_async(config: ServerConfig, *, announce: Callable[[str], None]) -> None:
+def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Stops the server when stdin reaches EOF: the parent that started it is gone."""
+    try:
+        while sys.stdin.buffer.read(65536):
+            pass
+    except (OSError, ValueError):
+        pass
+    _LOG.info("stdin closed: the parent process is gone, stopping")
+    loop.call_soon_threadsafe(stop.set)
+
+
+class DataDirInUse(RuntimeError):
+    """Another server process holds the data dir."""
+
+
+def _lock_data_dir(data_dir: str) -> Any:
+    """An exclusive lock held for the life of the process (released even by SIGKILL)."""
+    os.makedirs(data_dir, exist_ok=True)
+    handle = open(os.path.join(data_dir, "server.lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise DataDirInUse(f"another server is using the data dir {data_dir}") from None
+    return handle
+
+
+async def _serve_async(
+    config: ServerConfig, *, announce: Callable[[str], None], stop_on_stdin_eof: bool = False
+) -> None:
+    lock = _lock_data_dir(config.data_dir)
+    try:
+        await _run(config, announce=announce, stop_on_stdin_eof=stop_on_stdin_eof)
+    finally:
+        lock.close()
+
+
+async def _run(config: ServerConfig, *, announce: Callable[[str], None], stop_on_stdin_eof: bool) -> None:
     events = EventsApp(config)
     events.store.start()
-    app = events.make_app()
+    loop = asyncio.get_running_loop()
     runner = web.AppRunner(
-        app,
+        events.make_app(),
         access_log=None,  # access logs would show ?token= query strings
         auto_decompress=False,  # bodies are decompressed here, with a size cap
         max_line_size=65536,
         max_field_size=65536,
         handle_signals=False,
     )
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=10.0, backlog=1024)
-    await site.start()
-    port = config.port
-    for sock in getattr(site._server, "sockets", None) or ():  # type: ignore[union-attr]
-        port = sock.getsockname()[1]
-        break
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    announce(f"{READY_LINE_PREFIX}http://{config.host}:{port}")
-    await stop.wait()
-    _LOG.info("stopping: finishing requests in flight, then committing the queue")
-    await runner.cleanup()
-    await loop.run_in_executor(None, events.close)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=10.0, backlog=1024)
+        await site.start()
+        port = config.port
+        for sock in getattr(site._server, "sockets", None) or ():  # type: ignore[union-attr]
+            port = sock.getsockname()[1]
+            break
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if stop_on_stdin_eof:
+            threading.Thread(target=_watch_stdin, args=(loop, stop), name="emulator-stdin", daemon=True).start()
+        announce(f"{READY_LINE_PREFIX}http://{config.host}:{port}")
+        await stop.wait()
+        _LOG.info("stopping: finishing requests in flight, then committing the queue")
+    finally:
+        await runner.cleanup()
+        await loop.run_in_executor(None, events.close)
 
 
-def serve(config: ServerConfig, *, announce: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
-    """Runs the server until SIGTERM or SIGINT; everything accepted is committed before returning."""
-    asyncio.run(_serve_async(config, announce=announce))
+def serve(
+    config: ServerConfig,
+    *,
+    announce: Callable[[str], None] = lambda line: print(line, flush=True),
+    stop_on_stdin_eof: bool = False,
+) -> None:
+    """Runs the server until SIGTERM or SIGINT (or stdin EOF when asked); everything
+    accepted is committed before returning."""
+    asyncio.run(_serve_async(config, announce=announce, stop_on_stdin_eof=stop_on_stdin_eof))

@@ -20,6 +20,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -123,6 +124,7 @@ class LocalServer:
         self._startup_timeout_secs = startup_timeout_secs
         self._request_timeout_secs = request_timeout_secs
         self._proc: Optional[subprocess.Popen] = None
+        self._finalizer: Optional[weakref.finalize] = None
         self._log_fh: Optional[Any] = None
         self._url: Optional[str] = None
 
@@ -183,6 +185,7 @@ class LocalServer:
             sys.executable, "-m", "emulator", "serve",
             "--host", self._host, "--port", str(self._port),
             "--data-dir", self._data_dir, "--token", self._token,
+            "--stop-on-stdin-eof",
             *self._args,
         ]
         if self._faults:
@@ -194,9 +197,11 @@ class LocalServer:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log_fh = open(self.log_path, "ab")
+        # The server stops when its stdin closes: when this process exits, even by SIGKILL.
         self._proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self._log_fh, stdin=subprocess.DEVNULL, env=env
+            cmd, stdout=subprocess.PIPE, stderr=self._log_fh, stdin=subprocess.PIPE, env=env
         )
+        self._finalizer = weakref.finalize(self, _kill_orphan, self._proc)
         lines: "queue.Queue[Optional[str]]" = queue.Queue()
         threading.Thread(target=_pump, args=(self._proc.stdout, lines), daemon=True).start()
         try:
@@ -244,8 +249,15 @@ class LocalServer:
                     _LOG.warning("the server did not stop within %s s; killing it", timeout_secs)
                     proc.kill()
                     proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+            for stream in (proc.stdout, proc.stdin):
+                if stream is not None:
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         self._proc = None
         if self._log_fh is not None:
             self._log_fh.close()
@@ -342,6 +354,13 @@ class LocalServer:
         """Creates a token with narrower scopes (e.g. ``DATASOURCE:APPEND:events``); returns it."""
         params = [("name", name)] + [("scope", s) for s in scopes]
         return self._call("POST", "/v0/tokens", params=params)["token"]
+
+
+def _kill_orphan(proc: subprocess.Popen) -> None:
+    """At interpreter exit (or garbage collection) of a LocalServer never stopped."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def _pump(stream: Any, lines: "queue.Queue[Optional[str]]") -> None:

@@ -106,66 +106,63 @@ class Column:
             sql_path=obj["sql_path"],
         )
 
-    # -- SQL fragments over a JSON object text named ``v`` -------------------
+    # -- SQL fragments ---------------------------------------------------------
+    #
+    # Each value is extracted once from the row's JSON text ``v`` into an alias
+    # (``x0``, ``x1``...) by an inner query; the checks and conversions then work
+    # on plain SQL values. Accepted like ClickHouse's JSON input defaults: bools
+    # as numbers, numbers/objects/arrays as strings, a date alone as a DateTime.
 
-    def _jt(self) -> str:
-        return f"json_type(v, {_sql_str(self.sql_path)})"
+    def sql_extract(self) -> str:
+        """The raw value: ``->>`` (SQL value) for scalars, ``->`` (JSON text) for arrays."""
+        op = "->" if self.base.startswith("Array(") else "->>"
+        return f"(v {op} {_sql_str(self.sql_path)})"
 
-    def _text(self) -> str:
-        return f"(v ->> {_sql_str(self.sql_path)})"
-
-    def sql_check(self) -> str:
-        """An expression that is 1 when the row's value fits this column, else 0 (never NULL)."""
-        jt = self._jt()
+    def sql_check(self, x: str) -> str:
+        """1 when the extracted value ``x`` fits this column, else 0 (never NULL)."""
         base = self.base
         if base == "Int64":
-            fits = f"{jt} = 'integer'"
+            fits = f"typeof({x}) = 'integer'"
         elif base == "Float64":
-            fits = f"{jt} IN ('integer','real')"
+            fits = f"typeof({x}) IN ('integer','real')"
         elif base == "Bool":
-            fits = f"{jt} IN ('true','false')"
+            fits = f"typeof({x}) = 'integer' AND {x} IN (0, 1)"
         elif base == "String":
-            fits = f"{jt} IN ('text','integer','real')"
+            fits = f"typeof({x}) IN ('text','integer','real')"
         elif base in ("DateTime", "DateTime64"):
-            # A date alone is midnight, as ClickHouse's best-effort parsing reads it.
             fits = (
-                f"{jt} = 'text' AND ({self._text()} GLOB {_sql_str(_DATETIME_GLOB)} "
-                f"OR {self._text()} GLOB {_sql_str(_DATE_GLOB)}) AND datetime({self._text()}) IS NOT NULL"
+                f"typeof({x}) = 'text' AND ({x} GLOB {_sql_str(_DATETIME_GLOB)} OR {x} GLOB {_sql_str(_DATE_GLOB)}) "
+                f"AND datetime({x}) IS NOT NULL"
             )
         elif base == "Date":
-            fits = (
-                f"{jt} = 'text' AND {self._text()} GLOB {_sql_str(_DATE_GLOB)} "
-                f"AND date({self._text()}) IS NOT NULL"
-            )
+            fits = f"typeof({x}) = 'text' AND {x} GLOB {_sql_str(_DATE_GLOB)} AND date({x}) IS NOT NULL"
         elif base.startswith("Array("):
             allowed = _ELEMENT_JSON_TYPES[base[6:-1]]
             fits = (
-                f"{jt} = 'array' AND NOT EXISTS (SELECT 1 FROM json_each(v, {_sql_str(self.sql_path)}) "
-                f"AS e WHERE e.type NOT IN {allowed})"
+                f"substr({x}, 1, 1) = '[' AND NOT EXISTS "
+                f"(SELECT 1 FROM json_each({x}) AS e WHERE e.type NOT IN {allowed})"
             )
         else:  # pragma: no cover - schemas are built by this module
             raise ValueError(f"unknown column type {base!r}")
         if self.nullable:
-            return f"coalesce({jt} = 'null' OR ({fits}), 1)"
+            absent = f"{x} IS NULL OR {x} = 'null'" if base.startswith("Array(") else f"{x} IS NULL"
+            return f"coalesce({absent} OR ({fits}), 0)"
         return f"coalesce(({fits}), 0)"
 
-    def sql_value(self) -> str:
-        """The value to store, assuming :meth:`sql_check` passed."""
-        path = _sql_str(self.sql_path)
+    def sql_store(self, x: str) -> str:
+        """The value to store from the extracted ``x``, assuming :meth:`sql_check` passed."""
         if self.base == "DateTime":
-            return f"datetime({self._text()})"
+            return f"datetime({x})"
         if self.base == "DateTime64":
-            return f"strftime('%Y-%m-%d %H:%M:%f', {self._text()})"
+            return f"strftime('%Y-%m-%d %H:%M:%f', {x})"
         if self.base == "Date":
-            return f"date({self._text()})"
+            return f"date({x})"
         if self.base.startswith("Array("):
-            return f"coalesce(json_extract(v, {path}), '[]')"
-        return f"(v ->> {path})"
+            return f"CASE WHEN {x} IS NULL OR {x} = 'null' THEN '[]' ELSE {x} END"
+        return x
 
-    def sql_raw(self) -> str:
-        """The value as received, as text (for the quarantine table)."""
-        path = _sql_str(self.sql_path)
-        return f"CASE {self._jt()} WHEN 'text' THEN (v ->> {path}) WHEN 'null' THEN NULL ELSE (v -> {path}) END"
+    def sql_json_type(self) -> str:
+        return f"json_type(v, {_sql_str(self.sql_path)})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,28 +193,35 @@ class Schema:
         ]
 
     def ok_expression(self) -> str:
-        return " AND ".join(c.sql_check() for c in self.columns) or "1"
+        return " AND ".join(c.sql_check(f"x{i}") for i, c in enumerate(self.columns)) or "1"
+
+    def _extracted(self, *, with_key: bool) -> str:
+        """Rows of the JSON array ``?1`` with each column's value extracted once."""
+        extracts = "".join(f", {c.sql_extract()} AS x{i}" for i, c in enumerate(self.columns))
+        key = "key AS k, " if with_key else ""
+        # LIMIT -1 keeps each subquery from being flattened into its parent, which
+        # would evaluate the element text and the extractions once per reference.
+        return (
+            f"(SELECT {'k, ' if with_key else ''}v{extracts} "
+            f"FROM (SELECT {key}value AS v FROM json_each(?1) LIMIT -1) LIMIT -1)"
+        )
 
     def insert_statement(self) -> str:
         """Inserts the fitting rows of a JSON array (parameter 1) of objects."""
         names = ", ".join(quote_ident(c.name) for c in self.columns)
-        values = ", ".join(c.sql_value() for c in self.columns)
-        # LIMIT -1 keeps the subquery from being flattened: each element's text is
-        # then produced once per row instead of once per column reference.
+        values = ", ".join(c.sql_store(f"x{i}") for i, c in enumerate(self.columns))
         return (
             f"INSERT INTO {quote_ident(self.name)} ({names}) SELECT {values} "
-            f"FROM (SELECT value AS v FROM json_each(?1) LIMIT -1) WHERE {self.ok_expression()}"
+            f"FROM {self._extracted(with_key=False)} WHERE {self.ok_expression()}"
         )
 
     def misfits_statement(self) -> str:
         """Selects, for rows of the array that do not fit: index, text, then per column
-        (fits, json type, raw value)."""
-        per_col = ", ".join(f"{c.sql_check()}, {c._jt()}, {c.sql_raw()}" for c in self.columns)
-        sep = ", " if per_col else ""
-        return (
-            f"SELECT k, v{sep}{per_col} FROM (SELECT key AS k, value AS v FROM json_each(?1) LIMIT -1) "
-            f"WHERE NOT ({self.ok_expression()})"
+        (fits, JSON type, raw value)."""
+        per_col = "".join(
+            f", {c.sql_check(f'x{i}')}, {c.sql_json_type()}, x{i}" for i, c in enumerate(self.columns)
         )
+        return f"SELECT k, v{per_col} FROM {self._extracted(with_key=True)} WHERE NOT ({self.ok_expression()})"
 
     def quarantine_insert_statement(self) -> str:
         names = list(QUARANTINE_FIXED_COLUMNS) + [c.name for c in self.columns]

@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import orjson
 
@@ -214,13 +214,18 @@ class Store:
                         break
                     group.append(item)
                     size += item.cost_bytes
-                self._write_group(conn, group)
+                try:
+                    self._write_group(conn, group)
+                except Exception:  # pragma: no cover - a bug; keep serving the queue
+                    _LOG.exception("writer failed on a group of %d job(s)", len(group))
         finally:
             conn.close()
 
     def _write_group(self, conn: sqlite3.Connection, group: List[WriteJob]) -> None:
         outcomes: List[Union[WriteResult, BaseException]] = []
         new_schemas: Dict[str, Schema] = {}
+        started = time.perf_counter()
+        applied = started
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in group:
@@ -232,20 +237,35 @@ class Store:
                 try:
                     outcomes.append(self._apply(conn, job, new_schemas))
                     conn.execute("RELEASE job")
-                except sqlite3.Error as exc:
-                    _LOG.error("write to %s failed: %s", job.name, exc)
+                except Exception as exc:  # this job fails alone; the others of the group commit
+                    if isinstance(exc, sqlite3.Error):
+                        _LOG.error("write to %s failed: %s", job.name, exc)
+                    else:
+                        _LOG.exception("write to %s failed", job.name)
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     if creates:
                         new_schemas.pop(job.name, None)
                     outcomes.append(exc)
+            applied = time.perf_counter()
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            _LOG.error("commit failed: %s", exc)
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+        except Exception as exc:  # the group fails (disk full, I/O error...); the writer goes on
+            _LOG.error("commit of %d job(s) failed: %s", len(group), exc)
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error as rollback_exc:
+                _LOG.error("rollback failed: %s", rollback_exc)
             outcomes = [exc for _ in group]
             new_schemas = {}
+        if _LOG.isEnabledFor(logging.DEBUG):
+            _LOG.debug(
+                "group of %d job(s), %d row(s): apply %.1f ms, commit %.1f ms",
+                len(group),
+                sum(o.successful_rows + o.quarantined_rows for o in outcomes if isinstance(o, WriteResult)),
+                (applied - started) * 1000,
+                (time.perf_counter() - applied) * 1000,
+            )
         now = _utc_now_text()
         with self._lock:
             for name, schema in new_schemas.items():

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import random
+import shutil
 import string
 import sys
 import tempfile
@@ -71,6 +73,16 @@ def _encode(body: bytes, encoding: str) -> bytes:
     return body
 
 
+def _cpu_secs(pid: Optional[int]) -> Optional[float]:
+    """User+system CPU seconds used so far by a process (Linux /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
 def run(
     server: LocalServer,
     batches: Sequence[Tuple[bytes, int]],
@@ -110,6 +122,7 @@ def run(
                     totals["errors"] += 1
         session.close()
 
+    cpu_before = _cpu_secs(server.pid)
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
     for t in threads:
@@ -117,6 +130,8 @@ def run(
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - started
+    cpu_after = _cpu_secs(server.pid)
+    server_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     latencies.sort()
     return {
         "rows_per_sec": totals["rows"] / elapsed,
@@ -126,6 +141,8 @@ def run(
         "wire_mb_per_sec": totals["wire_bytes"] / elapsed / 1e6,
         "p50_latency_secs": latencies[len(latencies) // 2] if latencies else 0.0,
         "seconds": elapsed,
+        # Rows per CPU-second of the server process: comparable on a busy machine.
+        "rows_per_server_cpu_sec": totals["rows"] / server_cpu if server_cpu else float("nan"),
     }
 
 
@@ -137,6 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batches", type=int, default=4, help="distinct pre-built batches (default 4)")
     parser.add_argument("--encodings", default="none,zstd", help="comma list of none, zstd, gzip (default none,zstd)")
     parser.add_argument("--synchronous", default="FULL", help="server's SQLite synchronous mode (default FULL)")
+    parser.add_argument("--server-log", default=None, help="copy the server's log (DEBUG) to this file")
     args = parser.parse_args(argv)
 
     batches = build_batches(count=args.batches, batch_bytes=args.batch_bytes)
@@ -145,7 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{len(batches)} batches of ~{args.batch_bytes / 1e6:.1f} MB, {rows_per_batch:.0f} rows each, "
           f"{avg_row:.0f} bytes/row; {args.concurrency} client thread(s), wait=true")
     with tempfile.TemporaryDirectory(prefix="tinybird-bench-") as data_dir:
-        with LocalServer(data_dir=data_dir, rate_limit_rps=None, synchronous=args.synchronous) as server:
+        extra = ["--log-level", "DEBUG"] if args.server_log else []
+        with LocalServer(
+            data_dir=data_dir, rate_limit_rps=None, synchronous=args.synchronous, extra_args=extra
+        ) as server:
             for encoding in args.encodings.split(","):
                 encoding = encoding.strip()
                 name = f"bench_{encoding}"
@@ -160,8 +181,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     f"{encoding:>5}: {result['rows_per_sec']:>10,.0f} rows/s stored "
                     f"({result['rows']:,} rows in {result['seconds']:.1f} s, {result['requests']} requests, "
                     f"{result['errors']} errors, {result['wire_mb_per_sec']:.1f} MB/s on the wire, "
-                    f"p50 {result['p50_latency_secs'] * 1000:.0f} ms); table holds {stored:,} rows"
+                    f"p50 {result['p50_latency_secs'] * 1000:.0f} ms, "
+                    f"{result['rows_per_server_cpu_sec']:,.0f} rows per server CPU-second); "
+                    f"table holds {stored:,} rows"
                 )
+            if args.server_log:
+                shutil.copyfile(server.log_path, args.server_log)
     return 0
 
 

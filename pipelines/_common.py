@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import os
 import re
 import sys
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, TextIO, Tuple
 
@@ -167,17 +165,6 @@ def add_sink_arguments(parser: argparse.ArgumentParser, *, streaming: bool = Fal
                  f"Default {DEFAULT_MAX_BUFFERING_SECS:g}.")
 
 
-def is_loopback_url(url: str) -> bool:
-    """True when ``url``'s host is this machine (127.0.0.0/8, ::1, localhost)."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SinkConfig:
     """The sink's settings from the command line, validated.
@@ -203,20 +190,20 @@ class SinkConfig:
     dead_letter_format: str = "json"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.datasource, str) or not re.match(DATASOURCE_PATTERN, self.datasource):
+        if not isinstance(self.datasource, str) or not re.fullmatch(DATASOURCE_PATTERN, self.datasource):
             raise ValueError(
                 f"--datasource must be a data source name (letters, digits, _), got {self.datasource!r}")
-        if self.api_url is not None and not re.match(API_URL_PATTERN, self.api_url):
+        if self.api_url is not None and not re.fullmatch(API_URL_PATTERN, self.api_url):
             raise ValueError(f"--api_url must be an http(s) URL such as https://api.tinybird.co, got {self.api_url!r}")
         if self.token is not None and not self.token.strip():
             raise ValueError("--token is empty")
         if self.token is not None and self.token_secret is not None:
             raise ValueError("give either --token or --token_secret, not both")
-        if self.token_secret is not None and not re.match(TOKEN_SECRET_PATTERN, self.token_secret):
+        if self.token_secret is not None and not re.fullmatch(TOKEN_SECRET_PATTERN, self.token_secret):
             raise ValueError(
                 "--token_secret must look like projects/PROJECT/secrets/NAME/versions/VERSION, "
                 f"got {self.token_secret!r}")
-        if not re.match(ENV_VAR_PATTERN, self.token_env or ""):
+        if not re.fullmatch(ENV_VAR_PATTERN, self.token_env or ""):
             raise ValueError(f"--token_env must name an environment variable, got {self.token_env!r}")
         if self.compression not in ("zstd", "gzip", None):
             raise ValueError(f"--compression must be one of {COMPRESSIONS}, got {self.compression!r}")
@@ -491,8 +478,12 @@ def check_input_exists(file_pattern: str) -> None:
         raise UsageError(f"no file matches --input {file_pattern!r}")
 
 
-def list_dead_letter_files(path: Optional[str]) -> List[str]:
-    """Dead-letter files under ``path`` (a directory), sorted; empty when there are none."""
+def list_dead_letter_files(path: Optional[str], *, since_epoch_secs: float = 0.0) -> List[str]:
+    """Dead-letter files under ``path`` (a directory) written since ``since_epoch_secs``, sorted.
+
+    Files of earlier runs stay in the same directory (their names never
+    collide); the time filter keeps them out of this run's summary.
+    """
     if not path:
         return []
     pattern = FileSystems.join(path.rstrip("/"), "dead-letters*")
@@ -501,7 +492,8 @@ def list_dead_letter_files(path: Optional[str]) -> List[str]:
     except Exception:  # noqa: BLE001 - listing is only for the summary; a missing directory is fine
         _LOG.debug("could not list %s", pattern, exc_info=True)
         return []
-    return sorted(m.path for m in matches)
+    return sorted(m.path for m in matches
+                  if not m.last_updated_in_seconds or m.last_updated_in_seconds >= since_epoch_secs)
 
 
 def display_path(path: str) -> str:
@@ -517,7 +509,7 @@ def display_path(path: str) -> str:
 
 
 def _shell_quote(text: str) -> str:
-    if re.match(r"^[A-Za-z0-9_./:=@%+-]+$", text):
+    if re.fullmatch(r"[A-Za-z0-9_./:=@%+-]+", text):
         return text
     return "'" + text.replace("'", "'\\''") + "'"
 
@@ -531,7 +523,8 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
         f"  rows read            {n(summary.rows_read):>10}",
         f"  rows acknowledged    {n(summary.rows_acknowledged):>10}",
         f"  rows quarantined     {n(summary.rows_quarantined):>10}"
-        + (f"   (in {config.datasource}_quarantine)" if summary.rows_quarantined else ""),
+        + (f"   (in {config.datasource}_quarantine)" if summary.rows_quarantined else "")
+        + ("" if config.wait else "   (counted only with --wait: a 202 answer need not count them)"),
         f"  rows stored          {n(summary.rows_stored):>10}   (acknowledged - quarantined)",
     ]
     kinds = ", ".join(f"{kind}: {n(count)}" for kind, count in summary.dead_letters_by_kind.items())
@@ -617,6 +610,8 @@ def run_pipeline(
     options = beam_options_without_secrets(argv)
     with tinybird_endpoint(config, data_dir=data_dir) as endpoint:
         started = time.monotonic()
+        # Files' modification times have a one-second resolution on some filesystems.
+        started_epoch_secs = time.time() - 1.0
         pipeline = beam.Pipeline(options=options)
         build(pipeline, endpoint, config)
         result = pipeline.run()
@@ -638,7 +633,7 @@ def run_pipeline(
             return None
         summary = summarise(
             result, elapsed_secs=time.monotonic() - started,
-            dead_letter_files=list_dead_letter_files(dead_letter_path))
+            dead_letter_files=list_dead_letter_files(dead_letter_path, since_epoch_secs=started_epoch_secs))
         out.write(format_summary(summary, title=title, config=config, endpoint=endpoint,
                                  dead_letter_path=dead_letter_path))
         out.flush()

@@ -16,7 +16,7 @@ import csv
 import decimal
 import io
 import re
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 import apache_beam as beam
 import orjson
@@ -249,7 +249,3 @@ class ReadRecords(beam.PTransform):
             | f"Parse{self._format.upper()}" >> beam.ParDo(parse)
         )
 
-
-def describe_formats() -> List[str]:
-    """``extension -> format`` lines for help texts."""
-    return [f"{extension} -> {file_format}" for extension, file_format in _EXTENSIONS.items()]

@@ -92,7 +92,7 @@ def split_message(data: bytes) -> Iterator[bytes]:
     except orjson.JSONDecodeError:
         for line in body.split(b"\n"):
             if line.strip():
-                yield line
+                yield line.rstrip(b"\r")
         return
     yield body
 
@@ -131,10 +131,10 @@ def check_source(options: StreamingToTinybirdOptions) -> None:
     subscription, topic = options.input_subscription, options.input_topic
     if bool(subscription) == bool(topic):
         raise UsageError("give exactly one of --input_subscription and --input_topic")
-    if subscription and not re.match(SUBSCRIPTION_PATTERN, subscription):
+    if subscription and not re.fullmatch(SUBSCRIPTION_PATTERN, subscription):
         raise UsageError(
             f"--input_subscription must look like projects/PROJECT/subscriptions/NAME, got {subscription!r}")
-    if topic and not re.match(TOPIC_PATTERN, topic):
+    if topic and not re.fullmatch(TOPIC_PATTERN, topic):
         raise UsageError(f"--input_topic must look like projects/PROJECT/topics/NAME, got {topic!r}")
 
 

@@ -20,6 +20,7 @@ import re
 import ssl
 import threading
 import time
+import types
 import urllib.parse
 import zlib
 from typing import Any, Callable, List, Mapping, Optional, Tuple, Union
@@ -51,8 +52,10 @@ _COMPRESSIONS = ("zstd", "gzip", None)
 # ~350 MB/s) and smaller (ratio 3.8 vs 3.6) than level 3; gzip level 1 ran at
 # ~160 MB/s for a ratio of 3.2, level 6 at ~66 MB/s for 3.6. Encoding runs at
 # ~70 MB/s per core, so a slower level would make compression the bottleneck.
-DEFAULT_COMPRESSION_LEVELS: Mapping[str, int] = {"zstd": 1, "gzip": 1}
-_COMPRESSION_LEVEL_RANGES: Mapping[str, Tuple[int, int]] = {"zstd": (1, 22), "gzip": (1, 9)}
+DEFAULT_COMPRESSION_LEVELS: Mapping[str, int] = types.MappingProxyType({"zstd": 1, "gzip": 1})
+_COMPRESSION_LEVEL_RANGES: Mapping[str, Tuple[int, int]] = types.MappingProxyType(
+    {"zstd": (1, 22), "gzip": (1, 9)}
+)
 _MESSAGE_LIMIT_CHARS = 1000
 # Above this, an X-RateLimit-Reset value is an epoch time, not a delta (some
 # gateways send that; Tinybird sends a delta).
@@ -742,11 +745,16 @@ class _Pacer:
     def wait(self) -> float:
         """Sleeps until no hold is active; returns the time slept."""
         slept = 0.0
+        waited_for = None
         while True:
-            remaining = self.remaining()
-            if remaining <= 0:
+            with self._lock:
+                not_before = self._not_before
+                remaining = not_before - self._clock()
+            # Sleep again only when another thread extended the hold meanwhile, so
+            # that a clock that does not move (a test's) cannot make this spin.
+            if remaining <= 0 or not_before == waited_for:
                 return slept
-            # Another thread may extend the hold meanwhile: check again after.
+            waited_for = not_before
             self._sleep(remaining)
             slept += remaining
 

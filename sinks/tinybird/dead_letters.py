@@ -7,7 +7,9 @@ dead-letter file can be replayed as it is. It never holds the token.
 from __future__ import annotations
 
 import enum
-from typing import Iterator, NamedTuple, Optional
+import time
+import uuid
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import apache_beam as beam
 import fastavro
@@ -155,32 +157,62 @@ class _AvroSink(fileio.FileSink):
         self._writer.flush()
 
 
-class WriteDeadLetterFiles(beam.PTransform):
-    """Writes dead letters to files under ``path`` (any Beam filesystem path).
+def _file_naming(suffix: str) -> fileio.FileNaming:
+    """``dead-letters-[<window>-]<pane>-<shard>-of-<n>-<random><suffix>``: never the name of another file.
 
-    Files are named ``dead-letters-<window>-<shard>-of-<n>.jsonl`` (or
-    ``.avro``). Unbounded input in the global window is written in fixed
-    windows of ``streaming_window_secs`` so that files are closed as the
-    pipeline runs; each record keeps its original window as text.
+    Beam's default naming leaves the pane out, so two firings of one window
+    would write the same file; the random part also keeps a rerun or a
+    replay from overwriting earlier dead letters.
     """
 
-    def __init__(self, path: str, *, file_format: str = "json", streaming_window_secs: int = 60) -> None:
+    def name(window, pane, shard_index, total_shards, compression, destination) -> str:
+        parts = ["dead-letters"]
+        if window != GlobalWindow():
+            parts.append(f"{window.start.to_rfc3339()}-{window.end.to_rfc3339()}".replace(":", ""))
+        parts.append(f"pane{pane.index if pane is not None else 0}")
+        parts.append(f"{shard_index or 0:05d}-of-{total_shards or 1:05d}")
+        parts.append(uuid.uuid4().hex[:12])
+        return "-".join(parts) + suffix + (f".{compression}" if compression else "")
+
+    return name
+
+
+class WriteDeadLetterFiles(beam.PTransform):
+    """Writes dead letters to new files under ``path`` (any Beam filesystem path).
+
+    Bounded input is written once, at the end. Unbounded input is written in
+    windows of ``streaming_flush_secs`` of processing time: each record is
+    stamped with the time it reaches the writer, so it is never behind the
+    watermark and never dropped as late, whatever its own timestamp (records
+    keep their original window as text). Files are never overwritten.
+    """
+
+    def __init__(
+        self, path: str, *, file_format: str = "json", streaming_flush_secs: int = 60,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         super().__init__()
         if file_format not in _SUFFIXES:
             raise ValueError(f"dead_letter_format must be one of {DEAD_LETTER_FORMATS}, got {file_format!r}")
+        if streaming_flush_secs <= 0:
+            raise ValueError(f"streaming_flush_secs must be positive, got {streaming_flush_secs!r}")
         self._path = path
         self._format = file_format
-        self._streaming_window_secs = streaming_window_secs
+        self._streaming_flush_secs = streaming_flush_secs
+        self._clock = clock
 
     def expand(self, dead_letters):
-        if not dead_letters.is_bounded and isinstance(dead_letters.windowing.windowfn, window_fns.GlobalWindows):
-            dead_letters = dead_letters | "FixedWindows" >> beam.WindowInto(
-                window_fns.FixedWindows(self._streaming_window_secs))
+        if not dead_letters.is_bounded:
+            clock = self._clock
+            dead_letters = (
+                dead_letters
+                | "StampArrival" >> beam.Map(lambda record: window_fns.TimestampedValue(record, clock()))
+                | "Windows" >> beam.WindowInto(window_fns.FixedWindows(self._streaming_flush_secs)))
         sink = _AvroSink if self._format == "avro" else _JsonLinesSink
         return dead_letters | "Write" >> fileio.WriteToFiles(
             path=self._path,
             sink=lambda _destination: sink(),
-            file_naming=fileio.default_file_naming("dead-letters", _SUFFIXES[self._format]),
+            file_naming=_file_naming(_SUFFIXES[self._format]),
             shards=1,
         )
 

@@ -92,3 +92,47 @@ def test_serve_refuses_bad_faults_file(tmp_path):
     out = _run("serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--faults", str(faults))
     assert out.returncode != 0
     assert "status" in out.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != b"Z"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_server_stops_when_the_process_that_started_it_dies(tmp_path):
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from emulator import LocalServer\n"
+        "server = LocalServer(data_dir=sys.argv[1]).start()\n"
+        "print(server.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    server_pid = int(parent.stdout.readline())
+    assert _alive(server_pid)
+    parent.kill()
+    parent.wait()
+    parent.stdout.close()
+    deadline = time.monotonic() + 20
+    while _alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(server_pid)
+
+
+def test_one_server_per_data_dir_and_port(server, tmp_path):
+    out = _run("serve", "--port", "0", "--data-dir", server.data_dir, "--token", "x")
+    assert out.returncode == 3 and "another server is using the data dir" in out.stderr
+    out = _run("serve", "--port", str(server.port), "--data-dir", str(tmp_path), "--token", "x")
+    assert out.returncode == 3 and "address already in use" in out.stderr.lower()

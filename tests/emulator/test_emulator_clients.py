@@ -155,3 +155,25 @@ def test_tinybird_python_sdk_async_datasource(server):
     asyncio.run(send())
     server.flush()
     assert server.query("SELECT count(*) AS c, sum(n) AS s FROM sdk_async") == [{"c": 2, "s": 3}]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_large_bodies_use_expect_100_continue(server, tmp_path, ds):
+    """curl sends ``Expect: 100-continue`` for large bodies: an oversized one is refused before it is sent."""
+    line = b'{"i": 1, "s": "' + b"x" * 982 + b'"}\n'
+    assert len(line) == 1_000
+    (tmp_path / "ok.ndjson").write_bytes(line * 9_000)  # 9 MB
+    (tmp_path / "big.ndjson").write_bytes(line * 10_001)  # just over 10 MB
+    url = f"{server.url}/v0/events?name={ds}&wait=true"
+    command = [
+        "curl", "-s", "-o", "-", "-w", " %{http_code}\n", "-H", f"Authorization: Bearer {server.token}",
+        "--data-binary", "@big.ndjson", url,
+        "--next", "-s", "-o", "-", "-w", " %{http_code}\n", "-H", f"Authorization: Bearer {server.token}",
+        "--data-binary", "@ok.ndjson", url,
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.decode().strip().splitlines()
+    assert first.endswith(" 413") and '"error"' in first
+    assert second == '{"successful_rows":9000,"quarantined_rows":0} 200'
+    assert server.query(f"SELECT count(*) AS n FROM {ds}") == [{"n": 9000}]

@@ -123,9 +123,8 @@ def test_latency_before_and_after(client, ds):
     started = time.perf_counter()
     assert_ok(client.post(ds, LINE), 200, 1)
     assert time.perf_counter() - started >= 0.4
-    started = time.perf_counter()
     assert_ok(client.post(ds, LINE), 200, 1)
-    assert time.perf_counter() - started < 0.4
+    assert _rule(client.server.stats(), 0)["fired"] == 1  # times=1: the second request was not delayed
     client.server.set_faults([{"latency_secs": 0.3, "when": "after", "status": 504, "datasource": ds, "times": 1}])
     started = time.perf_counter()
     assert_error(client.post(ds, LINE), 504)
@@ -249,3 +248,16 @@ def test_local_server_error_carries_status(client):
     with pytest.raises(LocalServerError) as info:
         client.server.query("SELECT * FROM does_not_exist")
     assert info.value.status == 400
+
+
+def test_latency_only_after_rule_is_not_counted_as_a_failure(client, ds):
+    assert_ok(client.post(ds, LINE), 200, 1)
+    client.server.reset_stats()
+    client.server.set_faults([{"latency_secs": 0.2, "when": "after", "datasource": ds}])
+    started = time.perf_counter()
+    assert_ok(client.post(ds, LINE, wait=False), 202, 1)
+    assert time.perf_counter() - started >= 0.2
+    stats = client.server.stats()
+    assert stats["rows"]["stored_by_after_faults"] == 0
+    assert _rule(stats, 0)["fired"] == 1 and _rule(stats, 0)["rows_stored_after"] == 0
+    assert client.count(ds) == 2

@@ -230,15 +230,20 @@ def test_str_with_lone_surrogate():
 
 # -- errors on Python values --------------------------------------------------
 
+NOT_AN_OBJECT = (
+    "element is %s, not a JSON object "
+    "(expected a dict, beam.Row, NamedTuple, dataclass, or str/bytes holding one JSON object)"
+)
+
 
 @pytest.mark.parametrize(
     "element, reason",
     [
-        ([{"a": 1}], "element is a list, not a JSON object (expected a dict, beam.Row, NamedTuple, dataclass, or str/bytes holding one JSON object)"),
-        (3, "element is a number, not a JSON object (expected a dict, beam.Row, NamedTuple, dataclass, or str/bytes holding one JSON object)"),
-        (None, "element is null, not a JSON object (expected a dict, beam.Row, NamedTuple, dataclass, or str/bytes holding one JSON object)"),
-        ((1, 2), "element is a tuple, not a JSON object (expected a dict, beam.Row, NamedTuple, dataclass, or str/bytes holding one JSON object)"),
-        (object(), "element is an object, not a JSON object (expected a dict, beam.Row, NamedTuple, dataclass, or str/bytes holding one JSON object)"),
+        ([{"a": 1}], NOT_AN_OBJECT % "a list"),
+        (3, NOT_AN_OBJECT % "a number"),
+        (None, NOT_AN_OBJECT % "null"),
+        ((1, 2), NOT_AN_OBJECT % "a tuple"),
+        (object(), NOT_AN_OBJECT % "an object"),
         ({"o": object()}, "Type is not JSON serializable: object (at $.o)"),
         ({"a": {"b": [1, b"raw"]}}, "Type is not JSON serializable: bytes (at $.a.b[1])"),
         ({"p": Point(1, object())}, "Type is not JSON serializable: object (at $.p.y)"),

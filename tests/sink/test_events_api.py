@@ -608,6 +608,20 @@ def test_remaining_zero_paces_the_next_request(scripted, fake_time):
     assert fake_time.sleeps == [3.0]
 
 
+def test_pacing_with_a_clock_that_does_not_move_terminates(scripted):
+    scripted.script.append((202, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "2"}, b"{}"))
+    sleeps = []
+    client = EventsApiClient(
+        ClientSettings(api_url=scripted.url, datasource="events"),
+        token=TOKEN, retry_policy=RetryPolicy(), clock=lambda: 0.0, sleep=sleeps.append,
+    )
+    with client:
+        client.send(ndjson(1), 1)
+        report = client.send(ndjson(1), 1)
+    assert sleeps == [2.0]
+    assert report.delivered_rows == 1
+
+
 def test_pacing_wait_is_capped(scripted, fake_time):
     scripted.script.append((202, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "3600"}, b"{}"))
     with make_client(scripted.url, "events", fake=fake_time, policy=RetryPolicy(max_retry_after_secs=10)) as client:
@@ -808,6 +822,7 @@ def test_settings_defaults_and_derived_values():
     assert (settings.connect_timeout_secs, settings.read_timeout_secs, settings.max_in_flight) == (5.0, 30.0, 4)
     assert settings.effective_compression_level == 1
     assert settings.events_url == "https://api.tinybird.co/v0/events?name=events"
+    assert pickle.loads(pickle.dumps(settings)) == settings
     waiting = ClientSettings(api_url="https://h", datasource="e", wait=True, compression="gzip", compression_level=6)
     assert waiting.events_url == "https://h/v0/events?name=e&wait=true"
     assert waiting.effective_compression_level == 6

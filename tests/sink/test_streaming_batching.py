@@ -22,7 +22,7 @@ def _event(i: int) -> dict:
 
 
 def _streaming_options() -> PipelineOptions:
-    options = PipelineOptions()
+    options = PipelineOptions([])
     options.view_as(StandardOptions).streaming = True
     return options
 

@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks._cli import main
+
+sys.exit(main())

@@ -1,0 +1,358 @@
+"""``python -m benchmarks``: runs the scenarios against a local server and prints the table.
+
+One run generates the events once (deterministic seed), starts one local
+Events API server in its own process with its limits lifted, then runs each
+scenario ``--repeats`` times, each time in a fresh worker subprocess (so that
+CPU time and peak RSS are the scenario's own) and into a data source of its own,
+whose rows are counted afterwards. Repeats go round the scenarios in turn, so
+that a noisy moment on the machine does not land on one scenario only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from benchmarks._data import DEFAULT_SEED, DataFile, write_events
+from benchmarks._report import RunResult, evaluate_targets, render, summarize
+from benchmarks._worker import RESULT_PREFIX
+from benchmarks.scenarios import EVENTS, PER_ELEMENT, SCENARIOS, STATEFUL, RunSpec, Scenario, by_name
+from emulator import LocalServer, LocalServerError
+
+__all__ = ["main"]
+
+_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+# The sink's default (sinks.tinybird._transform.DEFAULT_MAX_BATCH_BYTES), not
+# imported so that this process does not load Beam.
+DEFAULT_MAX_BATCH_BYTES = 8 * 1024 * 1024
+_SERVER_MAX_BODY_BYTES = 10_000_000
+MEMORY_LIMIT_BYTES = 64 << 20
+
+_QUICK = {"events": 3000, "stateful_events": 2000, "per_element_events": 300, "repeats": 1,
+          "max_batch_bytes": 64 * 1024, "bundle_events": 250}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="WriteToTinybird side by side with a baseline, what users write instead, "
+                    "and a plain-Python ceiling, against a local Events API server.")
+    parser.add_argument("--events", type=int, default=500_000,
+                        help="events for the baseline, the bounded sink, peers (b) and (d), the ceiling "
+                             "(default 500,000)")
+    parser.add_argument("--stateful-events", type=int, default=100_000,
+                        help="events for the streaming scenarios and peer (c) (default 100,000)")
+    parser.add_argument("--per-element-events", type=int, default=5_000,
+                        help="events for peer (a), one request per event (default 5,000)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per scenario; the table shows medians (default 3)")
+    parser.add_argument("--max-batch-bytes", type=int, default=DEFAULT_MAX_BATCH_BYTES,
+                        help="the sink's max_batch_bytes, also used by peer (b) and the ceiling "
+                             f"(default {DEFAULT_MAX_BATCH_BYTES}, the sink's default)")
+    parser.add_argument("--bundle-events", type=int, default=1000,
+                        help="streaming scenarios: events per TestStream bundle (default 1000)")
+    parser.add_argument("--scenarios", nargs="+", metavar="NAME",
+                        help="scenarios to run, by name (comma or space separated; default all): "
+                             + ", ".join(s.name for s in SCENARIOS))
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and one repeat, for a smoke run: "
+                             + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in _QUICK.items()))
+    parser.add_argument("--memory-check", action="store_true",
+                        help="instead of the table: run the bounded sink (zstd) once at each of "
+                             "--memory-sizes and compare the peak RSS")
+    parser.add_argument("--memory-sizes", default="500000,5000000",
+                        help="event counts for --memory-check (default 500000,5000000)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="instead of the table: run each selected scenario once under cProfile, "
+                             "write DIR/<scenario>.prof and print the top functions")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"data seed (default {DEFAULT_SEED})")
+    parser.add_argument("--json", metavar="PATH", help="also write every run's figures as JSON to PATH")
+    parser.add_argument("--work-dir", help="where the data and the server's database go "
+                                           "(default: a temporary folder, removed at the end)")
+    return parser
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        given = set(argv if argv is not None else sys.argv[1:])
+        for key, value in _QUICK.items():
+            if f"--{key.replace('_', '-')}" not in given:
+                setattr(args, key, value)
+    names = [n for item in (args.scenarios or [s.name for s in SCENARIOS]) for n in item.split(",") if n]
+    try:
+        args.selected = [by_name(n) for n in names]
+    except ValueError as e:
+        parser.error(str(e))
+    for key in ("events", "stateful_events", "per_element_events", "repeats", "bundle_events"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.max_batch_bytes < 1024:
+        parser.error("--max-batch-bytes must be at least 1024")
+    try:
+        args.memory_sizes = [int(x) for x in args.memory_sizes.split(",")]
+    except ValueError:
+        parser.error("--memory-sizes must be comma-separated integers")
+    return args
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _Bench:
+    """One server, one data file, and the runs made against them."""
+
+    def __init__(self, *, server: LocalServer, data: DataFile, max_batch_bytes: int, bundle_events: int) -> None:
+        self.server = server
+        self.data = data
+        self.max_batch_bytes = max_batch_bytes
+        self.bundle_events = bundle_events
+        self._run_id = uuid.uuid4().hex[:8]
+        self._env = dict(os.environ)
+        self._env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PROJECT_ROOT, self._env.get("PYTHONPATH", "")) if p)
+
+    def run(self, scenario: Scenario, *, events: int, repeat: int, profile_path: Optional[str] = None) -> RunResult:
+        datasource = f"bench_{scenario.name}_{repeat}_{self._run_id}"
+        spec = RunSpec(
+            scenario=scenario.name, data_path=self.data.path, events=events, api_url=self.server.url,
+            token=self.server.token, datasource=datasource, max_batch_bytes=self.max_batch_bytes,
+            bundle_events=self.bundle_events, profile_path=profile_path)
+        ndjson_bytes = self.data.ndjson_bytes_of(events)
+        self.server.reset_stats()
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks._worker", json.dumps(dataclasses.asdict(spec))],
+            cwd=_PROJECT_ROOT, env=self._env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        measured = None
+        for line in proc.stdout.splitlines():
+            if line.startswith(RESULT_PREFIX):
+                measured = json.loads(line[len(RESULT_PREFIX):])
+        self.server.flush()
+        stats = self.server.stats()
+        by_status: Dict[str, int] = stats["requests"]["by_status"]
+        requests = stats["requests"]["total"]
+        non_2xx = sum(n for status, n in by_status.items() if not status.startswith("2"))
+        quarantined = stats["rows"]["quarantined"]
+        rows = distinct = None
+        if scenario.sends:
+            rows, distinct = self._count(datasource)
+        problem = None
+        counted = None if measured is None else measured.get("counted")
+        if measured is None:
+            tail = (proc.stderr or "").strip()[-3000:]
+            problem = f"the worker failed (exit {proc.returncode}):\n{tail}"
+        elif scenario.sends and (rows != events or distinct != events or quarantined):
+            problem = (f"{rows:,} rows stored ({distinct:,} distinct events, {quarantined:,} quarantined) "
+                       f"for {events:,} events sent")
+        elif not scenario.sends and counted != events:
+            problem = f"the discard saw {counted} elements for {events:,} events"
+        return RunResult(
+            scenario=scenario.name, repeat=repeat, events=events, ndjson_bytes=ndjson_bytes,
+            elapsed_secs=measured["elapsed_secs"] if measured else 0.0,
+            cpu_secs=measured["cpu_secs"] if measured else 0.0,
+            max_rss_bytes=measured["max_rss_bytes"] if measured else 0,
+            requests=requests, non_2xx=non_2xx, rows_stored=rows, distinct_events=distinct,
+            quarantined=quarantined, counted=counted, ok=problem is None, problem=problem)
+
+    def _count(self, datasource: str) -> tuple:
+        try:
+            row = self.server.query(f"SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM {datasource}")[0]
+        except LocalServerError:
+            return 0, 0  # nothing arrived: the data source was never created
+        return row["n"], row["d"]
+
+
+def _server(work_dir: str, max_batch_bytes: int) -> LocalServer:
+    """The local server with its limits lifted: the sink's rate-limit handling is tested elsewhere."""
+    return LocalServer(
+        data_dir=os.path.join(work_dir, "server"),
+        rate_limit_rps=None,
+        rate_limit_bytes_per_sec=None,
+        max_body_bytes=max(_SERVER_MAX_BODY_BYTES, max_batch_bytes + 1024),
+        queue_max_bytes=4_000_000_000,
+        queue_max_requests=1_000_000,
+        # The benchmark measures clients; FULL would add an fsync per commit.
+        synchronous="NORMAL",
+    )
+
+
+def _events_for(scenario: Scenario, args: argparse.Namespace) -> int:
+    return {EVENTS: args.events, STATEFUL: args.stateful_events, PER_ELEMENT: args.per_element_events}[scenario.size]
+
+
+def machine_description() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import importlib.metadata as md
+        beam_version = md.version("apache-beam")
+    except Exception:  # noqa: BLE001 - only for the description
+        beam_version = "unknown"
+    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"Apache Beam {beam_version}, {platform.system()} {platform.release()}")
+
+
+def _generate(work_dir: str, events: int, seed: int) -> DataFile:
+    started = time.perf_counter()
+    data = write_events(os.path.join(work_dir, "events.ndjson"), events, seed=seed)
+    _log(f"generated {data.events:,} events ({data.ndjson_bytes / 1e6:.1f} MB of NDJSON, "
+         f"{data.ndjson_bytes / data.events:.0f} bytes/event, seed {seed}) in {time.perf_counter() - started:.1f} s")
+    return data
+
+
+def _run_table(args: argparse.Namespace, work_dir: str) -> int:
+    counts = {s.name: _events_for(s, args) for s in args.selected}
+    data = _generate(work_dir, max(counts.values()), args.seed)
+    results: Dict[str, List[RunResult]] = {s.name: [] for s in args.selected}
+    total = len(args.selected) * args.repeats
+    started = time.perf_counter()
+    with _server(work_dir, args.max_batch_bytes) as server:
+        bench = _Bench(server=server, data=data, max_batch_bytes=args.max_batch_bytes,
+                       bundle_events=args.bundle_events)
+        done = 0
+        for repeat in range(1, args.repeats + 1):
+            for scenario in args.selected:
+                done += 1
+                result = bench.run(scenario, events=counts[scenario.name], repeat=repeat)
+                results[scenario.name].append(result)
+                _log(_progress(done, total, result))
+    summaries = [summarize(s, results[s.name]) for s in args.selected]
+    print(f"Machine: {machine_description()}")
+    print(f"Command: python -m benchmarks {' '.join(args.argv)}".rstrip())
+    print(f"max_batch_bytes={args.max_batch_bytes:,}; {args.repeats} run(s) per scenario, medians shown; "
+          f"streaming bundles of {args.bundle_events:,} events; {time.perf_counter() - started:.0f} s in all")
+    print()
+    print(render(summaries, max_batch_bytes=args.max_batch_bytes))
+    targets = evaluate_targets(summaries, max_batch_bytes=args.max_batch_bytes)
+    if targets:
+        print()
+        print("Targets:")
+        for target in targets:
+            print(target.line())
+    failed = [s for s in summaries if not s.ok]
+    if failed:
+        print()
+        for s in failed:
+            for problem in s.problems:
+                print(f"FAILED {s.scenario.name}: {problem}")
+    else:
+        print()
+        print("Row check: every event of every run arrived exactly once (count and distinct event_id).")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({
+                "machine": machine_description(),
+                "max_batch_bytes": args.max_batch_bytes,
+                "scenarios": [
+                    {"name": s.scenario.name, "title": s.scenario.title, "events": s.events,
+                     "events_per_sec": s.events_per_sec, "mb_per_sec": s.mb_per_sec, "requests": s.requests,
+                     "mean_request_bytes": s.mean_request_bytes, "cpu_secs": s.cpu_secs,
+                     "max_rss_bytes": s.max_rss_bytes, "ok": s.ok, "problems": list(s.problems),
+                     "runs": [dataclasses.asdict(r) for r in s.runs]}
+                    for s in summaries],
+                "targets": [dataclasses.asdict(t) for t in targets],
+            }, fh, indent=2)
+    return 1 if failed else 0
+
+
+def _progress(done: int, total: int, r: RunResult) -> str:
+    checked = "OK" if r.ok else "FAILED"
+    rows = f"rows {r.rows_stored:,}/{r.events:,}" if r.rows_stored is not None else f"seen {r.counted}/{r.events:,}"
+    return (f"[{done}/{total}] {r.scenario} run {r.repeat}: {r.events:,} events in {r.elapsed_secs:.2f} s = "
+            f"{r.events_per_sec:,.0f} events/s, CPU {r.cpu_secs:.2f} s, peak RSS {r.max_rss_bytes / 2**20:.0f} MiB, "
+            f"{r.requests:,} requests ({r.non_2xx} not 2xx), {rows} {checked}"
+            + (f"\n  {r.problem}" if r.problem else ""))
+
+
+def _run_memory_check(args: argparse.Namespace, work_dir: str) -> int:
+    scenario = by_name("sink_zstd")
+    sizes = args.memory_sizes
+    data = _generate(work_dir, max(sizes), args.seed)
+    results = []
+    with _server(work_dir, args.max_batch_bytes) as server:
+        bench = _Bench(server=server, data=data, max_batch_bytes=args.max_batch_bytes,
+                       bundle_events=args.bundle_events)
+        for i, events in enumerate(sizes, 1):
+            result = bench.run(scenario, events=events, repeat=1)
+            results.append(result)
+            _log(_progress(i, len(sizes), result))
+    print(f"Machine: {machine_description()}")
+    print(f"Command: python -m benchmarks {' '.join(args.argv)}".rstrip())
+    print(f"Memory check: {scenario.name} ({scenario.title}), events read lazily from a file, "
+          f"max_batch_bytes={args.max_batch_bytes:,}")
+    print()
+    print("| events | seconds | events/s | requests | peak RSS | rows check |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r.events:,} | {r.elapsed_secs:.1f} | {r.events_per_sec:,.0f} | {r.requests:,} | "
+              f"{r.max_rss_bytes / 2**20:.1f} MiB | {'OK' if r.ok else 'FAILED'} |")
+    ok = all(r.ok for r in results)
+    if len(results) >= 2:
+        smallest, largest = results[0], results[-1]
+        growth = largest.max_rss_bytes - smallest.max_rss_bytes
+        within = growth <= MEMORY_LIMIT_BYTES
+        print()
+        print(f"Peak RSS at {largest.events:,} events minus at {smallest.events:,}: {growth / 2**20:+.1f} MiB "
+              f"(target: within {MEMORY_LIMIT_BYTES >> 20} MiB): {'met' if within else 'MISSED'}")
+    for r in results:
+        if r.problem:
+            print(f"FAILED at {r.events:,} events: {r.problem}")
+    return 0 if ok else 1
+
+
+def _run_profile(args: argparse.Namespace, work_dir: str) -> int:
+    import pstats
+
+    os.makedirs(args.profile, exist_ok=True)
+    counts = {s.name: _events_for(s, args) for s in args.selected}
+    data = _generate(work_dir, max(counts.values()), args.seed)
+    ok = True
+    with _server(work_dir, args.max_batch_bytes) as server:
+        bench = _Bench(server=server, data=data, max_batch_bytes=args.max_batch_bytes,
+                       bundle_events=args.bundle_events)
+        for scenario in args.selected:
+            path = os.path.abspath(os.path.join(args.profile, f"{scenario.name}.prof"))
+            result = bench.run(scenario, events=counts[scenario.name], repeat=1, profile_path=path)
+            _log(_progress(1, 1, result))
+            ok = ok and result.ok
+            if os.path.exists(path):
+                print(f"== {scenario.name}: {result.events:,} events in {result.elapsed_secs:.2f} s "
+                      f"under cProfile (main thread only); {path}")
+                stats = pstats.Stats(path, stream=sys.stdout)
+                stats.sort_stats("tottime").print_stats(25)
+    return 0 if ok else 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parse(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix="tinybird-bench-")
+    os.makedirs(work_dir, exist_ok=True)
+    try:
+        if args.memory_check:
+            return _run_memory_check(args, work_dir)
+        if args.profile:
+            return _run_profile(args, work_dir)
+        return _run_table(args, work_dir)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)

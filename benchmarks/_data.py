@@ -1,0 +1,84 @@
+"""The benchmark's input: ~200-byte events, generated once per run into an NDJSON file.
+
+Every scenario reads the same file through :func:`read_events`, which yields one
+dict per line as it reads (the input never sits in memory), so the source costs
+the same in every scenario and the figures differ only by what follows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import string
+from typing import Any, Dict, Iterator
+
+import orjson
+
+__all__ = ["DataFile", "event", "read_events", "write_events"]
+
+DEFAULT_SEED = 20240501
+_CHUNK_EVENTS = 10_000
+_ACTIONS = ("view", "click", "add_to_cart", "purchase", "scroll", "search")
+_COUNTRIES = ("ES", "US", "FR", "DE", "JP", "BR", "IN", "GB")
+_DEVICES = ("ios", "android", "linux", "windows", "macos")
+
+
+def event(rng: random.Random, i: int) -> Dict[str, Any]:
+    """Event number ``i``: a timestamp, strings and numbers; about 200 bytes as JSON."""
+    return {
+        "timestamp": (
+            f"2024-05-{1 + i // 86_400 % 28:02d} {i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}"
+            f".{rng.randrange(1000):03d}"
+        ),
+        "event_id": f"{rng.getrandbits(48):012x}{i:010d}",
+        "user_id": rng.randrange(10_000_000),
+        "session": "".join(rng.choices(string.ascii_lowercase + string.digits, k=12)),
+        "action": rng.choice(_ACTIONS),
+        "product": f"SKU-{rng.randrange(100_000):05d}",
+        "price": round(rng.random() * 500, 2),
+        "country": rng.choice(_COUNTRIES),
+        "device": rng.choice(_DEVICES),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFile:
+    """A generated NDJSON file: where, how many events, and their NDJSON bytes."""
+
+    path: str
+    events: int
+    ndjson_bytes: int
+    seed: int
+
+    def ndjson_bytes_of(self, events: int) -> int:
+        """NDJSON bytes of the first ``events`` events (estimated from the mean line)."""
+        if events >= self.events:
+            return self.ndjson_bytes
+        return round(self.ndjson_bytes * events / self.events)
+
+
+def write_events(path: str, events: int, *, seed: int = DEFAULT_SEED) -> DataFile:
+    """Writes ``events`` events to ``path`` as NDJSON, in chunks (never all in memory)."""
+    rng = random.Random(seed)
+    total = 0
+    with open(path, "wb") as fh:
+        for start in range(0, events, _CHUNK_EVENTS):
+            lines = [orjson.dumps(event(rng, i)) for i in range(start, min(start + _CHUNK_EVENTS, events))]
+            lines.append(b"")
+            chunk = b"\n".join(lines)
+            total += len(chunk)
+            fh.write(chunk)
+    return DataFile(path=os.path.abspath(path), events=events, ndjson_bytes=total, seed=seed)
+
+
+def read_events(path: str, events: int) -> Iterator[Dict[str, Any]]:
+    """Yields the first ``events`` events of ``path`` as dicts, reading as it goes."""
+    if events <= 0:
+        return
+    loads = orjson.loads
+    with open(path, "rb", buffering=1 << 20) as fh:
+        for n, line in enumerate(fh, 1):
+            yield loads(line)
+            if n >= events:
+                return

@@ -1,0 +1,166 @@
+"""The Beam scenarios of the sink itself and of the baselines, and the shared sources.
+
+Bounded scenarios run on the DirectRunner in batch mode (the in-process
+FnApiRunner). Their source is ``Impulse`` + a ``FlatMap`` that reads the
+generated file and yields dicts as it reads, so that memory does not hold the
+input. Streaming scenarios run with ``--streaming`` (the DirectRunner then
+uses its bundle-based streaming runner) on a ``TestStream``, whose output is
+unbounded: ``WriteToTinybird`` takes its stateful, cross-bundle batching path.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Dict, Iterator, List, Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_stream import TestStream
+import orjson
+
+from benchmarks._data import read_events
+from benchmarks.scenarios import RunSpec, Timed
+from sinks.tinybird import WriteToTinybird
+
+__all__ = [
+    "baseline", "baseline_streaming", "bounded_source", "run_pipeline", "sink_gzip", "sink_none",
+    "sink_streaming", "sink_zstd", "streaming_source", "timed_pipeline",
+]
+
+def pipeline_options(*, streaming: bool) -> PipelineOptions:
+    args = ["--runner=DirectRunner"]
+    if streaming:
+        args.append("--streaming")
+    return PipelineOptions(args)
+
+
+def _read(_: bytes, path: str, events: int) -> Iterator[Dict[str, Any]]:
+    return read_events(path, events)
+
+
+def bounded_source(p: beam.Pipeline, spec: RunSpec) -> beam.PCollection:
+    """The events of ``spec`` as dicts, read lazily from the generated file (bounded)."""
+    return p | "Impulse" >> beam.Impulse() | "ReadEvents" >> beam.FlatMap(_read, spec.data_path, spec.events)
+
+
+def load_events(spec: RunSpec) -> List[Dict[str, Any]]:
+    """The events of ``spec`` in memory, for a TestStream (read before the timing)."""
+    return list(read_events(spec.data_path, spec.events))
+
+
+def streaming_source(p: beam.Pipeline, events: List[Dict[str, Any]], bundle_events: int) -> beam.PCollection:
+    """An unbounded PCollection: a TestStream delivering ``bundle_events`` at a time.
+
+    Every element has the same event time and the processing-time clock never
+    moves: a backlog is drained as fast as the runner goes, batches fill by
+    size, and what is left leaves when the watermark goes to infinity.
+    """
+    stream = TestStream()
+    for start in range(0, len(events), bundle_events):
+        stream.add_elements(events[start:start + bundle_events])
+    stream.advance_watermark_to_infinity()
+    return p | "TestStream" >> stream
+
+
+def _zero_clock() -> float:
+    """TestStream's processing-time clock starts at 0 and does not move here."""
+    return 0.0
+
+
+class _Discard(beam.DoFn):
+    """Drops every element; counts them per bundle, into this process's tally.
+
+    Not a Beam counter: the DirectRunner's streaming mode reports a counter of
+    one bundle only (seen with Beam 2.77 and a TestStream), and both runners
+    used here run DoFns in this process.
+    """
+
+    def start_bundle(self) -> None:
+        self._count = 0
+
+    def process(self, element: Any) -> None:
+        self._count += 1
+
+    def finish_bundle(self) -> None:
+        with _TALLY_LOCK:
+            _TALLY[0] += self._count
+
+
+_TALLY = [0]
+_TALLY_LOCK = threading.Lock()
+
+
+def run_pipeline(options: PipelineOptions, build) -> beam.runners.runner.PipelineResult:
+    p = beam.Pipeline(options=options)
+    build(p)
+    result = p.run()
+    result.wait_until_finish()
+    return result
+
+
+def timed_pipeline(*, streaming: bool, build) -> Timed:
+    """The timed callable of a scenario that only runs a pipeline."""
+    def run() -> None:
+        run_pipeline(pipeline_options(streaming=streaming), build)
+
+    return run
+
+
+def _discarded(result) -> int:
+    return _TALLY[0]
+
+
+def baseline(spec: RunSpec) -> Timed:
+    """The same source and encoding as the sink scenarios, then a discard."""
+    def build(p):
+        bounded_source(p, spec) | "Encode" >> beam.Map(orjson.dumps) | "Discard" >> beam.ParDo(_Discard())
+
+    return lambda: _discarded(run_pipeline(pipeline_options(streaming=False), build))
+
+
+def baseline_streaming(spec: RunSpec) -> Timed:
+    """The streaming scenarios' source and encoding, then a discard: the runner's own cost."""
+    events = load_events(spec)
+
+    def build(p):
+        (streaming_source(p, events, spec.bundle_events)
+         | "Encode" >> beam.Map(orjson.dumps) | "Discard" >> beam.ParDo(_Discard()))
+
+    return lambda: _discarded(run_pipeline(pipeline_options(streaming=True), build))
+
+
+def _sink(spec: RunSpec, *, compression: Optional[str], **kwargs: Any) -> WriteToTinybird:
+    return WriteToTinybird(
+        datasource=spec.datasource, token=spec.token, api_url=spec.api_url,
+        compression=compression, max_batch_bytes=spec.max_batch_bytes, **kwargs)
+
+
+def _sink_bounded(spec: RunSpec, compression: Optional[str]) -> Timed:
+    def build(p):
+        bounded_source(p, spec) | "WriteToTinybird" >> _sink(spec, compression=compression)
+
+    return timed_pipeline(streaming=False, build=build)
+
+
+def sink_none(spec: RunSpec) -> Timed:
+    return _sink_bounded(spec, None)
+
+
+def sink_zstd(spec: RunSpec) -> Timed:
+    return _sink_bounded(spec, "zstd")
+
+
+def sink_gzip(spec: RunSpec) -> Timed:
+    return _sink_bounded(spec, "gzip")
+
+
+def sink_streaming(spec: RunSpec) -> Timed:
+    """WriteToTinybird on an unbounded PCollection: the stateful ``_BatchDoFn`` path."""
+    events = load_events(spec)
+
+    def build(p):
+        source = streaming_source(p, events, spec.bundle_events)
+        assert not source.is_bounded
+        source | "WriteToTinybird" >> _sink(spec, compression="zstd", clock=_zero_clock)
+
+    return timed_pipeline(streaming=True, build=build)

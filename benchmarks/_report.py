@@ -1,0 +1,195 @@
+"""Results: one run's figures, the medians per scenario, the table and the targets."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from benchmarks.scenarios import Scenario
+
+__all__ = ["RunResult", "Summary", "Target", "evaluate_targets", "render", "summarize"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunResult:
+    """One run of one scenario, as measured by its worker and checked on the server.
+
+    Attributes:
+        requests: ``/v0/events`` requests the server answered during the run.
+        non_2xx: Those answered with anything but 2xx (retried by the sink, or fatal).
+        rows_stored: Rows in the run's data source after a flush (None: not a sender).
+        distinct_events: Distinct ``event_id`` among them.
+        counted: Elements the baseline's discard saw (None for senders).
+        ok: Every event arrived exactly once (or, for a baseline, was seen).
+        problem: Why not, when not ok.
+    """
+
+    scenario: str
+    repeat: int
+    events: int
+    ndjson_bytes: int
+    elapsed_secs: float
+    cpu_secs: float
+    max_rss_bytes: int
+    requests: int
+    non_2xx: int
+    rows_stored: Optional[int]
+    distinct_events: Optional[int]
+    quarantined: int
+    counted: Optional[int]
+    ok: bool
+    problem: Optional[str]
+
+    @property
+    def events_per_sec(self) -> float:
+        return self.events / self.elapsed_secs if self.elapsed_secs > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Summary:
+    """The median of a scenario's runs (runs that failed to run at all are left out)."""
+
+    scenario: Scenario
+    events: int
+    ndjson_bytes: int
+    runs: Tuple[RunResult, ...]
+    events_per_sec: float
+    mb_per_sec: float
+    requests: float
+    cpu_secs: float
+    max_rss_bytes: float
+    spread: float
+    ok: bool
+    problems: Tuple[str, ...]
+
+    @property
+    def mean_request_bytes(self) -> Optional[float]:
+        return self.ndjson_bytes / self.requests if self.requests else None
+
+
+def summarize(scenario: Scenario, runs: Sequence[RunResult]) -> Summary:
+    measured = [r for r in runs if r.elapsed_secs > 0]
+    problems = tuple(f"run {r.repeat}: {r.problem}" for r in runs if not r.ok)
+    if not measured:
+        return Summary(
+            scenario=scenario, events=runs[0].events if runs else 0, ndjson_bytes=0, runs=tuple(runs),
+            events_per_sec=0.0, mb_per_sec=0.0, requests=0, cpu_secs=0.0, max_rss_bytes=0, spread=0.0,
+            ok=False, problems=problems or ("no run",))
+    rates = [r.events_per_sec for r in measured]
+    median_rate = statistics.median(rates)
+    first = measured[0]
+    return Summary(
+        scenario=scenario,
+        events=first.events,
+        ndjson_bytes=first.ndjson_bytes,
+        runs=tuple(runs),
+        events_per_sec=median_rate,
+        mb_per_sec=statistics.median(r.ndjson_bytes / r.elapsed_secs / 1e6 for r in measured),
+        requests=statistics.median(r.requests for r in measured),
+        cpu_secs=statistics.median(r.cpu_secs for r in measured),
+        max_rss_bytes=statistics.median(r.max_rss_bytes for r in measured),
+        spread=(max(rates) - min(rates)) / median_rate if median_rate else 0.0,
+        ok=not problems and len(measured) == len(runs),
+        problems=problems,
+    )
+
+
+def _bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}" if n < 100 * size else f"{n / size:,.0f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _baseline_for(summary: Summary, by_name: Dict[str, Summary]) -> Optional[Summary]:
+    name = "baseline_streaming" if summary.scenario.name.endswith("_streaming") else "baseline"
+    return by_name.get(name)
+
+
+def render(summaries: Sequence[Summary], *, max_batch_bytes: int) -> str:
+    """The table (Markdown) of medians, with the ratio to the baseline of the same mode."""
+    by_name = {s.scenario.name: s for s in summaries}
+    header = (
+        "| scenario | events | events/s | x baseline | MB/s | requests | mean request | "
+        "of max_batch_bytes | CPU s | events/CPU-s | peak RSS | spread | rows check |"
+    )
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for s in summaries:
+        base = _baseline_for(s, by_name)
+        ratio = "1.00" if base is s else (
+            f"{s.events_per_sec / base.events_per_sec:.2f}" if base and base.events_per_sec else "-")
+        sends = s.scenario.sends
+        mean = s.mean_request_bytes if sends else None
+        check = "OK" if s.ok else "FAILED"
+        if s.ok and not sends:
+            check = "OK (seen)"
+        lines.append(
+            f"| {s.scenario.name}: {s.scenario.title} | {s.events:,} | {s.events_per_sec:,.0f} | {ratio} | "
+            f"{s.mb_per_sec:.1f} | {f'{s.requests:,.0f}' if sends else '-'} | {_bytes(mean)} | "
+            f"{f'{mean / max_batch_bytes:.1%}' if mean else '-'} | {s.cpu_secs:.2f} | "
+            f"{s.events / s.cpu_secs if s.cpu_secs else 0:,.0f} | {_bytes(s.max_rss_bytes)} | "
+            f"{s.spread:.0%} | {check} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One target: what is compared, the measured value, the bar, and whether it is met."""
+
+    description: str
+    value: float
+    threshold: float
+    met: bool
+    unit: str = "x"
+    note: str = ""
+
+    def line(self) -> str:
+        value = f"{self.value:.1%}" if self.unit == "%" else f"{self.value:.2f}x"
+        bar = f"{self.threshold:.0%}" if self.unit == "%" else f"{self.threshold:g}x"
+        note = f" ({self.note})" if self.note else ""
+        return f"- {self.description}: {value} (target >= {bar}): {'met' if self.met else 'MISSED'}{note}"
+
+
+_BOUNDED_SINKS = ("sink_none", "sink_zstd", "sink_gzip")
+
+
+def evaluate_targets(summaries: Sequence[Summary], *, max_batch_bytes: int) -> List[Target]:
+    """The issue's targets, for the scenarios that ran."""
+    by_name = {s.scenario.name: s for s in summaries}
+    targets: List[Target] = []
+
+    def ratio(a: str, b: str, threshold: float, description: str, note: str = "") -> None:
+        if a in by_name and b in by_name and by_name[b].events_per_sec:
+            value = by_name[a].events_per_sec / by_name[b].events_per_sec
+            targets.append(Target(description, value, threshold, value >= threshold, note=note))
+
+    for sink in _BOUNDED_SINKS:
+        ratio(sink, "baseline", 0.75, f"{sink} / baseline events/s")
+    for sink in _BOUNDED_SINKS:
+        ratio(sink, "peer_b_batch_bytes", 1.0, f"{sink} / (b) BatchElements by bytes events/s")
+    for sink in _BOUNDED_SINKS:
+        if "peer_a_post_each" in by_name and sink in by_name:
+            ratio(sink, "peer_a_post_each", 30.0, f"{sink} / (a) post per element events/s",
+                  note=f"rates on {by_name[sink].events:,} vs {by_name['peer_a_post_each'].events:,} events")
+    ratio("sink_streaming", "peer_c_gib_streaming", 5.0,
+          "sink_streaming / (c) GroupIntoBatches streaming events/s")
+    if "sink_streaming" in by_name and "peer_c_gib" in by_name:
+        ratio("sink_streaming", "peer_c_gib", 5.0,
+              "sink_streaming / (c) GroupIntoBatches bounded events/s",
+              note="different runners: streaming DirectRunner vs batch FnApiRunner")
+    for sink in _BOUNDED_SINKS:
+        s = by_name.get(sink)
+        if s is None or not s.mean_request_bytes:
+            continue
+        batches = s.ndjson_bytes / max_batch_bytes
+        value = s.mean_request_bytes / max_batch_bytes
+        note = f"{batches:.1f} batches of input"
+        if batches < 10:
+            note += "; input not much larger than one batch, not a fair test"
+        targets.append(Target(f"{sink} mean request size / max_batch_bytes", value, 0.9, value >= 0.9,
+                              unit="%", note=note))
+    return targets

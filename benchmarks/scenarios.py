@@ -1,0 +1,153 @@
+"""The scenarios: what each one runs, on how many events, and the plain-Python ceiling.
+
+A scenario is named on the command line and implemented by a *prepare*
+function, given as ``"module:function"`` so that the parent process never
+imports Beam. ``prepare(spec)`` does the imports and builds any input outside
+the timing, and returns the callable that the worker times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable, Dict, Optional, Tuple
+
+__all__ = [
+    "EVENTS", "PER_ELEMENT", "SCENARIOS", "STATEFUL", "RunSpec", "Scenario", "by_name", "ceiling",
+    "prepare",
+]
+
+# Which event count a scenario runs on (the slow ones run on fewer events).
+EVENTS = "events"
+STATEFUL = "stateful"
+PER_ELEMENT = "per_element"
+
+Timed = Callable[[], Optional[int]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    """Everything one scenario run needs; JSON-serializable (it is passed to the worker).
+
+    Attributes:
+        scenario: The scenario's name.
+        data_path: The generated NDJSON file; the run reads its first ``events`` lines.
+        events: Events to send.
+        api_url: The local Events API server.
+        token: A token with every scope on it.
+        datasource: A data source name of this run's own.
+        max_batch_bytes: Bound on the uncompressed NDJSON of one request.
+        bundle_events: Streaming scenarios: events per TestStream bundle.
+        profile_path: When set, the run is profiled with cProfile into this file.
+    """
+
+    scenario: str
+    data_path: str
+    events: int
+    api_url: str
+    token: str
+    datasource: str
+    max_batch_bytes: int
+    bundle_events: int = 1000
+    profile_path: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Scenario:
+    """One row of the table.
+
+    Attributes:
+        name: Its name on the command line.
+        title: Its label in the table.
+        size: ``EVENTS``, ``STATEFUL`` or ``PER_ELEMENT``: which event count it runs on.
+        sends: False for the baseline, which discards instead of sending.
+        target: ``"module:function"`` of its prepare function.
+    """
+
+    name: str
+    title: str
+    size: str
+    sends: bool
+    target: str
+
+
+SCENARIOS: Tuple[Scenario, ...] = (
+    Scenario(name="baseline", title="Baseline: source + orjson.dumps, discard",
+             size=EVENTS, sends=False, target="benchmarks._pipelines:baseline"),
+    Scenario(name="sink_none", title="WriteToTinybird, bounded, no compression",
+             size=EVENTS, sends=True, target="benchmarks._pipelines:sink_none"),
+    Scenario(name="sink_zstd", title="WriteToTinybird, bounded, zstd",
+             size=EVENTS, sends=True, target="benchmarks._pipelines:sink_zstd"),
+    Scenario(name="sink_gzip", title="WriteToTinybird, bounded, gzip",
+             size=EVENTS, sends=True, target="benchmarks._pipelines:sink_gzip"),
+    Scenario(name="peer_b_batch_bytes", title="(b) BatchElements by bytes + Session per batch",
+             size=EVENTS, sends=True, target="benchmarks.peers:batch_elements_by_bytes"),
+    Scenario(name="peer_d_tinybird_beam", title="(d) tinybird-beam approach (NDJSON to /v0/events)",
+             size=EVENTS, sends=True, target="benchmarks.peers:tinybird_beam"),
+    Scenario(name="ceiling", title="Ceiling: plain loop, orjson, one Session, no Beam",
+             size=EVENTS, sends=True, target="benchmarks.scenarios:ceiling"),
+    Scenario(name="baseline_streaming", title="Baseline, streaming: TestStream + orjson.dumps, discard",
+             size=STATEFUL, sends=False, target="benchmarks._pipelines:baseline_streaming"),
+    Scenario(name="sink_streaming", title="WriteToTinybird, unbounded (streaming), zstd",
+             size=STATEFUL, sends=True, target="benchmarks._pipelines:sink_streaming"),
+    Scenario(name="peer_c_gib_streaming", title="(c) GroupIntoBatches on random keys, streaming",
+             size=STATEFUL, sends=True, target="benchmarks.peers:group_into_batches_streaming"),
+    Scenario(name="peer_c_gib", title="(c) GroupIntoBatches on random keys, bounded",
+             size=STATEFUL, sends=True, target="benchmarks.peers:group_into_batches"),
+    Scenario(name="peer_a_post_each", title="(a) requests.post per element, no Session",
+             size=PER_ELEMENT, sends=True, target="benchmarks.peers:post_each_element"),
+)
+
+_BY_NAME: Dict[str, Scenario] = {s.name: s for s in SCENARIOS}
+
+
+def by_name(name: str) -> Scenario:
+    """The scenario called ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown scenario {name!r}; known: {', '.join(_BY_NAME)}") from None
+
+
+def prepare(spec: RunSpec) -> Timed:
+    """Imports the scenario's module, prepares its input, returns what is timed."""
+    module_name, _, function = by_name(spec.scenario).target.partition(":")
+    return getattr(importlib.import_module(module_name), function)(spec)
+
+
+def ceiling(spec: RunSpec) -> Timed:
+    """What the machine can do at best: no Beam, full batches, one connection.
+
+    A plain loop reads the same events, encodes each with ``orjson.dumps``,
+    fills batches up to ``max_batch_bytes`` (checked before adding, as the sink
+    does) and posts each, uncompressed, with one ``requests.Session``.
+    """
+    import orjson
+    import requests
+
+    from benchmarks._data import read_events
+
+    url = f"{spec.api_url}/v0/events?name={spec.datasource}"
+    headers = {"Authorization": f"Bearer {spec.token}", "Content-Type": "application/x-ndjson"}
+
+    def run() -> None:
+        with requests.Session() as session:
+            def post(lines: list) -> None:
+                lines.append(b"")
+                response = session.post(url, data=b"\n".join(lines), headers=headers, timeout=(5, 60))
+                response.raise_for_status()
+
+            lines: list = []
+            size = 0
+            for element in read_events(spec.data_path, spec.events):
+                line = orjson.dumps(element)
+                if size + len(line) + 1 > spec.max_batch_bytes and lines:
+                    post(lines)
+                    lines, size = [], 0
+                lines.append(line)
+                size += len(line) + 1
+            if lines:
+                post(lines)
+        return None
+
+    return run

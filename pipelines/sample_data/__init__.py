@@ -1,0 +1,1 @@
+"""The sample data set of the pipelines: ``events.ndjson``, written by ``generate.py``."""

@@ -1,0 +1,199 @@
+"""Unit tests of the pure parts: rate windows, fault decisions, scopes, body decoding, inference."""
+
+from __future__ import annotations
+
+import gzip
+import sqlite3
+
+import orjson
+import pytest
+import zstandard
+
+from emulator._body import BodyError, decompress, parse_body
+from emulator._config import ServerConfig
+from emulator._faults import FaultInjector, FaultRule, parse_rules
+from emulator._ratelimit import UNLIMITED_REPORTED_LIMIT, RateLimiter
+from emulator._schema import infer_schema
+from emulator._tokens import Scope, TokenInfo, parse_scope
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- rate limiter -------------------------------------------------------------------
+
+
+def test_request_window_limit_minus_one_limit_plus_one():
+    clock = FakeClock()
+    limiter = RateLimiter(requests_per_window=3, bytes_per_window=None, window_secs=1.0, clock=clock)
+    decisions = [limiter.acquire_request("a") for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert [d.remaining for d in decisions] == [2, 1, 0, 0]
+    assert decisions[-1].retry_after_secs == 1
+    assert decisions[0].headers() == {"X-RateLimit-Limit": "3", "X-RateLimit-Remaining": "2", "X-RateLimit-Reset": "1"}
+    assert limiter.acquire_request("b").allowed  # windows are per data source
+    clock.now += 0.6
+    assert limiter.acquire_request("a").reset_secs == 1  # 0.4 s left, rounded up
+    clock.now += 0.4
+    again = limiter.acquire_request("a")
+    assert again.allowed and again.remaining == 2
+
+
+def test_byte_window_lets_a_first_oversized_request_through():
+    clock = FakeClock()
+    limiter = RateLimiter(requests_per_window=None, bytes_per_window=100, window_secs=1.0, clock=clock)
+    assert limiter.acquire_bytes("a", 60).allowed
+    assert limiter.acquire_bytes("a", 40).allowed
+    refused = limiter.acquire_bytes("a", 1)
+    assert not refused.allowed and "byte" in refused.reason
+    clock.now += 1.0
+    assert limiter.acquire_bytes("a", 500).allowed
+    assert limiter.peek("a").limit == UNLIMITED_REPORTED_LIMIT
+
+
+# -- faults ---------------------------------------------------------------------------
+
+
+def test_fault_rule_validation_names_the_bad_value():
+    with pytest.raises(ValueError, match="status"):
+        FaultRule(status=302)
+    with pytest.raises(ValueError, match="when"):
+        FaultRule(status=500, when="later")
+    with pytest.raises(ValueError, match="rule 1"):
+        parse_rules([{"status": 500}, {"status": 500, "times": -1}])
+    assert parse_rules({"rules": [{"status": 503}]}) == (FaultRule(status=503),)
+
+
+def test_fault_injector_sequence_probability_times():
+    injector = FaultInjector(
+        [
+            FaultRule(status=503, sequence=(2, 3), datasource="a"),
+            FaultRule(status=500, probability=0.5, seed=3, times=2),
+        ]
+    )
+    fired = [injector.decide("a") for _ in range(6)]
+    indexes = [f.index if f else None for f in fired]
+    assert indexes[1:3] == [0, 0]
+    assert indexes.count(1) == 2  # times caps the probability rule
+    snapshot = injector.snapshot()
+    assert [s["matched"] for s in snapshot] == [6, 6]
+    assert [s["fired"] for s in snapshot] == [2, 2]
+
+
+def test_rows_after_are_not_credited_to_replaced_rules():
+    injector = FaultInjector([FaultRule(status=500, when="after")])
+    fired = injector.decide("x")
+    injector.set_rules([FaultRule(status=500, when="after")])
+    injector.record_rows_stored_after(fired, 10)
+    assert injector.snapshot()[0]["rows_stored_after"] == 0
+
+
+# -- tokens ----------------------------------------------------------------------------
+
+
+def test_scopes():
+    assert parse_scope("DATASOURCES:APPEND:events") == Scope("DATASOURCE:APPEND", "events")
+    assert parse_scope("admin") == Scope("ADMIN")
+    with pytest.raises(ValueError):
+        parse_scope("DATASOURCE:APPEND:bad-name")
+    with pytest.raises(ValueError):
+        parse_scope("DATASOURCE:CREATE:x")
+    info = TokenInfo("t", frozenset({Scope("DATASOURCE:APPEND", "a"), Scope("DATASOURCE:READ", "b")}))
+    assert info.can_append("a") and not info.can_append("b") and not info.can_create()
+    assert info.readable() == frozenset({"b"})
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        ServerConfig(data_dir="/tmp/x", admin_token="t", max_body_bytes=0)
+    with pytest.raises(ValueError, match="rate_limit_rps"):
+        ServerConfig(data_dir="/tmp/x", admin_token="t", rate_limit_rps=0)
+    config = ServerConfig(data_dir="/tmp/x", admin_token="secret-token")
+    assert "secret-token" not in repr(config)
+
+
+# -- body ----------------------------------------------------------------------------
+
+
+def test_decompress_caps_output():
+    data = b"x" * 10_000
+    assert decompress(gzip.compress(data), "gzip", max_bytes=10_000) == data
+    with pytest.raises(BodyError) as info:
+        decompress(gzip.compress(data), "gzip", max_bytes=9_999)
+    assert info.value.status == 413
+    with pytest.raises(BodyError) as info:
+        decompress(zstandard.ZstdCompressor().compress(data), "zstd", max_bytes=9_999)
+    assert info.value.status == 413
+    with pytest.raises(BodyError) as info:
+        decompress(data, "br", max_bytes=10)
+    assert info.value.status == 400
+
+
+def test_parse_body_fast_and_slow_paths():
+    parsed = parse_body(b'{"a":1}\n{"a":2}\n', fmt="", keep_objects=True)
+    assert (parsed.valid_rows, parsed.invalid, parsed.objects) == (2, [], [{"a": 1}, {"a": 2}])
+    assert orjson.loads(parsed.array_text) == [{"a": 1}, {"a": 2}]
+    parsed = parse_body(b'{"a":1}\n[]\n"x"\n{bad\n', fmt="ndjson", keep_objects=False)
+    assert parsed.valid_rows == 1 and [raw for raw, _ in parsed.invalid] == ["[]", '"x"', "{bad"]
+    parsed = parse_body(b'[{"a":1},{"a":2}]', fmt="json", keep_objects=False)
+    assert parsed.valid_rows == 2
+    with pytest.raises(BodyError):
+        parse_body(b" \n\t\n", fmt="", keep_objects=False)
+
+
+# -- schema --------------------------------------------------------------------------
+
+
+def test_infer_schema_widening_and_nullable():
+    schema = infer_schema(
+        "t",
+        [
+            {"a": 1, "b": "2020-01-01", "c": [1], "d": "x", "e": True, "f": [{"x": 1}]},
+            {"a": 1.5, "b": "2020-01-01 10:00:00", "c": [1.5], "d": 3, "g": None},
+        ],
+    )
+    types = {c.name: c.type for c in schema.columns}
+    assert types == {
+        "a": "Float64",
+        "b": "DateTime",
+        "c": "Array(Float64)",
+        "d": "String",
+        "e": "Nullable(Bool)",
+        "g": "Nullable(String)",
+    }
+
+
+def test_generated_sql_is_valid_and_quotes_identifiers():
+    schema = infer_schema("t", [{"we'ird": 1, "sel ect": "x", "x": {"y\u00e9": 2.5}}])
+    conn = sqlite3.connect(":memory:")
+    for stmt in schema.create_statements():
+        conn.execute(stmt)
+    inserted = conn.execute(
+        schema.insert_statement(), ('[{"we\'ird": 1, "sel ect": "x", "x": {"y\u00e9": 2.5}}, {"we\'ird": "no"}]',)
+    ).rowcount
+    assert inserted == 1
+    misfits = conn.execute(schema.misfits_statement(), ('[{"we\'ird": "no", "sel ect": "x", "x": {"y\u00e9": 1}}]',)).fetchall()
+    assert len(misfits) == 1 and misfits[0][0] == 0
+
+
+def test_row_by_row_fallback_classifies_each_row(tmp_path):
+    from emulator._storage import Store
+
+    store = Store(str(tmp_path))
+    schema = infer_schema("t", [{"a": 1, "s": "x"}])
+    conn = store._connect()
+    for stmt in schema.create_statements():
+        conn.execute(stmt)
+    ok, quarantined = store._row_by_row(conn, schema, '[{"a": 1, "s": "x"}, {"a": "no", "s": "y"}, {"a": 3}]', "imp")
+    assert ok == 1
+    assert [(row[0], row[2]) for row in quarantined] == [('["a"]', "imp"), ('["s"]', "imp")]
+    assert conn.execute("SELECT a, s FROM t").fetchall() == [(1, "x")]
+    conn.close()
+    store.close()

@@ -1,0 +1,190 @@
+"""The pipelines' shared pieces: options, validated config, token hygiene, progress, summary, formats."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines import files_to_tinybird, replay_dead_letters, streaming_to_tinybird
+from pipelines._common import (
+    CountRowsDoFn, Endpoint, RunSummary, SinkConfig, beam_options_without_secrets, display_path,
+    format_summary, parse_bool,
+)
+from pipelines._formats import UnreadableRecord, binary_safe_record, csv_value, format_from_path
+
+_OPTION_CLASSES = [
+    files_to_tinybird.FilesToTinybirdOptions,
+    streaming_to_tinybird.StreamingToTinybirdOptions,
+    replay_dead_letters.ReplayDeadLettersOptions,
+]
+
+
+def test_all_pipelines_options_live_together_in_one_process():
+    # Beam parses every PipelineOptions subclass of the process with one parser
+    # (get_all_options, used when a job is submitted): shared names must not conflict.
+    options = PipelineOptions(["--datasource", "events", "--input", "x/*", "--window_secs", "5"])
+    values = options.get_all_options()
+    assert values["datasource"] == "events" and values["input"] == "x/*" and values["window_secs"] == 5
+
+
+@pytest.mark.parametrize("options_class", _OPTION_CLASSES)
+def test_defaults_without_api_url_use_the_embedded_server(options_class):
+    config = SinkConfig.from_options(options_class([]))
+    assert config.embedded and config.datasource == "events"
+    assert config.wait is True  # exact quarantine counts in the local summary
+    assert (config.compression, config.dead_letter_format, config.token_env) == ("zstd", "json", "TINYBIRD_TOKEN")
+    assert (config.max_batch_bytes, config.max_batch_rows, config.num_shards) == (8 * 1024 * 1024, 200_000, 8)
+
+
+def test_options_as_a_command_line_and_as_flex_template_parameters():
+    argv = ["--api_url=https://api.us-east.aws.tinybird.co", "--datasource=web_events", "--wait=false",
+            "--compression=none", "--max_batch_bytes=1048576", "--max_batch_rows=5000", "--num_shards=3",
+            "--dead_letter_path=gs://b/dl/", "--dead_letter_format=avro",
+            "--token_secret=projects/p/secrets/tb/versions/latest"]
+    config = SinkConfig.from_options(files_to_tinybird.FilesToTinybirdOptions(argv))
+    assert config == SinkConfig(
+        datasource="web_events", api_url="https://api.us-east.aws.tinybird.co", wait=False, compression=None,
+        max_batch_bytes=1048576, max_batch_rows=5000, num_shards=3, dead_letter_path="gs://b/dl/",
+        dead_letter_format="avro", token_secret="projects/p/secrets/tb/versions/latest")
+    assert SinkConfig.from_options(files_to_tinybird.FilesToTinybirdOptions(
+        ["--api_url", "https://x.tinybird.co", "--datasource", "d", "--wait"])).wait is True
+    streaming = SinkConfig.from_options(streaming_to_tinybird.StreamingToTinybirdOptions(
+        ["--max_buffering_secs=0.5"]))
+    assert streaming.max_buffering_secs == 0.5
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"datasource": "bad name"}, "--datasource must be a data source name"),
+    ({"api_url": "ftp://x"}, "--api_url must be an http"),
+    ({"token": "t", "token_secret": "projects/p/secrets/s/versions/1"}, "either --token or --token_secret"),
+    ({"token_secret": "tinybird-token"}, "--token_secret must look like projects/PROJECT"),
+    ({"token_env": "1BAD"}, "--token_env must name an environment variable"),
+    ({"compression": "brotli"}, "--compression must be one of"),
+    ({"num_shards": 0}, "--num_shards must be a positive integer, got 0"),
+    ({"max_batch_bytes": 1}, "--max_batch_bytes must be at least 2"),
+    ({"max_buffering_secs": 0}, "--max_buffering_secs must be positive"),
+    ({"dead_letter_format": "csv"}, "--dead_letter_format must be one of"),
+])
+def test_config_refuses_bad_values_naming_them(changes, message):
+    with pytest.raises(ValueError, match=message):
+        SinkConfig(**{"datasource": "events", **changes})
+
+
+def test_the_token_never_shows():
+    config = SinkConfig(datasource="events", api_url="https://api.tinybird.co", token="p.secret-value")
+    assert "secret-value" not in repr(config)
+    assert "secret-value" not in repr(Endpoint(api_url="http://127.0.0.1:1", token="p.secret-value"))
+    with pytest.raises(ValueError) as error:
+        SinkConfig(datasource="events", token="p.secret-value", token_secret="projects/p/secrets/s/versions/1")
+    assert "secret-value" not in str(error.value)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--token", "p.secret", "--datasource", "e"],
+    ["--datasource", "e", "--token=p.secret"],
+])
+def test_the_token_is_kept_out_of_the_jobs_pipeline_options(argv):
+    options = beam_options_without_secrets(argv)
+    assert options.get_all_options(retain_unknown_options=True).get("token") is None
+    assert "p.secret" not in str(options.get_all_options(retain_unknown_options=True))
+    assert options.get_all_options()["datasource"] == "e"
+
+
+def test_parse_bool():
+    assert [parse_bool(v) for v in ("true", "True", "1", "yes", "false", "0", "no")] == [
+        True, True, True, True, False, False, False]
+    with pytest.raises(Exception, match="expected true or false"):
+        parse_bool("maybe")
+
+
+def test_progress_is_counted_and_logged(caplog):
+    caplog.set_level(logging.INFO, logger="pipelines")
+    do_fn = CountRowsDoFn(report_every_secs=0.0)
+    do_fn.setup()
+    assert list(do_fn.process("a")) == ["a"] and list(do_fn.process("b")) == ["b"]
+    do_fn.finish_bundle()
+    messages = [r.getMessage() for r in caplog.records if r.name == "pipelines._common"]
+    assert messages[0].startswith("read 1 rows (") and messages[1].startswith("read 2 rows (")
+    assert messages[0].endswith(" rows/s)")
+
+
+def test_counting_rows_passes_elements_through():
+    with TestPipeline() as p:
+        out = p | beam.Create(range(1000)) | beam.ParDo(CountRowsDoFn())
+        assert_that(out, equal_to(list(range(1000))))
+
+
+def test_summary_text(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = RunSummary(
+        rows_read=1200, rows_acknowledged=1100, rows_quarantined=7, dead_letters=100,
+        dead_letters_by_kind={"rejected": 99, "unencodable": 1}, requests=12, retries=2, extra={},
+        elapsed_secs=3.25, dead_letter_files=(str(tmp_path / "dl" / "dead-letters-x.jsonl"),))
+    config = SinkConfig(datasource="events", api_url="https://api.tinybird.co", wait=True,
+                        dead_letter_path=str(tmp_path / "dl") + "/")
+    text = format_summary(summary, title="Files to Tinybird", config=config,
+                          endpoint=Endpoint(api_url="https://api.tinybird.co"),
+                          dead_letter_path=config.dead_letter_path)
+    assert text.splitlines()[:9] == [
+        "Files to Tinybird: finished in 3.2 s, data source 'events' at https://api.tinybird.co",
+        "  rows read                 1,200",
+        "  rows acknowledged         1,100",
+        "  rows quarantined              7   (in events_quarantine)",
+        "  rows stored               1,093   (acknowledged - quarantined)",
+        "  dead letters                100   (rejected: 99, unencodable: 1)",
+        "  requests (retries)           12   (2 retries)",
+        "  dead-letter files in ./dl/:",
+        "    ./dl/dead-letters-x.jsonl",
+    ]
+    assert ("python -m pipelines.replay_dead_letters --input './dl/*' --datasource events "
+            "--dead_letter_path ./dl-replayed/ --api_url https://api.tinybird.co") in text
+    assert "emulator" not in text  # no local server in this run
+
+
+def test_display_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert display_path(str(tmp_path / "a" / "b.jsonl")) == "./a/b.jsonl"
+    assert display_path(str(tmp_path / "dl") + "/") == "./dl/"
+    assert display_path("/elsewhere/x") == "/elsewhere/x"
+    assert display_path("gs://b/x/") == "gs://b/x/"
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("data/*.ndjson", "ndjson"), ("a.jsonl", "ndjson"), ("a.JSONL.GZ", "ndjson"), ("gs://b/x/*.json", "json"),
+    ("x.json.zst", "json"), ("x.csv.bz2", "csv"), ("x.avro", "avro"), ("s3://b/p/*.parquet", "parquet"),
+    ("x.pq", "parquet"), ("data/*", None), ("x.txt", None), ("x.gz", None),
+])
+def test_format_from_path(path, expected):
+    assert format_from_path(path) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", None), ("0", 0), ("-12", -12), ("+7", 7), ("007", "007"), ("12.50", 12.5), ("-1.5e2", -150.0),
+    ("1e3", 1000.0), (".5", ".5"), ("1.", "1."), ("true", True), ("FALSE", False), ("NaN", "NaN"),
+    ("1,5", "1,5"), ("2024-05-01", "2024-05-01"), (" 1", " 1"), ("yes", "yes"),
+])
+def test_csv_values_are_typed_only_where_unambiguous(text, expected):
+    value = csv_value(text)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_binary_safe_record():
+    import datetime
+    import decimal
+
+    record = {"b": b"\x00\xff", "d": decimal.Decimal("1.10"), "n": {"t": datetime.datetime(2024, 1, 2, 3, 4, 5)}}
+    assert binary_safe_record(record) == b'{"b":"AP8=","d":1.10,"n":{"t":"2024-01-02T03:04:05Z"}}'
+    odd = {"x": object()}
+    assert binary_safe_record(odd) is odd  # left for the sink to dead-letter with its reason
+
+
+def test_unreadable_records_pickle_and_show_why():
+    record = UnreadableRecord(path="/d/a.csv", position="line 3", reason="4 values for 3 columns", text="1,2,3,4")
+    assert pickle.loads(pickle.dumps(record)) == record
+    assert repr(record) == "UnreadableRecord(/d/a.csv line 3: 4 values for 3 columns; text='1,2,3,4')"

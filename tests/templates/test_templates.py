@@ -1,0 +1,234 @@
+"""Flex Templates: metadata matches the pipelines' options, regexes, Dockerfiles and the Beam pin."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import apache_beam
+import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from pipelines import files_to_tinybird, replay_dead_letters, streaming_to_tinybird
+from pipelines._common import SinkConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = REPO_ROOT / "templates"
+OPTIONS = {
+    "files_to_tinybird": files_to_tinybird.FilesToTinybirdOptions,
+    "streaming_to_tinybird": streaming_to_tinybird.StreamingToTinybirdOptions,
+    "replay_dead_letters": replay_dead_letters.ReplayDeadLettersOptions,
+}
+STREAMING = {"streaming_to_tinybird"}
+# Values Dataflow cannot do without: there is no local server and no sample data on Dataflow.
+REQUIRED = {
+    "files_to_tinybird": {"input", "datasource", "api_url"},
+    "streaming_to_tinybird": {"datasource", "api_url"},
+    "replay_dead_letters": {"input", "datasource", "api_url", "dead_letter_path"},
+}
+PARAM_TYPES = {"TEXT", "GCS_READ_FILE", "GCS_WRITE_FOLDER", "PUBSUB_SUBSCRIPTION", "PUBSUB_TOPIC"}
+
+# name -> (values the regexes must accept, values they must refuse)
+EXAMPLES = {
+    "input": (["gs://bucket/events/*.ndjson", "gs://b/x/2024-05-*.parquet", "gs://b/dl/*"],
+              ["", "/local/path/*.csv", "s3://b/x", "gs://b/x\n"]),
+    "format": (["auto", "ndjson", "json", "csv", "avro", "parquet"], ["", "xml", "NDJSON", "csv "]),
+    "datasource": (["events", "web_events_v2", "_tmp"], ["", "2events", "web-events", "a b", "e" * 256]),
+    "api_url": (["https://api.tinybird.co", "https://api.us-east.aws.tinybird.co", "https://tb.example.com/"],
+                ["", "http://api.tinybird.co", "api.tinybird.co", "https://api.tinybird.co?token=x",
+                 "https://a b"]),
+    "token": (["p.eyJ1IjoiYSJ9.x-y_z"], ["", "two words"]),
+    "token_env": (["TINYBIRD_TOKEN", "tb_token2"], ["", "1TOKEN", "MY-TOKEN"]),
+    "token_secret": (["projects/p/secrets/tinybird/versions/latest", "projects/123/secrets/tb/versions/3"],
+                     ["", "tinybird", "projects/p/secrets/tinybird", "projects/p/secrets/s/versions/",
+                      "projects//secrets/s/versions/1", "projects/p/secrets/s/versions/1/extra"]),
+    "wait": (["true", "false"], ["", "yes", "True", "1"]),
+    "compression": (["zstd", "gzip", "none"], ["", "brotli", "ZSTD"]),
+    "max_batch_bytes": (["1048576", "8388608"], ["", "0", "-1", "1.5", "8MiB", "01"]),
+    "max_batch_rows": (["1", "200000"], ["", "0", "1e5"]),
+    "num_shards": (["1", "8", "64"], ["", "0", "eight"]),
+    "dead_letter_path": (["gs://bucket/tinybird/dead-letters/"], ["", "dead-letters/", "/tmp/dl"]),
+    "dead_letter_format": (["json", "avro"], ["", "jsonl", "parquet"]),
+    "input_subscription": (["projects/p/subscriptions/s"],
+                           ["", "s", "projects/p/topics/t", "projects/p/subscriptions/s/x"]),
+    "input_topic": (["projects/p/topics/t"], ["", "t", "projects/p/subscriptions/s"]),
+    "window_secs": (["1", "60", "3600"], ["", "0", "1.5", "-60"]),
+    "timestamp_attribute": (["event_time", "ts"], ["", "two words"]),
+    "max_buffering_secs": (["5", "0.5", "1.25", "10.0"], ["", "0", "0.0", "-1", "five", "1e3"]),
+}
+
+
+def _metadata(name: str) -> dict:
+    return json.loads((TEMPLATES / name / "metadata.json").read_text(encoding="utf-8"))
+
+
+def _option_names(options_class) -> list:
+    """The options the pipeline itself declares, in order (runner options are not among them)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    options_class._add_argparse_args(parser)  # pylint: disable=protected-access
+    return [action.dest for action in parser._actions]  # pylint: disable=protected-access
+
+
+def _matches(regexes, value: str) -> bool:
+    # Dataflow checks that a value matches every regex of its parameter.
+    return all(re.fullmatch(regex, value) for regex in regexes)
+
+
+def test_every_pipeline_has_a_template_folder():
+    folders = sorted(p.name for p in TEMPLATES.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    assert folders == sorted(OPTIONS)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_metadata_is_valid(name):
+    metadata = _metadata(name)
+    assert isinstance(metadata["name"], str) and metadata["name"]
+    assert isinstance(metadata["description"], str) and len(metadata["description"]) > 40
+    assert metadata["streaming"] is (name in STREAMING)
+    if name in STREAMING:
+        assert metadata["supportsAtLeastOnce"] is True and metadata["supportsExactlyOnce"] is True
+        assert metadata["defaultStreamingMode"] in ("UNSPECIFIED", "AT_LEAST_ONCE", "EXACTLY_ONCE")
+    assert set(metadata) <= {"name", "description", "streaming", "supportsAtLeastOnce",
+                             "supportsExactlyOnce", "defaultStreamingMode", "parameters"}
+    for parameter in metadata["parameters"]:
+        assert set(parameter) <= {"name", "label", "helpText", "isOptional", "regexes", "paramType"}
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", parameter["name"])
+        assert isinstance(parameter["label"], str) and parameter["label"].strip()
+        assert isinstance(parameter["helpText"], str) and len(parameter["helpText"]) >= 20
+        assert isinstance(parameter["isOptional"], bool)
+        assert parameter.get("paramType", "TEXT") in PARAM_TYPES
+        assert parameter["regexes"] and all(isinstance(r, str) for r in parameter["regexes"])
+        for regex in parameter["regexes"]:
+            re.compile(regex)
+            assert regex.startswith("^") and regex.endswith("$")  # whole-value checks
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_parameters_match_the_pipeline_options_one_to_one(name):
+    parameters = [p["name"] for p in _metadata(name)["parameters"]]
+    options = _option_names(OPTIONS[name])
+    assert len(parameters) == len(set(parameters))
+    assert parameters == options
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_required_parameters(name):
+    required = {p["name"] for p in _metadata(name)["parameters"] if not p["isOptional"]}
+    assert required == REQUIRED[name]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_regexes_accept_good_and_refuse_bad_values(name):
+    for parameter in _metadata(name)["parameters"]:
+        good, bad = EXAMPLES[parameter["name"]]
+        for value in good:
+            assert _matches(parameter["regexes"], value), (name, parameter["name"], value)
+        for value in bad:
+            assert not _matches(parameter["regexes"], value), (name, parameter["name"], value)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_values_the_template_accepts_are_accepted_by_the_pipeline(name):
+    """What passes Dataflow's regexes must not fail later, when the job starts."""
+    for parameter in _metadata(name)["parameters"]:
+        for value in EXAMPLES[parameter["name"]][0]:
+            argv = [f"--{parameter['name']}={value}"]
+            if parameter["name"] == "token" or parameter["name"] == "token_secret":
+                argv.append("--api_url=https://api.tinybird.co")
+            if parameter["name"] != "datasource":
+                argv.append("--datasource=events")
+            options = OPTIONS[name](argv)
+            SinkConfig.from_options(options)
+
+
+def test_token_secret_regex_is_the_sinks():
+    from sinks.tinybird import _token
+
+    for name in OPTIONS:
+        (secret,) = [p for p in _metadata(name)["parameters"] if p["name"] == "token_secret"]
+        assert secret["regexes"] == [_token._SECRET_VERSION.pattern]  # pylint: disable=protected-access
+
+
+def _beam_pin() -> Version:
+    lines = [line.strip() for line in (TEMPLATES / "constraints.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    requirements = [Requirement(line) for line in lines]
+    beam = [r for r in requirements if r.name == "apache-beam"]
+    assert len(beam) == 1, "constraints.txt pins apache-beam exactly once"
+    (specifier,) = list(beam[0].specifier)
+    assert specifier.operator == "==" and not beam[0].extras
+    return Version(specifier.version)
+
+
+def test_beam_pin_satisfies_pyproject_and_is_the_tested_version():
+    pin = _beam_pin()
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    beam_ranges = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["gcp"]
+                   if Requirement(r).name == "apache-beam"]
+    assert len(beam_ranges) == 2
+    for requirement in beam_ranges:
+        assert pin in requirement.specifier, f"{pin} is outside {requirement}"
+    assert pin == Version(apache_beam.__version__), "the images must run the Beam version tested here"
+    assert Version("3.11") in SpecifierSet(project["requires-python"])  # python311 launcher image
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_dockerfile(name):
+    dockerfile = (TEMPLATES / name / "Dockerfile").read_text(encoding="utf-8")
+    instructions = [line for line in dockerfile.splitlines() if line and not line.startswith("#")]
+    assert instructions[0] == "FROM gcr.io/dataflow-templates-base/python311-template-launcher-base"
+    env = dict(re.findall(r"^ENV (\w+)=(\S+)$", dockerfile, re.MULTILINE))
+    assert env["FLEX_TEMPLATE_PYTHON_PY_FILE"] == f"/template/templates/{name}/main.py"
+    assert env["FLEX_TEMPLATE_PYTHON_SETUP_FILE"] == "/template/setup.py"
+    assert 'pip install --no-cache-dir -c templates/constraints.txt "/template[gcp]"' in dockerfile
+    # The Beam version comes from constraints.txt only.
+    assert not re.search(r"apache[-_]beam\S*==", dockerfile)
+    # Every COPY source exists (the build context is the repository root).
+    for line in instructions:
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (REPO_ROOT / source).exists(), f"{name}/Dockerfile copies a missing {source}"
+    assert "WORKDIR /template" in instructions
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_entry_point_runs_the_pipelines_main(name, monkeypatch):
+    called = []
+    module = sys.modules[f"pipelines.{name}"]
+    monkeypatch.setattr(module, "main", lambda: called.append(name))
+    runpy.run_path(str(TEMPLATES / name / "main.py"), run_name="__main__")
+    assert called == [name]
+
+
+def test_files_template_as_the_launcher_runs_it(tmp_path):
+    """The entry point run as a script with --name=value parameters, as the Flex Template launcher does."""
+    from emulator import LocalServer
+
+    (tmp_path / "in.ndjson").write_text("".join(json.dumps({"id": i}) + "\n" for i in range(20)))
+    with LocalServer(data_dir=tmp_path / "tb", rate_limit_rps=None) as server:
+        parameters = {
+            "input": str(tmp_path / "*.ndjson"), "format": "ndjson", "datasource": "launched",
+            "api_url": server.url, "token_env": "LAUNCHER_TB_TOKEN", "wait": "true", "compression": "gzip",
+            "max_batch_bytes": "4096", "max_batch_rows": "7", "num_shards": "2",
+            "dead_letter_path": str(tmp_path / "dead") + "/", "dead_letter_format": "avro",
+        }
+        assert set(parameters) | {"token", "token_secret"} == set(_option_names(OPTIONS["files_to_tinybird"]))
+        result = subprocess.run(
+            [sys.executable, str(TEMPLATES / "files_to_tinybird" / "main.py"),
+             *(f"--{k}={v}" for k, v in parameters.items()), "--runner=DirectRunner"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=240,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "LAUNCHER_TB_TOKEN": server.token})
+        assert result.returncode == 0, result.stderr[-3000:]
+        server.flush()
+        assert server.query("SELECT count(*) AS n FROM launched") == [{"n": 20}]
+        assert re.search(r"^  requests \(retries\)\s+3\s", result.stdout, re.MULTILINE)  # 7 + 7 + 6 rows
+        assert server.token not in result.stdout + result.stderr
