@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 def pipeline_options(*, streaming: bool) -> PipelineOptions:
-    args = ["--runner=DirectRunner"]
+    args = ["--runner=BundleBasedDirectRunner" if streaming else "--runner=FnApiRunner"]
     if streaming:
         args.append("--streaming")
     return PipelineOptions(args)

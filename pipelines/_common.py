@@ -468,8 +468,13 @@ def summarise(result: PipelineResult, *, elapsed_secs: float,
     )
 
 
-def check_input_exists(file_pattern: str) -> None:
-    """Raises :class:`UsageError` when nothing matches ``file_pattern`` (before anything starts)."""
+def check_input_exists(file_pattern: str, *, argv: Sequence[str] = ()) -> None:
+    """Raises :class:`UsageError` when nothing matches ``file_pattern`` (before anything starts).
+
+    ``argv`` configures the filesystems first, as a pipeline would (``s3://``
+    needs its options).
+    """
+    FileSystems.set_options(beam_options_without_secrets(argv))
     try:
         matched = FileSystems.match([file_pattern])[0].metadata_list
     except Exception as error:  # noqa: BLE001 - any filesystem's error means: cannot read the input
@@ -653,8 +658,15 @@ class UsageError(ValueError):
     """A bad command line: reported before anything runs, with exit status 2."""
 
 
-def exit_on_usage_error(main: Callable[[Sequence[str]], Any], argv: Sequence[str]) -> None:
-    """Runs ``main(argv)``; a :class:`UsageError` or bad option value becomes ``error: ...``, status 2."""
+def exit_on_usage_error(main: Callable[[Sequence[str]], Any], argv: Sequence[str], *,
+                        description: Optional[str] = None) -> None:
+    """Runs ``main(argv)``; a :class:`UsageError` becomes ``error: ...`` on stderr and status 2.
+
+    With ``-h``/``--help``, ``description`` (the pipeline's module docstring)
+    is printed before the options.
+    """
+    if description and {"-h", "--help"} & set(argv):
+        print(description.strip() + "\n")
     try:
         main(argv)
     except UsageError as error:

@@ -5,8 +5,20 @@
         --api_url https://api.tinybird.co --token_env TINYBIRD_TOKEN \\
         --dead_letter_path gs://bucket/dead-letters/ --runner DataflowRunner ...
 
-Formats: NDJSON, JSON (one array or one object per file), CSV (header row),
-Avro and Parquet, chosen by ``--format`` or from the extension of ``--input``.
+Formats, chosen by ``--format`` or from the extension of ``--input``:
+
+* NDJSON (``.ndjson``, ``.jsonl``): each line is sent as it is, after the sink checks
+  it holds one JSON object.
+* JSON (``.json``): one array (each item is a row) or one object per file; a
+  ``.json`` file that is not one JSON document is read as JSON lines.
+* CSV (``.csv``): a header row; values are typed where unambiguous (integers
+  without a leading zero, decimals, ``true``/``false``; empty fields are null),
+  anything else stays a string.
+* Avro (``.avro``) and Parquet (``.parquet``): records as they are; binary values
+  become base64 text (JSON has no bytes).
+
+A record that is not one JSON object (a truncated line, a CSV row with too many
+values) is dead-lettered with the reason, never dropped.
 Without ``--api_url`` the job starts the local Events API server itself (data in
 ``./tinybird-local/``), writes dead letters to ``./dead-letters/``, and without
 ``--input`` reads the sample data set shipped in ``pipelines/sample_data/``.
@@ -98,7 +110,7 @@ def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
         config = config.with_dead_letter_path(config.dead_letter_path)
     file_pattern = resolve_input(options)
     file_format = resolve_format(file_pattern, options.format)
-    check_input_exists(file_pattern)
+    check_input_exists(file_pattern, argv=argv)
 
     def _build(pipeline: beam.Pipeline, endpoint: Endpoint, sink: SinkConfig) -> None:
         build(pipeline, file_pattern=file_pattern, file_format=file_format,
@@ -110,7 +122,7 @@ def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
 
 def main(argv: Optional[List[str]] = None) -> None:
     configure_logging()
-    exit_on_usage_error(run, sys.argv[1:] if argv is None else argv)
+    exit_on_usage_error(run, sys.argv[1:] if argv is None else argv, description=__doc__)
 
 
 if __name__ == "__main__":

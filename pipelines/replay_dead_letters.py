@@ -163,7 +163,7 @@ def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
     if not options.input:
         raise UsageError("--input is required: the dead-letter files to replay, e.g. 'dead-letters/*'")
     check_output_outside_input(options.input, config.dead_letter_path)
-    check_input_exists(options.input)
+    check_input_exists(options.input, argv=argv)
     config = config.with_dead_letter_path(config.dead_letter_path)
 
     def _build(pipeline: beam.Pipeline, endpoint: Endpoint, sink: SinkConfig) -> None:
@@ -177,7 +177,7 @@ def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
 
 def main(argv: Optional[List[str]] = None) -> None:
     configure_logging()
-    exit_on_usage_error(run, sys.argv[1:] if argv is None else argv)
+    exit_on_usage_error(run, sys.argv[1:] if argv is None else argv, description=__doc__)
 
 
 if __name__ == "__main__":

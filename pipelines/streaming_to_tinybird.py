@@ -160,7 +160,7 @@ def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
 
 def main(argv: Optional[List[str]] = None) -> None:
     configure_logging()
-    exit_on_usage_error(run, sys.argv[1:] if argv is None else argv)
+    exit_on_usage_error(run, sys.argv[1:] if argv is None else argv, description=__doc__)
 
 
 if __name__ == "__main__":

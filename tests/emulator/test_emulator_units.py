@@ -197,3 +197,24 @@ def test_row_by_row_fallback_classifies_each_row(tmp_path):
     assert conn.execute("SELECT a, s FROM t").fetchall() == [(1, "x")]
     conn.close()
     store.close()
+
+
+@pytest.mark.parametrize(
+    "body,valid,invalid",
+    [
+        # Lines that only make sense together: the joined array is valid and holds
+        # as many objects as there are lines, yet three lines are not objects.
+        (b'{"p":1},{"q":2}\n{"a":[{"x":1}\n{"y":2}]}\n', 0, 3),
+        (b'{"p":1} ,\t{"q":2}\n{"a":{"x":1\n"y":2}}\n', 0, 3),
+        (b'{"a":"\n"}\n{"b":1}\n', 1, 2),
+        (b'{"a":1}\n{"a":[{"b":1},{"c":2}]}\n', 2, 0),  # arrays of objects: slow path, all valid
+        (b'{"a":1}\r\n{"a":2}\r\n', 2, 0),
+        (b'{"a":1}\n \n{"a":2}\n', 2, 0),
+        (b'{"a":1}\n\t{"a":2} \n', 2, 0),
+        (b'{"a":"x\x01"}\n{"a":1}\n', 1, 1),  # raw control character in a string
+    ],
+)
+def test_parse_body_is_never_fooled_by_the_joined_array(body, valid, invalid):
+    parsed = parse_body(body, fmt="ndjson", keep_objects=False)
+    assert (parsed.valid_rows, len(parsed.invalid)) == (valid, invalid)
+    assert len(orjson.loads(parsed.array_text)) == valid

@@ -192,11 +192,15 @@ def test_dockerfile(name):
     assert 'pip install --no-cache-dir -c templates/constraints.txt "/template[gcp]"' in dockerfile
     # The Beam version comes from constraints.txt only.
     assert not re.search(r"apache[-_]beam\S*==", dockerfile)
-    # Every COPY source exists (the build context is the repository root).
-    for line in instructions:
-        if line.startswith("COPY "):
-            for source in line.split()[1:-1]:
-                assert (REPO_ROOT / source).exists(), f"{name}/Dockerfile copies a missing {source}"
+    # The build context is the repository root: every COPY source is in the repository, and
+    # the project's packages and the files its build needs (the readme too) are copied.
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    readme = project["readme"] if isinstance(project["readme"], str) else project["readme"]["file"]
+    sources = [source for line in instructions if line.startswith("COPY ") for source in line.split()[1:-1]]
+    assert {"pyproject.toml", "setup.py", readme, "sinks", "pipelines", "emulator", "templates"} <= set(sources)
+    for source in sources:
+        # The readme is the packaging's to provide (pip install . needs it as much as the image).
+        assert source == readme or (REPO_ROOT / source).exists(), f"{name}/Dockerfile copies a missing {source}"
     assert "WORKDIR /template" in instructions
 
 
