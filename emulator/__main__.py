@@ -11,8 +11,9 @@ Usage::
     python -m emulator datasources --url URL --token TOKEN
 
 ``serve`` prints ``Tinybird local Events API listening on http://127.0.0.1:PORT``
-once it accepts requests (``--port 0`` picks a free port). Without ``--token``
-an admin token is generated and printed. SIGTERM or Ctrl-C stops it after
+once it accepts requests (``--port 0`` picks a free port). The admin token comes
+from ``--token``, else ``$TB_LOCAL_ADMIN_TOKEN`` (not visible in ``ps``), else it
+is generated and printed. SIGTERM or Ctrl-C stops it after
 committing everything it accepted.
 
 ``token create`` writes to the data dir directly (the running server sees the
@@ -76,7 +77,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port, 0 for a free one (default {DEFAULT_PORT})")
     serve.add_argument("--data-dir", required=True, help="folder for the SQLite database and tokens")
-    serve.add_argument("--token", default=None, help="admin token (generated and printed when omitted)")
+    serve.add_argument("--token", default=None,
+                       help="admin token; else $TB_LOCAL_ADMIN_TOKEN; else generated and printed")
     serve.add_argument(
         "--rate-limit-rps", type=_optional_number(float), default=DEFAULT_RATE_LIMIT_RPS,
         help=f"requests/s per data source, or 'none' (default {DEFAULT_RATE_LIMIT_RPS:g})",
@@ -120,7 +122,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from emulator._app import DataDirInUse, serve
     from emulator._faults import parse_rules
-    from emulator._tokens import generate_token
+    from emulator._tokens import ADMIN_TOKEN_ENV, generate_token
 
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -133,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             print(f"error: cannot use the faults file {args.faults}: {exc}", file=sys.stderr)
             return 2
-    token = args.token
+    token = args.token or os.environ.get(ADMIN_TOKEN_ENV)
     if not token:
         token = generate_token()
         print(f"Admin token: {token}", flush=True)

@@ -31,7 +31,7 @@ from emulator._config import (
     DEFAULT_RATE_LIMIT_RPS,
 )
 from emulator._faults import FaultRule, parse_rules
-from emulator._tokens import generate_token
+from emulator._tokens import ADMIN_TOKEN_ENV, generate_token
 
 __all__ = ["LocalServer", "LocalServerError"]
 
@@ -184,7 +184,7 @@ class LocalServer:
         cmd = [
             sys.executable, "-m", "emulator", "serve",
             "--host", self._host, "--port", str(self._port),
-            "--data-dir", self._data_dir, "--token", self._token,
+            "--data-dir", self._data_dir,
             "--stop-on-stdin-eof",
             *self._args,
         ]
@@ -196,6 +196,8 @@ class LocalServer:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # In the environment rather than argv, which any local user can read with ps.
+        env[ADMIN_TOKEN_ENV] = self._token
         self._log_fh = open(self.log_path, "ab")
         # The server stops when its stdin closes: when this process exits, even by SIGKILL.
         self._proc = subprocess.Popen(

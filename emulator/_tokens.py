@@ -21,11 +21,13 @@ import secrets
 import threading
 from typing import FrozenSet, List, Optional, Sequence, Tuple
 
-__all__ = ["Scope", "TokenInfo", "TokenStore", "generate_token", "parse_scope"]
+__all__ = ["ADMIN_TOKEN_ENV", "Scope", "TokenInfo", "TokenStore", "generate_token", "parse_scope"]
 
 _LOG = logging.getLogger(__name__)
 
 TOKENS_FILE = "tokens.json"
+# `serve` reads its admin token from here when --token is not given.
+ADMIN_TOKEN_ENV = "TB_LOCAL_ADMIN_TOKEN"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
 _TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 

@@ -17,13 +17,19 @@ pytestmark = pytest.mark.timeout(60)
 ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def _run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+def _env() -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TB_LOCAL_ADMIN_TOKEN", None)
+    return env
+
+
+def _run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = _env()
     return subprocess.run([sys.executable, "-m", "emulator", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_serve_generates_token_prints_url_and_stops_on_sigterm(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = _env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "emulator", "serve", "--port", "0", "--data-dir", str(tmp_path)],
         stdout=subprocess.PIPE,
@@ -136,3 +142,11 @@ def test_one_server_per_data_dir_and_port(server, tmp_path):
     assert out.returncode == 3 and "another server is using the data dir" in out.stderr
     out = _run("serve", "--port", str(server.port), "--data-dir", str(tmp_path), "--token", "x")
     assert out.returncode == 3 and "address already in use" in out.stderr.lower()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_local_server_keeps_the_token_out_of_argv(server):
+    with open(f"/proc/{server.pid}/cmdline", "rb") as fh:
+        argv = fh.read().split(b"\0")
+    assert server.token.encode() not in b" ".join(argv)
+    assert b"serve" in argv
