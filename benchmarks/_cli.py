@@ -107,6 +107,19 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
+def _process_cpu_secs(pid: Optional[int]) -> float:
+    """CPU seconds (user + system, every thread) used so far by process ``pid``; 0 if unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -132,6 +145,7 @@ class _Bench:
             bundle_events=self.bundle_events, profile_path=profile_path)
         ndjson_bytes = self.data.ndjson_bytes_of(events)
         self.server.reset_stats()
+        server_cpu_before = _process_cpu_secs(self.server.pid)
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks._worker", json.dumps(dataclasses.asdict(spec))],
             cwd=_PROJECT_ROOT, env=self._env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
@@ -140,6 +154,7 @@ class _Bench:
             if line.startswith(RESULT_PREFIX):
                 measured = json.loads(line[len(RESULT_PREFIX):])
         self.server.flush()
+        server_cpu = _process_cpu_secs(self.server.pid) - server_cpu_before
         stats = self.server.stats()
         by_status: Dict[str, int] = stats["requests"]["by_status"]
         requests = stats["requests"]["total"]
@@ -162,7 +177,7 @@ class _Bench:
             scenario=scenario.name, repeat=repeat, events=events, ndjson_bytes=ndjson_bytes,
             elapsed_secs=measured["elapsed_secs"] if measured else 0.0,
             cpu_secs=measured["cpu_secs"] if measured else 0.0,
-            max_rss_bytes=measured["max_rss_bytes"] if measured else 0,
+            max_rss_bytes=measured["max_rss_bytes"] if measured else 0, server_cpu_secs=server_cpu,
             requests=requests, non_2xx=non_2xx, rows_stored=rows, distinct_events=distinct,
             quarantined=quarantined, counted=counted, ok=problem is None, problem=problem)
 
@@ -278,7 +293,7 @@ def _progress(done: int, total: int, r: RunResult) -> str:
     checked = "OK" if r.ok else "FAILED"
     rows = f"rows {r.rows_stored:,}/{r.events:,}" if r.rows_stored is not None else f"seen {r.counted}/{r.events:,}"
     return (f"[{done}/{total}] {r.scenario} run {r.repeat}: {r.events:,} events in {r.elapsed_secs:.2f} s = "
-            f"{r.events_per_sec:,.0f} events/s, CPU {r.cpu_secs:.2f} s, peak RSS {r.max_rss_bytes / 2**20:.0f} MiB, "
+            f"{r.events_per_sec:,.0f} events/s, CPU {r.cpu_secs:.2f} s (server {r.server_cpu_secs:.2f} s), peak RSS {r.max_rss_bytes / 2**20:.0f} MiB, "
             f"{r.requests:,} requests ({r.non_2xx} not 2xx), {rows} {checked}"
             + (f"\n  {r.problem}" if r.problem else ""))
 

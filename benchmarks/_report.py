@@ -16,6 +16,9 @@ class RunResult:
     """One run of one scenario, as measured by its worker and checked on the server.
 
     Attributes:
+        cpu_secs: CPU time of the worker process (every thread) during the timed part.
+        server_cpu_secs: CPU time of the server process from the start of the run
+            until everything it accepted was committed.
         requests: ``/v0/events`` requests the server answered during the run.
         non_2xx: Those answered with anything but 2xx (retried by the sink, or fatal).
         rows_stored: Rows in the run's data source after a flush (None: not a sender).
@@ -32,6 +35,7 @@ class RunResult:
     elapsed_secs: float
     cpu_secs: float
     max_rss_bytes: int
+    server_cpu_secs: float
     requests: int
     non_2xx: int
     rows_stored: Optional[int]
@@ -58,6 +62,7 @@ class Summary:
     mb_per_sec: float
     requests: float
     cpu_secs: float
+    server_cpu_secs: float
     max_rss_bytes: float
     spread: float
     ok: bool
@@ -74,7 +79,8 @@ def summarize(scenario: Scenario, runs: Sequence[RunResult]) -> Summary:
     if not measured:
         return Summary(
             scenario=scenario, events=runs[0].events if runs else 0, ndjson_bytes=0, runs=tuple(runs),
-            events_per_sec=0.0, mb_per_sec=0.0, requests=0, cpu_secs=0.0, max_rss_bytes=0, spread=0.0,
+            events_per_sec=0.0, mb_per_sec=0.0, requests=0, cpu_secs=0.0, server_cpu_secs=0.0, max_rss_bytes=0,
+            spread=0.0,
             ok=False, problems=problems or ("no run",))
     rates = [r.events_per_sec for r in measured]
     median_rate = statistics.median(rates)
@@ -88,6 +94,7 @@ def summarize(scenario: Scenario, runs: Sequence[RunResult]) -> Summary:
         mb_per_sec=statistics.median(r.ndjson_bytes / r.elapsed_secs / 1e6 for r in measured),
         requests=statistics.median(r.requests for r in measured),
         cpu_secs=statistics.median(r.cpu_secs for r in measured),
+        server_cpu_secs=statistics.median(r.server_cpu_secs for r in measured),
         max_rss_bytes=statistics.median(r.max_rss_bytes for r in measured),
         spread=(max(rates) - min(rates)) / median_rate if median_rate else 0.0,
         ok=not problems and len(measured) == len(runs),
@@ -114,7 +121,7 @@ def render(summaries: Sequence[Summary], *, max_batch_bytes: int) -> str:
     by_name = {s.scenario.name: s for s in summaries}
     header = (
         "| scenario | events | events/s | x baseline | MB/s | requests | mean request | "
-        "of max_batch_bytes | CPU s | events/CPU-s | peak RSS | spread | rows check |"
+        "of max_batch_bytes | CPU s | events/CPU-s | peak RSS | server CPU s | spread | rows check |"
     )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for s in summaries:
@@ -131,6 +138,7 @@ def render(summaries: Sequence[Summary], *, max_batch_bytes: int) -> str:
             f"{s.mb_per_sec:.1f} | {f'{s.requests:,.0f}' if sends else '-'} | {_bytes(mean)} | "
             f"{f'{mean / max_batch_bytes:.1%}' if mean else '-'} | {s.cpu_secs:.2f} | "
             f"{s.events / s.cpu_secs if s.cpu_secs else 0:,.0f} | {_bytes(s.max_rss_bytes)} | "
+            f"{f'{s.server_cpu_secs:.2f}' if sends else '-'} | "
             f"{s.spread:.0%} | {check} |"
         )
     return "\n".join(lines)
@@ -146,12 +154,14 @@ class Target:
     met: bool
     unit: str = "x"
     note: str = ""
+    per_cpu_value: Optional[float] = None
 
     def line(self) -> str:
         value = f"{self.value:.1%}" if self.unit == "%" else f"{self.value:.2f}x"
         bar = f"{self.threshold:.0%}" if self.unit == "%" else f"{self.threshold:g}x"
+        per_cpu = "" if self.per_cpu_value is None else f"; per CPU-second of the pipeline: {self.per_cpu_value:.2f}x"
         note = f" ({self.note})" if self.note else ""
-        return f"- {self.description}: {value} (target >= {bar}): {'met' if self.met else 'MISSED'}{note}"
+        return f"- {self.description}: {value} (target >= {bar}): {'met' if self.met else 'MISSED'}{per_cpu}{note}"
 
 
 _BOUNDED_SINKS = ("sink_none", "sink_zstd", "sink_gzip")
@@ -164,8 +174,12 @@ def evaluate_targets(summaries: Sequence[Summary], *, max_batch_bytes: int) -> L
 
     def ratio(a: str, b: str, threshold: float, description: str, note: str = "") -> None:
         if a in by_name and b in by_name and by_name[b].events_per_sec:
-            value = by_name[a].events_per_sec / by_name[b].events_per_sec
-            targets.append(Target(description, value, threshold, value >= threshold, note=note))
+            sa, sb = by_name[a], by_name[b]
+            value = sa.events_per_sec / sb.events_per_sec
+            per_cpu = None
+            if sa.cpu_secs and sb.cpu_secs:
+                per_cpu = (sa.events / sa.cpu_secs) / (sb.events / sb.cpu_secs)
+            targets.append(Target(description, value, threshold, value >= threshold, note=note, per_cpu_value=per_cpu))
 
     for sink in _BOUNDED_SINKS:
         ratio(sink, "baseline", 0.75, f"{sink} / baseline events/s")
