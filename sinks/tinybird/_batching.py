@@ -31,13 +31,12 @@ import apache_beam as beam
 from apache_beam.coders import BytesCoder, TupleCoder, VarIntCoder
 from apache_beam.transforms import userstate
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from sinks.tinybird._metrics import SinkMetrics
 from sinks.tinybird._encoding import EncodingError, element_repr, encode_element
-from sinks.tinybird.dead_letters import DeadLetter, DeadLetterKind, window_text
+from sinks.tinybird._metrics import SinkMetrics
+from sinks.tinybird.dead_letters import DeadLetter, DeadLetterKind, iso_utc, window_text
 
 DEAD_LETTERS_TAG = "dead_letters"
 FULL_TAG = "full"
@@ -98,16 +97,12 @@ class BatchLimits:
             raise ValueError(f"num_shards must be at least 1, got {self.num_shards!r}")
 
 
-def _utc_now_text() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def never_sent(
     *, datasource: str, kind: DeadLetterKind, message: str, window: object,
     line: Optional[str] = None, element: Optional[str] = None,
 ) -> DeadLetter:
     """A dead letter for an element refused before any request."""
-    now = _utc_now_text()
+    now = iso_utc(time.time())
     return DeadLetter(
         line=line, element=element, datasource=datasource, kind=kind.value,
         status=None, message=message, attempts=0,

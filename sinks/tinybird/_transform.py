@@ -22,7 +22,7 @@ from sinks.tinybird._events_api import ClientSettings, EventsApiClient, Failed, 
 from sinks.tinybird._metrics import SinkMetrics
 from sinks.tinybird._token import DEFAULT_TOKEN_ENV, TokenSource
 from sinks.tinybird.dead_letters import (
-    DEAD_LETTER_FORMATS, DeadLetter, DeliveryError, WriteDeadLetterFiles,
+    DEAD_LETTER_FORMATS, DeadLetter, DeliveryError, WriteDeadLetterFiles, iso_utc,
 )
 from sinks.tinybird.retry import RetryPolicy
 
@@ -38,10 +38,6 @@ _PROGRESS_EVERY_SECS = 10.0
 
 _KEYED_CHUNK = TupleHint[TupleHint[int, int, str], TupleHint[bytes, int]]
 _BATCH = TupleHint[str, bytes, int]
-
-
-def _iso(epoch_secs: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_secs)) + f".{int(epoch_secs % 1 * 1000):03d}Z"
 
 
 class _PostDoFn(beam.DoFn):
@@ -118,7 +114,7 @@ class _PostDoFn(beam.DoFn):
         self._progress()
 
     def _dead_letters(self, failed: Failed, window: str) -> Iterator[DeadLetter]:
-        first, last = _iso(failed.first_attempt_at), _iso(failed.last_attempt_at)
+        first, last = iso_utc(failed.first_attempt_at), iso_utc(failed.last_attempt_at)
         kind = failed.kind.value
         for line in failed.payload.split(b"\n")[:-1]:
             yield DeadLetter(

@@ -93,6 +93,12 @@ def _rebuild_delivery_error(datasource, kind, status, message, rows) -> "Deliver
     return DeliveryError(datasource=datasource, kind=kind, status=status, message=message, rows=rows)
 
 
+def iso_utc(epoch_secs: float) -> str:
+    """An epoch time as ISO 8601 UTC with milliseconds, as dead letters show times."""
+    millis = int(round(epoch_secs * 1000))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000)) + f".{millis % 1000:03d}Z"
+
+
 def window_text(window: object) -> str:
     """The window of an element as text: ``"global"`` or ``"[start, end)"`` in UTC."""
     if isinstance(window, GlobalWindow):

@@ -14,7 +14,6 @@ import logging
 import pickle
 import socket
 import threading
-import time
 import zlib
 
 import orjson
