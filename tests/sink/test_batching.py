@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -97,3 +98,56 @@ def test_every_line_in_exactly_one_batch_in_order_and_within_limits(groups, max_
         else:
             next_line_end = payload.find(b"\n", offset) + 1
             assert batch.rows == max_rows or len(batch.payload) + (next_line_end - offset) > max_bytes
+
+
+def _run_bundle(dofn, elements):
+    """Drives a DoFn through one bundle, as a runner would; returns its outputs."""
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import Timestamp
+
+    dofn.start_bundle()
+    outputs = []
+    for element in elements:
+        outputs.extend(dofn.process(element, window=GlobalWindow(), timestamp=Timestamp(0)))
+    outputs.extend(dofn.finish_bundle())
+    return outputs
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    bundle_sizes=st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=60),
+    num_shards=st.integers(min_value=1, max_value=8),
+)
+def test_bounded_batches_are_full_whatever_the_bundle_size(bundle_sizes, num_shards):
+    """Small bundles (Flink batch, Dataflow streaming) still give full batches."""
+    import collections
+
+    from sinks.tinybird._batching import Batch, _EncodeAndBatchDoFn, _MergeRemaindersDoFn
+
+    limits = BatchLimits(max_batch_bytes=4096, max_batch_rows=10_000, max_buffering_secs=5, num_shards=num_shards)
+    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits)
+    encoder.setup()
+    batches, groups, next_id = [], collections.defaultdict(list), 0
+    for size in bundle_sizes:
+        events = [{"id": next_id + i, "pad": "p" * ((next_id + i) % 50)} for i in range(size)]
+        next_id += size
+        for output in _run_bundle(encoder, events):
+            value = getattr(output, "value", output)        # TaggedOutput, WindowedValue
+            value = getattr(value, "value", value)           # TimestampedValue
+            if isinstance(value, Batch):
+                batches.append(value)
+            else:
+                key, chunk = value
+                groups[key].append(chunk)
+    merger = _MergeRemaindersDoFn(limits=limits)
+    for key, chunks in groups.items():
+        batches.extend(merger.process((key, chunks)))
+    ids = [orjson.loads(line)["id"] for batch in batches for line in batch.payload.splitlines()]
+    assert sorted(ids) == list(range(next_id))
+    assert all(len(b.payload) <= limits.max_batch_bytes for b in batches)
+    total = sum(len(b.payload) for b in batches)
+    # At most one partial batch per shard (lines are < 100 bytes: a full batch is within 100 of the limit).
+    partial = [b for b in batches if len(b.payload) < limits.max_batch_bytes - 100]
+    assert len(groups) <= num_shards and len(partial) <= len(groups)
+    if total >= 20 * limits.max_batch_bytes * num_shards:
+        assert total / len(batches) >= 0.9 * limits.max_batch_bytes
