@@ -86,9 +86,10 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.quick:
-        given = set(argv if argv is not None else sys.argv[1:])
+        given = list(argv if argv is not None else sys.argv[1:])
         for key, value in _QUICK.items():
-            if f"--{key.replace('_', '-')}" not in given:
+            flag = f"--{key.replace('_', '-')}"
+            if not any(a == flag or a.startswith(flag + "=") for a in given):
                 setattr(args, key, value)
     names = [n for item in (args.scenarios or [s.name for s in SCENARIOS]) for n in item.split(",") if n]
     try:
@@ -133,12 +134,14 @@ class _Bench:
         self.max_batch_bytes = max_batch_bytes
         self.bundle_events = bundle_events
         self._run_id = uuid.uuid4().hex[:8]
+        self._runs = 0
         self._env = dict(os.environ)
         self._env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PROJECT_ROOT, self._env.get("PYTHONPATH", "")) if p)
 
     def run(self, scenario: Scenario, *, events: int, repeat: int, profile_path: Optional[str] = None) -> RunResult:
-        datasource = f"bench_{scenario.name}_{repeat}_{self._run_id}"
+        self._runs += 1
+        datasource = f"bench_{scenario.name}_{self._run_id}_{self._runs}"
         spec = RunSpec(
             scenario=scenario.name, data_path=self.data.path, events=events, api_url=self.server.url,
             token=self.server.token, datasource=datasource, max_batch_bytes=self.max_batch_bytes,
@@ -226,9 +229,9 @@ def machine_description() -> str:
             f"Apache Beam {beam_version}, {platform.system()} {platform.release()}")
 
 
-def _generate(work_dir: str, events: int, seed: int) -> DataFile:
+def _generate(work_dir: str, counts: Sequence[int], seed: int) -> DataFile:
     started = time.perf_counter()
-    data = write_events(os.path.join(work_dir, "events.ndjson"), events, seed=seed)
+    data = write_events(os.path.join(work_dir, "events.ndjson"), max(counts), seed=seed, marks=counts)
     _log(f"generated {data.events:,} events ({data.ndjson_bytes / 1e6:.1f} MB of NDJSON, "
          f"{data.ndjson_bytes / data.events:.0f} bytes/event, seed {seed}) in {time.perf_counter() - started:.1f} s")
     return data
@@ -236,7 +239,7 @@ def _generate(work_dir: str, events: int, seed: int) -> DataFile:
 
 def _run_table(args: argparse.Namespace, work_dir: str) -> int:
     counts = {s.name: _events_for(s, args) for s in args.selected}
-    data = _generate(work_dir, max(counts.values()), args.seed)
+    data = _generate(work_dir, list(counts.values()), args.seed)
     results: Dict[str, List[RunResult]] = {s.name: [] for s in args.selected}
     total = len(args.selected) * args.repeats
     started = time.perf_counter()
@@ -301,7 +304,7 @@ def _progress(done: int, total: int, r: RunResult) -> str:
 def _run_memory_check(args: argparse.Namespace, work_dir: str) -> int:
     scenario = by_name("sink_zstd")
     sizes = args.memory_sizes
-    data = _generate(work_dir, max(sizes), args.seed)
+    data = _generate(work_dir, sizes, args.seed)
     results = []
     with _server(work_dir, args.max_batch_bytes) as server:
         bench = _Bench(server=server, data=data, max_batch_bytes=args.max_batch_bytes,
@@ -339,7 +342,7 @@ def _run_profile(args: argparse.Namespace, work_dir: str) -> int:
 
     os.makedirs(args.profile, exist_ok=True)
     counts = {s.name: _events_for(s, args) for s in args.selected}
-    data = _generate(work_dir, max(counts.values()), args.seed)
+    data = _generate(work_dir, list(counts.values()), args.seed)
     ok = True
     with _server(work_dir, args.max_batch_bytes) as server:
         bench = _Bench(server=server, data=data, max_batch_bytes=args.max_batch_bytes,

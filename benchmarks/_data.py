@@ -11,7 +11,7 @@ import dataclasses
 import os
 import random
 import string
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterable, Iterator, Mapping
 
 import orjson
 
@@ -44,32 +44,49 @@ def event(rng: random.Random, i: int) -> Dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class DataFile:
-    """A generated NDJSON file: where, how many events, and their NDJSON bytes."""
+    """A generated NDJSON file: where, how many events, and their NDJSON bytes.
+
+    Attributes:
+        prefix_bytes: Exact NDJSON bytes of the first N events, for the N
+            asked for when the file was written.
+    """
 
     path: str
     events: int
     ndjson_bytes: int
     seed: int
+    prefix_bytes: Mapping[int, int] = dataclasses.field(default_factory=dict)
 
     def ndjson_bytes_of(self, events: int) -> int:
-        """NDJSON bytes of the first ``events`` events (estimated from the mean line)."""
+        """NDJSON bytes of the first ``events`` events (exact for the marks, else from the mean line)."""
         if events >= self.events:
             return self.ndjson_bytes
+        if events in self.prefix_bytes:
+            return self.prefix_bytes[events]
         return round(self.ndjson_bytes * events / self.events)
 
 
-def write_events(path: str, events: int, *, seed: int = DEFAULT_SEED) -> DataFile:
-    """Writes ``events`` events to ``path`` as NDJSON, in chunks (never all in memory)."""
+def write_events(path: str, events: int, *, seed: int = DEFAULT_SEED, marks: Iterable[int] = ()) -> DataFile:
+    """Writes ``events`` events to ``path`` as NDJSON, in chunks (never all in memory).
+
+    ``marks``: event counts whose exact prefix size in bytes is recorded.
+    """
     rng = random.Random(seed)
+    wanted = {m for m in marks if 0 < m < events}
+    prefix_bytes: Dict[int, int] = {}
     total = 0
     with open(path, "wb") as fh:
         for start in range(0, events, _CHUNK_EVENTS):
             lines = [orjson.dumps(event(rng, i)) for i in range(start, min(start + _CHUNK_EVENTS, events))]
+            for mark in wanted:
+                if start < mark <= start + len(lines):
+                    prefix_bytes[mark] = total + sum(len(line) + 1 for line in lines[:mark - start])
             lines.append(b"")
             chunk = b"\n".join(lines)
             total += len(chunk)
             fh.write(chunk)
-    return DataFile(path=os.path.abspath(path), events=events, ndjson_bytes=total, seed=seed)
+    return DataFile(path=os.path.abspath(path), events=events, ndjson_bytes=total, seed=seed,
+                    prefix_bytes=prefix_bytes)
 
 
 def read_events(path: str, events: int) -> Iterator[Dict[str, Any]]:

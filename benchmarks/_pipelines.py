@@ -1,11 +1,13 @@
 """The Beam scenarios of the sink itself and of the baselines, and the shared sources.
 
-Bounded scenarios run on the DirectRunner in batch mode (the in-process
-FnApiRunner). Their source is ``Impulse`` + a ``FlatMap`` that reads the
-generated file and yields dicts as it reads, so that memory does not hold the
-input. Streaming scenarios run with ``--streaming`` (the DirectRunner then
-uses its bundle-based streaming runner) on a ``TestStream``, whose output is
-unbounded: ``WriteToTinybird`` takes its stateful, cross-bundle batching path.
+Bounded scenarios run on the in-process ``FnApiRunner``; their source is
+``Impulse`` + a ``FlatMap`` that reads the generated file and yields dicts as it
+reads, so that memory does not hold the input. Streaming scenarios run on the
+``BundleBasedDirectRunner`` with ``--streaming``, fed by a ``TestStream``, whose
+output is unbounded: ``WriteToTinybird`` takes its stateful, cross-bundle
+batching path. These are the runners the ``DirectRunner`` would pick, named
+explicitly because Beam 2.77's ``DirectRunner`` first tries to download the
+Prism runner from github.com.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from benchmarks.scenarios import RunSpec, Timed
 from sinks.tinybird import WriteToTinybird
 
 __all__ = [
-    "baseline", "baseline_streaming", "bounded_source", "run_pipeline", "sink_gzip", "sink_none",
-    "sink_streaming", "sink_zstd", "streaming_source", "timed_pipeline",
+    "baseline", "baseline_streaming", "bounded_source", "load_events", "pipeline_options", "run_pipeline",
+    "sink_gzip", "sink_none", "sink_streaming", "sink_zstd", "streaming_source", "timed_pipeline",
 ]
+
 
 def pipeline_options(*, streaming: bool) -> PipelineOptions:
     args = ["--runner=BundleBasedDirectRunner" if streaming else "--runner=FnApiRunner"]

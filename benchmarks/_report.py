@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.scenarios import Scenario
 
-__all__ = ["RunResult", "Summary", "Target", "evaluate_targets", "render", "summarize"]
+__all__ = ["RunResult", "Summary", "Target", "evaluate_targets", "extra_cpu_micros", "render", "summarize"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -116,12 +116,21 @@ def _baseline_for(summary: Summary, by_name: Dict[str, Summary]) -> Optional[Sum
     return by_name.get(name)
 
 
+def extra_cpu_micros(summary: Summary, by_name: Dict[str, Summary]) -> Optional[float]:
+    """CPU microseconds per event above the baseline of the same mode (what the writing costs)."""
+    base = _baseline_for(summary, by_name)
+    if base is None or not base.events or not summary.events:
+        return None
+    return (summary.cpu_secs / summary.events - base.cpu_secs / base.events) * 1e6
+
+
 def render(summaries: Sequence[Summary], *, max_batch_bytes: int) -> str:
     """The table (Markdown) of medians, with the ratio to the baseline of the same mode."""
     by_name = {s.scenario.name: s for s in summaries}
     header = (
         "| scenario | events | events/s | x baseline | MB/s | requests | mean request | "
-        "of max_batch_bytes | CPU s | events/CPU-s | peak RSS | server CPU s | spread | rows check |"
+        "of max_batch_bytes | CPU s | events/CPU-s | CPU us/event over baseline | peak RSS | server CPU s | "
+        "spread | rows check |"
     )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for s in summaries:
@@ -130,6 +139,7 @@ def render(summaries: Sequence[Summary], *, max_batch_bytes: int) -> str:
             f"{s.events_per_sec / base.events_per_sec:.2f}" if base and base.events_per_sec else "-")
         sends = s.scenario.sends
         mean = s.mean_request_bytes if sends else None
+        extra = extra_cpu_micros(s, by_name)
         check = "OK" if s.ok else "FAILED"
         if s.ok and not sends:
             check = "OK (seen)"
@@ -137,7 +147,8 @@ def render(summaries: Sequence[Summary], *, max_batch_bytes: int) -> str:
             f"| {s.scenario.name}: {s.scenario.title} | {s.events:,} | {s.events_per_sec:,.0f} | {ratio} | "
             f"{s.mb_per_sec:.1f} | {f'{s.requests:,.0f}' if sends else '-'} | {_bytes(mean)} | "
             f"{f'{mean / max_batch_bytes:.1%}' if mean else '-'} | {s.cpu_secs:.2f} | "
-            f"{s.events / s.cpu_secs if s.cpu_secs else 0:,.0f} | {_bytes(s.max_rss_bytes)} | "
+            f"{s.events / s.cpu_secs if s.cpu_secs else 0:,.0f} | "
+            f"{'-' if extra is None or base is s else f'{extra:+,.1f}'} | {_bytes(s.max_rss_bytes)} | "
             f"{f'{s.server_cpu_secs:.2f}' if sends else '-'} | "
             f"{s.spread:.0%} | {check} |"
         )
@@ -155,11 +166,15 @@ class Target:
     unit: str = "x"
     note: str = ""
     per_cpu_value: Optional[float] = None
+    extra_cpu_micros: Optional[Tuple[float, float]] = None
 
     def line(self) -> str:
         value = f"{self.value:.1%}" if self.unit == "%" else f"{self.value:.2f}x"
         bar = f"{self.threshold:.0%}" if self.unit == "%" else f"{self.threshold:g}x"
         per_cpu = "" if self.per_cpu_value is None else f"; per CPU-second of the pipeline: {self.per_cpu_value:.2f}x"
+        if self.extra_cpu_micros is not None:
+            mine, theirs = self.extra_cpu_micros
+            per_cpu += f"; CPU per event above the baseline: {mine:.1f} vs {theirs:.1f} us"
         note = f" ({self.note})" if self.note else ""
         return f"- {self.description}: {value} (target >= {bar}): {'met' if self.met else 'MISSED'}{per_cpu}{note}"
 
@@ -179,7 +194,13 @@ def evaluate_targets(summaries: Sequence[Summary], *, max_batch_bytes: int) -> L
             per_cpu = None
             if sa.cpu_secs and sb.cpu_secs:
                 per_cpu = (sa.events / sa.cpu_secs) / (sb.events / sb.cpu_secs)
-            targets.append(Target(description, value, threshold, value >= threshold, note=note, per_cpu_value=per_cpu))
+            extra = None
+            if sb.scenario.sends:
+                ea, eb = extra_cpu_micros(sa, by_name), extra_cpu_micros(sb, by_name)
+                if ea is not None and eb is not None:
+                    extra = (ea, eb)
+            targets.append(Target(description, value, threshold, value >= threshold, note=note,
+                                  per_cpu_value=per_cpu, extra_cpu_micros=extra))
 
     for sink in _BOUNDED_SINKS:
         ratio(sink, "baseline", 0.75, f"{sink} / baseline events/s")

@@ -317,11 +317,12 @@ class EventsApiClient:
             raise TypeError(f"settings must be a ClientSettings, got {type(settings).__name__}")
         if not isinstance(retry_policy, RetryPolicy):
             raise TypeError(f"retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}")
-        if not isinstance(token, str) or not token or token != token.strip() or any(
-            c in token for c in "\r\n\t "
-        ):
+        if not isinstance(token, str) or not token or not all("!" <= c <= "~" for c in token):
+            # Visible ASCII only: with a control character the Authorization header
+            # is malformed, and servers echo a malformed header line (escaped, so
+            # _scrub misses it) in their 400 answer and their logs.
             # Never echo the value: it may be a real token with a stray newline.
-            raise ValueError("token must be a non-empty string without whitespace")
+            raise ValueError("token must be a non-empty string without whitespace or control characters")
         self._settings = settings
         self._policy = retry_policy
         self._token = token
