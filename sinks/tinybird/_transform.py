@@ -15,7 +15,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from sinks.tinybird._batching import (
-    DEAD_LETTERS_TAG, FULL_TAG, Batch, BatchLimits, _BatchDoFn, _EncodeAndBatchDoFn,
+    DEAD_LETTERS_TAG, FULL_TAG, Batch, BatchLimits, _BatchDoFn, _EncodeAndBatchDoFn, _EncodeAndBatchGlobalDoFn,
     _MergeRemaindersDoFn,
 )
 from sinks.tinybird._events_api import ClientSettings, EventsApiClient, Failed, SendReport
@@ -266,8 +266,10 @@ class WriteToTinybird(beam.PTransform):
 
     def expand(self, pcoll) -> WriteToTinybirdResult:
         limits = self._limits
+        in_global_window = pcoll.is_bounded and isinstance(pcoll.windowing.windowfn, GlobalWindows)
+        encoder = _EncodeAndBatchGlobalDoFn if in_global_window else _EncodeAndBatchDoFn
         encoded = pcoll | "EncodeAndBatch" >> beam.ParDo(
-            _EncodeAndBatchDoFn(datasource=self._settings.datasource, limits=limits)
+            encoder(datasource=self._settings.datasource, limits=limits)
         ).with_output_types(_KEYED_CHUNK).with_outputs(DEAD_LETTERS_TAG, FULL_TAG, main="remainders")
         remainders = encoded.remainders | "RemaindersToGlobalWindow" >> beam.WindowInto(GlobalWindows())
         if pcoll.is_bounded:

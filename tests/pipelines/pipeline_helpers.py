@@ -13,9 +13,9 @@ import orjson
 from sinks.tinybird import DeadLetter
 
 RUNNERS: Dict[str, List[str]] = {
-    "direct": ["--runner=DirectRunner"],
+    "direct": ["--runner=FnApiRunner"],
     "multi_processing": [
-        "--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+        "--runner=FnApiRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
     "portable": ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"],
 }
 

@@ -115,7 +115,7 @@ def test_progress_is_counted_and_logged(caplog):
 
 
 def test_counting_rows_passes_elements_through():
-    with TestPipeline() as p:
+    with TestPipeline(runner="FnApiRunner") as p:
         out = p | beam.Create(range(1000)) | beam.ParDo(CountRowsDoFn())
         assert_that(out, equal_to(list(range(1000))))
 

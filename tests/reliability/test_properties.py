@@ -21,6 +21,7 @@ import requests
 import zstandard
 from apache_beam.transforms.window import GlobalWindow, IntervalWindow
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -68,7 +69,7 @@ def test_batching_dofns_respect_limits_keep_every_element_once_and_never_mix_win
             window_of[next_id] = window_text(WINDOWS[w])
             size_of[next_id] = len(orjson.dumps(element)) + 1
             next_id += 1
-            for out in encode.process(element, window=WINDOWS[w], timestamp=Timestamp(w * 10 + 1)):
+            for out in encode.process(element, wv=WindowedValue(element, Timestamp(w * 10 + 1), (WINDOWS[w],))):
                 if out.tag == FULL_TAG:
                     batches.append((Batch(*out.value.value), "full"))
                 else:

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sinks.tinybird._batching import BatchLimits, Chunk, cut_batches
+from sinks.tinybird.dead_letters import window_text
 
 
 def _chunk(*lines: bytes) -> Chunk:
@@ -104,11 +105,17 @@ def _run_bundle(dofn, elements):
     """Drives a DoFn through one bundle, as a runner would; returns its outputs."""
     from apache_beam.transforms.window import GlobalWindow
     from apache_beam.utils.timestamp import Timestamp
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from sinks.tinybird._batching import _EncodeAndBatchGlobalDoFn
 
     dofn.start_bundle()
     outputs = []
     for element in elements:
-        outputs.extend(dofn.process(element, window=GlobalWindow(), timestamp=Timestamp(0)))
+        if isinstance(dofn, _EncodeAndBatchGlobalDoFn):
+            outputs.extend(dofn.process(element))
+        else:
+            outputs.extend(dofn.process(element, wv=WindowedValue(element, Timestamp(0), (GlobalWindow(),))))
     outputs.extend(dofn.finish_bundle())
     return outputs
 
@@ -117,15 +124,17 @@ def _run_bundle(dofn, elements):
 @given(
     bundle_sizes=st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=60),
     num_shards=st.integers(min_value=1, max_value=8),
+    global_variant=st.booleans(),
 )
-def test_bounded_batches_are_full_whatever_the_bundle_size(bundle_sizes, num_shards):
+def test_bounded_batches_are_full_whatever_the_bundle_size(bundle_sizes, num_shards, global_variant):
     """Small bundles (Flink batch, Dataflow streaming) still give full batches."""
     import collections
 
-    from sinks.tinybird._batching import Batch, _EncodeAndBatchDoFn, _MergeRemaindersDoFn
+    from sinks.tinybird._batching import Batch, _EncodeAndBatchDoFn, _EncodeAndBatchGlobalDoFn, _MergeRemaindersDoFn
 
     limits = BatchLimits(max_batch_bytes=4096, max_batch_rows=10_000, max_buffering_secs=5, num_shards=num_shards)
-    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits)
+    encoder_class = _EncodeAndBatchGlobalDoFn if global_variant else _EncodeAndBatchDoFn
+    encoder = encoder_class(datasource="events", limits=limits)
     encoder.setup()
     batches, groups, next_id = [], collections.defaultdict(list), 0
     for size in bundle_sizes:
@@ -151,3 +160,27 @@ def test_bounded_batches_are_full_whatever_the_bundle_size(bundle_sizes, num_sha
     assert len(groups) <= num_shards and len(partial) <= len(groups)
     if total >= 20 * limits.max_batch_bytes * num_shards:
         assert total / len(batches) >= 0.9 * limits.max_batch_bytes
+
+
+def test_an_element_in_two_windows_goes_into_each_windows_batch_once():
+    """Sliding windows: Beam sees one element per window, so does the sink."""
+    from apache_beam.transforms.window import IntervalWindow
+    from apache_beam.utils.timestamp import Timestamp
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from sinks.tinybird._batching import WindowKey, _EncodeAndBatchDoFn
+
+    limits = BatchLimits(max_batch_bytes=1024, max_batch_rows=100, max_buffering_secs=5, num_shards=1)
+    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits)
+    encoder.setup()
+    encoder.start_bundle()
+    first, second = IntervalWindow(0, 10), IntervalWindow(5, 15)
+    outputs = list(encoder.process({"id": 1}, wv=WindowedValue({"id": 1}, Timestamp(7), (first, second))))
+    outputs += encoder.process({"id": 2}, wv=WindowedValue({"id": 2}, Timestamp(6), (first,)))
+    outputs += encoder.finish_bundle()
+    chunks = {WindowKey(*out.value[0]).window: (out.value[1], out.timestamp, out.windows) for out in outputs}
+    assert len(outputs) == 2
+    payload, timestamp, windows = chunks[window_text(first)]
+    assert (payload.payload, payload.rows, timestamp, windows) == (b'{"id":1}\n{"id":2}\n', 2, Timestamp(6), (first,))
+    payload, timestamp, windows = chunks[window_text(second)]
+    assert (payload.payload, payload.rows, timestamp, windows) == (b'{"id":1}\n', 1, Timestamp(7), (second,))

@@ -21,15 +21,16 @@ from emulator import LocalServer
 from sinks.tinybird import (
     DeadLetter, DeadLetterKind, DeliveryError, ReadDeadLetters, RetryPolicy, WriteToTinybird,
 )
+from sinks.tinybird.dead_letters import window_text
 
 _FAST_RETRIES = RetryPolicy(
     max_attempts=4, initial_backoff_secs=0.01, max_backoff_secs=0.05, max_total_secs=20,
     max_retry_after_secs=0.2)
 
 _RUNNERS = {
-    "direct": ["--runner=DirectRunner"],
+    "direct": ["--runner=FnApiRunner"],
     "multi_processing": [
-        "--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+        "--runner=FnApiRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
     "portable": [
         "--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"],
 }
@@ -125,6 +126,43 @@ def test_every_row_is_acknowledged_or_dead_lettered_on_every_runner(server, data
     assert counters["elements_in"] == 3004
     assert counters["rows_acknowledged"] == 3000
     assert counters["dead_letters"] == 4
+
+
+@pytest.mark.parametrize("runner", sorted(_RUNNERS))
+def test_bounded_windowed_input_is_batched_per_window_on_every_runner(server, datasource, runner, tmp_path):
+    """Bounded input in fixed windows: every row delivered, refused rows carry their window."""
+    from apache_beam.transforms.window import FixedWindows, IntervalWindow, TimestampedValue
+
+    good = _events(3000, pad=100)
+    dead_dir = tmp_path / "dlq"
+
+    def build(p):
+        timestamped = [TimestampedValue(e, e["id"] % 30) for e in good] + [TimestampedValue({"bad": object()}, 15)]
+        (p | beam.Create(timestamped, reshuffle=False)
+           | beam.WindowInto(FixedWindows(10))
+           | _sink(server, datasource, max_batch_bytes=16 * 1024, dead_letter_path=str(dead_dir) + "/"))
+
+    counters = _run(build, runner=runner)
+    assert _ids(server, datasource) == list(range(3000))
+    letters = _dead_letters(dead_dir)
+    assert [(letter.kind, letter.window) for letter in letters] == [
+        ("unencodable", window_text(IntervalWindow(10, 20)))]
+    assert counters["rows_acknowledged"] == 3000
+    # 3 windows of ~130 KB each in 16 KiB batches: no batch spans two windows, so at least 27 requests.
+    assert counters["requests"] >= 27
+
+
+def test_an_element_in_two_sliding_windows_is_sent_once_per_window(server, datasource):
+    from apache_beam.transforms.window import SlidingWindows, TimestampedValue
+
+    def build(p):
+        (p | beam.Create([TimestampedValue({"id": i}, i) for i in range(100)], reshuffle=False)
+           | beam.WindowInto(SlidingWindows(size=20, period=10))
+           | _sink(server, datasource))
+
+    counters = _run(build)
+    assert _ids(server, datasource) == sorted(list(range(100)) * 2)
+    assert counters["elements_in"] == 100 and counters["rows_acknowledged"] == 200
 
 
 def test_types_beyond_plain_dicts_are_encoded(server, datasource):

@@ -228,7 +228,7 @@ def test_files_template_as_the_launcher_runs_it(tmp_path):
         assert set(parameters) | {"token", "token_secret"} == set(_option_names(OPTIONS["files_to_tinybird"]))
         result = subprocess.run(
             [sys.executable, str(TEMPLATES / "files_to_tinybird" / "main.py"),
-             *(f"--{k}={v}" for k, v in parameters.items()), "--runner=DirectRunner"],
+             *(f"--{k}={v}" for k, v in parameters.items()), "--runner=FnApiRunner"],
             cwd=tmp_path, capture_output=True, text=True, timeout=240,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "LAUNCHER_TB_TOKEN": server.token})
         assert result.returncode == 0, result.stderr[-3000:]
