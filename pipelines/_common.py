@@ -48,7 +48,7 @@ DEFAULT_NUM_SHARDS = 8
 DEFAULT_MAX_BUFFERING_SECS = 5.0
 DEFAULT_TOKEN_ENV = "TINYBIRD_TOKEN"
 
-DATASOURCE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,254}$"
+DATASOURCE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,99}$"
 API_URL_PATTERN = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
 TOKEN_SECRET_PATTERN = r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$"
 ENV_VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
