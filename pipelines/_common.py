@@ -48,7 +48,7 @@ DEFAULT_NUM_SHARDS = 8
 DEFAULT_MAX_BUFFERING_SECS = 5.0
 DEFAULT_TOKEN_ENV = "TINYBIRD_TOKEN"
 
-DATASOURCE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,99}$"
+DATASOURCE_PATTERN = r"^(?!.*_quarantine$)[A-Za-z_][A-Za-z0-9_]{0,99}$"
 API_URL_PATTERN = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
 TOKEN_SECRET_PATTERN = r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$"
 ENV_VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -192,7 +192,8 @@ class SinkConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.datasource, str) or not re.fullmatch(DATASOURCE_PATTERN, self.datasource):
             raise ValueError(
-                f"--datasource must be a data source name (letters, digits, _), got {self.datasource!r}")
+                f"--datasource must be a data source name (1-100 letters, digits, _; not a *_quarantine one), "
+                f"got {self.datasource!r}")
         if self.api_url is not None and not re.fullmatch(API_URL_PATTERN, self.api_url):
             raise ValueError(f"--api_url must be an http(s) URL such as https://api.tinybird.co, got {self.api_url!r}")
         if self.token is not None and not self.token.strip():

@@ -125,6 +125,10 @@ class ClientSettings:
             raise ValueError(
                 f"datasource must match [A-Za-z_][A-Za-z0-9_]{{0,99}}, got {self.datasource!r}"
             )
+        if self.datasource.endswith("_quarantine"):
+            raise ValueError(
+                f"datasource {self.datasource!r} is a quarantine data source: the server fills it, "
+                "nothing can be appended to it")
         if not isinstance(self.wait, bool):
             raise ValueError(f"wait must be a bool, got {self.wait!r}")
         if self.compression not in _COMPRESSIONS:

@@ -55,7 +55,6 @@ def scripted():
 @pytest.fixture(scope="session")
 def self_signed_cert(tmp_path_factory) -> Tuple[str, str]:
     """A self-signed certificate for 127.0.0.1: (cert path, key path)."""
-    pytest.importorskip("cryptography")
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -144,7 +144,8 @@ def test_mapping_that_is_not_a_dict():
 
 
 def test_numpy_values():
-    np = pytest.importorskip("numpy")
+    import numpy as np
+
     assert encode_element({"i": np.int64(3), "f": np.float32(0.5), "a": np.array([1, 2])}) == b'{"i":3,"f":0.5,"a":[1,2]}'
 
 
