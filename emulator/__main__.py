@@ -7,8 +7,8 @@ Usage::
         [--max-body-bytes 10000000] [--queue-max-bytes N] [--queue-max-requests N]
         [--synchronous FULL|NORMAL] [--host 127.0.0.1] [--log-level INFO]
     python -m emulator token create --data-dir DIR --name NAME --scope DATASOURCE:APPEND:events [--scope ...]
-    python -m emulator sql --url URL --token TOKEN "SELECT count(*) FROM events"
-    python -m emulator datasources --url URL --token TOKEN
+    python -m emulator sql (--url URL --token TOKEN | --data-dir DIR) "SELECT count(*) FROM events"
+    python -m emulator datasources (--url URL --token TOKEN | --data-dir DIR)
 
 ``serve`` prints ``Tinybird local Events API listening on http://127.0.0.1:PORT``
 once it accepts requests (``--port 0`` picks a free port). The admin token comes
@@ -18,7 +18,11 @@ committing everything it accepted.
 
 ``token create`` writes to the data dir directly (the running server sees the
 new token at once). ``sql`` and ``datasources`` ask a running server over HTTP
-(``GET /v0/sql``, ``GET /v0/datasources``) and print its JSON answer.
+(``GET /v0/sql``, ``GET /v0/datasources``) and print its JSON answer; with
+``--data-dir`` they read the database themselves, read-only, whether a server
+runs on it or not, and print the same answer (statements are checked by the
+same code as ``/v0/sql``: anything but a read is refused). An error answer goes
+to stderr with exit code 1.
 
 Fault rules (``--faults FILE.json`` and ``PUT /_emulator/faults``) are a JSON
 list of objects with the keys: status (400-599) or reset (true), when
@@ -32,14 +36,16 @@ import argparse
 import json
 import logging
 import os
+import sqlite3
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:
     from emulator._config import ServerConfig
+    from emulator._storage import ReadOnlyDatabase
 
 __all__ = ["main"]
 
@@ -108,25 +114,28 @@ def _build_parser() -> argparse.ArgumentParser:
     create.add_argument("--scope", action="append", required=True,
                         help="ADMIN, DATASOURCE:APPEND[:name], DATASOURCE:CREATE, DATASOURCE:READ[:name]; repeatable")
 
-    sql = sub.add_parser("sql", help="run a read-only query on a running server")
-    sql.add_argument("--url", required=True)
-    sql.add_argument("--token", required=True)
+    sql = sub.add_parser("sql", help="run a read-only query, on a running server or on a data dir")
+    _add_source_arguments(sql)
     sql.add_argument("query")
 
-    ds = sub.add_parser("datasources", help="list data sources of a running server")
-    ds.add_argument("--url", required=True)
-    ds.add_argument("--token", required=True)
+    ds = sub.add_parser("datasources", help="list the data sources, of a running server or of a data dir")
+    _add_source_arguments(ds)
     return parser
+
+
+def _add_source_arguments(command: argparse.ArgumentParser) -> None:
+    source = command.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url", help="a running server (with --token)")
+    source.add_argument("--data-dir", help="read this data dir's database directly, read-only; no token needed")
+    command.add_argument("--token", help="a token of the --url server")
 
 
 def _serve(args: argparse.Namespace) -> int:
     from emulator._app import DataDirInUse, serve
     from emulator._faults import parse_rules
+    from emulator._redact import RedactingFilter
     from emulator._tokens import ADMIN_TOKEN_ENV, generate_token
 
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     faults = ()
     if args.faults:
         try:
@@ -139,6 +148,13 @@ def _serve(args: argparse.Namespace) -> int:
     if not token:
         token = generate_token()
         print(f"Admin token: {token}", flush=True)
+    # stderr is the server's log (LocalServer appends it to DATA_DIR/emulator.log):
+    # every record written there is redacted, whichever logger it comes from.
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.addFilter(RedactingFilter([token]))
+    logging.basicConfig(
+        level=args.log_level.upper(), handlers=[stderr], format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         config = _config(args, token, faults)
     except ValueError as exc:
@@ -173,6 +189,11 @@ def _config(args: argparse.Namespace, token: str, faults: tuple) -> "ServerConfi
     )
 
 
+def _print_answer(body: Any) -> int:
+    print(json.dumps(body, indent=2, ensure_ascii=False))
+    return 0
+
+
 def _http_get(url: str, token: str, path: str, params: Sequence[tuple] = ()) -> int:
     full = url.rstrip("/") + path + ("?" + urllib.parse.urlencode(list(params)) if params else "")
     request = urllib.request.Request(full, headers={"Authorization": f"Bearer {token}"})
@@ -182,12 +203,59 @@ def _http_get(url: str, token: str, path: str, params: Sequence[tuple] = ()) -> 
     except urllib.error.HTTPError as exc:
         print(exc.read().decode("utf-8", "replace"), file=sys.stderr)
         return 1
-    print(json.dumps(body, indent=2, ensure_ascii=False))
-    return 0
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"error: cannot reach {url}: {exc}", file=sys.stderr)
+        return 2
+    return _print_answer(body)
+
+
+def _read_data_dir(data_dir: str, read: Callable[["ReadOnlyDatabase"], Tuple[int, Dict[str, Any]]]) -> int:
+    """Runs ``read(db)`` on the data dir's database, opened read-only, and prints its
+    (status, body) as ``_http_get`` prints the server's answer."""
+    import orjson
+
+    from emulator._storage import DB_FILE, ReadOnlyDatabase
+
+    path = os.path.join(data_dir, DB_FILE)
+    if not os.path.isfile(path):
+        print(f"error: no database in {data_dir} (expected {path})", file=sys.stderr)
+        return 2
+    db = ReadOnlyDatabase(path)
+    try:
+        status, body = read(db)
+    except sqlite3.Error as exc:
+        print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        db.close()
+    # Through the server's encoder and back, so that values print as they do with --url.
+    raw = orjson.dumps(body)
+    if status != 200:
+        print(raw.decode(), file=sys.stderr)
+        return 1
+    return _print_answer(json.loads(raw))
+
+
+def _read(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``sql`` and ``datasources``, from a server (--url) or from a data dir."""
+    if args.url is not None and not args.token:
+        parser.error(f"{args.command}: --url needs --token")
+    if args.data_dir is not None and args.token:
+        parser.error(f"{args.command}: --token goes with --url; --data-dir reads every data source")
+    if args.command == "sql":
+        if args.url is not None:
+            return _http_get(args.url, args.token, "/v0/sql", [("q", args.query)])
+        from emulator._storage import answer_sql
+
+        return _read_data_dir(args.data_dir, lambda db: answer_sql(db, args.query, readable=None))
+    if args.url is not None:
+        return _http_get(args.url, args.token, "/v0/datasources")
+    return _read_data_dir(args.data_dir, lambda db: (200, {"datasources": db.datasources()}))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "token":
@@ -201,10 +269,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         print(token)
         return 0
-    if args.command == "sql":
-        return _http_get(args.url, args.token, "/v0/sql", [("q", args.query)])
-    if args.command == "datasources":
-        return _http_get(args.url, args.token, "/v0/datasources")
+    if args.command in ("sql", "datasources"):
+        return _read(args, parser)
     return 2
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_QUEUE_MAX_BYTES",
     "DEFAULT_QUEUE_MAX_REQUESTS",
     "DEFAULT_RATE_LIMIT_RPS",
+    "DEFAULT_SQL_TIMEOUT_SECS",
     "ServerConfig",
 ]
 
@@ -26,6 +27,7 @@ DEFAULT_MAX_BODY_BYTES = 10_000_000
 # Decoded bytes waiting for the writer thread; hitting this is what answers 503.
 DEFAULT_QUEUE_MAX_BYTES = 128_000_000
 DEFAULT_QUEUE_MAX_REQUESTS = 1_000
+DEFAULT_SQL_TIMEOUT_SECS = 30.0
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
@@ -66,7 +68,7 @@ class ServerConfig:
     max_concurrent_decodes: int = 4
     synchronous: str = "FULL"
     faults: Tuple[FaultRule, ...] = ()
-    sql_timeout_secs: float = 30.0
+    sql_timeout_secs: float = DEFAULT_SQL_TIMEOUT_SECS
 
     def __post_init__(self) -> None:
         if not self.data_dir:

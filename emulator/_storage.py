@@ -5,8 +5,9 @@ groups, applies each inside a savepoint of one transaction, commits, and only
 then reports the jobs done (which is when a ``wait=true`` request is answered
 200). WAL mode; ``synchronous=FULL`` by default so that a 200 survives power
 loss, ``NORMAL`` survives a killed process. Queries from /v0/sql run on a
-separate read-only connection guarded by ``PRAGMA query_only`` and an
-authorizer that allows reads only.
+separate :class:`ReadOnlyDatabase` connection (also used by the CLI without a
+server), guarded by ``mode=ro``, ``PRAGMA query_only`` and an authorizer that
+allows reads only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import datetime
 import logging
 import os
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -25,9 +27,10 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import orjson
 
+from emulator._config import DEFAULT_SQL_TIMEOUT_SECS
 from emulator._schema import Schema
 
-__all__ = ["Store", "WriteJob", "WriteResult", "QueryError", "DB_FILE"]
+__all__ = ["DB_FILE", "QueryError", "ReadOnlyDatabase", "Store", "WriteJob", "WriteResult", "answer_sql"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ _CATALOG = "_emulator_datasources"
 _MAX_GROUP_JOBS = 64
 _MAX_GROUP_BYTES = 32_000_000
 _MAX_RESULT_ROWS = 1_000_000
+_FORMAT_SUFFIX_RE = re.compile(r"\s+FORMAT\s+JSON\s*;?\s*$", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +81,29 @@ def _utc_now_text() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _datasource_json(
+    name: str, schema: Schema, rows: int, quarantined: int, created_at: Optional[str]
+) -> Dict[str, Any]:
+    """One entry of ``GET /v0/datasources``."""
+    return {
+        "name": name,
+        "columns": [{"name": c.name, "type": c.type, "jsonpath": c.jsonpath} for c in schema.columns],
+        "rows": rows,
+        "quarantined_rows": quarantined,
+        "quarantine": schema.quarantine_name,
+        "created_at": created_at,
+    }
+
+
 class Store:
     """The database of one data dir: catalog, writer thread, read-only queries."""
 
-    def __init__(self, data_dir: str, *, synchronous: str = "FULL", sql_timeout_secs: float = 30.0) -> None:
+    def __init__(
+        self, data_dir: str, *, synchronous: str = "FULL", sql_timeout_secs: float = DEFAULT_SQL_TIMEOUT_SECS
+    ) -> None:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, DB_FILE)
         self._synchronous = synchronous.upper()
-        self._sql_timeout_secs = sql_timeout_secs
         self._lock = threading.Lock()
         self._catalog: Dict[str, Schema] = {}
         self._counts: Dict[str, List[int]] = {}  # name -> [rows, quarantined]
@@ -96,9 +115,10 @@ class Store:
         self.rows_quarantined = 0
         self.commits = 0
         self._writer: Optional[threading.Thread] = None
+        # The read-only connection is used from this one thread only.
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="emulator-sql")
-        self._read_conn: Optional[sqlite3.Connection] = None
         self._init_db()
+        self._db = ReadOnlyDatabase(self.path, sql_timeout_secs=sql_timeout_secs)
 
     # -- setup -------------------------------------------------------------
 
@@ -135,13 +155,8 @@ class Store:
             self._queue.put(_STOP)
             self._writer.join()
             self._writer = None
-        self._reader.submit(self._close_reader).result()
+        self._reader.submit(self._db.close).result()
         self._reader.shutdown(wait=True)
-
-    def _close_reader(self) -> None:
-        if self._read_conn is not None:
-            self._read_conn.close()
-            self._read_conn = None
 
     # -- catalog -----------------------------------------------------------
 
@@ -150,22 +165,10 @@ class Store:
 
     def datasources(self) -> List[Dict[str, Any]]:
         with self._lock:
-            out = []
-            for name, schema in sorted(self._catalog.items()):
-                rows, quarantined = self._counts.get(name, [0, 0])
-                out.append(
-                    {
-                        "name": name,
-                        "columns": [
-                            {"name": c.name, "type": c.type, "jsonpath": c.jsonpath} for c in schema.columns
-                        ],
-                        "rows": rows,
-                        "quarantined_rows": quarantined,
-                        "quarantine": schema.quarantine_name,
-                        "created_at": self._created.get(name),
-                    }
-                )
-            return out
+            return [
+                _datasource_json(name, schema, *self._counts.get(name, [0, 0]), self._created.get(name))
+                for name, schema in sorted(self._catalog.items())
+            ]
 
     # -- queue ---------------------------------------------------------------
 
@@ -226,6 +229,9 @@ class Store:
         new_schemas: Dict[str, Schema] = {}
         started = time.perf_counter()
         applied = started
+        # One timestamp for the catalog table and the in-memory catalog: both answer
+        # GET /v0/datasources (the CLI reads the table), and must agree.
+        now = _utc_now_text()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in group:
@@ -235,7 +241,7 @@ class Store:
                 creates = job.name not in self._catalog and job.name not in new_schemas
                 conn.execute("SAVEPOINT job")
                 try:
-                    outcomes.append(self._apply(conn, job, new_schemas))
+                    outcomes.append(self._apply(conn, job, new_schemas, now))
                     conn.execute("RELEASE job")
                 except Exception as exc:  # this job fails alone; the others of the group commit
                     if isinstance(exc, sqlite3.Error):
@@ -266,7 +272,6 @@ class Store:
                 (applied - started) * 1000,
                 (time.perf_counter() - applied) * 1000,
             )
-        now = _utc_now_text()
         with self._lock:
             for name, schema in new_schemas.items():
                 self._catalog[name] = schema
@@ -289,7 +294,9 @@ class Store:
                 except Exception:  # a callback bug must not stop the writer
                     _LOG.exception("write callback failed")
 
-    def _apply(self, conn: sqlite3.Connection, job: WriteJob, new_schemas: Dict[str, Schema]) -> WriteResult:
+    def _apply(
+        self, conn: sqlite3.Connection, job: WriteJob, new_schemas: Dict[str, Schema], created_at: str
+    ) -> WriteResult:
         schema = self._catalog.get(job.name) or new_schemas.get(job.name)
         if schema is None:
             if job.new_schema is None:
@@ -299,7 +306,7 @@ class Store:
                 conn.execute(stmt)
             conn.execute(
                 f"INSERT INTO {_CATALOG} (name, columns, created_at) VALUES (?, ?, ?)",
-                (schema.name, orjson.dumps(schema.to_json()).decode(), _utc_now_text()),
+                (schema.name, orjson.dumps(schema.to_json()).decode(), created_at),
             )
             new_schemas[job.name] = schema
         import_id = uuid.uuid4().hex
@@ -388,22 +395,75 @@ class Store:
 
     # -- reads ---------------------------------------------------------------
 
-    def query(self, sql: str, *, readable: Optional[FrozenSet[str]]) -> Dict[str, Any]:
-        """Runs one read-only statement on the reader thread (blocking)."""
-        return self._reader.submit(self._query, sql, readable).result()
+    def submit_sql(
+        self, q: Optional[str], *, readable: Optional[FrozenSet[str]]
+    ) -> "concurrent.futures.Future[Tuple[int, Dict[str, Any]]]":
+        """The /v0/sql answer to ``q`` (see :func:`answer_sql`), computed on the reader thread."""
+        return self._reader.submit(answer_sql, self._db, q, readable=readable)
 
-    def submit_query(self, sql: str, *, readable: Optional[FrozenSet[str]]) -> "concurrent.futures.Future[Dict[str, Any]]":
-        return self._reader.submit(self._query, sql, readable)
 
-    def _reader_conn(self) -> sqlite3.Connection:
-        if self._read_conn is None:
+def answer_sql(
+    db: "ReadOnlyDatabase", q: Optional[str], *, readable: Optional[FrozenSet[str]]
+) -> Tuple[int, Dict[str, Any]]:
+    """Status and JSON body of ``/v0/sql?q=...``: the server's answer, and the CLI's with ``--data-dir``.
+
+    Args:
+        db: Where to run the statement.
+        q: The statement; a ClickHouse-style trailing ``FORMAT JSON`` is ignored.
+        readable: Data sources the token may read (with their quarantine tables);
+            ``None`` for all.
+    """
+    if q is None or not q.strip():
+        return 400, {"error": "missing the 'q' parameter: a SELECT statement"}
+    try:
+        return 200, db.query(_FORMAT_SUFFIX_RE.sub("", q.strip()), readable=readable)
+    except QueryError as exc:
+        return exc.status, {"error": f"query failed: {exc}"}
+
+
+class ReadOnlyDatabase:
+    """Read-only access to the database of a data dir: /v0/sql statements and the catalog.
+
+    The connection is opened with ``mode=ro`` and ``PRAGMA query_only``, and every
+    statement of :meth:`query` also passes an authorizer that allows reads only.
+    Works beside a running server (WAL readers see every committed write) or alone.
+    Not thread-safe: use it from one thread at a time.
+
+    Args:
+        path: The SQLite file (``DATA_DIR/events.sqlite3``); opened on first use.
+        sql_timeout_secs: Longest statement before it is interrupted.
+    """
+
+    def __init__(self, path: str, *, sql_timeout_secs: float = DEFAULT_SQL_TIMEOUT_SECS) -> None:
+        self.path = path
+        self._sql_timeout_secs = sql_timeout_secs
+        self._conn: Optional[sqlite3.Connection] = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
             conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=30)
             conn.execute("PRAGMA query_only=ON")
-            self._read_conn = conn
-        return self._read_conn
+            self._conn = conn
+        return self._conn
 
-    def _query(self, sql: str, readable: Optional[FrozenSet[str]]) -> Dict[str, Any]:
-        conn = self._reader_conn()
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def datasources(self) -> List[Dict[str, Any]]:
+        """Every data source, as ``GET /v0/datasources`` lists them. sqlite3.Error if unreadable."""
+        found = self._connection().execute(
+            f"SELECT name, columns, created_at, rows, quarantined_rows FROM {_CATALOG}"
+        ).fetchall()
+        return [
+            _datasource_json(name, Schema.from_json(name, orjson.loads(columns)), rows, quarantined, created)
+            for name, columns, created, rows, quarantined in sorted(found)
+        ]
+
+    def query(self, sql: str, *, readable: Optional[FrozenSet[str]]) -> Dict[str, Any]:
+        """Runs one read-only statement; QueryError (403 or 400) when it is refused or fails."""
+        conn = self._connection()
         allowed_tables: Optional[FrozenSet[str]] = None
         if readable is not None:
             allowed_tables = frozenset(readable) | frozenset(f"{n}_quarantine" for n in readable)

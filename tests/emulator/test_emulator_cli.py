@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from emulator import LocalServer
+
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -150,3 +152,122 @@ def test_local_server_keeps_the_token_out_of_argv(server):
         argv = fh.read().split(b"\0")
     assert server.token.encode() not in b" ".join(argv)
     assert b"serve" in argv
+
+
+# -- sql and datasources with --data-dir ------------------------------------------------
+
+
+def _main(capsys, *args: str) -> tuple:
+    """Runs the command line in this process: (exit code, stdout, stderr)."""
+    from emulator.__main__ import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _without_elapsed(stdout: str) -> dict:
+    body = json.loads(stdout)
+    assert stdout == json.dumps(body, indent=2, ensure_ascii=False) + "\n"
+    assert body["statistics"]["elapsed"] >= 0
+    del body["statistics"]["elapsed"]
+    return body
+
+
+READS = [
+    "SELECT id, name FROM cli_a ORDER BY id",
+    "SELECT count(*) AS n, sum(id) AS s, avg(id) AS mean FROM cli_a FORMAT JSON",
+    "SELECT c__error, c__raw FROM cli_a_quarantine",
+    "SELECT name FROM cli_b WHERE name IS NULL",
+]
+WRITES = [
+    "DELETE FROM cli_a",
+    "INSERT INTO cli_a (id) VALUES (99)",
+    "UPDATE cli_a SET id = 0 RETURNING id",
+    "DROP TABLE cli_b",
+    "CREATE TABLE x (a)",
+    "ATTACH DATABASE ':memory:' AS other",
+    "PRAGMA journal_mode=DELETE",
+    "VACUUM",
+    "SELECT 1; DELETE FROM cli_a",
+    "SELECT * FROM does_not_exist",
+    "   ",
+]
+
+
+def _load(server: LocalServer) -> None:
+    headers = {"Authorization": f"Bearer {server.token}"}
+    for name, body in (
+        ("cli_a", '{"id": 1, "name": "año"}\n{"id": 2, "name": "b"}\n'),
+        ("cli_a", '{"id": "not a number", "name": "c"}\n'),  # quarantined
+        ("cli_b", '{"id": 7, "name": "x"}\n'),
+    ):
+        response = requests.post(f"{server.url}/v0/events?name={name}&wait=true", data=body.encode(), headers=headers)
+        assert response.status_code == 200, response.text
+
+
+def test_sql_and_datasources_on_a_data_dir_answer_as_the_server_does(tmp_path, capsys):
+    with LocalServer(data_dir=tmp_path, token="cli-admin-token", rate_limit_rps=None) as server:
+        _load(server)
+        by_url = ("--url", server.url, "--token", server.token)
+        by_dir = ("--data-dir", str(tmp_path))
+        for sql in READS:
+            code, out, err = _main(capsys, "sql", *by_url, sql)
+            assert (code, err) == (0, "")
+            code_dir, out_dir, err_dir = _main(capsys, "sql", *by_dir, sql)
+            assert (code_dir, err_dir) == (0, "")
+            assert _without_elapsed(out_dir) == _without_elapsed(out), sql
+        assert _without_elapsed(out)["meta"] == [{"name": "name", "type": "Nullable(String)"}]
+        for sql in WRITES:
+            answer = _main(capsys, "sql", *by_url, sql)
+            assert answer[0] == 1 and answer[1] == "" and "error" in json.loads(answer[2]), sql
+            assert _main(capsys, "sql", *by_dir, sql) == answer, sql
+        listing = _main(capsys, "datasources", *by_url)
+        assert listing[0] == 0 and [d["name"] for d in json.loads(listing[1])["datasources"]] == ["cli_a", "cli_b"]
+        assert _main(capsys, "datasources", *by_dir) == listing
+        assert server.query("SELECT count(*) AS n FROM cli_a") == [{"n": 2}]
+        before = _without_elapsed(_main(capsys, "sql", *by_url, READS[0])[1])
+    # With no server running: the same answers, and the database file is not written.
+    db_file = tmp_path / "events.sqlite3"
+    content = db_file.read_bytes()
+    assert _main(capsys, "datasources", *by_dir) == listing
+    assert _without_elapsed(_main(capsys, "sql", *by_dir, READS[0])[1]) == before
+    for sql in WRITES:
+        code, out, err = _main(capsys, "sql", *by_dir, sql)
+        assert code == 1 and out == "" and list(json.loads(err)) == ["error"], sql
+    assert db_file.read_bytes() == content
+    assert not (tmp_path / "x").exists()
+
+
+def test_sql_on_a_data_dir_from_the_command_line(tmp_path):
+    with LocalServer(data_dir=tmp_path, rate_limit_rps=None) as server:
+        _load(server)
+        out = _run("sql", "--data-dir", str(tmp_path), "SELECT sum(id) AS s FROM cli_a")
+        assert (out.returncode, out.stderr) == (0, "")
+        assert json.loads(out.stdout)["data"] == [{"s": 3}]
+    out = _run("datasources", "--data-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert [(d["name"], d["rows"], d["quarantined_rows"]) for d in json.loads(out.stdout)["datasources"]] == [
+        ("cli_a", 2, 1), ("cli_b", 1, 0)]
+    out = _run("sql", "--data-dir", str(tmp_path), "DELETE FROM cli_a")
+    assert out.returncode == 1 and json.loads(out.stderr) == {"error": "query failed: not authorized"}
+
+
+def test_sql_and_datasources_refuse_bad_sources(tmp_path, capsys):
+    missing = str(tmp_path / "nothing")
+    for command in (("sql", "--data-dir", missing, "SELECT 1"), ("datasources", "--data-dir", missing)):
+        code, out, err = _main(capsys, *command)
+        assert (code, out) == (2, "")
+        assert err == f"error: no database in {missing} (expected {missing}/events.sqlite3)\n"
+    code, out, err = _main(capsys, "datasources", "--url", "http://127.0.0.1:9", "--token", "t")
+    assert (code, out) == (2, "") and err.startswith("error: cannot reach http://127.0.0.1:9: ")
+    for command, message in (
+        (("sql", "--url", "http://127.0.0.1:9", "SELECT 1"), "--url needs --token"),
+        (("datasources", "--data-dir", missing, "--token", "t"), "--token goes with --url"),
+        (("sql", "--url", "http://127.0.0.1:9", "--data-dir", missing, "SELECT 1"), "not allowed with argument"),
+        (("datasources",), "one of the arguments --url --data-dir is required"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            _main(capsys, *command)
+        assert exited.value.code == 2
+        assert message in capsys.readouterr().err

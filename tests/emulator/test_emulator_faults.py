@@ -261,3 +261,27 @@ def test_latency_only_after_rule_is_not_counted_as_a_failure(client, ds):
     assert stats["rows"]["stored_by_after_faults"] == 0
     assert _rule(stats, 0)["fired"] == 1 and _rule(stats, 0)["rows_stored_after"] == 0
     assert client.count(ds) == 2
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("wait", [True, False])
+def test_latency_only_rows_are_stored_and_acknowledged_not_counted_as_behind_a_failure(client, ds, when, wait):
+    """A latency-only rule delays a request that then succeeds normally: its rows count as
+    stored and the rule as fired, never as "stored while the client was told it failed"."""
+    assert_ok(client.post(ds, LINE), 200, 1)
+    client.server.reset_stats()
+    client.server.set_faults([
+        {"latency_secs": 0.2, "when": when, "datasource": ds, "sequence": [1]},
+        {"status": 503, "when": "after", "datasource": ds, "sequence": [2]},
+    ])
+    started = time.perf_counter()
+    assert_ok(client.post(ds, b'{"a": 2}\n{"a": 3}\n', wait=wait), 200 if wait else 202, 2)
+    assert time.perf_counter() - started >= 0.2
+    assert_error(client.post(ds, b'{"a": 4}\n'), 503, "injected")
+    client.server.flush()
+    stats = client.server.stats()
+    assert stats["requests"]["by_status"] == {"200" if wait else "202": 1, "503": 1}
+    assert stats["rows"]["stored"] == 3
+    assert stats["rows"]["stored_by_after_faults"] == 1  # the 503's row only
+    assert [(r["matched"], r["fired"], r["rows_stored_after"]) for r in stats["faults"]] == [(2, 1, 0), (2, 1, 1)]
+    assert client.count(ds) == 4
