@@ -53,10 +53,6 @@ API_URL_PATTERN = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
 TOKEN_SECRET_PATTERN = r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$"
 ENV_VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
-LOOK_PORT = 7181
-LOOK_TOKEN = "local-admin"
-"""Port and admin token shown in the summary's commands to query the local data (not the run's token)."""
-
 _PROGRESS_EVERY_SECS = 2.0
 _SECRET_FLAGS = ("--token",)
 
@@ -556,18 +552,16 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
                 f"  {config.datasource} now holds {n(int(held.get('rows', 0)))} rows "
                 f"({n(int(held.get('quarantined', 0)))} quarantined) in {data_dir}")
         # The embedded server stops with the job; its data stays in data_dir.
-        serve = (f"python -m emulator serve --data-dir {_shell_quote(data_dir)} "
-                 f"--port {LOOK_PORT} --token {LOOK_TOKEN} &")
-        sql = f"python -m emulator sql --url http://127.0.0.1:{LOOK_PORT} --token {LOOK_TOKEN}"
+        sql = f"python -m emulator sql --data-dir {_shell_quote(data_dir)}"
         lines += [
             "",
-            "Look at the data (start the local server again on its data dir, then query it):",
-            f"  {serve}",
+            "Look at the data (read-only, straight from the data dir; no server needed):",
             f"  {sql} \"SELECT count(*) FROM {config.datasource}\"",
         ]
         if summary.rows_quarantined:
             lines.append(
                 f"  {sql} \"SELECT c__error, c__raw FROM {config.datasource}_quarantine LIMIT 5\"")
+        lines.append(f"Or serve it again: python -m emulator serve --data-dir {_shell_quote(data_dir)} --port 7181")
     # Unencodable and unreplayable dead letters have no line to resend.
     replayable = summary.dead_letters - sum(
         summary.dead_letters_by_kind.get(kind, 0) for kind in ("unencodable", "unreplayable"))

@@ -277,9 +277,14 @@ def test_embedded_default_runs_the_sample_and_prints_the_summary(tmp_path):
     listed = re.findall(r"^    (\./dead-letters/dead-letters-\S+\.jsonl)$", out, re.MULTILINE)
     assert len(listed) == 1 and (tmp_path / listed[0]).is_file()
     assert "events now holds 4,988 rows (10 quarantined) in ./tinybird-local" in out
-    assert "python -m emulator serve --data-dir ./tinybird-local --port 7181 --token local-admin &" in out
-    assert ('python -m emulator sql --url http://127.0.0.1:7181 --token local-admin '
-            '"SELECT count(*) FROM events"') in out
+    shown = re.findall(r'^  python (-m emulator sql --data-dir \./tinybird-local) "(SELECT [^"]+)"$', out, re.MULTILINE)
+    assert [query for _, query in shown] == [
+        "SELECT count(*) FROM events", "SELECT c__error, c__raw FROM events_quarantine LIMIT 5"]
+    # The command works as printed, from where the job ran.
+    looked = subprocess.run([sys.executable, *shown[0][0].split(), shown[0][1]],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    assert looked.returncode == 0, looked.stderr
+    assert json.loads(looked.stdout)["data"] == [{"count(*)": 4988}]
     assert "tb_local_" not in out + result.stderr  # the run's admin token is never shown
     assert len(dead_letters_in(tmp_path / "dead-letters")) == 2
 
