@@ -510,6 +510,17 @@ def display_path(path: str) -> str:
     return text + "/" if path.endswith("/") and not text.endswith("/") else text
 
 
+def _python_command() -> str:
+    """The interpreter running this job as the user can type it: ``.venv/bin/python``
+    from the checkout, else its full path (not resolved: a venv's python is a symlink)."""
+    executable = sys.executable or "python"
+    try:
+        executable = Path(executable).relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        pass
+    return _shell_quote(executable)
+
+
 def _shell_quote(text: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9_./:=@%+-]+", text):
         return text
@@ -552,7 +563,8 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
                 f"  {config.datasource} now holds {n(int(held.get('rows', 0)))} rows "
                 f"({n(int(held.get('quarantined', 0)))} quarantined) in {data_dir}")
         # The embedded server stops with the job; its data stays in data_dir.
-        sql = f"python -m emulator sql --data-dir {_shell_quote(data_dir)}"
+        python = _python_command()
+        sql = f"{python} -m emulator sql --data-dir {_shell_quote(data_dir)}"
         lines += [
             "",
             "Look at the data (read-only, straight from the data dir; no server needed):",
@@ -561,14 +573,14 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
         if summary.rows_quarantined:
             lines.append(
                 f"  {sql} \"SELECT c__error, c__raw FROM {config.datasource}_quarantine LIMIT 5\"")
-        lines.append(f"Or serve it again: python -m emulator serve --data-dir {_shell_quote(data_dir)} --port 7181")
+        lines.append(f"Or serve it again: {python} -m emulator serve --data-dir {_shell_quote(data_dir)} --port 7181")
     # Unencodable and unreplayable dead letters have no line to resend.
     replayable = summary.dead_letters - sum(
         summary.dead_letters_by_kind.get(kind, 0) for kind in ("unencodable", "unreplayable"))
     if replay_hint and dead_letter_path and replayable > 0:
         source = display_path(dead_letter_path).rstrip("/")
         command = [
-            "python -m pipelines.replay_dead_letters",
+            f"{_python_command()} -m pipelines.replay_dead_letters",
             f"--input {_shell_quote(source + '/*')}",
             f"--datasource {config.datasource}",
             f"--dead_letter_path {_shell_quote(source + '-replayed/')}",

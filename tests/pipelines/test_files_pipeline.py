@@ -277,7 +277,9 @@ def test_embedded_default_runs_the_sample_and_prints_the_summary(tmp_path):
     listed = re.findall(r"^    (\./dead-letters/dead-letters-\S+\.jsonl)$", out, re.MULTILINE)
     assert len(listed) == 1 and (tmp_path / listed[0]).is_file()
     assert "events now holds 4,988 rows (10 quarantined) in ./tinybird-local" in out
-    shown = re.findall(r'^  python (-m emulator sql --data-dir \./tinybird-local) "(SELECT [^"]+)"$', out, re.MULTILINE)
+    # tmp_path is not under the interpreter's folder: its full path is shown.
+    shown = re.findall(rf'^  {re.escape(sys.executable)} (-m emulator sql --data-dir \./tinybird-local) "(SELECT [^"]+)"$',
+                       out, re.MULTILINE)
     assert [query for _, query in shown] == [
         "SELECT count(*) FROM events", "SELECT c__error, c__raw FROM events_quarantine LIMIT 5"]
     # The command works as printed, from where the job ran.
