@@ -25,12 +25,12 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import orjson
 from aiohttp import HttpVersion11, web
 
-from emulator._body import BodyError, ParsedBody, decompress, parse_body
+from emulator._body import BodyError, decompress, parse_body
 from emulator._config import ServerConfig
 from emulator._faults import WHEN_AFTER, FaultInjector, FiredFault, parse_rules
 from emulator._ratelimit import RateDecision, RateLimiter
@@ -74,11 +74,34 @@ def _token_of(request: web.Request) -> Optional[str]:
     return request.query.get("token") or None
 
 
-def _decode_and_parse(wire: bytes, encoding: str, max_bytes: int, fmt: str, keep_objects: bool) -> ParsedBody:
+class _Decoded(NamedTuple):
+    """What a request needs of its body once decoded (the rest is freed in the pool)."""
+
+    lines: List[str]
+    invalid: List[Tuple[str, str]]
+    new_schema: Optional[Schema]
+    cost_bytes: int
+
+
+def _decode(
+    wire: bytes, encoding: str, max_bytes: int, fmt: str, name: str, schema_known: bool
+) -> _Decoded:
+    """Decompresses and validates a body, and infers the schema of a new data source.
+    Runs in the pool."""
     data = decompress(wire, encoding, max_bytes=max_bytes)
     if len(data) > max_bytes:
         raise BodyError(413, f"body is larger than the limit of {max_bytes} bytes")
-    return parse_body(data, fmt=fmt, keep_objects=keep_objects)
+    parsed = parse_body(data, fmt=fmt, keep_objects=not schema_known)
+    del data
+    new_schema = None
+    if not schema_known and parsed.lines:
+        new_schema = infer_schema(name, parsed.objects or [])
+    return _Decoded(
+        lines=parsed.lines,
+        invalid=parsed.invalid,
+        new_schema=new_schema,
+        cost_bytes=parsed.array_chars + sum(len(raw) for raw, _ in parsed.invalid) + 256,
+    )
 
 
 class EventsApp:
@@ -238,22 +261,20 @@ class EventsApp:
                 return _error(429, byte_decision.reason, headers={"Retry-After": str(byte_decision.retry_after_secs)})
             schema_known = self.store.schema(name) is not None
             try:
-                parsed = await loop.run_in_executor(
-                    self._pool, _decode_and_parse, wire, encoding, self.config.max_body_bytes, fmt, not schema_known
+                decoded = await loop.run_in_executor(
+                    self._pool, _decode, wire, encoding, self.config.max_body_bytes, fmt, name, schema_known
                 )
             except BodyError as exc:
                 return _error(exc.status, exc.message)
             del wire
-            new_schema: Optional[Schema] = None
+            new_schema = decoded.new_schema
             if not schema_known:
-                if not parsed.valid_rows:
+                if not decoded.lines:
                     return _error(
                         400, f"cannot create the data source '{name}': the body holds no valid JSON object"
                     )
-                new_schema = await loop.run_in_executor(self._pool, infer_schema, name, parsed.objects or [])
-                if not new_schema.columns:
+                if new_schema is None or not new_schema.columns:
                     return _error(400, f"cannot create the data source '{name}': no column could be inferred")
-                parsed.objects = None
 
         fault = self.faults.decide(name)
         if fault is not None and fault.rule.when != WHEN_AFTER:
@@ -277,20 +298,19 @@ class EventsApp:
 
         job = WriteJob(
             name=name,
-            array_text=parsed.array_text,
-            valid_rows=parsed.valid_rows,
-            invalid=parsed.invalid,
+            lines=decoded.lines,
+            invalid=decoded.invalid,
             new_schema=new_schema,
-            cost_bytes=len(parsed.array_text) + sum(len(raw) for raw, _ in parsed.invalid) + 256,
+            cost_bytes=decoded.cost_bytes,
             done=done,
         )
         if not self.store.try_submit(
             job, max_jobs=self.config.queue_max_requests, max_bytes=self.config.queue_max_bytes
         ):
             return _error(503, "the write queue is full; nothing was inserted, retry later")
-        del parsed
+        del decoded
         if future is None:
-            return _json({"successful_rows": job.valid_rows, "quarantined_rows": len(job.invalid)}, status=202)
+            return _json({"successful_rows": len(job.lines), "quarantined_rows": len(job.invalid)}, status=202)
         result = await asyncio.shield(future)
         if isinstance(result, BaseException):
             return _error(500, f"the write failed: {result}")
@@ -493,8 +513,7 @@ class EventsApp:
         future: asyncio.Future = loop.create_future()
         job = WriteJob(
             name="",
-            array_text="",
-            valid_rows=0,
+            lines=[],
             invalid=[],
             new_schema=None,
             cost_bytes=0,

@@ -1,8 +1,8 @@
 """Request bodies: bounded decompression (gzip, zstd) and NDJSON/JSON validation.
 
 Decompression streams with a cap on the output, so a small compressed bomb is
-refused (413) without being inflated in memory. The valid lines are kept joined
-as one JSON array text, which the writer hands to SQLite in a single statement.
+refused (413) without being inflated in memory. The valid lines are kept as they
+are; the writer converts them (see ``_rows``).
 
 Validation has a fast path that does no per-line Python work: the lines are
 joined and SQLite's JSON parser (which releases the GIL) checks that the array
@@ -27,6 +27,7 @@ import zstandard
 __all__ = ["BodyError", "ParsedBody", "decompress", "parse_body"]
 
 _READ_CHUNK_BYTES = 1 << 20
+_DICT_ONLY = frozenset({dict})
 # Two objects side by side on one line: the joined array could then hold as many
 # elements as there are lines without each line being one object.
 _OBJECTS_SIDE_BY_SIDE_RE = re.compile(r"\}[ \t\r]*,[ \t\r]*\{")
@@ -120,16 +121,28 @@ class ParsedBody:
     """A validated body.
 
     Attributes:
-        array_text: The valid rows as one JSON array text (``"[]"`` when none).
-        valid_rows: How many rows ``array_text`` holds.
+        lines: The text of each valid row.
         invalid: ``(raw line, error)`` for each line that is not a JSON object.
         objects: The parsed valid rows, only when asked for (schema inference).
     """
 
-    array_text: str
-    valid_rows: int
+    lines: List[str]
     invalid: List[Tuple[str, str]]
     objects: Optional[List[Dict[str, Any]]]
+
+    @property
+    def valid_rows(self) -> int:
+        return len(self.lines)
+
+    @property
+    def array_text(self) -> str:
+        """The valid rows as one JSON array text (``"[]"`` when none)."""
+        return "[" + ",".join(self.lines) + "]"
+
+    @property
+    def array_chars(self) -> int:
+        """``len(self.array_text)``, without building it."""
+        return sum(map(len, self.lines)) + len(self.lines) + 1 if self.lines else 2
 
 
 def _one_object_per_line(array_text: str, lines: int) -> bool:
@@ -146,8 +159,9 @@ def _one_object_per_line(array_text: str, lines: int) -> bool:
     return count == lines and objects == lines
 
 
-def _whole_document(text: str) -> Optional[List[str]]:
-    """Rows of a body that is one JSON document (object or array of objects), else None."""
+def _whole_document(text: str) -> Optional[Tuple[List[str], List[Dict[str, Any]]]]:
+    """Rows (texts, objects) of a body that is one JSON document (object or array of
+    objects), else None."""
     candidate = _CONTINUATION_RE.sub("\n", text).strip()
     if not candidate or candidate[0] not in "{[":
         return None
@@ -156,9 +170,9 @@ def _whole_document(text: str) -> Optional[List[str]]:
     except orjson.JSONDecodeError:
         return None
     if type(doc) is dict:
-        return [orjson.dumps(doc).decode()]
+        return [orjson.dumps(doc).decode()], [doc]
     if type(doc) is list and doc and all(type(item) is dict for item in doc):
-        return [orjson.dumps(item).decode() for item in doc]
+        return [orjson.dumps(item).decode() for item in doc], doc
     return None
 
 
@@ -202,7 +216,7 @@ def parse_body(data: bytes, *, fmt: str, keep_objects: bool) -> ParsedBody:
     Raises:
         BodyError: 400 when the body is empty or nothing in it is valid UTF-8 JSON.
     """
-    if not data.strip():
+    if not data or data.isspace():
         raise BodyError(400, "empty body: send NDJSON rows or one JSON object")
     try:
         text: Optional[str] = data.decode("utf-8")
@@ -210,35 +224,31 @@ def parse_body(data: bytes, *, fmt: str, keep_objects: bool) -> ParsedBody:
         text = None
 
     if text is not None and fmt == "json":
-        rows = _whole_document(text)
-        if rows is not None:
-            objects = [orjson.loads(r) for r in rows] if keep_objects else None
-            return ParsedBody("[" + ",".join(rows) + "]", len(rows), [], objects)
+        document = _whole_document(text)
+        if document is not None:
+            return ParsedBody(document[0], [], document[1] if keep_objects else None)
 
+    objects: Optional[List[Dict[str, Any]]]
     if text is not None:
         lines = [line for line in text.split("\n") if line]
         if not keep_objects and lines and not _OBJECTS_SIDE_BY_SIDE_RE.search(text):
-            array_text = "[" + ",".join(lines) + "]"
-            if _one_object_per_line(array_text, len(lines)):
-                return ParsedBody(array_text, len(lines), [], None)
+            if _one_object_per_line("[" + ",".join(lines) + "]", len(lines)):
+                return ParsedBody(lines, [], None)
         try:
             objects = list(map(orjson.loads, lines))
         except orjson.JSONDecodeError:
             objects = None
-        if objects is not None and all(type(o) is dict for o in objects):
-            return ParsedBody(
-                "[" + ",".join(lines) + "]", len(lines), [], objects if keep_objects else None
-            )
+        if objects is not None and set(map(type, objects)) <= _DICT_ONLY:
+            return ParsedBody(lines, [], objects if keep_objects else None)
         valid, invalid, objects = _slow_lines(lines)  # type: ignore[arg-type]
         if invalid and fmt != "ndjson":
-            rows = _whole_document(text)
-            if rows is not None:
-                objects = [orjson.loads(r) for r in rows]
-                valid, invalid = rows, []
+            document = _whole_document(text)
+            if document is not None:
+                (valid, objects), invalid = document, []
     else:
         valid, invalid, objects = _slow_lines(data.split(b"\n"))  # type: ignore[arg-type]
         if not valid:
             raise BodyError(400, "the body is not valid UTF-8 JSON")
     if not valid and not invalid:
         raise BodyError(400, "empty body: send NDJSON rows or one JSON object")
-    return ParsedBody("[" + ",".join(valid) + "]", len(valid), invalid, objects if keep_objects else None)
+    return ParsedBody(valid, invalid, objects if keep_objects else None)

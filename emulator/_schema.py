@@ -3,14 +3,17 @@
 Nested objects are flattened into columns named after their JSONPath
 (``$.purchase.datetime`` -> ``purchase_datetime``). Types follow Tinybird's
 names (Int64, Float64, String, Bool, Date, DateTime, DateTime64, Array(T),
-Nullable(T)). The insert statement checks every value's JSON type in SQLite, so
-the per-row work stays in C; rows that fail a check go to the quarantine table.
+Nullable(T)). The insert statement checks every value's JSON type in SQLite and
+is the reference for what fits and what is stored; rows that fail a check go to
+the quarantine table. Rows whose outcome is known beforehand are bound as plain
+values instead (see ``_rows``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from itertools import repeat
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = [
@@ -30,6 +33,13 @@ QUARANTINE_FIXED_COLUMNS = ("c__error_column", "c__error", "c__import_id", "inse
 _DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(Z|[+-]\d{2}:\d{2})?$")
 _DATETIME64_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}\.\d{1,9}(Z|[+-]\d{2}:\d{2})?$")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DATE_PREFIX_RE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+_DATE_PREFIX_LINE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}", re.MULTILINE)
+# Lines that are all of one kind (each pattern without its anchors, once per line).
+_DATE_KIND_LINES = tuple(
+    (kind, re.compile("(?:" + pattern.pattern[1:-1] + "\n)*"))
+    for kind, pattern in (("DateTime", _DATETIME_RE), ("DateTime64", _DATETIME64_RE), ("Date", _DATE_RE))
+)
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DATETIME_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9][ T][0-9][0-9]:[0-9][0-9]:[0-9][0-9]*"
 _DATE_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]"
@@ -215,6 +225,17 @@ class Schema:
             f"FROM {self._extracted(with_key=False)} WHERE {self.ok_expression()}"
         )
 
+    def values_insert_statement(self, rows: int) -> str:
+        """Inserts the first N of ``rows`` rows of bound values: one parameter per
+        column and row, row after row, then N. Values bound here are stored as the
+        insert statement would store the same values read from JSON."""
+        names = ", ".join(quote_ident(c.name) for c in self.columns)
+        row = "(" + ",".join("?" for _ in self.columns) + ")"
+        return (
+            f"INSERT INTO {quote_ident(self.name)} ({names}) "
+            f"SELECT * FROM (VALUES {','.join([row] * rows)}) LIMIT ?"
+        )
+
     def misfits_statement(self) -> str:
         """Selects, for rows of the array that do not fit: index, text, then per column
         (fits, JSON type, raw value)."""
@@ -327,6 +348,62 @@ def _walk(obj: Dict[str, Any], prefix: Tuple[str, ...], accs: Dict[Tuple[str, ..
             acc.kinds.add(kind)
 
 
+def _string_kinds(strings: List[str]) -> set:
+    """``{_scalar_kind(s) for s in strings}``, mostly with a few matches over them all."""
+    joined = "\n".join(strings) + "\n"
+    if joined.count("\n") == len(strings):  # one string per line
+        # The three date patterns begin alike: other strings are Strings.
+        if not _DATE_PREFIX_LINE_RE.search(joined):
+            return {"String"}
+        if max(map(len, strings)) <= 40:
+            for kind, lines_re in _DATE_KIND_LINES:
+                if lines_re.fullmatch(joined):
+                    return {kind}
+    datelike = list(filter(_DATE_PREFIX_RE.match, strings))
+    kinds = set(map(_scalar_kind, datelike))
+    if len(datelike) < len(strings):
+        kinds.add("String")
+    return kinds
+
+
+def _walk_flat(objects: Sequence[Dict[str, Any]]) -> Optional[Dict[Tuple[str, ...], _Acc]]:
+    """What :func:`_walk` finds in every object, a key at a time, when all objects have
+    the same keys and no nested object (most bodies); None otherwise."""
+    if not objects:
+        return None
+    keys = objects[0].keys()
+    if len(keys) > MAX_COLUMNS * 2 or not all(map(keys.__eq__, map(dict.keys, objects))):
+        return None
+    accs: Dict[Tuple[str, ...], _Acc] = {}
+    for key in keys:
+        values = list(map(dict.get, objects, repeat(key)))
+        types = set(map(type, values))
+        if dict in types:
+            return None
+        acc = accs[(key,)] = _Acc()
+        acc.seen = len(values)
+        kinds: set = set()
+        for kind in types:
+            same = values if len(types) == 1 else [v for v in values if type(v) is kind]
+            if kind is type(None):
+                acc.nulls = len(same)
+            elif kind is bool:
+                kinds.add("Bool")
+            elif kind is float:
+                kinds.add("Float64")
+            elif kind is int and -(2**63) <= min(same) and max(same) < 2**63:
+                kinds.add("Int64")
+            elif kind is str:
+                kinds.update(_string_kinds(same))
+            else:
+                kinds.update(map(_scalar_kind, same))
+        if None in kinds:
+            acc.ignored = True
+            kinds.discard(None)
+        acc.kinds = kinds
+    return accs
+
+
 def _column_name(path: Tuple[str, ...]) -> str:
     name = re.sub(r"[^A-Za-z0-9_]", "_", "_".join(path))
     if not name or name[0].isdigit():
@@ -358,9 +435,11 @@ def infer_schema(name: str, objects: Sequence[Dict[str, Any]]) -> Schema:
     SQLite paths cannot express, and objects nested deeper than 32 levels are not
     turned into columns (those fields are ignored, as unknown fields are).
     """
-    accs: Dict[Tuple[str, ...], _Acc] = {}
-    for obj in objects:
-        _walk(obj, (), accs)
+    accs = _walk_flat(objects)
+    if accs is None:
+        accs = {}
+        for obj in objects:
+            _walk(obj, (), accs)
     total = len(objects)
     columns: List[Column] = []
     used = {c.lower() for c in QUARANTINE_FIXED_COLUMNS}

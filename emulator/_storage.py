@@ -3,18 +3,23 @@
 The writer thread owns the only write connection. It takes queued jobs in
 groups, applies each inside a savepoint of one transaction, commits, and only
 then reports the jobs done (which is when a ``wait=true`` request is answered
-200). WAL mode; ``synchronous=FULL`` by default so that a 200 survives power
-loss, ``NORMAL`` survives a killed process. Queries from /v0/sql run on a
-separate :class:`ReadOnlyDatabase` connection (also used by the CLI without a
-server), guarded by ``mode=ro``, ``PRAGMA query_only`` and an authorizer that
-allows reads only.
+200). It parses and converts a job's rows a run at a time (see ``_rows``) and
+inserts them as bound values, a thousand per statement; rows whose outcome only
+SQLite can tell go through the schema's SQL over their JSON text, which also
+writes their quarantine rows. WAL mode; ``synchronous=FULL`` by default so that a
+200 survives power loss, ``NORMAL`` survives a killed process. Queries from
+/v0/sql run on a separate :class:`ReadOnlyDatabase` connection (also used by the
+CLI without a server), guarded by ``mode=ro``, ``PRAGMA query_only`` and an
+authorizer that allows reads only.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
+import functools
 import logging
 import os
 import queue
@@ -28,6 +33,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 import orjson
 
 from emulator._config import DEFAULT_SQL_TIMEOUT_SECS
+from emulator._rows import PreparedRows, prepare_rows
 from emulator._schema import Schema
 
 __all__ = ["DB_FILE", "QueryError", "ReadOnlyDatabase", "Store", "WriteJob", "WriteResult", "answer_sql"]
@@ -38,6 +44,10 @@ DB_FILE = "events.sqlite3"
 _CATALOG = "_emulator_datasources"
 _MAX_GROUP_JOBS = 64
 _MAX_GROUP_BYTES = 32_000_000
+# Rows per multi-row INSERT of bound values: each statement is one call into SQLite
+# (which runs without the GIL) instead of one per row, and is compiled once per
+# data source and size.
+_MAX_ROWS_PER_INSERT = 1024
 _MAX_RESULT_ROWS = 1_000_000
 _FORMAT_SUFFIX_RE = re.compile(r"\s+FORMAT\s+JSON\s*;?\s*$", re.IGNORECASE)
 
@@ -53,13 +63,13 @@ class WriteResult:
 class WriteJob:
     """Rows for one data source, from one request.
 
-    ``done`` is called from the writer thread once the job is committed (with a
-    WriteResult) or failed (with the exception).
+    ``lines`` are the texts of the valid rows (validated JSON objects), converted
+    and stored by the writer. ``done`` is called from the writer thread once the
+    job is committed (with a WriteResult) or failed (with the exception).
     """
 
     name: str
-    array_text: str
-    valid_rows: int
+    lines: List[str]
     invalid: List[Tuple[str, str]]
     new_schema: Optional[Schema]
     cost_bytes: int
@@ -95,6 +105,20 @@ def _datasource_json(
     }
 
 
+@functools.lru_cache(maxsize=64)
+def _values_insert_statement(schema: Schema, rows: int) -> str:
+    # The same string each time: sqlite3's statement cache then finds it at once.
+    return schema.values_insert_statement(rows)
+
+
+def _variable_limit(conn: sqlite3.Connection) -> int:
+    """How many parameters one statement may have."""
+    getlimit = getattr(conn, "getlimit", None)  # Python 3.11+
+    if getlimit is not None:
+        return int(getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+    return 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+
+
 class Store:
     """The database of one data dir: catalog, writer thread, read-only queries."""
 
@@ -115,6 +139,7 @@ class Store:
         self.rows_quarantined = 0
         self.commits = 0
         self._writer: Optional[threading.Thread] = None
+        self._max_variables = 999
         # The read-only connection is used from this one thread only.
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="emulator-sql")
         self._init_db()
@@ -126,6 +151,7 @@ class Store:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        self._max_variables = _variable_limit(conn)
         return conn
 
     def _init_db(self) -> None:
@@ -312,20 +338,17 @@ class Store:
         import_id = uuid.uuid4().hex
         ok = 0
         quarantined: List[Tuple[Any, ...]] = []
-        if job.valid_rows:
-            conn.execute("SAVEPOINT fast")
-            try:
-                ok = conn.execute(schema.insert_statement(), (job.array_text,)).rowcount
-                if ok < job.valid_rows:
-                    quarantined.extend(self._misfits(conn, schema, job.array_text, import_id))
-                conn.execute("RELEASE fast")
-            except sqlite3.Error as exc:
-                # SQLite refused the array as a whole (e.g. a value its JSON parser
-                # rejects although orjson accepted it): retry row by row.
-                _LOG.warning("bulk insert into %s failed (%s); inserting row by row", job.name, exc)
-                conn.execute("ROLLBACK TO fast")
-                conn.execute("RELEASE fast")
-                ok, quarantined = self._row_by_row(conn, schema, job.array_text, import_id)
+        if job.lines:
+            if len(schema.columns) < self._max_variables:
+                with contextlib.closing(prepare_rows(schema, job.lines)) as runs:
+                    for rows in runs:
+                        run_ok, run_quarantined = self._insert_prepared(conn, schema, rows, import_id)
+                        ok += run_ok
+                        quarantined.extend(run_quarantined)
+            else:  # too wide to bind a row in one statement
+                ok, quarantined = self._insert_json(
+                    conn, schema, "[" + ",".join(job.lines) + "]", len(job.lines), import_id
+                )
         if job.invalid:
             now = _utc_now_text()
             empty = (None,) * len(schema.columns)
@@ -338,6 +361,60 @@ class Store:
             (ok, len(quarantined), job.name),
         )
         return WriteResult(successful_rows=ok, quarantined_rows=len(quarantined), import_id=import_id)
+
+    def _insert_prepared(
+        self, conn: sqlite3.Connection, schema: Schema, rows: PreparedRows, import_id: str
+    ) -> Tuple[int, List[Tuple[Any, ...]]]:
+        ok = 0
+        quarantined: List[Tuple[Any, ...]] = []
+        for start, end, array_text in rows.segments:
+            if array_text is None:
+                self._insert_values(conn, schema, rows.columns, start, end)
+                ok += end - start
+            else:
+                json_ok, json_quarantined = self._insert_json(conn, schema, array_text, end - start, import_id)
+                ok += json_ok
+                quarantined.extend(json_quarantined)
+        return ok, quarantined
+
+    def _insert_values(
+        self, conn: sqlite3.Connection, schema: Schema, columns: List[List[Any]], start: int, end: int
+    ) -> None:
+        """Inserts rows ``start:end`` of ``columns``, a few thousand per statement."""
+        width = len(columns)
+        limit = (self._max_variables - 1) // width
+        while start < end:
+            count = min(end - start, limit, _MAX_ROWS_PER_INSERT)
+            # Statement sizes are powers of two (the unused rows bound as NULL and
+            # cut by the LIMIT), so that few statements are compiled and cached.
+            size = min(1 << (count - 1).bit_length(), limit, _MAX_ROWS_PER_INSERT)
+            params: List[Any] = [None] * (size * width + 1)
+            for j, column in enumerate(columns):
+                params[j : count * width : width] = column[start : start + count]
+            params[-1] = count
+            conn.execute(_values_insert_statement(schema, size), params)
+            start += count
+
+    def _insert_json(
+        self, conn: sqlite3.Connection, schema: Schema, array_text: str, valid_rows: int, import_id: str
+    ) -> Tuple[int, List[Tuple[Any, ...]]]:
+        """Inserts the fitting rows of a JSON array with the schema's SQL; the others
+        are returned as quarantine rows."""
+        quarantined: List[Tuple[Any, ...]] = []
+        conn.execute("SAVEPOINT fast")
+        try:
+            ok = conn.execute(schema.insert_statement(), (array_text,)).rowcount
+            if ok < valid_rows:
+                quarantined.extend(self._misfits(conn, schema, array_text, import_id))
+            conn.execute("RELEASE fast")
+        except sqlite3.Error as exc:
+            # SQLite refused the array as a whole (e.g. a value its JSON parser
+            # rejects although orjson accepted it): retry row by row.
+            _LOG.warning("bulk insert into %s failed (%s); inserting row by row", schema.name, exc)
+            conn.execute("ROLLBACK TO fast")
+            conn.execute("RELEASE fast")
+            ok, quarantined = self._row_by_row(conn, schema, array_text, import_id)
+        return ok, quarantined
 
     @staticmethod
     def _misfits(conn: sqlite3.Connection, schema: Schema, array_text: str, import_id: str) -> List[Tuple[Any, ...]]:
