@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 
 import pytest
 import zstandard
+from tb import api as tb_api
+from tb import datasource as tb_datasource
+from tb.a import datasource as tb_async
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,7 +121,6 @@ def test_documented_curl_commands(server, tmp_path, name):
 
 
 def test_tinybird_python_sdk_datasource(server):
-    tb_datasource = pytest.importorskip("tb.datasource")
     with tb_datasource.Datasource("sdk_events", server.token, api_url=server.url) as ds:
         ds << {"date": "2020-04-05 00:05:38", "city": "Chicago"}
         ds << {"date": "2020-04-05 00:07:22", "city": "Madrid"}
@@ -131,7 +134,6 @@ def test_tinybird_python_sdk_datasource(server):
 
 
 def test_tinybird_python_sdk_api_reads_rate_limit_headers(server):
-    tb_api = pytest.importorskip("tb.api")
     api = tb_api.API(server.token, server.url)
     response = api.post("/events?name=sdk_api&wait=true", data='{"a": 1}\n{"a": 2}\n')
     assert response.status_code == 200
@@ -142,9 +144,6 @@ def test_tinybird_python_sdk_api_reads_rate_limit_headers(server):
 
 
 def test_tinybird_python_sdk_async_datasource(server):
-    tb_async = pytest.importorskip("tb.a.datasource")
-    import asyncio
-
     async def send() -> None:
         async with tb_async.AsyncDatasource("sdk_async", server.token, api_url=server.url) as ds:
             await ds.append({"n": 1})
