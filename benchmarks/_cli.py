@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="the sink's max_batch_bytes, also used by peer (b) and the ceiling "
                              f"(default {DEFAULT_MAX_BATCH_BYTES}, the sink's default)")
     parser.add_argument("--bundle-events", type=int, default=1000,
-                        help="streaming scenarios: events per TestStream bundle (default 1000)")
+                        help="streaming scenarios: events per bundle (default 1000)")
     parser.add_argument("--scenarios", nargs="+", metavar="NAME",
                         help="scenarios to run, by name (comma or space separated; default all): "
                              + ", ".join(s.name for s in SCENARIOS))

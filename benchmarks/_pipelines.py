@@ -3,9 +3,9 @@
 Bounded scenarios run on the in-process ``FnApiRunner``; their source is
 ``Impulse`` + a ``FlatMap`` that reads the generated file and yields dicts as it
 reads, so that memory does not hold the input. Streaming scenarios run on the
-``BundleBasedDirectRunner`` with ``--streaming``, fed by a ``TestStream``, whose
-output is unbounded: ``WriteToTinybird`` takes its stateful, cross-bundle
-batching path. These are the runners the ``DirectRunner`` would pick, named
+``BundleBasedDirectRunner`` with ``--streaming``: a ``TestStream`` hands out where
+each bundle's events are in the file and a ``FlatMap`` reads them; the output is
+unbounded, so ``WriteToTinybird`` takes its stateful, cross-bundle batching path. These are the runners the ``DirectRunner`` would pick, named
 explicitly because Beam 2.77's ``DirectRunner`` first tries to download the
 Prism runner from github.com.
 """
@@ -13,7 +13,7 @@ Prism runner from github.com.
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -25,7 +25,7 @@ from benchmarks.scenarios import RunSpec, Timed
 from sinks.tinybird import WriteToTinybird
 
 __all__ = [
-    "baseline", "baseline_streaming", "bounded_source", "load_events", "pipeline_options", "run_pipeline",
+    "baseline", "baseline_streaming", "bounded_source", "stream_chunks", "pipeline_options", "run_pipeline",
     "sink_gzip", "sink_none", "sink_streaming", "sink_zstd", "streaming_source", "timed_pipeline",
 ]
 
@@ -46,23 +46,46 @@ def bounded_source(p: beam.Pipeline, spec: RunSpec) -> beam.PCollection:
     return p | "Impulse" >> beam.Impulse() | "ReadEvents" >> beam.FlatMap(_read, spec.data_path, spec.events)
 
 
-def load_events(spec: RunSpec) -> List[Dict[str, Any]]:
-    """The events of ``spec`` in memory, for a TestStream (read before the timing)."""
-    return list(read_events(spec.data_path, spec.events))
+def stream_chunks(spec: RunSpec) -> List[Tuple[int, int]]:
+    """Where each streaming bundle's events are in the generated file: ``(offset, count)``
+    per ``spec.bundle_events`` events (found before the timing)."""
+    chunks: List[Tuple[int, int]] = []
+    offset = 0
+    with open(spec.data_path, "rb", buffering=1 << 20) as fh:
+        for start in range(0, spec.events, spec.bundle_events):
+            count = min(spec.bundle_events, spec.events - start)
+            chunks.append((offset, count))
+            for _ in range(count):
+                offset += len(fh.readline())
+    return chunks
 
 
-def streaming_source(p: beam.Pipeline, events: List[Dict[str, Any]], bundle_events: int) -> beam.PCollection:
-    """An unbounded PCollection: a TestStream delivering ``bundle_events`` at a time.
+def _read_chunk(chunk: Tuple[int, int], path: str) -> Iterator[Dict[str, Any]]:
+    offset, count = chunk
+    loads = orjson.loads
+    with open(path, "rb", buffering=1 << 20) as fh:
+        fh.seek(offset)
+        for _ in range(count):
+            yield loads(fh.readline())
 
-    Every element has the same event time and the processing-time clock never
-    moves: a backlog is drained as fast as the runner goes, batches fill by
-    size, and what is left leaves when the watermark goes to infinity.
+
+def streaming_source(p: beam.Pipeline, chunks: List[Tuple[int, int]], path: str) -> beam.PCollection:
+    """An unbounded PCollection: a TestStream delivers one ``(offset, count)`` at a time
+    (each its own bundle), which a ``FlatMap`` reads from the generated file.
+
+    The TestStream carries where the events are, not the events: its own cost
+    (it pickles and compresses what it holds into the pipeline, and replays it
+    element by element) is then per bundle, and what is measured per event is
+    the runner and the transforms, as with a real source. Every element has the
+    same event time and the processing-time clock never moves: a backlog is
+    drained as fast as the runner goes, batches fill by size, and what is left
+    leaves when the watermark goes to infinity.
     """
     stream = TestStream()
-    for start in range(0, len(events), bundle_events):
-        stream.add_elements(events[start:start + bundle_events])
+    for chunk in chunks:
+        stream.add_elements([chunk])
     stream.advance_watermark_to_infinity()
-    return p | "TestStream" >> stream
+    return p | "TestStream" >> stream | "ReadEvents" >> beam.FlatMap(_read_chunk, path)
 
 
 def _zero_clock() -> float:
@@ -123,10 +146,10 @@ def baseline(spec: RunSpec) -> Timed:
 
 def baseline_streaming(spec: RunSpec) -> Timed:
     """The streaming scenarios' source and encoding, then a discard: the runner's own cost."""
-    events = load_events(spec)
+    chunks = stream_chunks(spec)
 
     def build(p):
-        (streaming_source(p, events, spec.bundle_events)
+        (streaming_source(p, chunks, spec.data_path)
          | "Encode" >> beam.Map(orjson.dumps) | "Discard" >> beam.ParDo(_Discard()))
 
     return lambda: _discarded(run_pipeline(pipeline_options(streaming=True), build))
@@ -159,10 +182,10 @@ def sink_gzip(spec: RunSpec) -> Timed:
 
 def sink_streaming(spec: RunSpec) -> Timed:
     """WriteToTinybird on an unbounded PCollection: the stateful ``_BatchDoFn`` path."""
-    events = load_events(spec)
+    chunks = stream_chunks(spec)
 
     def build(p):
-        source = streaming_source(p, events, spec.bundle_events)
+        source = streaming_source(p, chunks, spec.data_path)
         assert not source.is_bounded
         source | "WriteToTinybird" >> _sink(spec, compression="zstd", clock=_zero_clock)
 

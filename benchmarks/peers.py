@@ -36,7 +36,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from benchmarks._pipelines import bounded_source, load_events, streaming_source, timed_pipeline
+from benchmarks._pipelines import bounded_source, stream_chunks, streaming_source, timed_pipeline
 from benchmarks.scenarios import RunSpec, Timed
 
 __all__ = [
@@ -149,9 +149,9 @@ def group_into_batches(spec: RunSpec) -> Timed:
 
 
 def group_into_batches_streaming(spec: RunSpec) -> Timed:
-    events = load_events(spec)
+    chunks = stream_chunks(spec)
     return timed_pipeline(
-        streaming=True, build=lambda p: _group_and_post(streaming_source(p, events, spec.bundle_events), spec))
+        streaming=True, build=lambda p: _group_and_post(streaming_source(p, chunks, spec.data_path), spec))
 
 
 # -- (d) the tinybird-beam approach --------------------------------------------------

@@ -37,7 +37,7 @@ class RunSpec:
         token: A token with every scope on it.
         datasource: A data source name of this run's own.
         max_batch_bytes: Bound on the uncompressed NDJSON of one request.
-        bundle_events: Streaming scenarios: events per TestStream bundle.
+        bundle_events: Streaming scenarios: events per bundle of the source.
         profile_path: When set, the run is profiled with cProfile into this file.
     """
 
@@ -86,7 +86,7 @@ SCENARIOS: Tuple[Scenario, ...] = (
              size=EVENTS, sends=True, target="benchmarks.peers:tinybird_beam"),
     Scenario(name="ceiling", title="Ceiling: plain loop, orjson, one Session, no Beam",
              size=EVENTS, sends=True, target="benchmarks.scenarios:ceiling"),
-    Scenario(name="baseline_streaming", title="Baseline, streaming: TestStream + orjson.dumps, discard",
+    Scenario(name="baseline_streaming", title="Baseline, streaming: source + orjson.dumps, discard",
              size=STATEFUL, sends=False, target="benchmarks._pipelines:baseline_streaming"),
     Scenario(name="sink_streaming", title="WriteToTinybird, unbounded (streaming), zstd",
              size=STATEFUL, sends=True, target="benchmarks._pipelines:sink_streaming"),
