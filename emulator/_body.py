@@ -131,17 +131,8 @@ class ParsedBody:
     objects: Optional[List[Dict[str, Any]]]
 
     @property
-    def valid_rows(self) -> int:
-        return len(self.lines)
-
-    @property
-    def array_text(self) -> str:
-        """The valid rows as one JSON array text (``"[]"`` when none)."""
-        return "[" + ",".join(self.lines) + "]"
-
-    @property
     def array_chars(self) -> int:
-        """``len(self.array_text)``, without building it."""
+        """Characters of the valid rows joined into one JSON array, without joining them."""
         return sum(map(len, self.lines)) + len(self.lines) + 1 if self.lines else 2
 
 

@@ -138,12 +138,12 @@ def test_decompress_caps_output():
 
 def test_parse_body_fast_and_slow_paths():
     parsed = parse_body(b'{"a":1}\n{"a":2}\n', fmt="", keep_objects=True)
-    assert (parsed.valid_rows, parsed.invalid, parsed.objects) == (2, [], [{"a": 1}, {"a": 2}])
-    assert orjson.loads(parsed.array_text) == [{"a": 1}, {"a": 2}]
+    assert (len(parsed.lines), parsed.invalid, parsed.objects) == (2, [], [{"a": 1}, {"a": 2}])
+    assert orjson.loads("[" + ",".join(parsed.lines) + "]") == [{"a": 1}, {"a": 2}]
     parsed = parse_body(b'{"a":1}\n[]\n"x"\n{bad\n', fmt="ndjson", keep_objects=False)
-    assert parsed.valid_rows == 1 and [raw for raw, _ in parsed.invalid] == ["[]", '"x"', "{bad"]
+    assert len(parsed.lines) == 1 and [raw for raw, _ in parsed.invalid] == ["[]", '"x"', "{bad"]
     parsed = parse_body(b'[{"a":1},{"a":2}]', fmt="json", keep_objects=False)
-    assert parsed.valid_rows == 2
+    assert len(parsed.lines) == 2
     with pytest.raises(BodyError):
         parse_body(b" \n\t\n", fmt="", keep_objects=False)
 
@@ -216,5 +216,7 @@ def test_row_by_row_fallback_classifies_each_row(tmp_path):
 )
 def test_parse_body_is_never_fooled_by_the_joined_array(body, valid, invalid):
     parsed = parse_body(body, fmt="ndjson", keep_objects=False)
-    assert (parsed.valid_rows, len(parsed.invalid)) == (valid, invalid)
-    assert len(orjson.loads(parsed.array_text)) == valid
+    assert (len(parsed.lines), len(parsed.invalid)) == (valid, invalid)
+    array_text = "[" + ",".join(parsed.lines) + "]"
+    assert len(orjson.loads(array_text)) == valid
+    assert parsed.array_chars == len(array_text)  # the write queue's cost of the body
