@@ -19,12 +19,12 @@ import re
 import sqlite3
 import threading
 import zlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import orjson
 import zstandard
 
-__all__ = ["BodyError", "ParsedBody", "decompress", "parse_body"]
+__all__ = ["BodyError", "ParsedBody", "decompress", "json_array", "parse_body"]
 
 _READ_CHUNK_BYTES = 1 << 20
 _DICT_ONLY = frozenset({dict})
@@ -132,8 +132,13 @@ class ParsedBody:
 
     @property
     def array_chars(self) -> int:
-        """Characters of the valid rows joined into one JSON array, without joining them."""
+        """``len(json_array(self.lines))``, without joining them."""
         return sum(map(len, self.lines)) + len(self.lines) + 1 if self.lines else 2
+
+
+def json_array(lines: Sequence[str]) -> str:
+    """Row texts joined into the text of one JSON array."""
+    return "[" + ",".join(lines) + "]"
 
 
 def _one_object_per_line(array_text: str, lines: int) -> bool:
@@ -223,7 +228,7 @@ def parse_body(data: bytes, *, fmt: str, keep_objects: bool) -> ParsedBody:
     if text is not None:
         lines = [line for line in text.split("\n") if line]
         if not keep_objects and lines and not _OBJECTS_SIDE_BY_SIDE_RE.search(text):
-            if _one_object_per_line("[" + ",".join(lines) + "]", len(lines)):
+            if _one_object_per_line(json_array(lines), len(lines)):
                 return ParsedBody(lines, [], None)
         try:
             objects = list(map(orjson.loads, lines))

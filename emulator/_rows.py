@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Opt
 
 import orjson
 
+from emulator._body import json_array
 from emulator._schema import Column, Schema
 
 __all__ = ["PreparedRows", "prepare_rows"]
@@ -347,7 +348,7 @@ def _segments(lines: Sequence[str], left: Set[int]) -> List[Tuple[int, int, Opti
             i += 1
         if bound_from < run_start:
             segments.append((bound_from, run_start, None))
-        segments.append((run_start, run_end, "[" + ",".join(lines[run_start:run_end]) + "]"))
+        segments.append((run_start, run_end, json_array(lines[run_start:run_end])))
         bound_from = run_end
     if bound_from < len(lines):
         segments.append((bound_from, len(lines), None))
@@ -407,7 +408,7 @@ def _prepare_chunk(schema: Schema, paths: Optional[List[Tuple[str, ...]]], lines
     if paths is not None:
         # The lines are validated JSON objects: as one array they parse into one
         # element each, in a single call.
-        array_text = "[" + ",".join(lines) + "]"
+        array_text = json_array(lines)
         try:
             objects = orjson.loads(array_text)
         except orjson.JSONDecodeError:  # a line only SQLite's parser reads

@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import orjson
 
+from emulator._body import json_array
 from emulator._config import DEFAULT_SQL_TIMEOUT_SECS
 from emulator._rows import PreparedRows, prepare_rows
 from emulator._schema import Schema
@@ -346,9 +347,7 @@ class Store:
                         ok += run_ok
                         quarantined.extend(run_quarantined)
             else:  # too wide to bind a row in one statement
-                ok, quarantined = self._insert_json(
-                    conn, schema, "[" + ",".join(job.lines) + "]", len(job.lines), import_id
-                )
+                ok, quarantined = self._insert_json(conn, schema, json_array(job.lines), len(job.lines), import_id)
         if job.invalid:
             now = _utc_now_text()
             empty = (None,) * len(schema.columns)
@@ -380,7 +379,7 @@ class Store:
     def _insert_values(
         self, conn: sqlite3.Connection, schema: Schema, columns: List[List[Any]], start: int, end: int
     ) -> None:
-        """Inserts rows ``start:end`` of ``columns``, a few thousand per statement."""
+        """Inserts rows ``start:end`` of ``columns``, up to ``_MAX_ROWS_PER_INSERT`` per statement."""
         width = len(columns)
         limit = (self._max_variables - 1) // width
         while start < end:

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emulator._body import parse_body
+from emulator._body import json_array, parse_body
 from emulator._rows import prepare_rows
 from emulator._schema import Schema, _walk, _walk_flat, infer_schema
 from emulator._storage import Store
@@ -100,7 +100,7 @@ def _store_both_ways(tmp_path, schema: Schema, lines: List[str]) -> Tuple[int, i
             conn.execute(stmt)
         parsed = parse_body(("\n".join(lines) + "\n").encode(), fmt="ndjson", keep_objects=False)
         conn.execute("BEGIN")
-        ok, quarantined = store._insert_json(conn, reference, "[" + ",".join(parsed.lines) + "]", len(parsed.lines), "imp")
+        ok, quarantined = store._insert_json(conn, reference, json_array(parsed.lines), len(parsed.lines), "imp")
         bound_ok, bound_quarantined = 0, []
         for rows in prepare_rows(bound, parsed.lines):
             run_ok, run_quarantined = store._insert_prepared(conn, bound, rows, "imp")
