@@ -124,6 +124,11 @@ class EventsApp:
         self.faults = FaultInjector(config.faults)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="emulator-decode")
         self._decode_sem: Optional[asyncio.Semaphore] = None
+        # The schema of the first job queued for a data source not committed yet.
+        # Requests that come meanwhile reuse it instead of parsing their whole body
+        # into objects and inferring again: the writer creates the data source with
+        # the first job's schema anyway.
+        self._pending_schemas: Dict[str, Schema] = {}
         self._started = clock()
         self._reset_stats()
 
@@ -259,7 +264,7 @@ class EventsApp:
             if not byte_decision.allowed:
                 request["rate"] = byte_decision
                 return _error(429, byte_decision.reason, headers={"Retry-After": str(byte_decision.retry_after_secs)})
-            schema_known = self.store.schema(name) is not None
+            schema_known = name in self._pending_schemas or self.store.schema(name) is not None
             try:
                 decoded = await loop.run_in_executor(
                     self._pool, _decode, wire, encoding, self.config.max_body_bytes, fmt, name, schema_known
@@ -267,12 +272,15 @@ class EventsApp:
             except BodyError as exc:
                 return _error(exc.status, exc.message)
             del wire
-            new_schema = decoded.new_schema
-            if not schema_known:
+            new_schema: Optional[Schema] = None
+            if self.store.schema(name) is not None:
+                self._pending_schemas.pop(name, None)
+            else:
                 if not decoded.lines:
                     return _error(
                         400, f"cannot create the data source '{name}': the body holds no valid JSON object"
                     )
+                new_schema = self._pending_schemas.get(name) or decoded.new_schema
                 if new_schema is None or not new_schema.columns:
                     return _error(400, f"cannot create the data source '{name}': no column could be inferred")
 
@@ -308,6 +316,8 @@ class EventsApp:
             job, max_jobs=self.config.queue_max_requests, max_bytes=self.config.queue_max_bytes
         ):
             return _error(503, "the write queue is full; nothing was inserted, retry later")
+        if new_schema is not None:
+            self._pending_schemas.setdefault(name, new_schema)
         del decoded
         if future is None:
             return _json({"successful_rows": len(job.lines), "quarantined_rows": len(job.invalid)}, status=202)

@@ -255,6 +255,13 @@ def test_first_batch_with_nothing_to_infer(client, ds):
     assert_error(client.post(ds, b"{}\n"), 400, "no column")
 
 
+def test_a_first_request_refused_before_storing_does_not_decide_the_schema(client, ds):
+    client.server.set_faults([{"status": 503, "when": "before", "datasource": ds, "times": 1}])
+    assert_error(client.post(ds, ndjson({"a": 1})), 503)
+    assert_ok(client.post(ds, ndjson({"a": "x", "b": 2})), 200, 1)
+    assert client.server.query(f"SELECT a, b FROM {ds}") == [{"a": "x", "b": 2}]
+
+
 def test_datasources_endpoint(client, ds):
     assert_ok(client.post(ds, ndjson({"a": 1, "p": {"q": "x"}})), 200, 1)
     assert_ok(client.post(ds, ndjson({"a": "bad", "p": {"q": "y"}})), 200, 0, 1)

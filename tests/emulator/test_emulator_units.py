@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import os
 import sqlite3
 
 import orjson
 import pytest
 import zstandard
+from aiohttp.test_utils import TestClient, TestServer
 
+import emulator._app as app_module
 from emulator._body import BodyError, decompress, parse_body
 from emulator._config import ServerConfig
 from emulator._faults import FaultInjector, FaultRule, parse_rules
 from emulator._ratelimit import UNLIMITED_REPORTED_LIMIT, RateLimiter
 from emulator._schema import infer_schema
+from emulator._storage import DB_FILE
 from emulator._tokens import Scope, TokenInfo, parse_scope
 
 pytestmark = pytest.mark.timeout(30)
@@ -220,3 +225,47 @@ def test_parse_body_is_never_fooled_by_the_joined_array(body, valid, invalid):
     array_text = "[" + ",".join(parsed.lines) + "]"
     assert len(orjson.loads(array_text)) == valid
     assert parsed.array_chars == len(array_text)  # the write queue's cost of the body
+
+
+
+def test_requests_queued_behind_a_new_data_sources_first_job_reuse_its_schema(tmp_path, monkeypatch):
+    """While the job that creates a data source waits in the queue, later requests
+    take its schema instead of inferring their own; the writer then creates the data
+    source with it, and the later rows are stored or quarantined against it."""
+    inferred = []
+
+    def counting_infer_schema(name, objects):
+        inferred.append(name)
+        return infer_schema(name, objects)
+
+    monkeypatch.setattr(app_module, "infer_schema", counting_infer_schema)
+    events = app_module.EventsApp(ServerConfig(data_dir=str(tmp_path), admin_token="p.admin", rate_limit_rps=None))
+    auth = {"Authorization": "Bearer p.admin"}
+
+    async def post(client, body: bytes) -> dict:
+        response = await client.post("/v0/events?name=fresh", data=body, headers=auth)
+        assert response.status == 202
+        return await response.json()
+
+    async def scenario() -> None:
+        async with TestClient(TestServer(events.make_app())) as client:
+            # The writer is not started yet: every job stays queued.
+            assert await post(client, b'{"n": 1, "at": "2024-05-01"}\n') == {"successful_rows": 1, "quarantined_rows": 0}
+            assert await post(client, b'{"n": "two", "at": "2024-05-02"}\n{"n": 3, "at": "2024-05-03", "s": "x"}\n') == {
+                "successful_rows": 2, "quarantined_rows": 0}
+            assert inferred == ["fresh"]
+            assert events.store.schema("fresh") is None
+            events.store.start()
+            assert (await client.post("/_emulator/flush", headers=auth)).status == 200
+            assert [(c.name, c.type) for c in events.store.schema("fresh").columns] == [("n", "Int64"), ("at", "Date")]
+            assert await post(client, b'{"n": 4, "at": "2024-05-04"}\n') == {"successful_rows": 1, "quarantined_rows": 0}
+            assert inferred == ["fresh"] and "fresh" not in events._pending_schemas
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        events.store.close()
+    with sqlite3.connect(os.path.join(tmp_path, DB_FILE)) as db:
+        assert db.execute("SELECT n, at FROM fresh ORDER BY rowid").fetchall() == [
+            (1, "2024-05-01"), (3, "2024-05-03"), (4, "2024-05-04")]
+        assert db.execute("SELECT c__error_column FROM fresh_quarantine").fetchall() == [('["n"]',)]
