@@ -21,14 +21,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 from benchmarks._data import DEFAULT_SEED, DataFile, write_events
 from benchmarks._report import RunResult, evaluate_targets, render, summarize
 from benchmarks._worker import RESULT_PREFIX
 from benchmarks.scenarios import EVENTS, PER_ELEMENT, SCENARIOS, STATEFUL, RunSpec, Scenario, by_name
-from emulator import LocalServer, LocalServerError
+from tinybird_emulator import LocalServer, LocalServerError
 
 __all__ = ["main"]
 
@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.quick:
@@ -108,7 +108,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
-def _process_cpu_secs(pid: Optional[int]) -> float:
+def _process_cpu_secs(pid: int | None) -> float:
     """CPU seconds (user + system, every thread) used so far by process ``pid``; 0 if unknown."""
     if pid is None:
         return 0.0
@@ -139,7 +139,7 @@ class _Bench:
         self._env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PROJECT_ROOT, self._env.get("PYTHONPATH", "")) if p)
 
-    def run(self, scenario: Scenario, *, events: int, repeat: int, profile_path: Optional[str] = None) -> RunResult:
+    def run(self, scenario: Scenario, *, events: int, repeat: int, profile_path: str | None = None) -> RunResult:
         self._runs += 1
         datasource = f"bench_{scenario.name}_{self._run_id}_{self._runs}"
         spec = RunSpec(
@@ -159,7 +159,7 @@ class _Bench:
         self.server.flush()
         server_cpu = _process_cpu_secs(self.server.pid) - server_cpu_before
         stats = self.server.stats()
-        by_status: Dict[str, int] = stats["requests"]["by_status"]
+        by_status: dict[str, int] = stats["requests"]["by_status"]
         requests = stats["requests"]["total"]
         non_2xx = sum(n for status, n in by_status.items() if not status.startswith("2"))
         quarantined = stats["rows"]["quarantined"]
@@ -223,7 +223,7 @@ def machine_description() -> str:
     try:
         import importlib.metadata as md
         beam_version = md.version("apache-beam")
-    except Exception:  # noqa: BLE001 - only for the description
+    except Exception:
         beam_version = "unknown"
     return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"Apache Beam {beam_version}, {platform.system()} {platform.release()}")
@@ -240,7 +240,7 @@ def _generate(work_dir: str, counts: Sequence[int], seed: int) -> DataFile:
 def _run_table(args: argparse.Namespace, work_dir: str) -> int:
     counts = {s.name: _events_for(s, args) for s in args.selected}
     data = _generate(work_dir, list(counts.values()), args.seed)
-    results: Dict[str, List[RunResult]] = {s.name: [] for s in args.selected}
+    results: dict[str, list[RunResult]] = {s.name: [] for s in args.selected}
     total = len(args.selected) * args.repeats
     started = time.perf_counter()
     with _server(work_dir, args.max_batch_bytes) as server:
@@ -360,7 +360,7 @@ def _run_profile(args: argparse.Namespace, work_dir: str) -> int:
     return 0 if ok else 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="tinybird-bench-")

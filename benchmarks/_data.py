@@ -11,7 +11,8 @@ import dataclasses
 import os
 import random
 import string
-from typing import Any, Dict, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import orjson
 
@@ -24,7 +25,7 @@ _COUNTRIES = ("ES", "US", "FR", "DE", "JP", "BR", "IN", "GB")
 _DEVICES = ("ios", "android", "linux", "windows", "macos")
 
 
-def event(rng: random.Random, i: int) -> Dict[str, Any]:
+def event(rng: random.Random, i: int) -> dict[str, Any]:
     """Event number ``i``: a timestamp, strings and numbers; about 200 bytes as JSON."""
     return {
         "timestamp": (
@@ -73,7 +74,7 @@ def write_events(path: str, events: int, *, seed: int = DEFAULT_SEED, marks: Ite
     """
     rng = random.Random(seed)
     wanted = {m for m in marks if 0 < m < events}
-    prefix_bytes: Dict[int, int] = {}
+    prefix_bytes: dict[int, int] = {}
     total = 0
     with open(path, "wb") as fh:
         for start in range(0, events, _CHUNK_EVENTS):
@@ -89,7 +90,7 @@ def write_events(path: str, events: int, *, seed: int = DEFAULT_SEED, marks: Ite
                     prefix_bytes=prefix_bytes)
 
 
-def read_events(path: str, events: int) -> Iterator[Dict[str, Any]]:
+def read_events(path: str, events: int) -> Iterator[dict[str, Any]]:
     """Yields the first ``events`` events of ``path`` as dicts, reading as it goes."""
     if events <= 0:
         return

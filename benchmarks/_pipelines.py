@@ -13,20 +13,31 @@ Prism runner from github.com.
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import apache_beam as beam
+import orjson
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
-import orjson
 
 from benchmarks._data import read_events
 from benchmarks.scenarios import RunSpec, Timed
 from sinks.tinybird import WriteToTinybird
 
 __all__ = [
-    "baseline", "baseline_streaming", "bounded_source", "stream_chunks", "pipeline_options", "run_pipeline",
-    "sink_gzip", "sink_none", "sink_streaming", "sink_zstd", "streaming_source", "timed_pipeline",
+    "baseline",
+    "baseline_streaming",
+    "bounded_source",
+    "pipeline_options",
+    "run_pipeline",
+    "sink_gzip",
+    "sink_none",
+    "sink_streaming",
+    "sink_zstd",
+    "stream_chunks",
+    "streaming_source",
+    "timed_pipeline",
 ]
 
 
@@ -37,7 +48,7 @@ def pipeline_options(*, streaming: bool) -> PipelineOptions:
     return PipelineOptions(args)
 
 
-def _read(_: bytes, path: str, events: int) -> Iterator[Dict[str, Any]]:
+def _read(_: bytes, path: str, events: int) -> Iterator[dict[str, Any]]:
     return read_events(path, events)
 
 
@@ -46,10 +57,10 @@ def bounded_source(p: beam.Pipeline, spec: RunSpec) -> beam.PCollection:
     return p | "Impulse" >> beam.Impulse() | "ReadEvents" >> beam.FlatMap(_read, spec.data_path, spec.events)
 
 
-def stream_chunks(spec: RunSpec) -> List[Tuple[int, int]]:
+def stream_chunks(spec: RunSpec) -> list[tuple[int, int]]:
     """Where each streaming bundle's events are in the generated file: ``(offset, count)``
     per ``spec.bundle_events`` events (found before the timing)."""
-    chunks: List[Tuple[int, int]] = []
+    chunks: list[tuple[int, int]] = []
     offset = 0
     with open(spec.data_path, "rb", buffering=1 << 20) as fh:
         for start in range(0, spec.events, spec.bundle_events):
@@ -60,7 +71,7 @@ def stream_chunks(spec: RunSpec) -> List[Tuple[int, int]]:
     return chunks
 
 
-def _read_chunk(chunk: Tuple[int, int], path: str) -> Iterator[Dict[str, Any]]:
+def _read_chunk(chunk: tuple[int, int], path: str) -> Iterator[dict[str, Any]]:
     offset, count = chunk
     loads = orjson.loads
     with open(path, "rb", buffering=1 << 20) as fh:
@@ -69,7 +80,7 @@ def _read_chunk(chunk: Tuple[int, int], path: str) -> Iterator[Dict[str, Any]]:
             yield loads(fh.readline())
 
 
-def streaming_source(p: beam.Pipeline, chunks: List[Tuple[int, int]], path: str) -> beam.PCollection:
+def streaming_source(p: beam.Pipeline, chunks: list[tuple[int, int]], path: str) -> beam.PCollection:
     """An unbounded PCollection: a TestStream delivers one ``(offset, count)`` at a time
     (each its own bundle), which a ``FlatMap`` reads from the generated file.
 
@@ -155,13 +166,13 @@ def baseline_streaming(spec: RunSpec) -> Timed:
     return lambda: _discarded(run_pipeline(pipeline_options(streaming=True), build))
 
 
-def _sink(spec: RunSpec, *, compression: Optional[str], **kwargs: Any) -> WriteToTinybird:
+def _sink(spec: RunSpec, *, compression: str | None, **kwargs: Any) -> WriteToTinybird:
     return WriteToTinybird(
         datasource=spec.datasource, token=spec.token, api_url=spec.api_url,
         compression=compression, max_batch_bytes=spec.max_batch_bytes, **kwargs)
 
 
-def _sink_bounded(spec: RunSpec, compression: Optional[str]) -> Timed:
+def _sink_bounded(spec: RunSpec, compression: str | None) -> Timed:
     def build(p):
         bounded_source(p, spec) | "WriteToTinybird" >> _sink(spec, compression=compression)
 

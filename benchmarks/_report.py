@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from benchmarks.scenarios import Scenario
 
@@ -38,12 +38,12 @@ class RunResult:
     server_cpu_secs: float
     requests: int
     non_2xx: int
-    rows_stored: Optional[int]
-    distinct_events: Optional[int]
+    rows_stored: int | None
+    distinct_events: int | None
     quarantined: int
-    counted: Optional[int]
+    counted: int | None
     ok: bool
-    problem: Optional[str]
+    problem: str | None
 
     @property
     def events_per_sec(self) -> float:
@@ -57,7 +57,7 @@ class Summary:
     scenario: Scenario
     events: int
     ndjson_bytes: int
-    runs: Tuple[RunResult, ...]
+    runs: tuple[RunResult, ...]
     events_per_sec: float
     mb_per_sec: float
     requests: float
@@ -66,10 +66,10 @@ class Summary:
     max_rss_bytes: float
     spread: float
     ok: bool
-    problems: Tuple[str, ...]
+    problems: tuple[str, ...]
 
     @property
-    def mean_request_bytes(self) -> Optional[float]:
+    def mean_request_bytes(self) -> float | None:
         return self.ndjson_bytes / self.requests if self.requests else None
 
 
@@ -102,7 +102,7 @@ def summarize(scenario: Scenario, runs: Sequence[RunResult]) -> Summary:
     )
 
 
-def _bytes(n: Optional[float]) -> str:
+def _bytes(n: float | None) -> str:
     if n is None:
         return "-"
     for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
@@ -111,12 +111,12 @@ def _bytes(n: Optional[float]) -> str:
     return f"{n:,.0f} B"
 
 
-def _baseline_for(summary: Summary, by_name: Dict[str, Summary]) -> Optional[Summary]:
+def _baseline_for(summary: Summary, by_name: dict[str, Summary]) -> Summary | None:
     name = "baseline_streaming" if summary.scenario.name.endswith("_streaming") else "baseline"
     return by_name.get(name)
 
 
-def extra_cpu_micros(summary: Summary, by_name: Dict[str, Summary]) -> Optional[float]:
+def extra_cpu_micros(summary: Summary, by_name: dict[str, Summary]) -> float | None:
     """CPU microseconds per event above the baseline of the same mode (what the writing costs)."""
     base = _baseline_for(summary, by_name)
     if base is None or not base.events or not summary.events:
@@ -165,8 +165,8 @@ class Target:
     met: bool
     unit: str = "x"
     note: str = ""
-    per_cpu_value: Optional[float] = None
-    extra_cpu_micros: Optional[Tuple[float, float]] = None
+    per_cpu_value: float | None = None
+    extra_cpu_micros: tuple[float, float] | None = None
 
     def line(self) -> str:
         value = f"{self.value:.1%}" if self.unit == "%" else f"{self.value:.2f}x"
@@ -182,10 +182,10 @@ class Target:
 _BOUNDED_SINKS = ("sink_none", "sink_zstd", "sink_gzip")
 
 
-def evaluate_targets(summaries: Sequence[Summary], *, max_batch_bytes: int) -> List[Target]:
+def evaluate_targets(summaries: Sequence[Summary], *, max_batch_bytes: int) -> list[Target]:
     """The issue's targets, for the scenarios that ran."""
     by_name = {s.scenario.name: s for s in summaries}
-    targets: List[Target] = []
+    targets: list[Target] = []
 
     def ratio(a: str, b: str, threshold: float, description: str, note: str = "") -> None:
         if a in by_name and b in by_name and by_name[b].events_per_sec:

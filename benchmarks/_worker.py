@@ -15,7 +15,7 @@ import json
 import resource
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from benchmarks.scenarios import RunSpec, prepare
 
@@ -27,7 +27,7 @@ def _cpu_secs() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(spec: RunSpec) -> Dict[str, Any]:
+def measure(spec: RunSpec) -> dict[str, Any]:
     timed = prepare(spec)
     gc.collect()
     profiler = None
@@ -35,7 +35,7 @@ def measure(spec: RunSpec) -> Dict[str, Any]:
         import cProfile
         profiler = cProfile.Profile()
     cpu0, t0 = _cpu_secs(), time.perf_counter()
-    counted: Optional[int] = timed() if profiler is None else profiler.runcall(timed)
+    counted: int | None = timed() if profiler is None else profiler.runcall(timed)
     elapsed, cpu = time.perf_counter() - t0, _cpu_secs() - cpu0
     if profiler is not None:
         profiler.dump_stats(spec.profile_path)
@@ -48,7 +48,7 @@ def measure(spec: RunSpec) -> Dict[str, Any]:
     }
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m benchmarks._worker '<RunSpec JSON>'", file=sys.stderr)

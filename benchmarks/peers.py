@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, Dict, Iterable, List, Tuple
+from collections.abc import Iterable
+from typing import Any
 
 import apache_beam as beam
 import orjson
@@ -57,7 +58,7 @@ def _url(spec: RunSpec) -> str:
     return f"{spec.api_url}/v0/events?name={spec.datasource}"
 
 
-def _headers(spec: RunSpec) -> Dict[str, str]:
+def _headers(spec: RunSpec) -> dict[str, str]:
     return {"Authorization": f"Bearer {spec.token}"}
 
 
@@ -65,11 +66,11 @@ def _headers(spec: RunSpec) -> Dict[str, str]:
 
 
 class _PostEachElementDoFn(beam.DoFn):
-    def __init__(self, url: str, headers: Dict[str, str]) -> None:
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
         self._url = url
         self._headers = headers
 
-    def process(self, element: Dict[str, Any]) -> None:
+    def process(self, element: dict[str, Any]) -> None:
         response = requests.post(self._url, data=orjson.dumps(element), headers=self._headers, timeout=_TIMEOUT)
         response.raise_for_status()
 
@@ -89,11 +90,11 @@ def _line_bytes(line: bytes) -> int:
 
 
 class _PostBatchNewSessionDoFn(beam.DoFn):
-    def __init__(self, url: str, headers: Dict[str, str]) -> None:
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
         self._url = url
         self._headers = headers
 
-    def process(self, batch: List[bytes]) -> None:
+    def process(self, batch: list[bytes]) -> None:
         batch.append(b"")
         with requests.Session() as session:
             response = session.post(self._url, data=b"\n".join(batch), headers=self._headers, timeout=_TIMEOUT)
@@ -115,19 +116,19 @@ def batch_elements_by_bytes(spec: RunSpec) -> Timed:
 # -- (c) GroupIntoBatches on random keys -------------------------------------------
 
 
-def _random_key(element: Dict[str, Any]) -> Tuple[int, bytes]:
+def _random_key(element: dict[str, Any]) -> tuple[int, bytes]:
     return random.randrange(GROUP_INTO_BATCHES_KEYS), orjson.dumps(element)
 
 
 class _PostGroupedBatchDoFn(beam.DoFn):
-    def __init__(self, url: str, headers: Dict[str, str]) -> None:
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
         self._url = url
         self._headers = headers
 
     def setup(self) -> None:
         self._session = requests.Session()
 
-    def process(self, keyed_batch: Tuple[int, Iterable[bytes]]) -> None:
+    def process(self, keyed_batch: tuple[int, Iterable[bytes]]) -> None:
         lines = list(keyed_batch[1])
         lines.append(b"")
         response = self._session.post(self._url, data=b"\n".join(lines), headers=self._headers, timeout=_TIMEOUT)
@@ -165,7 +166,7 @@ class _TinybirdBeamInsertDoFn(beam.DoFn):
         self.url = url
         self.token = token
 
-    def process(self, element: Iterable[Dict[str, Any]]) -> None:
+    def process(self, element: Iterable[dict[str, Any]]) -> None:
         retry = Retry(total=5, backoff_factor=10)
         adapter = HTTPAdapter(max_retries=retry)
         _session = requests.Session()

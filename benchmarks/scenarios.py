@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Callable, Dict, Optional, Tuple
+from collections.abc import Callable
 
 __all__ = [
     "EVENTS", "PER_ELEMENT", "SCENARIOS", "STATEFUL", "RunSpec", "Scenario", "by_name", "ceiling",
@@ -22,7 +22,7 @@ EVENTS = "events"
 STATEFUL = "stateful"
 PER_ELEMENT = "per_element"
 
-Timed = Callable[[], Optional[int]]
+Timed = Callable[[], int | None]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,7 +49,7 @@ class RunSpec:
     datasource: str
     max_batch_bytes: int
     bundle_events: int = 1000
-    profile_path: Optional[str] = None
+    profile_path: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,7 +71,7 @@ class Scenario:
     target: str
 
 
-SCENARIOS: Tuple[Scenario, ...] = (
+SCENARIOS: tuple[Scenario, ...] = (
     Scenario(name="baseline", title="Baseline: source + orjson.dumps, discard",
              size=EVENTS, sends=False, target="benchmarks._pipelines:baseline"),
     Scenario(name="sink_none", title="WriteToTinybird, bounded, no compression",
@@ -98,7 +98,7 @@ SCENARIOS: Tuple[Scenario, ...] = (
              size=PER_ELEMENT, sends=True, target="benchmarks.peers:post_each_element"),
 )
 
-_BY_NAME: Dict[str, Scenario] = {s.name: s for s in SCENARIOS}
+_BY_NAME: dict[str, Scenario] = {s.name: s for s in SCENARIOS}
 
 
 def by_name(name: str) -> Scenario:

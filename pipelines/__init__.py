@@ -5,5 +5,5 @@
 * ``python -m pipelines.replay_dead_letters``: resends what a previous run dead-lettered.
 
 Without ``--api_url`` each of them starts the local Events API server
-(:mod:`emulator`) and prints a summary of what happened when it ends.
+(:mod:`tinybird_emulator`) and prints a summary of what happened when it ends.
 """

@@ -17,8 +17,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, TextIO, Tuple
+from typing import Any, TextIO
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -172,17 +173,17 @@ class SinkConfig:
     """
 
     datasource: str
-    api_url: Optional[str] = None
-    token: Optional[str] = dataclasses.field(default=None, repr=False)
+    api_url: str | None = None
+    token: str | None = dataclasses.field(default=None, repr=False)
     token_env: str = DEFAULT_TOKEN_ENV
-    token_secret: Optional[str] = None
+    token_secret: str | None = None
     wait: bool = False
-    compression: Optional[str] = DEFAULT_COMPRESSION
+    compression: str | None = DEFAULT_COMPRESSION
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS
     num_shards: int = DEFAULT_NUM_SHARDS
     max_buffering_secs: float = DEFAULT_MAX_BUFFERING_SECS
-    dead_letter_path: Optional[str] = None
+    dead_letter_path: str | None = None
     dead_letter_format: str = "json"
 
     def __post_init__(self) -> None:
@@ -218,7 +219,7 @@ class SinkConfig:
             raise ValueError(
                 f"--dead_letter_format must be one of {DEAD_LETTER_FORMATS}, got {self.dead_letter_format!r}")
 
-    def with_dead_letter_path(self, path: Optional[str]) -> "SinkConfig":
+    def with_dead_letter_path(self, path: str | None) -> SinkConfig:
         """A copy writing dead letters to ``path`` (a local path made absolute: workers may have another cwd)."""
         return dataclasses.replace(self, dead_letter_path=None if path is None else absolute_local_path(path))
 
@@ -228,7 +229,7 @@ class SinkConfig:
         return self.api_url is None
 
     @classmethod
-    def from_options(cls, options: PipelineOptions) -> "SinkConfig":
+    def from_options(cls, options: PipelineOptions) -> SinkConfig:
         """Reads the options added by :func:`add_sink_arguments`."""
         values = options.get_all_options(current_only=True)
         api_url = values.get("api_url") or None
@@ -254,7 +255,7 @@ class SinkConfig:
             dead_letter_format=values.get("dead_letter_format") or "json",
         )
 
-    def write_transform(self, endpoint: "Endpoint", *, write_dead_letter_files: bool = True) -> beam.PTransform:
+    def write_transform(self, endpoint: Endpoint, *, write_dead_letter_files: bool = True) -> beam.PTransform:
         """A :class:`~sinks.tinybird.WriteToTinybird` with these settings, sending to ``endpoint``.
 
         Args:
@@ -282,7 +283,7 @@ class SinkConfig:
 
 def beam_options_without_secrets(argv: Sequence[str]) -> PipelineOptions:
     """The pipeline's options, less ``--token``: options are shown on job pages and stored with the job."""
-    kept: List[str] = []
+    kept: list[str] = []
     skip_value = False
     for arg in argv:
         if skip_value:
@@ -307,18 +308,18 @@ class Endpoint:
         api_url: The Events API host.
         token: The embedded server's admin token, or None to let the sink find
             the user's token (``--token``, ``--token_secret``, ``--token_env``).
-        server: The embedded :class:`emulator.LocalServer`, or None.
+        server: The embedded :class:`tinybird_emulator.LocalServer`, or None.
         data_dir: The embedded server's data directory, or None.
     """
 
     api_url: str
-    token: Optional[str] = dataclasses.field(default=None, repr=False)
+    token: str | None = dataclasses.field(default=None, repr=False)
     server: Any = None
-    data_dir: Optional[Path] = None
+    data_dir: Path | None = None
 
 
 @contextlib.contextmanager
-def tinybird_endpoint(config: SinkConfig, *, data_dir: Optional[Path] = None) -> Iterator[Endpoint]:
+def tinybird_endpoint(config: SinkConfig, *, data_dir: Path | None = None) -> Iterator[Endpoint]:
     """Yields the endpoint to send to; with no ``api_url``, a local server started for the run.
 
     The embedded server keeps its data in ``data_dir`` (default
@@ -329,7 +330,7 @@ def tinybird_endpoint(config: SinkConfig, *, data_dir: Optional[Path] = None) ->
         yield Endpoint(api_url=str(config.api_url))
         return
     try:
-        from emulator import LocalServer
+        from tinybird_emulator import LocalServer
     except ImportError as error:
         raise RuntimeError(
             "without --api_url the job starts the local Events API server, which needs the "
@@ -418,7 +419,7 @@ class RunSummary:
     retries: int
     extra: Mapping[str, int]
     elapsed_secs: float
-    dead_letter_files: Tuple[str, ...] = ()
+    dead_letter_files: tuple[str, ...] = ()
 
     @property
     def rows_stored(self) -> int:
@@ -426,9 +427,9 @@ class RunSummary:
         return self.rows_acknowledged - self.rows_quarantined
 
 
-def counter_totals(result: PipelineResult, namespace: str) -> Dict[str, int]:
+def counter_totals(result: PipelineResult, namespace: str) -> dict[str, int]:
     """Counters of ``namespace``, summed over steps; committed values where the runner has them."""
-    totals: Dict[str, int] = {}
+    totals: dict[str, int] = {}
     query = result.metrics().query(MetricsFilter().with_namespace(namespace))
     for counter in query["counters"]:
         value = counter.committed if counter.committed is not None else counter.attempted
@@ -446,7 +447,7 @@ def summarise(result: PipelineResult, *, elapsed_secs: float,
     sink = counter_totals(result, SINK_METRICS_NAMESPACE)
     own = counter_totals(result, METRICS_NAMESPACE)
     prefix = "dead_letters_"
-    by_kind: Dict[str, int] = {}
+    by_kind: dict[str, int] = {}
     for name, value in sorted(sink.items()) + sorted(own.items()):
         if name.startswith(prefix) and value:
             by_kind[name[len(prefix):]] = by_kind.get(name[len(prefix):], 0) + value
@@ -474,13 +475,13 @@ def check_input_exists(file_pattern: str, *, argv: Sequence[str] = ()) -> None:
     FileSystems.set_options(beam_options_without_secrets(argv))
     try:
         matched = FileSystems.match([file_pattern])[0].metadata_list
-    except Exception as error:  # noqa: BLE001 - any filesystem's error means: cannot read the input
+    except Exception as error:
         raise UsageError(f"cannot list --input {file_pattern!r}: {error}") from error
     if not matched:
         raise UsageError(f"no file matches --input {file_pattern!r}")
 
 
-def list_dead_letter_files(path: Optional[str], *, since_epoch_secs: float = 0.0) -> List[str]:
+def list_dead_letter_files(path: str | None, *, since_epoch_secs: float = 0.0) -> list[str]:
     """Dead-letter files under ``path`` (a directory) written since ``since_epoch_secs``, sorted.
 
     Files of earlier runs stay in the same directory (their names never
@@ -491,7 +492,7 @@ def list_dead_letter_files(path: Optional[str], *, since_epoch_secs: float = 0.0
     pattern = FileSystems.join(path.rstrip("/"), "dead-letters*")
     try:
         matches = FileSystems.match([pattern])[0].metadata_list
-    except Exception:  # noqa: BLE001 - listing is only for the summary; a missing directory is fine
+    except Exception:
         _LOG.debug("could not list %s", pattern, exc_info=True)
         return []
     return sorted(m.path for m in matches
@@ -528,7 +529,7 @@ def _shell_quote(text: str) -> str:
 
 
 def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpoint: Endpoint,
-                   dead_letter_path: Optional[str], replay_hint: bool = True) -> str:
+                   dead_letter_path: str | None, replay_hint: bool = True) -> str:
     """The text printed at the end of a run."""
     n = lambda value: f"{value:,}"  # noqa: E731
     lines = [
@@ -564,7 +565,7 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
                 f"({n(int(held.get('quarantined', 0)))} quarantined) in {data_dir}")
         # The embedded server stops with the job; its data stays in data_dir.
         python = _python_command()
-        sql = f"{python} -m emulator sql --data-dir {_shell_quote(data_dir)}"
+        sql = f"{python} -m tinybird_emulator sql --data-dir {_shell_quote(data_dir)}"
         lines += [
             "",
             "Look at the data (read-only, straight from the data dir; no server needed):",
@@ -573,7 +574,7 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
         if summary.rows_quarantined:
             lines.append(
                 f"  {sql} \"SELECT c__error, c__raw FROM {config.datasource}_quarantine LIMIT 5\"")
-        lines.append(f"Or serve it again: {python} -m emulator serve --data-dir {_shell_quote(data_dir)} --port 7181")
+        lines.append(f"Or serve it again: {python} -m tinybird_emulator serve --data-dir {_shell_quote(data_dir)} --port 7181")
     # Unencodable and unreplayable dead letters have no line to resend.
     replayable = summary.dead_letters - sum(
         summary.dead_letters_by_kind.get(kind, 0) for kind in ("unencodable", "unreplayable"))
@@ -597,10 +598,10 @@ def run_pipeline(
     argv: Sequence[str],
     config: SinkConfig,
     build: Callable[[beam.Pipeline, Endpoint, SinkConfig], None],
-    dead_letter_path: Optional[str],
-    out: Optional[TextIO] = None,
-    data_dir: Optional[Path] = None,
-) -> Optional[RunSummary]:
+    dead_letter_path: str | None,
+    out: TextIO | None = None,
+    data_dir: Path | None = None,
+) -> RunSummary | None:
     """Runs one pipeline to the end and prints its summary.
 
     Returns None, with no summary, when the runner only submitted the job
@@ -672,7 +673,7 @@ class UsageError(ValueError):
 
 
 def exit_on_usage_error(main: Callable[[Sequence[str]], Any], argv: Sequence[str], *,
-                        description: Optional[str] = None) -> None:
+                        description: str | None = None) -> None:
     """Runs ``main(argv)``; a :class:`UsageError` becomes ``error: ...`` on stderr and status 2.
 
     With ``-h``/``--help``, ``description`` (the pipeline's module docstring)

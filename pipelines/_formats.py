@@ -16,7 +16,8 @@ import csv
 import decimal
 import io
 import re
-from typing import Any, Dict, Iterator, Optional, Union
+from collections.abc import Iterator
+from typing import Any, Union
 
 import apache_beam as beam
 import orjson
@@ -42,10 +43,10 @@ _CSV_INT = re.compile(r"^[+-]?(?:0|[1-9][0-9]*)$")
 _CSV_FLOAT = re.compile(r"^[+-]?(?:0|[1-9][0-9]*)(?:\.[0-9]+(?:[eE][+-]?[0-9]+)?|[eE][+-]?[0-9]+)$")
 _CSV_BOOLS = {"true": True, "false": False}
 
-Record = Union[Dict[str, Any], bytes, "UnreadableRecord"]
+Record = Union[dict[str, Any], bytes, "UnreadableRecord"]
 
 
-def format_from_path(path: str) -> Optional[str]:
+def format_from_path(path: str) -> str | None:
     """The format named by ``path``'s extension (a compression suffix is skipped), or None."""
     name = path.rsplit("/", 1)[-1].lower()
     for suffix in _COMPRESSION_SUFFIXES:
@@ -190,7 +191,7 @@ def _binary_default(value: Any) -> Any:
     raise TypeError
 
 
-def binary_safe_record(record: Dict[str, Any]) -> Union[bytes, Dict[str, Any]]:
+def binary_safe_record(record: dict[str, Any]) -> bytes | dict[str, Any]:
     """An Avro or Parquet record as one JSON object, binary values written as base64 text.
 
     JSON has no bytes, and the sink refuses them, so Avro ``bytes``/``fixed``

@@ -29,16 +29,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, TextIO
+from typing import TextIO
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines._common import (
-    CountRowsDoFn, Endpoint, RunSummary, SinkConfig, UsageError, add_argument_once,
-    check_input_exists, add_sink_arguments, config_or_usage_error, configure_logging,
-    exit_on_usage_error, run_pipeline,
+    CountRowsDoFn,
+    Endpoint,
+    RunSummary,
+    SinkConfig,
+    UsageError,
+    add_argument_once,
+    add_sink_arguments,
+    check_input_exists,
+    config_or_usage_error,
+    configure_logging,
+    exit_on_usage_error,
+    run_pipeline,
 )
 from pipelines._formats import FORMATS, ReadRecords, format_from_path
 
@@ -94,8 +104,8 @@ def build(pipeline: beam.Pipeline, *, file_pattern: str, file_format: str,
     )
 
 
-def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
-        data_dir: Optional[Path] = None) -> Optional[RunSummary]:
+def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
+        data_dir: Path | None = None) -> RunSummary | None:
     """Parses ``argv``, runs the job to the end, prints the summary and returns it.
 
     Raises:
@@ -120,7 +130,7 @@ def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
                         dead_letter_path=config.dead_letter_path, out=out, data_dir=data_dir)
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     configure_logging()
     exit_on_usage_error(run, sys.argv[1:] if argv is None else argv, description=__doc__)
 

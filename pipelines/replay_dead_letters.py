@@ -22,17 +22,28 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, TextIO, Union
+from typing import TextIO
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines._common import (
-    METRICS_NAMESPACE, CountRowsDoFn, Endpoint, RunSummary, SinkConfig, UsageError,
-    add_argument_once, add_sink_arguments, check_input_exists, config_or_usage_error, configure_logging,
-    exit_on_usage_error, run_pipeline,
+    METRICS_NAMESPACE,
+    CountRowsDoFn,
+    Endpoint,
+    RunSummary,
+    SinkConfig,
+    UsageError,
+    add_argument_once,
+    add_sink_arguments,
+    check_input_exists,
+    config_or_usage_error,
+    configure_logging,
+    exit_on_usage_error,
+    run_pipeline,
 )
 
 TITLE = "Replay dead letters"
@@ -61,7 +72,7 @@ class _SplitDoFn(beam.DoFn):
     def setup(self) -> None:
         self._unreplayable = Metrics.counter(METRICS_NAMESPACE, UNREPLAYABLE)
 
-    def process(self, record) -> Iterator[Union[bytes, beam.pvalue.TaggedOutput]]:
+    def process(self, record) -> Iterator[bytes | beam.pvalue.TaggedOutput]:
         if record.line is None:
             self._unreplayable.inc()
             yield beam.pvalue.TaggedOutput(_UNREPLAYABLE_TAG, record)
@@ -128,7 +139,7 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def check_output_outside_input(input_pattern: str, dead_letter_path: Optional[str]) -> None:
+def check_output_outside_input(input_pattern: str, dead_letter_path: str | None) -> None:
     """Refuses a missing dead-letter path, or one that overlaps the input's location.
 
     Raises:
@@ -149,8 +160,8 @@ def check_output_outside_input(input_pattern: str, dead_letter_path: Optional[st
             "it reads; choose a new location outside it")
 
 
-def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
-        data_dir: Optional[Path] = None) -> Optional[RunSummary]:
+def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
+        data_dir: Path | None = None) -> RunSummary | None:
     """Parses ``argv``, checks the paths, replays, prints the summary and returns it.
 
     Raises:
@@ -175,7 +186,7 @@ def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
                         dead_letter_path=config.dead_letter_path, out=out, data_dir=data_dir)
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     configure_logging()
     exit_on_usage_error(run, sys.argv[1:] if argv is None else argv, description=__doc__)
 

@@ -19,8 +19,9 @@ import argparse
 import importlib.util
 import re
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, TextIO
+from typing import TextIO
 
 import apache_beam as beam
 import orjson
@@ -28,9 +29,17 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.window import FixedWindows
 
 from pipelines._common import (
-    CountRowsDoFn, Endpoint, RunSummary, SinkConfig, UsageError,
-    add_argument_once, add_sink_arguments, config_or_usage_error, configure_logging,
-    exit_on_usage_error, run_pipeline,
+    CountRowsDoFn,
+    Endpoint,
+    RunSummary,
+    SinkConfig,
+    UsageError,
+    add_argument_once,
+    add_sink_arguments,
+    config_or_usage_error,
+    configure_logging,
+    exit_on_usage_error,
+    run_pipeline,
 )
 
 TITLE = "Streaming to Tinybird"
@@ -116,8 +125,8 @@ def require_pubsub() -> None:
             "pip install 'beam-tinybird[gcp]'")
 
 
-def read_pubsub(pipeline: beam.Pipeline, *, subscription: Optional[str], topic: Optional[str],
-                timestamp_attribute: Optional[str]) -> beam.PCollection:
+def read_pubsub(pipeline: beam.Pipeline, *, subscription: str | None, topic: str | None,
+                timestamp_attribute: str | None) -> beam.PCollection:
     """Message payloads (bytes) from Pub/Sub."""
     from apache_beam.io.gcp.pubsub import ReadFromPubSub
 
@@ -138,8 +147,8 @@ def check_source(options: StreamingToTinybirdOptions) -> None:
         raise UsageError(f"--input_topic must look like projects/PROJECT/topics/NAME, got {topic!r}")
 
 
-def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
-        data_dir: Optional[Path] = None) -> Optional[RunSummary]:
+def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
+        data_dir: Path | None = None) -> RunSummary | None:
     """Parses ``argv`` and runs the streaming job until it is cancelled or drained."""
     argv = list(sys.argv[1:] if argv is None else argv)
     options = StreamingToTinybirdOptions(argv)
@@ -158,7 +167,7 @@ def run(argv: Optional[Sequence[str]] = None, *, out: Optional[TextIO] = None,
                         dead_letter_path=config.dead_letter_path, out=out, data_dir=data_dir)
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     configure_logging()
     exit_on_usage_error(run, sys.argv[1:] if argv is None else argv, description=__doc__)
 

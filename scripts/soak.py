@@ -44,8 +44,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Counter, Dict, List, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -60,9 +60,9 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner  # noqa: E402
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # noqa: E402
 
-from emulator import LocalServer  # noqa: E402
 from pipelines import replay_dead_letters  # noqa: E402
 from sinks.tinybird import DeadLetter, RetryPolicy, WriteToTinybird  # noqa: E402
+from tinybird_emulator import LocalServer  # noqa: E402
 
 DATASOURCE = "soak"
 LINE_BYTES = 64  # every event line is this long, so a full batch holds a known number of rows
@@ -74,7 +74,7 @@ SCENARIOS = (
 )
 
 
-def events(n: int, start: int) -> List[dict]:
+def events(n: int, start: int) -> list[dict]:
     out = []
     for i in range(start, start + n):
         out.append({"id": i, "kind": "soak", "pad": "x" * (LINE_BYTES - 30 - len(str(i)))})
@@ -89,7 +89,7 @@ class Round:
     scenario: str
     settings: str
     sent: int = 0
-    acknowledged: Optional[int] = None
+    acknowledged: int | None = None
     dead_lettered: Counter[str] = dataclasses.field(default_factory=collections.Counter)
     replayed: int = 0
     stored_unique: int = 0
@@ -141,8 +141,8 @@ class PostLog:
     """Records the sink's HTTP posts in this process; can make the worker fail once after one."""
 
     def __init__(self) -> None:
-        self.posts: List[tuple] = []  # (status or None, ids)
-        self.fail_after: Optional[int] = None
+        self.posts: list[tuple] = []  # (status or None, ids)
+        self.fail_after: int | None = None
         self._lock = threading.Lock()
         self._real = requests.Session.post
 
@@ -174,7 +174,7 @@ class PostLog:
             requests.Session.post = self._real
 
 
-def _ids_of(body: bytes, encoding: Optional[str]) -> List[int]:
+def _ids_of(body: bytes, encoding: str | None) -> list[int]:
     import zlib
 
     import zstandard
@@ -186,7 +186,7 @@ def _ids_of(body: bytes, encoding: Optional[str]) -> List[int]:
     return [orjson.loads(line)["id"] for line in body.split(b"\n") if line.strip()]
 
 
-def _counters(result) -> Dict[str, int]:
+def _counters(result) -> dict[str, int]:
     totals: Counter[str] = collections.Counter()
     for counter in result.metrics().query(MetricsFilter().with_namespace("tinybird"))["counters"]:
         value = counter.committed if counter.committed is not None else counter.attempted
@@ -194,7 +194,7 @@ def _counters(result) -> Dict[str, int]:
     return dict(totals)
 
 
-def _dead_letters(folder: str) -> List[DeadLetter]:
+def _dead_letters(folder: str) -> list[DeadLetter]:
     records = []
     for name in sorted(glob.glob(os.path.join(folder, "*"))):
         with open(name, "rb") as fh:
@@ -221,7 +221,7 @@ class Soak:
         self.rng = random.Random(seed)
         self.events_per_round = events_per_round
         self.work_dir = work_dir
-        self.rounds: List[Round] = []
+        self.rounds: list[Round] = []
         self.server = LocalServer(data_dir=os.path.join(work_dir, "server"))
         self.post_log = PostLog()
 
@@ -244,9 +244,9 @@ class Soak:
         read_timeout = 10.0
         policy = RetryPolicy(max_attempts=8, initial_backoff_secs=0.02, max_backoff_secs=0.5,
                              max_total_secs=60, max_retry_after_secs=0.5)
-        rules: List[dict] = []
+        rules: list[dict] = []
         changing = False
-        disrupt: Optional[str] = None
+        disrupt: str | None = None
         seed = rng.randrange(1 << 30)
         if scenario == "random_503_429":
             rules = [
@@ -373,7 +373,7 @@ class Soak:
         return result
 
     @staticmethod
-    def _failures(seed: int, p: float) -> List[dict]:
+    def _failures(seed: int, p: float) -> list[dict]:
         return [
             {"status": 500, "when": "before", "probability": p, "seed": seed},
             {"status": 500, "when": "after", "probability": p, "seed": seed + 1},
@@ -383,7 +383,7 @@ class Soak:
             {"status": 504, "when": "before", "probability": p / 2, "seed": seed + 5},
         ]
 
-    def _mix(self, rng: random.Random, seed: int) -> List[dict]:
+    def _mix(self, rng: random.Random, seed: int) -> list[dict]:
         rules = []
         if rng.random() < 0.7:
             rules.append({"status": 503, "when": "before", "probability": rng.uniform(0.02, 0.2), "seed": seed})
@@ -403,7 +403,7 @@ class Soak:
             with contextlib.suppress(Exception):
                 self.server.set_faults(self._mix(rng, rng.randrange(1 << 30)))
 
-    def _disrupt(self, how: str, start: int, n: int, stop: threading.Event, rules: List[dict]) -> None:
+    def _disrupt(self, how: str, start: int, n: int, stop: threading.Event, rules: list[dict]) -> None:
         """Restarts (or kills and starts) the server once part of the round is stored."""
         rng = random.Random(start)
         target = int(n * rng.uniform(0.1, 0.7))
@@ -440,7 +440,7 @@ class Soak:
     def run(self, minutes: float) -> int:
         deadline = time.monotonic() + minutes * 60
         started = time.monotonic()
-        order: List[str] = []
+        order: list[str] = []
         with self.server, self.post_log.installed():
             number = 0
             while time.monotonic() < deadline:
@@ -512,7 +512,7 @@ def _quiet_beam(quiet: bool):
             logger.setLevel(level)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="How long to run (default 10).")
     parser.add_argument("--seed", type=int, default=None, help="Seed of the scenarios and settings (default: random).")

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import List
 
 import pytest
 
 _LOCAL_NAMES = {None, "", "localhost", "localhost.localdomain", "ip6-localhost"}
-_attempts: List[str] = []
+_attempts: list[str] = []
 
 
 def _is_local(host) -> bool:

@@ -23,7 +23,6 @@ import datetime
 import json
 import random
 from pathlib import Path
-from typing import Dict, List, Optional
 
 ROWS = 5_000
 """Lines in the file, including the quarantined and unsendable ones."""
@@ -33,7 +32,7 @@ QUARANTINED = 10
 UNSENDABLE = 2
 """Lines the sink dead-letters as ``unencodable``."""
 
-_START = datetime.datetime(2024, 5, 1, 8, 0, 0, tzinfo=datetime.timezone.utc)
+_START = datetime.datetime(2024, 5, 1, 8, 0, 0, tzinfo=datetime.UTC)
 _COUNTRIES = ["ES", "FR", "DE", "GB", "US", "MX", "IT", "PT", "NL", "BR"]
 _CURRENCY = {"ES": "EUR", "FR": "EUR", "DE": "EUR", "IT": "EUR", "PT": "EUR", "NL": "EUR",
              "GB": "GBP", "US": "USD", "MX": "MXN", "BR": "BRL"}
@@ -54,7 +53,7 @@ def _iso_millis(moment: datetime.datetime) -> str:
 
 
 def _event(rng: random.Random, index: int, moment: datetime.datetime,
-           event_type: Optional[str] = None) -> Dict[str, object]:
+           event_type: str | None = None) -> dict[str, object]:
     event_type = event_type or rng.choices(_EVENT_TYPES, weights=_EVENT_WEIGHTS)[0]
     country = rng.choice(_COUNTRIES)
     user_number = rng.randrange(1, 800)
@@ -66,7 +65,7 @@ def _event(rng: random.Random, index: int, moment: datetime.datetime,
         path = "/search"
     else:
         path = f"/p/{products[0]}"
-    event: Dict[str, object] = {
+    event: dict[str, object] = {
         "event_id": f"evt_{index:06d}_{rng.getrandbits(32):08x}",
         "timestamp": _iso_millis(moment),
         "event_type": event_type,
@@ -103,11 +102,11 @@ def _event(rng: random.Random, index: int, moment: datetime.datetime,
     return event
 
 
-def generate(*, rows: int = ROWS, seed: int = SEED) -> List[str]:
+def generate(*, rows: int = ROWS, seed: int = SEED) -> list[str]:
     """The file's lines (without newlines), deterministic for a given seed."""
     rng = random.Random(seed)
     moment = _START
-    lines: List[str] = []
+    lines: list[str] = []
     # Impossible timestamps and unsendable lines sit in the second half, so the
     # first rows that a reader sees are clean, complete and show every field.
     bad_time_at = set(rng.sample(range(rows // 2, rows), QUARANTINED + UNSENDABLE))
@@ -133,7 +132,7 @@ def generate(*, rows: int = ROWS, seed: int = SEED) -> List[str]:
     return lines
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("events.ndjson"))
     parser.add_argument("--rows", type=int, default=ROWS)

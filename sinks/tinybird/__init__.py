@@ -10,7 +10,11 @@ See :class:`WriteToTinybird` for batching, retries, dead letters and every optio
 
 from sinks.tinybird._transform import WriteToTinybird, WriteToTinybirdResult
 from sinks.tinybird.dead_letters import (
-    DeadLetter, DeadLetterKind, DeliveryError, ReadDeadLetters, WriteDeadLetterFiles,
+    DeadLetter,
+    DeadLetterKind,
+    DeliveryError,
+    ReadDeadLetters,
+    WriteDeadLetterFiles,
 )
 from sinks.tinybird.retry import RetryPolicy
 

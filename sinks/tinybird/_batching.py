@@ -25,7 +25,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.coders import BytesCoder, TupleCoder, VarIntCoder
@@ -102,7 +103,7 @@ class BatchLimits:
 
 def never_sent(
     *, datasource: str, kind: DeadLetterKind, message: str, window: object,
-    line: Optional[str] = None, element: Optional[str] = None,
+    line: str | None = None, element: str | None = None,
 ) -> DeadLetter:
     """A dead letter for an element refused before any request."""
     now = iso_utc(time.time())
@@ -120,7 +121,7 @@ class _WindowBuffer:
     line), so a list of 40,000 lines would hold some 160 MiB for an 8 MiB batch.
     """
 
-    __slots__ = ("data", "rows", "min_timestamp_micros")
+    __slots__ = ("data", "min_timestamp_micros", "rows")
 
     def __init__(self, timestamp_micros: int) -> None:
         self.data = bytearray()
@@ -167,7 +168,7 @@ class _EncodeAndBatchDoFn(beam.DoFn):
             if full is not None:
                 yield full
 
-    def _encode(self, element, windows) -> Tuple[Optional[bytes], List[beam.pvalue.TaggedOutput]]:
+    def _encode(self, element, windows) -> tuple[bytes | None, list[beam.pvalue.TaggedOutput]]:
         """The element's line, or the dead letters (one per window) that say why there is none."""
         self._count += 1
         try:
@@ -187,7 +188,7 @@ class _EncodeAndBatchDoFn(beam.DoFn):
                 line=line_text, element=shown))
             for window in windows]
 
-    def _add(self, window, line: bytes, timestamp_micros: int) -> Optional[beam.pvalue.TaggedOutput]:
+    def _add(self, window, line: bytes, timestamp_micros: int) -> beam.pvalue.TaggedOutput | None:
         """Adds a line to its window's buffer; returns a full batch when one leaves."""
         limits = self._limits
         buffer = self._buffers.get(window)
@@ -247,7 +248,7 @@ class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
 
 def cut_batches(
     chunks: Iterable[Chunk], *, max_bytes: int, max_rows: int, flush: bool,
-) -> Tuple[List[Chunk], Optional[Chunk]]:
+) -> tuple[list[Chunk], Chunk | None]:
     """Cuts chunks into batches at line boundaries.
 
     Returns the full batches and, unless ``flush``, the remainder that fills
@@ -261,7 +262,7 @@ def cut_batches(
         return [], None
     data = chunks[0].payload if len(chunks) == 1 else b"".join(c.payload for c in chunks)
     rows_left = sum(c.rows for c in chunks)
-    batches: List[Chunk] = []
+    batches: list[Chunk] = []
     start, total = 0, len(data)
     while start < total and (total - start >= max_bytes or rows_left >= max_rows):
         end = data.rfind(b"\n", start, start + max_bytes) + 1
@@ -309,7 +310,7 @@ class _BatchDoFn(beam.DoFn):
 
     def process(
         self,
-        element: Tuple[WindowKey, Chunk],
+        element: tuple[WindowKey, Chunk],
         buffer=beam.DoFn.StateParam(BUFFER),
         held=beam.DoFn.StateParam(HELD),
         window_end=beam.DoFn.TimerParam(WINDOW_END),
@@ -351,7 +352,7 @@ class _BatchDoFn(beam.DoFn):
             # when the next chunk arrives.
             stale.set(Timestamp.of(self._clock() + self._limits.max_buffering_secs))
 
-    def _flush(self, key, buffer, held) -> List[Batch]:
+    def _flush(self, key, buffer, held) -> list[Batch]:
         if not held.read():
             return []
         chunks, _ = cut_batches(
@@ -390,10 +391,10 @@ class _MergeRemaindersDoFn(beam.DoFn):
     def __init__(self, *, limits: BatchLimits) -> None:
         self._limits = limits
 
-    def process(self, element: Tuple[WindowKey, Iterable[Chunk]]) -> Iterator[Batch]:
+    def process(self, element: tuple[WindowKey, Iterable[Chunk]]) -> Iterator[Batch]:
         key, chunks = WindowKey(*element[0]), element[1]
         limits = self._limits
-        pending: List[Chunk] = []
+        pending: list[Chunk] = []
         pending_bytes = pending_rows = 0
         for raw in chunks:
             chunk = Chunk(*raw)

@@ -19,7 +19,7 @@ import orjson
 from apache_beam.pvalue import Row
 from apache_beam.utils.timestamp import Timestamp
 
-__all__ = ["EncodingError", "MAX_NESTING_DEPTH", "element_repr", "encode_element"]
+__all__ = ["MAX_NESTING_DEPTH", "EncodingError", "element_repr", "encode_element"]
 
 MAX_NESTING_DEPTH = 254
 """Deepest nesting of objects and arrays that can be encoded (orjson's own limit)."""
@@ -131,10 +131,10 @@ def element_repr(element: Any, limit: int = 500) -> str:
     limit = max(int(limit), 16) if isinstance(limit, int) else 500
     try:
         text = _REPR.repr(element)
-    except Exception:  # noqa: BLE001 - a user's __repr__ may raise anything
+    except Exception:
         try:
             text = f"<unrepresentable {type(element).__module__}.{type(element).__qualname__}>"
-        except Exception:  # noqa: BLE001
+        except Exception:
             text = "<unrepresentable element>"
     if len(text) > limit:
         suffix = f"...[{len(text)} chars]"

@@ -23,7 +23,8 @@ import time
 import types
 import urllib.parse
 import zlib
-from typing import Any, Callable, List, Mapping, Optional, Tuple, Union
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import orjson
 import requests
@@ -53,7 +54,7 @@ _COMPRESSIONS = ("zstd", "gzip", None)
 # ~160 MB/s for a ratio of 3.2, level 6 at ~66 MB/s for 3.6. Encoding runs at
 # ~70 MB/s per core, so a slower level would make compression the bottleneck.
 DEFAULT_COMPRESSION_LEVELS: Mapping[str, int] = types.MappingProxyType({"zstd": 1, "gzip": 1})
-_COMPRESSION_LEVEL_RANGES: Mapping[str, Tuple[int, int]] = types.MappingProxyType(
+_COMPRESSION_LEVEL_RANGES: Mapping[str, tuple[int, int]] = types.MappingProxyType(
     {"zstd": (1, 22), "gzip": (1, 9)}
 )
 _MESSAGE_LIMIT_CHARS = 1000
@@ -92,12 +93,12 @@ class ClientSettings:
     api_url: str
     datasource: str
     wait: bool = False
-    compression: Optional[str] = "zstd"
-    compression_level: Optional[int] = None
+    compression: str | None = "zstd"
+    compression_level: int | None = None
     connect_timeout_secs: float = 5.0
     read_timeout_secs: float = 30.0
     max_in_flight: int = 4
-    ca_bundle_path: Optional[str] = None
+    ca_bundle_path: str | None = None
     allow_insecure_http: bool = False
 
     def __post_init__(self) -> None:
@@ -156,7 +157,7 @@ class ClientSettings:
             raise ValueError(f"allow_insecure_http must be a bool, got {self.allow_insecure_http!r}")
 
     @property
-    def effective_compression_level(self) -> Optional[int]:
+    def effective_compression_level(self) -> int | None:
         """The level really used: ``compression_level`` or the codec's default."""
         if self.compression is None:
             return None
@@ -192,11 +193,11 @@ class Attempt:
 
     started_at: float
     latency_secs: float
-    status: Optional[int]
-    error: Optional[str]
+    status: int | None
+    error: str | None
     raw_bytes: int
     wire_bytes: int
-    retry_cause: Optional[str]
+    retry_cause: str | None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -238,7 +239,7 @@ class Failed:
     payload: bytes
     rows: int
     kind: DeadLetterKind
-    status: Optional[int]
+    status: int | None
     message: str
     attempts: int
     first_attempt_at: float
@@ -267,9 +268,9 @@ class SendReport:
             reset before starting attempts (shared pacing), not counting backoff.
     """
 
-    delivered: Tuple[Delivered, ...]
-    failed: Tuple[Failed, ...]
-    attempts: Tuple[Attempt, ...]
+    delivered: tuple[Delivered, ...]
+    failed: tuple[Failed, ...]
+    attempts: tuple[Attempt, ...]
     paced_secs: float = 0.0
 
     @property
@@ -315,7 +316,7 @@ class EventsApiClient:
         wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
-        session: Optional[requests.Session] = None,
+        session: requests.Session | None = None,
     ) -> None:
         if not isinstance(settings, ClientSettings):
             raise TypeError(f"settings must be a ClientSettings, got {type(settings).__name__}")
@@ -337,7 +338,7 @@ class EventsApiClient:
         self._rand = rand
         self._url = settings.events_url
         self._timeout = (settings.connect_timeout_secs, settings.read_timeout_secs)
-        self._verify: Union[str, bool] = settings.ca_bundle_path or True
+        self._verify: str | bool = settings.ca_bundle_path or True
         self._headers = {
             "Content-Type": "application/x-ndjson",
             "User-Agent": _USER_AGENT,
@@ -356,7 +357,7 @@ class EventsApiClient:
             )
             session.mount("https://", adapter)
             session.mount("http://", adapter)
-        self._session: Optional[requests.Session] = session
+        self._session: requests.Session | None = session
 
     def __repr__(self) -> str:
         s = self._settings
@@ -377,7 +378,7 @@ class EventsApiClient:
         if session is not None and self._owns_session:
             session.close()
 
-    def __enter__(self) -> "EventsApiClient":
+    def __enter__(self) -> EventsApiClient:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -422,17 +423,17 @@ class EventsApiClient:
         self,
         payload: bytes,
         rows: int,
-        state: "_SendState",
+        state: _SendState,
         *,
         prior_attempts: int,
-        first_attempt_at: Optional[float],
+        first_attempt_at: float | None,
     ) -> None:
         """Sends one part with its own retries; on 413 recurses on both halves."""
         settings, policy = self._settings, self._policy
         body = self._compress(payload)  # once per part, reused by every retry
         raw_bytes, wire_bytes = len(payload), len(body)
         own_attempts = 0
-        first_started: Optional[float] = None
+        first_started: float | None = None
         while True:
             state.paced_secs += self._pacer.wait()
             own_attempts += 1
@@ -447,7 +448,7 @@ class EventsApiClient:
             latency = self._clock() - t0
             status = result.status
 
-            def record(retry_cause: Optional[str]) -> None:
+            def record(retry_cause: str | None) -> None:
                 state.attempts.append(
                     Attempt(
                         started_at=started_at,
@@ -486,7 +487,7 @@ class EventsApiClient:
                     _truncate(message, 300),
                 )
 
-            server_wait: Optional[float] = None
+            server_wait: float | None = None
             if status is not None:
                 server_wait = self._server_wait_secs(status, result.headers)
                 self._update_pacing(status, result.headers, server_wait)
@@ -542,7 +543,7 @@ class EventsApiClient:
             cause = str(status) if status is not None else str(result.error)
             last = f"HTTP {status}: {result.message}" if status is not None else result.message
             elapsed = self._clock() - first_started
-            give_up: Optional[str] = None
+            give_up: str | None = None
             delay = 0.0
             if own_attempts >= policy.max_attempts:
                 give_up = f"max_attempts={policy.max_attempts} reached"
@@ -570,7 +571,7 @@ class EventsApiClient:
             )
             self._sleep(delay)
 
-    def _post(self, body: bytes) -> "_Result":
+    def _post(self, body: bytes) -> _Result:
         session = self._session
         if session is None:
             raise RuntimeError("EventsApiClient is closed")
@@ -633,7 +634,7 @@ class EventsApiClient:
             self._local.zstd = compressor
         return compressor.compress(payload)
 
-    def _server_wait_secs(self, status: int, headers: Mapping[str, str]) -> Optional[float]:
+    def _server_wait_secs(self, status: int, headers: Mapping[str, str]) -> float | None:
         """How long the server asks to wait: Retry-After, else X-RateLimit-Reset on 429."""
         if status in RETRY_AFTER_STATUS_CODES:
             wait = _parse_retry_after(headers.get("Retry-After"), self._wall_clock)
@@ -643,7 +644,7 @@ class EventsApiClient:
             return _parse_reset(headers.get("X-RateLimit-Reset"), self._wall_clock)
         return None
 
-    def _update_pacing(self, status: int, headers: Mapping[str, str], server_wait: Optional[float]) -> None:
+    def _update_pacing(self, status: int, headers: Mapping[str, str], server_wait: float | None) -> None:
         cap = self._policy.max_retry_after_secs
         if status == 429 and server_wait is not None:
             self._pacer.hold_for(min(server_wait, cap))
@@ -663,7 +664,7 @@ class EventsApiClient:
                 )
                 self._pacer.hold_for(min(reset, cap))
 
-    def _rejection_message(self, status: int, result: "_Result") -> str:
+    def _rejection_message(self, status: int, result: _Result) -> str:
         if status == 404:
             return (
                 "HTTP 404: the token's workspace is not on this host; check the API host/region "
@@ -703,9 +704,9 @@ class _BearerAuth(requests.auth.AuthBase):
 
 @dataclasses.dataclass
 class _SendState:
-    delivered: List[Delivered] = dataclasses.field(default_factory=list)
-    failed: List[Failed] = dataclasses.field(default_factory=list)
-    attempts: List[Attempt] = dataclasses.field(default_factory=list)
+    delivered: list[Delivered] = dataclasses.field(default_factory=list)
+    failed: list[Failed] = dataclasses.field(default_factory=list)
+    attempts: list[Attempt] = dataclasses.field(default_factory=list)
     paced_secs: float = 0.0
 
 
@@ -713,15 +714,15 @@ class _SendState:
 class _Result:
     """A response (status set) or a network error (error set)."""
 
-    status: Optional[int]
+    status: int | None
     headers: Any
     body: Any
     message: str
-    error: Optional[str]
+    error: str | None
     retryable: bool
 
     @classmethod
-    def network(cls, error: str, message: str, *, retryable: bool = True) -> "_Result":
+    def network(cls, error: str, message: str, *, retryable: bool = True) -> _Result:
         return cls(
             status=None, headers={}, body=None, message=_truncate(message, _MESSAGE_LIMIT_CHARS),
             error=error, retryable=retryable,
@@ -774,7 +775,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _parse_retry_after(value: Optional[str], wall_clock: Callable[[], float]) -> Optional[float]:
+def _parse_retry_after(value: str | None, wall_clock: Callable[[], float]) -> float | None:
     """Retry-After as seconds (delta-seconds or an HTTP-date); None if absent or garbled."""
     if value is None:
         return None
@@ -792,11 +793,11 @@ def _parse_retry_after(value: Optional[str], wall_clock: Callable[[], float]) ->
     if when is None:
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
+        when = when.replace(tzinfo=datetime.UTC)
     return max(when.timestamp() - wall_clock(), 0.0)
 
 
-def _parse_reset(value: Optional[str], wall_clock: Callable[[], float]) -> Optional[float]:
+def _parse_reset(value: str | None, wall_clock: Callable[[], float]) -> float | None:
     """X-RateLimit-Reset: seconds until the window resets (an epoch time is tolerated)."""
     if value is None:
         return None
@@ -830,7 +831,7 @@ def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _split_at_line(payload: bytes) -> Tuple[bytes, bytes]:
+def _split_at_line(payload: bytes) -> tuple[bytes, bytes]:
     """Splits ``\\n``-terminated lines (at least two) at the line boundary nearest the middle."""
     middle = len(payload) // 2
     cuts = []
@@ -846,7 +847,7 @@ def _split_at_line(payload: bytes) -> Tuple[bytes, bytes]:
 
 def _is_cert_verification_error(exc: BaseException) -> bool:
     seen = set()
-    stack: List[Any] = [exc]
+    stack: list[Any] = [exc]
     while stack:
         current = stack.pop()
         if not isinstance(current, BaseException) or id(current) in seen:

@@ -14,8 +14,6 @@ from there, after the HTTP threads hand their reports back.
 
 from __future__ import annotations
 
-from typing import Dict
-
 from apache_beam.metrics import Metrics
 
 from sinks.tinybird._events_api import SendReport
@@ -27,7 +25,7 @@ class SinkMetrics:
     """Records what one batch's :class:`SendReport` says."""
 
     def __init__(self) -> None:
-        self._counters: Dict[str, object] = {}
+        self._counters: dict[str, object] = {}
         self._batch_bytes = Metrics.distribution(NAMESPACE, "batch_bytes")
         self._batch_rows = Metrics.distribution(NAMESPACE, "batch_rows")
         self._latency_ms = Metrics.distribution(NAMESPACE, "request_latency_ms")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Optional
 
 DEFAULT_TOKEN_ENV = "TINYBIRD_TOKEN"
 _SECRET_VERSION = re.compile(r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$")
@@ -23,8 +22,8 @@ class TokenError(RuntimeError):
 class TokenSource:
     """One of: a token value, a Secret Manager secret version, an environment variable."""
 
-    value: Optional[str] = dataclasses.field(default=None, repr=False)
-    secret_version: Optional[str] = None
+    value: str | None = dataclasses.field(default=None, repr=False)
+    secret_version: str | None = None
     env_var: str = DEFAULT_TOKEN_ENV
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ import collections
 import concurrent.futures
 import logging
 import time
-from typing import Callable, Deque, Iterator, Optional, Tuple
+from collections.abc import Callable, Iterator
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
@@ -15,14 +15,24 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from sinks.tinybird._batching import (
-    DEAD_LETTERS_TAG, FULL_TAG, Batch, BatchLimits, _BatchDoFn, _EncodeAndBatchDoFn, _EncodeAndBatchGlobalDoFn,
+    DEAD_LETTERS_TAG,
+    FULL_TAG,
+    Batch,
+    BatchLimits,
+    _BatchDoFn,
+    _EncodeAndBatchDoFn,
+    _EncodeAndBatchGlobalDoFn,
     _MergeRemaindersDoFn,
 )
 from sinks.tinybird._events_api import ClientSettings, EventsApiClient, Failed, SendReport
 from sinks.tinybird._metrics import SinkMetrics
 from sinks.tinybird._token import DEFAULT_TOKEN_ENV, TokenSource
 from sinks.tinybird.dead_letters import (
-    DEAD_LETTER_FORMATS, DeadLetter, DeliveryError, WriteDeadLetterFiles, iso_utc,
+    DEAD_LETTER_FORMATS,
+    DeadLetter,
+    DeliveryError,
+    WriteDeadLetterFiles,
+    iso_utc,
 )
 from sinks.tinybird.retry import RetryPolicy
 
@@ -71,7 +81,7 @@ class _PostDoFn(beam.DoFn):
         self._dead_lettered = 0
 
     def start_bundle(self) -> None:
-        self._pending: Deque[Tuple[concurrent.futures.Future, str, Timestamp]] = collections.deque()
+        self._pending: collections.deque[tuple[concurrent.futures.Future, str, Timestamp]] = collections.deque()
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam) -> Iterator[WindowedValue]:
         batch = Batch(*element)
@@ -224,24 +234,24 @@ class WriteToTinybird(beam.PTransform):
         self,
         *,
         datasource: str,
-        token: Optional[str] = None,
+        token: str | None = None,
         token_env: str = DEFAULT_TOKEN_ENV,
-        token_secret: Optional[str] = None,
+        token_secret: str | None = None,
         api_url: str = DEFAULT_API_URL,
         wait: bool = False,
-        compression: Optional[str] = "zstd",
+        compression: str | None = "zstd",
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
         max_buffering_secs: float = DEFAULT_MAX_BUFFERING_SECS,
         num_shards: int = DEFAULT_NUM_SHARDS,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        retry_policy: Optional[RetryPolicy] = None,
+        retry_policy: RetryPolicy | None = None,
         connect_timeout_secs: float = 5.0,
         read_timeout_secs: float = 30.0,
-        dead_letter_path: Optional[str] = None,
+        dead_letter_path: str | None = None,
         dead_letter_format: str = "json",
         raise_on_failure: bool = False,
-        ca_bundle_path: Optional[str] = None,
+        ca_bundle_path: str | None = None,
         allow_insecure_http: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from typing import Callable, Iterator, NamedTuple, Optional
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import apache_beam as beam
 import fastavro
@@ -22,7 +23,7 @@ from apache_beam.transforms.window import GlobalWindow, IntervalWindow
 __all__ = ["DeadLetter", "DeadLetterKind", "DeliveryError", "ReadDeadLetters", "WriteDeadLetterFiles"]
 
 
-class DeadLetterKind(str, enum.Enum):
+class DeadLetterKind(enum.StrEnum):
     """Why an element ended in the dead letters."""
 
     UNENCODABLE = "unencodable"
@@ -59,11 +60,11 @@ class DeadLetter(NamedTuple):
         window: The element's window, as text (``"global"`` for the global window).
     """
 
-    line: Optional[str]
-    element: Optional[str]
+    line: str | None
+    element: str | None
     datasource: str
     kind: str
-    status: Optional[int]
+    status: int | None
     message: str
     attempts: int
     first_attempt_at: str
@@ -77,7 +78,7 @@ class DeliveryError(RuntimeError):
     Carries what happened, never the token or the rows themselves.
     """
 
-    def __init__(self, *, datasource: str, kind: str, status: Optional[int], message: str, rows: int) -> None:
+    def __init__(self, *, datasource: str, kind: str, status: int | None, message: str, rows: int) -> None:
         super().__init__(f"{rows} rows not delivered to {datasource}: {kind} (status {status}): {message}")
         self.datasource = datasource
         self.kind = kind
@@ -89,7 +90,7 @@ class DeliveryError(RuntimeError):
         return _rebuild_delivery_error, (self.datasource, self.kind, self.status, self.message, self.rows)
 
 
-def _rebuild_delivery_error(datasource, kind, status, message, rows) -> "DeliveryError":
+def _rebuild_delivery_error(datasource, kind, status, message, rows) -> DeliveryError:
     return DeliveryError(datasource=datasource, kind=kind, status=status, message=message, rows=rows)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
-from typing import Optional
 
 __all__ = ["RETRYABLE_STATUS_CODES", "RETRY_AFTER_STATUS_CODES", "RetryPolicy"]
 
@@ -118,7 +117,7 @@ class RetryPolicy:
         return base / 2.0 + rand * base / 2.0
 
     def delay_secs(
-        self, retry_number: int, *, rand: float, server_wait_secs: Optional[float] = None
+        self, retry_number: int, *, rand: float, server_wait_secs: float | None = None
     ) -> float:
         """The wait before retry ``retry_number``.
 

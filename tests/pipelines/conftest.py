@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from emulator import LocalServer
+from tinybird_emulator import LocalServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

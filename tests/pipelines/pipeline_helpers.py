@@ -5,14 +5,14 @@ from __future__ import annotations
 import glob
 import io
 import os
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import fastavro
 import orjson
 
 from sinks.tinybird import DeadLetter
 
-RUNNERS: Dict[str, List[str]] = {
+RUNNERS: dict[str, list[str]] = {
     "direct": ["--runner=FnApiRunner"],
     "multi_processing": [
         "--runner=FnApiRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
@@ -20,7 +20,7 @@ RUNNERS: Dict[str, List[str]] = {
 }
 
 
-def sink_flags(server, datasource: str, *extra: str) -> List[str]:
+def sink_flags(server, datasource: str, *extra: str) -> list[str]:
     """Flags that send to ``server`` with its admin token, waiting for commits (exact quarantine counts)."""
     return ["--api_url", server.url, "--token", server.token, "--datasource", datasource,
             "--wait", "--num_shards", "2", *extra]
@@ -33,9 +33,9 @@ def run_quietly(run, argv: Sequence[str]):
     return summary, out.getvalue()
 
 
-def dead_letters_in(path) -> List[DeadLetter]:
+def dead_letters_in(path) -> list[DeadLetter]:
     """Every record of the dead-letter files under ``path``, read without the sink's reader."""
-    records: List[DeadLetter] = []
+    records: list[DeadLetter] = []
     for name in sorted(glob.glob(os.path.join(str(path), "*"))):
         with open(name, "rb") as fh:
             if name.endswith(".avro"):

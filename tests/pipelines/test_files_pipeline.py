@@ -15,12 +15,12 @@ import fastavro
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from emulator import LocalServer
 from pipeline_helpers import RUNNERS, count, dead_letters_in, run_quietly, sink_flags
+
 from pipelines._common import UsageError
 from pipelines.files_to_tinybird import SAMPLE_DATA, run
 from pipelines.sample_data import generate as sample
+from tinybird_emulator import LocalServer
 
 REPO_ROOT = SAMPLE_DATA.parents[2]
 
@@ -185,7 +185,7 @@ def test_avro_records_nested_logical_types_and_bytes(server, datasource, tmp_pat
             {"name": "tags", "type": {"type": "array", "items": "string"}},
             {"name": "note", "type": ["null", "string"], "default": None},
         ]}
-    base = datetime.datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=datetime.timezone.utc)
+    base = datetime.datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=datetime.UTC)
     records = [{
         "id": i, "at": base + datetime.timedelta(seconds=i), "price": decimal.Decimal("10.05") * (i + 1),
         "payload": bytes([i, 255]), "user": {"id": f"u{i}", "premium": i % 2 == 0},
@@ -210,7 +210,7 @@ def test_avro_records_nested_logical_types_and_bytes(server, datasource, tmp_pat
 def test_parquet_records_struct_list_decimal_timestamp_binary(server, datasource, tmp_path):
     table = pa.table({
         "id": pa.array([1, 2, 3], pa.int64()),
-        "at": pa.array([datetime.datetime(2024, 5, 1, 8, 30, tzinfo=datetime.timezone.utc)] * 3,
+        "at": pa.array([datetime.datetime(2024, 5, 1, 8, 30, tzinfo=datetime.UTC)] * 3,
                        pa.timestamp("ms", tz="UTC")),
         "amount": pa.array([decimal.Decimal("1.10"), decimal.Decimal("2.25"), None], pa.decimal128(6, 2)),
         "purchase": pa.array([{"currency": "EUR", "items": 1}, {"currency": "USD", "items": 2},
@@ -278,7 +278,7 @@ def test_embedded_default_runs_the_sample_and_prints_the_summary(tmp_path):
     assert len(listed) == 1 and (tmp_path / listed[0]).is_file()
     assert "events now holds 4,988 rows (10 quarantined) in ./tinybird-local" in out
     # tmp_path is not under the interpreter's folder: its full path is shown.
-    shown = re.findall(rf'^  {re.escape(sys.executable)} (-m emulator sql --data-dir \./tinybird-local) "(SELECT [^"]+)"$',
+    shown = re.findall(rf'^  {re.escape(sys.executable)} (-m tinybird_emulator sql --data-dir \./tinybird-local) "(SELECT [^"]+)"$',
                        out, re.MULTILINE)
     assert [query for _, query in shown] == [
         "SELECT count(*) FROM events", "SELECT c__error, c__raw FROM events_quarantine LIMIT 5"]

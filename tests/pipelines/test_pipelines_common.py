@@ -13,8 +13,14 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import files_to_tinybird, replay_dead_letters, streaming_to_tinybird
 from pipelines._common import (
-    CountRowsDoFn, Endpoint, RunSummary, SinkConfig, beam_options_without_secrets, display_path,
-    format_summary, parse_bool,
+    CountRowsDoFn,
+    Endpoint,
+    RunSummary,
+    SinkConfig,
+    beam_options_without_secrets,
+    display_path,
+    format_summary,
+    parse_bool,
 )
 from pipelines._formats import UnreadableRecord, binary_safe_record, csv_value, format_from_path
 

@@ -6,8 +6,8 @@ import json
 import os
 
 import pytest
-
 from pipeline_helpers import RUNNERS, count, dead_letters_in, run_quietly, sink_flags
+
 from pipelines import files_to_tinybird, replay_dead_letters
 from pipelines._common import UsageError
 from pipelines.replay_dead_letters import check_output_outside_input, input_location

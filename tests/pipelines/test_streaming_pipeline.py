@@ -11,12 +11,12 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
-
-from emulator import LocalServer
 from pipeline_helpers import RUNNERS, dead_letters_in
+
 from pipelines import streaming_to_tinybird
 from pipelines._common import Endpoint, SinkConfig, UsageError, summarise
 from pipelines.streaming_to_tinybird import build, check_source, split_message
+from tinybird_emulator import LocalServer
 
 _FIRST = "[1970-01-01T00:00:00Z, 1970-01-01T00:01:00Z)"
 _SECOND = "[1970-01-01T00:01:00Z, 1970-01-01T00:02:00Z)"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from reliability_testlib import TOKEN
 
-from emulator import LocalServer
+from tinybird_emulator import LocalServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Workers of runners that start processes must find the project's packages.

@@ -14,7 +14,8 @@ import json
 import os
 import threading
 import zlib
-from typing import Callable, Counter, Dict, Iterable, List, Optional, Sequence, Tuple
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 
 import apache_beam as beam
 import orjson
@@ -25,8 +26,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from emulator import LocalServer
 from sinks.tinybird import DeadLetter, RetryPolicy, WriteToTinybird
+from tinybird_emulator import LocalServer
 
 # Distinctive, so that a test can search logs, files, reprs and metrics for it.
 TOKEN = "p.RELIABILITY-secret-9d41c7e0b2"
@@ -45,7 +46,7 @@ def quick_retries(**overrides) -> RetryPolicy:
     return RetryPolicy(**settings)
 
 
-def events(n: int, *, start: int = 0) -> List[dict]:
+def events(n: int, *, start: int = 0) -> list[dict]:
     """``n`` events with unique ids from ``start``, each encoded to exactly LINE_BYTES bytes."""
     out = []
     for i in range(start, start + n):
@@ -85,9 +86,9 @@ def run(build: Callable[[beam.Pipeline], None], *, runner: str = "fn_api", args:
     return counters_of(result), result
 
 
-def counters_of(result) -> Dict[str, int]:
+def counters_of(result) -> dict[str, int]:
     """The counters of the ``tinybird`` namespace, summed over steps."""
-    totals: Dict[str, int] = collections.Counter()
+    totals: dict[str, int] = collections.Counter()
     for counter in result.metrics().query(MetricsFilter().with_namespace("tinybird"))["counters"]:
         value = counter.committed if counter.committed is not None else counter.attempted
         totals[counter.key.metric.name] += int(value or 0)
@@ -103,9 +104,9 @@ def sink(server: LocalServer, datasource: str, **overrides) -> WriteToTinybird:
     return WriteToTinybird(**settings)
 
 
-def dead_letters_in(path) -> List[DeadLetter]:
+def dead_letters_in(path) -> list[DeadLetter]:
     """Every record of the JSON-lines dead-letter files under ``path``."""
-    records: List[DeadLetter] = []
+    records: list[DeadLetter] = []
     for name in sorted(glob.glob(os.path.join(str(path), "*"))):
         with open(name, "rb") as fh:
             records.extend(DeadLetter(**orjson.loads(line)) for line in fh if line.strip())
@@ -138,14 +139,14 @@ class Accounting:
             rows committed for requests whose client was told they failed.
     """
 
-    sent: List[int]
+    sent: list[int]
     stored: Counter[int]
-    dead: List[int]
-    acknowledged: Optional[int]
+    dead: list[int]
+    acknowledged: int | None
     stored_after_faults: int
 
     @property
-    def missing(self) -> List[int]:
+    def missing(self) -> list[int]:
         return sorted(set(self.sent) - set(self.stored) - set(self.dead))
 
     @property
@@ -163,7 +164,7 @@ class Accounting:
         return self.stored_twice + self.dead_but_stored
 
     @property
-    def unexpected(self) -> List[int]:
+    def unexpected(self) -> list[int]:
         """Stored or dead-lettered ids that were never sent."""
         return sorted((set(self.stored) | set(self.dead)) - set(self.sent))
 
@@ -192,7 +193,7 @@ class Accounting:
 
 
 def account(server: LocalServer, datasource: str, sent: Iterable[int], letters: Sequence[DeadLetter],
-            counters: Optional[Dict[str, int]]) -> Accounting:
+            counters: dict[str, int] | None) -> Accounting:
     return Accounting(
         sent=list(sent), stored=stored_ids(server, datasource),
         dead=[line_id(letter) for letter in letters if letter.line is not None],
@@ -200,7 +201,7 @@ def account(server: LocalServer, datasource: str, sent: Iterable[int], letters: 
         stored_after_faults=server.stats()["rows"]["stored_by_after_faults"])
 
 
-def fired(server: LocalServer) -> List[int]:
+def fired(server: LocalServer) -> list[int]:
     """How many times each active fault rule fired, in rule order."""
     return [rule["fired"] for rule in server.stats()["faults"]]
 
@@ -212,8 +213,8 @@ def fired(server: LocalServer) -> List[int]:
 class Post:
     """One POST the sink made: the ids in its body and the status (None: no response)."""
 
-    ids: Tuple[int, ...]
-    status: Optional[int]
+    ids: tuple[int, ...]
+    status: int | None
     message: str
 
 
@@ -226,8 +227,8 @@ class PostRecorder:
     to make a worker fail once the server has answered.
     """
 
-    def __init__(self, monkeypatch, *, after: Optional[Callable[["Post"], None]] = None) -> None:
-        self.posts: List[Post] = []
+    def __init__(self, monkeypatch, *, after: Callable[[Post], None] | None = None) -> None:
+        self.posts: list[Post] = []
         self._lock = threading.Lock()
         self._after = after
         real_post = requests.Session.post
@@ -256,11 +257,11 @@ class PostRecorder:
         with self._lock:
             self.posts.append(record)
 
-    def ids_answered(self, status: int) -> List[int]:
+    def ids_answered(self, status: int) -> list[int]:
         return [i for post in self.posts if post.status == status for i in post.ids]
 
 
-def _ids_of(body: bytes, encoding: Optional[str]) -> List[int]:
+def _ids_of(body: bytes, encoding: str | None) -> list[int]:
     if encoding == "zstd":
         body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
     elif encoding == "gzip":

@@ -15,7 +15,7 @@ import pytest
 import requests
 from reliability_testlib import TOKEN, dead_letters_in, events, run, sink, stored_ids
 
-from emulator import LocalServer
+from tinybird_emulator import LocalServer
 
 pytestmark = pytest.mark.timeout(120)
 

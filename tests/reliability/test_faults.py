@@ -32,8 +32,8 @@ from reliability_testlib import (
     sink,
 )
 
-from emulator import LocalServer
 from pipelines import replay_dead_letters
+from tinybird_emulator import LocalServer
 
 pytestmark = pytest.mark.timeout(120)
 

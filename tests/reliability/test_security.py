@@ -43,11 +43,11 @@ from reliability_testlib import (
     sink,
 )
 
-import emulator._tokens as tokens_module
-from emulator import LocalServer
+import tinybird_emulator._tokens as tokens_module
 from sinks.tinybird import DeliveryError, RetryPolicy, WriteToTinybird
 from sinks.tinybird._events_api import ClientSettings, EventsApiClient
 from sinks.tinybird._token import TokenSource
+from tinybird_emulator import LocalServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -273,7 +273,7 @@ def tls_server(tmp_path_factory):
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -293,7 +293,7 @@ def tls_server(tmp_path_factory):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_POST(self):  # noqa: N802 - http.server's naming
+        def do_POST(self):
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             if self.headers.get("Content-Encoding") == "zstd":
                 body = zstandard.ZstdDecompressor().decompressobj().decompress(body)

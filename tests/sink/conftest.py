@@ -8,12 +8,11 @@ import datetime
 import ipaddress
 import itertools
 import re
-from typing import Tuple
 
 import pytest
-
-from emulator import LocalServer
 from sink_testlib import TOKEN, FakeTime, ScriptedServer
+
+from tinybird_emulator import LocalServer
 
 _names = itertools.count(1)
 
@@ -53,7 +52,7 @@ def scripted():
 
 
 @pytest.fixture(scope="session")
-def self_signed_cert(tmp_path_factory) -> Tuple[str, str]:
+def self_signed_cert(tmp_path_factory) -> tuple[str, str]:
     """A self-signed certificate for 127.0.0.1: (cert path, key path)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -62,7 +61,7 @@ def self_signed_cert(tmp_path_factory) -> Tuple[str, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

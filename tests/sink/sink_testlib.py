@@ -6,9 +6,8 @@ import http.server
 import ssl
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
 
-from emulator import LocalServer
+from tinybird_emulator import LocalServer
 
 # Distinctive, so that a test can search logs, reprs and reports for it.
 TOKEN = "p.SECRET-test-token-7f3a9c51d2"
@@ -35,7 +34,7 @@ class FakeTime:
         self._now = start
         self._lock = threading.Lock()
         self._real_sleep = real_sleep
-        self.sleeps: List[float] = []
+        self.sleeps: list[float] = []
 
     def clock(self) -> float:
         with self._lock:
@@ -56,7 +55,7 @@ class FakeTime:
 
 # -- scripted server -------------------------------------------------------------
 
-Response = Tuple[int, Dict[str, str], bytes]
+Response = tuple[int, dict[str, str], bytes]
 DEFAULT_RESPONSE: Response = (202, {"Content-Type": "application/json"}, b'{"successful_rows":1,"quarantined_rows":0}')
 
 
@@ -68,16 +67,16 @@ class ScriptedServer:
     ``(path, headers, body)``.
     """
 
-    def __init__(self, *, certfile: Optional[str] = None, keyfile: Optional[str] = None) -> None:
-        self.script: List[Response] = []
-        self.requests: List[Tuple[str, Dict[str, str], bytes]] = []
+    def __init__(self, *, certfile: str | None = None, keyfile: str | None = None) -> None:
+        self.script: list[Response] = []
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
         self._lock = threading.Lock()
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(length)
                 with owner._lock:
@@ -107,7 +106,7 @@ class ScriptedServer:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://127.0.0.1:{self._httpd.server_address[1]}"
 
-    def __enter__(self) -> "ScriptedServer":
+    def __enter__(self) -> ScriptedServer:
         self._thread.start()
         return self
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from sinks.tinybird._encoding import MAX_NESTING_DEPTH, EncodingError, element_repr, encode_element
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 class Point(typing.NamedTuple):
@@ -47,7 +47,7 @@ class Color(enum.Enum):
     RED = "red"
 
 
-class StrKey(str, enum.Enum):
+class StrKey(enum.StrEnum):
     CITY = "city"
 
 

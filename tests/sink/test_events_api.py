@@ -1,7 +1,7 @@
 """Tests of the HTTP layer (sinks/tinybird/_events_api.py) against real local servers.
 
 Every status and retry rule runs against the local Events API server
-(``emulator.LocalServer``) with fault rules; a few protocol details it does not
+(``tinybird_emulator.LocalServer``) with fault rules; a few protocol details it does not
 produce (HTTP-date ``Retry-After``, garbled bodies, redirects, TLS) run against a
 small scripted HTTP(S) server. Time is injected (``FakeTime``) wherever waits
 are checked, so the numbers are exact and the tests do not sleep.
@@ -19,9 +19,8 @@ import zlib
 import orjson
 import pytest
 import zstandard
-
-from emulator import LocalServer
 from sink_testlib import TOKEN, WALL_EPOCH, FakeTime, ScriptedServer, stored_rows
+
 from sinks.tinybird._events_api import (
     Attempt,
     ClientSettings,
@@ -35,6 +34,7 @@ from sinks.tinybird._events_api import (
 )
 from sinks.tinybird.dead_letters import DeadLetterKind
 from sinks.tinybird.retry import RetryPolicy
+from tinybird_emulator import LocalServer
 
 # rand() is fixed at 0.5: the default policy then waits 0.375, 0.75, 1.5, 3.0, 6.0 s.
 HALF = lambda: 0.5  # noqa: E731
@@ -726,7 +726,7 @@ def test_token_never_leaks(server, datasource, caplog, fake_time):
     for text in texts:
         assert TOKEN not in text
         assert "p.wrong-SECRET-xyz" not in text
-    assert "Tinybird %s: attempt 1 of 6 failed (503); retrying 2 rows in 0.38 s" % datasource in caplog.text
+    assert f"Tinybird {datasource}: attempt 1 of 6 failed (503); retrying 2 rows in 0.38 s" in caplog.text
     assert f"Tinybird {datasource}: 2 rows" in caplog.text and "dead-lettered as rejected after 1 attempts" in caplog.text
 
 
@@ -768,9 +768,8 @@ def test_failed_repr_does_not_print_rows():
     ],
 )
 def test_send_rejects_bad_arguments(scripted, payload, rows, message):
-    with make_client(scripted.url, "events") as client:
-        with pytest.raises(ValueError) as info:
-            client.send(payload, rows)
+    with make_client(scripted.url, "events") as client, pytest.raises(ValueError) as info:
+        client.send(payload, rows)
     assert str(info.value) == message
     assert scripted.requests == []
 

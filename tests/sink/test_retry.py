@@ -12,8 +12,8 @@ from sinks.tinybird.retry import RETRY_AFTER_STATUS_CODES, RETRYABLE_STATUS_CODE
 
 
 def test_constants():
-    assert RETRYABLE_STATUS_CODES == frozenset({408, 429, 500, 502, 503, 504})
-    assert RETRY_AFTER_STATUS_CODES == frozenset({429, 503})
+    assert frozenset({408, 429, 500, 502, 503, 504}) == RETRYABLE_STATUS_CODES
+    assert frozenset({429, 503}) == RETRY_AFTER_STATUS_CODES
 
 
 def test_defaults():

@@ -3,8 +3,8 @@ of the window, late data, and windows never mixed."""
 
 from __future__ import annotations
 
-import orjson
 import apache_beam as beam
+import orjson
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream

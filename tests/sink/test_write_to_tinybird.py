@@ -17,11 +17,16 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from emulator import LocalServer
 from sinks.tinybird import (
-    DeadLetter, DeadLetterKind, DeliveryError, ReadDeadLetters, RetryPolicy, WriteToTinybird,
+    DeadLetter,
+    DeadLetterKind,
+    DeliveryError,
+    ReadDeadLetters,
+    RetryPolicy,
+    WriteToTinybird,
 )
 from sinks.tinybird.dead_letters import window_text
+from tinybird_emulator import LocalServer
 
 _FAST_RETRIES = RetryPolicy(
     max_attempts=4, initial_backoff_secs=0.01, max_backoff_secs=0.05, max_total_secs=20,
@@ -167,7 +172,7 @@ def test_an_element_in_two_sliding_windows_is_sent_once_per_window(server, datas
 
 def test_types_beyond_plain_dicts_are_encoded(server, datasource):
     Row = beam.Row
-    at = datetime.datetime(2026, 11, 22, 10, 30, 0, tzinfo=datetime.timezone.utc)
+    at = datetime.datetime(2026, 11, 22, 10, 30, 0, tzinfo=datetime.UTC)
     elements = [
         _Purchase(id=1, amount=decimal.Decimal("12.50"), at=at),
         Row(id=2, amount=3.25, at=at.isoformat()),

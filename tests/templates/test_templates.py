@@ -198,7 +198,9 @@ def test_dockerfile(name):
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     readme = project["readme"] if isinstance(project["readme"], str) else project["readme"]["file"]
     sources = [source for line in instructions if line.startswith("COPY ") for source in line.split()[1:-1]]
-    assert {"pyproject.toml", "setup.py", readme, "sinks", "pipelines", "emulator", "templates"} <= set(sources)
+    assert {"pyproject.toml", "setup.py", readme, "sinks", "pipelines", "templates"} <= set(sources)
+    # The local server is a test tool: production images do not hold it.
+    assert "tinybird_emulator" not in sources
     for source in sources:
         # The readme is the packaging's to provide (pip install . needs it as much as the image).
         assert source == readme or (REPO_ROOT / source).exists(), f"{name}/Dockerfile copies a missing {source}"
@@ -216,7 +218,7 @@ def test_entry_point_runs_the_pipelines_main(name, monkeypatch):
 
 def test_files_template_as_the_launcher_runs_it(tmp_path):
     """The entry point run as a script with --name=value parameters, as the Flex Template launcher does."""
-    from emulator import LocalServer
+    from tinybird_emulator import LocalServer
 
     (tmp_path / "in.ndjson").write_text("".join(json.dumps({"id": i}) + "\n" for i in range(20)))
     with LocalServer(data_dir=tmp_path / "tb", rate_limit_rps=None) as server:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
-__all__ = ["RateLimiter", "RateDecision", "UNLIMITED_REPORTED_LIMIT"]
+__all__ = ["UNLIMITED_REPORTED_LIMIT", "RateDecision", "RateLimiter"]
 
 # Reported as X-RateLimit-Limit when the request limit is lifted: a client that
 # paces itself on the headers then never waits.
@@ -27,7 +27,7 @@ class RateDecision:
     retry_after_secs: int
     reason: str = ""
 
-    def headers(self) -> Dict[str, str]:
+    def headers(self) -> dict[str, str]:
         return {
             "X-RateLimit-Limit": str(self.limit),
             "X-RateLimit-Remaining": str(self.remaining),
@@ -36,7 +36,7 @@ class RateDecision:
 
 
 class _Window:
-    __slots__ = ("start", "requests", "bytes")
+    __slots__ = ("bytes", "requests", "start")
 
     def __init__(self, start: float) -> None:
         self.start = start
@@ -50,8 +50,8 @@ class RateLimiter:
     def __init__(
         self,
         *,
-        requests_per_window: Optional[float],
-        bytes_per_window: Optional[int],
+        requests_per_window: float | None,
+        bytes_per_window: int | None,
         window_secs: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -59,7 +59,7 @@ class RateLimiter:
         self._bps = bytes_per_window
         self._window_secs = window_secs
         self._clock = clock
-        self._windows: Dict[str, _Window] = {}
+        self._windows: dict[str, _Window] = {}
         self._limit = (
             UNLIMITED_REPORTED_LIMIT if requests_per_window is None else max(1, int(requests_per_window))
         )

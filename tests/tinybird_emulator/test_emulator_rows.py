@@ -2,7 +2,7 @@
 
 Each case stores the same body twice, into two tables of the same schema: once
 through the SQL over the JSON text (the reference), once as prepared by
-``emulator._rows`` (bound values, the rest left to the SQL). Table contents (values
+``tinybird_emulator._rows`` (bound values, the rest left to the SQL). Table contents (values
 and their SQLite types, in order), counts and quarantine rows must be identical.
 """
 
@@ -11,18 +11,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-from typing import Any, Dict, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
 import pytest
+from emulator_testlib import assert_ok
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emulator._body import json_array, parse_body
-from emulator._rows import prepare_rows
-from emulator._schema import Schema, _walk, _walk_flat, infer_schema
-from emulator._storage import Store
-from emulator_testlib import assert_ok
+from tinybird_emulator._body import json_array, parse_body
+from tinybird_emulator._rows import prepare_rows
+from tinybird_emulator._schema import Schema, _walk, _walk_flat, infer_schema
+from tinybird_emulator._storage import Store
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,7 +45,7 @@ _SCHEMA_EVENT = {
 }
 _NULLABLE_EVENT = {"i": None, "s": None, "dt64": None, "as": None}
 
-_EDGE_VALUES: List[Any] = [
+_EDGE_VALUES: list[Any] = [
     None, True, False, 0, 1, 2, -1, 2**63 - 1, -(2**63), 2**63, 2**64 - 1, 0.0, -0.0, 1.0, 1.5, 1e300, 5e-324,
     "", "x", "é", "\u00e9\u4e2d", "a'b", 'a"b', "a\\b", "line\nbreak", "tab\t", "nul\x00", "\x01", "\u2028",
     "2024-05-01", "2024-02-29", "2023-02-29", "2024-04-31", "2024-05-01 10:00:00", "2024-05-01T10:00:00",
@@ -71,7 +72,7 @@ def _compact(obj: Any) -> str:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def _write(obj: Dict[str, Any], style: str, extra: Any) -> str:
+def _write(obj: dict[str, Any], style: str, extra: Any) -> str:
     if style == "orjson":
         return _compact(obj)
     if style == "spaced":
@@ -85,12 +86,12 @@ def _write(obj: Dict[str, Any], style: str, extra: Any) -> str:
     return " " + _compact(obj) + " "
 
 
-def _rows_of(conn: sqlite3.Connection, table: str, columns: Sequence[str]) -> List[Tuple[Any, ...]]:
+def _rows_of(conn: sqlite3.Connection, table: str, columns: Sequence[str]) -> list[tuple[Any, ...]]:
     picks = ", ".join(f'typeof("{c}"), "{c}"' for c in columns)
     return conn.execute(f'SELECT {picks} FROM "{table}" ORDER BY rowid').fetchall()
 
 
-def _store_both_ways(tmp_path, schema: Schema, lines: List[str]) -> Tuple[int, int]:
+def _store_both_ways(tmp_path, schema: Schema, lines: list[str]) -> tuple[int, int]:
     store = Store(str(tmp_path))
     conn = store._connect()
     try:
@@ -122,9 +123,9 @@ def _store_both_ways(tmp_path, schema: Schema, lines: List[str]) -> Tuple[int, i
         store.close()
 
 
-def _left_to_sqlite(schema: Schema, lines: List[str]) -> List[Tuple[int, int]]:
+def _left_to_sqlite(schema: Schema, lines: list[str]) -> list[tuple[int, int]]:
     """The runs of rows that prepare_rows leaves to the SQL, numbered in the body."""
-    runs: List[Tuple[int, int]] = []
+    runs: list[tuple[int, int]] = []
     offset = 0
     for rows in prepare_rows(schema, lines):
         runs += [(offset + start, offset + end) for start, end, text in rows.segments if text is not None]
@@ -232,8 +233,8 @@ def test_random_bodies_are_stored_alike(tmp_path_factory, schema, events):
 # -- inference ---------------------------------------------------------------------
 
 
-def _walked(objects: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, ...], Tuple[Any, ...]]:
-    accs: Dict[Tuple[str, ...], Any] = {}
+def _walked(objects: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], tuple[Any, ...]]:
+    accs: dict[tuple[str, ...], Any] = {}
     for obj in objects:
         _walk(obj, (), accs)
     return {p: (a.kinds, a.seen, a.nulls, a.ignored) for p, a in accs.items()}

@@ -9,9 +9,9 @@ import uuid
 
 import pytest
 import zstandard
-
-from emulator import LocalServer
 from emulator_testlib import EventsClient, assert_error, assert_ok
+
+from tinybird_emulator import LocalServer
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -7,9 +7,8 @@ data source and 10 MB per request; the byte rate is unlimited unless configured.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
 
-from emulator._faults import FaultRule
+from tinybird_emulator._faults import FaultRule
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -33,7 +32,7 @@ SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
-    """Everything `python -m emulator serve` needs.
+    """Everything `python -m tinybird_emulator serve` needs.
 
     Attributes:
         data_dir: Folder holding the SQLite database and the token file.
@@ -59,15 +58,15 @@ class ServerConfig:
     admin_token: str = dataclasses.field(repr=False)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    rate_limit_rps: Optional[float] = DEFAULT_RATE_LIMIT_RPS
-    rate_limit_bytes_per_sec: Optional[int] = None
+    rate_limit_rps: float | None = DEFAULT_RATE_LIMIT_RPS
+    rate_limit_bytes_per_sec: int | None = None
     rate_limit_window_secs: float = 1.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES
     queue_max_requests: int = DEFAULT_QUEUE_MAX_REQUESTS
     max_concurrent_decodes: int = 4
     synchronous: str = "FULL"
-    faults: Tuple[FaultRule, ...] = ()
+    faults: tuple[FaultRule, ...] = ()
     sql_timeout_secs: float = DEFAULT_SQL_TIMEOUT_SECS
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import urllib.parse
-from typing import Iterator, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 from aiohttp import log as aiohttp_log
 from aiohttp.http_exceptions import HttpProcessingError
@@ -24,7 +24,7 @@ REQUEST_BYTES_NOT_LOGGED = "<request bytes not logged>"
 # Shorter "secrets" would blank out ordinary words, and are no secret anyway.
 _MIN_SECRET_CHARS = 8
 
-_PATTERNS: Tuple["re.Pattern[str]", ...] = (
+_PATTERNS: tuple[re.Pattern[str], ...] = (
     # An Authorization header, whatever its scheme: raw, in a bytes repr or in a dict of headers.
     re.compile(r"""(?i)(\bauthorization['"]?\s*[:=]\s*['"]?)[^'"\r\n]+"""),
     # A bearer token quoted without its header name.
@@ -45,7 +45,7 @@ _AIOHTTP_LOGGERS = (
 _TRACEBACK_FORMATTER = logging.Formatter()
 
 
-def _variants(secrets: Sequence[str]) -> Tuple[str, ...]:
+def _variants(secrets: Sequence[str]) -> tuple[str, ...]:
     found = set()
     for secret in secrets:
         if secret and len(secret) >= _MIN_SECRET_CHARS:
@@ -60,7 +60,7 @@ def redact(text: str, secrets: Sequence[str] = ()) -> str:
     return _redact(text, _variants(secrets))
 
 
-def _redact(text: str, variants: Tuple[str, ...]) -> str:
+def _redact(text: str, variants: tuple[str, ...]) -> str:
     for secret in variants:
         text = text.replace(secret, REDACTED)
     for pattern in _PATTERNS:

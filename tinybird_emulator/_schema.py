@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable, Sequence
 from itertools import repeat
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any
 
 __all__ = [
+    "QUARANTINE_FIXED_COLUMNS",
     "Column",
     "Schema",
     "infer_schema",
     "quote_ident",
-    "QUARANTINE_FIXED_COLUMNS",
 ]
 
 MAX_FLATTEN_DEPTH = 32
@@ -96,7 +97,7 @@ class Column:
             return "REAL"
         return "TEXT"
 
-    def to_json(self) -> Dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "type": self.type,
@@ -107,7 +108,7 @@ class Column:
         }
 
     @classmethod
-    def from_json(cls, obj: Dict[str, Any]) -> "Column":
+    def from_json(cls, obj: dict[str, Any]) -> Column:
         return cls(
             name=obj["name"],
             base=obj["base"],
@@ -180,20 +181,20 @@ class Schema:
     """The columns of one data source and the statements derived from them."""
 
     name: str
-    columns: Tuple[Column, ...]
+    columns: tuple[Column, ...]
 
     @property
     def quarantine_name(self) -> str:
         return self.name + QUARANTINE_SUFFIX
 
-    def to_json(self) -> List[Dict[str, Any]]:
+    def to_json(self) -> list[dict[str, Any]]:
         return [c.to_json() for c in self.columns]
 
     @classmethod
-    def from_json(cls, name: str, columns: Sequence[Dict[str, Any]]) -> "Schema":
+    def from_json(cls, name: str, columns: Sequence[dict[str, Any]]) -> Schema:
         return cls(name=name, columns=tuple(Column.from_json(c) for c in columns))
 
-    def create_statements(self) -> List[str]:
+    def create_statements(self) -> list[str]:
         cols = ", ".join(f"{quote_ident(c.name)} {c.affinity}" for c in self.columns)
         fixed = ", ".join(f"{quote_ident(c)} TEXT" for c in QUARANTINE_FIXED_COLUMNS)
         raw = "".join(f", {quote_ident(c.name)} TEXT" for c in self.columns)
@@ -256,7 +257,7 @@ class Schema:
 # -- inference ---------------------------------------------------------------
 
 
-def _scalar_kind(value: Any) -> Optional[str]:
+def _scalar_kind(value: Any) -> str | None:
     """The column type of one JSON value, ``"null"``, or None when it cannot be a column."""
     if value is None:
         return "null"
@@ -317,7 +318,7 @@ def _merge(kinds: Iterable[str]) -> str:
 
 
 class _Acc:
-    __slots__ = ("kinds", "seen", "nulls", "ignored")
+    __slots__ = ("ignored", "kinds", "nulls", "seen")
 
     def __init__(self) -> None:
         self.kinds: set = set()
@@ -326,7 +327,7 @@ class _Acc:
         self.ignored = False
 
 
-def _walk(obj: Dict[str, Any], prefix: Tuple[str, ...], accs: Dict[Tuple[str, ...], _Acc]) -> None:
+def _walk(obj: dict[str, Any], prefix: tuple[str, ...], accs: dict[tuple[str, ...], _Acc]) -> None:
     for key, value in obj.items():
         path = prefix + (key,)
         if type(value) is dict:
@@ -348,7 +349,7 @@ def _walk(obj: Dict[str, Any], prefix: Tuple[str, ...], accs: Dict[Tuple[str, ..
             acc.kinds.add(kind)
 
 
-def _string_kinds(strings: List[str]) -> set:
+def _string_kinds(strings: list[str]) -> set:
     """``{_scalar_kind(s) for s in strings}``, mostly with a few matches over them all."""
     joined = "\n".join(strings) + "\n"
     if joined.count("\n") == len(strings):  # one string per line
@@ -366,7 +367,7 @@ def _string_kinds(strings: List[str]) -> set:
     return kinds
 
 
-def _walk_flat(objects: Sequence[Dict[str, Any]]) -> Optional[Dict[Tuple[str, ...], _Acc]]:
+def _walk_flat(objects: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], _Acc] | None:
     """What :func:`_walk` finds in every object, a key at a time, when all objects have
     the same keys and no nested object (most bodies); None otherwise."""
     if not objects:
@@ -374,7 +375,7 @@ def _walk_flat(objects: Sequence[Dict[str, Any]]) -> Optional[Dict[Tuple[str, ..
     keys = objects[0].keys()
     if len(keys) > MAX_COLUMNS * 2 or not all(map(keys.__eq__, map(dict.keys, objects))):
         return None
-    accs: Dict[Tuple[str, ...], _Acc] = {}
+    accs: dict[tuple[str, ...], _Acc] = {}
     for key in keys:
         values = list(map(dict.get, objects, repeat(key)))
         types = set(map(type, values))
@@ -391,7 +392,7 @@ def _walk_flat(objects: Sequence[Dict[str, Any]]) -> Optional[Dict[Tuple[str, ..
                 kinds.add("Bool")
             elif kind is float:
                 kinds.add("Float64")
-            elif kind is int and -(2**63) <= min(same) and max(same) < 2**63:
+            elif kind is int and min(same) >= -(2**63) and max(same) < 2**63:
                 kinds.add("Int64")
             elif kind is str:
                 kinds.update(_string_kinds(same))
@@ -404,14 +405,14 @@ def _walk_flat(objects: Sequence[Dict[str, Any]]) -> Optional[Dict[Tuple[str, ..
     return accs
 
 
-def _column_name(path: Tuple[str, ...]) -> str:
+def _column_name(path: tuple[str, ...]) -> str:
     name = re.sub(r"[^A-Za-z0-9_]", "_", "_".join(path))
     if not name or name[0].isdigit():
         name = "_" + name
     return name[:100]
 
 
-def _paths(path: Tuple[str, ...]) -> Optional[Tuple[str, str]]:
+def _paths(path: tuple[str, ...]) -> tuple[str, str] | None:
     """(Tinybird JSONPath, SQLite path), or None when SQLite cannot address the key."""
     tb, sql = "$", "$"
     for key in path:
@@ -426,7 +427,7 @@ def _paths(path: Tuple[str, ...]) -> Optional[Tuple[str, str]]:
     return tb, sql
 
 
-def infer_schema(name: str, objects: Sequence[Dict[str, Any]]) -> Schema:
+def infer_schema(name: str, objects: Sequence[dict[str, Any]]) -> Schema:
     """Infers the columns of a new data source from its first events.
 
     A column is Nullable when any first event lacks it or holds null. Values whose
@@ -441,7 +442,7 @@ def infer_schema(name: str, objects: Sequence[Dict[str, Any]]) -> Schema:
         for obj in objects:
             _walk(obj, (), accs)
     total = len(objects)
-    columns: List[Column] = []
+    columns: list[Column] = []
     used = {c.lower() for c in QUARANTINE_FIXED_COLUMNS}
     for path, acc in accs.items():
         if acc.ignored or len(columns) >= MAX_COLUMNS:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-__all__ = ["FaultRule", "FaultInjector", "FiredFault", "parse_rules"]
+__all__ = ["FaultInjector", "FaultRule", "FiredFault", "parse_rules"]
 
 WHEN_BEFORE = "before"
 WHEN_AFTER = "after"
@@ -57,17 +58,17 @@ class FaultRule:
         message: Text of the ``{"error": ...}`` body.
     """
 
-    status: Optional[int] = None
+    status: int | None = None
     reset: bool = False
     when: str = WHEN_BEFORE
     latency_secs: float = 0.0
-    datasource: Optional[str] = None
+    datasource: str | None = None
     probability: float = 1.0
-    seed: Optional[int] = None
-    sequence: Optional[Tuple[int, ...]] = None
-    times: Optional[int] = None
-    retry_after_secs: Optional[float] = None
-    message: Optional[str] = None
+    seed: int | None = None
+    sequence: tuple[int, ...] | None = None
+    times: int | None = None
+    retry_after_secs: float | None = None
+    message: str | None = None
 
     def __post_init__(self) -> None:
         if self.status is not None and (
@@ -105,14 +106,14 @@ class FaultRule:
             raise ValueError(f"message must be a string or null, got {self.message!r}")
 
     @classmethod
-    def from_json(cls, obj: Any) -> "FaultRule":
+    def from_json(cls, obj: Any) -> FaultRule:
         """Builds a rule from a decoded JSON object; unknown keys are a ValueError."""
         if not isinstance(obj, Mapping):
             raise ValueError(f"a fault rule must be a JSON object, got {type(obj).__name__}")
         unknown = set(obj) - _KNOWN_KEYS
         if unknown:
             raise ValueError(f"unknown fault rule keys: {sorted(unknown)}")
-        kwargs: Dict[str, Any] = dict(obj)
+        kwargs: dict[str, Any] = dict(obj)
         if kwargs.get("sequence") is not None:
             if not isinstance(kwargs["sequence"], (list, tuple)):
                 raise ValueError(f"sequence must be a list, got {kwargs['sequence']!r}")
@@ -127,14 +128,14 @@ class FaultRule:
             kwargs.pop("reset", None)
         return cls(**kwargs)
 
-    def to_json(self) -> Dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if self.sequence is not None:
             out["sequence"] = list(self.sequence)
         return out
 
 
-def parse_rules(obj: Any) -> Tuple[FaultRule, ...]:
+def parse_rules(obj: Any) -> tuple[FaultRule, ...]:
     """Parses a JSON list of rules (or ``{"rules": [...]}``) into rules."""
     if isinstance(obj, Mapping) and "rules" in obj:
         obj = obj["rules"]
@@ -173,7 +174,7 @@ class FaultInjector:
     def __init__(self, rules: Sequence[FaultRule] = ()) -> None:
         self._lock = threading.Lock()
         self._generation = 0
-        self._states: List[_RuleState] = [_RuleState(r) for r in rules]
+        self._states: list[_RuleState] = [_RuleState(r) for r in rules]
 
     def set_rules(self, rules: Sequence[FaultRule]) -> None:
         """Replaces every rule; counters start again from zero."""
@@ -181,9 +182,9 @@ class FaultInjector:
             self._generation += 1
             self._states = [_RuleState(r) for r in rules]
 
-    def decide(self, datasource: str) -> Optional[FiredFault]:
+    def decide(self, datasource: str) -> FiredFault | None:
         """Counts the request against every matching rule; returns the first that fires."""
-        chosen: Optional[FiredFault] = None
+        chosen: FiredFault | None = None
         with self._lock:
             for index, state in enumerate(self._states):
                 rule = state.rule
@@ -210,7 +211,7 @@ class FaultInjector:
             if fired.generation == self._generation and fired.index < len(self._states):
                 self._states[fired.index].rows_stored_after += rows
 
-    def snapshot(self) -> List[Dict[str, Any]]:
+    def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
             return [
                 {
@@ -223,6 +224,6 @@ class FaultInjector:
                 for index, state in enumerate(self._states)
             ]
 
-    def rules(self) -> List[Dict[str, Any]]:
+    def rules(self) -> list[dict[str, Any]]:
         with self._lock:
             return [state.rule.to_json() for state in self._states]

@@ -10,8 +10,14 @@ import time
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, InvalidHeader, InvalidURLError
 
-from emulator import LocalServer
-from emulator._redact import REDACTED, REQUEST_BYTES_NOT_LOGGED, RedactingFilter, redact, redacting_aiohttp_logs
+from tinybird_emulator import LocalServer
+from tinybird_emulator._redact import (
+    REDACTED,
+    REQUEST_BYTES_NOT_LOGGED,
+    RedactingFilter,
+    redact,
+    redacting_aiohttp_logs,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,7 +61,7 @@ def test_redact_leaves_ordinary_text_and_short_secrets_alone():
 # -- RedactingFilter ------------------------------------------------------------------
 
 
-def _logger_with_filter(redactor: logging.Filter) -> "tuple[logging.Logger, io.StringIO]":
+def _logger_with_filter(redactor: logging.Filter) -> tuple[logging.Logger, io.StringIO]:
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -151,7 +157,7 @@ def test_malformed_requests_get_400_and_leave_no_token_in_the_log(tmp_path, monk
                     time.sleep(0.2)
                 assert sock.recv(1000).startswith(b"HTTP/1.0 400 Bad Request\r\n")
         assert server.query("SELECT 1 AS ok") == [{"ok": 1}]  # still serving
-        with open(server.log_path, "r", encoding="utf-8", errors="replace") as fh:
+        with open(server.log_path, encoding="utf-8", errors="replace") as fh:
             log = fh.read()
     assert _leaks(log) == []
     assert log.count("ERROR aiohttp.server: Error handling request from 127.0.0.1") == len(requests_and_pauses)

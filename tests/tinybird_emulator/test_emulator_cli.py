@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from emulator import LocalServer
+from tinybird_emulator import LocalServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,13 +27,13 @@ def _env() -> dict:
 
 def _run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     env = _env()
-    return subprocess.run([sys.executable, "-m", "emulator", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, "-m", "tinybird_emulator", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_serve_generates_token_prints_url_and_stops_on_sigterm(tmp_path):
     env = _env()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "serve", "--port", "0", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "tinybird_emulator", "serve", "--port", "0", "--data-dir", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -117,7 +117,7 @@ def test_server_stops_when_the_process_that_started_it_dies(tmp_path):
 
     script = (
         "import sys, time\n"
-        "from emulator import LocalServer\n"
+        "from tinybird_emulator import LocalServer\n"
         "server = LocalServer(data_dir=sys.argv[1]).start()\n"
         "print(server.pid, flush=True)\n"
         "time.sleep(120)\n"
@@ -159,7 +159,7 @@ def test_local_server_keeps_the_token_out_of_argv(server):
 
 def _main(capsys, *args: str) -> tuple:
     """Runs the command line in this process: (exit code, stdout, stderr)."""
-    from emulator.__main__ import main
+    from tinybird_emulator.__main__ import main
 
     code = main(list(args))
     out = capsys.readouterr()

@@ -9,11 +9,11 @@ import random
 import pytest
 import requests
 import zstandard
+from emulator_testlib import EventsClient, assert_error, assert_ok
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emulator import LocalServer
-from emulator_testlib import EventsClient, assert_error, assert_ok
+from tinybird_emulator import LocalServer
 
 pytestmark = pytest.mark.timeout(120)
 

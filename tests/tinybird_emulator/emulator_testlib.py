@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any
 
 import requests
 
-from emulator import LocalServer
+from tinybird_emulator import LocalServer
 
 ADMIN_TOKEN = "admin-test-token"
 RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
@@ -22,16 +23,16 @@ class EventsClient:
 
     def post(
         self,
-        name: Optional[str],
-        body: Union[bytes, str],
+        name: str | None,
+        body: bytes | str,
         *,
         wait: bool = True,
-        token: Optional[str] = "admin",
-        headers: Optional[Mapping[str, str]] = None,
-        params: Optional[Dict[str, Any]] = None,
+        token: str | None = "admin",
+        headers: Mapping[str, str] | None = None,
+        params: dict[str, Any] | None = None,
         timeout: float = 30.0,
     ) -> requests.Response:
-        query: Dict[str, Any] = {}
+        query: dict[str, Any] = {}
         if name is not None:
             query["name"] = name
         if wait:
@@ -59,7 +60,7 @@ class EventsClient:
         return rows
 
 
-def assert_error(response: requests.Response, status: int, fragment: str = "") -> Dict[str, Any]:
+def assert_error(response: requests.Response, status: int, fragment: str = "") -> dict[str, Any]:
     """The response has this status, a JSON {"error": ...} body and the rate-limit headers."""
     assert response.status_code == status, (response.status_code, response.text)
     assert response.headers["Content-Type"].startswith("application/json")

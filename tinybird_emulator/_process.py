@@ -1,4 +1,4 @@
-"""LocalServer: runs ``python -m emulator serve`` as a subprocess and talks to it.
+"""LocalServer: runs ``python -m tinybird_emulator serve`` as a subprocess and talks to it.
 
 The server runs in its own process (its own GIL, killable with SIGKILL for
 durability tests). The object waits for the ready line, knows the URL and the
@@ -21,17 +21,18 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Union
 
-from emulator._config import (
+from tinybird_emulator._config import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_QUEUE_MAX_BYTES,
     DEFAULT_QUEUE_MAX_REQUESTS,
     DEFAULT_RATE_LIMIT_RPS,
 )
-from emulator._faults import FaultRule, parse_rules
-from emulator._tokens import ADMIN_TOKEN_ENV, generate_token
+from tinybird_emulator._faults import FaultRule, parse_rules
+from tinybird_emulator._tokens import ADMIN_TOKEN_ENV, generate_token
 
 __all__ = ["LocalServer", "LocalServerError"]
 
@@ -45,12 +46,12 @@ FaultSpec = Union[FaultRule, Mapping[str, Any]]
 class LocalServerError(RuntimeError):
     """The local server answered an admin call with an error, or did not start."""
 
-    def __init__(self, message: str, *, status: Optional[int] = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
 
 
-def _rules_json(faults: Sequence[FaultSpec]) -> List[Dict[str, Any]]:
+def _rules_json(faults: Sequence[FaultSpec]) -> list[dict[str, Any]]:
     raw = [f.to_json() if isinstance(f, FaultRule) else dict(f) for f in faults]
     parse_rules(raw)  # ValueError now rather than a failed start
     return raw
@@ -79,16 +80,16 @@ class LocalServer:
     def __init__(
         self,
         *,
-        data_dir: Optional[Union[str, os.PathLike]] = None,
-        token: Optional[str] = None,
+        data_dir: str | os.PathLike | None = None,
+        token: str | None = None,
         port: int = 0,
         host: str = "127.0.0.1",
-        rate_limit_rps: Optional[float] = DEFAULT_RATE_LIMIT_RPS,
-        rate_limit_bytes_per_sec: Optional[int] = None,
+        rate_limit_rps: float | None = DEFAULT_RATE_LIMIT_RPS,
+        rate_limit_bytes_per_sec: int | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES,
         queue_max_requests: int = DEFAULT_QUEUE_MAX_REQUESTS,
-        faults: Optional[Sequence[FaultSpec]] = None,
+        faults: Sequence[FaultSpec] | None = None,
         synchronous: str = "FULL",
         startup_timeout_secs: float = 30.0,
         request_timeout_secs: float = 60.0,
@@ -107,7 +108,7 @@ class LocalServer:
         if not startup_timeout_secs > 0 or not request_timeout_secs > 0:
             raise ValueError("timeouts must be > 0")
         self._own_dir = data_dir is None
-        self._data_dir: Optional[str] = None if data_dir is None else os.fspath(data_dir)
+        self._data_dir: str | None = None if data_dir is None else os.fspath(data_dir)
         self._token = token or generate_token()
         self._host = host
         self._port = port
@@ -123,17 +124,17 @@ class LocalServer:
         self._faults = _rules_json(faults or ())
         self._startup_timeout_secs = startup_timeout_secs
         self._request_timeout_secs = request_timeout_secs
-        self._proc: Optional[subprocess.Popen] = None
-        self._finalizer: Optional[weakref.finalize] = None
-        self._log_fh: Optional[Any] = None
-        self._url: Optional[str] = None
+        self._proc: subprocess.Popen | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._log_fh: Any | None = None
+        self._url: str | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
     def __repr__(self) -> str:
         return f"LocalServer(url={self._url!r}, data_dir={self._data_dir!r}, running={self.running})"
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -166,7 +167,7 @@ class LocalServer:
         return self._data_dir
 
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
     @property
@@ -174,7 +175,7 @@ class LocalServer:
         """The server's stderr (its log) is appended to this file in the data dir."""
         return os.path.join(self.data_dir, "emulator.log")
 
-    def start(self) -> "LocalServer":
+    def start(self) -> LocalServer:
         """Starts the subprocess and waits until it listens. Returns self."""
         if self.running:
             return self
@@ -182,7 +183,7 @@ class LocalServer:
             self._data_dir = tempfile.mkdtemp(prefix="tinybird-local-")
         os.makedirs(self._data_dir, exist_ok=True)
         cmd = [
-            sys.executable, "-m", "emulator", "serve",
+            sys.executable, "-m", "tinybird_emulator", "serve",
             "--host", self._host, "--port", str(self._port),
             "--data-dir", self._data_dir,
             "--stop-on-stdin-eof",
@@ -204,7 +205,7 @@ class LocalServer:
             cmd, stdout=subprocess.PIPE, stderr=self._log_fh, stdin=subprocess.PIPE, env=env
         )
         self._finalizer = weakref.finalize(self, _kill_orphan, self._proc)
-        lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=_pump, args=(self._proc.stdout, lines), daemon=True).start()
         try:
             while True:
@@ -276,7 +277,7 @@ class LocalServer:
         """SIGKILL, as a crash would; :meth:`restart` or :meth:`start` works afterwards."""
         self._terminate(kill=True)
 
-    def restart(self) -> "LocalServer":
+    def restart(self) -> LocalServer:
         """Graceful stop, then start on the same port and data dir."""
         self._terminate(kill=False)
         return self.start()
@@ -288,9 +289,9 @@ class LocalServer:
         method: str,
         path: str,
         *,
-        params: Optional[Sequence[tuple]] = None,
-        body: Optional[bytes] = None,
-        token: Optional[str] = None,
+        params: Sequence[tuple] | None = None,
+        body: bytes | None = None,
+        token: str | None = None,
     ) -> Any:
         url = self.url + path
         if params:
@@ -312,7 +313,7 @@ class LocalServer:
         except (urllib.error.URLError, OSError) as exc:
             raise LocalServerError(f"{method} {path} failed: {exc}") from None
 
-    def set_faults(self, rules: Sequence[FaultSpec]) -> List[Dict[str, Any]]:
+    def set_faults(self, rules: Sequence[FaultSpec]) -> list[dict[str, Any]]:
         """Replaces the active fault rules (their counters restart at zero)."""
         body = json.dumps(_rules_json(rules)).encode()
         return self._call("PUT", "/_emulator/faults", body=body)["rules"]
@@ -320,15 +321,15 @@ class LocalServer:
     def clear_faults(self) -> None:
         self._call("DELETE", "/_emulator/faults")
 
-    def faults(self) -> Dict[str, Any]:
+    def faults(self) -> dict[str, Any]:
         """Active rules and, per rule, how often it matched and fired."""
         return self._call("GET", "/_emulator/faults")
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         """Requests by status, rows stored and quarantined, fault firings, queue state."""
         return self._call("GET", "/_emulator/stats")
 
-    def reset_stats(self) -> Dict[str, Any]:
+    def reset_stats(self) -> dict[str, Any]:
         """Restarts the request and row counters from zero (not the fault counters)."""
         return self._call("DELETE", "/_emulator/stats")
 
@@ -336,15 +337,15 @@ class LocalServer:
         """Returns once every request accepted so far (even with 202) is committed."""
         self._call("POST", "/_emulator/flush")
 
-    def sql(self, sql: str, *, token: Optional[str] = None) -> Dict[str, Any]:
+    def sql(self, sql: str, *, token: str | None = None) -> dict[str, Any]:
         """The whole /v0/sql answer: meta, data, rows, statistics."""
         return self._call("GET", "/v0/sql", params=[("q", sql)], token=token)
 
-    def query(self, sql: str, *, token: Optional[str] = None) -> List[Dict[str, Any]]:
+    def query(self, sql: str, *, token: str | None = None) -> list[dict[str, Any]]:
         """Runs a read-only SELECT; returns its rows as dicts."""
         return self.sql(sql, token=token)["data"]
 
-    def datasources(self) -> Dict[str, Dict[str, Any]]:
+    def datasources(self) -> dict[str, dict[str, Any]]:
         """``{name: {"rows": n, "quarantined": m, "columns": [{"name","type","jsonpath"}]}}``."""
         listing = self._call("GET", "/v0/datasources")["datasources"]
         return {
@@ -365,7 +366,7 @@ def _kill_orphan(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _pump(stream: Any, lines: "queue.Queue[Optional[str]]") -> None:
+def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
     try:
         for raw in iter(stream.readline, b""):
             lines.put(raw.decode("utf-8", "replace"))

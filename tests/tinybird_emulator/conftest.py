@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
-
-from emulator import LocalServer
 from emulator_testlib import ADMIN_TOKEN, EventsClient
+
+from tinybird_emulator import LocalServer
 
 
 @pytest.fixture(scope="session")

@@ -25,21 +25,21 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import HttpVersion11, web
+from tinybird_emulator._body import BodyError, decompress, parse_body
+from tinybird_emulator._config import ServerConfig
+from tinybird_emulator._faults import WHEN_AFTER, FaultInjector, FiredFault, parse_rules
+from tinybird_emulator._ratelimit import RateDecision, RateLimiter
+from tinybird_emulator._redact import redacting_aiohttp_logs
+from tinybird_emulator._schema import QUARANTINE_SUFFIX, Schema, infer_schema
+from tinybird_emulator._storage import Store, WriteJob, WriteResult
+from tinybird_emulator._tokens import TokenInfo, TokenStore
 
-from emulator._body import BodyError, decompress, parse_body
-from emulator._config import ServerConfig
-from emulator._faults import WHEN_AFTER, FaultInjector, FiredFault, parse_rules
-from emulator._ratelimit import RateDecision, RateLimiter
-from emulator._redact import redacting_aiohttp_logs
-from emulator._schema import QUARANTINE_SUFFIX, Schema, infer_schema
-from emulator._storage import Store, WriteJob, WriteResult
-from emulator._tokens import TokenInfo, TokenStore
-
-__all__ = ["DataDirInUse", "EventsApp", "READY_LINE_PREFIX", "serve"]
+__all__ = ["READY_LINE_PREFIX", "DataDirInUse", "EventsApp", "serve"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -51,11 +51,11 @@ _EVENTS_APP_KEY = web.AppKey("events_app", object) if hasattr(web, "AppKey") els
 _MAX_DRAIN_BYTES = 512 * 1024 * 1024
 
 
-def _json(obj: Any, *, status: int = 200, headers: Optional[Mapping[str, str]] = None) -> web.Response:
+def _json(obj: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, headers=headers, content_type="application/json")
 
 
-def _error(status: int, message: str, *, headers: Optional[Mapping[str, str]] = None) -> web.Response:
+def _error(status: int, message: str, *, headers: Mapping[str, str] | None = None) -> web.Response:
     return _json({"error": message}, status=status, headers=headers)
 
 
@@ -67,7 +67,7 @@ class _TooLarge(Exception):
     pass
 
 
-def _token_of(request: web.Request) -> Optional[str]:
+def _token_of(request: web.Request) -> str | None:
     auth = request.headers.get("Authorization", "")
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip() or None
@@ -77,9 +77,9 @@ def _token_of(request: web.Request) -> Optional[str]:
 class _Decoded(NamedTuple):
     """What a request needs of its body once decoded (the rest is freed in the pool)."""
 
-    lines: List[str]
-    invalid: List[Tuple[str, str]]
-    new_schema: Optional[Schema]
+    lines: list[str]
+    invalid: list[tuple[str, str]]
+    new_schema: Schema | None
     cost_bytes: int
 
 
@@ -123,17 +123,17 @@ class EventsApp:
         )
         self.faults = FaultInjector(config.faults)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="emulator-decode")
-        self._decode_sem: Optional[asyncio.Semaphore] = None
+        self._decode_sem: asyncio.Semaphore | None = None
         # The schema of the first job queued for a data source not committed yet.
         # Requests that come meanwhile reuse it instead of parsing their whole body
         # into objects and inferring again: the writer creates the data source with
         # the first job's schema anyway.
-        self._pending_schemas: Dict[str, Schema] = {}
+        self._pending_schemas: dict[str, Schema] = {}
         self._started = clock()
         self._reset_stats()
 
     def _reset_stats(self) -> None:
-        self.by_status: Dict[str, int] = collections.Counter()
+        self.by_status: dict[str, int] = collections.Counter()
         self.rows_after_faults = 0
         self._rows_base = (self.store.rows_stored, self.store.rows_quarantined)
 
@@ -181,14 +181,14 @@ class EventsApp:
         return response
 
     async def _add_rate_headers(self, request: web.Request, response: web.StreamResponse) -> None:
-        decision: Optional[RateDecision] = request.get("rate")
+        decision: RateDecision | None = request.get("rate")
         if decision is None:
             name = request.query.get("name", "") if request.path == "/v0/events" else ""
             decision = self.limiter.peek(name if _NAME_RE.match(name) else "")
         for key, value in decision.headers().items():
             response.headers.setdefault(key, value)
 
-    async def _expect_continue(self, request: web.Request) -> Optional[web.StreamResponse]:
+    async def _expect_continue(self, request: web.Request) -> web.StreamResponse | None:
         """``Expect: 100-continue``: refuses an announced oversized body before it is sent."""
         expect = request.headers.get("Expect", "").lower()
         if request.version != HttpVersion11:
@@ -204,7 +204,7 @@ class EventsApp:
         request.writer.output_size = 0  # type: ignore[union-attr]
         return None
 
-    def _auth(self, request: web.Request) -> Optional[TokenInfo]:
+    def _auth(self, request: web.Request) -> TokenInfo | None:
         return self.tokens.lookup(_token_of(request))
 
     # -- /v0/events ----------------------------------------------------------
@@ -272,7 +272,7 @@ class EventsApp:
             except BodyError as exc:
                 return _error(exc.status, exc.message)
             del wire
-            new_schema: Optional[Schema] = None
+            new_schema: Schema | None = None
             if self.store.schema(name) is not None:
                 self._pending_schemas.pop(name, None)
             else:
@@ -292,11 +292,11 @@ class EventsApp:
             fault = None  # latency only: carry on
 
         must_wait = wait or fault is not None
-        future: Optional[asyncio.Future] = loop.create_future() if must_wait else None
+        future: asyncio.Future | None = loop.create_future() if must_wait else None
 
         fails_after = fault is not None and (fault.rule.status is not None or fault.rule.reset)
 
-        def done(result: Union[WriteResult, BaseException]) -> None:
+        def done(result: WriteResult | BaseException) -> None:
             # Runs on the writer thread once the job is committed (or failed).
             if isinstance(result, WriteResult) and fault is not None and fails_after:
                 self.faults.record_rows_stored_after(fault, result.successful_rows)
@@ -336,7 +336,7 @@ class EventsApp:
     def _count_after_rows(self, rows: int) -> None:
         self.rows_after_faults += rows
 
-    async def _apply_fault(self, request: web.Request, fault: FiredFault) -> Optional[web.StreamResponse]:
+    async def _apply_fault(self, request: web.Request, fault: FiredFault) -> web.StreamResponse | None:
         rule = fault.rule
         if rule.latency_secs:
             await asyncio.sleep(rule.latency_secs)
@@ -441,7 +441,7 @@ class EventsApp:
 
     # -- /_emulator ----------------------------------------------------------
 
-    def _admin(self, request: web.Request) -> Optional[web.Response]:
+    def _admin(self, request: web.Request) -> web.Response | None:
         info = self._auth(request)
         if info is None or not info.is_admin:
             return _error(403, "this endpoint needs an ADMIN token")
@@ -472,7 +472,7 @@ class EventsApp:
         self.faults.set_rules(())
         return _json({"rules": []})
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         """Counters since the start or the last ``DELETE /_emulator/stats``.
 
         ``requests.by_status``: /v0/events answers by status code (``"reset"`` for

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-
 from emulator_testlib import assert_error, assert_ok
 
 pytestmark = pytest.mark.timeout(60)

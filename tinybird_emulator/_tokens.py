@@ -19,7 +19,7 @@ import os
 import re
 import secrets
 import threading
-from typing import FrozenSet, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 __all__ = ["ADMIN_TOKEN_ENV", "Scope", "TokenInfo", "TokenStore", "generate_token", "parse_scope"]
 
@@ -42,7 +42,7 @@ class Scope:
     """One scope: a kind and, for APPEND and READ, an optional data source."""
 
     kind: str
-    resource: Optional[str] = None
+    resource: str | None = None
 
     def __str__(self) -> str:
         return self.kind if self.resource is None else f"{self.kind}:{self.resource}"
@@ -85,7 +85,7 @@ class TokenInfo:
     """What a token may do. Never holds the token itself."""
 
     name: str
-    scopes: FrozenSet[Scope]
+    scopes: frozenset[Scope]
 
     @property
     def is_admin(self) -> bool:
@@ -103,7 +103,7 @@ class TokenInfo:
     def can_create(self) -> bool:
         return self.is_admin or Scope(CREATE) in self.scopes
 
-    def readable(self) -> Optional[FrozenSet[str]]:
+    def readable(self) -> frozenset[str] | None:
         """Data sources this token may read: ``None`` for all, else a set (maybe empty)."""
         if self.is_admin or Scope(READ) in self.scopes:
             return None
@@ -113,13 +113,13 @@ class TokenInfo:
 class TokenStore:
     """The admin token of this run plus the tokens persisted in the data dir."""
 
-    def __init__(self, data_dir: str, *, admin_token: Optional[str] = None) -> None:
+    def __init__(self, data_dir: str, *, admin_token: str | None = None) -> None:
         self._path = os.path.join(data_dir, TOKENS_FILE)
         self._lock_path = self._path + ".lock"
         self._lock = threading.Lock()
         self._admin_digest = _digest(admin_token) if admin_token else None
-        self._entries: List[Tuple[bytes, TokenInfo]] = []
-        self._mtime_ns: Optional[int] = None
+        self._entries: list[tuple[bytes, TokenInfo]] = []
+        self._mtime_ns: int | None = None
         self._reload()
 
     # -- reading -----------------------------------------------------------
@@ -135,9 +135,9 @@ class TokenStore:
         self._entries = self._read_entries()
         self._mtime_ns = mtime_ns
 
-    def _read_entries(self) -> List[Tuple[bytes, TokenInfo]]:
+    def _read_entries(self) -> list[tuple[bytes, TokenInfo]]:
         try:
-            with open(self._path, "r", encoding="utf-8") as fh:
+            with open(self._path, encoding="utf-8") as fh:
                 doc = json.load(fh)
         except FileNotFoundError:
             return []
@@ -153,8 +153,8 @@ class TokenStore:
                 _LOG.error("skipping a malformed entry of %s: %s", self._path, exc)
         return entries
 
-    def _match(self, digest: bytes) -> Optional[TokenInfo]:
-        found: Optional[TokenInfo] = None
+    def _match(self, digest: bytes) -> TokenInfo | None:
+        found: TokenInfo | None = None
         # No early exit: every stored digest is compared.
         if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
             found = TokenInfo("admin", frozenset({Scope(ADMIN)}))
@@ -163,7 +163,7 @@ class TokenStore:
                 found = info
         return found
 
-    def lookup(self, token: Optional[str]) -> Optional[TokenInfo]:
+    def lookup(self, token: str | None) -> TokenInfo | None:
         """The token's scopes, or None when it is unknown."""
         if not token:
             return None
@@ -178,7 +178,7 @@ class TokenStore:
 
     # -- writing -----------------------------------------------------------
 
-    def create(self, *, name: str, scopes: Sequence[str]) -> Tuple[str, TokenInfo]:
+    def create(self, *, name: str, scopes: Sequence[str]) -> tuple[str, TokenInfo]:
         """Creates and persists a token; returns it with its info. ValueError on bad input."""
         if not _TOKEN_NAME_RE.match(name or ""):
             raise ValueError(f"invalid token name {name!r}: use 1-100 of A-Z a-z 0-9 _ . -")
@@ -190,7 +190,7 @@ class TokenStore:
         with self._lock, open(self._lock_path, "a+") as lock_fh:
             fcntl.flock(lock_fh, fcntl.LOCK_EX)
             try:
-                with open(self._path, "r", encoding="utf-8") as fh:
+                with open(self._path, encoding="utf-8") as fh:
                     doc = json.load(fh)
             except FileNotFoundError:
                 doc = {"tokens": []}

@@ -19,7 +19,8 @@ import re
 import sqlite3
 import threading
 import zlib
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
 import zstandard
@@ -48,7 +49,7 @@ class BodyError(Exception):
 
 
 def _gunzip(data: bytes, max_bytes: int) -> bytes:
-    out: List[bytes] = []
+    out: list[bytes] = []
     total = 0
     pending = data
     while True:
@@ -74,7 +75,7 @@ def _gunzip(data: bytes, max_bytes: int) -> bytes:
 
 
 def _unzstd(data: bytes, max_bytes: int) -> bytes:
-    out: List[bytes] = []
+    out: list[bytes] = []
     total = 0
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
@@ -126,9 +127,9 @@ class ParsedBody:
         objects: The parsed valid rows, only when asked for (schema inference).
     """
 
-    lines: List[str]
-    invalid: List[Tuple[str, str]]
-    objects: Optional[List[Dict[str, Any]]]
+    lines: list[str]
+    invalid: list[tuple[str, str]]
+    objects: list[dict[str, Any]] | None
 
     @property
     def array_chars(self) -> int:
@@ -155,7 +156,7 @@ def _one_object_per_line(array_text: str, lines: int) -> bool:
     return count == lines and objects == lines
 
 
-def _whole_document(text: str) -> Optional[Tuple[List[str], List[Dict[str, Any]]]]:
+def _whole_document(text: str) -> tuple[list[str], list[dict[str, Any]]] | None:
     """Rows (texts, objects) of a body that is one JSON document (object or array of
     objects), else None."""
     candidate = _CONTINUATION_RE.sub("\n", text).strip()
@@ -172,10 +173,10 @@ def _whole_document(text: str) -> Optional[Tuple[List[str], List[Dict[str, Any]]
     return None
 
 
-def _slow_lines(raw_lines: List[bytes | str]) -> Tuple[List[str], List[Tuple[str, str]], List[Dict[str, Any]]]:
-    valid: List[str] = []
-    objects: List[Dict[str, Any]] = []
-    invalid: List[Tuple[str, str]] = []
+def _slow_lines(raw_lines: list[bytes | str]) -> tuple[list[str], list[tuple[str, str]], list[dict[str, Any]]]:
+    valid: list[str] = []
+    objects: list[dict[str, Any]] = []
+    invalid: list[tuple[str, str]] = []
     for raw in raw_lines:
         if isinstance(raw, bytes):
             try:
@@ -215,7 +216,7 @@ def parse_body(data: bytes, *, fmt: str, keep_objects: bool) -> ParsedBody:
     if not data or data.isspace():
         raise BodyError(400, "empty body: send NDJSON rows or one JSON object")
     try:
-        text: Optional[str] = data.decode("utf-8")
+        text: str | None = data.decode("utf-8")
     except UnicodeDecodeError:
         text = None
 
@@ -224,7 +225,7 @@ def parse_body(data: bytes, *, fmt: str, keep_objects: bool) -> ParsedBody:
         if document is not None:
             return ParsedBody(document[0], [], document[1] if keep_objects else None)
 
-    objects: Optional[List[Dict[str, Any]]]
+    objects: list[dict[str, Any]] | None
     if text is not None:
         lines = [line for line in text.split("\n") if line]
         if not keep_objects and lines and not _OBJECTS_SIDE_BY_SIDE_RE.search(text):

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import zstandard
-
 from emulator_testlib import RATE_HEADERS, assert_error, assert_ok
 
 pytestmark = pytest.mark.timeout(60)

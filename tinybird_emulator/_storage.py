@@ -28,14 +28,15 @@ import sqlite3
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 
-from emulator._body import json_array
-from emulator._config import DEFAULT_SQL_TIMEOUT_SECS
-from emulator._rows import PreparedRows, prepare_rows
-from emulator._schema import Schema
+from tinybird_emulator._body import json_array
+from tinybird_emulator._config import DEFAULT_SQL_TIMEOUT_SECS
+from tinybird_emulator._rows import PreparedRows, prepare_rows
+from tinybird_emulator._schema import Schema
 
 __all__ = ["DB_FILE", "QueryError", "ReadOnlyDatabase", "Store", "WriteJob", "WriteResult", "answer_sql"]
 
@@ -70,11 +71,11 @@ class WriteJob:
     """
 
     name: str
-    lines: List[str]
-    invalid: List[Tuple[str, str]]
-    new_schema: Optional[Schema]
+    lines: list[str]
+    invalid: list[tuple[str, str]]
+    new_schema: Schema | None
     cost_bytes: int
-    done: Optional[Callable[[Union[WriteResult, BaseException]], None]] = None
+    done: Callable[[WriteResult | BaseException], None] | None = None
 
 
 class QueryError(Exception):
@@ -89,12 +90,12 @@ _STOP = object()
 
 
 def _utc_now_text() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _datasource_json(
-    name: str, schema: Schema, rows: int, quarantined: int, created_at: Optional[str]
-) -> Dict[str, Any]:
+    name: str, schema: Schema, rows: int, quarantined: int, created_at: str | None
+) -> dict[str, Any]:
     """One entry of ``GET /v0/datasources``."""
     return {
         "name": name,
@@ -130,16 +131,16 @@ class Store:
         self.path = os.path.join(data_dir, DB_FILE)
         self._synchronous = synchronous.upper()
         self._lock = threading.Lock()
-        self._catalog: Dict[str, Schema] = {}
-        self._counts: Dict[str, List[int]] = {}  # name -> [rows, quarantined]
-        self._created: Dict[str, str] = {}
-        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._catalog: dict[str, Schema] = {}
+        self._counts: dict[str, list[int]] = {}  # name -> [rows, quarantined]
+        self._created: dict[str, str] = {}
+        self._queue: queue.Queue[Any] = queue.Queue()
         self._queued_bytes = 0
         self._queued_jobs = 0
         self.rows_stored = 0
         self.rows_quarantined = 0
         self.commits = 0
-        self._writer: Optional[threading.Thread] = None
+        self._writer: threading.Thread | None = None
         self._max_variables = 999
         # The read-only connection is used from this one thread only.
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="emulator-sql")
@@ -187,10 +188,10 @@ class Store:
 
     # -- catalog -----------------------------------------------------------
 
-    def schema(self, name: str) -> Optional[Schema]:
+    def schema(self, name: str) -> Schema | None:
         return self._catalog.get(name)
 
-    def datasources(self) -> List[Dict[str, Any]]:
+    def datasources(self) -> list[dict[str, Any]]:
         with self._lock:
             return [
                 _datasource_json(name, schema, *self._counts.get(name, [0, 0]), self._created.get(name))
@@ -199,7 +200,7 @@ class Store:
 
     # -- queue ---------------------------------------------------------------
 
-    def queued(self) -> Tuple[int, int]:
+    def queued(self) -> tuple[int, int]:
         """(jobs, bytes) accepted but not yet committed."""
         with self._lock:
             return self._queued_jobs, self._queued_bytes
@@ -251,9 +252,9 @@ class Store:
         finally:
             conn.close()
 
-    def _write_group(self, conn: sqlite3.Connection, group: List[WriteJob]) -> None:
-        outcomes: List[Union[WriteResult, BaseException]] = []
-        new_schemas: Dict[str, Schema] = {}
+    def _write_group(self, conn: sqlite3.Connection, group: list[WriteJob]) -> None:
+        outcomes: list[WriteResult | BaseException] = []
+        new_schemas: dict[str, Schema] = {}
         started = time.perf_counter()
         applied = started
         # One timestamp for the catalog table and the in-memory catalog: both answer
@@ -322,7 +323,7 @@ class Store:
                     _LOG.exception("write callback failed")
 
     def _apply(
-        self, conn: sqlite3.Connection, job: WriteJob, new_schemas: Dict[str, Schema], created_at: str
+        self, conn: sqlite3.Connection, job: WriteJob, new_schemas: dict[str, Schema], created_at: str
     ) -> WriteResult:
         schema = self._catalog.get(job.name) or new_schemas.get(job.name)
         if schema is None:
@@ -338,7 +339,7 @@ class Store:
             new_schemas[job.name] = schema
         import_id = uuid.uuid4().hex
         ok = 0
-        quarantined: List[Tuple[Any, ...]] = []
+        quarantined: list[tuple[Any, ...]] = []
         if job.lines:
             if len(schema.columns) < self._max_variables:
                 with contextlib.closing(prepare_rows(schema, job.lines)) as runs:
@@ -363,9 +364,9 @@ class Store:
 
     def _insert_prepared(
         self, conn: sqlite3.Connection, schema: Schema, rows: PreparedRows, import_id: str
-    ) -> Tuple[int, List[Tuple[Any, ...]]]:
+    ) -> tuple[int, list[tuple[Any, ...]]]:
         ok = 0
-        quarantined: List[Tuple[Any, ...]] = []
+        quarantined: list[tuple[Any, ...]] = []
         for start, end, array_text in rows.segments:
             if array_text is None:
                 self._insert_values(conn, schema, rows.columns, start, end)
@@ -377,7 +378,7 @@ class Store:
         return ok, quarantined
 
     def _insert_values(
-        self, conn: sqlite3.Connection, schema: Schema, columns: List[List[Any]], start: int, end: int
+        self, conn: sqlite3.Connection, schema: Schema, columns: list[list[Any]], start: int, end: int
     ) -> None:
         """Inserts rows ``start:end`` of ``columns``, up to ``_MAX_ROWS_PER_INSERT`` per statement."""
         width = len(columns)
@@ -387,7 +388,7 @@ class Store:
             # Statement sizes are powers of two (the unused rows bound as NULL and
             # cut by the LIMIT), so that few statements are compiled and cached.
             size = min(1 << (count - 1).bit_length(), limit, _MAX_ROWS_PER_INSERT)
-            params: List[Any] = [None] * (size * width + 1)
+            params: list[Any] = [None] * (size * width + 1)
             for j, column in enumerate(columns):
                 params[j : count * width : width] = column[start : start + count]
             params[-1] = count
@@ -396,10 +397,10 @@ class Store:
 
     def _insert_json(
         self, conn: sqlite3.Connection, schema: Schema, array_text: str, valid_rows: int, import_id: str
-    ) -> Tuple[int, List[Tuple[Any, ...]]]:
+    ) -> tuple[int, list[tuple[Any, ...]]]:
         """Inserts the fitting rows of a JSON array with the schema's SQL; the others
         are returned as quarantine rows."""
-        quarantined: List[Tuple[Any, ...]] = []
+        quarantined: list[tuple[Any, ...]] = []
         conn.execute("SAVEPOINT fast")
         try:
             ok = conn.execute(schema.insert_statement(), (array_text,)).rowcount
@@ -416,13 +417,13 @@ class Store:
         return ok, quarantined
 
     @staticmethod
-    def _misfits(conn: sqlite3.Connection, schema: Schema, array_text: str, import_id: str) -> List[Tuple[Any, ...]]:
+    def _misfits(conn: sqlite3.Connection, schema: Schema, array_text: str, import_id: str) -> list[tuple[Any, ...]]:
         now = _utc_now_text()
         rows = []
         for row in conn.execute(schema.misfits_statement(), (array_text,)):
-            error_columns: List[str] = []
-            errors: List[str] = []
-            raws: List[Any] = []
+            error_columns: list[str] = []
+            errors: list[str] = []
+            raws: list[Any] = []
             for i, col in enumerate(schema.columns):
                 fits, json_type, raw = row[2 + 3 * i : 5 + 3 * i]
                 raws.append(raw)
@@ -444,9 +445,9 @@ class Store:
 
     def _row_by_row(
         self, conn: sqlite3.Connection, schema: Schema, array_text: str, import_id: str
-    ) -> Tuple[int, List[Tuple[Any, ...]]]:
+    ) -> tuple[int, list[tuple[Any, ...]]]:
         ok = 0
-        quarantined: List[Tuple[Any, ...]] = []
+        quarantined: list[tuple[Any, ...]] = []
         empty = (None,) * len(schema.columns)
         insert = schema.insert_statement()
         for obj in orjson.loads(array_text):
@@ -472,15 +473,15 @@ class Store:
     # -- reads ---------------------------------------------------------------
 
     def submit_sql(
-        self, q: Optional[str], *, readable: Optional[FrozenSet[str]]
-    ) -> "concurrent.futures.Future[Tuple[int, Dict[str, Any]]]":
+        self, q: str | None, *, readable: frozenset[str] | None
+    ) -> concurrent.futures.Future[tuple[int, dict[str, Any]]]:
         """The /v0/sql answer to ``q`` (see :func:`answer_sql`), computed on the reader thread."""
         return self._reader.submit(answer_sql, self._db, q, readable=readable)
 
 
 def answer_sql(
-    db: "ReadOnlyDatabase", q: Optional[str], *, readable: Optional[FrozenSet[str]]
-) -> Tuple[int, Dict[str, Any]]:
+    db: ReadOnlyDatabase, q: str | None, *, readable: frozenset[str] | None
+) -> tuple[int, dict[str, Any]]:
     """Status and JSON body of ``/v0/sql?q=...``: the server's answer, and the CLI's with ``--data-dir``.
 
     Args:
@@ -513,7 +514,7 @@ class ReadOnlyDatabase:
     def __init__(self, path: str, *, sql_timeout_secs: float = DEFAULT_SQL_TIMEOUT_SECS) -> None:
         self.path = path
         self._sql_timeout_secs = sql_timeout_secs
-        self._conn: Optional[sqlite3.Connection] = None
+        self._conn: sqlite3.Connection | None = None
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -527,7 +528,7 @@ class ReadOnlyDatabase:
             self._conn.close()
             self._conn = None
 
-    def datasources(self) -> List[Dict[str, Any]]:
+    def datasources(self) -> list[dict[str, Any]]:
         """Every data source, as ``GET /v0/datasources`` lists them. sqlite3.Error if unreadable."""
         found = self._connection().execute(
             f"SELECT name, columns, created_at, rows, quarantined_rows FROM {_CATALOG}"
@@ -537,16 +538,16 @@ class ReadOnlyDatabase:
             for name, columns, created, rows, quarantined in sorted(found)
         ]
 
-    def query(self, sql: str, *, readable: Optional[FrozenSet[str]]) -> Dict[str, Any]:
+    def query(self, sql: str, *, readable: frozenset[str] | None) -> dict[str, Any]:
         """Runs one read-only statement; QueryError (403 or 400) when it is refused or fails."""
         conn = self._connection()
-        allowed_tables: Optional[FrozenSet[str]] = None
+        allowed_tables: frozenset[str] | None = None
         if readable is not None:
             allowed_tables = frozenset(readable) | frozenset(f"{n}_quarantine" for n in readable)
 
-        denied: List[str] = []
+        denied: list[str] = []
 
-        def authorize(action: int, arg1: Optional[str], arg2: Optional[str], db: Optional[str], src: Optional[str]) -> int:
+        def authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, src: str | None) -> int:
             if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE):
                 return sqlite3.SQLITE_OK
             if action == sqlite3.SQLITE_READ:

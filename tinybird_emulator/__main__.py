@@ -2,13 +2,13 @@
 
 Usage::
 
-    python -m emulator serve --port 7181 --data-dir DIR [--token TOKEN] [--faults FILE.json]
+    python -m tinybird_emulator serve --port 7181 --data-dir DIR [--token TOKEN] [--faults FILE.json]
         [--rate-limit-rps 100|none] [--rate-limit-bytes-per-sec N|none]
         [--max-body-bytes 10000000] [--queue-max-bytes N] [--queue-max-requests N]
         [--synchronous FULL|NORMAL] [--host 127.0.0.1] [--log-level INFO]
-    python -m emulator token create --data-dir DIR --name NAME --scope DATASOURCE:APPEND:events [--scope ...]
-    python -m emulator sql (--url URL --token TOKEN | --data-dir DIR) "SELECT count(*) FROM events"
-    python -m emulator datasources (--url URL --token TOKEN | --data-dir DIR)
+    python -m tinybird_emulator token create --data-dir DIR --name NAME --scope DATASOURCE:APPEND:events [--scope ...]
+    python -m tinybird_emulator sql (--url URL --token TOKEN | --data-dir DIR) "SELECT count(*) FROM events"
+    python -m tinybird_emulator datasources (--url URL --token TOKEN | --data-dir DIR)
 
 ``serve`` prints ``Tinybird local Events API listening on http://127.0.0.1:PORT``
 once it accepts requests (``--port 0`` picks a free port). The admin token comes
@@ -41,11 +41,12 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from emulator._config import ServerConfig
-    from emulator._storage import ReadOnlyDatabase
+    from tinybird_emulator._config import ServerConfig
+    from tinybird_emulator._storage import ReadOnlyDatabase
 
 __all__ = ["main"]
 
@@ -63,7 +64,7 @@ def _optional_number(kind: type):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from emulator._config import (
+    from tinybird_emulator._config import (
         DEFAULT_MAX_BODY_BYTES,
         DEFAULT_PORT,
         DEFAULT_QUEUE_MAX_BYTES,
@@ -72,7 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     parser = argparse.ArgumentParser(
-        prog="python -m emulator",
+        prog="python -m tinybird_emulator",
         description="A local, durable, fault-injecting imitation of Tinybird's Events API.",
         epilog=__doc__.split("\n\n", 2)[2] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -131,15 +132,15 @@ def _add_source_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from emulator._app import DataDirInUse, serve
-    from emulator._faults import parse_rules
-    from emulator._redact import RedactingFilter
-    from emulator._tokens import ADMIN_TOKEN_ENV, generate_token
+    from tinybird_emulator._app import DataDirInUse, serve
+    from tinybird_emulator._faults import parse_rules
+    from tinybird_emulator._redact import RedactingFilter
+    from tinybird_emulator._tokens import ADMIN_TOKEN_ENV, generate_token
 
     faults = ()
     if args.faults:
         try:
-            with open(args.faults, "r", encoding="utf-8") as fh:
+            with open(args.faults, encoding="utf-8") as fh:
                 faults = parse_rules(json.load(fh))
         except (OSError, ValueError) as exc:
             print(f"error: cannot use the faults file {args.faults}: {exc}", file=sys.stderr)
@@ -171,8 +172,8 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace, token: str, faults: tuple) -> "ServerConfig":
-    from emulator._config import ServerConfig
+def _config(args: argparse.Namespace, token: str, faults: tuple) -> ServerConfig:
+    from tinybird_emulator._config import ServerConfig
 
     return ServerConfig(
         data_dir=os.path.abspath(args.data_dir),
@@ -209,12 +210,12 @@ def _http_get(url: str, token: str, path: str, params: Sequence[tuple] = ()) -> 
     return _print_answer(body)
 
 
-def _read_data_dir(data_dir: str, read: Callable[["ReadOnlyDatabase"], Tuple[int, Dict[str, Any]]]) -> int:
+def _read_data_dir(data_dir: str, read: Callable[[ReadOnlyDatabase], tuple[int, dict[str, Any]]]) -> int:
     """Runs ``read(db)`` on the data dir's database, opened read-only, and prints its
     (status, body) as ``_http_get`` prints the server's answer."""
     import orjson
 
-    from emulator._storage import DB_FILE, ReadOnlyDatabase
+    from tinybird_emulator._storage import DB_FILE, ReadOnlyDatabase
 
     path = os.path.join(data_dir, DB_FILE)
     if not os.path.isfile(path):
@@ -245,7 +246,7 @@ def _read(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "sql":
         if args.url is not None:
             return _http_get(args.url, args.token, "/v0/sql", [("q", args.query)])
-        from emulator._storage import answer_sql
+        from tinybird_emulator._storage import answer_sql
 
         return _read_data_dir(args.data_dir, lambda db: answer_sql(db, args.query, readable=None))
     if args.url is not None:
@@ -253,13 +254,13 @@ def _read(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return _read_data_dir(args.data_dir, lambda db: (200, {"datasources": db.datasources()}))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "token":
-        from emulator._tokens import TokenStore
+        from tinybird_emulator._tokens import TokenStore
 
         os.makedirs(args.data_dir, exist_ok=True)
         try:

@@ -7,9 +7,9 @@ import time
 
 import pytest
 import requests
-
-from emulator import FaultRule, LocalServer, LocalServerError
 from emulator_testlib import EventsClient, assert_error, assert_ok
+
+from tinybird_emulator import FaultRule, LocalServer, LocalServerError
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -12,14 +12,14 @@ import pytest
 import zstandard
 from aiohttp.test_utils import TestClient, TestServer
 
-import emulator._app as app_module
-from emulator._body import BodyError, decompress, parse_body
-from emulator._config import ServerConfig
-from emulator._faults import FaultInjector, FaultRule, parse_rules
-from emulator._ratelimit import UNLIMITED_REPORTED_LIMIT, RateLimiter
-from emulator._schema import infer_schema
-from emulator._storage import DB_FILE
-from emulator._tokens import Scope, TokenInfo, parse_scope
+import tinybird_emulator._app as app_module
+from tinybird_emulator._body import BodyError, decompress, parse_body
+from tinybird_emulator._config import ServerConfig
+from tinybird_emulator._faults import FaultInjector, FaultRule, parse_rules
+from tinybird_emulator._ratelimit import UNLIMITED_REPORTED_LIMIT, RateLimiter
+from tinybird_emulator._schema import infer_schema
+from tinybird_emulator._storage import DB_FILE
+from tinybird_emulator._tokens import Scope, TokenInfo, parse_scope
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -189,7 +189,7 @@ def test_generated_sql_is_valid_and_quotes_identifiers():
 
 
 def test_row_by_row_fallback_classifies_each_row(tmp_path):
-    from emulator._storage import Store
+    from tinybird_emulator._storage import Store
 
     store = Store(str(tmp_path))
     schema = infer_schema("t", [{"a": 1, "s": "x"}])

@@ -9,9 +9,9 @@ import time
 
 import pytest
 import requests
-
-from emulator import LocalServer, LocalServerError
 from emulator_testlib import EventsClient, assert_ok
+
+from tinybird_emulator import LocalServer, LocalServerError
 
 pytestmark = pytest.mark.timeout(120)
 

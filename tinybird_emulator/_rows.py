@@ -21,13 +21,14 @@ import gc
 import operator
 import re
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain, repeat
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any
 
 import orjson
 
-from emulator._body import json_array
-from emulator._schema import Column, Schema
+from tinybird_emulator._body import json_array
+from tinybird_emulator._schema import Column, Schema
 
 __all__ = ["PreparedRows", "prepare_rows"]
 
@@ -77,16 +78,16 @@ class PreparedRows:
     """
 
     schema: Schema
-    columns: List[List[Any]]
-    segments: List[Tuple[int, int, Optional[str]]]
+    columns: list[list[Any]]
+    segments: list[tuple[int, int, str | None]]
 
 
-def _path_keys(sql_path: str) -> Optional[Tuple[str, ...]]:
+def _path_keys(sql_path: str) -> tuple[str, ...] | None:
     """The object keys of an SQLite path such as ``$.a."b c"``; None when some key
     would not be matched as orjson writes it."""
     if not sql_path.startswith("$"):
         return None
-    keys: List[str] = []
+    keys: list[str] = []
     pos = 1
     while pos < len(sql_path):
         match = _PATH_STEP_RE.match(sql_path, pos)
@@ -100,7 +101,7 @@ def _path_keys(sql_path: str) -> Optional[Tuple[str, ...]]:
     return tuple(keys) if keys else None
 
 
-def _lookup(objects: Sequence[Dict[str, Any]], keys: Tuple[str, ...]) -> List[Any]:
+def _lookup(objects: Sequence[dict[str, Any]], keys: tuple[str, ...]) -> list[Any]:
     """The value at ``keys`` in each object, None where absent (as ``->>`` gives NULL)."""
     values = list(map(dict.get, objects, repeat(keys[0])))
     for key in keys[1:]:
@@ -164,7 +165,7 @@ def _real_date(date: str) -> bool:
     return day <= _DAYS_IN_MONTH[month - 1]
 
 
-def _datetime_parts(v: Any) -> Optional["re.Match[str]"]:
+def _datetime_parts(v: Any) -> re.Match[str] | None:
     if type(v) is not str:
         return None
     match = _DATETIME_RE.fullmatch(v)
@@ -195,7 +196,7 @@ def _date(v: Any) -> Any:
     return _LEFT
 
 
-def _array(element_kinds: FrozenSet[type]) -> Callable[[Any], Any]:
+def _array(element_kinds: frozenset[type]) -> Callable[[Any], Any]:
     def convert(v: Any) -> Any:
         # ``->`` gives the array's JSON text: orjson's text for such a row.
         if type(v) is list and set(map(type, v)) <= element_kinds:
@@ -222,12 +223,12 @@ class _Kind:
 
     def __init__(
         self,
-        as_sent: FrozenSet[type],
+        as_sent: frozenset[type],
         convert: Callable[[Any], Any],
         *,
         absent: Any = None,
-        stored_as_sent: Optional[str] = None,
-        elements: Optional[FrozenSet[type]] = None,
+        stored_as_sent: str | None = None,
+        elements: frozenset[type] | None = None,
     ) -> None:
         self.as_sent = as_sent
         self.convert = convert
@@ -242,7 +243,7 @@ _INTS = frozenset({int})
 _NUMBERS = frozenset({int, float})
 _BOOLS = frozenset({bool})
 _SCALARS = frozenset({str, int, float})
-_KINDS: Dict[str, _Kind] = {
+_KINDS: dict[str, _Kind] = {
     "Int64": _Kind(frozenset({int, bool}), _int64),
     "Float64": _Kind(frozenset({int, float, bool}), _float64),
     "Bool": _Kind(frozenset({bool}), _bool),
@@ -257,7 +258,7 @@ _KINDS: Dict[str, _Kind] = {
 }
 
 
-def _needing_conversion(kind: _Kind, values: List[Any], nullable: bool) -> Iterable[int]:
+def _needing_conversion(kind: _Kind, values: list[Any], nullable: bool) -> Iterable[int]:
     """Indices of the values that cannot be bound as they are (whole-column checks first)."""
     everything = range(len(values))
     types = set(map(type, values))
@@ -284,7 +285,7 @@ def _needing_conversion(kind: _Kind, values: List[Any], nullable: bool) -> Itera
     return [i for i, v in enumerate(values) if v is not None and not fullmatch(v)]
 
 
-def _bind_values(column: Column, values: List[Any], left: Set[int]) -> List[Any]:
+def _bind_values(column: Column, values: list[Any], left: set[int]) -> list[Any]:
     """``values`` made ready to bind, in place; adds the rows left to SQLite to ``left``."""
     kind = _KINDS[column.base]
     if (
@@ -310,14 +311,14 @@ def _bind_values(column: Column, values: List[Any], left: Set[int]) -> List[Any]
     return values
 
 
-def _dumps_or_none(obj: Dict[str, Any]) -> Optional[bytes]:
+def _dumps_or_none(obj: dict[str, Any]) -> bytes | None:
     try:
         return orjson.dumps(obj)
     except orjson.JSONEncodeError:  # nested deeper than orjson writes
         return None
 
 
-def _not_as_orjson_writes(lines: Sequence[str], objects: Sequence[Dict[str, Any]], array_text: str) -> Set[int]:
+def _not_as_orjson_writes(lines: Sequence[str], objects: Sequence[dict[str, Any]], array_text: str) -> set[int]:
     """Rows whose text SQLite could read differently from orjson's values;
     ``array_text`` is the lines joined into a JSON array."""
     try:
@@ -326,7 +327,7 @@ def _not_as_orjson_writes(lines: Sequence[str], objects: Sequence[Dict[str, Any]
         same = orjson.dumps(objects) == array_text.encode()
     except orjson.JSONEncodeError:
         same = False
-    left: Set[int] = set()
+    left: set[int] = set()
     if not same:
         written = map(_dumps_or_none, objects)
         left.update(i for i, (a, b) in enumerate(zip(written, map(str.encode, lines))) if a != b)
@@ -335,9 +336,9 @@ def _not_as_orjson_writes(lines: Sequence[str], objects: Sequence[Dict[str, Any]
     return left
 
 
-def _segments(lines: Sequence[str], left: Set[int]) -> List[Tuple[int, int, Optional[str]]]:
+def _segments(lines: Sequence[str], left: set[int]) -> list[tuple[int, int, str | None]]:
     """Runs of consecutive rows, bound or left to SQLite, in order."""
-    segments: List[Tuple[int, int, Optional[str]]] = []
+    segments: list[tuple[int, int, str | None]] = []
     ordered = sorted(left)
     bound_from = 0
     i = 0
@@ -401,7 +402,7 @@ def prepare_rows(schema: Schema, lines: Sequence[str]) -> Iterator[PreparedRows]
             yield _prepare_chunk(schema, paths, lines[offset : offset + _CHUNK_ROWS])  # type: ignore[arg-type]
 
 
-def _prepare_chunk(schema: Schema, paths: Optional[List[Tuple[str, ...]]], lines: Sequence[str]) -> PreparedRows:
+def _prepare_chunk(schema: Schema, paths: list[tuple[str, ...]] | None, lines: Sequence[str]) -> PreparedRows:
     """One run of :func:`prepare_rows`; ``paths`` (the keys of each column) is None
     when no row can be bound."""
     objects: Any = None
@@ -414,10 +415,10 @@ def _prepare_chunk(schema: Schema, paths: Optional[List[Tuple[str, ...]]], lines
         except orjson.JSONDecodeError:  # a line only SQLite's parser reads
             pass
     if objects is None or len(objects) != len(lines) or not set(map(type, objects)) <= _DICT_ONLY:
-        left: Set[int] = set(range(len(lines)))
+        left: set[int] = set(range(len(lines)))
     else:
         left = _not_as_orjson_writes(lines, objects, array_text)
-    columns: List[List[Any]] = []
+    columns: list[list[Any]] = []
     if paths is not None and len(left) < len(lines):
         columns = [_bind_values(column, _lookup(objects, keys), left) for column, keys in zip(schema.columns, paths)]
     return PreparedRows(schema=schema, columns=columns, segments=_segments(lines, left))

@@ -8,7 +8,7 @@ and can be told to fail chosen requests, before or after storing them.
 From Python (tests, the pipelines' embedded default), the server runs as a
 subprocess on a free loopback port::
 
-    from emulator import LocalServer
+    from tinybird_emulator import LocalServer
 
     with LocalServer(data_dir="/tmp/tb", rate_limit_rps=None) as server:
         requests.post(f"{server.url}/v0/events?name=events&wait=true",
@@ -25,11 +25,11 @@ committed, then the failure); ``latency_secs``; ``datasource``; ``probability``
 with ``seed``, or ``sequence`` (1-based ordinals of matching requests);
 ``times``; ``retry_after_secs``; ``message``.
 
-From the command line: ``python -m emulator serve --port 7181 --data-dir DIR``
-(see ``python -m emulator --help``). ``python -m emulator.bench`` measures it.
+From the command line: ``python -m tinybird_emulator serve --port 7181 --data-dir DIR``
+(see ``python -m tinybird_emulator --help``). ``python -m tinybird_emulator.bench`` measures it.
 """
 
-from emulator._faults import FaultRule
-from emulator._process import LocalServer, LocalServerError
+from tinybird_emulator._faults import FaultRule
+from tinybird_emulator._process import LocalServer, LocalServerError
 
 __all__ = ["FaultRule", "LocalServer", "LocalServerError"]

@@ -4,7 +4,7 @@ Starts a server subprocess on a free loopback port with a temporary data dir,
 builds the batches before timing (about 200-byte events), posts them from a few
 client threads, and prints the rows/s acknowledged with 200 for each encoding::
 
-    python -m emulator.bench [--seconds 10] [--concurrency 2] [--encodings none,zstd,gzip]
+    python -m tinybird_emulator.bench [--seconds 10] [--concurrency 2] [--encodings none,zstd,gzip]
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import orjson
 import requests
 import zstandard
 
-from emulator._process import LocalServer
+from tinybird_emulator._process import LocalServer
 
 __all__ = ["build_batches", "main", "run"]
 
@@ -46,7 +46,7 @@ def _event(rng: random.Random, i: int) -> bytes:
     )
 
 
-def build_batches(*, count: int, batch_bytes: int, seed: int = 7) -> List[Tuple[bytes, int]]:
+def build_batches(*, count: int, batch_bytes: int, seed: int = 7) -> list[tuple[bytes, int]]:
     """``count`` NDJSON bodies of about ``batch_bytes`` each, with their row counts."""
     rng = random.Random(seed)
     batches = []
@@ -73,7 +73,7 @@ def _encode(body: bytes, encoding: str) -> bytes:
     return body
 
 
-def _cpu_secs(pid: Optional[int]) -> Optional[float]:
+def _cpu_secs(pid: int | None) -> float | None:
     """User+system CPU seconds used so far by a process (Linux /proc), or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -85,13 +85,13 @@ def _cpu_secs(pid: Optional[int]) -> Optional[float]:
 
 def run(
     server: LocalServer,
-    batches: Sequence[Tuple[bytes, int]],
+    batches: Sequence[tuple[bytes, int]],
     *,
     encoding: str,
     seconds: float,
     concurrency: int,
     datasource: str,
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Posts the batches in a loop for ``seconds``; returns rows/s and request stats."""
     bodies = [(_encode(body, encoding), rows) for body, rows in batches]
     headers = {"Authorization": f"Bearer {server.token}"}
@@ -100,7 +100,7 @@ def run(
     url = f"{server.url}/v0/events?name={datasource}&wait=true"
     lock = threading.Lock()
     totals = {"rows": 0, "requests": 0, "errors": 0, "wire_bytes": 0}
-    latencies: List[float] = []
+    latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
     def client(index: int) -> None:
@@ -146,8 +146,8 @@ def run(
     }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emulator.bench", description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tinybird_emulator.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="duration per encoding (default 10)")
     parser.add_argument("--concurrency", type=int, default=2, help="client threads (default 2)")
     parser.add_argument("--batch-bytes", type=int, default=8_000_000, help="NDJSON bytes per request (default 8e6)")
