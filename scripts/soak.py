@@ -216,6 +216,17 @@ def _latency_only_fired(server: LocalServer) -> int:
                if rule["rule"]["status"] is None and not rule["rule"]["reset"])
 
 
+@dataclasses.dataclass(frozen=True)
+class FaultPlan:
+    """What one scenario injects, and the sink settings it needs."""
+
+    policy: RetryPolicy
+    rules: list[dict] = dataclasses.field(default_factory=list)
+    read_timeout_secs: float = 10.0
+    changing: bool = False
+    disrupt: str | None = None
+
+
 class Soak:
     def __init__(self, *, seed: int, events_per_round: int, work_dir: str) -> None:
         self.rng = random.Random(seed)
@@ -226,6 +237,41 @@ class Soak:
         self.post_log = PostLog()
 
     # -- one round ---------------------------------------------------------------
+    def _fault_plan(self, scenario: str, rng: random.Random, seed: int, policy: RetryPolicy) -> FaultPlan:
+        """The server's fault rules and the sink's settings that go with a scenario."""
+        if scenario == "random_503_429":
+            return FaultPlan(policy=policy, rules=[
+                {"status": 503, "when": "before", "probability": rng.uniform(0.05, 0.3), "seed": seed},
+                {"status": 429, "when": "before", "probability": rng.uniform(0.05, 0.3), "seed": seed + 1,
+                 "retry_after_secs": 1},
+            ])
+        if scenario == "500_and_resets":
+            return FaultPlan(policy=policy, rules=self._failures(seed, rng.uniform(0.02, 0.1)))
+        if scenario == "slow_answers":
+            return FaultPlan(policy=policy, read_timeout_secs=0.5, rules=[
+                {"latency_secs": 1.2, "when": "after", "probability": rng.uniform(0.005, 0.03), "seed": seed},
+                {"latency_secs": 1.2, "when": "before", "probability": rng.uniform(0.005, 0.03), "seed": seed + 1},
+                {"status": 503, "latency_secs": 1.2, "when": "before", "probability": 0.02, "seed": seed + 2},
+            ])
+        if scenario == "burst_429":
+            first = rng.randint(5, 60)
+            return FaultPlan(policy=dataclasses.replace(policy, max_attempts=3), rules=[
+                {"status": 429, "when": "before", "sequence": list(range(first, first + rng.randint(20, 80))),
+                 "retry_after_secs": 1, "message": "soak: 429 burst"}])
+        if scenario == "rejected_400_403":
+            return FaultPlan(policy=policy, rules=[
+                {"status": 400, "when": "before", "probability": 0.02, "seed": seed, "message": "soak: bad request"},
+                {"status": 403, "when": "before", "probability": 0.01, "seed": seed + 1, "message": "soak: forbidden"},
+            ])
+        if scenario in ("restart", "crash"):
+            # Only faults that store nothing: the server's counters start again after a restart.
+            return FaultPlan(
+                policy=dataclasses.replace(policy, max_attempts=200, max_total_secs=120), disrupt=scenario,
+                rules=[{"status": 503, "when": "before", "probability": 0.05, "seed": seed},
+                       {"latency_secs": 0.005, "when": "before", "probability": 1.0}])
+        if scenario == "changing_mix":
+            return FaultPlan(policy=policy, rules=self._mix(rng, seed), changing=True)
+        return FaultPlan(policy=policy)  # worker_failure: the post log fails the worker
 
     def run_round(self, number: int, scenario: str) -> Round:
         rng, server = self.rng, self.server
@@ -241,49 +287,14 @@ class Soak:
         compression = rng.choice(["zstd", "zstd", "gzip", None])
         max_in_flight = rng.randint(1, 4)
         num_shards = rng.randint(1, 4)
-        read_timeout = 10.0
         policy = RetryPolicy(max_attempts=8, initial_backoff_secs=0.02, max_backoff_secs=0.5,
                              max_total_secs=60, max_retry_after_secs=0.5)
-        rules: list[dict] = []
-        changing = False
-        disrupt: str | None = None
         seed = rng.randrange(1 << 30)
-        if scenario == "random_503_429":
-            rules = [
-                {"status": 503, "when": "before", "probability": rng.uniform(0.05, 0.3), "seed": seed},
-                {"status": 429, "when": "before", "probability": rng.uniform(0.05, 0.3), "seed": seed + 1,
-                 "retry_after_secs": 1},
-            ]
-        elif scenario == "500_and_resets":
-            rules = self._failures(seed, rng.uniform(0.02, 0.1))
-        elif scenario == "slow_answers":
-            read_timeout = 0.5
-            rules = [
-                {"latency_secs": 1.2, "when": "after", "probability": rng.uniform(0.005, 0.03), "seed": seed},
-                {"latency_secs": 1.2, "when": "before", "probability": rng.uniform(0.005, 0.03), "seed": seed + 1},
-                {"status": 503, "latency_secs": 1.2, "when": "before", "probability": 0.02, "seed": seed + 2},
-            ]
-        elif scenario == "burst_429":
-            first = rng.randint(5, 60)
-            policy = dataclasses.replace(policy, max_attempts=3)
-            rules = [{"status": 429, "when": "before", "sequence": list(range(first, first + rng.randint(20, 80))),
-                      "retry_after_secs": 1, "message": "soak: 429 burst"}]
-        elif scenario == "rejected_400_403":
-            rules = [
-                {"status": 400, "when": "before", "probability": 0.02, "seed": seed, "message": "soak: bad request"},
-                {"status": 403, "when": "before", "probability": 0.01, "seed": seed + 1, "message": "soak: forbidden"},
-            ]
-        elif scenario in ("restart", "crash"):
-            disrupt = scenario
-            # Only faults that store nothing: the server's counters start again after a restart.
-            rules = [{"status": 503, "when": "before", "probability": 0.05, "seed": seed},
-                     {"latency_secs": 0.005, "when": "before", "probability": 1.0}]
-            policy = dataclasses.replace(policy, max_attempts=200, max_total_secs=120)
-        elif scenario == "worker_failure":
-            compression = None if rng.random() < 0.5 else compression
-        elif scenario == "changing_mix":
-            changing = True
-            rules = self._mix(rng, seed)
+        plan = self._fault_plan(scenario, rng, seed, policy)
+        rules, policy, read_timeout = plan.rules, plan.policy, plan.read_timeout_secs
+        changing, disrupt = plan.changing, plan.disrupt
+        if scenario == "worker_failure" and rng.random() < 0.5:
+            compression = None
         settings = (f"{runner} {compression or 'none'} {max_batch_bytes // 1024}KiB "
                     f"shards={num_shards} inflight={max_in_flight} wait={'T' if wait else 'F'}")
         result = Round(number=number, scenario=scenario, settings=settings, sent=n,
@@ -323,13 +334,7 @@ class Soak:
         for helper in helpers:
             helper.start()
         try:
-            if runner == "bundle_based":
-                pipeline = beam.Pipeline(runner=BundleBasedDirectRunner(), options=PipelineOptions([]))
-            else:
-                args = ["--direct_running_mode=multi_processing", "--direct_num_workers=2",
-                        "--default_sdk_harness_log_level=WARNING"] \
-                    if runner == "multi_processing" else []
-                pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(args))
+            pipeline = _pipeline(runner)
             build(pipeline)
             with _quiet_beam(scenario == "worker_failure"):
                 outcome = pipeline.run()
@@ -488,6 +493,16 @@ class Soak:
         return 1 if missing or unexplained else 0
 
 
+def _pipeline(runner: str) -> beam.Pipeline:
+    if runner == "bundle_based":
+        return beam.Pipeline(runner=BundleBasedDirectRunner(), options=PipelineOptions([]))
+    args = []
+    if runner == "multi_processing":
+        args = ["--direct_running_mode=multi_processing", "--direct_num_workers=2",
+                "--default_sdk_harness_log_level=WARNING"]
+    return beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(args))
+
+
 def _stored_total(server: LocalServer, start: int, n: int) -> int:
     if DATASOURCE not in server.datasources():
         return 0
@@ -508,7 +523,7 @@ def _quiet_beam(quiet: bool):
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
 

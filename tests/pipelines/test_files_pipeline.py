@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from pipeline_helpers import RUNNERS, count, dead_letters_in, run_quietly, sink_flags
 
-from pipelines._common import UsageError
+from pipelines._options import UsageError
 from pipelines.files_to_tinybird import SAMPLE_DATA, run
 from pipelines.sample_data import generate as sample
 from tinybird_emulator import LocalServer
@@ -63,7 +63,7 @@ def test_sample_data_on_every_runner(server, datasource, runner, tmp_path):
     dead_dir = tmp_path / "dead"
     summary, printed = run_quietly(run, sink_flags(
         server, datasource, "--dead_letter_path", f"{dead_dir}/", *RUNNERS[runner]))
-    rows, unsendable, quarantined = _sample_facts()
+    rows, _unsendable, quarantined = _sample_facts()
 
     stored = count(server, datasource)
     assert stored == len(rows) - len(quarantined) == 4988
