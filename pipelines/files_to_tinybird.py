@@ -36,20 +36,17 @@ from typing import TextIO
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines._common import (
-    CountRowsDoFn,
-    Endpoint,
-    RunSummary,
+from pipelines._endpoint import Endpoint
+from pipelines._options import (
     SinkConfig,
     UsageError,
     add_argument_once,
     add_sink_arguments,
-    check_input_exists,
     config_or_usage_error,
-    configure_logging,
-    exit_on_usage_error,
-    run_pipeline,
 )
+from pipelines._progress import CountRowsDoFn
+from pipelines._running import check_input_exists, configure_logging, exit_on_usage_error, run_pipeline
+from pipelines._summary import RunSummary
 from pipelines._formats import FORMATS, ReadRecords, format_from_path
 
 TITLE = "Files to Tinybird"

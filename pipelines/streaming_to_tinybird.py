@@ -28,19 +28,17 @@ import orjson
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.window import FixedWindows
 
-from pipelines._common import (
-    CountRowsDoFn,
-    Endpoint,
-    RunSummary,
+from pipelines._endpoint import Endpoint
+from pipelines._options import (
     SinkConfig,
     UsageError,
     add_argument_once,
     add_sink_arguments,
     config_or_usage_error,
-    configure_logging,
-    exit_on_usage_error,
-    run_pipeline,
 )
+from pipelines._progress import CountRowsDoFn
+from pipelines._running import configure_logging, exit_on_usage_error, run_pipeline
+from pipelines._summary import RunSummary
 
 TITLE = "Streaming to Tinybird"
 DEFAULT_WINDOW_SECS = 60

@@ -12,16 +12,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import files_to_tinybird, replay_dead_letters, streaming_to_tinybird
-from pipelines._common import (
-    CountRowsDoFn,
-    Endpoint,
-    RunSummary,
-    SinkConfig,
-    beam_options_without_secrets,
-    display_path,
-    format_summary,
-    parse_bool,
-)
+from pipelines._endpoint import Endpoint
+from pipelines._options import SinkConfig, beam_options_without_secrets, parse_bool
+from pipelines._progress import CountRowsDoFn
+from pipelines._summary import RunSummary, display_path, format_summary
 from pipelines._formats import UnreadableRecord, binary_safe_record, csv_value, format_from_path
 
 _OPTION_CLASSES = [
@@ -115,7 +109,7 @@ def test_progress_is_counted_and_logged(caplog):
     do_fn.setup()
     assert list(do_fn.process("a")) == ["a"] and list(do_fn.process("b")) == ["b"]
     do_fn.finish_bundle()
-    messages = [r.getMessage() for r in caplog.records if r.name == "pipelines._common"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "pipelines._progress"]
     assert messages[0].startswith("read 1 rows (") and messages[1].startswith("read 2 rows (")
     assert messages[0].endswith(" rows/s)")
 

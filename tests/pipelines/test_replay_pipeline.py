@@ -9,7 +9,7 @@ import pytest
 from pipeline_helpers import RUNNERS, count, dead_letters_in, run_quietly, sink_flags
 
 from pipelines import files_to_tinybird, replay_dead_letters
-from pipelines._common import UsageError
+from pipelines._options import UsageError
 from pipelines.replay_dead_letters import check_output_outside_input, input_location
 
 _REJECT_FIRST_REQUEST = {"status": 400, "when": "before", "sequence": [1], "message": "injected: bad request"}

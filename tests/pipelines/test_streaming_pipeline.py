@@ -14,7 +14,9 @@ from apache_beam.transforms.window import TimestampedValue
 from pipeline_helpers import RUNNERS, dead_letters_in
 
 from pipelines import streaming_to_tinybird
-from pipelines._common import Endpoint, SinkConfig, UsageError, summarise
+from pipelines._endpoint import Endpoint
+from pipelines._options import SinkConfig, UsageError
+from pipelines._summary import summarise
 from pipelines.streaming_to_tinybird import build, check_source, split_message
 from tinybird_emulator import LocalServer
 

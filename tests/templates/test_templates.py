@@ -19,7 +19,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from pipelines import files_to_tinybird, replay_dead_letters, streaming_to_tinybird
-from pipelines._common import SinkConfig
+from pipelines._options import SinkConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO_ROOT / "templates"

@@ -1,0 +1,61 @@
+"""Where a pipeline sends: a real workspace, or the local Events API server it starts itself."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines._options import SinkConfig
+
+_LOG = logging.getLogger(__name__)
+
+LOCAL_DATA_DIR = "tinybird-local"
+"""Where the embedded local server keeps its data, under the working directory."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """Where the sink sends.
+
+    Attributes:
+        api_url: The Events API host.
+        token: The embedded server's admin token, or None to let the sink find
+            the user's token (``--token``, ``--token_secret``, ``--token_env``).
+        server: The embedded :class:`tinybird_emulator.LocalServer`, or None.
+        data_dir: The embedded server's data directory, or None.
+    """
+
+    api_url: str
+    token: str | None = dataclasses.field(default=None, repr=False)
+    server: Any = None
+    data_dir: Path | None = None
+
+
+@contextlib.contextmanager
+def tinybird_endpoint(config: SinkConfig, *, data_dir: Path | None = None) -> Iterator[Endpoint]:
+    """Yields the endpoint to send to; with no ``api_url``, a local server started for the run.
+
+    The embedded server keeps its data in ``data_dir`` (default
+    ``./tinybird-local/``), so consecutive runs add to the same data sources, and
+    is stopped when the block ends.
+    """
+    if not config.embedded:
+        yield Endpoint(api_url=str(config.api_url))
+        return
+    try:
+        from tinybird_emulator import LocalServer
+    except ImportError as error:
+        raise RuntimeError(
+            "without --api_url the job starts the local Events API server, which needs the "
+            "'local' extra: pip install 'beam-tinybird[local]' (or pass --api_url and a token)"
+        ) from error
+    data_dir = Path(data_dir if data_dir is not None else Path.cwd() / LOCAL_DATA_DIR).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with LocalServer(data_dir=data_dir, token=config.token) as server:
+        _LOG.info("Started the local Events API server at %s (data in %s)", server.url, data_dir)
+        yield Endpoint(api_url=server.url, token=server.token, server=server, data_dir=data_dir)

@@ -1,0 +1,129 @@
+"""Running a pipeline to the end: the endpoint around it, the summary after it, usage errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import StandardOptions
+from apache_beam.runners.runner import PipelineState
+
+from pipelines._endpoint import Endpoint, tinybird_endpoint
+from pipelines._options import SinkConfig, UsageError, beam_options_without_secrets
+from pipelines._summary import RunSummary, format_summary, list_dead_letter_files, summarise
+
+_LOG = logging.getLogger(__name__)
+
+
+def check_input_exists(file_pattern: str, *, argv: Sequence[str] = ()) -> None:
+    """Raises :class:`UsageError` when nothing matches ``file_pattern`` (before anything starts).
+
+    ``argv`` configures the filesystems first, as a pipeline would (``s3://``
+    needs its options).
+    """
+    FileSystems.set_options(beam_options_without_secrets(argv))
+    try:
+        matched = FileSystems.match([file_pattern])[0].metadata_list
+    except Exception as error:
+        raise UsageError(f"cannot list --input {file_pattern!r}: {error}") from error
+    if not matched:
+        raise UsageError(f"no file matches --input {file_pattern!r}")
+
+
+def run_pipeline(
+    *,
+    title: str,
+    argv: Sequence[str],
+    config: SinkConfig,
+    build: Callable[[beam.Pipeline, Endpoint, SinkConfig], None],
+    dead_letter_path: str | None,
+    out: TextIO | None = None,
+    data_dir: Path | None = None,
+) -> RunSummary | None:
+    """Runs one pipeline to the end and prints its summary.
+
+    Returns None, with no summary, when the runner only submitted the job
+    without running it here (a Flex Template launch writes a job spec).
+    Without ``--runner``, a batch job runs on Beam's in-process ``FnApiRunner``.
+
+    Args:
+        title: The pipeline's name, for the summary.
+        argv: The command line; passed to Beam without ``--token``.
+        config: The sink's settings.
+        build: Adds the pipeline's transforms to the (empty) pipeline.
+        dead_letter_path: Where dead letters are written, to list in the summary.
+        out: Where the summary goes; default stdout.
+        data_dir: The embedded server's data directory; default ``./tinybird-local``.
+
+    Raises:
+        RuntimeError: The pipeline failed or was cancelled.
+    """
+    out = out if out is not None else sys.stdout
+    options = beam_options_without_secrets(argv)
+    standard = options.view_as(StandardOptions)
+    if standard.runner is None and not standard.streaming:
+        # What Beam's DirectRunner runs batch pipelines on, named: in Beam 2.77
+        # the DirectRunner first downloads the Prism runner from github.com.
+        standard.runner = "FnApiRunner"
+    with tinybird_endpoint(config, data_dir=data_dir) as endpoint:
+        started = time.monotonic()
+        # Files' modification times have a one-second resolution on some filesystems.
+        started_epoch_secs = time.time() - 1.0
+        pipeline = beam.Pipeline(options=options)
+        build(pipeline, endpoint, config)
+        result = pipeline.run()
+        try:
+            state = result.wait_until_finish()
+        except KeyboardInterrupt:
+            _LOG.warning("Interrupted: cancelling the pipeline")
+            with contextlib.suppress(Exception):
+                result.cancel()
+            raise
+        if state in (PipelineState.FAILED, PipelineState.CANCELLED, PipelineState.UPDATED,
+                     PipelineState.DRAINED):
+            raise RuntimeError(f"{title} ended in state {state}")
+        if state not in (None, PipelineState.DONE):
+            # E.g. a Flex Template launch: the runner wrote a job spec (state
+            # UNKNOWN, no job to wait for, no metrics); the runner's console has the figures.
+            out.write(f"{title}: submitted (state {state}); follow the job on its runner.\n")
+            out.flush()
+            return None
+        summary = summarise(
+            result, elapsed_secs=time.monotonic() - started,
+            dead_letter_files=list_dead_letter_files(dead_letter_path, since_epoch_secs=started_epoch_secs))
+        out.write(format_summary(summary, title=title, config=config, endpoint=endpoint,
+                                 dead_letter_path=dead_letter_path))
+        out.flush()
+    return summary
+
+
+def configure_logging() -> None:
+    """INFO from the pipelines and the sink (progress), WARNING from everything else."""
+    # force: importing Beam may already have given the root logger a handler.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    for name in ("pipelines", "sinks"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def exit_on_usage_error(main: Callable[[Sequence[str]], Any], argv: Sequence[str], *,
+                        description: str | None = None) -> None:
+    """Runs ``main(argv)``; a :class:`UsageError` becomes ``error: ...`` on stderr and status 2.
+
+    With ``-h``/``--help``, ``description`` (the pipeline's module docstring)
+    is printed before the options.
+    """
+    if description and {"-h", "--help"} & set(argv):
+        print(description.strip() + "\n")
+    try:
+        main(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,207 @@
+"""The summary printed at the end of a run, from the job's metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.runners.runner import PipelineResult
+
+from pipelines._endpoint import Endpoint
+from pipelines._options import SinkConfig
+from pipelines._progress import METRICS_NAMESPACE, ROWS_READ
+
+_LOG = logging.getLogger(__name__)
+
+SINK_METRICS_NAMESPACE = "tinybird"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunSummary:
+    """What a run did, from its metrics.
+
+    Attributes:
+        rows_read: Rows the pipeline read and handed to the sink.
+        rows_acknowledged: Rows the server accepted (2xx), quarantined ones included.
+        rows_quarantined: Of those, rows the server put in ``<datasource>_quarantine``.
+        dead_letters: Rows that were not delivered (or, for replay, still not delivered).
+        dead_letters_by_kind: ``dead_letters`` split by :class:`~sinks.tinybird.DeadLetterKind` value.
+        requests: HTTP requests made, retries included.
+        retries: Requests that were retries.
+        extra: Other counters of the pipeline's own namespace (e.g. ``unreplayable``).
+        elapsed_secs: Wall time of the run.
+        dead_letter_files: Dead-letter files found under the dead-letter path after the run.
+    """
+
+    rows_read: int
+    rows_acknowledged: int
+    rows_quarantined: int
+    dead_letters: int
+    dead_letters_by_kind: Mapping[str, int]
+    requests: int
+    retries: int
+    extra: Mapping[str, int]
+    elapsed_secs: float
+    dead_letter_files: tuple[str, ...] = ()
+
+    @property
+    def rows_stored(self) -> int:
+        """Rows that reached the data source itself (acknowledged, not quarantined)."""
+        return self.rows_acknowledged - self.rows_quarantined
+
+
+def counter_totals(result: PipelineResult, namespace: str) -> dict[str, int]:
+    """Counters of ``namespace``, summed over steps; committed values where the runner has them."""
+    totals: dict[str, int] = {}
+    query = result.metrics().query(MetricsFilter().with_namespace(namespace))
+    for counter in query["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
+    return totals
+
+
+def summarise(result: PipelineResult, *, elapsed_secs: float,
+              dead_letter_files: Sequence[str] = ()) -> RunSummary:
+    """A :class:`RunSummary` from a finished pipeline's metrics.
+
+    The pipeline's own ``dead_letters_<kind>`` counters (e.g. replay's
+    ``dead_letters_unreplayable``) add to the sink's dead letters.
+    """
+    sink = counter_totals(result, SINK_METRICS_NAMESPACE)
+    own = counter_totals(result, METRICS_NAMESPACE)
+    prefix = "dead_letters_"
+    by_kind: dict[str, int] = {}
+    for name, value in sorted(sink.items()) + sorted(own.items()):
+        if name.startswith(prefix) and value:
+            by_kind[name[len(prefix):]] = by_kind.get(name[len(prefix):], 0) + value
+    own_dead_letters = sum(value for name, value in own.items() if name.startswith(prefix))
+    return RunSummary(
+        rows_read=own.get(ROWS_READ, 0),
+        rows_acknowledged=sink.get("rows_acknowledged", 0),
+        rows_quarantined=sink.get("rows_quarantined", 0),
+        dead_letters=sink.get("dead_letters", 0) + own_dead_letters,
+        dead_letters_by_kind=by_kind,
+        requests=sink.get("requests", 0),
+        retries=sink.get("retries", 0),
+        extra={name: value for name, value in own.items() if name != ROWS_READ and not name.startswith(prefix)},
+        elapsed_secs=elapsed_secs,
+        dead_letter_files=tuple(dead_letter_files),
+    )
+
+
+def list_dead_letter_files(path: str | None, *, since_epoch_secs: float = 0.0) -> list[str]:
+    """Dead-letter files under ``path`` (a directory) written since ``since_epoch_secs``, sorted.
+
+    Files of earlier runs stay in the same directory (their names never
+    collide); the time filter keeps them out of this run's summary.
+    """
+    if not path:
+        return []
+    pattern = FileSystems.join(path.rstrip("/"), "dead-letters*")
+    try:
+        matches = FileSystems.match([pattern])[0].metadata_list
+    except Exception:
+        _LOG.debug("could not list %s", pattern, exc_info=True)
+        return []
+    return sorted(m.path for m in matches
+                  if not m.last_updated_in_seconds or m.last_updated_in_seconds >= since_epoch_secs)
+
+
+def display_path(path: str) -> str:
+    """``path`` relative to the working directory when it is under it (``./x``), else as is."""
+    if "://" in path:
+        return path
+    try:
+        relative = Path(path).resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+    text = "./" + relative.as_posix() if str(relative) != "." else "."
+    return text + "/" if path.endswith("/") and not text.endswith("/") else text
+
+
+def _python_command() -> str:
+    """The interpreter running this job as the user can type it: ``.venv/bin/python``
+    from the checkout, else its full path (not resolved: a venv's python is a symlink)."""
+    executable = sys.executable or "python"
+    try:
+        executable = Path(executable).relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        pass
+    return _shell_quote(executable)
+
+
+def _shell_quote(text: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9_./:=@%+-]+", text):
+        return text
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpoint: Endpoint,
+                   dead_letter_path: str | None, replay_hint: bool = True) -> str:
+    """The text printed at the end of a run."""
+    n = lambda value: f"{value:,}"  # noqa: E731
+    lines = [
+        f"{title}: finished in {summary.elapsed_secs:.1f} s, data source {config.datasource!r} at {endpoint.api_url}",
+        f"  rows read            {n(summary.rows_read):>10}",
+        f"  rows acknowledged    {n(summary.rows_acknowledged):>10}",
+        f"  rows quarantined     {n(summary.rows_quarantined):>10}"
+        + (f"   (in {config.datasource}_quarantine)" if summary.rows_quarantined else "")
+        + ("" if config.wait else "   (counted only with --wait: a 202 answer need not count them)"),
+        f"  rows stored          {n(summary.rows_stored):>10}   (acknowledged - quarantined)",
+    ]
+    kinds = ", ".join(f"{kind}: {n(count)}" for kind, count in summary.dead_letters_by_kind.items())
+    lines.append(f"  dead letters         {n(summary.dead_letters):>10}" + (f"   ({kinds})" if kinds else ""))
+    for name, value in sorted(summary.extra.items()):
+        lines.append(f"  {name.replace('_', ' '):<20} {n(value):>10}")
+    lines.append(f"  requests (retries)   {n(summary.requests):>10}   ({n(summary.retries)} retries)")
+    if dead_letter_path:
+        shown = display_path(dead_letter_path)
+        if summary.dead_letter_files:
+            lines.append(f"  dead-letter files in {shown}:")
+            lines.extend(f"    {display_path(path)}" for path in summary.dead_letter_files)
+        else:
+            lines.append(f"  dead-letter files in {shown}: none written")
+    elif summary.dead_letters:
+        lines.append("  dead letters were not written to files: pass --dead_letter_path")
+    if endpoint.server is not None and endpoint.data_dir is not None:
+        data_dir = display_path(str(endpoint.data_dir))
+        with contextlib.suppress(Exception):
+            endpoint.server.flush()
+            held = endpoint.server.datasources().get(config.datasource) or {}
+            lines.append(
+                f"  {config.datasource} now holds {n(int(held.get('rows', 0)))} rows "
+                f"({n(int(held.get('quarantined', 0)))} quarantined) in {data_dir}")
+        # The embedded server stops with the job; its data stays in data_dir.
+        python = _python_command()
+        sql = f"{python} -m tinybird_emulator sql --data-dir {_shell_quote(data_dir)}"
+        lines += [
+            "",
+            "Look at the data (read-only, straight from the data dir; no server needed):",
+            f"  {sql} \"SELECT count(*) FROM {config.datasource}\"",
+        ]
+        if summary.rows_quarantined:
+            lines.append(
+                f"  {sql} \"SELECT c__error, c__raw FROM {config.datasource}_quarantine LIMIT 5\"")
+        lines.append(f"Or serve it again: {python} -m tinybird_emulator serve --data-dir {_shell_quote(data_dir)} --port 7181")
+    # Unencodable and unreplayable dead letters have no line to resend.
+    replayable = summary.dead_letters - sum(
+        summary.dead_letters_by_kind.get(kind, 0) for kind in ("unencodable", "unreplayable"))
+    if replay_hint and dead_letter_path and replayable > 0:
+        source = display_path(dead_letter_path).rstrip("/")
+        command = [
+            f"{_python_command()} -m pipelines.replay_dead_letters",
+            f"--input {_shell_quote(source + '/*')}",
+            f"--datasource {config.datasource}",
+            f"--dead_letter_path {_shell_quote(source + '-replayed/')}",
+        ]
+        if not config.embedded:
+            command.append(f"--api_url {config.api_url}")
+        lines += ["", "Resend the dead letters once their cause is fixed:", "  " + " ".join(command)]
+    return "\n".join(lines) + "\n"
