@@ -1,16 +1,21 @@
-"""``python -m benchmarks``: runs the scenarios against a local server and prints the table.
+"""``python -m benchmarks``: runs the scenarios and prints the table.
 
-One run generates the events once (deterministic seed), starts one local
-Events API server in its own process with its limits lifted, then runs each
-scenario ``--repeats`` times, each time in a fresh worker subprocess (so that
-CPU time and peak RSS are the scenario's own) and into a data source of its own,
-whose rows are counted afterwards. Repeats go round the scenarios in turn, so
-that a noisy moment on the machine does not land on one scenario only.
+One run generates the events once (deterministic seed) and starts, each in a
+process of its own, the counting endpoint (the target of every scenario that
+measures a client: it decodes each body and counts lines and their CRC32, and
+nothing more) and, when the end-to-end scenario is selected, the local Events
+API server with its limits lifted. Then it runs each scenario ``--repeats``
+times, each time in a fresh worker subprocess (so that CPU time and peak RSS
+are the scenario's own) and into a data source of its own, whose lines (or,
+end to end, stored rows) are checked afterwards. Repeats go round the
+scenarios in turn, so that a noisy moment on the machine does not land on one
+scenario only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,10 +29,21 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks._counting_endpoint import CountingEndpoint
 from benchmarks._data import DEFAULT_SEED, DataFile, write_events
-from benchmarks._report import RunResult, evaluate_targets, render, summarize
+from benchmarks._report import RunResult, Summary, evaluate_targets, render, summarize
 from benchmarks._worker import RESULT_PREFIX
-from benchmarks.scenarios import EVENTS, PER_ELEMENT, SCENARIOS, STATEFUL, RunSpec, Scenario, by_name
+from benchmarks.scenarios import (
+    EVENTS,
+    LARGE_BUNDLES,
+    LOCAL_SERVER,
+    PER_ELEMENT,
+    SCENARIOS,
+    STATEFUL,
+    RunSpec,
+    Scenario,
+    by_name,
+)
 from tinybird_emulator import LocalServer, LocalServerError
 
 __all__ = ["main"]
@@ -39,20 +55,23 @@ DEFAULT_MAX_BATCH_BYTES = 8 * 1024 * 1024
 _SERVER_MAX_BODY_BYTES = 10_000_000
 MEMORY_LIMIT_BYTES = 64 << 20
 
-_QUICK = {"events": 3000, "stateful_events": 2000, "per_element_events": 300, "repeats": 1,
-          "max_batch_bytes": 64 * 1024, "bundle_events": 250}
+_QUICK = {"events": 3000, "stateful_events": 2000, "large_bundles_events": 4000, "per_element_events": 300,
+          "repeats": 1, "max_batch_bytes": 64 * 1024, "bundle_events": 250, "large_bundle_events": 1000}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="WriteToTinybird side by side with a baseline, what users write instead, "
-                    "and a plain-Python ceiling, against a local Events API server.")
+                    "and a plain-Python ceiling, against a counting /v0/events endpoint (and once "
+                    "end to end against the local Events API server).")
     parser.add_argument("--events", type=int, default=500_000,
                         help="events for the baseline, the bounded sink, peers (b) and (d), the ceiling "
                              "(default 500,000)")
     parser.add_argument("--stateful-events", type=int, default=100_000,
                         help="events for the streaming scenarios and peer (c) (default 100,000)")
+    parser.add_argument("--large-bundles-events", type=int, default=200_000,
+                        help="events for the streaming scenarios with large bundles (default 200,000)")
     parser.add_argument("--per-element-events", type=int, default=5_000,
                         help="events for peer (a), one request per event (default 5,000)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per scenario; the table shows medians (default 3)")
@@ -61,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                              f"(default {DEFAULT_MAX_BATCH_BYTES}, the sink's default)")
     parser.add_argument("--bundle-events", type=int, default=1000,
                         help="streaming scenarios: events per bundle (default 1000)")
+    parser.add_argument("--large-bundle-events", type=int, default=10_000,
+                        help="the *_streaming_large scenarios: events per bundle (default 10000)")
     parser.add_argument("--scenarios", nargs="+", metavar="NAME",
                         help="scenarios to run, by name (comma or space separated; default all): "
                              + ", ".join(s.name for s in SCENARIOS))
@@ -96,7 +117,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         args.selected = [by_name(n) for n in names]
     except ValueError as e:
         parser.error(str(e))
-    for key in ("events", "stateful_events", "per_element_events", "repeats", "bundle_events"):
+    for key in ("events", "stateful_events", "large_bundles_events", "per_element_events", "repeats",
+                "bundle_events", "large_bundle_events"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
     if args.max_batch_bytes < 1024:
@@ -126,13 +148,21 @@ def _log(message: str) -> None:
 
 
 class _Bench:
-    """One server, one data file, and the runs made against them."""
+    """The data file, the endpoints, and the runs made against them.
 
-    def __init__(self, *, server: LocalServer, data: DataFile, max_batch_bytes: int, bundle_events: int) -> None:
+    Args:
+        endpoint: The counting endpoint (every sending scenario but the end-to-end one).
+        server: The local Events API server, or None when no selected scenario needs it.
+    """
+
+    def __init__(self, *, endpoint: CountingEndpoint, server: LocalServer | None, data: DataFile,
+                 args: argparse.Namespace) -> None:
+        self.endpoint = endpoint
         self.server = server
         self.data = data
-        self.max_batch_bytes = max_batch_bytes
-        self.bundle_events = bundle_events
+        self.max_batch_bytes = args.max_batch_bytes
+        self._bundle_events = {STATEFUL: args.bundle_events, LARGE_BUNDLES: args.large_bundle_events}
+        self._default_bundle_events = args.bundle_events
         self._run_id = uuid.uuid4().hex[:8]
         self._runs = 0
         self._env = dict(os.environ)
@@ -142,13 +172,19 @@ class _Bench:
     def run(self, scenario: Scenario, *, events: int, repeat: int, profile_path: str | None = None) -> RunResult:
         self._runs += 1
         datasource = f"bench_{scenario.name}_{self._run_id}_{self._runs}"
+        local = scenario.endpoint == LOCAL_SERVER
+        if local and self.server is None:
+            raise ValueError(f"{scenario.name} needs the local Events API server")
+        target: CountingEndpoint | LocalServer = self.server if local and self.server else self.endpoint
+        assert target.url is not None
         spec = RunSpec(
-            scenario=scenario.name, data_path=self.data.path, events=events, api_url=self.server.url,
-            token=self.server.token, datasource=datasource, max_batch_bytes=self.max_batch_bytes,
-            bundle_events=self.bundle_events, profile_path=profile_path)
-        ndjson_bytes = self.data.ndjson_bytes_of(events)
-        self.server.reset_stats()
-        server_cpu_before = _process_cpu_secs(self.server.pid)
+            scenario=scenario.name, data_path=self.data.path, events=events, api_url=target.url,
+            token=target.token, datasource=datasource, max_batch_bytes=self.max_batch_bytes,
+            bundle_events=self._bundle_events.get(scenario.size, self._default_bundle_events),
+            profile_path=profile_path)
+        if local and self.server is not None:
+            self.server.reset_stats()
+        target_cpu_before = _process_cpu_secs(target.pid)
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks._worker", json.dumps(dataclasses.asdict(spec))],
             cwd=_PROJECT_ROOT, env=self._env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
@@ -156,40 +192,74 @@ class _Bench:
         for line in proc.stdout.splitlines():
             if line.startswith(RESULT_PREFIX):
                 measured = json.loads(line[len(RESULT_PREFIX):])
-        self.server.flush()
-        server_cpu = _process_cpu_secs(self.server.pid) - server_cpu_before
-        stats = self.server.stats()
-        by_status: dict[str, int] = stats["requests"]["by_status"]
-        requests = stats["requests"]["total"]
-        non_2xx = sum(n for status, n in by_status.items() if not status.startswith("2"))
-        quarantined = stats["rows"]["quarantined"]
-        rows = distinct = None
-        if scenario.sends:
-            rows, distinct = self._count(datasource)
-        problem = None
+        if local and self.server is not None:
+            self.server.flush()
+        checked = self._check_local(datasource) if local else self._check_counted(datasource, events)
+        server_cpu = _process_cpu_secs(target.pid) - target_cpu_before
         counted = None if measured is None else measured.get("counted")
+        problem = None
         if measured is None:
             tail = (proc.stderr or "").strip()[-3000:]
             problem = f"the worker failed (exit {proc.returncode}):\n{tail}"
-        elif scenario.sends and (rows != events or distinct != events or quarantined):
-            problem = (f"{rows:,} rows stored ({distinct:,} distinct events, {quarantined:,} quarantined) "
-                       f"for {events:,} events sent")
-        elif not scenario.sends and counted != events:
+        elif scenario.sends:
+            problem = checked.problem(events)
+        elif counted != events:
             problem = f"the discard saw {counted} elements for {events:,} events"
         return RunResult(
-            scenario=scenario.name, repeat=repeat, events=events, ndjson_bytes=ndjson_bytes,
+            scenario=scenario.name, repeat=repeat, events=events, ndjson_bytes=self.data.ndjson_bytes_of(events),
             elapsed_secs=measured["elapsed_secs"] if measured else 0.0,
             cpu_secs=measured["cpu_secs"] if measured else 0.0,
             max_rss_bytes=measured["max_rss_bytes"] if measured else 0, server_cpu_secs=server_cpu,
-            requests=requests, non_2xx=non_2xx, rows_stored=rows, distinct_events=distinct,
-            quarantined=quarantined, counted=counted, ok=problem is None, problem=problem)
+            requests=checked.requests, non_2xx=checked.non_2xx,
+            lines_received=checked.lines if not local else None,
+            checksum_ok=None if local or not scenario.sends else checked.checksum_ok,
+            rows_stored=checked.rows if local else None, distinct_events=checked.distinct if local else None,
+            quarantined=checked.quarantined, counted=counted, ok=problem is None, problem=problem)
 
-    def _count(self, datasource: str) -> tuple:
+    def _check_counted(self, datasource: str, events: int) -> _Checked:
+        counts = self.endpoint.counts().get(datasource, {})
+        by_status: dict[str, int] = counts.get("by_status", {})
+        return _Checked(
+            requests=sum(by_status.values()), non_2xx=sum(n for s, n in by_status.items() if not s.startswith("2")),
+            lines=counts.get("lines", 0), checksum_ok=counts.get("checksum", 0) == self.data.checksum_of(events))
+
+    def _check_local(self, datasource: str) -> _Checked:
+        assert self.server is not None
+        stats = self.server.stats()
+        by_status: dict[str, int] = stats["requests"]["by_status"]
         try:
             row = self.server.query(f"SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM {datasource}")[0]
+            rows, distinct = row["n"], row["d"]
         except LocalServerError:
-            return 0, 0  # nothing arrived: the data source was never created
-        return row["n"], row["d"]
+            rows, distinct = 0, 0  # nothing arrived: the data source was never created
+        return _Checked(
+            requests=stats["requests"]["total"],
+            non_2xx=sum(n for status, n in by_status.items() if not status.startswith("2")),
+            rows=rows, distinct=distinct, quarantined=stats["rows"]["quarantined"])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Checked:
+    """What arrived for one run: lines and checksum at the counting endpoint, or stored rows."""
+
+    requests: int
+    non_2xx: int
+    lines: int | None = None
+    checksum_ok: bool | None = None
+    rows: int | None = None
+    distinct: int | None = None
+    quarantined: int = 0
+
+    def problem(self, events: int) -> str | None:
+        if self.rows is not None:
+            if self.rows == self.distinct == events and not self.quarantined:
+                return None
+            return (f"{self.rows:,} rows stored ({self.distinct:,} distinct events, {self.quarantined:,} "
+                    f"quarantined) for {events:,} events sent")
+        if self.lines == events and self.checksum_ok:
+            return None
+        return (f"{self.lines:,} lines received for {events:,} events sent, "
+                f"checksum {'equal' if self.checksum_ok else 'DIFFERENT'}")
 
 
 def _server(work_dir: str, max_batch_bytes: int) -> LocalServer:
@@ -206,8 +276,20 @@ def _server(work_dir: str, max_batch_bytes: int) -> LocalServer:
     )
 
 
+@contextlib.contextmanager
+def _bench(args: argparse.Namespace, work_dir: str, data: DataFile, scenarios: Sequence[Scenario]):
+    """The counting endpoint, and the local server when one of ``scenarios`` needs it."""
+    with contextlib.ExitStack() as stack:
+        endpoint = stack.enter_context(CountingEndpoint())
+        server = None
+        if any(s.endpoint == LOCAL_SERVER for s in scenarios):
+            server = stack.enter_context(_server(work_dir, args.max_batch_bytes))
+        yield _Bench(endpoint=endpoint, server=server, data=data, args=args)
+
+
 def _events_for(scenario: Scenario, args: argparse.Namespace) -> int:
-    return {EVENTS: args.events, STATEFUL: args.stateful_events, PER_ELEMENT: args.per_element_events}[scenario.size]
+    return {EVENTS: args.events, STATEFUL: args.stateful_events, LARGE_BUNDLES: args.large_bundles_events,
+            PER_ELEMENT: args.per_element_events}[scenario.size]
 
 
 def machine_description() -> str:
@@ -243,9 +325,7 @@ def _run_table(args: argparse.Namespace, work_dir: str) -> int:
     results: dict[str, list[RunResult]] = {s.name: [] for s in args.selected}
     total = len(args.selected) * args.repeats
     started = time.perf_counter()
-    with _server(work_dir, args.max_batch_bytes) as server:
-        bench = _Bench(server=server, data=data, max_batch_bytes=args.max_batch_bytes,
-                       bundle_events=args.bundle_events)
+    with _bench(args, work_dir, data, args.selected) as bench:
         done = 0
         for repeat in range(1, args.repeats + 1):
             for scenario in args.selected:
@@ -257,7 +337,10 @@ def _run_table(args: argparse.Namespace, work_dir: str) -> int:
     print(f"Machine: {machine_description()}")
     print(f"Command: python -m benchmarks {' '.join(args.argv)}".rstrip())
     print(f"max_batch_bytes={args.max_batch_bytes:,}; {args.repeats} run(s) per scenario, medians shown; "
-          f"streaming bundles of {args.bundle_events:,} events; {time.perf_counter() - started:.0f} s in all")
+          f"streaming bundles of {args.bundle_events:,} events (*_large: {args.large_bundle_events:,}); "
+          f"{time.perf_counter() - started:.0f} s in all")
+    print("Every sending scenario posts to the counting endpoint (decode, count lines and their CRC32), "
+          "except sink_zstd_local_server (the local Events API server, rows stored).")
     print()
     print(render(summaries, max_batch_bytes=args.max_batch_bytes))
     targets = evaluate_targets(summaries, max_batch_bytes=args.max_batch_bytes)
@@ -274,7 +357,7 @@ def _run_table(args: argparse.Namespace, work_dir: str) -> int:
                 print(f"FAILED {s.scenario.name}: {problem}")
     else:
         print()
-        print("Row check: every event of every run arrived exactly once (count and distinct event_id).")
+        print(_exactly_once_line(summaries))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({
@@ -292,9 +375,29 @@ def _run_table(args: argparse.Namespace, work_dir: str) -> int:
     return 1 if failed else 0
 
 
+def _exactly_once_line(summaries: Sequence[Summary]) -> str:
+    """The closing line when every run passed its check: what was checked, and the stored rows end to end."""
+    line = ("Exactly once: in every run every event arrived once (at the counting endpoint: lines and the "
+            "sum of their CRC32 equal to what was sent")
+    stored = [r for s in summaries for r in s.runs if r.rows_stored is not None]
+    if stored:
+        line += ("; end to end, the local Events API server stored " + ", ".join(
+            f"{r.rows_stored:,} rows ({r.distinct_events:,} distinct event_id, {r.quarantined} quarantined)"
+            for r in stored) + f" for {stored[0].events:,} events per run")
+    return line + "); the baselines saw every event."
+
+
+def _received(r: RunResult) -> str:
+    if r.rows_stored is not None:
+        return f"rows stored {r.rows_stored:,}/{r.events:,} ({r.distinct_events:,} distinct)"
+    if r.lines_received is not None and r.checksum_ok is not None:
+        return f"lines {r.lines_received:,}/{r.events:,}, checksum {'equal' if r.checksum_ok else 'DIFFERENT'}"
+    return f"seen {r.counted}/{r.events:,}"
+
+
 def _progress(done: int, total: int, r: RunResult) -> str:
     checked = "OK" if r.ok else "FAILED"
-    rows = f"rows {r.rows_stored:,}/{r.events:,}" if r.rows_stored is not None else f"seen {r.counted}/{r.events:,}"
+    rows = _received(r)
     return (f"[{done}/{total}] {r.scenario} run {r.repeat}: {r.events:,} events in {r.elapsed_secs:.2f} s = "
             f"{r.events_per_sec:,.0f} events/s, CPU {r.cpu_secs:.2f} s (server {r.server_cpu_secs:.2f} s), peak RSS {r.max_rss_bytes / 2**20:.0f} MiB, "
             f"{r.requests:,} requests ({r.non_2xx} not 2xx), {rows} {checked}"
@@ -306,9 +409,7 @@ def _run_memory_check(args: argparse.Namespace, work_dir: str) -> int:
     sizes = args.memory_sizes
     data = _generate(work_dir, sizes, args.seed)
     results = []
-    with _server(work_dir, args.max_batch_bytes) as server:
-        bench = _Bench(server=server, data=data, max_batch_bytes=args.max_batch_bytes,
-                       bundle_events=args.bundle_events)
+    with _bench(args, work_dir, data, [scenario]) as bench:
         for i, events in enumerate(sizes, 1):
             result = bench.run(scenario, events=events, repeat=1)
             results.append(result)
@@ -318,7 +419,7 @@ def _run_memory_check(args: argparse.Namespace, work_dir: str) -> int:
     print(f"Memory check: {scenario.name} ({scenario.title}), events read lazily from a file, "
           f"max_batch_bytes={args.max_batch_bytes:,}")
     print()
-    print("| events | seconds | events/s | requests | peak RSS | rows check |")
+    print("| events | seconds | events/s | requests | peak RSS | exactly once (lines, checksum) |")
     print("|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r.events:,} | {r.elapsed_secs:.1f} | {r.events_per_sec:,.0f} | {r.requests:,} | "
@@ -344,9 +445,7 @@ def _run_profile(args: argparse.Namespace, work_dir: str) -> int:
     counts = {s.name: _events_for(s, args) for s in args.selected}
     data = _generate(work_dir, list(counts.values()), args.seed)
     ok = True
-    with _server(work_dir, args.max_batch_bytes) as server:
-        bench = _Bench(server=server, data=data, max_batch_bytes=args.max_batch_bytes,
-                       bundle_events=args.bundle_events)
+    with _bench(args, work_dir, data, args.selected) as bench:
         for scenario in args.selected:
             path = os.path.abspath(os.path.join(args.profile, f"{scenario.name}.prof"))
             result = bench.run(scenario, events=counts[scenario.name], repeat=1, profile_path=path)

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import random
 import string
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -50,6 +51,9 @@ class DataFile:
     Attributes:
         prefix_bytes: Exact NDJSON bytes of the first N events, for the N
             asked for when the file was written.
+        prefix_checksums: The sum of each line's CRC32 (without its newline)
+            over the first N events, for the same N: what the counting
+            endpoint must have received once a run of N events is done.
     """
 
     path: str
@@ -57,6 +61,7 @@ class DataFile:
     ndjson_bytes: int
     seed: int
     prefix_bytes: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    prefix_checksums: Mapping[int, int] = dataclasses.field(default_factory=dict)
 
     def ndjson_bytes_of(self, events: int) -> int:
         """NDJSON bytes of the first ``events`` events (exact for the marks, else from the mean line)."""
@@ -66,28 +71,44 @@ class DataFile:
             return self.prefix_bytes[events]
         return round(self.ndjson_bytes * events / self.events)
 
+    def checksum_of(self, events: int) -> int:
+        """The sum of the CRC32 of each of the first ``events`` lines (read from the file if not recorded)."""
+        if events in self.prefix_checksums:
+            return self.prefix_checksums[events]
+        checksum = 0
+        with open(self.path, "rb", buffering=1 << 20) as fh:
+            for n, line in enumerate(fh, 1):
+                checksum += zlib.crc32(line.rstrip(b"\n"))
+                if n >= events:
+                    break
+        return checksum
+
 
 def write_events(path: str, events: int, *, seed: int = DEFAULT_SEED, marks: Iterable[int] = ()) -> DataFile:
     """Writes ``events`` events to ``path`` as NDJSON, in chunks (never all in memory).
 
-    ``marks``: event counts whose exact prefix size in bytes is recorded.
+    ``marks``: event counts whose exact prefix size in bytes and checksum are recorded.
     """
     rng = random.Random(seed)
-    wanted = {m for m in marks if 0 < m < events}
+    wanted = {m for m in marks if 0 < m <= events}
     prefix_bytes: dict[int, int] = {}
-    total = 0
+    prefix_checksums: dict[int, int] = {}
+    total = checksum = 0
     with open(path, "wb") as fh:
         for start in range(0, events, _CHUNK_EVENTS):
             lines = [orjson.dumps(event(rng, i)) for i in range(start, min(start + _CHUNK_EVENTS, events))]
             for mark in wanted:
                 if start < mark <= start + len(lines):
                     prefix_bytes[mark] = total + sum(len(line) + 1 for line in lines[:mark - start])
+                    prefix_checksums[mark] = checksum + sum(map(zlib.crc32, lines[:mark - start]))
+            checksum += sum(map(zlib.crc32, lines))
             lines.append(b"")
             chunk = b"\n".join(lines)
             total += len(chunk)
             fh.write(chunk)
+    prefix_checksums[events] = checksum
     return DataFile(path=os.path.abspath(path), events=events, ndjson_bytes=total, seed=seed,
-                    prefix_bytes=prefix_bytes)
+                    prefix_bytes=prefix_bytes, prefix_checksums=prefix_checksums)
 
 
 def read_events(path: str, events: int) -> Iterator[dict[str, Any]]:

@@ -13,14 +13,20 @@ import importlib
 from collections.abc import Callable
 
 __all__ = [
-    "EVENTS", "PER_ELEMENT", "SCENARIOS", "STATEFUL", "RunSpec", "Scenario", "by_name", "ceiling",
-    "prepare",
+    "COUNTING", "EVENTS", "LARGE_BUNDLES", "LOCAL_SERVER", "PER_ELEMENT", "SCENARIOS", "STATEFUL", "RunSpec",
+    "Scenario", "by_name", "ceiling", "prepare",
 ]
 
 # Which event count a scenario runs on (the slow ones run on fewer events).
 EVENTS = "events"
 STATEFUL = "stateful"
+LARGE_BUNDLES = "large_bundles"
 PER_ELEMENT = "per_element"
+
+# Where a scenario sends: the counting endpoint (it measures the client), or the
+# local Events API server (end to end: parsed, checked and stored rows).
+COUNTING = "counting"
+LOCAL_SERVER = "local_server"
 
 Timed = Callable[[], int | None]
 
@@ -59,9 +65,12 @@ class Scenario:
     Attributes:
         name: Its name on the command line.
         title: Its label in the table.
-        size: ``EVENTS``, ``STATEFUL`` or ``PER_ELEMENT``: which event count it runs on.
-        sends: False for the baseline, which discards instead of sending.
+        size: ``EVENTS``, ``STATEFUL``, ``LARGE_BUNDLES`` or ``PER_ELEMENT``: which
+            event count it runs on (``LARGE_BUNDLES``: also the large streaming bundles).
+        sends: False for the baselines, which discard instead of sending.
         target: ``"module:function"`` of its prepare function.
+        baseline: The discard baseline its events/s are compared with.
+        endpoint: ``COUNTING`` or ``LOCAL_SERVER``: where it sends.
     """
 
     name: str
@@ -69,6 +78,8 @@ class Scenario:
     size: str
     sends: bool
     target: str
+    baseline: str = "baseline"
+    endpoint: str = COUNTING
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -80,6 +91,8 @@ SCENARIOS: tuple[Scenario, ...] = (
              size=EVENTS, sends=True, target="benchmarks._pipelines:sink_zstd"),
     Scenario(name="sink_gzip", title="WriteToTinybird, bounded, gzip",
              size=EVENTS, sends=True, target="benchmarks._pipelines:sink_gzip"),
+    Scenario(name="sink_zstd_local_server", title="WriteToTinybird, bounded, zstd, to the local Events API server",
+             size=EVENTS, sends=True, target="benchmarks._pipelines:sink_zstd", endpoint=LOCAL_SERVER),
     Scenario(name="peer_b_batch_bytes", title="(b) BatchElements by bytes + Session per batch",
              size=EVENTS, sends=True, target="benchmarks.peers:batch_elements_by_bytes"),
     Scenario(name="peer_d_tinybird_beam", title="(d) tinybird-beam approach (NDJSON to /v0/events)",
@@ -87,11 +100,20 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(name="ceiling", title="Ceiling: plain loop, orjson, one Session, no Beam",
              size=EVENTS, sends=True, target="benchmarks.scenarios:ceiling"),
     Scenario(name="baseline_streaming", title="Baseline, streaming: source + orjson.dumps, discard",
-             size=STATEFUL, sends=False, target="benchmarks._pipelines:baseline_streaming"),
+             size=STATEFUL, sends=False, target="benchmarks._pipelines:baseline_streaming",
+             baseline="baseline_streaming"),
     Scenario(name="sink_streaming", title="WriteToTinybird, unbounded (streaming), zstd",
-             size=STATEFUL, sends=True, target="benchmarks._pipelines:sink_streaming"),
+             size=STATEFUL, sends=True, target="benchmarks._pipelines:sink_streaming",
+             baseline="baseline_streaming"),
     Scenario(name="peer_c_gib_streaming", title="(c) GroupIntoBatches on random keys, streaming",
-             size=STATEFUL, sends=True, target="benchmarks.peers:group_into_batches_streaming"),
+             size=STATEFUL, sends=True, target="benchmarks.peers:group_into_batches_streaming",
+             baseline="baseline_streaming"),
+    Scenario(name="baseline_streaming_large", title="Baseline, streaming, large bundles",
+             size=LARGE_BUNDLES, sends=False, target="benchmarks._pipelines:baseline_streaming",
+             baseline="baseline_streaming_large"),
+    Scenario(name="sink_streaming_large", title="WriteToTinybird, streaming, zstd, large bundles",
+             size=LARGE_BUNDLES, sends=True, target="benchmarks._pipelines:sink_streaming",
+             baseline="baseline_streaming_large"),
     Scenario(name="peer_c_gib", title="(c) GroupIntoBatches on random keys, bounded",
              size=STATEFUL, sends=True, target="benchmarks.peers:group_into_batches"),
     Scenario(name="peer_a_post_each", title="(a) requests.post per element, no Session",
