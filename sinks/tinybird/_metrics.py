@@ -2,8 +2,12 @@
 
 Counters: ``elements_in``, ``rows_acknowledged``, ``rows_quarantined``,
 ``requests``, ``responses_2xx``/``3xx``/``4xx``/``5xx``, ``responses_none``
-(timeouts and connection errors), ``retries`` and ``retries_<cause>`` (cause is
-the status code, ``timeout`` or ``connection_error``), ``bytes_raw`` and
+(timeouts, passed deadlines and connection errors), ``responses_2xx_unreadable``
+(a 2xx whose body could not be read whole: delivered on its status) and
+``rows_acknowledged_uncounted`` (their rows), ``responses_2xx_unaccounted`` (a
+2xx that counted fewer rows than were sent: its rows are dead-lettered as
+``rows_unaccounted``), ``retries`` and ``retries_<cause>`` (cause is the status
+code, ``timeout``, ``deadline`` or ``connection_error``), ``bytes_raw`` and
 ``bytes_wire`` (per attempt, before and after compression), ``dead_letters``
 and ``dead_letters_<kind>``. Distributions: ``batch_bytes``, ``batch_rows``,
 ``request_latency_ms``.
@@ -14,9 +18,12 @@ from there, after the HTTP threads hand their reports back.
 
 from __future__ import annotations
 
+from typing import Any
+
 from apache_beam.metrics import Metrics
 
-from sinks.tinybird._events_api import SendReport
+from sinks.tinybird._http.outcomes import SendReport
+from sinks.tinybird.dead_letters import DeadLetterKind
 
 NAMESPACE = "tinybird"
 
@@ -25,7 +32,7 @@ class SinkMetrics:
     """Records what one batch's :class:`SendReport` says."""
 
     def __init__(self) -> None:
-        self._counters: dict[str, object] = {}
+        self._counters: dict[str, Any] = {}
         self._batch_bytes = Metrics.distribution(NAMESPACE, "batch_bytes")
         self._batch_rows = Metrics.distribution(NAMESPACE, "batch_rows")
         self._latency_ms = Metrics.distribution(NAMESPACE, "request_latency_ms")
@@ -47,6 +54,8 @@ class SinkMetrics:
             self.inc("bytes_wire", attempt.wire_bytes)
             self._latency_ms.update(int(attempt.latency_secs * 1000))
             self.inc(f"responses_{attempt.status // 100}xx" if attempt.status else "responses_none")
+            if attempt.body_unreadable and attempt.status is not None and 200 <= attempt.status < 300:
+                self.inc("responses_2xx_unreadable")
             if attempt.retry_cause:
                 self.inc("retries")
                 self.inc(f"retries_{attempt.retry_cause}")
@@ -54,6 +63,11 @@ class SinkMetrics:
             self.inc("rows_acknowledged", part.rows)
             if part.quarantined_rows:
                 self.inc("rows_quarantined", part.quarantined_rows)
+            if not part.counts_read:
+                self.inc("rows_acknowledged_uncounted", part.rows)
+        for failed in report.failed:
+            if failed.kind is DeadLetterKind.ROWS_UNACCOUNTED:
+                self.inc("responses_2xx_unaccounted")
 
     def dead_letters(self, kind: str, count: int) -> None:
         self.inc("dead_letters", count)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
@@ -30,6 +32,7 @@ from sinks.tinybird._token import DEFAULT_TOKEN_ENV, TokenSource
 from sinks.tinybird.dead_letters import (
     DEAD_LETTER_FORMATS,
     DeadLetter,
+    DeadLetterKind,
     DeliveryError,
     WriteDeadLetterFiles,
     iso_utc,
@@ -50,14 +53,28 @@ _KEYED_CHUNK = TupleHint[TupleHint[int, int, str], TupleHint[bytes, int]]
 _BATCH = TupleHint[str, bytes, int]
 
 
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+    """A batch handed to a thread, and when its send must have ended."""
+
+    future: concurrent.futures.Future
+    batch: Batch
+    timestamp: Timestamp
+    deadline: float
+
+
 class _PostDoFn(beam.DoFn):
     """Posts batches, a bounded number at a time, and dead-letters what fails.
 
-    One client (one ``requests.Session``) and one thread pool per instance,
-    made in ``setup()``. Every request of a bundle is finished, delivered or
-    dead-lettered, before ``finish_bundle`` returns. Metrics and outputs are
-    produced in the bundle's thread. Dead letters are emitted in the global
-    window, at the timestamp of their batch; each keeps its window as text.
+    One client (one connection pool) and one thread pool per instance, made in
+    ``setup()``. A batch is handed to a thread only when one is free, so its
+    send starts at once and ends within the client's ``max_send_secs`` (the
+    policy's time budget plus one attempt's deadline): no wait of
+    ``process``, ``finish_bundle`` or ``teardown`` is longer. Every request of
+    a bundle is finished, delivered or dead-lettered, before ``finish_bundle``
+    returns. Metrics and outputs are produced in the bundle's thread. Dead
+    letters are emitted in the global window, at the timestamp of their batch;
+    each keeps its window as text.
     """
 
     def __init__(
@@ -81,34 +98,41 @@ class _PostDoFn(beam.DoFn):
         self._dead_lettered = 0
 
     def start_bundle(self) -> None:
-        self._pending: collections.deque[tuple[concurrent.futures.Future, str, Timestamp]] = collections.deque()
+        self._pending: collections.deque[_InFlight] = collections.deque()
 
-    def process(self, element, timestamp=beam.DoFn.TimestampParam) -> Iterator[WindowedValue]:
+    def process(self, element, timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
         batch = Batch(*element)
         self._metrics.batch(payload_bytes=len(batch.payload), rows=batch.rows)
+        # Results leave in order; at most max_in_flight requests are under way,
+        # and a new one is submitted only to a free thread.
+        while len(self._pending) >= self._settings.max_in_flight:
+            yield from self._complete(self._pending.popleft())
         future = self._pool.submit(self._client.send, batch.payload, batch.rows)
-        self._pending.append((future, batch.window, timestamp))
-        # Results leave in order; at most max_in_flight requests are under way.
-        while self._pending and (
-                len(self._pending) > self._settings.max_in_flight or self._pending[0][0].done()):
-            yield from self._complete(*self._pending.popleft())
+        self._pending.append(_InFlight(
+            future=future, batch=batch, timestamp=timestamp,
+            deadline=time.monotonic() + self._client.max_send_secs))
+        while self._pending and self._pending[0].future.done():
+            yield from self._complete(self._pending.popleft())
 
-    def finish_bundle(self) -> Iterator[WindowedValue]:
+    def finish_bundle(self) -> Iterator[Any]:
         while self._pending:
-            yield from self._complete(*self._pending.popleft())
+            yield from self._complete(self._pending.popleft())
 
     def teardown(self) -> None:
+        # Never waits: after finish_bundle nothing is in flight, and after a
+        # failed bundle (which the runner retries) what is left is abandoned.
         pool = getattr(self, "_pool", None)
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
         client = getattr(self, "_client", None)
         if client is not None:
             client.close()
 
-    def _complete(
-        self, future: concurrent.futures.Future, window: str, timestamp: Timestamp,
-    ) -> Iterator[WindowedValue]:
-        report: SendReport = future.result()
+    def _complete(self, in_flight: _InFlight) -> Iterator[Any]:
+        try:
+            report: SendReport = in_flight.future.result(timeout=max(in_flight.deadline - time.monotonic(), 0.0))
+        except concurrent.futures.TimeoutError:
+            report = self._overdue(in_flight)
         self._metrics.report(report)
         self._acknowledged += sum(part.rows for part in report.delivered)
         for failed in report.failed:
@@ -118,10 +142,24 @@ class _PostDoFn(beam.DoFn):
                     message=failed.message, rows=failed.rows)
             self._metrics.dead_letters(failed.kind.value, failed.rows)
             self._dead_lettered += failed.rows
-            for record in self._dead_letters(failed, window):
+            for record in self._dead_letters(failed, in_flight.batch.window):
                 yield beam.pvalue.TaggedOutput(
-                    DEAD_LETTERS_TAG, WindowedValue(record, timestamp, (GlobalWindow(),)))
+                    DEAD_LETTERS_TAG, WindowedValue(record, in_flight.timestamp, (GlobalWindow(),)))
         self._progress()
+
+    def _overdue(self, in_flight: _InFlight) -> SendReport:
+        """A send past the client's own bound (it keeps its bound by construction: this is
+        a safety net): its rows are dead-lettered rather than waited for."""
+        in_flight.future.cancel()
+        now = time.time()
+        batch = in_flight.batch
+        message = (
+            f"no outcome within {self._client.max_send_secs:g} s (the retry policy's max_total_secs plus "
+            "one attempt's deadline); the request may still complete, so a replay may duplicate rows")
+        _LOG.warning("Tinybird %s: %d rows dead-lettered: %s", self._settings.datasource, batch.rows, message)
+        return SendReport(delivered=(), failed=(Failed(
+            payload=batch.payload, rows=batch.rows, kind=DeadLetterKind.RETRIES_EXHAUSTED, status=None,
+            message=message, attempts=0, first_attempt_at=now, last_attempt_at=now),), attempts=())
 
     def _dead_letters(self, failed: Failed, window: str) -> Iterator[DeadLetter]:
         first, last = iso_utc(failed.first_attempt_at), iso_utc(failed.last_attempt_at)

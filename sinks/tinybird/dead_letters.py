@@ -38,6 +38,9 @@ class DeadLetterKind(enum.StrEnum):
     """422: the server ingested the request partially; never retried (may duplicate)."""
     RETRIES_EXHAUSTED = "retries_exhausted"
     """Retryable failures (408, 429, 5xx, timeouts, resets) outlasted the RetryPolicy."""
+    ROWS_UNACCOUNTED = "rows_unaccounted"
+    """A 2xx whose body counted fewer rows (successful plus quarantined) than were
+    sent; never retried, since the server may have stored some of them."""
 
 
 class DeadLetter(NamedTuple):

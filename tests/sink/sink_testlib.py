@@ -6,6 +6,9 @@ import http.server
 import ssl
 import threading
 import time
+import zlib
+
+import zstandard
 
 from tinybird_emulator import LocalServer
 
@@ -56,14 +59,29 @@ class FakeTime:
 # -- scripted server -------------------------------------------------------------
 
 Response = tuple[int, dict[str, str], bytes]
-DEFAULT_RESPONSE: Response = (202, {"Content-Type": "application/json"}, b'{"successful_rows":1,"quarantined_rows":0}')
+
+
+def decoded_body(headers: dict[str, str], body: bytes) -> bytes:
+    """A request body as the sink sent it, decoded (zstd, gzip or none)."""
+    encoding = {k.lower(): v for k, v in headers.items()}.get("content-encoding")
+    if encoding == "zstd":
+        return zstandard.ZstdDecompressor().decompressobj().decompress(body)
+    if encoding == "gzip":
+        return zlib.decompress(body, wbits=31)
+    return body
+
+
+def counted_answer(headers: dict[str, str], body: bytes) -> Response:
+    """A 202 that counts every row of the request, as the Events API answers."""
+    rows = decoded_body(headers, body).count(b"\n")
+    return 202, {"Content-Type": "application/json"}, b'{"successful_rows":%d,"quarantined_rows":0}' % rows
 
 
 class ScriptedServer:
     """A threaded HTTP(S) server on 127.0.0.1 that answers POSTs from a script.
 
     Each request takes the next scripted ``(status, headers, body)``; when the
-    script is empty it answers :data:`DEFAULT_RESPONSE`. Requests are recorded as
+    script is empty it answers :func:`counted_answer`. Requests are recorded as
     ``(path, headers, body)``.
     """
 
@@ -81,7 +99,8 @@ class ScriptedServer:
                 body = self.rfile.read(length)
                 with owner._lock:
                     owner.requests.append((self.path, dict(self.headers.items()), body))
-                    status, headers, payload = owner.script.pop(0) if owner.script else DEFAULT_RESPONSE
+                    status, headers, payload = (
+                        owner.script.pop(0) if owner.script else counted_answer(dict(self.headers.items()), body))
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)

@@ -28,10 +28,9 @@ from sinks.tinybird._events_api import (
     EventsApiClient,
     Failed,
     SendReport,
-    _parse_reset,
-    _parse_retry_after,
     _split_at_line,
 )
+from sinks.tinybird._http.classify import parse_reset, parse_retry_after
 from sinks.tinybird.dead_letters import DeadLetterKind
 from sinks.tinybird.retry import RetryPolicy
 from tinybird_emulator import LocalServer
@@ -562,12 +561,15 @@ def test_no_wait_and_no_compression_request_shape(scripted):
     assert body == b'{"a":1}\n'
 
 
-@pytest.mark.parametrize("body", [b"", b"oops", b"[1]", b'{"quarantined_rows": "two"}'])
-def test_success_with_a_garbled_body_is_still_delivered(scripted, body):
+@pytest.mark.parametrize("body", [b"", b"oops", b"[1]", b'{"quarantined_rows": "two"}', b'{"successful_rows": -1}'])
+def test_success_with_a_body_without_counts_is_delivered_uncounted(scripted, body):
+    # The status decides: resending a 2xx would duplicate. counts_read=False feeds a metric.
     scripted.script.append((202, {}, body))
     with make_client(scripted.url, "events") as client:
         report = client.send(ndjson(2), 2)
-    assert report.delivered == (Delivered(rows=2, raw_bytes=len(ndjson(2)), status=202, quarantined_rows=0, attempts=1),)
+    assert report.delivered == (
+        Delivered(rows=2, raw_bytes=len(ndjson(2)), status=202, quarantined_rows=0, attempts=1, counts_read=False),)
+    assert [a.body_unreadable for a in report.attempts] == [False]
 
 
 def test_retry_after_as_an_http_date(scripted, fake_time):
@@ -641,12 +643,12 @@ def test_server_echoing_the_token_is_scrubbed(scripted):
     [("5", 5.0), (" 1.5 ", 1.5), ("0", 0.0), ("-3", 0.0), ("soon", None), ("", None), (None, None), ("nan", None)],
 )
 def test_parse_retry_after_seconds(value, expected):
-    assert _parse_retry_after(value, lambda: WALL_EPOCH) == expected
+    assert parse_retry_after(value, WALL_EPOCH) == expected
 
 
 def test_parse_retry_after_dates():
-    assert _parse_retry_after(email.utils.formatdate(WALL_EPOCH + 30, usegmt=True), lambda: WALL_EPOCH) == 30.0
-    assert _parse_retry_after(email.utils.formatdate(WALL_EPOCH - 30, usegmt=True), lambda: WALL_EPOCH) == 0.0
+    assert parse_retry_after(email.utils.formatdate(WALL_EPOCH + 30, usegmt=True), WALL_EPOCH) == 30.0
+    assert parse_retry_after(email.utils.formatdate(WALL_EPOCH - 30, usegmt=True), WALL_EPOCH) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -655,7 +657,7 @@ def test_parse_retry_after_dates():
 )
 def test_parse_rate_limit_reset(value, expected):
     # A delta in seconds, as Tinybird sends; an epoch time is tolerated.
-    assert _parse_reset(value, lambda: WALL_EPOCH) == expected
+    assert parse_reset(value, WALL_EPOCH) == expected
 
 
 # -- TLS --------------------------------------------------------------------------------

@@ -1,0 +1,438 @@
+"""One HTTP attempt, bounded in time and in memory, that never raises.
+
+:meth:`Transport.post` returns a :class:`BoundedResponse` (a final answer whose
+body was read up to :data:`MAX_BODY_BYTES` and decoded by us up to the same
+cap) or a :class:`TransportFailure`. Every exception of the HTTP stack becomes
+one of the two.
+
+Why the stack is adjusted: ``requests``/urllib3 timeouts bound each socket
+operation, not the attempt, so a server that drips one byte at a time keeps a
+request alive forever. The sockets made here take, before every send, receive
+and TLS handshake, the smaller of their own timeout and what is left of the
+attempt's wall-clock deadline (kept per thread while the attempt runs). And
+``http.client`` takes a ``103 Early Hints`` for the answer and reads a negative
+chunk size as "read to the end": its response class here skips interim answers
+and refuses negative chunk sizes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import logging
+import socket
+import ssl
+import threading
+import time
+import types
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+import requests
+import requests.auth
+import urllib3
+import zstandard
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.util.ssl_ import create_urllib3_context
+
+from sinks.tinybird._http.outcomes import BoundedResponse, TransportFailure
+from sinks.tinybird._http.redaction import Redactor
+
+__all__ = ["MAX_BODY_BYTES", "MESSAGE_CHARS", "Transport"]
+
+_LOG = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+"""Most bytes of a response body read, and most bytes it decodes to (Events API
+answers are a few dozen bytes)."""
+MESSAGE_CHARS = 1000
+"""Longest server message kept (after the token is scrubbed)."""
+_HEADER_CHARS = 256
+# Only these headers of an answer are kept; everything else the server sends is dropped.
+_ALLOWED_HEADERS = (
+    "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+    "Location", "Content-Type", "Content-Encoding", "Content-Length",
+)
+_READ_CHUNK_BYTES = 16 * 1024
+_MAX_INTERIM_ANSWERS = 16
+# A socket timeout fires when its time is up, measured in whole milliseconds.
+_DEADLINE_SLACK_SECS = 0.005
+
+# The deadline (time.monotonic()) of the attempt running in this thread, if any.
+_ATTEMPT = threading.local()
+
+
+def _arm(sock: socket.socket, op_timeout: float | None) -> None:
+    """Sets ``sock``'s timeout to the smaller of ``op_timeout`` and what is left of the attempt."""
+    deadline = getattr(_ATTEMPT, "deadline", None)
+    if deadline is None:
+        socket.socket.settimeout(sock, op_timeout)
+        return
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("the attempt's deadline passed")
+    socket.socket.settimeout(sock, remaining if op_timeout is None else min(op_timeout, remaining))
+
+
+class _DeadlineSocket(socket.socket):
+    """A TCP socket whose every send and receive ends by the attempt's deadline."""
+
+    _op_timeout: float | None = None
+
+    def settimeout(self, value: float | None) -> None:
+        self._op_timeout = value
+        super().settimeout(value)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        _arm(self, self._op_timeout)
+        return super().recv_into(buffer, nbytes, flags)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        _arm(self, self._op_timeout)
+        return super().recv(bufsize, flags)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        _arm(self, self._op_timeout)
+        return super().send(data, flags)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        # Since Python 3.5 a sendall's timeout bounds the whole call.
+        _arm(self, self._op_timeout)
+        super().sendall(data, flags)
+
+
+class _DeadlineSSLSocket(ssl.SSLSocket):
+    """The TLS counterpart (``SSLContext.sslsocket_class``); its sendall is a loop of sends."""
+
+    _op_timeout: float | None = None
+
+    def settimeout(self, value: float | None) -> None:
+        self._op_timeout = value
+        super().settimeout(value)
+
+    def do_handshake(self, block: bool = False) -> None:
+        # The timeout of one do_handshake call bounds the whole handshake.
+        _arm(self, self._op_timeout)
+        super().do_handshake(block)
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        _arm(self, self._op_timeout)
+        return super().recv_into(buffer, nbytes, flags)
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        _arm(self, self._op_timeout)
+        return super().recv(buflen, flags)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        _arm(self, self._op_timeout)
+        return super().send(data, flags)
+
+
+class _FinalResponse(http.client.HTTPResponse):
+    """Skips interim (1xx) answers and refuses negative chunk sizes."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        for _ in range(_MAX_INTERIM_ANSWERS):
+            version, status, reason = super()._read_status()  # type: ignore[misc]  # private in typeshed
+            if not 100 <= status < 200 or status == 101:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the interim answer's headers: read and dropped
+        raise http.client.HTTPException(f"more than {_MAX_INTERIM_ANSWERS} interim (1xx) answers")
+
+    def _read_next_chunk_size(self) -> int:
+        size = super()._read_next_chunk_size()  # type: ignore[misc]  # private in typeshed
+        if size < 0:
+            # http.client would read to the end of the stream; the caller turns this into IncompleteRead.
+            self._close_conn()  # type: ignore[attr-defined]
+            raise ValueError(f"negative chunk size {size}")
+        return size
+
+
+def _with_deadlines(sock: socket.socket) -> _DeadlineSocket:
+    """The same connected socket, as a :class:`_DeadlineSocket`."""
+    timeout = sock.gettimeout()
+    wrapped = _DeadlineSocket(sock.family, sock.type, sock.proto, sock.detach())
+    wrapped.settimeout(timeout)
+    return wrapped
+
+
+class _HTTPConnection(HTTPConnection):
+    response_class = _FinalResponse
+
+    def _new_conn(self) -> socket.socket:
+        return _with_deadlines(super()._new_conn())
+
+
+class _HTTPSConnection(HTTPSConnection):
+    response_class = _FinalResponse
+
+    def _new_conn(self) -> socket.socket:
+        return _with_deadlines(super()._new_conn())
+
+
+class _HTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+_POOL_CLASSES = types.MappingProxyType({"http": _HTTPConnectionPool, "https": _HTTPSConnectionPool})
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter with the pools above (also through a proxy) and a TLS context
+    whose sockets keep deadlines. Everything else (proxies from the environment,
+    the CA bundle requests picks) is requests' own."""
+
+    def __init__(self, *, pool_maxsize: int) -> None:
+        context = create_urllib3_context()
+        context.sslsocket_class = _DeadlineSSLSocket
+        self._ssl_context = context
+        super().__init__(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=0)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = dict(_POOL_CLASSES)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = dict(_POOL_CLASSES)
+        return manager
+
+    def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> Any:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        if host_params.get("scheme") == "https" and verify is not False:
+            # Ours instead of requests' shared one; requests still names the CA bundle to load.
+            pool_kwargs["ssl_context"] = self._ssl_context
+        return host_params, pool_kwargs
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """Sets the Authorization header. Passing an auth object also keeps requests
+    from replacing it with credentials found in ~/.netrc."""
+
+    def __init__(self, token: str) -> None:
+        self._value = f"Bearer {token}"
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = self._value
+        return request
+
+    def __repr__(self) -> str:
+        return "_BearerAuth(***)"
+
+
+class Transport:
+    """Posts one request body per call, within a deadline; thread-safe.
+
+    Args:
+        url: The full URL posted to.
+        headers: Request headers (without Authorization).
+        token: Sent in the Authorization header only.
+        redactor: Scrubs the token from every text returned.
+        connect_timeout_secs: Bound on opening a connection.
+        read_timeout_secs: Bound on each wait for bytes of the answer.
+        attempt_timeout_secs: Wall-clock bound on the whole attempt: connect,
+            TLS handshake, sending, the answer's headers and body.
+        ca_bundle_path: CA bundle to verify the server with (else requests' default).
+        max_in_flight: Connections kept in the pool.
+    """
+
+    def __init__(
+        self, *, url: str, headers: Mapping[str, str], token: str, redactor: Redactor,
+        connect_timeout_secs: float, read_timeout_secs: float, attempt_timeout_secs: float,
+        ca_bundle_path: str | None, max_in_flight: int,
+    ) -> None:
+        self._url = url
+        self._api_url = url.split("/v0/", 1)[0]
+        # Ask for no content coding: whatever comes is decoded here, within the cap.
+        self._headers = {**headers, "Accept-Encoding": "identity"}
+        self._auth = _BearerAuth(token)
+        self._redactor = redactor
+        self._timeout = (min(connect_timeout_secs, attempt_timeout_secs), read_timeout_secs)
+        self._attempt_timeout = attempt_timeout_secs
+        self._verify: str | bool = ca_bundle_path or True
+        session = requests.Session()
+        adapter = _DeadlineAdapter(pool_maxsize=max_in_flight)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        self._session: requests.Session | None = session
+
+    def __repr__(self) -> str:
+        return f"Transport(url={self._url!r})"
+
+    def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
+
+    def post(self, body: bytes) -> BoundedResponse | TransportFailure:
+        """One attempt: never raises, never takes longer than ``attempt_timeout_secs``
+        (plus the connect timeout when that is longer), never holds more than the caps."""
+        session = self._session
+        if session is None:
+            return TransportFailure(error="closed", message="the client was closed", retryable=False)
+        deadline = time.monotonic() + self._attempt_timeout
+        _ATTEMPT.deadline = deadline
+        try:
+            try:
+                response = session.post(
+                    self._url, data=body, headers=self._headers, auth=self._auth, timeout=self._timeout,
+                    verify=self._verify, allow_redirects=False, stream=True,
+                )
+            except Exception as exc:  # every error of the HTTP stack is an outcome, never an escape
+                return self._failure(exc, deadline)
+            return self._bounded(response, deadline)
+        finally:
+            _ATTEMPT.deadline = None
+
+    # -- the answer ------------------------------------------------------------------
+
+    def _bounded(self, response: requests.Response, deadline: float) -> BoundedResponse:
+        raw = response.raw
+        body, body_error, complete = None, None, False
+        try:
+            data, complete = _read_capped(raw)
+            encoding = (response.headers.get("Content-Encoding") or "").strip().lower()
+            if not complete:
+                body_error = f"larger than {MAX_BODY_BYTES} bytes"
+            else:
+                body, body_error = _decode(data, encoding)
+        except Exception as exc:  # a broken body: the status still stands
+            body_error = self._describe_body_error(exc, deadline)
+        finally:
+            if not complete:
+                # Unread bytes are left: the connection cannot carry another request.
+                raw.close()
+            raw.release_conn()
+        headers = {}
+        for name in _ALLOWED_HEADERS:
+            value = response.headers.get(name)
+            if value is not None:
+                headers[name] = self._redactor.bounded(value, _HEADER_CHARS)
+        return BoundedResponse(
+            status=response.status_code,
+            headers=types.MappingProxyType(headers),
+            body=body,
+            body_error=body_error,
+            message=self._message(body, body_error),
+        )
+
+    def _message(self, body: bytes | None, body_error: str | None) -> str:
+        if body is None:
+            return f"(body unreadable: {body_error})"
+        text = ""
+        try:
+            parsed = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+            text = parsed["error"]
+        else:
+            text = body.decode("utf-8", "replace").strip()
+        return self._redactor.bounded(text, MESSAGE_CHARS) if text else "(empty body)"
+
+    def _describe_body_error(self, exc: BaseException, deadline: float) -> str:
+        if time.monotonic() >= deadline - _DEADLINE_SLACK_SECS:
+            return f"not complete within the attempt's deadline of {self._attempt_timeout:g} s"
+        return self._redactor.bounded(f"cut short ({_describe(exc)})", MESSAGE_CHARS)
+
+    # -- no answer -------------------------------------------------------------------
+
+    def _failure(self, exc: BaseException, deadline: float) -> TransportFailure:
+        error, message, retryable = self._classify_exception(exc)
+        if error in ("timeout", "connection_error", "protocol_error") and (
+                time.monotonic() >= deadline - _DEADLINE_SLACK_SECS):
+            error, message = "deadline", (
+                f"no complete answer within the attempt's deadline of {self._attempt_timeout:g} s "
+                "(the server may have stored the rows)")
+        return TransportFailure(error=error, message=self._redactor.bounded(message, MESSAGE_CHARS),
+                                retryable=retryable)
+
+    def _classify_exception(self, exc: BaseException) -> tuple[str, str, bool]:
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            return "connect_timeout", f"connect timeout after {self._timeout[0]:g} s: {_describe(exc)}", True
+        if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
+            return ("timeout", f"read timeout after {self._timeout[1]:g} s (the server may have stored the rows): "
+                    f"{_describe(exc)}", True)
+        if isinstance(exc, (requests.exceptions.SSLError, ssl.SSLError)):
+            if _is_cert_verification_error(exc):
+                return ("tls_verification_failed",
+                        f"TLS certificate verification failed for {self._api_url}: {_describe(exc)}. "
+                        "Set ca_bundle_path to the CA bundle that signs the server's certificate.", False)
+            return "connection_error", f"TLS error: {_describe(exc)}", True
+        if isinstance(exc, (requests.exceptions.ConnectionError, OSError)) and not isinstance(
+                exc, requests.exceptions.ChunkedEncodingError):
+            return "connection_error", f"connection error: {_describe(exc)}", True
+        return "protocol_error", f"broken response: {_describe(exc)}", True
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _read_capped(raw: Any) -> tuple[bytes, bool]:
+    """At most MAX_BODY_BYTES + 1 raw bytes (no content decoding); True when the body ended."""
+    chunks: list[bytes] = []
+    total = 0
+    while total <= MAX_BODY_BYTES:
+        chunk = raw.read(min(_READ_CHUNK_BYTES, MAX_BODY_BYTES + 1 - total), decode_content=False)
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks), False
+
+
+def _decode(data: bytes, encoding: str) -> tuple[bytes | None, str | None]:
+    """The body decoded to at most MAX_BODY_BYTES, or (None, why not)."""
+    if encoding in ("", "identity"):
+        return data, None
+    try:
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            # 47: a gzip or zlib header, detected; raw deflate is tried after.
+            decoded, finished = _inflate(data, 47)
+            if decoded is None and encoding == "deflate":
+                decoded, finished = _inflate(data, -15)
+        elif encoding == "zstd":
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
+            decoded = reader.read(MAX_BODY_BYTES + 1)
+            finished = len(decoded) <= MAX_BODY_BYTES
+        else:
+            return None, f"content encoding {encoding[:40]!r} is not supported"
+    except (zlib.error, zstandard.ZstdError) as exc:
+        return None, f"{encoding} body that does not decode ({exc})"
+    if decoded is None or not finished:
+        return None, f"{encoding} body that does not decode to a whole body of at most {MAX_BODY_BYTES} bytes"
+    return decoded, None
+
+
+def _inflate(data: bytes, wbits: int) -> tuple[bytes | None, bool]:
+    decompressor = zlib.decompressobj(wbits)
+    try:
+        decoded = decompressor.decompress(data, MAX_BODY_BYTES + 1)
+    except zlib.error:
+        return None, False
+    return decoded, decompressor.eof and len(decoded) <= MAX_BODY_BYTES
+
+
+def _is_cert_verification_error(exc: BaseException) -> bool:
+    seen = set()
+    stack: list[Any] = [exc]
+    while stack:
+        current = stack.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return True
+        stack.extend((current.__cause__, current.__context__, getattr(current, "reason", None)))
+        stack.extend(current.args)
+    return False
