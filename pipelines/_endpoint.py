@@ -18,6 +18,10 @@ LOCAL_DATA_DIR = "tinybird-local"
 """Where the embedded local server keeps its data, under the working directory."""
 
 
+class LocalServerUnavailable(RuntimeError):
+    """The embedded run was asked for, but the local server's dependencies (``local`` extra) are missing."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Endpoint:
     """Where the sink sends.
@@ -48,11 +52,12 @@ def tinybird_endpoint(config: SinkConfig, *, data_dir: Path | None = None) -> It
         yield Endpoint(api_url=str(config.api_url))
         return
     try:
+        # Imported here only: production runs (with --api_url) never need it or its dependencies.
         from tinybird_emulator import LocalServer
     except ImportError as error:
-        raise RuntimeError(
+        raise LocalServerUnavailable(
             "without --api_url the job starts the local Events API server, which needs the "
-            "'local' extra: pip install 'beam-tinybird[local]' (or pass --api_url and a token)"
+            f"'local' extra ({error}): pip install 'beam-tinybird[local]', or pass --api_url and a token"
         ) from error
     data_dir = Path(data_dir if data_dir is not None else Path.cwd() / LOCAL_DATA_DIR).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

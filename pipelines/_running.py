@@ -15,9 +15,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineState
 
-from pipelines._endpoint import Endpoint, tinybird_endpoint
-from pipelines._options import SinkConfig, UsageError, beam_options_without_secrets
-from pipelines._summary import RunSummary, format_summary, list_dead_letter_files, summarise
+from pipelines._endpoint import Endpoint, LocalServerUnavailable, tinybird_endpoint
+from pipelines._options import (
+    DEFAULT_MAX_DEAD_LETTER_RATIO,
+    SinkConfig,
+    UsageError,
+    beam_options_without_secrets,
+)
+from pipelines._summary import RunSummary, format_summary, judge, list_dead_letter_files, summarise
 
 _LOG = logging.getLogger(__name__)
 
@@ -50,7 +55,9 @@ def run_pipeline(
     """Runs one pipeline to the end and prints its summary.
 
     Returns None, with no summary, when the runner only submitted the job
-    without running it here (a Flex Template launch writes a job spec).
+    without running it here (a Flex Template launch writes a job spec). The
+    summary has a ``failure`` when more than ``--max_dead_letter_ratio`` of the
+    rows read was dead-lettered.
     Without ``--runner``, a batch job runs on Beam's in-process ``FnApiRunner``.
 
     Args:
@@ -67,6 +74,9 @@ def run_pipeline(
     """
     out = out if out is not None else sys.stdout
     options = beam_options_without_secrets(argv)
+    max_dead_letter_ratio = options.get_all_options().get("max_dead_letter_ratio")
+    if max_dead_letter_ratio is None:
+        max_dead_letter_ratio = DEFAULT_MAX_DEAD_LETTER_RATIO
     standard = options.view_as(StandardOptions)
     if standard.runner is None and not standard.streaming:
         # What Beam's DirectRunner runs batch pipelines on, named: in Beam 2.77
@@ -95,9 +105,10 @@ def run_pipeline(
             out.write(f"{title}: submitted (state {state}); follow the job on its runner.\n")
             out.flush()
             return None
-        summary = summarise(
+        summary = judge(summarise(
             result, elapsed_secs=time.monotonic() - started,
-            dead_letter_files=list_dead_letter_files(dead_letter_path, since_epoch_secs=started_epoch_secs))
+            dead_letter_files=list_dead_letter_files(dead_letter_path, since_epoch_secs=started_epoch_secs)),
+            max_dead_letter_ratio=max_dead_letter_ratio)
         out.write(format_summary(summary, title=title, config=config, endpoint=endpoint,
                                  dead_letter_path=dead_letter_path))
         out.flush()
@@ -115,15 +126,20 @@ def configure_logging() -> None:
 
 def exit_on_usage_error(main: Callable[[Sequence[str]], Any], argv: Sequence[str], *,
                         description: str | None = None) -> None:
-    """Runs ``main(argv)``; a :class:`UsageError` becomes ``error: ...`` on stderr and status 2.
+    """Runs ``main(argv)`` and turns its outcome into the process's exit status.
 
-    With ``-h``/``--help``, ``description`` (the pipeline's module docstring)
-    is printed before the options.
+    A :class:`UsageError` (or a missing local server) becomes one ``error: ...``
+    line on stderr and status 2, without a traceback; a :class:`RunSummary`
+    with a ``failure`` (too many dead letters) becomes status 1, its summary
+    having said why. With ``-h``/``--help``, ``description`` (the pipeline's
+    module docstring) is printed before the options.
     """
     if description and {"-h", "--help"} & set(argv):
         print(description.strip() + "\n")
     try:
-        main(argv)
-    except UsageError as error:
+        outcome = main(argv)
+    except (UsageError, LocalServerUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    if isinstance(outcome, RunSummary) and outcome.failure is not None:
+        raise SystemExit(1)

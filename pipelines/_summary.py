@@ -38,6 +38,7 @@ class RunSummary:
         extra: Other counters of the pipeline's own namespace (e.g. ``unreplayable``).
         elapsed_secs: Wall time of the run.
         dead_letter_files: Dead-letter files found under the dead-letter path after the run.
+        failure: Why the run counts as failed (too many dead letters), or None.
     """
 
     rows_read: int
@@ -50,11 +51,29 @@ class RunSummary:
     extra: Mapping[str, int]
     elapsed_secs: float
     dead_letter_files: tuple[str, ...] = ()
+    failure: str | None = None
 
     @property
     def rows_stored(self) -> int:
         """Rows that reached the data source itself (acknowledged, not quarantined)."""
         return self.rows_acknowledged - self.rows_quarantined
+
+    @property
+    def dead_letter_ratio(self) -> float:
+        """Dead letters per row read (1.0 when dead letters came with no row read)."""
+        if self.rows_read:
+            return self.dead_letters / self.rows_read
+        return 1.0 if self.dead_letters else 0.0
+
+
+def judge(summary: RunSummary, *, max_dead_letter_ratio: float) -> RunSummary:
+    """``summary`` with a ``failure`` when its dead-letter ratio is above ``max_dead_letter_ratio``."""
+    if summary.dead_letter_ratio <= max_dead_letter_ratio:
+        return summary
+    return dataclasses.replace(summary, failure=(
+        f"{summary.dead_letters:,} of {summary.rows_read:,} rows read were dead-lettered "
+        f"({summary.dead_letter_ratio:.2%}), more than --max_dead_letter_ratio {max_dead_letter_ratio:g} "
+        f"({max_dead_letter_ratio:.2%})"))
 
 
 def counter_totals(result: PipelineResult, namespace: str) -> dict[str, int]:
@@ -204,4 +223,6 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
         if not config.embedded:
             command.append(f"--api_url {config.api_url}")
         lines += ["", "Resend the dead letters once their cause is fixed:", "  " + " ".join(command)]
+    if summary.failure is not None:
+        lines += ["", f"FAILED: {summary.failure}"]
     return "\n".join(lines) + "\n"

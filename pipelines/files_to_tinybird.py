@@ -37,6 +37,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines._endpoint import Endpoint
+from pipelines._formats import FORMATS, ReadRecords, format_from_path
 from pipelines._options import (
     SinkConfig,
     UsageError,
@@ -47,7 +48,6 @@ from pipelines._options import (
 from pipelines._progress import CountRowsDoFn
 from pipelines._running import check_input_exists, configure_logging, exit_on_usage_error, run_pipeline
 from pipelines._summary import RunSummary
-from pipelines._formats import FORMATS, ReadRecords, format_from_path
 
 TITLE = "Files to Tinybird"
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data" / "events.ndjson"
@@ -66,7 +66,7 @@ class FilesToTinybirdOptions(PipelineOptions):
             help="Files to read: a path or glob on any Beam filesystem (local, gs://, s3://), "
                  "compressed or not. Default: the sample data set shipped with the pipelines.")
         add_argument_once(
-            parser, "--format", choices=("auto",) + FORMATS, default="auto",
+            parser, "--format", choices=("auto", *FORMATS), default="auto",
             help="ndjson, json (one array or one object per file), csv (header row), avro or "
                  "parquet. Default auto: from the extension of --input (.ndjson/.jsonl, .json, "
                  ".csv, .avro, .parquet, optionally followed by .gz/.bz2/.zst/.deflate/.xz).")

@@ -161,7 +161,7 @@ def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
             timestamp_attribute=options.timestamp_attribute)
         build(messages, window_secs=options.window_secs, write=sink.write_transform(endpoint))
 
-    return run_pipeline(title=TITLE, argv=argv + ["--streaming"], config=config, build=_build,
+    return run_pipeline(title=TITLE, argv=[*argv, "--streaming"], config=config, build=_build,
                         dead_letter_path=config.dead_letter_path, out=out, data_dir=data_dir)
 
 

@@ -23,6 +23,7 @@ import datetime
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 ROWS = 5_000
 """Lines in the file, including the quarantined and unsendable ones."""
@@ -53,7 +54,7 @@ def _iso_millis(moment: datetime.datetime) -> str:
 
 
 def _event(rng: random.Random, index: int, moment: datetime.datetime,
-           event_type: str | None = None) -> dict[str, object]:
+           event_type: str | None = None) -> dict[str, Any]:
     event_type = event_type or rng.choices(_EVENT_TYPES, weights=_EVENT_WEIGHTS)[0]
     country = rng.choice(_COUNTRIES)
     user_number = rng.randrange(1, 800)
@@ -65,7 +66,7 @@ def _event(rng: random.Random, index: int, moment: datetime.datetime,
         path = "/search"
     else:
         path = f"/p/{products[0]}"
-    event: dict[str, object] = {
+    event: dict[str, Any] = {
         "event_id": f"evt_{index:06d}_{rng.getrandbits(32):08x}",
         "timestamp": _iso_millis(moment),
         "event_type": event_type,

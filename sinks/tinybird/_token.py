@@ -11,7 +11,9 @@ import os
 import re
 
 DEFAULT_TOKEN_ENV = "TINYBIRD_TOKEN"
-_SECRET_VERSION = re.compile(r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$")
+_SECRET_VERSION = re.compile(r"^projects/[^/\s]+/secrets/[^/\s]+/versions/[^/\s]+$")
+# POSIX shell names: what ``export NAME=...`` and Dataflow's worker environment accept.
+_ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class TokenError(RuntimeError):
@@ -31,12 +33,14 @@ class TokenSource:
             raise ValueError("token must be a non-empty string (its value is not shown)")
         if self.value is not None and self.secret_version is not None:
             raise ValueError("give either token or token_secret, not both")
-        if self.secret_version is not None and not _SECRET_VERSION.match(self.secret_version):
+        if self.secret_version is not None and not _SECRET_VERSION.fullmatch(self.secret_version):
             raise ValueError(
-                "token_secret must look like projects/PROJECT/secrets/NAME/versions/VERSION, "
-                f"got {self.secret_version!r}")
-        if not self.env_var:
-            raise ValueError(f"token_env must name an environment variable, got {self.env_var!r}")
+                "token_secret must be a Secret Manager secret version, "
+                f"projects/PROJECT/secrets/NAME/versions/VERSION, got {self.secret_version!r}")
+        if not isinstance(self.env_var, str) or not _ENV_VAR_NAME.fullmatch(self.env_var):
+            raise ValueError(
+                "token_env must be an environment variable name (letters, digits and _, not starting "
+                f"with a digit), got {self.env_var!r}")
 
     def resolve(self) -> str:
         """The token; raises :class:`TokenError` saying where it looked."""
@@ -53,7 +57,7 @@ class TokenSource:
 
 def _read_secret(version: str) -> str:
     try:
-        from google.cloud import secretmanager  # type: ignore[import-not-found]
+        from google.cloud import secretmanager
     except ImportError as error:
         raise TokenError(
             "token_secret needs google-cloud-secret-manager: pip install 'beam-tinybird[gcp]'") from error

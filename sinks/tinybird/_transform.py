@@ -16,6 +16,7 @@ from apache_beam.typehints import Tuple as TupleHint
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from sinks.tinybird._arguments import check_argument_types, check_dead_letter_path
 from sinks.tinybird._batching import (
     DEAD_LETTERS_TAG,
     FULL_TAG,
@@ -181,21 +182,35 @@ class _PostDoFn(beam.DoFn):
             self._acknowledged / max(now - self._started, 1e-9), self._dead_lettered)
 
 
-class WriteToTinybirdResult:
-    """What :class:`WriteToTinybird` returns.
+class WriteToTinybirdResult(dict):
+    """What :class:`WriteToTinybird` returns: its outputs by name.
+
+    A ``dict`` of ``PCollection`` s, because that is the shape Beam (and Beam
+    YAML, where a later step reads ``ToTinybird.dead_letters``) takes as the
+    named outputs of a transform; the attributes are the same ``PCollection`` s.
 
     Attributes:
         dead_letters: A ``PCollection`` of :class:`DeadLetter`, one per element
             that was not delivered, in the global window with the timestamp of
-            its batch (its own window is kept as text in ``window``).
+            its batch (its own window is kept as text in ``window``). Output
+            ``"dead_letters"``.
         dead_letter_files: When ``dead_letter_path`` was given, the
-            ``PCollection`` of ``fileio.FileResult`` for the files written,
-            else ``None``.
+            ``PCollection`` of ``fileio.FileResult`` for the files written
+            (output ``"dead_letter_files"``), else ``None`` (and no such output).
     """
 
-    def __init__(self, *, dead_letters, dead_letter_files) -> None:
-        self.dead_letters = dead_letters
-        self.dead_letter_files = dead_letter_files
+    def __init__(self, *, dead_letters: beam.PCollection, dead_letter_files: beam.PCollection | None) -> None:
+        super().__init__(dead_letters=dead_letters)
+        if dead_letter_files is not None:
+            self["dead_letter_files"] = dead_letter_files
+
+    @property
+    def dead_letters(self) -> beam.PCollection:
+        return self["dead_letters"]
+
+    @property
+    def dead_letter_files(self) -> beam.PCollection | None:
+        return self.get("dead_letter_files")
 
 
 class WriteToTinybird(beam.PTransform):
@@ -294,6 +309,16 @@ class WriteToTinybird(beam.PTransform):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
+        check_argument_types({
+            "datasource": datasource, "token": token, "token_env": token_env, "token_secret": token_secret,
+            "api_url": api_url, "wait": wait, "compression": compression, "max_batch_bytes": max_batch_bytes,
+            "max_batch_rows": max_batch_rows, "max_buffering_secs": max_buffering_secs,
+            "num_shards": num_shards, "max_in_flight": max_in_flight, "retry_policy": retry_policy,
+            "connect_timeout_secs": connect_timeout_secs, "read_timeout_secs": read_timeout_secs,
+            "dead_letter_path": dead_letter_path, "dead_letter_format": dead_letter_format,
+            "raise_on_failure": raise_on_failure, "ca_bundle_path": ca_bundle_path,
+            "allow_insecure_http": allow_insecure_http, "clock": clock,
+        })
         self._clock = clock
         self._settings = ClientSettings(
             api_url=api_url, datasource=datasource, wait=wait, compression=compression,
@@ -308,6 +333,7 @@ class WriteToTinybird(beam.PTransform):
         if dead_letter_format not in DEAD_LETTER_FORMATS:
             raise ValueError(
                 f"dead_letter_format must be one of {DEAD_LETTER_FORMATS}, got {dead_letter_format!r}")
+        check_dead_letter_path(dead_letter_path)
         self._dead_letter_path = dead_letter_path
         self._dead_letter_format = dead_letter_format
         self._raise_on_failure = raise_on_failure

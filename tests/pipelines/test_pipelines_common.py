@@ -13,7 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import files_to_tinybird, replay_dead_letters, streaming_to_tinybird
 from pipelines._endpoint import Endpoint
-from pipelines._options import SinkConfig, beam_options_without_secrets, parse_bool
+from pipelines._options import SinkConfig, UsageError, beam_options_without_secrets, parse_bool
 from pipelines._progress import CountRowsDoFn
 from pipelines._summary import RunSummary, display_path, format_summary
 from pipelines._formats import UnreadableRecord, binary_safe_record, csv_value, format_from_path
@@ -59,21 +59,49 @@ def test_options_as_a_command_line_and_as_flex_template_parameters():
     assert streaming.max_buffering_secs == 0.5
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"datasource": "bad name"}, "--datasource must be a data source name"),
-    ({"api_url": "ftp://x"}, "--api_url must be an http"),
-    ({"token": "t", "token_secret": "projects/p/secrets/s/versions/1"}, "either --token or --token_secret"),
-    ({"token_secret": "tinybird-token"}, "--token_secret must look like projects/PROJECT"),
-    ({"token_env": "1BAD"}, "--token_env must name an environment variable"),
-    ({"compression": "brotli"}, "--compression must be one of"),
-    ({"num_shards": 0}, "--num_shards must be a positive integer, got 0"),
-    ({"max_batch_bytes": 1}, "--max_batch_bytes must be at least 2"),
-    ({"max_buffering_secs": 0}, "--max_buffering_secs must be positive"),
-    ({"dead_letter_format": "csv"}, "--dead_letter_format must be one of"),
+@pytest.mark.parametrize("argv, message", [
+    (["--datasource=bad name"], r"^--datasource must match \[A-Za-z_\]"),
+    (["--datasource=events_quarantine"], r"^--datasource 'events_quarantine' is a quarantine data source"),
+    (["--api_url=ftp://x", "--datasource=e"], r"^--api_url must be an http:// or https:// URL"),
+    (["--token=t", "--token_secret=projects/p/secrets/s/versions/1"], r"^give either token or token_secret"),
+    (["--token_secret=tinybird-token"], r"^--token_secret must be a Secret Manager secret version, projects/"),
+    (["--token_env=1BAD"], r"^--token_env must be an environment variable name"),
+    (["--token_env=MY-TOKEN"], r"^--token_env must be an environment variable name .*'MY-TOKEN'"),
+    (["--compression=brotli"], r"^--compression must be 'zstd', 'gzip' or None, got 'brotli'"),
+    (["--num_shards=0"], r"^--num_shards must be at least 1, got 0"),
+    (["--max_batch_bytes=1"], r"^--max_batch_bytes must be at least 2, got 1"),
+    (["--max_batch_rows=0"], r"^--max_batch_rows must be at least 1, got 0"),
+    (["--dead_letter_format=csv"], r"^--dead_letter_format must be one of \('json', 'avro'\), got 'csv'"),
+    (["--dead_letter_path= "], r"^--dead_letter_path is empty"),
+    (["--api_url=https://api.tinybird.co"], r"^--datasource is required with --api_url"),
 ])
-def test_config_refuses_bad_values_naming_them(changes, message):
-    with pytest.raises(ValueError, match=message):
-        SinkConfig(**{"datasource": "events", **changes})
+def test_the_sinks_own_checks_refuse_bad_options_naming_them(argv, message):
+    """The pipelines check nothing themselves: building the sink does, and its message names the option."""
+    with pytest.raises(UsageError, match=message):
+        files_to_tinybird.run(argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_buffering_secs=0"], r"^--max_buffering_secs must be positive, got 0"),
+    (["--max_buffering_secs=nan"], r"^--max_buffering_secs must be finite, got nan"),
+    (["--max_buffering_secs=inf"], r"^--max_buffering_secs must be finite, got inf"),
+])
+def test_the_streaming_options_are_checked_by_the_sink_too(argv, message):
+    with pytest.raises(UsageError, match=message):
+        streaming_to_tinybird.run(argv + ["--input_subscription=projects/p/subscriptions/s"])
+
+
+def test_defaults_are_the_sinks():
+    import inspect
+
+    from sinks.tinybird import WriteToTinybird
+
+    sink = {name: p.default for name, p in inspect.signature(WriteToTinybird).parameters.items()}
+    config = SinkConfig.from_options(streaming_to_tinybird.StreamingToTinybirdOptions(
+        ["--api_url=https://api.tinybird.co", "--datasource=e"]))
+    for name in ("token_env", "compression", "max_batch_bytes", "max_batch_rows", "num_shards",
+                 "max_buffering_secs", "dead_letter_format", "wait"):
+        assert getattr(config, name) == sink[name], name
 
 
 def test_the_token_never_shows():

@@ -65,6 +65,22 @@ EXAMPLES = {
     "window_secs": (["1", "60", "3600"], ["", "0", "1.5", "-60"]),
     "timestamp_attribute": (["event_time", "ts"], ["", "two words"]),
     "max_buffering_secs": (["5", "0.5", "1.25", "10.0"], ["", "0", "0.0", "-1", "five", "1e3"]),
+    "max_dead_letter_ratio": (["0", "0.01", "0.5", "1", "1.0"], ["", "-0.1", "1.5", "2", "1e-2", "abc", "5%"]),
+}
+# The sink's options (checked by building the sink) whose template regex refuses more than the
+# sink does, and why. Any other value a regex refuses, the pipeline refuses too.
+STRICTER_IN_TEMPLATE = {
+    ("api_url", ""): "required in a template; on a command line no --api_url means the embedded server",
+    ("api_url", "https://a b"): "the sink does not check the host name's characters (ClientSettings)",
+    ("token", ""): "an empty --token is ignored on a command line (the token is looked for elsewhere)",
+    ("token", "two words"): "the sink checks the token's characters on the workers, when it is resolved",
+    ("token_secret", ""): "an empty --token_secret is ignored on a command line",
+    ("wait", "yes"): "a command line also takes yes/no, 1/0 and any case",
+    ("wait", "True"): "a command line also takes yes/no, 1/0 and any case",
+    ("wait", "1"): "a command line also takes yes/no, 1/0 and any case",
+    ("max_buffering_secs", "1e3"): "a command line takes any float spelling",
+    ("dead_letter_path", "dead-letters/"): "templates write to Cloud Storage; a command line may write locally",
+    ("dead_letter_path", "/tmp/dl"): "templates write to Cloud Storage; a command line may write locally",
 }
 
 
@@ -151,6 +167,69 @@ def test_values_the_template_accepts_are_accepted_by_the_pipeline(name):
             SinkConfig.from_options(options)
 
 
+def _sink_option_names() -> set[str]:
+    from pipelines._options import add_sink_arguments
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_sink_arguments(parser, streaming=True)
+    return {action.dest for action in parser._actions}  # pylint: disable=protected-access
+
+
+def _pipeline_refuses(options_class, argv) -> bool:
+    """True when parsing ``argv`` or building the sink from it fails (what a launch would do)."""
+    try:
+        SinkConfig.from_options(options_class(argv))
+    except (ValueError, TypeError, SystemExit):  # SystemExit: argparse's own refusal
+        return True
+    return False
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_values_the_template_refuses_are_refused_by_the_sink(name, capsys):
+    """The regexes are a copy of the sink's rules for the launch form: checked against the sink itself."""
+    sink_options = _sink_option_names() - {"max_dead_letter_ratio"}
+    for parameter in _metadata(name)["parameters"]:
+        if parameter["name"] not in sink_options:
+            continue
+        for value in EXAMPLES[parameter["name"]][1]:
+            if (parameter["name"], value) in STRICTER_IN_TEMPLATE:
+                continue
+            argv = [f"--{parameter['name']}={value}"]
+            if parameter["name"] != "api_url":
+                argv.append("--api_url=https://api.tinybird.co")
+            if parameter["name"] != "datasource":
+                argv.append("--datasource=events")
+            assert _pipeline_refuses(OPTIONS[name], argv), (name, parameter["name"], value)
+    capsys.readouterr()
+
+
+def _documented_default(help_text: str) -> str | None:
+    match = re.search(r"\bDefault ([^\s:,;()]+?)\.?(?=[\s(]|$)", help_text)
+    if match is None:
+        match = re.search(r"\b(\w+) \((?:[^()]*; )?default\)", help_text)
+    return None if match is None else match.group(1)
+
+
+def _as_parameter(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_documented_defaults_are_the_pipelines_and_the_sinks(name):
+    parser = argparse.ArgumentParser(add_help=False)
+    OPTIONS[name]._add_argparse_args(parser)  # pylint: disable=protected-access
+    defaults = {action.dest: action.default for action in parser._actions}  # pylint: disable=protected-access
+    defaults["wait"] = False  # a template always has an api_url: the sink's default applies
+    documented = {p["name"]: _documented_default(p["helpText"]) for p in _metadata(name)["parameters"]}
+    documented = {key: value for key, value in documented.items() if value is not None}
+    assert {"token_env", "max_batch_bytes", "max_batch_rows", "num_shards", "compression", "wait",
+            "dead_letter_format", "max_dead_letter_ratio"} <= set(documented)
+    for parameter, text in documented.items():
+        assert text == _as_parameter(defaults[parameter]), (name, parameter)
+
+
 def test_token_secret_regex_is_the_sinks():
     from sinks.tinybird import _token
 
@@ -227,6 +306,7 @@ def test_files_template_as_the_launcher_runs_it(tmp_path):
             "api_url": server.url, "token_env": "LAUNCHER_TB_TOKEN", "wait": "true", "compression": "gzip",
             "max_batch_bytes": "4096", "max_batch_rows": "7", "num_shards": "2",
             "dead_letter_path": str(tmp_path / "dead") + "/", "dead_letter_format": "avro",
+            "max_dead_letter_ratio": "0",
         }
         assert set(parameters) | {"token", "token_secret"} == set(_option_names(OPTIONS["files_to_tinybird"]))
         result = subprocess.run(
