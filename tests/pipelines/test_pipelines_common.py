@@ -13,10 +13,10 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import files_to_tinybird, replay_dead_letters, streaming_to_tinybird
 from pipelines._endpoint import Endpoint
+from pipelines._formats import UnreadableRecord, binary_safe_record, csv_value, format_from_path
 from pipelines._options import SinkConfig, UsageError, beam_options_without_secrets, parse_bool
 from pipelines._progress import CountRowsDoFn
-from pipelines._summary import RunSummary, display_path, format_summary
-from pipelines._formats import UnreadableRecord, binary_safe_record, csv_value, format_from_path
+from pipelines._summary import RunSummary, display_path, format_summary, judge
 
 _OPTION_CLASSES = [
     files_to_tinybird.FilesToTinybirdOptions,
@@ -88,7 +88,7 @@ def test_the_sinks_own_checks_refuse_bad_options_naming_them(argv, message):
 ])
 def test_the_streaming_options_are_checked_by_the_sink_too(argv, message):
     with pytest.raises(UsageError, match=message):
-        streaming_to_tinybird.run(argv + ["--input_subscription=projects/p/subscriptions/s"])
+        streaming_to_tinybird.run([*argv, "--input_subscription=projects/p/subscriptions/s"])
 
 
 def test_defaults_are_the_sinks():
@@ -216,3 +216,25 @@ def test_unreadable_records_pickle_and_show_why():
     record = UnreadableRecord(path="/d/a.csv", position="line 3", reason="4 values for 3 columns", text="1,2,3,4")
     assert pickle.loads(pickle.dumps(record)) == record
     assert repr(record) == "UnreadableRecord(/d/a.csv line 3: 4 values for 3 columns; text='1,2,3,4')"
+
+
+def _summary(*, rows_read: int, dead_letters: int) -> RunSummary:
+    return RunSummary(rows_read=rows_read, rows_acknowledged=rows_read - dead_letters, rows_quarantined=0,
+                      dead_letters=dead_letters, dead_letters_by_kind={}, requests=1, retries=0, extra={},
+                      elapsed_secs=1.0)
+
+
+@pytest.mark.parametrize("rows_read, dead_letters, max_ratio, fails", [
+    (100, 1, 0.01, False),     # exactly at the ratio: passes
+    (100, 2, 0.01, True),
+    (5000, 2, 0.01, False),    # the sample data
+    (5000, 2, 0.0, True),      # 0: any dead letter fails
+    (100, 100, 1.0, False),    # 1: never fails
+    (0, 0, 0.0, False),        # nothing read, nothing lost
+    (0, 3, 0.5, True),         # dead letters without rows read (replayed records carried over)
+])
+def test_judge(rows_read, dead_letters, max_ratio, fails):
+    judged = judge(_summary(rows_read=rows_read, dead_letters=dead_letters), max_dead_letter_ratio=max_ratio)
+    assert (judged.failure is not None) is fails
+    if fails:
+        assert judged.failure.startswith(f"{dead_letters:,} of {rows_read:,} rows read were dead-lettered (")

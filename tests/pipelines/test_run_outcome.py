@@ -1,0 +1,97 @@
+"""Runs that fail loudly: the exit status and the summary's last line when too much is dead-lettered.
+
+Against the pipelines' shared local server; one run goes through a real process,
+the others through the same code path as ``main`` (``exit_on_usage_error``).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import sink_flags
+
+from pipelines import files_to_tinybird
+from pipelines._running import exit_on_usage_error
+from pipelines.files_to_tinybird import SAMPLE_DATA
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _mostly_bad(path, *, good: int, bad: int):
+    """``good`` JSON objects and ``bad`` lines that are JSON but not objects (dead-lettered, never sent)."""
+    lines = [json.dumps({"id": i}) for i in range(good)] + [json.dumps([i, "not an object"]) for i in range(bad)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _main(argv):
+    """What ``python -m pipelines.files_to_tinybird ARGV`` does, minus the logging set-up: (exit status, output)."""
+    out = io.StringIO()
+    try:
+        exit_on_usage_error(functools.partial(files_to_tinybird.run, out=out), argv)
+    except SystemExit as exit_:
+        return exit_.code, out.getvalue()
+    return 0, out.getvalue()
+
+
+def test_the_sample_data_run_passes_with_the_default_ratio(server, datasource, tmp_path):
+    # 2 of its 5,000 rows are dead-lettered on purpose: 0.04%, under the default 1%.
+    status, text = _main(sink_flags(server, datasource, "--input", str(SAMPLE_DATA),
+                                    "--dead_letter_path", str(tmp_path / "dead")))
+    assert status == 0
+    assert "  dead letters                  2   (unencodable: 2)" in text
+    assert "FAILED" not in text
+
+
+def test_the_sample_data_run_fails_with_ratio_zero(server, datasource, tmp_path):
+    status, text = _main(sink_flags(server, datasource, "--input", str(SAMPLE_DATA),
+                                    "--max_dead_letter_ratio", "0"))
+    assert status == 1
+    assert text.rstrip().splitlines()[-1] == (
+        "FAILED: 2 of 5,000 rows read were dead-lettered (0.04%), more than --max_dead_letter_ratio 0 (0.00%)")
+
+
+def test_a_run_with_most_rows_dead_lettered_fails(server, datasource, tmp_path):
+    source = _mostly_bad(tmp_path / "in.ndjson", good=10, bad=90)
+    status, text = _main(sink_flags(server, datasource, "--input", str(source)))
+    assert status == 1
+    assert text.rstrip().splitlines()[-1] == (
+        "FAILED: 90 of 100 rows read were dead-lettered (90.00%), more than --max_dead_letter_ratio 0.01 (1.00%)")
+    # Failing the run loses nothing: the good rows are stored all the same.
+    server.flush()
+    assert server.query(f"SELECT count() AS n FROM {datasource}") == [{"n": 10}]
+
+
+def test_a_higher_ratio_lets_the_same_run_pass(server, datasource, tmp_path):
+    source = _mostly_bad(tmp_path / "in.ndjson", good=10, bad=90)
+    status, text = _main(sink_flags(server, datasource, "--input", str(source), "--max_dead_letter_ratio", "1"))
+    assert status == 0 and "FAILED" not in text
+    assert "  dead letters                 90   (unencodable: 90)" in text
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "abc", "nan"])
+def test_a_ratio_outside_0_to_1_is_refused_before_anything_runs(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        files_to_tinybird.run(["--input", str(tmp_path / "none.ndjson"), "--max_dead_letter_ratio", value])
+    assert exit_.value.code == 2
+    assert "expected a number from 0 to 1" in capsys.readouterr().err
+
+
+def test_the_process_exits_1_and_says_why(server, datasource, tmp_path):
+    source = _mostly_bad(tmp_path / "in.ndjson", good=3, bad=7)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.files_to_tinybird", "--input", str(source), "--datasource", datasource,
+         "--api_url", server.url, "--token_env", "RUN_OUTCOME_TOKEN", "--runner", "FnApiRunner"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "RUN_OUTCOME_TOKEN": server.token})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stdout.rstrip().splitlines()[-1] == (
+        "FAILED: 7 of 10 rows read were dead-lettered (70.00%), more than --max_dead_letter_ratio 0.01 (1.00%)")
+    assert "Traceback" not in result.stderr
