@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +19,22 @@ LOCAL_DATA_DIR = "tinybird-local"
 """Where the embedded local server keeps its data, under the working directory."""
 
 
+LOCAL_EXTRA_MODULES = ("aiohttp",)
+"""What the ``local`` extra installs (pyproject.toml), by import name: the server runs in a
+child process, so a missing one would show only there, as that process's traceback."""
+
+
 class LocalServerUnavailable(RuntimeError):
     """The embedded run was asked for, but the local server's dependencies (``local`` extra) are missing."""
+
+
+def check_local_extra() -> None:
+    """Raises :class:`LocalServerUnavailable`, naming the extra to install, when its modules are missing."""
+    missing = [name for name in LOCAL_EXTRA_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise LocalServerUnavailable(
+            f"without --api_url the job starts the local Events API server, which needs {', '.join(missing)} "
+            "(the 'local' extra): pip install 'beam-tinybird[local]', or pass --api_url and a token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +66,10 @@ def tinybird_endpoint(config: SinkConfig, *, data_dir: Path | None = None) -> It
     if not config.embedded:
         yield Endpoint(api_url=str(config.api_url))
         return
-    try:
-        # Imported here only: production runs (with --api_url) never need it or its dependencies.
-        from tinybird_emulator import LocalServer
-    except ImportError as error:
-        raise LocalServerUnavailable(
-            "without --api_url the job starts the local Events API server, which needs the "
-            f"'local' extra ({error}): pip install 'beam-tinybird[local]', or pass --api_url and a token"
-        ) from error
+    check_local_extra()
+    # Imported here only: production runs (with --api_url) never need it or its dependencies.
+    from tinybird_emulator import LocalServer
+
     data_dir = Path(data_dir if data_dir is not None else Path.cwd() / LOCAL_DATA_DIR).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     with LocalServer(data_dir=data_dir, token=config.token) as server:

@@ -1,0 +1,113 @@
+"""The distribution as a user installs it: its top-level packages, and the default run without extras.
+
+A wheel is built from a copy of the sources (nothing is written into the
+checkout) and installed with ``--no-deps`` into a fresh venv that sees the
+already-installed dependencies through a ``.pth`` file, minus the ``local``
+extra (aiohttp) and the checkout's own editable install.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from pipelines._endpoint import LOCAL_EXTRA_MODULES
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_SOURCES = ("pyproject.toml", "setup.py", "README.md", "sinks", "pipelines", "tinybird_emulator")
+# What the fresh venv must not see from the test venv: the local extra and the checkout itself.
+_HIDDEN = ("aiohttp", "aiohttp-", "__editable__", "beam_tinybird")
+
+
+def _env() -> dict[str, str]:
+    # No PYTHONPATH: the pipelines' conftest points it at the checkout.
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+
+def _run(args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=180, env=_env(), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "src"
+    source.mkdir()
+    for name in _SOURCES:
+        path = REPO_ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(path, source / name)
+    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                  "-q", "-w", str(root / "dist"), str(source)])
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel_path,) = (root / "dist").glob("beam_tinybird-*.whl")
+    return wheel_path
+
+
+@pytest.fixture(scope="module")
+def fresh_python(wheel, tmp_path_factory) -> Path:
+    """A new venv's interpreter with the wheel installed, no extras."""
+    root = tmp_path_factory.mktemp("venv")
+    deps = root / "deps"
+    deps.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.startswith(_HIDDEN) and entry.suffix != ".pth":
+            (deps / entry.name).symlink_to(entry)
+    created = _run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")])
+    assert created.returncode == 0, created.stderr
+    python = root / "venv" / "bin" / "python"
+    site_packages = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+                         .stdout.strip())
+    (site_packages / "_test_dependencies.pth").write_text(f"{deps}\n")
+    # pip comes from the shared dependencies; it installs into the fresh venv's prefix.
+    installed = _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)])
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    return python
+
+
+def test_the_wheel_holds_exactly_three_top_level_packages(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        (record,) = [name for name in names if name.endswith(".dist-info/RECORD")]
+        recorded = archive.read(record).decode("utf-8").splitlines()
+    top_level = {line.split(",")[0].split("/")[0] for line in recorded if line}
+    assert top_level - {record.split("/")[0]} == {"sinks", "pipelines", "tinybird_emulator"}
+    assert {name.split("/")[0] for name in names} == top_level
+
+
+def test_the_fresh_venv_has_the_wheel_and_not_the_local_extra(fresh_python, tmp_path):
+    # From a directory outside the checkout: "-c" puts the working directory first on sys.path.
+    probe = _run([str(fresh_python), "-c", "import aiohttp"], cwd=tmp_path)
+    assert probe.returncode == 1 and "No module named 'aiohttp'" in probe.stderr
+    where = _run([str(fresh_python), "-c", "import pipelines, sinks; print(pipelines.__file__, sinks.__file__)"],
+                 cwd=tmp_path)
+    assert where.returncode == 0, where.stderr
+    assert str(REPO_ROOT) not in where.stdout and "site-packages" in where.stdout
+
+
+def test_the_default_run_without_the_local_extra_prints_one_hint_line(fresh_python, tmp_path):
+    result = _run([str(fresh_python), "-m", "pipelines.files_to_tinybird"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: without --api_url the job starts the local Events API server")
+    assert "pip install 'beam-tinybird[local]'" in lines[0]
+    assert not (tmp_path / "tinybird-local").exists()  # refused before anything started
+
+
+def test_local_extra_modules_are_the_local_extra():
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extra = {Requirement(r).name.replace("-", "_") for r in project["optional-dependencies"]["local"]}
+    assert set(LOCAL_EXTRA_MODULES) == extra
