@@ -4,10 +4,12 @@ Per-element work stays stateless and cheap (stateful work per element is about
 ten times slower on the DirectRunner, see REFERENCE.md s.3):
 
 1. :class:`_EncodeAndBatchDoFn` encodes each element once and appends its line
-   to a per-window buffer inside the bundle. A buffer that fills leaves at once
-   as a full :class:`Batch`: with large bundles (batch runners) most data is
-   posted without any shuffle, so memory does not grow with the input. What is
-   left at the end of the bundle leaves as a *chunk* keyed by shard and window.
+   to a per-window buffer inside the bundle. For bounded input a buffer that
+   fills leaves at once as a full :class:`Batch`: with large bundles (batch
+   runners) most data is posted without any shuffle, so memory does not grow
+   with the input. What is left at the end of the bundle leaves as a *chunk*
+   keyed by shard and window (for unbounded input, whose bundles are small, a
+   full buffer leaves that way too, see below).
 2. Chunks from every bundle are merged into full batches, cut at line
    boundaries: for bounded input by a ``GroupByKey`` and
    :class:`_MergeRemaindersDoFn` (no timers, which batch runners support
@@ -15,9 +17,13 @@ ten times slower on the DirectRunner, see REFERENCE.md s.3):
    sends a batch as soon as it is full, at the end of its window, and once its
    oldest chunk has waited ``max_buffering_secs``.
 
-Between the two steps chunks move to the global window, their own window being
-part of the key: batches never mix windows, and a runner never drops late data
-at the stateful step for an expired window (late rows are sent, not lost).
+The encoder emits everything (batches, chunks, dead letters) straight into the
+global window, each keeping its own window as text (and, for chunks, in the
+key): batches never mix windows, a runner never drops late data at the
+stateful step for an expired window (late rows are sent, not lost), and no
+``WindowInto`` step is needed; :class:`IntoGlobalWindow` declares it.
+Streaming runners pay for every step on every bundle, however small: for
+unbounded input the graph is encode, merge, post (one step of each).
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.coders import BytesCoder, TupleCoder, VarIntCoder
 from apache_beam.transforms import userstate
+from apache_beam.transforms.core import Windowing
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.window import GlobalWindow
+from apache_beam.transforms.window import FixedWindows, GlobalWindow, GlobalWindows, Sessions
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -129,25 +136,56 @@ class _WindowBuffer:
         self.min_timestamp_micros = timestamp_micros
 
 
+class IntoGlobalWindow(beam.ParDo):
+    """A ``ParDo`` whose DoFn emits every output into the global window itself.
+
+    Declaring it (as ``WindowInto`` does) gives the outputs the global window's
+    windowing, which a following ``GroupByKey`` or stateful DoFn needs, without
+    a ``WindowInto`` step that would only move each element.
+    """
+
+    def get_windowing(self, inputs) -> Windowing:
+        return Windowing(GlobalWindows())
+
+
+class _Refusal(NamedTuple):
+    """Why an element has no line to send: the fields of its dead letters."""
+
+    kind: DeadLetterKind
+    message: str
+    line: str | None
+    element: str | None
+
+
 class _EncodeAndBatchDoFn(beam.DoFn):
     """Encodes elements to NDJSON lines and batches them inside the bundle.
 
-    A window's buffer leaves as a full :class:`Batch` on ``FULL_TAG`` as soon as
-    the next line would not fit; at ``finish_bundle`` what is left of each
-    window leaves as ``(WindowKey, Chunk)`` on the main output, to be merged
-    with other bundles' remainders. :class:`DeadLetter` records go to
-    ``DEAD_LETTERS_TAG`` for elements that cannot be encoded or whose line
-    alone is larger than ``max_batch_bytes``.
+    For input whose elements are each in one window (global, fixed, session
+    windows: see :func:`encoder_for`). A window's buffer leaves as a full
+    :class:`Batch` on ``FULL_TAG`` as soon as the next line would not fit (with
+    ``full_to_merge``, as a ``(WindowKey, Chunk)`` on the main output instead);
+    at ``finish_bundle`` what is left of each window leaves as ``(WindowKey,
+    Chunk)`` on the main output, to be merged with other bundles' remainders.
+    :class:`DeadLetter` records go to ``DEAD_LETTERS_TAG``, one per window, for
+    elements that cannot be encoded or whose line alone is larger than
+    ``max_batch_bytes``. Every output is in the global window (apply it with
+    :class:`IntoGlobalWindow`).
 
     ``process`` takes the whole ``WindowedValue``: Beam calls a method that asks
     for the window and the timestamp as separate parameters through a path about
-    three times slower per element, and an element in several windows (sliding
-    windows) is encoded once.
+    three times slower per element.
+
+    Args:
+        full_to_merge: Send full buffers to the merge step with the remainders
+            rather than on ``FULL_TAG``. For unbounded input: its bundles are
+            small, so a buffer rarely fills inside one, and a posting step of
+            their own would run on every bundle for (nearly) nothing.
     """
 
-    def __init__(self, *, datasource: str, limits: BatchLimits) -> None:
+    def __init__(self, *, datasource: str, limits: BatchLimits, full_to_merge: bool = False) -> None:
         self._datasource = datasource
         self._limits = limits
+        self._full_to_merge = full_to_merge
 
     def setup(self) -> None:
         self._metrics = SinkMetrics()
@@ -159,36 +197,40 @@ class _EncodeAndBatchDoFn(beam.DoFn):
 
     def process(self, element, wv=beam.DoFn.WindowedValueParam):
         windows = wv.windows
-        line, refused = self._encode(element, windows)
-        if refused:
-            yield from refused
-            return
-        for window in windows:
-            full = self._add(window, line, wv.timestamp_micros)
-            if full is not None:
-                yield full
-
-    def _encode(self, element, windows) -> tuple[bytes | None, list[beam.pvalue.TaggedOutput]]:
-        """The element's line, or the dead letters (one per window) that say why there is none."""
+        if len(windows) != 1:
+            # Beam would emit each output of this call once per window of the input.
+            raise ValueError(f"{type(self).__name__} takes elements in one window, got {len(windows)}")
         self._count += 1
+        line = self._encode(element)
+        if isinstance(line, _Refusal):
+            yield self._dead_letter(line, windows[0], wv.timestamp)
+            return
+        full = self._add(windows[0], line, wv.timestamp_micros)
+        if full is not None:
+            yield full
+
+    def _encode(self, element) -> bytes | _Refusal:
+        """The element's line, or why there is none."""
         try:
             line = encode_element(element)
         except EncodingError as error:
-            kind, message, line_text, shown = DeadLetterKind.UNENCODABLE, error.reason, None, element_repr(element)
-        else:
-            size = len(line) + 1
-            if size <= self._limits.max_batch_bytes:
-                return line, []
-            kind, line_text, shown = DeadLetterKind.OVERSIZE, line.decode("utf-8"), None
-            message = f"the encoded row is {size} bytes, over max_batch_bytes={self._limits.max_batch_bytes}"
-        self._metrics.dead_letters(kind.value, len(windows))
-        return None, [
-            beam.pvalue.TaggedOutput(DEAD_LETTERS_TAG, never_sent(
-                datasource=self._datasource, kind=kind, message=message, window=window,
-                line=line_text, element=shown))
-            for window in windows]
+            return _Refusal(DeadLetterKind.UNENCODABLE, error.reason, None, element_repr(element))
+        size = len(line) + 1
+        if size <= self._limits.max_batch_bytes:
+            return line
+        return _Refusal(
+            DeadLetterKind.OVERSIZE, f"the encoded row is {size} bytes, over max_batch_bytes={self._limits.max_batch_bytes}",
+            line.decode("utf-8"), None)
 
-    def _add(self, window, line: bytes, timestamp_micros: int) -> beam.pvalue.TaggedOutput | None:
+    def _dead_letter(self, refusal: _Refusal, window, timestamp: Timestamp | None) -> beam.pvalue.TaggedOutput:
+        """The dead letter for one window, in the global window (``timestamp`` None: the input's, already global)."""
+        self._metrics.dead_letters(refusal.kind.value, 1)
+        letter = never_sent(datasource=self._datasource, kind=refusal.kind, message=refusal.message,
+                            window=window, line=refusal.line, element=refusal.element)
+        return beam.pvalue.TaggedOutput(
+            DEAD_LETTERS_TAG, letter if timestamp is None else WindowedValue(letter, timestamp, _GLOBAL_WINDOWS))
+
+    def _add(self, window, line: bytes, timestamp_micros: int) -> beam.pvalue.TaggedOutput | WindowedValue | None:
         """Adds a line to its window's buffer; returns a full batch when one leaves."""
         limits = self._limits
         buffer = self._buffers.get(window)
@@ -212,20 +254,25 @@ class _EncodeAndBatchDoFn(beam.DoFn):
             return self._full(window, buffer)
         return full
 
-    @staticmethod
-    def _full(window, buffer: _WindowBuffer) -> beam.pvalue.TaggedOutput:
+    def _full(self, window, buffer: _WindowBuffer) -> beam.pvalue.TaggedOutput | WindowedValue:
+        if self._full_to_merge:
+            return self._chunk(window, buffer)
         batch = Batch(window_text(window), bytes(buffer.data), buffer.rows)
         timestamp = Timestamp(micros=buffer.min_timestamp_micros)
-        return beam.pvalue.TaggedOutput(FULL_TAG, beam.window.TimestampedValue(batch, timestamp))
+        return beam.pvalue.TaggedOutput(FULL_TAG, WindowedValue(batch, timestamp, _GLOBAL_WINDOWS))
+
+    def _chunk(self, window, buffer: _WindowBuffer) -> WindowedValue:
+        """The buffer as ``(WindowKey, Chunk)``, on the next shard, for the merge step."""
+        self._shard = (self._shard + 1) % self._limits.num_shards
+        key = WindowKey(self._shard, window.max_timestamp().micros, window_text(window))
+        chunk = Chunk(bytes(buffer.data), buffer.rows)
+        return WindowedValue((key, chunk), Timestamp(micros=buffer.min_timestamp_micros), _GLOBAL_WINDOWS)
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
         self._metrics.inc("elements_in", self._count)
         buffers, self._buffers = self._buffers, {}
         for window, buffer in buffers.items():
-            self._shard = (self._shard + 1) % self._limits.num_shards
-            key = WindowKey(self._shard, window.max_timestamp().micros, window_text(window))
-            chunk = Chunk(bytes(buffer.data), buffer.rows)
-            yield WindowedValue((key, chunk), Timestamp(micros=buffer.min_timestamp_micros), (window,))
+            yield self._chunk(window, buffer)
 
 
 class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
@@ -236,14 +283,61 @@ class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
     its timestamp is not needed, as nothing downstream waits on a watermark.
     """
 
-    def process(self, element):
-        line, refused = self._encode(element, _GLOBAL_WINDOWS)
-        if refused:
-            yield from refused
+    # Beam passes what the signature asks for: here the element alone.
+    def process(self, element):  # type: ignore[override]
+        self._count += 1
+        line = self._encode(element)
+        if isinstance(line, _Refusal):
+            # The input is in the global window already: the output inherits it.
+            yield self._dead_letter(line, _GLOBAL_WINDOWS[0], None)
             return
         full = self._add(_GLOBAL_WINDOWS[0], line, MIN_TIMESTAMP.micros)
         if full is not None:
             yield full
+
+
+class _EncodeAndBatchPerWindowDoFn(_EncodeAndBatchDoFn):
+    """:class:`_EncodeAndBatchDoFn` for windowing that may put an element in several windows (sliding windows).
+
+    Beam emits whatever one call of ``process`` yields once per window of its
+    input, so this ``process`` asks for the window: the runner then calls it
+    once per window (the slower path, for this windowing only). The calls for
+    one element come in a row with the same object: it is encoded and counted
+    once.
+    """
+
+    def start_bundle(self) -> None:
+        super().start_bundle()
+        self._last: tuple[object, bytes | _Refusal] | None = None
+
+    # Beam passes what the signature asks for: here the window and timestamp, one window a call.
+    def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+        last = self._last
+        if last is not None and last[0] is element:
+            line = last[1]
+        else:
+            self._count += 1
+            line = self._encode(element)
+            self._last = (element, line)
+        if isinstance(line, _Refusal):
+            yield self._dead_letter(line, window, timestamp)
+            return
+        full = self._add(window, line, timestamp.micros)
+        if full is not None:
+            yield full
+
+
+# Window functions that put every element in exactly one window.
+_ONE_WINDOW_FNS = (GlobalWindows, FixedWindows, Sessions)
+
+
+def encoder_for(windowfn, *, bounded: bool) -> type[_EncodeAndBatchDoFn]:
+    """The encoder for input windowed by ``windowfn``: the cheapest call that stays exact."""
+    if bounded and type(windowfn) is GlobalWindows:
+        return _EncodeAndBatchGlobalDoFn
+    if type(windowfn) in _ONE_WINDOW_FNS:
+        return _EncodeAndBatchDoFn
+    return _EncodeAndBatchPerWindowDoFn
 
 
 def cut_batches(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.transforms.window import GlobalWindow, GlobalWindows
+from apache_beam.transforms.window import GlobalWindow
 from apache_beam.typehints import Tuple as TupleHint
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
@@ -22,10 +22,10 @@ from sinks.tinybird._batching import (
     FULL_TAG,
     Batch,
     BatchLimits,
+    IntoGlobalWindow,
     _BatchDoFn,
-    _EncodeAndBatchDoFn,
-    _EncodeAndBatchGlobalDoFn,
     _MergeRemaindersDoFn,
+    encoder_for,
 )
 from sinks.tinybird._events_api import ClientSettings, EventsApiClient, Failed, SendReport
 from sinks.tinybird._metrics import SinkMetrics
@@ -340,29 +340,33 @@ class WriteToTinybird(beam.PTransform):
 
     def expand(self, pcoll) -> WriteToTinybirdResult:
         limits = self._limits
-        in_global_window = pcoll.is_bounded and isinstance(pcoll.windowing.windowfn, GlobalWindows)
-        encoder = _EncodeAndBatchGlobalDoFn if in_global_window else _EncodeAndBatchDoFn
-        encoded = pcoll | "EncodeAndBatch" >> beam.ParDo(
-            encoder(datasource=self._settings.datasource, limits=limits)
-        ).with_output_types(_KEYED_CHUNK).with_outputs(DEAD_LETTERS_TAG, FULL_TAG, main="remainders")
-        remainders = encoded.remainders | "RemaindersToGlobalWindow" >> beam.WindowInto(GlobalWindows())
-        if pcoll.is_bounded:
+        bounded = pcoll.is_bounded
+        encoder = encoder_for(pcoll.windowing.windowfn, bounded=bounded)
+        # Every output of the encoder is in the global window, its own window
+        # kept as text (and in the chunks' key): no WindowInto step.
+        encoded = pcoll | "EncodeAndBatch" >> IntoGlobalWindow(
+            encoder(datasource=self._settings.datasource, limits=limits, full_to_merge=not bounded)
+        ).with_output_types(_KEYED_CHUNK).with_outputs(
+            DEAD_LETTERS_TAG, *([FULL_TAG] if bounded else []), main="remainders")
+        if bounded:
             merged = (
-                remainders
+                encoded.remainders
                 | "GroupRemainders" >> beam.GroupByKey()
                 | "MergeRemainders" >> beam.ParDo(_MergeRemaindersDoFn(limits=limits)).with_output_types(_BATCH))
+            # The same DoFn twice rather than a Flatten: each posts in the stage
+            # that produced its batches, so full batches never wait for the
+            # shuffle (a Flatten of two stages' outputs is read after both).
+            posted = [encoded[FULL_TAG] | "PostFull" >> self._post(),
+                      merged | "PostMerged" >> self._post()]
         else:
-            merged = remainders | "MergeRemainders" >> beam.ParDo(
+            # Streaming bundles are small and every step costs per bundle: full
+            # buffers go through the merge step too, and one step posts.
+            merged = encoded.remainders | "MergeRemainders" >> beam.ParDo(
                 _BatchDoFn(limits=limits, buffer_in_processing_time=True, clock=self._clock)
             ).with_output_types(_BATCH)
-        full = encoded[FULL_TAG] | "FullToGlobalWindow" >> beam.WindowInto(GlobalWindows())
-        # The same DoFn twice rather than a Flatten: each posts in the stage
-        # that produced its batches, so full batches never wait for a shuffle.
-        posted_full = full | "PostFull" >> self._post()
-        posted_merged = merged | "PostMerged" >> self._post()
-        refused = encoded[DEAD_LETTERS_TAG] | "RefusedToGlobalWindow" >> beam.WindowInto(GlobalWindows())
+            posted = [merged | "Post" >> self._post()]
         dead_letters = (
-            refused, posted_full[DEAD_LETTERS_TAG], posted_merged[DEAD_LETTERS_TAG]
+            encoded[DEAD_LETTERS_TAG], *(p[DEAD_LETTERS_TAG] for p in posted)
         ) | "DeadLetters" >> beam.Flatten().with_output_types(DeadLetter)
         files = None
         if self._dead_letter_path:

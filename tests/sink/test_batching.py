@@ -163,24 +163,133 @@ def test_bounded_batches_are_full_whatever_the_bundle_size(bundle_sizes, num_sha
 
 
 def test_an_element_in_two_windows_goes_into_each_windows_batch_once():
-    """Sliding windows: Beam sees one element per window, so does the sink."""
-    from apache_beam.transforms.window import IntervalWindow
+    """Sliding windows: Beam sees one element per window, so does the sink; it is encoded and counted once."""
+    from apache_beam.transforms.window import GlobalWindow, IntervalWindow
     from apache_beam.utils.timestamp import Timestamp
-    from apache_beam.utils.windowed_value import WindowedValue
 
-    from sinks.tinybird._batching import WindowKey, _EncodeAndBatchDoFn
+    from sinks.tinybird._batching import WindowKey, _EncodeAndBatchPerWindowDoFn
+
+    limits = BatchLimits(max_batch_bytes=1024, max_batch_rows=100, max_buffering_secs=5, num_shards=1)
+    encoder = _EncodeAndBatchPerWindowDoFn(datasource="events", limits=limits)
+    encoder.setup()
+    encoder.start_bundle()
+    first, second = IntervalWindow(0, 10), IntervalWindow(5, 15)
+    element = {"id": 1}
+    # The runner calls once per window, in a row, with the same element.
+    outputs = list(encoder.process(element, window=first, timestamp=Timestamp(7)))
+    outputs += encoder.process(element, window=second, timestamp=Timestamp(7))
+    outputs += encoder.process({"id": 2}, window=first, timestamp=Timestamp(6))
+    assert encoder._count == 2
+    outputs += encoder.finish_bundle()
+    chunks = {WindowKey(*out.value[0]).window: (out.value[1], out.timestamp, out.windows) for out in outputs}
+    assert len(outputs) == 2
+    # Emitted into the global window; the window is in the key.
+    payload, timestamp, windows = chunks[window_text(first)]
+    assert (payload.payload, payload.rows, timestamp, windows) == (
+        b'{"id":1}\n{"id":2}\n', 2, Timestamp(6), (GlobalWindow(),))
+    payload, timestamp, windows = chunks[window_text(second)]
+    assert (payload.payload, payload.rows, timestamp, windows) == (b'{"id":1}\n', 1, Timestamp(7), (GlobalWindow(),))
+
+
+def test_the_encoder_is_chosen_by_how_many_windows_an_element_can_be_in():
+    from apache_beam.transforms.window import FixedWindows, GlobalWindows, Sessions, SlidingWindows
+
+    from sinks.tinybird._batching import (
+        _EncodeAndBatchDoFn,
+        _EncodeAndBatchGlobalDoFn,
+        _EncodeAndBatchPerWindowDoFn,
+        encoder_for,
+    )
+
+    assert encoder_for(GlobalWindows(), bounded=True) is _EncodeAndBatchGlobalDoFn
+    assert encoder_for(GlobalWindows(), bounded=False) is _EncodeAndBatchDoFn
+    assert encoder_for(FixedWindows(10), bounded=True) is _EncodeAndBatchDoFn
+    assert encoder_for(Sessions(10), bounded=False) is _EncodeAndBatchDoFn
+    assert encoder_for(SlidingWindows(10, 5), bounded=True) is _EncodeAndBatchPerWindowDoFn
+
+    class Custom(FixedWindows):
+        pass
+
+    # A subclass may assign several windows: only the exact classes take the fast path.
+    assert encoder_for(Custom(10), bounded=True) is _EncodeAndBatchPerWindowDoFn
+
+
+def test_the_one_window_encoder_refuses_an_element_in_two_windows():
+    """Beam would repeat each output once per window: failing is better than duplicating rows."""
+    from apache_beam.transforms.window import IntervalWindow
+
+    from sinks.tinybird._batching import _EncodeAndBatchDoFn
 
     limits = BatchLimits(max_batch_bytes=1024, max_batch_rows=100, max_buffering_secs=5, num_shards=1)
     encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits)
     encoder.setup()
     encoder.start_bundle()
+    with pytest.raises(ValueError, match="takes elements in one window, got 2"):
+        list(encoder.process({"id": 1}, wv=_windowed({"id": 1}, 7, IntervalWindow(0, 10), IntervalWindow(5, 15))))
+
+
+def _windowed(element, timestamp, *windows):
+    from apache_beam.utils.timestamp import Timestamp
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    return WindowedValue(element, Timestamp(timestamp), windows)
+
+
+@pytest.mark.parametrize("full_to_merge", [False, True])
+def test_a_full_buffer_leaves_in_the_global_window_as_a_batch_or_for_the_merge(full_to_merge):
+    """Bounded input posts full batches at once; unbounded input sends them to the merge step."""
+    from apache_beam.pvalue import TaggedOutput
+    from apache_beam.transforms.window import GlobalWindow, IntervalWindow
+    from apache_beam.utils.timestamp import Timestamp
+
+    from sinks.tinybird._batching import FULL_TAG, Batch, Chunk, WindowKey, _EncodeAndBatchDoFn
+
+    window = IntervalWindow(0, 10)
+    # Each line is 9 bytes with its newline: two fill a batch of 18 bytes.
+    limits = BatchLimits(max_batch_bytes=18, max_batch_rows=100, max_buffering_secs=5, num_shards=3)
+    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits, full_to_merge=full_to_merge)
+    encoder.setup()
+    encoder.start_bundle()
+    outputs = []
+    for i, timestamp in enumerate((5, 3, 4)):
+        outputs += encoder.process({"id": i}, wv=_windowed({"id": i}, timestamp, window))
+    assert len(outputs) == 1
+    full = outputs[0]
+    if full_to_merge:
+        key, chunk = full.value
+        assert (WindowKey(*key).window, WindowKey(*key).window_max_micros) == (
+            window_text(window), window.max_timestamp().micros)
+        assert chunk == Chunk(b'{"id":0}\n{"id":1}\n', 2)
+    else:
+        assert isinstance(full, TaggedOutput) and full.tag == FULL_TAG
+        full = full.value
+        assert full.value == Batch(window_text(window), b'{"id":0}\n{"id":1}\n', 2)
+    assert (full.timestamp, full.windows) == (Timestamp(3), (GlobalWindow(),))
+    (rest,) = list(encoder.finish_bundle())
+    assert rest.value[1] == Chunk(b'{"id":2}\n', 1) and rest.windows == (GlobalWindow(),)
+    if full_to_merge:
+        # Consecutive chunks go to different shards.
+        assert WindowKey(*rest.value[0]).shard != WindowKey(*full.value[0]).shard
+
+
+def test_an_unencodable_element_in_two_windows_is_one_dead_letter_per_window_in_the_global_window():
+    from apache_beam.pvalue import TaggedOutput
+    from apache_beam.transforms.window import GlobalWindow, IntervalWindow
+    from apache_beam.utils.timestamp import Timestamp
+
+    from sinks.tinybird._batching import DEAD_LETTERS_TAG, _EncodeAndBatchPerWindowDoFn
+
+    limits = BatchLimits(max_batch_bytes=1024, max_batch_rows=100, max_buffering_secs=5, num_shards=1)
+    encoder = _EncodeAndBatchPerWindowDoFn(datasource="events", limits=limits)
+    encoder.setup()
+    encoder.start_bundle()
     first, second = IntervalWindow(0, 10), IntervalWindow(5, 15)
-    outputs = list(encoder.process({"id": 1}, wv=WindowedValue({"id": 1}, Timestamp(7), (first, second))))
-    outputs += encoder.process({"id": 2}, wv=WindowedValue({"id": 2}, Timestamp(6), (first,)))
-    outputs += encoder.finish_bundle()
-    chunks = {WindowKey(*out.value[0]).window: (out.value[1], out.timestamp, out.windows) for out in outputs}
-    assert len(outputs) == 2
-    payload, timestamp, windows = chunks[window_text(first)]
-    assert (payload.payload, payload.rows, timestamp, windows) == (b'{"id":1}\n{"id":2}\n', 2, Timestamp(6), (first,))
-    payload, timestamp, windows = chunks[window_text(second)]
-    assert (payload.payload, payload.rows, timestamp, windows) == (b'{"id":1}\n', 1, Timestamp(7), (second,))
+    bad = {"bad": object()}
+    outputs = [out for window in (first, second) for out in encoder.process(bad, window=window, timestamp=Timestamp(7))]
+    assert all(isinstance(out, TaggedOutput) and out.tag == DEAD_LETTERS_TAG for out in outputs)
+    assert [(out.value.value.window, out.value.value.kind, out.value.timestamp, out.value.windows)
+            for out in outputs] == [
+        (window_text(first), "unencodable", Timestamp(7), (GlobalWindow(),)),
+        (window_text(second), "unencodable", Timestamp(7), (GlobalWindow(),))]
+    assert encoder._count == 1
+    assert list(encoder.finish_bundle()) == []

@@ -9,9 +9,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.transforms.window import FixedWindows, GlobalWindows, TimestampedValue
+from apache_beam.transforms.window import FixedWindows, TimestampedValue
 
-from sinks.tinybird._batching import BatchLimits, _BatchDoFn, _EncodeAndBatchDoFn
+from sinks.tinybird._batching import BatchLimits, IntoGlobalWindow, _BatchDoFn, _EncodeAndBatchDoFn
 
 # Each event encodes to exactly 20 bytes with its newline: {"id":1000,"p":"x"}
 _ROW_BYTES = 20
@@ -35,21 +35,15 @@ class _FrozenClock:
 
 
 def _batches(pcoll, *, limits: BatchLimits):
-    """The batches the sink would post: full ones from inside bundles, merged ones across bundles."""
-    encoded = pcoll | beam.ParDo(_EncodeAndBatchDoFn(datasource="events", limits=limits)).with_outputs(
-        "dead_letters", "full", main="remainders")
-    merged = (
-        encoded.remainders
-        | "Global" >> beam.WindowInto(GlobalWindows())
-        | beam.ParDo(_BatchDoFn(limits=limits, buffer_in_processing_time=True, clock=_FrozenClock()))
-    )
-    full = encoded.full | "FullGlobal" >> beam.WindowInto(GlobalWindows())
-    return (
-        (full, merged)
-        | beam.Flatten()
-        | beam.Map(lambda b: (b.window, b.rows, tuple(orjson.loads(line)["id"] - 1000
-                                                       for line in b.payload.splitlines())))
-    )
+    """The batches the sink would post for unbounded input: encode (full buffers and
+    remainders alike go to the merge step, all in the global window), then merge."""
+    encoded = pcoll | IntoGlobalWindow(
+        _EncodeAndBatchDoFn(datasource="events", limits=limits, full_to_merge=True)
+    ).with_outputs("dead_letters", main="remainders")
+    merged = encoded.remainders | beam.ParDo(
+        _BatchDoFn(limits=limits, buffer_in_processing_time=True, clock=_FrozenClock()))
+    return merged | beam.Map(
+        lambda b: (b.window, b.rows, tuple(orjson.loads(line)["id"] - 1000 for line in b.payload.splitlines())))
 
 
 def test_flush_by_size_by_buffering_time_at_window_end_and_late_data_is_sent():
@@ -102,3 +96,42 @@ def test_batches_never_mix_windows_across_shards():
             assert sorted(seen) == list(range(60))
 
         assert_that(out, check)
+
+
+def _steps(pcoll_builder) -> list[tuple[str, str]]:
+    """(label, transform class) of every leaf step inside the sink, in the order applied."""
+    from apache_beam.pipeline import PipelineVisitor
+
+    from sinks.tinybird import WriteToTinybird
+
+    p = beam.Pipeline(options=_streaming_options())
+    pcoll_builder(p) | "Sink" >> WriteToTinybird(datasource="events", token="t", api_url="http://127.0.0.1:1")
+    steps: list[tuple[str, str]] = []
+
+    class Visitor(PipelineVisitor):
+        def visit_transform(self, node):
+            if node.full_label.startswith("Sink/"):
+                steps.append((node.full_label[len("Sink/"):], type(node.transform).__name__))
+
+    p.visit(Visitor())
+    return steps
+
+
+def test_unbounded_input_runs_three_steps_per_bundle_and_no_window_into():
+    """Encode, merge, post: each streaming step costs per bundle (the dead letters' Flatten is not a DoFn)."""
+    steps = _steps(lambda p: p | TestStream().add_elements([_event(1)]) | beam.WindowInto(FixedWindows(10)))
+    assert steps == [
+        ("EncodeAndBatch/IntoGlobalWindow(_EncodeAndBatchDoFn)", "IntoGlobalWindow"),
+        ("MergeRemainders", "ParDo"),
+        ("Post/ParDo(_PostDoFn)", "ParDo"),
+        ("DeadLetters", "Flatten"),
+    ]
+
+
+def test_bounded_input_posts_full_batches_apart_and_no_window_into():
+    steps = _steps(lambda p: p | beam.Create([_event(1)]) | beam.WindowInto(FixedWindows(10)))
+    labels = [label for label, _ in steps]
+    assert not [kind for _, kind in steps if kind == "WindowInto"]
+    assert steps[0] == ("EncodeAndBatch/IntoGlobalWindow(_EncodeAndBatchDoFn)", "IntoGlobalWindow")
+    assert "PostFull/ParDo(_PostDoFn)" in labels and "PostMerged/ParDo(_PostDoFn)" in labels
+    assert any(label.startswith("GroupRemainders") for label in labels)

@@ -170,6 +170,33 @@ def test_an_element_in_two_sliding_windows_is_sent_once_per_window(server, datas
     assert counters["elements_in"] == 100 and counters["rows_acknowledged"] == 200
 
 
+def test_sliding_windows_full_batches_and_dead_letters_once_per_window(server, datasource, tmp_path):
+    """Beam repeats what one call emits once per window of its input: the sink must not.
+
+    Batches fill inside the bundle (a row is in two windows), and one element
+    cannot be encoded: every row is stored once per window, one dead letter per window.
+    """
+    from apache_beam.transforms.window import IntervalWindow, SlidingWindows, TimestampedValue
+
+    dead_dir = tmp_path / "dlq"
+
+    def build(p):
+        elements = [TimestampedValue({"id": i}, i % 20) for i in range(600)] + [TimestampedValue({"bad": object()}, 15)]
+        (p | beam.Create(elements, reshuffle=False)
+           | beam.WindowInto(SlidingWindows(size=20, period=10))
+           | _sink(server, datasource, max_batch_bytes=1024, dead_letter_path=str(dead_dir) + "/"))
+
+    counters = _run(build)
+    assert _ids(server, datasource) == sorted(list(range(600)) * 2)
+    letters = _dead_letters(dead_dir)
+    assert sorted((letter.kind, letter.window) for letter in letters) == [
+        ("unencodable", window_text(IntervalWindow(0, 20))), ("unencodable", window_text(IntervalWindow(10, 30)))]
+    assert counters["elements_in"] == 601
+    assert counters["dead_letters"] == 2 and counters["rows_acknowledged"] == 1200
+    # 600 rows of about 12 bytes in each of 3 windows' 1 KiB batches: many filled inside the bundle.
+    assert counters["requests"] >= 12
+
+
 def test_types_beyond_plain_dicts_are_encoded(server, datasource):
     Row = beam.Row
     at = datetime.datetime(2026, 11, 22, 10, 30, 0, tzinfo=datetime.UTC)
