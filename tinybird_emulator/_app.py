@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import orjson
 from aiohttp import HttpVersion11, web
 from tinybird_emulator._body import BodyError, decompress, parse_body
+from tinybird_emulator._client_routes import ClientRoutes
 from tinybird_emulator._config import ServerConfig
 from tinybird_emulator._faults import WHEN_AFTER, FaultInjector, FiredFault, parse_rules
 from tinybird_emulator._ratelimit import RateDecision, RateLimiter
@@ -104,6 +105,13 @@ def _decode(
     )
 
 
+class Received(NamedTuple):
+    """A decoded body and its size on the wire."""
+
+    body: _Decoded
+    received_bytes: int
+
+
 class EventsApp:
     """State shared by the handlers of one server."""
 
@@ -147,6 +155,7 @@ class EventsApp:
         app.router.add_get("/v0/sql", self.sql)
         app.router.add_post("/v0/sql", self.sql)
         app.router.add_get("/v0/datasources", self.get_datasources)
+        ClientRoutes(self).add_to(app)
         app.router.add_get("/_emulator/faults", self.get_faults)
         app.router.add_put("/_emulator/faults", self.put_faults)
         app.router.add_delete("/_emulator/faults", self.delete_faults)
@@ -204,8 +213,28 @@ class EventsApp:
         request.writer.output_size = 0  # type: ignore[union-attr]
         return None
 
-    def _auth(self, request: web.Request) -> TokenInfo | None:
+    def auth(self, request: web.Request) -> TokenInfo | None:
+        """The request's token (header or ``?token=``), None when unknown."""
         return self.tokens.lookup(_token_of(request))
+
+    async def read_and_decode(self, request: web.Request, name: str, fmt: str) -> Received | web.Response:
+        """Reads a body (413 past the limit) and decodes it in the pool, for a data source
+        that exists; an error answer when it cannot be used."""
+        if self._decode_sem is None:
+            self._decode_sem = asyncio.Semaphore(self.config.max_concurrent_decodes)
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        async with self._decode_sem:
+            try:
+                wire = await self._read_body(request, self.config.max_body_bytes)
+            except _TooLarge:
+                return _error(413, f"the body is larger than the limit of {self.config.max_body_bytes} bytes")
+            try:
+                decoded = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, _decode, wire, encoding, self.config.max_body_bytes, fmt, name, True
+                )
+            except BodyError as exc:
+                return _error(exc.status, exc.message)
+        return Received(decoded, len(wire))
 
     # -- /v0/events ----------------------------------------------------------
 
@@ -225,7 +254,7 @@ class EventsApp:
                 "invalid data source name: use 1-100 characters of A-Z a-z 0-9 _, not starting with a digit, "
                 "not ending in _quarantine",
             )
-        info = self._auth(request)
+        info = self.auth(request)
         if info is None:
             return _error(403, "invalid or missing token")
         exists = self.store.schema(name) is not None
@@ -398,7 +427,7 @@ class EventsApp:
     # -- /v0/tokens ----------------------------------------------------------
 
     async def post_tokens(self, request: web.Request) -> web.StreamResponse:
-        info = self._auth(request)
+        info = self.auth(request)
         if info is None or not info.is_admin:
             return _error(403, "creating tokens needs an ADMIN token")
         name = request.query.get("name", "")
@@ -414,7 +443,7 @@ class EventsApp:
     # -- reads ---------------------------------------------------------------
 
     async def sql(self, request: web.Request) -> web.StreamResponse:
-        info = self._auth(request)
+        info = self.auth(request)
         if info is None:
             return _error(403, "invalid or missing token")
         readable = info.readable()
@@ -426,13 +455,14 @@ class EventsApp:
                 q = (await request.post()).get("q")  # type: ignore[assignment]
             else:
                 q = (await request.read()).decode("utf-8", "replace")
-        status, body = await asyncio.wrap_future(
+        status, content_type, body = await asyncio.wrap_future(
             self.store.submit_sql(None if q is None else str(q), readable=readable)
         )
-        return _json(body, status=status)
+        kind, _, charset = content_type.partition("; charset=")
+        return web.Response(body=body, status=status, content_type=kind, charset=charset or None)
 
     async def get_datasources(self, request: web.Request) -> web.StreamResponse:
-        info = self._auth(request)
+        info = self.auth(request)
         if info is None:
             return _error(403, "invalid or missing token")
         readable = info.readable()
@@ -442,7 +472,7 @@ class EventsApp:
     # -- /_emulator ----------------------------------------------------------
 
     def _admin(self, request: web.Request) -> web.Response | None:
-        info = self._auth(request)
+        info = self.auth(request)
         if info is None or not info.is_admin:
             return _error(403, "this endpoint needs an ADMIN token")
         return None

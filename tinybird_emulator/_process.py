@@ -349,9 +349,36 @@ class LocalServer:
         """``{name: {"rows": n, "quarantined": m, "columns": [{"name","type","jsonpath"}]}}``."""
         listing = self._call("GET", "/v0/datasources")["datasources"]
         return {
-            d["name"]: {"rows": d["rows"], "quarantined": d["quarantined_rows"], "columns": d["columns"]}
+            d["name"]: {
+                "rows": d["rows"],
+                "quarantined": d["quarantined_rows"],
+                "columns": [{k: c[k] for k in ("name", "type", "jsonpath")} for c in d["columns"]],
+            }
             for d in listing
         }
+
+    def quarantined_lines(self, datasource: str) -> list[dict[str, Any]]:
+        """The quarantined rows of ``datasource`` in arrival order, each with the row
+        as received (``c__raw``), which ``NAME_quarantine`` does not show: read from the
+        data dir, read-only, for tests. Call :meth:`flush` first after a 202."""
+        import sqlite3
+
+        from tinybird_emulator._schema import QUARANTINE_TABLE_PREFIX, quote_ident
+        from tinybird_emulator._storage import DB_FILE
+
+        path = os.path.join(self.data_dir, DB_FILE)
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            cur = conn.execute(
+                f"SELECT c__raw, c__error_column, c__error FROM {quote_ident(QUARANTINE_TABLE_PREFIX + datasource)} "
+                "ORDER BY rowid"
+            )
+            return [
+                {"c__raw": raw, "c__error_column": json.loads(columns), "c__error": json.loads(errors)}
+                for raw, columns, errors in cur
+            ]
+        finally:
+            conn.close()
 
     def create_token(self, name: str, *, scopes: Sequence[str]) -> str:
         """Creates a token with narrower scopes (e.g. ``DATASOURCE:APPEND:events``); returns it."""

@@ -18,7 +18,9 @@ from itertools import repeat
 from typing import Any
 
 __all__ = [
+    "QUARANTINE_COLUMN_TYPES",
     "QUARANTINE_FIXED_COLUMNS",
+    "QUARANTINE_TABLE_PREFIX",
     "Column",
     "Schema",
     "infer_schema",
@@ -28,8 +30,19 @@ __all__ = [
 MAX_FLATTEN_DEPTH = 32
 MAX_COLUMNS = 1000
 QUARANTINE_SUFFIX = "_quarantine"
-# Tinybird's quarantine columns, plus c__raw: the row as received.
+# Tinybird's quarantine columns, plus c__raw: the row as received. They are stored in
+# a table of the server's own (QUARANTINE_TABLE_PREFIX + name); NAME_quarantine is a
+# view of it with the documented columns only, in the documented order:
+# c__error_column, c__error, c__import_id, the data source's columns, insertion_date.
 QUARANTINE_FIXED_COLUMNS = ("c__error_column", "c__error", "c__import_id", "insertion_date", "c__raw")
+QUARANTINE_TABLE_PREFIX = "_emulator_quarantine_"
+# The documented types of the quarantine columns; the data source's columns are Nullable(String).
+QUARANTINE_COLUMN_TYPES = {
+    "c__error_column": "Array(String)",
+    "c__error": "Array(String)",
+    "c__import_id": "Nullable(String)",
+    "insertion_date": "DateTime",
+}
 
 _DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(Z|[+-]\d{2}:\d{2})?$")
 _DATETIME64_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}\.\d{1,9}(Z|[+-]\d{2}:\d{2})?$")
@@ -185,7 +198,28 @@ class Schema:
 
     @property
     def quarantine_name(self) -> str:
+        """The documented quarantine data source: a view of :attr:`quarantine_table`."""
         return self.name + QUARANTINE_SUFFIX
+
+    @property
+    def quarantine_table(self) -> str:
+        """Where quarantined rows are stored, with the row as received (``c__raw``)."""
+        return QUARANTINE_TABLE_PREFIX + self.name
+
+    def quarantine_view_statement(self) -> str:
+        shown = ["c__error_column", "c__error", "c__import_id", *(c.name for c in self.columns), "insertion_date"]
+        return (
+            f"CREATE VIEW IF NOT EXISTS {quote_ident(self.quarantine_name)} AS SELECT "
+            f"{', '.join(map(quote_ident, shown))} FROM {quote_ident(self.quarantine_table)}"
+        )
+
+    def types_by_table(self) -> dict[str, list[tuple[str, str]]]:
+        """``{table: [(column, Tinybird type)]}`` for the data source and its quarantine,
+        as /v0/sql shows them."""
+        quarantine = [(n, QUARANTINE_COLUMN_TYPES[n]) for n in ("c__error_column", "c__error", "c__import_id")]
+        quarantine += [(c.name, "Nullable(String)") for c in self.columns]
+        quarantine.append(("insertion_date", QUARANTINE_COLUMN_TYPES["insertion_date"]))
+        return {self.name: [(c.name, c.type) for c in self.columns], self.quarantine_name: quarantine}
 
     def to_json(self) -> list[dict[str, Any]]:
         return [c.to_json() for c in self.columns]
@@ -200,7 +234,8 @@ class Schema:
         raw = "".join(f", {quote_ident(c.name)} TEXT" for c in self.columns)
         return [
             f"CREATE TABLE IF NOT EXISTS {quote_ident(self.name)} ({cols})",
-            f"CREATE TABLE IF NOT EXISTS {quote_ident(self.quarantine_name)} ({fixed}{raw})",
+            f"CREATE TABLE IF NOT EXISTS {quote_ident(self.quarantine_table)} ({fixed}{raw})",
+            self.quarantine_view_statement(),
         ]
 
     def ok_expression(self) -> str:
@@ -249,7 +284,7 @@ class Schema:
         names = list(QUARANTINE_FIXED_COLUMNS) + [c.name for c in self.columns]
         marks = ", ".join("?" for _ in names)
         return (
-            f"INSERT INTO {quote_ident(self.quarantine_name)} "
+            f"INSERT INTO {quote_ident(self.quarantine_table)} "
             f"({', '.join(quote_ident(n) for n in names)}) VALUES ({marks})"
         )
 

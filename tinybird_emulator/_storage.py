@@ -23,7 +23,6 @@ import functools
 import logging
 import os
 import queue
-import re
 import sqlite3
 import threading
 import time
@@ -36,9 +35,21 @@ import orjson
 from tinybird_emulator._body import json_array
 from tinybird_emulator._config import DEFAULT_SQL_TIMEOUT_SECS
 from tinybird_emulator._rows import PreparedRows, prepare_rows
-from tinybird_emulator._schema import Schema
+from tinybird_emulator._schema import QUARANTINE_SUFFIX, QUARANTINE_TABLE_PREFIX, Schema, quote_ident
+from tinybird_emulator._sql import FORMATS, FormatError, QueryResult, column_types, render, split_format, split_limit
 
-__all__ = ["DB_FILE", "QueryError", "ReadOnlyDatabase", "Store", "WriteJob", "WriteResult", "answer_sql"]
+__all__ = [
+    "DB_FILE",
+    "DatasourceInfo",
+    "QueryError",
+    "ReadOnlyDatabase",
+    "Store",
+    "WriteJob",
+    "WriteResult",
+    "answer_sql",
+    "answer_sql_formatted",
+    "datasource_id",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -51,7 +62,6 @@ _MAX_GROUP_BYTES = 32_000_000
 # data source and size.
 _MAX_ROWS_PER_INSERT = 1024
 _MAX_RESULT_ROWS = 1_000_000
-_FORMAT_SUFFIX_RE = re.compile(r"\s+FORMAT\s+JSON\s*;?\s*$", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +69,8 @@ class WriteResult:
     successful_rows: int
     quarantined_rows: int
     import_id: str
+    # The NDJSON text of the rows stored (see DatasourceInfo.bytes).
+    bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -93,18 +105,90 @@ def _utc_now_text() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _datasource_json(
-    name: str, schema: Schema, rows: int, quarantined: int, created_at: str | None
-) -> dict[str, Any]:
-    """One entry of ``GET /v0/datasources``."""
+def _utc_now_micro() -> str:
+    """The service's timestamps of data sources: UTC, with microseconds."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _with_micro(stamp: str | None) -> str | None:
+    # Data dirs written before updated_at existed hold whole seconds.
+    return stamp + ".000000" if stamp is not None and len(stamp) == 19 else stamp
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasourceInfo:
+    """What the catalog knows of a data source beside its schema.
+
+    ``bytes`` counts the NDJSON text of the rows stored (the local server's measure,
+    not the compressed size a ClickHouse table would report).
+    """
+
+    rows: int = 0
+    quarantined: int = 0
+    bytes: int = 0
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+def datasource_id(name: str) -> str:
+    """A stable id in the service's ``t_<32 hex>`` form, derived from the name."""
+    return "t_" + uuid.uuid5(uuid.NAMESPACE_URL, "tinybird-local:" + name).hex
+
+
+def _datasource_json(name: str, schema: Schema, info: DatasourceInfo) -> dict[str, Any]:
+    """One entry of ``GET /v0/datasources``: the service's fields that apply here, plus
+    ``rows``, ``quarantined_rows`` and ``quarantine`` of the local server."""
     return {
+        "id": datasource_id(name),
         "name": name,
-        "columns": [{"name": c.name, "type": c.type, "jsonpath": c.jsonpath} for c in schema.columns],
-        "rows": rows,
-        "quarantined_rows": quarantined,
+        "type": "ndjson",
+        "columns": [
+            {
+                "name": c.name,
+                "type": c.type,
+                "jsonpath": c.jsonpath,
+                "nullable": c.nullable and not c.base.startswith("Array("),
+                "normalized_name": c.name,
+                "codec": None,
+                "default_value": None,
+            }
+            for c in schema.columns
+        ],
+        "statistics": {"row_count": info.rows, "bytes": info.bytes},
+        "rows": info.rows,
+        "quarantined_rows": info.quarantined,
         "quarantine": schema.quarantine_name,
-        "created_at": created_at,
+        "created_at": _with_micro(info.created_at),
+        "updated_at": _with_micro(info.updated_at or info.created_at),
+        "engine": {"engine": "MergeTree"},
+        "description": "",
+        "tags": {},
+        "shared_with": [],
+        "used_by": [],
+        "version": 0,
     }
+
+
+_CATALOG_COLUMNS = "name, columns, created_at, rows, quarantined_rows, bytes, updated_at"
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Brings a data dir written by an earlier version up to date: the catalog gains
+    ``bytes`` and ``updated_at``; a quarantine table becomes the server's own table
+    behind a view with the documented columns."""
+    have = {row[1] for row in conn.execute(f"PRAGMA table_info({_CATALOG})")}
+    if "bytes" not in have:
+        conn.execute(f"ALTER TABLE {_CATALOG} ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0")
+    if "updated_at" not in have:
+        conn.execute(f"ALTER TABLE {_CATALOG} ADD COLUMN updated_at TEXT")
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    for name, columns in conn.execute(f"SELECT name, columns FROM {_CATALOG}").fetchall():
+        schema = Schema.from_json(name, orjson.loads(columns))
+        if schema.quarantine_name in tables and schema.quarantine_table not in tables:
+            conn.execute(
+                f"ALTER TABLE {quote_ident(schema.quarantine_name)} RENAME TO {quote_ident(schema.quarantine_table)}"
+            )
+            conn.execute(schema.quarantine_view_statement())
 
 
 @functools.lru_cache(maxsize=64)
@@ -132,8 +216,7 @@ class Store:
         self._synchronous = synchronous.upper()
         self._lock = threading.Lock()
         self._catalog: dict[str, Schema] = {}
-        self._counts: dict[str, list[int]] = {}  # name -> [rows, quarantined]
-        self._created: dict[str, str] = {}
+        self._info: dict[str, DatasourceInfo] = {}
         self._queue: queue.Queue[Any] = queue.Queue()
         self._queued_bytes = 0
         self._queued_jobs = 0
@@ -162,14 +245,16 @@ class Store:
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {_CATALOG} (name TEXT PRIMARY KEY, columns TEXT NOT NULL, "
                 "created_at TEXT NOT NULL, rows INTEGER NOT NULL DEFAULT 0, "
-                "quarantined_rows INTEGER NOT NULL DEFAULT 0)"
+                "quarantined_rows INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0, updated_at TEXT)"
             )
-            for name, columns, created, rows, quarantined in conn.execute(
-                f"SELECT name, columns, created_at, rows, quarantined_rows FROM {_CATALOG}"
+            conn.execute("BEGIN IMMEDIATE")
+            _migrate(conn)
+            conn.execute("COMMIT")
+            for name, columns, created, rows, quarantined, nbytes, updated in conn.execute(
+                f"SELECT {_CATALOG_COLUMNS} FROM {_CATALOG}"
             ):
                 self._catalog[name] = Schema.from_json(name, orjson.loads(columns))
-                self._counts[name] = [rows, quarantined]
-                self._created[name] = created
+                self._info[name] = DatasourceInfo(rows, quarantined, nbytes, created, updated)
         finally:
             conn.close()
 
@@ -194,7 +279,7 @@ class Store:
     def datasources(self) -> list[dict[str, Any]]:
         with self._lock:
             return [
-                _datasource_json(name, schema, *self._counts.get(name, [0, 0]), self._created.get(name))
+                _datasource_json(name, schema, self._info.get(name, DatasourceInfo()))
                 for name, schema in sorted(self._catalog.items())
             ]
 
@@ -259,7 +344,7 @@ class Store:
         applied = started
         # One timestamp for the catalog table and the in-memory catalog: both answer
         # GET /v0/datasources (the CLI reads the table), and must agree.
-        now = _utc_now_text()
+        now = _utc_now_micro()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in group:
@@ -303,15 +388,19 @@ class Store:
         with self._lock:
             for name, schema in new_schemas.items():
                 self._catalog[name] = schema
-                self._counts.setdefault(name, [0, 0])
-                self._created[name] = now
+                self._info[name] = DatasourceInfo(created_at=now, updated_at=now)
             for job, outcome in zip(group, outcomes):
                 self._queued_jobs -= 1
                 self._queued_bytes -= job.cost_bytes
                 if isinstance(outcome, WriteResult):
-                    counts = self._counts.setdefault(job.name, [0, 0])
-                    counts[0] += outcome.successful_rows
-                    counts[1] += outcome.quarantined_rows
+                    info = self._info.get(job.name, DatasourceInfo(created_at=now))
+                    self._info[job.name] = dataclasses.replace(
+                        info,
+                        rows=info.rows + outcome.successful_rows,
+                        quarantined=info.quarantined + outcome.quarantined_rows,
+                        bytes=info.bytes + outcome.bytes,
+                        updated_at=now,
+                    )
                     self.rows_stored += outcome.successful_rows
                     self.rows_quarantined += outcome.quarantined_rows
             self.commits += 1
@@ -323,7 +412,7 @@ class Store:
                     _LOG.exception("write callback failed")
 
     def _apply(
-        self, conn: sqlite3.Connection, job: WriteJob, new_schemas: dict[str, Schema], created_at: str
+        self, conn: sqlite3.Connection, job: WriteJob, new_schemas: dict[str, Schema], now: str
     ) -> WriteResult:
         schema = self._catalog.get(job.name) or new_schemas.get(job.name)
         if schema is None:
@@ -333,8 +422,8 @@ class Store:
             for stmt in schema.create_statements():
                 conn.execute(stmt)
             conn.execute(
-                f"INSERT INTO {_CATALOG} (name, columns, created_at) VALUES (?, ?, ?)",
-                (schema.name, orjson.dumps(schema.to_json()).decode(), created_at),
+                f"INSERT INTO {_CATALOG} (name, columns, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                (schema.name, orjson.dumps(schema.to_json()).decode(), now, now),
             )
             new_schemas[job.name] = schema
         import_id = uuid.uuid4().hex
@@ -356,11 +445,16 @@ class Store:
                 quarantined.append(("[]", orjson.dumps([error]).decode(), import_id, now, raw) + empty)
         if quarantined:
             conn.executemany(schema.quarantine_insert_statement(), quarantined)
+        nbytes = 0
+        if job.lines and ok:
+            # Exact when every valid row fits (the usual case), else in proportion.
+            nbytes = (sum(map(len, job.lines)) + len(job.lines)) * ok // len(job.lines)
         conn.execute(
-            f"UPDATE {_CATALOG} SET rows = rows + ?, quarantined_rows = quarantined_rows + ? WHERE name = ?",
-            (ok, len(quarantined), job.name),
+            f"UPDATE {_CATALOG} SET rows = rows + ?, quarantined_rows = quarantined_rows + ?, bytes = bytes + ?, "
+            "updated_at = ? WHERE name = ?",
+            (ok, len(quarantined), nbytes, now, job.name),
         )
-        return WriteResult(successful_rows=ok, quarantined_rows=len(quarantined), import_id=import_id)
+        return WriteResult(successful_rows=ok, quarantined_rows=len(quarantined), import_id=import_id, bytes=nbytes)
 
     def _insert_prepared(
         self, conn: sqlite3.Connection, schema: Schema, rows: PreparedRows, import_id: str
@@ -474,37 +568,98 @@ class Store:
 
     def submit_sql(
         self, q: str | None, *, readable: frozenset[str] | None
-    ) -> concurrent.futures.Future[tuple[int, dict[str, Any]]]:
-        """The /v0/sql answer to ``q`` (see :func:`answer_sql`), computed on the reader thread."""
-        return self._reader.submit(answer_sql, self._db, q, readable=readable)
+    ) -> concurrent.futures.Future[tuple[int, str, bytes]]:
+        """The /v0/sql answer to ``q`` (see :func:`answer_sql_formatted`), computed on the reader thread."""
+        return self._reader.submit(answer_sql_formatted, self._db, q, readable=readable)
 
 
 def answer_sql(
     db: ReadOnlyDatabase, q: str | None, *, readable: frozenset[str] | None
 ) -> tuple[int, dict[str, Any]]:
-    """Status and JSON body of ``/v0/sql?q=...``: the server's answer, and the CLI's with ``--data-dir``.
+    """Status and JSON body of ``/v0/sql?q=...`` in the JSON format: the CLI's answer with
+    ``--data-dir`` (a FORMAT clause other than JSON is refused)."""
+    status, _, body = answer_sql_formatted(db, q, readable=readable, only_json=True)
+    return status, orjson.loads(body)
+
+
+def answer_sql_formatted(
+    db: ReadOnlyDatabase, q: str | None, *, readable: frozenset[str] | None, only_json: bool = False
+) -> tuple[int, str, bytes]:
+    """Status, Content-Type and body of ``/v0/sql?q=...``, in the statement's FORMAT.
 
     Args:
         db: Where to run the statement.
-        q: The statement; a ClickHouse-style trailing ``FORMAT JSON`` is ignored.
-        readable: Data sources the token may read (with their quarantine tables);
-            ``None`` for all.
+        q: The statement, with an optional trailing ``FORMAT name`` (JSON when absent).
+        readable: Data sources the token may read (with their quarantine); ``None`` for all.
+        only_json: Refuse formats other than JSON (400).
     """
+    json_type = FORMATS["JSON"]
     if q is None or not q.strip():
-        return 400, {"error": "missing the 'q' parameter: a SELECT statement"}
+        return 400, json_type, orjson.dumps({"error": "missing the 'q' parameter: a SELECT statement"})
     try:
-        return 200, db.query(_FORMAT_SUFFIX_RE.sub("", q.strip()), readable=readable)
+        statement, fmt = split_format(q)
+        if only_json and fmt != "JSON":
+            raise FormatError(f"only FORMAT JSON is written here, not {fmt}")
+    except FormatError as exc:
+        return 400, json_type, orjson.dumps({"error": str(exc)})
+    try:
+        result = db.run(statement, readable=readable)
     except QueryError as exc:
-        return exc.status, {"error": f"query failed: {exc}"}
+        return exc.status, json_type, orjson.dumps({"error": f"query failed: {exc}"})
+    return 200, FORMATS[fmt], render(result, fmt)
+
+
+class _Shapes:
+    """Empty tables declared with the Tinybird types of every data source and its
+    quarantine, in memory: a statement made into a view there tells, through
+    ``PRAGMA table_info``, the type of each result column read as it is (SQLite
+    follows columns through subqueries, CTEs and aliases)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[str, str], ...] | None = None
+        # Made on first use, by the thread that reads (sqlite3 connections stay in their thread).
+        self._conn: sqlite3.Connection | None = None
+
+    def declared(self, catalog: list[dict[str, Any]], sql: str) -> list[str]:
+        key = tuple((row["name"], row["columns"]) for row in catalog)
+        if key != self._key or self._conn is None:
+            self._conn = self._build(catalog)
+            self._key = key
+        try:
+            self._conn.execute(f"CREATE VIEW _emulator_shape AS {sql}")
+        except (sqlite3.Error, sqlite3.Warning):
+            return []  # not a plain SELECT here: the values tell the types
+        try:
+            return [row[2] for row in self._conn.execute("PRAGMA table_info(_emulator_shape)")]
+        except sqlite3.Error:
+            return []
+        finally:
+            self._conn.execute("DROP VIEW IF EXISTS _emulator_shape")
+
+    def _build(self, catalog: list[dict[str, Any]]) -> sqlite3.Connection:
+        self.close()
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        for row in catalog:
+            schema = Schema.from_json(row["name"], orjson.loads(row["columns"]))
+            for table, columns in schema.types_by_table().items():
+                body = ", ".join(f"{quote_ident(n)} {quote_ident(t)}" for n, t in columns) or '"_" TEXT'
+                conn.execute(f"CREATE TABLE {quote_ident(table)} ({body})")
+        return conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class ReadOnlyDatabase:
     """Read-only access to the database of a data dir: /v0/sql statements and the catalog.
 
     The connection is opened with ``mode=ro`` and ``PRAGMA query_only``, and every
-    statement of :meth:`query` also passes an authorizer that allows reads only.
-    Works beside a running server (WAL readers see every committed write) or alone.
-    Not thread-safe: use it from one thread at a time.
+    statement of :meth:`run` also passes an authorizer that allows reads only, of
+    data sources and quarantine data sources (the server's own tables are read only
+    through the quarantine views). Works beside a running server (WAL readers see
+    every committed write) or alone. Not thread-safe: use it from one thread at a time.
 
     Args:
         path: The SQLite file (``DATA_DIR/events.sqlite3``); opened on first use.
@@ -515,6 +670,7 @@ class ReadOnlyDatabase:
         self.path = path
         self._sql_timeout_secs = sql_timeout_secs
         self._conn: sqlite3.Connection | None = None
+        self._shapes = _Shapes()
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -527,40 +683,74 @@ class ReadOnlyDatabase:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._shapes.close()
+
+    def _catalog(self) -> list[dict[str, Any]]:
+        # SELECT *: a data dir written by an earlier version lacks bytes and updated_at.
+        cur = self._connection().execute(f"SELECT * FROM {_CATALOG} ORDER BY name")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
 
     def datasources(self) -> list[dict[str, Any]]:
         """Every data source, as ``GET /v0/datasources`` lists them. sqlite3.Error if unreadable."""
-        found = self._connection().execute(
-            f"SELECT name, columns, created_at, rows, quarantined_rows FROM {_CATALOG}"
-        ).fetchall()
         return [
-            _datasource_json(name, Schema.from_json(name, orjson.loads(columns)), rows, quarantined, created)
-            for name, columns, created, rows, quarantined in sorted(found)
+            _datasource_json(
+                row["name"],
+                Schema.from_json(row["name"], orjson.loads(row["columns"])),
+                DatasourceInfo(
+                    row["rows"], row["quarantined_rows"], row.get("bytes", 0), row["created_at"], row.get("updated_at")
+                ),
+            )
+            for row in self._catalog()
         ]
 
     def query(self, sql: str, *, readable: frozenset[str] | None) -> dict[str, Any]:
-        """Runs one read-only statement; QueryError (403 or 400) when it is refused or fails."""
+        """The JSON answer to one read-only statement; QueryError (403 or 400) when it is refused or fails."""
+        return orjson.loads(render(self.run(sql, readable=readable), "JSON"))
+
+    def run(self, sql: str, *, readable: frozenset[str] | None) -> QueryResult:
+        """Runs one read-only statement (no FORMAT clause); QueryError (403 or 400) when
+        it is refused or fails."""
         conn = self._connection()
-        allowed_tables: frozenset[str] | None = None
-        if readable is not None:
-            allowed_tables = frozenset(readable) | frozenset(f"{n}_quarantine" for n in readable)
+        catalog = self._catalog()
+        tables_read: set[str] = set()
+        started = time.perf_counter()
+        names, rows = self._execute(conn, sql, readable, tables_read)
+        elapsed = time.perf_counter() - started
+        before_limit = None
+        unlimited = split_limit(sql)
+        if unlimited is not None:
+            try:
+                before_limit = self._execute(conn, f"SELECT count(*) FROM ({unlimited})", readable, set())[1][0][0]
+            except QueryError:
+                before_limit = None  # the LIMIT was not the statement's own (e.g. inside a string)
+        by_name = {row["name"]: row for row in catalog}
+        rows_read = bytes_read = 0
+        for table in tables_read:
+            if table in by_name:
+                rows_read += by_name[table]["rows"]
+                bytes_read += by_name[table].get("bytes", 0)
+            elif table.startswith(QUARANTINE_TABLE_PREFIX) and table[len(QUARANTINE_TABLE_PREFIX) :] in by_name:
+                rows_read += by_name[table[len(QUARANTINE_TABLE_PREFIX) :]]["quarantined_rows"]
+        declared = self._shapes.declared(catalog, sql) if names else []
+        return QueryResult(
+            names=names,
+            types=column_types(sql, names, rows, declared if len(declared) == len(names) else []),
+            rows=rows,
+            elapsed_secs=elapsed,
+            rows_read=rows_read,
+            bytes_read=bytes_read,
+            rows_before_limit=before_limit,
+        )
 
+    def _execute(
+        self, conn: sqlite3.Connection, sql: str, readable: frozenset[str] | None, tables_read: set[str]
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
         denied: list[str] = []
-
-        def authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, src: str | None) -> int:
-            if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE):
-                return sqlite3.SQLITE_OK
-            if action == sqlite3.SQLITE_READ:
-                if allowed_tables is None or arg1 in allowed_tables:
-                    return sqlite3.SQLITE_OK
-                denied.append(f"this token may not read {arg1}")
-                return sqlite3.SQLITE_DENY
-            return sqlite3.SQLITE_DENY
-
+        authorize = _authorizer(readable, tables_read, denied)
         deadline = time.monotonic() + self._sql_timeout_secs
         conn.set_authorizer(authorize)
         conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 100_000)
-        started = time.perf_counter()
         try:
             cur = conn.execute(sql)
             names = [d[0] for d in cur.description or ()]
@@ -576,18 +766,39 @@ class ReadOnlyDatabase:
             conn.set_progress_handler(None, 0)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-        types = []
-        for index in range(len(names)):
-            kind = next((type(r[index]) for r in rows if r[index] is not None), None)
-            base = {int: "Int64", float: "Float64", bytes: "String"}.get(kind, "String")  # type: ignore[arg-type]
-            types.append(base if all(r[index] is not None for r in rows) and rows else f"Nullable({base})")
-        data = [
-            {n: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for n, v in zip(names, r)} for r in rows
-        ]
-        return {
-            "meta": [{"name": n, "type": t} for n, t in zip(names, types)],
-            "data": data,
-            "rows": len(data),
-            "statistics": {"elapsed": time.perf_counter() - started, "rows_read": len(data)},
-        }
+        return names, rows
 
+
+def _authorizer(
+    readable: frozenset[str] | None, tables_read: set[str], denied: list[str]
+) -> Callable[[int, str | None, str | None, str | None, str | None], int]:
+    """Allows reads only: of data sources the token may read, and of the server's
+    quarantine tables only through their ``NAME_quarantine`` views."""
+
+    def may_read(name: str) -> bool:
+        owner = name[: -len(QUARANTINE_SUFFIX)] if name.endswith(QUARANTINE_SUFFIX) else name
+        return readable is None or owner in readable
+
+    def authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, src: str | None) -> int:
+        if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE):
+            return sqlite3.SQLITE_OK
+        if action != sqlite3.SQLITE_READ or arg1 is None:
+            return sqlite3.SQLITE_DENY
+        if arg1.startswith(QUARANTINE_TABLE_PREFIX):
+            owner = arg1[len(QUARANTINE_TABLE_PREFIX) :]
+            # Through its view; or no column at all (count(*) reads the table's size only).
+            if (src == owner + QUARANTINE_SUFFIX or arg2 == "") and may_read(owner):
+                tables_read.add(arg1)
+                return sqlite3.SQLITE_OK
+            denied.append(f"this token may not read {src or arg1}")
+            return sqlite3.SQLITE_DENY
+        if arg1.startswith("_emulator"):
+            denied.append(f"{arg1} is internal to the local server")
+            return sqlite3.SQLITE_DENY
+        if may_read(arg1):
+            tables_read.add(arg1)
+            return sqlite3.SQLITE_OK
+        denied.append(f"this token may not read {arg1}")
+        return sqlite3.SQLITE_DENY
+
+    return authorize

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,10 +52,14 @@ class EventsClient:
         return self.server.query(f"SELECT count(*) AS n FROM {name}")[0]["n"]
 
     def quarantined(self, name: str) -> list:
+        """``NAME_quarantine`` in arrival order, each row with ``c__raw`` (the row as
+        received, kept by the server but not shown by /v0/sql) added."""
         rows = self.server.query(f"SELECT * FROM {name}_quarantine ORDER BY rowid")
-        for row in rows:
-            row["c__error_column"] = json.loads(row["c__error_column"])
-            row["c__error"] = json.loads(row["c__error"])
+        raws = self.server.quarantined_lines(name)
+        assert len(raws) == len(rows)
+        for row, raw in zip(rows, raws):
+            assert (row["c__error_column"], row["c__error"]) == (raw["c__error_column"], raw["c__error"])
+            row["c__raw"] = raw["c__raw"]
         return rows
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 import zstandard
@@ -157,8 +158,8 @@ def test_schema_inference_types_and_jsonpaths(client, ds):
     assert columns["purchase_item_price"]["jsonpath"] == "$.purchase.item.price"
     stored = client.server.query(f"SELECT * FROM {ds} ORDER BY i")
     assert stored[0] == {
-        "i": 1, "f": 1.5, "s": "x", "b": 1, "dt": "2020-04-05 00:05:38", "iso": "2022-10-27 11:43:02",
-        "dt64": "2022-10-27 11:43:02.099", "d": "2020-04-05", "ai": "[1,2]", "af": "[1.5,2]", "as": '["a"]',
+        "i": 1, "f": 1.5, "s": "x", "b": True, "dt": "2020-04-05 00:05:38", "iso": "2022-10-27 11:43:02",
+        "dt64": "2022-10-27 11:43:02.099", "d": "2020-04-05", "ai": [1, 2], "af": [1.5, 2], "as": ["a"],
         "purchase_datetime": "2020-04-05 00:05:38", "purchase_item_price": 10, "maybe": None,
         "mixed_num": 1.0, "sometimes": "here",
     }
@@ -166,7 +167,7 @@ def test_schema_inference_types_and_jsonpaths(client, ds):
     assert stored[1]["iso"] == "2022-10-27 09:43:03"
     assert stored[1]["dt64"] == "2022-10-27 11:43:02.500"
     assert stored[1]["sometimes"] is None
-    assert stored[1]["b"] == 0
+    assert stored[1]["b"] is False
 
 
 def test_keys_that_are_not_identifiers(client, ds):
@@ -272,10 +273,13 @@ def test_datasources_endpoint(client, ds):
         assert header in response.headers
     entry = next(d for d in response.json()["datasources"] if d["name"] == ds)
     assert entry["rows"] == 1 and entry["quarantined_rows"] == 1
-    assert entry["columns"] == [
-        {"name": "a", "type": "Int64", "jsonpath": "$.a"},
-        {"name": "p_q", "type": "String", "jsonpath": "$.p.q"},
+    assert [{k: c[k] for k in ("name", "type", "jsonpath", "nullable")} for c in entry["columns"]] == [
+        {"name": "a", "type": "Int64", "jsonpath": "$.a", "nullable": False},
+        {"name": "p_q", "type": "String", "jsonpath": "$.p.q", "nullable": False},
     ]
+    assert entry["statistics"] == {"row_count": 1, "bytes": len(ndjson({"a": 1, "p": {"q": "x"}}))}
+    assert entry["updated_at"] >= entry["created_at"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", entry["updated_at"])
     assert entry["quarantine"] == f"{ds}_quarantine"
 
 
