@@ -14,6 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.runner import PipelineResult
 
+from pipelines._dead_letter_ratio import dead_letter_ratio, ratio_failure
 from pipelines._endpoint import Endpoint
 from pipelines._options import SinkConfig
 from pipelines._progress import METRICS_NAMESPACE, ROWS_READ
@@ -61,19 +62,14 @@ class RunSummary:
     @property
     def dead_letter_ratio(self) -> float:
         """Dead letters per row read (1.0 when dead letters came with no row read)."""
-        if self.rows_read:
-            return self.dead_letters / self.rows_read
-        return 1.0 if self.dead_letters else 0.0
+        return dead_letter_ratio(rows_read=self.rows_read, dead_letters=self.dead_letters)
 
 
 def judge(summary: RunSummary, *, max_dead_letter_ratio: float) -> RunSummary:
     """``summary`` with a ``failure`` when its dead-letter ratio is above ``max_dead_letter_ratio``."""
-    if summary.dead_letter_ratio <= max_dead_letter_ratio:
-        return summary
-    return dataclasses.replace(summary, failure=(
-        f"{summary.dead_letters:,} of {summary.rows_read:,} rows read were dead-lettered "
-        f"({summary.dead_letter_ratio:.2%}), more than --max_dead_letter_ratio {max_dead_letter_ratio:g} "
-        f"({max_dead_letter_ratio:.2%})"))
+    failure = ratio_failure(rows_read=summary.rows_read, dead_letters=summary.dead_letters,
+                            max_ratio=max_dead_letter_ratio)
+    return summary if failure is None else dataclasses.replace(summary, failure=failure)
 
 
 def counter_totals(result: PipelineResult, namespace: str) -> dict[str, int]:

@@ -36,6 +36,7 @@ from typing import TextIO
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines._dead_letter_ratio import CheckDeadLetterRatio, in_job_max_ratio
 from pipelines._endpoint import Endpoint
 from pipelines._formats import FORMATS, ReadRecords, format_from_path
 from pipelines._options import (
@@ -91,14 +92,21 @@ def resolve_format(file_pattern: str, requested: str) -> str:
 
 
 def build(pipeline: beam.Pipeline, *, file_pattern: str, file_format: str,
-          write: beam.PTransform) -> beam.pvalue.PValue:
-    """Adds read -> count -> write to ``pipeline``; returns the sink's result."""
-    return (
+          write: beam.PTransform, max_dead_letter_ratio: float | None = None) -> beam.pvalue.PValue:
+    """Adds read -> count -> write to ``pipeline``; returns the sink's result.
+
+    With ``max_dead_letter_ratio``, the job itself fails when more than that
+    share of the rows read is dead-lettered (for runners the launcher does not wait for).
+    """
+    rows = (
         pipeline
         | "Read" >> ReadRecords(file_pattern, file_format=file_format)
         | "CountRows" >> beam.ParDo(CountRowsDoFn())
-        | "WriteToTinybird" >> write
     )
+    result = rows | "WriteToTinybird" >> write
+    if max_dead_letter_ratio is not None:
+        _ = (rows, result.dead_letters) | "CheckDeadLetterRatio" >> CheckDeadLetterRatio(max_dead_letter_ratio)
+    return result
 
 
 def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
@@ -119,9 +127,11 @@ def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
     file_format = resolve_format(file_pattern, options.format)
     check_input_exists(file_pattern, argv=argv)
 
+    in_job_ratio = in_job_max_ratio(options, options.max_dead_letter_ratio)
+
     def _build(pipeline: beam.Pipeline, endpoint: Endpoint, sink: SinkConfig) -> None:
         build(pipeline, file_pattern=file_pattern, file_format=file_format,
-              write=sink.write_transform(endpoint))
+              write=sink.write_transform(endpoint), max_dead_letter_ratio=in_job_ratio)
 
     return run_pipeline(title=TITLE, argv=argv, config=config, build=_build,
                         dead_letter_path=config.dead_letter_path, out=out, data_dir=data_dir)

@@ -30,6 +30,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines._dead_letter_ratio import CheckDeadLetterRatio, in_job_max_ratio
 from pipelines._endpoint import Endpoint
 from pipelines._options import (
     SinkConfig,
@@ -77,26 +78,28 @@ class _SplitDoFn(beam.DoFn):
 
 
 def build(pipeline: beam.Pipeline, *, input_pattern: str, write: beam.PTransform,
-          dead_letter_path: str, dead_letter_format: str) -> beam.PCollection:
+          dead_letter_path: str, dead_letter_format: str,
+          max_dead_letter_ratio: float | None = None) -> beam.PCollection:
     """Adds read -> split -> resend -> write what is still undelivered; returns the file results.
 
     ``write`` must not write dead-letter files itself: its dead letters and the
     unreplayable records are written together, once, to ``dead_letter_path``.
+    With ``max_dead_letter_ratio``, the job itself fails when more than that
+    share of the records read is still undelivered.
     """
     from sinks.tinybird import ReadDeadLetters, WriteDeadLetterFiles
 
-    split = (
+    records = (
         pipeline
         | "ReadDeadLetters" >> ReadDeadLetters(input_pattern)
         | "CountRows" >> beam.ParDo(CountRowsDoFn(verb="replaying"))
-        | "Split" >> beam.ParDo(_SplitDoFn()).with_outputs(_UNREPLAYABLE_TAG, main="lines")
     )
+    split = records | "Split" >> beam.ParDo(_SplitDoFn()).with_outputs(_UNREPLAYABLE_TAG, main="lines")
     result = split.lines | "WriteToTinybird" >> write
-    return (
-        (result.dead_letters, split[_UNREPLAYABLE_TAG])
-        | "StillUndelivered" >> beam.Flatten()
-        | "WriteDeadLetters" >> WriteDeadLetterFiles(dead_letter_path, file_format=dead_letter_format)
-    )
+    undelivered = (result.dead_letters, split[_UNREPLAYABLE_TAG]) | "StillUndelivered" >> beam.Flatten()
+    if max_dead_letter_ratio is not None:
+        _ = (records, undelivered) | "CheckDeadLetterRatio" >> CheckDeadLetterRatio(max_dead_letter_ratio)
+    return undelivered | "WriteDeadLetters" >> WriteDeadLetterFiles(dead_letter_path, file_format=dead_letter_format)
 
 
 def _is_url(path: str) -> bool:
@@ -173,10 +176,13 @@ def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
     check_input_exists(options.input, argv=argv)
     config = config.with_dead_letter_path(config.dead_letter_path)
 
+    in_job_ratio = in_job_max_ratio(options, options.max_dead_letter_ratio)
+
     def _build(pipeline: beam.Pipeline, endpoint: Endpoint, sink: SinkConfig) -> None:
         build(pipeline, input_pattern=options.input,
               write=sink.write_transform(endpoint, write_dead_letter_files=False),
-              dead_letter_path=str(sink.dead_letter_path), dead_letter_format=sink.dead_letter_format)
+              dead_letter_path=str(sink.dead_letter_path), dead_letter_format=sink.dead_letter_format,
+              max_dead_letter_ratio=in_job_ratio)
 
     return run_pipeline(title=TITLE, argv=argv, config=config, build=_build,
                         dead_letter_path=config.dead_letter_path, out=out, data_dir=data_dir)

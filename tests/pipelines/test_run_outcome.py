@@ -14,10 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import apache_beam as beam
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
 from pipeline_helpers import sink_flags
 
 from pipelines import files_to_tinybird
+from pipelines._dead_letter_ratio import CheckDeadLetterRatio, in_job_max_ratio
 from pipelines._running import exit_on_usage_error
 from pipelines.files_to_tinybird import SAMPLE_DATA
 
@@ -95,3 +100,46 @@ def test_the_process_exits_1_and_says_why(server, datasource, tmp_path):
     assert result.stdout.rstrip().splitlines()[-1] == (
         "FAILED: 7 of 10 rows read were dead-lettered (70.00%), more than --max_dead_letter_ratio 0.01 (1.00%)")
     assert "Traceback" not in result.stderr
+
+
+# -- inside the job: where the launcher does not wait (a Flex Template launch on Dataflow) ---------
+
+
+def test_the_job_itself_fails_above_the_ratio():
+    with (pytest.raises(Exception, match=r"2 of 100 rows read were dead-lettered \(2\.00%\)"),
+          TestPipeline(runner="FnApiRunner") as p):
+        rows = p | "Rows" >> beam.Create(range(100))
+        dead = p | "Dead" >> beam.Create(["a", "b"])
+        _ = (rows, dead) | CheckDeadLetterRatio(0.01)
+
+
+def test_the_job_passes_at_the_ratio():
+    with TestPipeline(runner="FnApiRunner") as p:
+        rows = p | "Rows" >> beam.Create(range(100))
+        dead = p | "Dead" >> beam.Create(["a"])
+        checked = (rows, dead) | CheckDeadLetterRatio(0.01)
+        assert_that(checked, equal_to([None]))
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--runner=DataflowRunner"], 0.05),
+    (["--runner", "dataflow"], 0.05),
+    (["--runner=DataflowRunner", "--streaming"], None),  # no end to count at
+    (["--runner=FnApiRunner"], None),                     # judged from the metrics, here
+    ([], None),
+])
+def test_which_runs_check_inside_the_job(argv, expected):
+    assert in_job_max_ratio(PipelineOptions(argv), 0.05) == expected
+
+
+def test_the_files_job_with_the_check_fails_when_most_rows_are_dead_lettered(server, datasource, tmp_path):
+    from sinks.tinybird import WriteToTinybird
+
+    source = _mostly_bad(tmp_path / "in.ndjson", good=4, bad=6)
+    write = WriteToTinybird(datasource=datasource, api_url=server.url, token=server.token, wait=True)
+    with (pytest.raises(Exception, match=r"6 of 10 rows read were dead-lettered \(60\.00%\)"),
+          TestPipeline(runner="FnApiRunner") as p):
+        files_to_tinybird.build(p, file_pattern=str(source), file_format="ndjson", write=write,
+                                max_dead_letter_ratio=0.5)
+    server.flush()
+    assert server.query(f"SELECT count() AS n FROM {datasource}") == [{"n": 4}]
