@@ -3,7 +3,8 @@
 Counters: ``elements_in``, ``rows_acknowledged``, ``rows_quarantined``,
 ``requests``, ``responses_2xx``/``3xx``/``4xx``/``5xx``, ``responses_none``
 (timeouts, passed deadlines and connection errors), ``responses_2xx_unreadable``
-(a 2xx whose body could not be read whole: delivered on its status) and
+(a 2xx whose body did not give the row counts: unreadable, cut short, not
+JSON; delivered on its status) and
 ``rows_acknowledged_uncounted`` (their rows), ``responses_2xx_unaccounted`` (a
 2xx that counted fewer rows than were sent: its rows are dead-lettered as
 ``rows_unaccounted``), ``retries`` and ``retries_<cause>`` (cause is the status
@@ -54,8 +55,6 @@ class SinkMetrics:
             self.inc("bytes_wire", attempt.wire_bytes)
             self._latency_ms.update(int(attempt.latency_secs * 1000))
             self.inc(f"responses_{attempt.status // 100}xx" if attempt.status else "responses_none")
-            if attempt.body_unreadable and attempt.status is not None and 200 <= attempt.status < 300:
-                self.inc("responses_2xx_unreadable")
             if attempt.retry_cause:
                 self.inc("retries")
                 self.inc(f"retries_{attempt.retry_cause}")
@@ -64,6 +63,7 @@ class SinkMetrics:
             if part.quarantined_rows:
                 self.inc("rows_quarantined", part.quarantined_rows)
             if not part.counts_read:
+                self.inc("responses_2xx_unreadable")
                 self.inc("rows_acknowledged_uncounted", part.rows)
         for failed in report.failed:
             if failed.kind is DeadLetterKind.ROWS_UNACCOUNTED:

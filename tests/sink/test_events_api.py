@@ -38,6 +38,7 @@ from tinybird_emulator import LocalServer
 # rand() is fixed at 0.5: the default policy then waits 0.375, 0.75, 1.5, 3.0, 6.0 s.
 HALF = lambda: 0.5  # noqa: E731
 FIRST_DELAYS = [0.375, 0.75, 1.5, 3.0, 6.0]
+DEFAULT_POLICY = RetryPolicy()
 
 
 def ndjson(n: int, start: int = 0) -> bytes:
@@ -48,7 +49,7 @@ def make_client(
     url: str,
     datasource: str,
     *,
-    policy: RetryPolicy = RetryPolicy(),
+    policy: RetryPolicy = DEFAULT_POLICY,
     fake: FakeTime | None = None,
     token: str = TOKEN,
     **settings,
@@ -665,18 +666,18 @@ def test_parse_rate_limit_reset(value, expected):
 
 def test_tls_with_custom_ca_bundle(self_signed_cert):
     cert, key = self_signed_cert
-    with ScriptedServer(certfile=cert, keyfile=key) as tls_server:
-        with make_client(tls_server.url, "events", ca_bundle_path=cert) as client:
-            report = client.send(ndjson(1), 1)
+    with (ScriptedServer(certfile=cert, keyfile=key) as tls_server,
+          make_client(tls_server.url, "events", ca_bundle_path=cert) as client):
+        report = client.send(ndjson(1), 1)
     assert statuses(report) == [202]
     assert report.delivered[0].rows == 1
 
 
 def test_tls_verification_failure_is_not_retried(self_signed_cert, fake_time):
     cert, key = self_signed_cert
-    with ScriptedServer(certfile=cert, keyfile=key) as tls_server:
-        with make_client(tls_server.url, "events", fake=fake_time) as client:
-            report = client.send(ndjson(1), 1)
+    with (ScriptedServer(certfile=cert, keyfile=key) as tls_server,
+          make_client(tls_server.url, "events", fake=fake_time) as client):
+        report = client.send(ndjson(1), 1)
     assert [(a.status, a.error, a.retry_cause) for a in report.attempts] == [(None, "tls_verification_failed", None)]
     (failed,) = report.failed
     assert (failed.kind, failed.status, failed.attempts) == (DeadLetterKind.REJECTED, None, 1)
@@ -737,7 +738,7 @@ def test_client_repr_and_pickling(scripted):
     assert repr(client) == (
         f"EventsApiClient(api_url={scripted.url!r}, datasource='events', wait=True, compression='zstd', max_in_flight=4)"
     )
-    with pytest.raises(TypeError, match="Create it in DoFn.setup"):
+    with pytest.raises(TypeError, match=r"Create it in DoFn\.setup"):
         pickle.dumps(client)
     client.close()
     client.close()  # idempotent

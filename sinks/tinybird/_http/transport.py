@@ -26,7 +26,7 @@ import threading
 import time
 import types
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -367,8 +367,9 @@ class Transport:
                         f"TLS certificate verification failed for {self._api_url}: {_describe(exc)}. "
                         "Set ca_bundle_path to the CA bundle that signs the server's certificate.", False)
             return "connection_error", f"TLS error: {_describe(exc)}", True
-        if isinstance(exc, (requests.exceptions.ConnectionError, OSError)) and not isinstance(
-                exc, requests.exceptions.ChunkedEncodingError):
+        if _in_chain(exc, _is_broken_answer):
+            return "protocol_error", f"broken response: {_describe(exc)}", True
+        if isinstance(exc, (requests.exceptions.ConnectionError, OSError)):
             return "connection_error", f"connection error: {_describe(exc)}", True
         return "protocol_error", f"broken response: {_describe(exc)}", True
 
@@ -424,6 +425,17 @@ def _inflate(data: bytes, wbits: int) -> tuple[bytes | None, bool]:
 
 
 def _is_cert_verification_error(exc: BaseException) -> bool:
+    return _in_chain(exc, lambda e: isinstance(e, ssl.SSLCertVerificationError))
+
+
+def _is_broken_answer(exc: BaseException) -> bool:
+    """An answer that is not HTTP (a bad status line, too many headers or interim answers),
+    as opposed to a connection that closed (RemoteDisconnected is both)."""
+    return isinstance(exc, http.client.HTTPException) and not isinstance(exc, ConnectionError)
+
+
+def _in_chain(exc: BaseException, predicate: Callable[[BaseException], bool]) -> bool:
+    """Whether ``exc`` or an exception it wraps (requests and urllib3 nest them) matches."""
     seen = set()
     stack: list[Any] = [exc]
     while stack:
@@ -431,7 +443,7 @@ def _is_cert_verification_error(exc: BaseException) -> bool:
         if not isinstance(current, BaseException) or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, ssl.SSLCertVerificationError):
+        if predicate(current):
             return True
         stack.extend((current.__cause__, current.__context__, getattr(current, "reason", None)))
         stack.extend(current.args)

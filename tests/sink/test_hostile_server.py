@@ -1,0 +1,518 @@
+"""The HTTP layer against a server that misbehaves at the byte level (issue 11).
+
+One test (or a few) per class of misbehaviour: short row counts in a 2xx, dripped
+headers and bodies, huge, endless and bomb bodies, garbled rate-limit dates and
+chunk sizes, broken 2xx and interim 1xx answers, 413 to everything and long
+rate-limit pauses, megabytes of server text, and servers that echo the token.
+Each counts ids: what the server acknowledged plus what was dead-lettered is what
+was sent. The server is :class:`sink_testlib.RawServer`, a raw socket on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import apache_beam as beam
+import orjson
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from sink_testlib import TOKEN, FakeTime, RawRequest, RawServer, answer, counted, counts_body
+
+from sinks.tinybird import RetryPolicy, WriteToTinybird
+from sinks.tinybird._events_api import ClientSettings, EventsApiClient, SendReport
+from sinks.tinybird._http.transport import MAX_BODY_BYTES
+from sinks.tinybird.dead_letters import DeadLetter, DeadLetterKind, to_json_line
+
+pytestmark = pytest.mark.timeout(120)
+
+QUICK = RetryPolicy(max_attempts=3, initial_backoff_secs=0.01, max_backoff_secs=0.02, max_total_secs=5)
+
+
+def payload_of(n: int, start: int = 0) -> bytes:
+    return b"".join(orjson.dumps({"id": i, "pad": "x" * 20}) + b"\n" for i in range(start, start + n))
+
+
+def client_for(server: RawServer, *, policy: RetryPolicy = QUICK, fake: FakeTime | None = None,
+               **settings) -> EventsApiClient:
+    timing = {} if fake is None else {"clock": fake.clock, "sleep": fake.sleep, "wall_clock": fake.wall}
+    settings.setdefault("read_timeout_secs", 2.0)
+    return EventsApiClient(ClientSettings(api_url=server.url, datasource="events", **settings), token=TOKEN,
+                           retry_policy=policy, rand=lambda: 0.5, **timing)
+
+
+def ids_in(payload: bytes) -> list[int]:
+    return [orjson.loads(line)["id"] for line in payload.splitlines()]
+
+
+def account(report: SendReport, sent: list[int], server: RawServer | None = None) -> tuple[list[int], list[int]]:
+    """(acknowledged ids, dead-lettered ids); asserts that together they are exactly the ids sent."""
+    dead = [i for failed in report.failed for i in ids_in(failed.payload)]
+    assert len(dead) == len(set(dead)) == report.failed_rows
+    acknowledged = sorted(set(sent) - set(dead))
+    assert len(acknowledged) == report.delivered_rows
+    assert sorted(acknowledged + dead) == sorted(sent)
+    if server is not None:
+        # The server did answer 2xx to requests holding every acknowledged id.
+        assert set(acknowledged) <= set(server.acknowledged_ids())
+    return acknowledged, dead
+
+
+def _send_forever(conn: socket.socket, data: bytes, *, every_secs: float = 0.0) -> bool:
+    """Sends ``data`` over and over until the client goes away."""
+    while True:
+        conn.sendall(data)
+        if every_secs:
+            time.sleep(every_secs)
+
+
+# -- 1. silent loss: a 2xx that counts fewer rows than were sent ------------------------------
+
+
+def test_a_2xx_counting_fewer_rows_is_dead_lettered_never_retried():
+    with RawServer(default=answer(200, b'{"successful_rows":0,"quarantined_rows":0}')) as server:
+        payload = payload_of(1000)
+        with client_for(server) as client:
+            report = client.send(payload, 1000)
+    acknowledged, dead = account(report, list(range(1000)))
+    assert (acknowledged, len(dead)) == ([], 1000)
+    (failed,) = report.failed
+    assert (failed.kind, failed.status, failed.attempts) == (DeadLetterKind.ROWS_UNACCOUNTED, 200, 1)
+    assert failed.message == ("HTTP 200: the server counted 0 rows stored and 0 quarantined of 1000 sent; "
+                              "not retried, since it may have stored some")
+    assert len(server.requests) == 1  # never retried: the server may have stored some
+
+
+def test_a_2xx_whose_counts_add_up_is_delivered_with_its_quarantined_rows():
+    def behave(conn, request):
+        return answer(200, counts_body(request, quarantined=10))(conn, request)
+
+    with RawServer(default=behave) as server, client_for(server) as client:
+        report = client.send(payload_of(100), 100)
+    assert [(d.rows, d.quarantined_rows, d.counts_read) for d in report.delivered] == [(100, 10, True)]
+    account(report, list(range(100)))
+
+
+# -- 2. hangs: a server that drips its headers or its body --------------------------------------
+
+
+def drip_headers(conn: socket.socket, request: RawRequest) -> bool:
+    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+    return _send_forever(conn, b"X", every_secs=0.05)
+
+
+def test_dripped_headers_end_within_the_budget_plus_one_attempt_deadline():
+    policy = RetryPolicy(max_attempts=10, initial_backoff_secs=0.05, max_backoff_secs=0.1, max_total_secs=2.0)
+    with (RawServer(default=drip_headers) as server,
+          client_for(server, policy=policy, read_timeout_secs=0.5, attempt_timeout_secs=0.8) as client):
+        started = time.monotonic()
+        report = client.send(payload_of(50), 50)
+        elapsed = time.monotonic() - started
+    # Each byte comes well within the read timeout: only the attempt's deadline ends an attempt.
+    assert elapsed <= 2.0 + 0.8 + 0.3, elapsed
+    assert {a.error for a in report.attempts} == {"deadline"}
+    assert all(0.75 <= a.latency_secs <= 1.1 for a in report.attempts), [a.latency_secs for a in report.attempts]
+    (failed,) = report.failed
+    assert failed.kind is DeadLetterKind.RETRIES_EXHAUSTED and "deadline of 0.8 s" in failed.message
+    assert account(report, list(range(50)))[1] == list(range(50))
+
+
+def test_a_2xx_with_a_dripped_body_is_delivered_once_within_the_deadline():
+    def behave(conn, request):
+        server.mark(request, 200)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        return _send_forever(conn, b"{", every_secs=0.05)
+
+    with (RawServer(default=behave) as server,
+          client_for(server, read_timeout_secs=0.5, attempt_timeout_secs=0.6) as client):
+        report = client.send(payload_of(20), 20)
+    (attempt,) = report.attempts
+    assert (attempt.status, attempt.body_unreadable) == (200, True)
+    assert 0.55 <= attempt.latency_secs <= 0.9
+    assert [(d.rows, d.counts_read) for d in report.delivered] == [(20, False)]
+    assert len(server.requests) == 1
+    account(report, list(range(20)), server)
+
+
+def test_a_pipeline_against_a_dripping_server_ends_within_its_budget(tmp_path):
+    """finish_bundle never waits longer than the policy allows: the run takes at most
+    max_total_secs plus one attempt's deadline longer than the same run against a good
+    server, and every id is dead-lettered."""
+    policy = RetryPolicy(max_attempts=50, initial_backoff_secs=0.05, max_backoff_secs=0.1, max_total_secs=2.0)
+
+    def run(server: RawServer, dead_letter_path: str) -> tuple[float, object]:
+        p = beam.Pipeline(runner=FnApiRunner())
+        _ = (p | beam.Create([{"id": i} for i in range(300)], reshuffle=False)
+             | WriteToTinybird(datasource="drip", token=TOKEN, api_url=server.url, retry_policy=policy,
+                               connect_timeout_secs=0.3, read_timeout_secs=0.5, num_shards=1,
+                               dead_letter_path=dead_letter_path))
+        started = time.monotonic()
+        result = p.run()
+        result.wait_until_finish()
+        return time.monotonic() - started, result
+
+    with RawServer(default=None) as good:  # type: ignore[arg-type]
+        good.default = counted(good)
+        baseline, _ = run(good, f"{tmp_path}/good/")
+    with RawServer(default=drip_headers) as server:
+        elapsed, result = run(server, f"{tmp_path}/dlq/")
+    letters = _dead_letters(tmp_path / "dlq")
+    assert sorted(orjson.loads(d.line)["id"] for d in letters) == list(range(300))
+    assert {d.kind for d in letters} == {"retries_exhausted"}
+    counters = _counters(result)
+    assert counters.get("rows_acknowledged", 0) == 0 and counters["retries_deadline"] > 0
+    # One batch of 300 rows: max_total_secs (2 s) + one attempt's deadline (0.3 + 0.5 s).
+    # Without deadlines the run never ends.
+    print(f"dripping server: {elapsed:.2f} s, good server: {baseline:.2f} s")
+    assert elapsed - baseline <= 2.0 + 0.8 + 0.5, (elapsed, baseline)
+
+
+# -- 3. memory: huge, endless and bomb bodies (peak RSS in a process of its own) ---------------
+
+
+def huge_body(server: RawServer):
+    def behave(conn, request):
+        server.mark(request, 200)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (400 * 1024 * 1024))
+        chunk = b"x" * (1 << 20)
+        for _ in range(400):
+            conn.sendall(chunk)
+        return True
+
+    return behave
+
+
+def _gzip_bomb_answer() -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = b"\0" * (1 << 20)
+    bomb = b"".join(compressor.compress(zeros) for _ in range(512)) + compressor.flush()
+    assert len(bomb) < 600_000  # about 0.5 MB that decodes to 512 MiB
+    return bomb
+
+
+def endless_chunked(server: RawServer):
+    def behave(conn, request):
+        server.mark(request, 200)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        return _send_forever(conn, b"4000\r\n" + b"y" * 0x4000 + b"\r\n")
+
+    return behave
+
+
+def gzip_bomb(server: RawServer):
+    bomb = _gzip_bomb_answer()
+
+    def behave(conn, request):
+        server.mark(request, 200)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb) + bomb)
+        return True
+
+    return behave
+
+
+def _probe(url: str, tmp_path: Path, name: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("rss_probe.py")), url, "2000", str(tmp_path / name)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_huge_endless_and_bomb_bodies_keep_peak_memory_within_64_mib_of_a_good_run(tmp_path):
+    peaks = {}
+    for name, behaviour in (("good", lambda server: counted(server, 200)), ("400 MB body", huge_body),
+                            ("gzip bomb", gzip_bomb), ("endless chunked body", endless_chunked)):
+        with RawServer(default=None) as server:  # type: ignore[arg-type]
+            server.default = behaviour(server)
+            result = _probe(server.url, tmp_path, name.replace(" ", "_"))
+            # Every id accounted for: all acknowledged (the status decides), none dead-lettered.
+            assert result["dead_letter_ids"] == []
+            assert result["counters"]["rows_acknowledged"] == 2000
+            assert sorted(server.acknowledged_ids()) == list(range(2000))
+            if name != "good":
+                assert result["counters"]["responses_2xx_unreadable"] == result["counters"]["requests"]
+        peaks[name] = result["peak_rss_kib"] / 1024
+    print("peak RSS, MiB:", {k: round(v, 1) for k, v in peaks.items()})
+    for name, peak in peaks.items():
+        assert peak - peaks["good"] < 64, f"{name}: {peak:.0f} MiB vs {peaks['good']:.0f} MiB"
+
+
+def test_a_small_bomb_is_decoded_only_up_to_the_cap():
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = b"".join(compressor.compress(b"\0" * (1 << 20)) for _ in range(40)) + compressor.flush()
+    assert len(bomb) < MAX_BODY_BYTES  # read whole, then decoded to at most the cap
+    with (RawServer(default=answer(503, bomb, headers=[("Content-Encoding", "gzip")])) as server,
+          client_for(server, policy=RetryPolicy(max_attempts=1)) as client):
+        report = client.send(payload_of(3), 3)
+    (failed,) = report.failed
+    assert (failed.kind, failed.status) == (DeadLetterKind.RETRIES_EXHAUSTED, 503)
+    assert failed.message.endswith(
+        f"last: HTTP 503: (body unreadable: gzip body that does not decode to a whole body of at most "
+        f"{MAX_BODY_BYTES} bytes)")
+
+
+# -- 4. exceptions that escaped: absurd dates, negative chunk sizes --------------------------
+
+
+@pytest.mark.parametrize("retry_after", [
+    "Fri, 31 Dec 99999999999 23:59:59 GMT",  # OverflowError in datetime
+    "Mon, 01 Jan 2024 00:00:00 +99999999",  # an offset out of range
+    "9" * 5000,  # capped to 256 characters, then a finite number
+    "1e999", "-inf", "nan", "\x00\x01",
+])
+def test_garbled_retry_after_never_escapes(retry_after):
+    fake = FakeTime()
+    with RawServer(default=None) as server:  # type: ignore[arg-type]
+        server.default = counted(server)
+        server.script = [answer(503, b'{"error":"busy"}', headers=[("Retry-After", retry_after)])]
+        with client_for(server, fake=fake) as client:
+            report = client.send(payload_of(5), 5)
+    assert [a.status for a in report.attempts] == [503, 202]
+    # The server's wish is honoured up to the policy's cap, else the backoff applies.
+    assert fake.sleeps in ([0.0075], [QUICK.max_retry_after_secs])
+    account(report, list(range(5)), server)
+
+
+@pytest.mark.parametrize("chunk_size", [b"-1", b"-5", b"zz", b"ffffffffffffffffffffffff"])
+def test_bad_chunk_sizes_never_escape(chunk_size):
+    def behave(conn, request):
+        server.mark(request, 200)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk_size + b"\r\nabc\r\n")
+        conn.shutdown(socket.SHUT_WR)
+        return False
+
+    with RawServer(default=behave) as server, client_for(server) as client:
+        report = client.send(payload_of(7), 7)
+    (attempt,) = report.attempts
+    assert (attempt.status, attempt.body_unreadable) == (200, True)
+    assert [(d.rows, d.counts_read) for d in report.delivered] == [(7, False)]
+    account(report, list(range(7)), server)
+
+
+# -- 5. broken 2xx and interim 1xx answers ----------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["cut short", "gzip that does not decode", "unknown encoding"])
+def test_a_broken_2xx_is_delivered_once_and_counted_as_unreadable(case):
+    def behave(conn, request):
+        server.mark(request, 200)
+        if case == "cut short":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + counts_body(request)[:10])
+            conn.shutdown(socket.SHUT_WR)
+            return False
+        encoding = "gzip" if case == "gzip that does not decode" else "br"
+        return answer(200, b"\x1f\x8b garbage", headers=[("Content-Encoding", encoding)])(conn, request)
+
+    with RawServer(default=behave) as server, client_for(server) as client:
+        report = client.send(payload_of(30), 30)
+    assert len(server.requests) == 1  # not resent: resending a stored 2xx would store it twice
+    assert [(a.status, a.body_unreadable, a.retry_cause) for a in report.attempts] == [(200, True, None)]
+    assert [(d.rows, d.counts_read) for d in report.delivered] == [(30, False)]
+    assert report.failed == ()
+    account(report, list(range(30)), server)
+
+
+def test_interim_answers_are_skipped_and_the_final_answer_counts():
+    interim = (b"HTTP/1.1 100 Continue\r\n\r\n"
+               b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+               b"HTTP/1.1 102 Processing\r\n\r\n")
+
+    def behave(conn, request):
+        return answer(202, counts_body(request), interim=interim, server=server)(conn, request)
+
+    with RawServer(default=behave) as server, client_for(server) as client:
+        first = client.send(payload_of(10), 10)
+        second = client.send(payload_of(10, start=10), 10)  # the same connection, still in step
+    for report in (first, second):
+        assert [(a.status, a.body_unreadable) for a in report.attempts] == [(202, False)]
+        assert [(d.status, d.counts_read) for d in report.delivered] == [(202, True)]
+    account(first, list(range(10)), server)
+    account(second, list(range(10, 20)), server)
+
+
+def test_endless_interim_answers_are_a_protocol_error():
+    def behave(conn, request):
+        return _send_forever(conn, b"HTTP/1.1 103 Early Hints\r\n\r\n" * 20)
+
+    with (RawServer(default=behave) as server,
+          client_for(server, policy=RetryPolicy(max_attempts=2, initial_backoff_secs=0.01)) as client):
+        report = client.send(payload_of(4), 4)
+    assert [a.error for a in report.attempts] == ["protocol_error", "protocol_error"]
+    assert report.failed[0].kind is DeadLetterKind.RETRIES_EXHAUSTED
+    account(report, list(range(4)))
+
+
+# -- 6. unbounded work: 413 to everything, long rate-limit pauses -----------------------------
+
+
+def test_413_to_everything_stops_at_the_time_budget():
+    def behave(conn, request):
+        time.sleep(0.01)
+        return answer(413, b'{"error":"too large"}')(conn, request)
+
+    policy = RetryPolicy(max_total_secs=1.0)
+    with RawServer(default=behave) as server, client_for(server, policy=policy) as client:
+        started = time.monotonic()
+        report = client.send(payload_of(1000), 1000)
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.0 + 2.0 + 0.5  # the budget plus one attempt's deadline
+    # Far fewer than the 1999 requests of splitting down to single rows.
+    assert 5 < len(server.requests) < 200
+    kinds = {f.kind for f in report.failed}
+    assert kinds <= {DeadLetterKind.PAYLOAD_TOO_LARGE, DeadLetterKind.RETRIES_EXHAUSTED}
+    assert DeadLetterKind.RETRIES_EXHAUSTED in kinds
+    refused = [f for f in report.failed if f.kind is DeadLetterKind.RETRIES_EXHAUSTED]
+    assert all("past max_total_secs=1" in f.message for f in refused)
+    assert account(report, list(range(1000)))[1] == list(range(1000))
+
+
+def test_a_single_row_refused_with_413_stays_payload_too_large():
+    with RawServer(default=answer(413, b'{"error":"too large"}')) as server, client_for(server) as client:
+        report = client.send(payload_of(1), 1)
+    (failed,) = report.failed
+    assert (failed.kind, failed.attempts) == (DeadLetterKind.PAYLOAD_TOO_LARGE, 1)
+
+
+def test_a_rate_limit_pause_longer_than_the_budget_fails_the_batch_at_once():
+    fake = FakeTime()
+    with RawServer(default=None) as server:  # type: ignore[arg-type]
+        server.default = counted(server, headers=[("X-RateLimit-Remaining", "0"), ("X-RateLimit-Reset", "100")])
+        policy = RetryPolicy(max_total_secs=30)
+        with client_for(server, policy=policy, fake=fake) as client:
+            first = client.send(payload_of(3), 3)
+            second = client.send(payload_of(3, start=3), 3)
+    assert first.delivered_rows == 3 and len(server.requests) == 1
+    (failed,) = second.failed
+    assert (failed.kind, failed.attempts, failed.status) == (DeadLetterKind.RETRIES_EXHAUSTED, 0, None)
+    assert failed.message == "the rate-limit pause would end 100.0 s after the batch began, past max_total_secs=30"
+    assert fake.sleeps == []
+    account(second, [3, 4, 5])
+
+
+# -- 7. unbounded server text -----------------------------------------------------------------
+
+
+def test_megabytes_of_location_or_error_text_stay_capped_in_dead_letters():
+    folded = "https://elsewhere.example/" + "".join(f"\r\n {'L' * 60_000}" for _ in range(16))
+    with RawServer(default=answer(307, b"", headers=[("Location", folded)])) as server:
+        server.script = [answer(400, orjson.dumps({"error": "E" * 2_000_000}))]
+        with client_for(server) as client:
+            reports = [client.send(payload_of(2), 2), client.send(payload_of(2, start=2), 2)]
+    messages = [f.message for r in reports for f in r.failed]
+    assert [len(m) <= 1000 for m in messages] == [True, True]
+    assert messages[0] == f"HTTP 400: (body unreadable: larger than {MAX_BODY_BYTES} bytes)"
+    assert messages[1].startswith("HTTP 307: unexpected redirect to 'https://elsewhere.example/ LLL")
+    assert len(messages[1]) < 256 + 60
+    for report in reports:
+        for failed in report.failed:
+            for line in failed.payload.splitlines():
+                record = DeadLetter(line=line.decode(), element=None, datasource="events", kind=failed.kind.value,
+                                    status=failed.status, message=failed.message, attempts=failed.attempts,
+                                    first_attempt_at="", last_attempt_at="", window="global")
+                assert len(to_json_line(record)) < len(line) + 1500
+
+
+# -- 8. token leaks -----------------------------------------------------------------------------
+
+
+def _token_parts(text: str) -> list[str]:
+    """Pieces of the token (12 characters or more) found in ``text``."""
+    return [TOKEN[i:i + 12] for i in range(len(TOKEN) - 11) if TOKEN[i:i + 12] in text]
+
+
+@pytest.mark.parametrize("offset", [990, 995, 1000, 1005])
+def test_a_token_straddling_the_message_cap_is_scrubbed_first(offset):
+    text = "x" * (offset - len("HTTP 400: ")) + TOKEN + " and more"
+    with RawServer(default=answer(400, orjson.dumps({"error": text}))) as server, client_for(server) as client:
+        report = client.send(payload_of(1), 1)
+    (failed,) = report.failed
+    assert _token_parts(failed.message) == []
+    assert len(failed.message) <= len("HTTP 400: ") + 1000
+
+
+def test_a_token_echoed_in_a_malformed_header_line_reaches_no_log(caplog):
+    caplog.set_level(logging.DEBUG)
+
+    def behave(conn, request):
+        body = b'{"error":"bad"}'
+        conn.sendall(b"HTTP/1.1 400 Bad\r\nContent-Length: %d\r\nX-Ok: 1\r\n" % len(body)
+                     + b"Bearer " + TOKEN.encode() + b" \x01\r\n"  # not a header line: urllib3 logs it
+                     + b"X-Echo: " + TOKEN.encode() + b"\r\n\r\n" + body)
+        return True
+
+    with RawServer(default=behave) as server:
+        with client_for(server) as client:
+            report = client.send(payload_of(2), 2)
+            filters = list(logging.getLogger("urllib3.connection").filters)
+        after = list(logging.getLogger("urllib3.connection").filters)
+    assert any("Failed to parse headers" in r.getMessage() for r in caplog.records), "urllib3 did not log it"
+    texts = [caplog.text, repr(report), *(f.message for f in report.failed)]
+    texts += [r.getMessage() + (r.exc_text or "") for r in caplog.records]
+    for text in texts:
+        assert _token_parts(text) == [], text[:300]
+    assert report.failed[0].status == 400
+    assert len(filters) == 1 and after == []  # installed while the client is open, removed when closed
+
+
+# -- helpers of the pipeline tests ----------------------------------------------------------------
+
+
+def _dead_letters(path: Path) -> list[DeadLetter]:
+    records = []
+    for name in sorted(p for p in path.glob("*") if p.is_file()):
+        records += [DeadLetter(**orjson.loads(line)) for line in name.read_bytes().splitlines() if line.strip()]
+    return records
+
+
+def _counters(result) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for counter in result.metrics().query(MetricsFilter().with_namespace("tinybird"))["counters"]:
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + counter.committed
+    return totals
+
+
+def test_a_pipeline_counts_every_id_and_the_new_metrics(tmp_path):
+    """Short counts, an unreadable 2xx and good answers in one run: acknowledged + dead-lettered = sent."""
+    lock = threading.Lock()
+    seen = []
+
+    def behave(conn, request):
+        with lock:
+            seen.append(request)
+            n = len(seen)
+        if n == 1:
+            return answer(200, counts_body(request, successful=request.rows - 1), server=server)(conn, request)
+        if n == 2:
+            return answer(200, b"not json", server=server)(conn, request)
+        return counted(server, 200)(conn, request)
+
+    with RawServer(default=behave) as server:
+        p = beam.Pipeline(runner=FnApiRunner())
+        _ = (p | beam.Create([{"id": i} for i in range(500)], reshuffle=False)
+             | WriteToTinybird(datasource="mixed", token=TOKEN, api_url=server.url, retry_policy=QUICK,
+                               max_batch_bytes=1024, num_shards=1, max_in_flight=1,
+                               dead_letter_path=f"{tmp_path}/dlq/"))
+        result = p.run()
+        result.wait_until_finish()
+    letters = _dead_letters(tmp_path / "dlq")
+    dead = sorted(orjson.loads(d.line)["id"] for d in letters)
+    first_ids = seen[0].ids
+    assert dead == sorted(first_ids) and {d.kind for d in letters} == {"rows_unaccounted"}
+    counters = _counters(result)
+    assert counters["rows_acknowledged"] + len(dead) == 500
+    assert sorted(set(server.acknowledged_ids()) - set(dead)) == sorted(set(range(500)) - set(dead))
+    assert counters["responses_2xx_unaccounted"] == 1
+    assert counters["dead_letters_rows_unaccounted"] == len(first_ids)
+    assert counters["responses_2xx_unreadable"] == 1
+    assert counters["rows_acknowledged_uncounted"] == seen[1].rows
+    assert counters["requests"] == len(seen)
