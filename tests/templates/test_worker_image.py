@@ -105,11 +105,14 @@ def test_it_installs_the_wheel_with_the_gcp_extra_and_keeps_beam():
     instructions = _instructions()
     assert "RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ." in instructions
     (install,) = [line for line in instructions if " pip install " in line]
-    assert "--mount=type=bind,from=wheel,source=/wheels,target=/tmp/wheels" in install
-    assert '"$(ls /tmp/wheels/beam_tinybird-*.whl)[gcp]"' in install
-    assert '"apache-beam==${BEAM_VERSION}"' in install  # pip fails rather than change the image's Beam
+    assert install.startswith("RUN --mount=type=bind,from=wheel,source=/wheels,target=/tmp/wheels ")
+    # What the SDK image holds (Beam and its pins) constrains the install: added to, never changed.
+    assert "pip list --format=freeze > /tmp/image-packages.txt" in install
+    assert ('pip install --no-cache-dir -c /tmp/image-packages.txt "$(ls /tmp/wheels/beam_tinybird-*.whl)[gcp]"'
+            in install)
     assert not re.search(r"\[(local|test|lint)\]|tinybird_emulator|aiohttp| -e ", install)
-    assert "import sinks.tinybird, pipelines.files_to_tinybird" in install
+    assert "import apache_beam, sinks.tinybird, pipelines.files_to_tinybird;" in install
+    assert "assert apache_beam.__version__ == '${BEAM_VERSION}'" in install
 
 
 def test_docker_environment_flags_of_the_readme_name_the_image():
