@@ -1,0 +1,78 @@
+"""Beam YAML: the README's pipeline, run by ``python -m apache_beam.yaml.main`` against the local server.
+
+``WriteToTinybird`` as a ``PyTransform`` by its class name, and a later YAML
+step (``WriteToJson``) taking ``ToTinybird.dead_letters`` as its input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import apache_beam as beam
+from sink_testlib import TOKEN
+
+from sinks.tinybird import DeadLetter, WriteToTinybird, WriteToTinybirdResult
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_GOOD_ROWS = 40
+_OVERSIZE_ID = 999
+_OVERSIZE_BYTES = 8 * 1024 * 1024 + 100  # over the default max_batch_bytes (8 MiB)
+
+
+def _readme_yaml() -> str:
+    """The YAML block of README.md's "Beam YAML" section, as a user would copy it."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Beam YAML\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
+    return block
+
+
+def test_the_result_is_its_named_outputs():
+    # Built, never run: nothing listens on port 9.
+    p = beam.Pipeline(runner="FnApiRunner")
+    rows = p | beam.Create([{"id": 1}])
+    without_files = rows | "NoFiles" >> WriteToTinybird(datasource="e", token="t", api_url="http://127.0.0.1:9")
+    with_files = rows | "Files" >> WriteToTinybird(
+        datasource="e", token="t", api_url="http://127.0.0.1:9", dead_letter_path="/tmp/unused/")
+    assert isinstance(without_files, WriteToTinybirdResult) and isinstance(without_files, dict)
+    assert list(without_files) == ["dead_letters"] and without_files.dead_letter_files is None
+    assert without_files.dead_letters is without_files["dead_letters"]
+    assert list(with_files) == ["dead_letters", "dead_letter_files"]
+    assert with_files.dead_letter_files is with_files["dead_letter_files"]
+    assert with_files.dead_letters.element_type == DeadLetter
+
+
+def test_the_readme_yaml_pipeline_stores_every_row_and_writes_its_dead_letters(server, datasource, tmp_path):
+    source = tmp_path / "events.ndjson"
+    with source.open("w") as out:
+        for i in range(_GOOD_ROWS):
+            out.write(json.dumps({"id": i, "name": f"user {i}"}) + "\n")
+        out.write(json.dumps({"id": _OVERSIZE_ID, "name": "x" * _OVERSIZE_BYTES}) + "\n")
+    pipeline_file = tmp_path / "to_tinybird.yaml"
+    pipeline_file.write_text(_readme_yaml())
+    variables = {"input": str(source), "datasource": datasource, "api_url": server.url,
+                 "dead_letters": str(tmp_path / "dead-letters" / "undelivered")}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "apache_beam.yaml.main", f"--yaml_pipeline_file={pipeline_file}",
+         "--runner=FnApiRunner", f"--jinja_variables={json.dumps(variables)}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TINYBIRD_TOKEN": TOKEN})
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert TOKEN not in result.stdout + result.stderr
+    server.flush()
+    stored = server.query(f"SELECT id, name FROM {datasource} ORDER BY id", token=TOKEN)
+    assert stored == [{"id": i, "name": f"user {i}"} for i in range(_GOOD_ROWS)]
+    files = sorted((tmp_path / "dead-letters").glob("undelivered*"))
+    records = [json.loads(line) for path in files for line in path.read_text().splitlines() if line.strip()]
+    assert len(records) == 1
+    (record,) = records
+    assert record["kind"] == "oversize"
+    assert record["message"].startswith("the encoded row is ") and "over max_batch_bytes=8388608" in record["message"]
+    assert json.loads(record["line"]) == {"id": _OVERSIZE_ID, "name": "x" * _OVERSIZE_BYTES}
