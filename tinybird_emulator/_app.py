@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import HttpVersion11, web
+
 from tinybird_emulator._body import BodyError, decompress, parse_body
 from tinybird_emulator._client_routes import ClientRoutes
 from tinybird_emulator._config import ServerConfig
@@ -239,9 +240,21 @@ class EventsApp:
     # -- /v0/events ----------------------------------------------------------
 
     async def post_events(self, request: web.Request) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        query = request.query
-        name = query.get("name", "")
+        name = request.query.get("name", "")
+        refused = await self._refusal(request, name)
+        if refused is not None:
+            return refused
+        fmt = request.query.get("format", "").lower()
+        if fmt not in ("", "ndjson", "json"):
+            return _error(400, f"unsupported format {fmt!r}; use ndjson or json")
+        body = await self._events_body(request, name, fmt)
+        if isinstance(body, web.StreamResponse):
+            return body
+        decoded, new_schema = body
+        return await self._store_and_answer(request, name, decoded, new_schema)
+
+    async def _refusal(self, request: web.Request, name: str) -> web.StreamResponse | None:
+        """Name, token, request rate (429), queue room (503): the answer when one refuses."""
         if not name:
             return _error(400, "missing the 'name' parameter: the data source to append to")
         if (
@@ -275,13 +288,14 @@ class EventsApp:
         if jobs >= self.config.queue_max_requests or nbytes >= self.config.queue_max_bytes:
             await self._drain(request)
             return _error(503, "the write queue is full; nothing was inserted, retry later")
+        return None
 
-        fmt = query.get("format", "").lower()
-        if fmt not in ("", "ndjson", "json"):
-            return _error(400, f"unsupported format {fmt!r}; use ndjson or json")
-        wait = query.get("wait", "").lower() in ("true", "1", "yes")
+    async def _events_body(
+        self, request: web.Request, name: str, fmt: str
+    ) -> tuple[_Decoded, Schema | None] | web.StreamResponse:
+        """The body read (413), paced by bytes (429) and decoded (400), with the schema of a
+        new data source; or the answer refusing it."""
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
-
         if self._decode_sem is None:
             self._decode_sem = asyncio.Semaphore(self.config.max_concurrent_decodes)
         async with self._decode_sem:
@@ -295,24 +309,28 @@ class EventsApp:
                 return _error(429, byte_decision.reason, headers={"Retry-After": str(byte_decision.retry_after_secs)})
             schema_known = name in self._pending_schemas or self.store.schema(name) is not None
             try:
-                decoded = await loop.run_in_executor(
+                decoded = await asyncio.get_running_loop().run_in_executor(
                     self._pool, _decode, wire, encoding, self.config.max_body_bytes, fmt, name, schema_known
                 )
             except BodyError as exc:
                 return _error(exc.status, exc.message)
             del wire
-            new_schema: Schema | None = None
             if self.store.schema(name) is not None:
                 self._pending_schemas.pop(name, None)
-            else:
-                if not decoded.lines:
-                    return _error(
-                        400, f"cannot create the data source '{name}': the body holds no valid JSON object"
-                    )
-                new_schema = self._pending_schemas.get(name) or decoded.new_schema
-                if new_schema is None or not new_schema.columns:
-                    return _error(400, f"cannot create the data source '{name}': no column could be inferred")
+                return decoded, None
+            if not decoded.lines:
+                return _error(400, f"cannot create the data source '{name}': the body holds no valid JSON object")
+            new_schema = self._pending_schemas.get(name) or decoded.new_schema
+            if new_schema is None or not new_schema.columns:
+                return _error(400, f"cannot create the data source '{name}': no column could be inferred")
+            return decoded, new_schema
 
+    async def _store_and_answer(
+        self, request: web.Request, name: str, decoded: _Decoded, new_schema: Schema | None
+    ) -> web.StreamResponse:
+        """Fault rules, then the write: 202 at once, or 200 once committed (``wait``)."""
+        loop = asyncio.get_running_loop()
+        wait = request.query.get("wait", "").lower() in ("true", "1", "yes")
         fault = self.faults.decide(name)
         if fault is not None and fault.rule.when != WHEN_AFTER:
             outcome = await self._apply_fault(request, fault)
@@ -376,7 +394,7 @@ class EventsApp:
             return None
         headers = {}
         if rule.retry_after_secs is not None:
-            headers["Retry-After"] = str(int(math.ceil(rule.retry_after_secs)))
+            headers["Retry-After"] = str(math.ceil(rule.retry_after_secs))
         message = rule.message or f"injected fault: rule {fault.index} ({rule.when})"
         return _error(rule.status, message, headers=headers)
 
@@ -594,7 +612,7 @@ class DataDirInUse(RuntimeError):
 def _lock_data_dir(data_dir: str) -> Any:
     """An exclusive lock held for the life of the process (released even by SIGKILL)."""
     os.makedirs(data_dir, exist_ok=True)
-    handle = open(os.path.join(data_dir, "server.lock"), "a+")
+    handle = open(os.path.join(data_dir, "server.lock"), "a+")  # noqa: SIM115 - held until the process ends
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -649,7 +667,7 @@ async def _run(config: ServerConfig, *, announce: Callable[[str], None], stop_on
 def serve(
     config: ServerConfig,
     *,
-    announce: Callable[[str], None] = lambda line: print(line, flush=True),
+    announce: Callable[[str], None] = lambda line: print(line, flush=True),  # noqa: T201 - the ready line
     stop_on_stdin_eof: bool = False,
 ) -> None:
     """Runs the server until SIGTERM or SIGINT (or stdin EOF when asked); everything

@@ -228,9 +228,13 @@ def parse_body(data: bytes, *, fmt: str, keep_objects: bool) -> ParsedBody:
     objects: list[dict[str, Any]] | None
     if text is not None:
         lines = [line for line in text.split("\n") if line]
-        if not keep_objects and lines and not _OBJECTS_SIDE_BY_SIDE_RE.search(text):
-            if _one_object_per_line(json_array(lines), len(lines)):
-                return ParsedBody(lines, [], None)
+        if (
+            not keep_objects
+            and lines
+            and not _OBJECTS_SIDE_BY_SIDE_RE.search(text)
+            and _one_object_per_line(json_array(lines), len(lines))
+        ):
+            return ParsedBody(lines, [], None)
         try:
             objects = list(map(orjson.loads, lines))
         except orjson.JSONDecodeError:

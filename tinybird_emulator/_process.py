@@ -23,7 +23,7 @@ import urllib.request
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from tinybird_emulator._config import (
     DEFAULT_MAX_BODY_BYTES,
@@ -40,7 +40,7 @@ _LOG = logging.getLogger(__name__)
 _READY_PREFIX = "Tinybird local Events API listening on "
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
-FaultSpec = Union[FaultRule, Mapping[str, Any]]
+FaultSpec = FaultRule | Mapping[str, Any]
 
 
 class LocalServerError(RuntimeError):
@@ -199,7 +199,7 @@ class LocalServer:
         env.setdefault("PYTHONUNBUFFERED", "1")
         # In the environment rather than argv, which any local user can read with ps.
         env[ADMIN_TOKEN_ENV] = self._token
-        self._log_fh = open(self.log_path, "ab")
+        self._log_fh = open(self.log_path, "ab")  # noqa: SIM115 - the server's stderr until it stops
         # The server stops when its stdin closes: when this process exits, even by SIGKILL.
         self._proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=self._log_fh, stdin=subprocess.PIPE, env=env

@@ -80,7 +80,7 @@ class RateLimiter:
 
     def _decision(self, window: _Window, allowed: bool, reason: str = "") -> RateDecision:
         left_secs = max(0.0, window.start + self._window_secs - self._clock())
-        reset = int(math.ceil(left_secs))
+        reset = math.ceil(left_secs)
         return RateDecision(
             allowed=allowed,
             limit=self._limit,

@@ -272,9 +272,10 @@ def _needing_conversion(kind: _Kind, values: list[Any], nullable: bool) -> Itera
         return ()
     if not types <= kind.as_sent:
         return everything
-    if int in types:
-        if not types <= {int, float, bool} or not (_fits_int64(min(present)) and _fits_int64(max(present))):
-            return everything
+    if int in types and (
+        not types <= {int, float, bool} or not (_fits_int64(min(present)) and _fits_int64(max(present)))
+    ):
+        return everything
     if kind.one is None or kind.lines is None:
         return ()
     # One match over all the strings, one per line (when none holds a line break).
@@ -330,7 +331,7 @@ def _not_as_orjson_writes(lines: Sequence[str], objects: Sequence[dict[str, Any]
     left: set[int] = set()
     if not same:
         written = map(_dumps_or_none, objects)
-        left.update(i for i, (a, b) in enumerate(zip(written, map(str.encode, lines))) if a != b)
+        left.update(i for i, (a, b) in enumerate(zip(written, map(str.encode, lines), strict=False)) if a != b)
     if "\\" in array_text and _NUL_ESCAPE in array_text:
         left.update(i for i, line in enumerate(lines) if _NUL_ESCAPE in line)
     return left
@@ -420,5 +421,5 @@ def _prepare_chunk(schema: Schema, paths: list[tuple[str, ...]] | None, lines: S
         left = _not_as_orjson_writes(lines, objects, array_text)
     columns: list[list[Any]] = []
     if paths is not None and len(left) < len(lines):
-        columns = [_bind_values(column, _lookup(objects, keys), left) for column, keys in zip(schema.columns, paths)]
+        columns = [_bind_values(column, _lookup(objects, keys), left) for column, keys in zip(schema.columns, paths, strict=False)]
     return PreparedRows(schema=schema, columns=columns, segments=_segments(lines, left))

@@ -364,7 +364,7 @@ class _Acc:
 
 def _walk(obj: dict[str, Any], prefix: tuple[str, ...], accs: dict[tuple[str, ...], _Acc]) -> None:
     for key, value in obj.items():
-        path = prefix + (key,)
+        path = (*prefix, key)
         if type(value) is dict:
             if len(path) < MAX_FLATTEN_DEPTH:
                 _walk(value, path, accs)

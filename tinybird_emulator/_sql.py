@@ -155,12 +155,12 @@ def _json_cells(types: Sequence[str]) -> list[Callable[[Any], Any]]:
 
 def _objects(result: QueryResult) -> list[dict[str, Any]]:
     cells = _json_cells(result.types)
-    return [{n: cell(v) for n, cell, v in zip(result.names, cells, row)} for row in result.rows]
+    return [{n: cell(v) for n, cell, v in zip(result.names, cells, row, strict=False)} for row in result.rows]
 
 
 def _json(result: QueryResult) -> bytes:
     body: dict[str, Any] = {
-        "meta": [{"name": n, "type": t} for n, t in zip(result.names, result.types)],
+        "meta": [{"name": n, "type": t} for n, t in zip(result.names, result.types, strict=False)],
         "data": _objects(result),
         "rows": len(result.rows),
     }
@@ -180,7 +180,8 @@ def _ch_array(value: Any) -> str:
     parts = []
     for item in items:
         if isinstance(item, str):
-            parts.append("'" + item.replace("\\", "\\\\").replace("'", "\\'") + "'")
+            escaped = item.replace("\\", "\\\\").replace("'", "\\'").replace("\t", "\\t").replace("\n", "\\n")
+            parts.append("'" + escaped + "'")
         elif isinstance(item, bool):
             parts.append("true" if item else "false")
         else:
@@ -216,7 +217,10 @@ def _tsv_escape(text: str) -> str:
 
 def _tsv_cell(value: Any, kind: str) -> str:
     text = _plain(value, kind)
-    return "\\N" if text is None else _tsv_escape(text)
+    if text is None:
+        return "\\N"
+    # An array's elements are already escaped inside their quotes, as ClickHouse writes them.
+    return text if _is_array(kind) else _tsv_escape(text)
 
 
 def render(result: QueryResult, fmt: str) -> bytes:

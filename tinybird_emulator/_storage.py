@@ -385,11 +385,27 @@ class Store:
                 (applied - started) * 1000,
                 (time.perf_counter() - applied) * 1000,
             )
+        self._account(group, outcomes, new_schemas, now)
+        for job, outcome in zip(group, outcomes, strict=False):
+            if job.done is not None:
+                try:
+                    job.done(outcome)
+                except Exception:  # a callback bug must not stop the writer
+                    _LOG.exception("write callback failed")
+
+    def _account(
+        self,
+        group: list[WriteJob],
+        outcomes: list[WriteResult | BaseException],
+        new_schemas: dict[str, Schema],
+        now: str,
+    ) -> None:
+        """The in-memory catalog and counters after a group's commit (or failure)."""
         with self._lock:
             for name, schema in new_schemas.items():
                 self._catalog[name] = schema
                 self._info[name] = DatasourceInfo(created_at=now, updated_at=now)
-            for job, outcome in zip(group, outcomes):
+            for job, outcome in zip(group, outcomes, strict=True):
                 self._queued_jobs -= 1
                 self._queued_bytes -= job.cost_bytes
                 if isinstance(outcome, WriteResult):
@@ -404,12 +420,6 @@ class Store:
                     self.rows_stored += outcome.successful_rows
                     self.rows_quarantined += outcome.quarantined_rows
             self.commits += 1
-        for job, outcome in zip(group, outcomes):
-            if job.done is not None:
-                try:
-                    job.done(outcome)
-                except Exception:  # a callback bug must not stop the writer
-                    _LOG.exception("write callback failed")
 
     def _apply(
         self, conn: sqlite3.Connection, job: WriteJob, new_schemas: dict[str, Schema], now: str
@@ -442,7 +452,7 @@ class Store:
             now = _utc_now_text()
             empty = (None,) * len(schema.columns)
             for raw, error in job.invalid:
-                quarantined.append(("[]", orjson.dumps([error]).decode(), import_id, now, raw) + empty)
+                quarantined.append(("[]", orjson.dumps([error]).decode(), import_id, now, raw, *empty))
         if quarantined:
             conn.executemany(schema.quarantine_insert_statement(), quarantined)
         nbytes = 0
@@ -532,8 +542,7 @@ class Store:
                     shown = raw if raw is None or len(str(raw)) <= 100 else str(raw)[:100] + "..."
                     errors.append(f"value {shown!r} ({json_type}) of column '{col.name}' is not a valid {col.type}")
             rows.append(
-                (orjson.dumps(error_columns).decode(), orjson.dumps(errors).decode(), import_id, now, row[1])
-                + tuple(raws)
+                (orjson.dumps(error_columns).decode(), orjson.dumps(errors).decode(), import_id, now, row[1], *tuple(raws))
             )
         return rows
 
@@ -559,8 +568,7 @@ class Store:
                 conn.execute("ROLLBACK TO row")
                 conn.execute("RELEASE row")
                 quarantined.append(
-                    ("[]", orjson.dumps([f"rejected by storage: {exc}"]).decode(), import_id, _utc_now_text(), line)
-                    + empty
+                    ("[]", orjson.dumps([f"rejected by storage: {exc}"]).decode(), import_id, _utc_now_text(), line, *empty)
                 )
         return ok, quarantined
 
@@ -689,7 +697,7 @@ class ReadOnlyDatabase:
         # SELECT *: a data dir written by an earlier version lacks bytes and updated_at.
         cur = self._connection().execute(f"SELECT * FROM {_CATALOG} ORDER BY name")
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return [dict(zip(names, row, strict=False)) for row in cur.fetchall()]
 
     def datasources(self) -> list[dict[str, Any]]:
         """Every data source, as ``GET /v0/datasources`` lists them. sqlite3.Error if unreadable."""

@@ -107,7 +107,7 @@ def run(
         session = requests.Session()
         n = index
         while time.perf_counter() < deadline:
-            body, rows = bodies[n % len(bodies)]
+            body, _rows = bodies[n % len(bodies)]
             n += 1
             started = time.perf_counter()
             response = session.post(url, data=body, headers=headers, timeout=(5, 120))

@@ -57,7 +57,7 @@ class EventsClient:
         rows = self.server.query(f"SELECT * FROM {name}_quarantine ORDER BY rowid")
         raws = self.server.quarantined_lines(name)
         assert len(raws) == len(rows)
-        for row, raw in zip(rows, raws):
+        for row, raw in zip(rows, raws, strict=False):
             assert (row["c__error_column"], row["c__error"]) == (raw["c__error_column"], raw["c__error"])
             row["c__raw"] = raw["c__raw"]
         return rows

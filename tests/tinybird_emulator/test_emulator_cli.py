@@ -111,7 +111,6 @@ def _alive(pid: int) -> bool:
     return state != b"Z"
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
 def test_server_stops_when_the_process_that_started_it_dies(tmp_path):
     import time
 
@@ -146,7 +145,6 @@ def test_one_server_per_data_dir_and_port(server, tmp_path):
     assert out.returncode == 3 and "address already in use" in out.stderr.lower()
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
 def test_local_server_keeps_the_token_out_of_argv(server):
     with open(f"/proc/{server.pid}/cmdline", "rb") as fh:
         argv = fh.read().split(b"\0")

@@ -1,9 +1,12 @@
-"""Clients written by others work unchanged: the documented curl commands and tinybird-python-sdk."""
+"""Clients written by others work unchanged: the documented curl commands and tinybird-python-sdk.
+
+curl is needed (it is on every machine of this project); the CLI and the other SDKs are in
+test_emulator_real_clients.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 
 import pytest
@@ -92,7 +95,6 @@ def _substitute(command: str, url: str, token: str) -> str:
     return command.replace("<data_source_name>", "docs_events")
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 @pytest.mark.parametrize("name", list(SEED_COMMANDS))
 def test_documented_curl_commands(server, tmp_path, name):
     (tmp_path / "body.ndjson.zst").write_bytes(
@@ -156,7 +158,6 @@ def test_tinybird_python_sdk_async_datasource(server):
     assert server.query("SELECT count(*) AS c, sum(n) AS s FROM sdk_async") == [{"c": 2, "s": 3}]
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_large_bodies_use_expect_100_continue(server, tmp_path, ds):
     """curl sends ``Expect: 100-continue`` for large bodies: an oversized one is refused before it is sent."""
     line = b'{"i": 1, "s": "' + b"x" * 982 + b'"}\n'

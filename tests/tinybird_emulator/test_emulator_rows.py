@@ -113,8 +113,8 @@ def _store_both_ways(tmp_path, schema: Schema, lines: list[str]) -> tuple[int, i
         names = [c.name for c in schema.columns]
         assert bound_ok == ok
         assert _rows_of(conn, "bound", names) == _rows_of(conn, "reference", names)
-        assert _rows_of(conn, "_emulator_quarantine_bound", ["c__error_column", "c__error", "c__raw"] + names) == _rows_of(
-            conn, "_emulator_quarantine_reference", ["c__error_column", "c__error", "c__raw"] + names
+        assert _rows_of(conn, "_emulator_quarantine_bound", ["c__error_column", "c__error", "c__raw", *names]) == _rows_of(
+            conn, "_emulator_quarantine_reference", ["c__error_column", "c__error", "c__raw", *names]
         )
         assert [row[:2] + row[4:] for row in bound_quarantined] == [row[:2] + row[4:] for row in quarantined]
         return ok, len(quarantined)
@@ -248,7 +248,7 @@ def _walked(objects: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], tuple[An
     ),
 )
 def test_inference_a_key_at_a_time_matches_the_walk(keys, rows):
-    objects = [dict(zip(keys, row)) for row in rows]
+    objects = [dict(zip(keys, row, strict=False)) for row in rows]
     flat = _walk_flat(objects)
     assert flat is not None
     assert list({p: (a.kinds, a.seen, a.nulls, a.ignored) for p, a in flat.items()}.items()) == list(
