@@ -113,9 +113,9 @@ def _run_bundle(dofn, elements):
     outputs = []
     for element in elements:
         if isinstance(dofn, _EncodeAndBatchGlobalDoFn):
-            outputs.extend(dofn.process(element))
+            outputs.extend(dofn.process(element) or ())
         else:
-            outputs.extend(dofn.process(element, wv=WindowedValue(element, Timestamp(0), (GlobalWindow(),))))
+            outputs.extend(dofn.process(element, wv=WindowedValue(element, Timestamp(0), (GlobalWindow(),))) or ())
     outputs.extend(dofn.finish_bundle())
     return outputs
 
@@ -176,9 +176,10 @@ def test_an_element_in_two_windows_goes_into_each_windows_batch_once():
     first, second = IntervalWindow(0, 10), IntervalWindow(5, 15)
     element = {"id": 1}
     # The runner calls once per window, in a row, with the same element.
-    outputs = list(encoder.process(element, window=first, timestamp=Timestamp(7)))
-    outputs += encoder.process(element, window=second, timestamp=Timestamp(7))
-    outputs += encoder.process({"id": 2}, window=first, timestamp=Timestamp(6))
+    # process returns None when nothing leaves.
+    outputs = list(encoder.process(element, window=first, timestamp=Timestamp(7)) or ())
+    outputs += encoder.process(element, window=second, timestamp=Timestamp(7)) or ()
+    outputs += encoder.process({"id": 2}, window=first, timestamp=Timestamp(6)) or ()
     assert encoder._count == 2
     outputs += encoder.finish_bundle()
     chunks = {WindowKey(*out.value[0]).window: (out.value[1], out.timestamp, out.windows) for out in outputs}
@@ -252,7 +253,7 @@ def test_a_full_buffer_leaves_in_the_global_window_as_a_batch_or_for_the_merge(f
     encoder.start_bundle()
     outputs = []
     for i, timestamp in enumerate((5, 3, 4)):
-        outputs += encoder.process({"id": i}, wv=_windowed({"id": i}, timestamp, window))
+        outputs += encoder.process({"id": i}, wv=_windowed({"id": i}, timestamp, window)) or ()
     assert len(outputs) == 1
     full = outputs[0]
     if full_to_merge:
@@ -293,3 +294,46 @@ def test_an_unencodable_element_in_two_windows_is_one_dead_letter_per_window_in_
         (window_text(second), "unencodable", Timestamp(7), (GlobalWindow(),))]
     assert encoder._count == 1
     assert list(encoder.finish_bundle()) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pads=st.lists(st.one_of(st.integers(min_value=0, max_value=60), st.none()), min_size=1, max_size=80),
+    max_bytes=st.integers(min_value=2, max_value=200),
+    max_rows=st.integers(min_value=1, max_value=12),
+)
+def test_the_global_window_fast_path_batches_exactly_as_the_general_path(pads, max_bytes, max_rows):
+    """Lines appended straight to the open buffer: same batches, remainders and dead letters, at every limit."""
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from sinks.tinybird._batching import _EncodeAndBatchDoFn, _EncodeAndBatchGlobalDoFn
+
+    # None: an element that cannot be encoded; a pad: a line of 8 + pad bytes (oversize past max_bytes).
+    elements = [{"p": "x" * pad} if pad is not None else {"bad": object()} for pad in pads]
+    limits = BatchLimits(max_batch_bytes=max_bytes, max_batch_rows=max_rows, max_buffering_secs=5, num_shards=1)
+
+    def run(dofn, call):
+        dofn.setup()
+        dofn.start_bundle()
+        dofn._shard = 0
+        outputs = [out for element in elements for out in (call(dofn, element) or ())]
+        outputs += dofn.finish_bundle()
+        shown = []
+        for out in outputs:
+            tag = getattr(out, "tag", None)
+            value = getattr(out, "value", out)
+            value = getattr(value, "value", value)
+            if tag == "dead_letters":
+                shown.append((tag, value.kind, value.line, value.window))
+            else:
+                shown.append((tag, value))
+        return shown
+
+    fast = run(_EncodeAndBatchGlobalDoFn(datasource="d", limits=limits), lambda d, e: d.process(e))
+    general = run(_EncodeAndBatchDoFn(datasource="d", limits=limits),
+                  lambda d, e: d.process(e, wv=WindowedValue(e, MIN_TIMESTAMP, (GlobalWindow(),))))
+    assert fast == general
+    assert sum(1 for out in fast if out[0] == "dead_letters") == sum(
+        1 for pad in pads if pad is None or len(b'{"p":""}') + pad + 1 > max_bytes)
