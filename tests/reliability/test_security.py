@@ -182,6 +182,91 @@ def test_the_token_is_not_in_reprs_of_configs_clients_or_errors():
         _assert_no_secret(text, text[:60])
 
 
+class _EchoingServer:
+    """A raw-socket server on 127.0.0.1 that answers every request with a 400 that echoes
+    the token: in a header line urllib3 cannot parse (it logs the raw bytes at WARNING)
+    and in an error message where the token straddles the sink's 1,000-character cap."""
+
+    def __init__(self, token: str) -> None:
+        import socket
+
+        body = json.dumps({"error": "x" * 970 + token + " is not valid"}).encode()
+        self._answer = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n" % len(body) + b"Bearer " + token.encode() + b" \x01\r\n"
+                        + b"X-Echo: " + token.encode() + b"\r\n\r\n" + body)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stopped.set()
+        self._thread.join(timeout=5)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        conn.settimeout(10)
+        with conn, conn.makefile("rb") as reader:
+            while True:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = reader.readline(65537)
+                    if not line:
+                        return
+                    head += line
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                reader.read(int(length.group(1)) if length else 0)
+                conn.sendall(self._answer)
+
+
+def test_a_server_echoing_the_token_puts_it_in_no_log_record_file_or_error(tmp_path, caplog, capfd):
+    """Issue 11, class 8: the server's text is scrubbed before it is capped, and the
+    HTTP stack's own log records (urllib3's "Failed to parse headers" WARNING, with the
+    raw header bytes) pass through the sink's redaction while the sink runs."""
+    caplog.set_level(logging.DEBUG)
+    n = 300
+    with _EchoingServer(TOKEN) as server:
+        counters, result = run(lambda p: p | beam.Create(events(n), reshuffle=False) | WriteToTinybird(
+            datasource="echo", token=TOKEN, api_url=server.url, max_batch_bytes=4096, num_shards=1,
+            retry_policy=quick_retries(), dead_letter_path=f"{tmp_path}/dlq/"))
+        with pytest.raises(Exception) as raised:
+            run(lambda p: p | beam.Create(events(5), reshuffle=False) | WriteToTinybird(
+                datasource="echo", token=TOKEN, api_url=server.url, raise_on_failure=True,
+                retry_policy=quick_retries()))
+    letters = dead_letters_in(tmp_path / "dlq")
+    assert sorted(json.loads(d.line)["id"] for d in letters) == list(range(n))  # every id accounted for
+    assert {(d.kind, d.status) for d in letters} == {("rejected", 400)}
+    assert all(d.message.startswith("HTTP 400: xxx") and len(d.message) <= 1010 for d in letters)
+    assert counters["dead_letters_rejected"] == n
+    assert any("Failed to parse headers" in r.getMessage() for r in caplog.records), "urllib3 logged nothing"
+    assert "DeliveryError" in str(raised.value) or "400" in str(raised.value)
+    texts = [caplog.text, str(raised.value), "".join(traceback.format_exception(raised.value)),
+             _all_metrics_text(result)]
+    texts += [r.getMessage() + (r.exc_text or "") for r in caplog.records]
+    for name in glob.glob(str(tmp_path / "dlq" / "*")):
+        with open(name, "rb") as fh:
+            texts.append(fh.read())
+    captured = capfd.readouterr()
+    texts.append(captured.out + captured.err)
+    for number, text in enumerate(texts):
+        _assert_no_secret(text, f"text #{number} (logs, errors, metrics, dead-letter files)")
+    # The filters leave with the clients: none is left on urllib3's loggers.
+    assert logging.getLogger("urllib3.connection").filters == []
+
+
 @pytest.mark.parametrize("bad", [
     TOKEN + "\x7f", TOKEN + "\x00", "\x01" + TOKEN, TOKEN[:12] + "\x1b" + TOKEN[12:], TOKEN + "\u00e9",
 ])

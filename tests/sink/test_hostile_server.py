@@ -516,3 +516,45 @@ def test_a_pipeline_counts_every_id_and_the_new_metrics(tmp_path):
     assert counters["responses_2xx_unreadable"] == 1
     assert counters["rows_acknowledged_uncounted"] == seen[1].rows
     assert counters["requests"] == len(seen)
+
+
+def test_finish_bundle_never_waits_past_the_clients_bound():
+    """The safety net: a send that outlives the client's own bound (which the client keeps
+    by construction) is dead-lettered by finish_bundle instead of being waited for."""
+    from apache_beam.utils.timestamp import Timestamp
+
+    from sinks.tinybird._batching import Batch
+    from sinks.tinybird._token import TokenSource
+    from sinks.tinybird._transform import _PostDoFn
+
+    release = threading.Event()
+
+    class StuckClient:
+        max_send_secs = 0.3
+
+        def send(self, payload, rows):
+            release.wait(10)
+            raise AssertionError("never reached in time")
+
+        def close(self):
+            release.set()
+
+    fn = _PostDoFn(settings=ClientSettings(api_url="http://127.0.0.1:9", datasource="stuck"),
+                   token=TokenSource(value=TOKEN), retry_policy=QUICK, raise_on_failure=False)
+    fn.setup()
+    fn._client.close()
+    fn._client = StuckClient()  # type: ignore[assignment]
+    try:
+        fn.start_bundle()
+        payload = payload_of(5)
+        started = time.monotonic()
+        outputs = list(fn.process(Batch("global", payload, 5), timestamp=Timestamp(0)))
+        outputs += list(fn.finish_bundle())
+        elapsed = time.monotonic() - started
+    finally:
+        fn.teardown()
+    letters = [o.value.value for o in outputs]
+    assert elapsed < 0.3 + 0.5, elapsed
+    assert sorted(orjson.loads(d.line)["id"] for d in letters) == list(range(5))
+    assert {(d.kind, d.attempts) for d in letters} == {("retries_exhausted", 0)}
+    assert letters[0].message.startswith("no outcome within 0.3 s")
