@@ -173,7 +173,7 @@ class SinkConfig:
     token: str | None = dataclasses.field(default=None, repr=False)
     token_env: str = sink_default("token_env")
     token_secret: str | None = None
-    wait: bool = False
+    wait: bool = sink_default("wait")
     compression: str | None = sink_default("compression")
     max_batch_bytes: int = sink_default("max_batch_bytes")
     max_batch_rows: int = sink_default("max_batch_rows")

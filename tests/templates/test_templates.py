@@ -88,11 +88,17 @@ def _metadata(name: str) -> dict:
     return json.loads((TEMPLATES / name / "metadata.json").read_text(encoding="utf-8"))
 
 
+# Options that only make sense for a run on this machine (a template always runs on Dataflow),
+# so no template has them as parameters.
+LOCAL_ONLY_OPTIONS = {"stop_after_secs"}
+
+
 def _option_names(options_class) -> list:
     """The options the pipeline itself declares, in order (runner options are not among them)."""
     parser = argparse.ArgumentParser(add_help=False)
     options_class._add_argparse_args(parser)  # pylint: disable=protected-access
-    return [action.dest for action in parser._actions]  # pylint: disable=protected-access
+    return [action.dest for action in parser._actions  # pylint: disable=protected-access
+            if action.dest not in LOCAL_ONLY_OPTIONS]
 
 
 def _matches(regexes, value: str) -> bool:
