@@ -43,8 +43,11 @@ class RetryPolicy:
         initial_backoff_secs: Backoff before the first retry, before jitter.
         backoff_multiplier: Growth of the backoff per retry (>= 1).
         max_backoff_secs: Cap on the backoff before jitter.
-        max_total_secs: No retry starts later than this after the first attempt:
-            when the next wait would end past it, the batch fails at once.
+        max_total_secs: The time budget of one batch: no attempt (a retry, a
+            half of a 413 split, or one after a rate-limit pause) starts later
+            than this after the batch's send began; when the next wait would
+            end past it, what is left of the batch fails at once. With one
+            attempt's deadline on top, it bounds how long a batch can take.
         max_retry_after_secs: Cap on a wait asked by the server; a larger value is
             cut to this (the backoff still applies).
         retry_status_codes: HTTP statuses that are retried. 413 (split instead)
