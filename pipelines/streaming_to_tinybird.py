@@ -11,6 +11,12 @@ encodes it, and one that is not a JSON object (invalid JSON, an array, bytes
 that are not UTF-8) becomes a dead letter with the reason, never a loss.
 Reading Pub/Sub needs the ``gcp`` extra. The body of the job is :func:`build`,
 which takes a ``PCollection`` of message bytes (tests feed it a ``TestStream``).
+
+Without ``--runner`` the job runs here, on Beam's DirectRunner, until Ctrl-C,
+SIGTERM or ``--stop_after_secs N``; it then waits for the rows in flight to be
+delivered or dead-lettered, and prints the summary (``pipelines/_streaming_run.py``
+says what a stop can lose there). With ``PUBSUB_EMULATOR_HOST`` set it reads
+from the Pub/Sub emulator (``./dev stream-demo``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import TextIO
 
 import apache_beam as beam
 import orjson
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.window import FixedWindows
 
 from pipelines._endpoint import Endpoint
@@ -38,6 +44,7 @@ from pipelines._options import (
 )
 from pipelines._progress import CountRowsDoFn
 from pipelines._running import configure_logging, exit_on_usage_error, run_pipeline
+from pipelines._streaming_run import StopRequest, is_local_runner, run_until_stopped
 from pipelines._summary import RunSummary
 
 TITLE = "Streaming to Tinybird"
@@ -66,7 +73,8 @@ class StreamingToTinybirdOptions(PipelineOptions):
         add_argument_once(
             parser, "--timestamp_attribute",
             help="Message attribute holding the event time (RFC 3339 or milliseconds since the "
-                 "epoch); default: the publish time.")
+                 "epoch); default: the publish time. Messages behind the watermark are late: sent "
+                 "all the same, never dropped.")
         add_sink_arguments(parser, streaming=True)
 
 
@@ -78,6 +86,29 @@ def _window_secs(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1 second, got {text!r}")
     return value
+
+
+def take_stop_after_secs(argv: Sequence[str]) -> tuple[float | None, list[str]]:
+    """``--stop_after_secs`` and the rest of ``argv``.
+
+    Not a pipeline option: it tells this process when to stop a job that runs
+    here, and means nothing to a runner (nor to a Flex Template).
+    """
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("--stop_after_secs")
+    try:
+        known, rest = parser.parse_known_args(list(argv))
+    except argparse.ArgumentError as error:
+        raise UsageError(f"--stop_after_secs: {error.message}") from None
+    if known.stop_after_secs is None:
+        return None, rest
+    try:
+        value = float(known.stop_after_secs)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise UsageError(f"--stop_after_secs must be a positive number of seconds, got {known.stop_after_secs!r}")
+    return value, rest
 
 
 def split_message(data: bytes) -> Iterator[bytes]:
@@ -146,14 +177,24 @@ def check_source(options: StreamingToTinybirdOptions) -> None:
 
 
 def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
-        data_dir: Path | None = None) -> RunSummary | None:
-    """Parses ``argv`` and runs the streaming job until it is cancelled or drained."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+        data_dir: Path | None = None, stop: StopRequest | None = None) -> RunSummary | None:
+    """Parses ``argv`` and runs the streaming job until it is stopped.
+
+    On the DirectRunner (the default) the job runs here until Ctrl-C,
+    SIGTERM, ``--stop_after_secs`` or ``stop``; then it waits for the rows in
+    flight and prints the summary (see :mod:`pipelines._streaming_run`). On
+    another runner the job is submitted and followed until it ends.
+    """
+    stop_after_secs, argv = take_stop_after_secs(sys.argv[1:] if argv is None else argv)
     options = StreamingToTinybirdOptions(argv)
     config = config_or_usage_error(lambda: SinkConfig.from_options(options))
     config = config.with_dead_letter_path(config.dead_letter_path)
     check_source(options)
     require_pubsub()
+    local = is_local_runner(options.view_as(StandardOptions).runner)
+    if stop_after_secs is not None and not local:
+        raise UsageError("--stop_after_secs is for the DirectRunner; stop a job on another runner "
+                         "with the runner's own drain or cancel")
 
     def _build(pipeline: beam.Pipeline, endpoint: Endpoint, sink: SinkConfig) -> None:
         messages = read_pubsub(
@@ -161,6 +202,11 @@ def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
             timestamp_attribute=options.timestamp_attribute)
         build(messages, window_secs=options.window_secs, write=sink.write_transform(endpoint))
 
+    if local:
+        return run_until_stopped(
+            title=TITLE, argv=argv, config=config, build=_build, dead_letter_path=config.dead_letter_path,
+            stop_after_secs=stop_after_secs, stop=stop, out=out if out is not None else sys.stdout,
+            data_dir=data_dir)
     return run_pipeline(title=TITLE, argv=[*argv, "--streaming"], config=config, build=_build,
                         dead_letter_path=config.dead_letter_path, out=out, data_dir=data_dir)
 

@@ -7,18 +7,23 @@ dead-letter file can be replayed as it is. It never holds the token.
 from __future__ import annotations
 
 import enum
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 import fastavro
 import orjson
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.transforms import window as window_fns
-from apache_beam.transforms.window import GlobalWindow, IntervalWindow
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows, IntervalWindow
+from apache_beam.utils.windowed_value import WindowedValue
+
+_LOG = logging.getLogger(__name__)
 
 __all__ = ["DeadLetter", "DeadLetterKind", "DeliveryError", "ReadDeadLetters", "WriteDeadLetterFiles"]
 
@@ -99,7 +104,7 @@ def _rebuild_delivery_error(datasource, kind, status, message, rows) -> Delivery
 
 def iso_utc(epoch_secs: float) -> str:
     """An epoch time as ISO 8601 UTC with milliseconds, as dead letters show times."""
-    millis = int(round(epoch_secs * 1000))
+    millis = round(epoch_secs * 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000)) + f".{millis % 1000:03d}Z"
 
 
@@ -117,9 +122,16 @@ def to_json_line(record: DeadLetter) -> bytes:
     return orjson.dumps(record._asdict()) + b"\n"
 
 
-def from_dict(fields: dict) -> DeadLetter:
-    """A dead letter from the fields of a JSON line or Avro record."""
-    return DeadLetter(**{name: fields.get(name) for name in DeadLetter._fields})
+def from_dict(fields: Any) -> DeadLetter:
+    """A dead letter from the fields of a JSON line or Avro record.
+
+    Raises:
+        ValueError: ``fields`` is not a mapping (a line of some other file).
+    """
+    if not isinstance(fields, dict):
+        raise ValueError(f"a dead-letter record is a JSON object, got {type(fields).__name__}")
+    values: dict[str, Any] = {name: fields.get(name) for name in DeadLetter._fields}
+    return DeadLetter(**values)
 
 
 AVRO_SCHEMA = fastavro.parse_schema({
@@ -143,31 +155,46 @@ AVRO_SCHEMA = fastavro.parse_schema({
 
 _SUFFIXES = {"json": ".jsonl", "avro": ".avro"}
 DEAD_LETTER_FORMATS = tuple(_SUFFIXES)
+METRICS_NAMESPACE = "tinybird"
+DEAD_LETTER_RECORDS_WRITTEN = "dead_letter_records_written"
+"""Counter: dead letters written to files (final or, for bounded input, about to be moved there)."""
+DEAD_LETTER_FILES_WRITTEN = "dead_letter_files_written"
+"""Counter: dead-letter files of unbounded input made final."""
+_TEMP_PREFIX = ".in-progress-"
 
 
 class _JsonLinesSink(fileio.FileSink):
+    def __init__(self) -> None:
+        self._written = Metrics.counter(METRICS_NAMESPACE, DEAD_LETTER_RECORDS_WRITTEN)
+
     def open(self, fh) -> None:
         self._fh = fh
 
     def write(self, record: DeadLetter) -> None:
         self._fh.write(to_json_line(record))
+        self._written.inc()
 
     def flush(self) -> None:
         self._fh.flush()
 
 
 class _AvroSink(fileio.FileSink):
+    def __init__(self) -> None:
+        self._written = Metrics.counter(METRICS_NAMESPACE, DEAD_LETTER_RECORDS_WRITTEN)
+
     def open(self, fh) -> None:
         self._writer = fastavro.write.Writer(fh, AVRO_SCHEMA, codec="deflate")
 
     def write(self, record: DeadLetter) -> None:
         self._writer.write(record._asdict())
+        self._written.inc()
 
     def flush(self) -> None:
         self._writer.flush()
 
 
-def _file_naming(suffix: str) -> fileio.FileNaming:
+# Not fileio.FileNaming: Beam's alias lists seven arguments, and WriteToFiles passes six.
+def _file_naming(suffix: str) -> Callable[..., str]:
     """``dead-letters-[<window>-]<pane>-<shard>-of-<n>-<random><suffix>``: never the name of another file.
 
     Beam's default naming leaves the pane out, so two firings of one window
@@ -187,37 +214,109 @@ def _file_naming(suffix: str) -> fileio.FileNaming:
     return name
 
 
-class WriteDeadLetterFiles(beam.PTransform):
-    """Writes dead letters to new files under ``path`` (any Beam filesystem path).
+def streaming_file_name(epoch_secs: float, suffix: str) -> str:
+    """``dead-letters-<UTC time>-<random><suffix>``: sorts by time, never the name of another file."""
+    stamp = iso_utc(epoch_secs).replace(":", "").replace(".", "")
+    return f"dead-letters-{stamp}-{uuid.uuid4().hex[:12]}{suffix}"
 
-    Bounded input is written once, at the end. Unbounded input is written in
-    windows of ``streaming_flush_secs`` of processing time: each record is
-    stamped with the time it reaches the writer, so it is never behind the
-    watermark and never dropped as late, whatever its own timestamp (records
-    keep their original window as text). Files are never overwritten.
+
+class _WriteBundleFilesDoFn(beam.DoFn):
+    """Unbounded input: the dead letters of each bundle go to one new file, final when the bundle ends.
+
+    The file is written under a hidden temporary name (``.in-progress-...``,
+    which ``dead-letters*`` patterns do not match) and renamed to its final
+    name in ``finish_bundle``: a bundle does not complete, and so its input is
+    neither checkpointed nor acknowledged, before its dead letters are in a
+    final file. A bundle that fails leaves its temporary file, deleted in
+    ``teardown``; the runner retries the bundle, which writes a new file.
+    Nothing is held in memory between bundles, so stopping a runner never
+    strands a dead letter in a temporary file.
     """
 
-    def __init__(
-        self, path: str, *, file_format: str = "json", streaming_flush_secs: int = 60,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, *, path: str, file_format: str, clock: Callable[[], float] = time.time) -> None:
+        self._path = path
+        self._format = file_format
+        self._clock = clock
+
+    def setup(self) -> None:
+        self._files_written = Metrics.counter(METRICS_NAMESPACE, DEAD_LETTER_FILES_WRITTEN)
+        self._open: tuple[str, str, Any, fileio.FileSink] | None = None  # (temp, final, handle, sink)
+
+    def start_bundle(self) -> None:
+        self._discard_open_file()
+
+    def process(self, record: DeadLetter) -> None:
+        if self._open is None:
+            final = FileSystems.join(self._path, streaming_file_name(self._clock(), _SUFFIXES[self._format]))
+            temp = FileSystems.join(self._path, _TEMP_PREFIX + final.rsplit("/", 1)[-1])
+            handle = FileSystems.create(temp, mime_type="application/octet-stream",
+                                        compression_type=CompressionTypes.UNCOMPRESSED)
+            sink = _AvroSink() if self._format == "avro" else _JsonLinesSink()
+            sink.open(handle)
+            self._open = (temp, final, handle, sink)
+        self._open[3].write(record)
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        if self._open is None:
+            return
+        temp, final, handle, sink = self._open
+        sink.flush()
+        handle.close()
+        FileSystems.rename([temp], [final])
+        self._open = None
+        self._files_written.inc()
+        yield GlobalWindows.windowed_value(
+            fileio.FileResult(final, shard_index=-1, total_shards=0, window=GlobalWindow(), pane=None,
+                              destination=None))
+
+    def teardown(self) -> None:
+        self._discard_open_file()
+
+    def _discard_open_file(self) -> None:
+        """The file of a bundle that failed: its records will be written again when the bundle is retried."""
+        if self._open is None:
+            return
+        temp, _, handle, _ = self._open
+        self._open = None
+        try:
+            handle.close()
+            FileSystems.delete([temp])
+        except Exception:
+            _LOG.warning("could not delete the temporary dead-letter file %s", temp, exc_info=True)
+
+
+class WriteDeadLetterFiles(beam.PTransform):
+    """Writes dead letters to new files under ``path`` (any Beam filesystem path); never overwrites one.
+
+    Bounded input is written once, at the end, by ``fileio.WriteToFiles``.
+    Unbounded input is written bundle by bundle: the dead letters a bundle
+    receives are in a final file (``dead-letters-<UTC time>-<random>``) when
+    that bundle completes, whatever the windowing, the watermark or a late
+    timestamp, and before the runner checkpoints the bundle (Dataflow) or
+    reports it done. The bound on how long a dead letter waits for its file is
+    therefore one bundle of this step: on Dataflow's streaming engine bundles
+    last well under a second; on Beam's DirectRunner, the rest of the bundle's
+    evaluation (measured in ``tests/pipelines/test_streaming_pubsub.py``). A
+    bundle with no dead letters writes no file.
+
+    Returns a ``PCollection`` of :class:`apache_beam.io.fileio.FileResult`,
+    one per file, and counts ``tinybird/dead_letter_records_written`` (both
+    kinds of input) and ``tinybird/dead_letter_files_written`` (unbounded).
+    """
+
+    def __init__(self, path: str, *, file_format: str = "json") -> None:
         super().__init__()
         if file_format not in _SUFFIXES:
             raise ValueError(f"dead_letter_format must be one of {DEAD_LETTER_FORMATS}, got {file_format!r}")
-        if streaming_flush_secs <= 0:
-            raise ValueError(f"streaming_flush_secs must be positive, got {streaming_flush_secs!r}")
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError(f"dead_letter_path must be a non-empty path, got {path!r}")
         self._path = path
         self._format = file_format
-        self._streaming_flush_secs = streaming_flush_secs
-        self._clock = clock
 
     def expand(self, dead_letters):
         if not dead_letters.is_bounded:
-            clock = self._clock
-            dead_letters = (
-                dead_letters
-                | "StampArrival" >> beam.Map(lambda record: window_fns.TimestampedValue(record, clock()))
-                | "Windows" >> beam.WindowInto(window_fns.FixedWindows(self._streaming_flush_secs)))
+            return dead_letters | "WriteBundleFiles" >> beam.ParDo(
+                _WriteBundleFilesDoFn(path=self._path, file_format=self._format))
         sink = _AvroSink if self._format == "avro" else _JsonLinesSink
         return dead_letters | "Write" >> fileio.WriteToFiles(
             path=self._path,

@@ -1,0 +1,120 @@
+"""Helpers of the Pub/Sub tests: the emulator, the streaming job in a subprocess, what a run left.
+
+The emulator is :class:`pipelines._pubsub_emulator.PubSubEmulator` (Google's
+emulator started on 127.0.0.1 and a free port, in its own process group,
+stopped by PID with the whole group). The job runs as a user runs it, ``python
+-m pipelines.streaming_to_tinybird`` in a process group of its own, and is
+stopped with SIGINT once the data source holds what the test expects (or a
+deadline passes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from pipelines._pubsub_emulator import PubSubEmulator, stop_process_group
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+__all__ = ["PubSubEmulator", "StreamingJob", "held_messages", "wait_for"]
+
+
+def held_messages(emulator: PubSubEmulator, subscription: str, *, settle_secs: float = 1.0) -> list[bytes]:
+    """The data of every message ``subscription`` holds, left there (handed back, not acknowledged).
+
+    Pulls until nothing new comes for ``settle_secs``, then gives every
+    message back at once (ack deadline 0) for the next reader.
+    """
+    held: dict[str, bytes] = {}
+    ack_ids: list[str] = []
+    with emulator.subscriber_client() as client:
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < settle_secs:
+            response = client.pull(subscription=subscription, max_messages=1000, return_immediately=True,
+                                   timeout=10)
+            fresh = 0
+            for received in response.received_messages:
+                ack_ids.append(received.ack_id)
+                if received.message.message_id not in held:
+                    held[received.message.message_id] = bytes(received.message.data)
+                    fresh += 1
+            if fresh:
+                quiet_since = time.monotonic()
+            else:
+                time.sleep(0.1)
+        for start in range(0, len(ack_ids), 1000):
+            client.modify_ack_deadline(subscription=subscription, ack_ids=ack_ids[start:start + 1000],
+                                       ack_deadline_seconds=0)
+    return list(held.values())
+
+
+def wait_for(condition: Callable[[], bool], *, timeout_secs: float, what: str, poll_secs: float = 0.25) -> float:
+    """Waits until ``condition()``; returns the seconds it took. Fails with ``what`` after ``timeout_secs``."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout_secs:
+            raise AssertionError(f"timed out after {timeout_secs:.0f} s waiting for {what}")
+        time.sleep(poll_secs)
+    return time.monotonic() - started
+
+
+@dataclasses.dataclass
+class StreamingJob:
+    """``python -m pipelines.streaming_to_tinybird ARGS`` in its own process group, output to files."""
+
+    process: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+    exit_status: int | None = None
+
+    @classmethod
+    def start(cls, args: Sequence[str], *, emulator: PubSubEmulator, work_dir: Path) -> StreamingJob:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        env = emulator.environ()
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        stdout_path, stderr_path = work_dir / "stdout.txt", work_dir / "stderr.txt"
+        with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pipelines.streaming_to_tinybird", *args],
+                cwd=work_dir, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                start_new_session=True)
+        return cls(process=process, stdout_path=stdout_path, stderr_path=stderr_path)
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, *, sig: int = signal.SIGINT, timeout_secs: float = 90.0) -> int:
+        """Sends ``sig`` to the job's process group and waits for it to exit (SIGKILL after the timeout)."""
+        if self.exit_status is None:
+            self.exit_status = stop_process_group(self.process, sig=sig, timeout_secs=timeout_secs)
+        return self.exit_status
+
+    def describe(self) -> str:
+        return f"exit status {self.exit_status}\n--- stdout\n{self.stdout}\n--- stderr (end)\n{self.stderr[-4000:]}"
+
+
+@contextlib.contextmanager
+def streaming_job(args: Sequence[str], *, emulator: PubSubEmulator, work_dir: Path) -> Iterator[StreamingJob]:
+    """A :class:`StreamingJob` that is stopped (SIGKILL if it must) when the block ends."""
+    job = StreamingJob.start(args, emulator=emulator, work_dir=work_dir)
+    try:
+        yield job
+    finally:
+        if job.running():
+            job.stop(sig=signal.SIGKILL, timeout_secs=5)
