@@ -16,16 +16,13 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines._endpoint import LOCAL_DATA_DIR
+from pipelines._endpoint import LOCAL_DATA_DIR, Endpoint
 from sinks.tinybird import WriteToTinybird
-
-if TYPE_CHECKING:
-    from pipelines._endpoint import Endpoint
 
 _SINK_PARAMETERS = inspect.signature(WriteToTinybird).parameters
 
@@ -183,8 +180,6 @@ class SinkConfig:
     dead_letter_format: str = sink_default("dead_letter_format")
 
     def __post_init__(self) -> None:
-        from pipelines._endpoint import Endpoint
-
         # Built once here only for its checks, so that a bad value is refused before anything starts.
         self.write_transform(Endpoint(api_url=self.api_url or _EMBEDDED_PLACEHOLDER_URL))
 
