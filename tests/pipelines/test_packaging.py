@@ -107,6 +107,16 @@ def test_the_default_run_without_the_local_extra_prints_one_hint_line(fresh_pyth
     assert not (tmp_path / "tinybird-local").exists()  # refused before anything started
 
 
+def test_importing_the_pipelines_does_not_import_the_local_server(fresh_python, tmp_path):
+    probe = _run([str(fresh_python), "-c",
+                  "import sys, pipelines.files_to_tinybird, pipelines.replay_dead_letters, "
+                  "pipelines.streaming_to_tinybird, sinks.tinybird; "
+                  "print(sorted(m for m in sys.modules if m.startswith(('tinybird_emulator', 'aiohttp'))))"],
+                 cwd=tmp_path)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert probe.stdout.strip() == "[]"
+
+
 def test_local_extra_modules_are_the_local_extra():
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     extra = {Requirement(r).name.replace("-", "_") for r in project["optional-dependencies"]["local"]}
