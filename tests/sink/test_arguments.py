@@ -31,7 +31,7 @@ def test_the_defaults_pass_their_own_checks():
             CHECKS[name](name, parameter.default)
 
 
-@pytest.mark.parametrize("name, value, message", [
+_WRONG_TYPES = [
     ("retry_policy", "fast", r"^retry_policy must be a sinks.tinybird.RetryPolicy or None, got str 'fast'"),
     ("retry_policy", {"max_attempts": 3}, r"^retry_policy must be a sinks.tinybird.RetryPolicy or None, got dict"),
     ("wait", "yes", r"^wait must be True or False, got str 'yes'"),
@@ -56,7 +56,15 @@ def test_the_defaults_pass_their_own_checks():
     ("dead_letter_format", None, r"^dead_letter_format must be a str, got NoneType"),
     ("ca_bundle_path", 0, r"^ca_bundle_path must be a str or None, got int"),
     ("clock", 0.0, r"^clock must be a callable returning epoch seconds, got float"),
-])
+]
+
+
+def test_every_argument_has_a_wrong_type_case():
+    # token's cases are in test_errors_never_show_the_token.
+    assert {name for name, _, _ in _WRONG_TYPES} | {"token"} == set(CHECKS)
+
+
+@pytest.mark.parametrize("name, value, message", _WRONG_TYPES)
 def test_wrong_types_are_a_type_error_naming_the_argument(name, value, message):
     with pytest.raises(TypeError, match=message):
         _build(**{name: value})
