@@ -306,7 +306,8 @@ class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
             data += line
             data += b"\n"
             buffer.rows += 1
-            return None
+            # A bare return: Beam warns, at construction, about a process that says "return None".
+            return
         if len(line) >= self._max_bytes:
             return [self._dead_letter(self._oversize(line), _GLOBAL_WINDOW, None)]
         full = self._add(_GLOBAL_WINDOW, line, _MIN_MICROS)

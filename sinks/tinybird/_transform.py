@@ -344,10 +344,12 @@ class WriteToTinybird(beam.PTransform):
         encoder = encoder_for(pcoll.windowing.windowfn, bounded=bounded)
         # Every output of the encoder is in the global window, its own window
         # kept as text (and in the chunks' key): no WindowInto step.
+        # Typed outputs get cheap coders: Beam estimates the size of some
+        # elements with their coder, and pickling a full batch copies it.
+        tagged_types: dict[str, Any] = {DEAD_LETTERS_TAG: Any, **({FULL_TAG: _BATCH} if bounded else {})}
         encoded = pcoll | "EncodeAndBatch" >> IntoGlobalWindow(
             encoder(datasource=self._settings.datasource, limits=limits, full_to_merge=not bounded)
-        ).with_output_types(_KEYED_CHUNK).with_outputs(
-            DEAD_LETTERS_TAG, *([FULL_TAG] if bounded else []), main="remainders")
+        ).with_output_types(_KEYED_CHUNK, **tagged_types).with_outputs(*tagged_types, main="remainders")
         if bounded:
             merged = (
                 encoded.remainders
