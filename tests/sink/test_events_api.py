@@ -807,6 +807,8 @@ def test_client_rejects_bad_token():
         ({"compression": "zstd", "compression_level": 0}, "compression_level for zstd must be an int in 1..22, got 0"),
         ({"connect_timeout_secs": 0}, "connect_timeout_secs must be a finite number > 0, got 0"),
         ({"read_timeout_secs": float("inf")}, "read_timeout_secs must be a finite number > 0, got inf"),
+        ({"attempt_timeout_secs": 0}, "attempt_timeout_secs must be a finite number > 0 or None, got 0"),
+        ({"attempt_timeout_secs": True}, "attempt_timeout_secs must be a finite number > 0 or None, got True"),
         ({"max_in_flight": 0}, "max_in_flight must be an int >= 1, got 0"),
         ({"ca_bundle_path": ""}, "ca_bundle_path must be a non-empty string or None, got ''"),
         ({"allow_insecure_http": 1}, "allow_insecure_http must be a bool, got 1"),
@@ -825,6 +827,8 @@ def test_settings_defaults_and_derived_values():
     assert (settings.wait, settings.compression, settings.compression_level) == (False, "zstd", None)
     assert (settings.connect_timeout_secs, settings.read_timeout_secs, settings.max_in_flight) == (5.0, 30.0, 4)
     assert settings.effective_compression_level == 1
+    assert (settings.attempt_timeout_secs, settings.effective_attempt_timeout_secs) == (None, 35.0)
+    assert ClientSettings(api_url="https://h", datasource="e", attempt_timeout_secs=8).effective_attempt_timeout_secs == 8.0
     assert settings.events_url == "https://api.tinybird.co/v0/events?name=events"
     assert pickle.loads(pickle.dumps(settings)) == settings
     waiting = ClientSettings(api_url="https://h", datasource="e", wait=True, compression="gzip", compression_level=6)
