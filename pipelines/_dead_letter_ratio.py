@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 
 
 class DeadLetterRatioExceeded(RuntimeError):
@@ -42,7 +42,10 @@ def in_job_max_ratio(options: PipelineOptions, max_ratio: float) -> float | None
     """
     standard = options.view_as(StandardOptions)
     runner = standard.runner if isinstance(standard.runner, str) else type(standard.runner).__name__
-    if standard.streaming or "dataflow" not in (runner or "").lower():
+    # A Flex Template launch names the Dataflow runner and, writing a job spec, a template location.
+    on_dataflow = "dataflow" in (runner or "").lower() or bool(
+        options.view_as(GoogleCloudOptions).template_location)
+    if standard.streaming or not on_dataflow:
         return None
     return max_ratio
 

@@ -124,6 +124,7 @@ def test_the_job_passes_at_the_ratio():
 @pytest.mark.parametrize("argv, expected", [
     (["--runner=DataflowRunner"], 0.05),
     (["--runner", "dataflow"], 0.05),
+    (["--template_location=gs://b/t/job_object"], 0.05),   # what a Flex Template launch writes
     (["--runner=DataflowRunner", "--streaming"], None),  # no end to count at
     (["--runner=FnApiRunner"], None),                     # judged from the metrics, here
     ([], None),
