@@ -2,7 +2,7 @@
 
 Decompression streams with a cap on the output, so a small compressed bomb is
 refused (413) without being inflated in memory. The valid lines are kept as they
-are; the writer converts them (see ``_rows``).
+are; the writer stores them with the schema's SQL (see ``_storage``).
 
 Validation has a fast path that does no per-line Python work: the lines are
 joined and SQLite's JSON parser (which releases the GIL) checks that the array

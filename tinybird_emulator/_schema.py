@@ -4,9 +4,8 @@ Nested objects are flattened into columns named after their JSONPath
 (``$.purchase.datetime`` -> ``purchase_datetime``). Types follow Tinybird's
 names (Int64, Float64, String, Bool, Date, DateTime, DateTime64, Array(T),
 Nullable(T)). The insert statement checks every value's JSON type in SQLite and
-is the reference for what fits and what is stored; rows that fail a check go to
-the quarantine table. Rows whose outcome is known beforehand are bound as plain
-values instead (see ``_rows``).
+is what decides what fits and what is stored; rows that fail a check go to
+the quarantine table.
 """
 
 from __future__ import annotations
@@ -259,17 +258,6 @@ class Schema:
         return (
             f"INSERT INTO {quote_ident(self.name)} ({names}) SELECT {values} "
             f"FROM {self._extracted(with_key=False)} WHERE {self.ok_expression()}"
-        )
-
-    def values_insert_statement(self, rows: int) -> str:
-        """Inserts the first N of ``rows`` rows of bound values: one parameter per
-        column and row, row after row, then N. Values bound here are stored as the
-        insert statement would store the same values read from JSON."""
-        names = ", ".join(quote_ident(c.name) for c in self.columns)
-        row = "(" + ",".join("?" for _ in self.columns) + ")"
-        return (
-            f"INSERT INTO {quote_ident(self.name)} ({names}) "
-            f"SELECT * FROM (VALUES {','.join([row] * rows)}) LIMIT ?"
         )
 
     def misfits_statement(self) -> str:

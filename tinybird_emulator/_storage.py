@@ -3,10 +3,12 @@
 The writer thread owns the only write connection. It takes queued jobs in
 groups, applies each inside a savepoint of one transaction, commits, and only
 then reports the jobs done (which is when a ``wait=true`` request is answered
-200). It parses and converts a job's rows a run at a time (see ``_rows``) and
-inserts them as bound values, a thousand per statement; rows whose outcome only
-SQLite can tell go through the schema's SQL over their JSON text, which also
-writes their quarantine rows. WAL mode; ``synchronous=FULL`` by default so that a
+200). A job's rows go through one mechanism: the schema's SQL over their JSON
+text, which checks each value in SQLite, stores the rows that fit and tells
+which do not (their quarantine rows). One mechanism rather than two: a second,
+faster path that bound parsed values (``_rows``) was removed after measuring
+that neither the demo nor the test suite needed it (README, "The local Events
+API server"). WAL mode; ``synchronous=FULL`` by default so that a
 200 survives power loss, ``NORMAL`` survives a killed process. Queries from
 /v0/sql run on a separate :class:`ReadOnlyDatabase` connection (also used by the
 CLI without a server), guarded by ``mode=ro``, ``PRAGMA query_only`` and an
@@ -16,10 +18,8 @@ authorizer that allows reads only.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import datetime
-import functools
 import logging
 import os
 import queue
@@ -34,7 +34,6 @@ import orjson
 
 from tinybird_emulator._body import json_array
 from tinybird_emulator._config import DEFAULT_SQL_TIMEOUT_SECS
-from tinybird_emulator._rows import PreparedRows, prepare_rows
 from tinybird_emulator._schema import QUARANTINE_SUFFIX, QUARANTINE_TABLE_PREFIX, Schema, quote_ident
 from tinybird_emulator._sql import FORMATS, FormatError, QueryResult, column_types, render, split_format, split_limit
 
@@ -191,20 +190,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
             conn.execute(schema.quarantine_view_statement())
 
 
-@functools.lru_cache(maxsize=64)
-def _values_insert_statement(schema: Schema, rows: int) -> str:
-    # The same string each time: sqlite3's statement cache then finds it at once.
-    return schema.values_insert_statement(rows)
-
-
-def _variable_limit(conn: sqlite3.Connection) -> int:
-    """How many parameters one statement may have."""
-    getlimit = getattr(conn, "getlimit", None)  # Python 3.11+
-    if getlimit is not None:
-        return int(getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
-    return 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
-
-
 class Store:
     """The database of one data dir: catalog, writer thread, read-only queries."""
 
@@ -224,7 +209,6 @@ class Store:
         self.rows_quarantined = 0
         self.commits = 0
         self._writer: threading.Thread | None = None
-        self._max_variables = 999
         # The read-only connection is used from this one thread only.
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="emulator-sql")
         self._init_db()
@@ -236,7 +220,6 @@ class Store:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        self._max_variables = _variable_limit(conn)
         return conn
 
     def _init_db(self) -> None:
@@ -440,14 +423,7 @@ class Store:
         ok = 0
         quarantined: list[tuple[Any, ...]] = []
         if job.lines:
-            if len(schema.columns) < self._max_variables:
-                with contextlib.closing(prepare_rows(schema, job.lines)) as runs:
-                    for rows in runs:
-                        run_ok, run_quarantined = self._insert_prepared(conn, schema, rows, import_id)
-                        ok += run_ok
-                        quarantined.extend(run_quarantined)
-            else:  # too wide to bind a row in one statement
-                ok, quarantined = self._insert_json(conn, schema, json_array(job.lines), len(job.lines), import_id)
+            ok, quarantined = self._insert_json(conn, schema, json_array(job.lines), len(job.lines), import_id)
         if job.invalid:
             now = _utc_now_text()
             empty = (None,) * len(schema.columns)
@@ -465,39 +441,6 @@ class Store:
             (ok, len(quarantined), nbytes, now, job.name),
         )
         return WriteResult(successful_rows=ok, quarantined_rows=len(quarantined), import_id=import_id, bytes=nbytes)
-
-    def _insert_prepared(
-        self, conn: sqlite3.Connection, schema: Schema, rows: PreparedRows, import_id: str
-    ) -> tuple[int, list[tuple[Any, ...]]]:
-        ok = 0
-        quarantined: list[tuple[Any, ...]] = []
-        for start, end, array_text in rows.segments:
-            if array_text is None:
-                self._insert_values(conn, schema, rows.columns, start, end)
-                ok += end - start
-            else:
-                json_ok, json_quarantined = self._insert_json(conn, schema, array_text, end - start, import_id)
-                ok += json_ok
-                quarantined.extend(json_quarantined)
-        return ok, quarantined
-
-    def _insert_values(
-        self, conn: sqlite3.Connection, schema: Schema, columns: list[list[Any]], start: int, end: int
-    ) -> None:
-        """Inserts rows ``start:end`` of ``columns``, up to ``_MAX_ROWS_PER_INSERT`` per statement."""
-        width = len(columns)
-        limit = (self._max_variables - 1) // width
-        while start < end:
-            count = min(end - start, limit, _MAX_ROWS_PER_INSERT)
-            # Statement sizes are powers of two (the unused rows bound as NULL and
-            # cut by the LIMIT), so that few statements are compiled and cached.
-            size = min(1 << (count - 1).bit_length(), limit, _MAX_ROWS_PER_INSERT)
-            params: list[Any] = [None] * (size * width + 1)
-            for j, column in enumerate(columns):
-                params[j : count * width : width] = column[start : start + count]
-            params[-1] = count
-            conn.execute(_values_insert_statement(schema, size), params)
-            start += count
 
     def _insert_json(
         self, conn: sqlite3.Connection, schema: Schema, array_text: str, valid_rows: int, import_id: str
