@@ -3,7 +3,7 @@
 :meth:`Transport.post` returns a :class:`BoundedResponse` (a final answer whose
 body was read up to :data:`MAX_BODY_BYTES` and decoded by us up to the same
 cap) or a :class:`TransportFailure`. Every exception of the HTTP stack becomes
-one of the two.
+one of the two (anything else is a bug, and fails the bundle).
 
 Why the stack is adjusted: ``requests``/urllib3 timeouts bound each socket
 operation, not the attempt, so a server that drips one byte at a time keeps a
@@ -64,6 +64,16 @@ _DEADLINE_SLACK_SECS = 0.005
 
 # The deadline (time.monotonic()) of the attempt running in this thread, if any.
 _ATTEMPT = threading.local()
+
+# Every error the HTTP stack raises for what a server or the network does:
+# requests' and urllib3's own, http.client's (a bad status line, a line too
+# long, a body cut short), socket and TLS errors, and the ValueError and
+# OverflowError of numbers it parses (a chunk size). Anything else is a bug, or
+# a worker failure: it fails the bundle, which the runner retries.
+_HTTP_STACK_ERRORS = (
+    requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError,
+    ValueError, OverflowError,
+)
 
 
 def _arm(sock: socket.socket, op_timeout: float | None) -> None:
@@ -286,7 +296,7 @@ class Transport:
                     self._url, data=body, headers=self._headers, auth=self._auth, timeout=self._timeout,
                     verify=self._verify, allow_redirects=False, stream=True,
                 )
-            except Exception as exc:  # every error of the HTTP stack is an outcome, never an escape
+            except _HTTP_STACK_ERRORS as exc:
                 return self._failure(exc, deadline)
             return self._bounded(response, deadline)
         finally:
@@ -304,7 +314,7 @@ class Transport:
                 body_error = f"larger than {MAX_BODY_BYTES} bytes"
             else:
                 body, body_error = _decode(data, encoding)
-        except Exception as exc:  # a broken body: the status still stands
+        except _HTTP_STACK_ERRORS as exc:  # a broken body: the status still stands
             body_error = self._describe_body_error(exc, deadline)
         finally:
             if not complete:
