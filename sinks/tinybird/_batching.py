@@ -32,7 +32,7 @@ import dataclasses
 import random
 import time
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.coders import BytesCoder, TupleCoder, VarIntCoder
@@ -161,80 +161,60 @@ class _Refusal(NamedTuple):
 _MIN_MICROS = MIN_TIMESTAMP.micros
 
 
-class _EncodeAndBatchDoFn(beam.DoFn):
-    """Encodes elements to NDJSON lines and batches them inside the bundle.
+def _unencodable(element, error: EncodingError) -> _Refusal:
+    return _Refusal(DeadLetterKind.UNENCODABLE, error.reason, None, element_repr(element))
 
-    For input whose elements are each in one window (global, fixed, session
-    windows: see :func:`encoder_for`). A window's buffer leaves as a full
-    :class:`Batch` on ``FULL_TAG`` as soon as the next line would not fit (with
-    ``full_to_merge``, as a ``(WindowKey, Chunk)`` on the main output instead);
-    at ``finish_bundle`` what is left of each window leaves as ``(WindowKey,
-    Chunk)`` on the main output, to be merged with other bundles' remainders.
-    :class:`DeadLetter` records go to ``DEAD_LETTERS_TAG``, one per window, for
-    elements that cannot be encoded or whose line alone is larger than
-    ``max_batch_bytes``. Every output is in the global window (apply it with
-    :class:`IntoGlobalWindow`).
 
-    ``process`` takes the whole ``WindowedValue``: Beam calls a method that asks
-    for the window and the timestamp as separate parameters through a path about
-    three times slower per element. It returns a list of outputs, or ``None``
-    when there is none (most elements): cheaper for Beam than a generator.
+def _oversize(line: bytes, max_bytes: int) -> _Refusal:
+    """For a line that does not fit in a batch with its newline."""
+    message = f"the encoded row is {len(line) + 1} bytes, over max_batch_bytes={max_bytes}"
+    return _Refusal(DeadLetterKind.OVERSIZE, message, line.decode("utf-8"), None)
 
-    Args:
-        full_to_merge: Send full buffers to the merge step with the remainders
-            rather than on ``FULL_TAG``. For unbounded input: its bundles are
-            small, so a buffer rarely fills inside one, and a posting step of
-            their own would run on every bundle for (nearly) nothing.
+
+def _line_or_refusal(element, max_bytes: int) -> bytes | _Refusal:
+    try:
+        line = encode_element(element)
+    except EncodingError as error:
+        return _unencodable(element, error)
+    return _oversize(line, max_bytes) if len(line) >= max_bytes else line
+
+
+def _dead_letter(
+    refusal: _Refusal, *, datasource: str, window, timestamp: Timestamp | None, metrics: SinkMetrics,
+) -> beam.pvalue.TaggedOutput:
+    """The dead letter for one window, in the global window (``timestamp`` None: the input's, already global)."""
+    metrics.dead_letters(refusal.kind.value, 1)
+    letter = never_sent(datasource=datasource, kind=refusal.kind, message=refusal.message,
+                        window=window, line=refusal.line, element=refusal.element)
+    return beam.pvalue.TaggedOutput(
+        DEAD_LETTERS_TAG, letter if timestamp is None else WindowedValue(letter, timestamp, _GLOBAL_WINDOWS))
+
+
+class _BundleBuffers:
+    """One bundle's open buffers, one per window, and the outputs that leave them.
+
+    A buffer leaves as a full :class:`Batch` on ``FULL_TAG`` as soon as the next
+    line would not fit or it holds ``max_batch_rows`` (with ``full_to_merge``,
+    as a ``(WindowKey, Chunk)`` on the main output instead); :meth:`drain`
+    hands what is left as ``(WindowKey, Chunk)``. Every output is a
+    ``WindowedValue`` in the global window, its own window kept as text.
     """
 
-    def __init__(self, *, datasource: str, limits: BatchLimits, full_to_merge: bool = False) -> None:
-        self._datasource = datasource
-        self._limits = limits
+    __slots__ = ("_buffers", "_full_to_merge", "_max_bytes", "_max_rows", "_num_shards", "_shard")
+
+    def __init__(self, limits: BatchLimits, *, full_to_merge: bool) -> None:
+        self._max_bytes = limits.max_batch_bytes
+        self._max_rows = limits.max_batch_rows
+        self._num_shards = limits.num_shards
         self._full_to_merge = full_to_merge
+        self._buffers: dict[Any, _WindowBuffer] = {}
+        self._shard = random.randrange(limits.num_shards)
 
-    def setup(self) -> None:
-        self._metrics = SinkMetrics()
-        self._max_bytes = self._limits.max_batch_bytes
-        self._max_rows = self._limits.max_batch_rows
+    def get(self, window) -> _WindowBuffer | None:
+        """The window's open buffer, if any (appending a line that fits is the caller's right)."""
+        return self._buffers.get(window)
 
-    def start_bundle(self) -> None:
-        self._buffers: dict = {}
-        self._shard = random.randrange(self._limits.num_shards)
-        self._count = 0
-
-    def process(self, element, wv=beam.DoFn.WindowedValueParam):
-        windows = wv.windows
-        if len(windows) != 1:
-            # Beam would emit each output of this call once per window of the input.
-            raise ValueError(f"{type(self).__name__} takes elements in one window, got {len(windows)}")
-        self._count += 1
-        try:
-            line = encode_element(element)
-        except EncodingError as error:
-            return [self._dead_letter(self._unencodable(element, error), windows[0], wv.timestamp)]
-        if len(line) >= self._max_bytes:
-            return [self._dead_letter(self._oversize(line), windows[0], wv.timestamp)]
-        full = self._add(windows[0], line, wv.timestamp_micros)
-        return None if full is None else [full]
-
-    @staticmethod
-    def _unencodable(element, error: EncodingError) -> _Refusal:
-        return _Refusal(DeadLetterKind.UNENCODABLE, error.reason, None, element_repr(element))
-
-    def _oversize(self, line: bytes) -> _Refusal:
-        """For a line that does not fit in a batch with its newline."""
-        message = f"the encoded row is {len(line) + 1} bytes, over max_batch_bytes={self._max_bytes}"
-        return _Refusal(DeadLetterKind.OVERSIZE, message, line.decode("utf-8"), None)
-
-    def _dead_letter(self, refusal: _Refusal, window, timestamp: Timestamp | None) -> beam.pvalue.TaggedOutput:
-        """The dead letter for one window, in the global window (``timestamp`` None: the input's, already global)."""
-        self._metrics.dead_letters(refusal.kind.value, 1)
-        letter = never_sent(datasource=self._datasource, kind=refusal.kind, message=refusal.message,
-                            window=window, line=refusal.line, element=refusal.element)
-        return beam.pvalue.TaggedOutput(
-            DEAD_LETTERS_TAG, letter if timestamp is None else WindowedValue(letter, timestamp, _GLOBAL_WINDOWS))
-
-    def _add(self, window, line: bytes, timestamp_micros: int) -> beam.pvalue.TaggedOutput | WindowedValue | None:
+    def add(self, window, line: bytes, timestamp_micros: int) -> beam.pvalue.TaggedOutput | WindowedValue | None:
         """Adds a line (that fits in a batch) to its window's buffer; returns a full batch when one leaves."""
         buffer = self._buffers.get(window)
         full = None
@@ -257,6 +237,11 @@ class _EncodeAndBatchDoFn(beam.DoFn):
             return self._full(window, buffer)
         return full
 
+    def drain(self) -> Iterator[WindowedValue]:
+        buffers, self._buffers = self._buffers, {}
+        for window, buffer in buffers.items():
+            yield self._chunk(window, buffer)
+
     def _full(self, window, buffer: _WindowBuffer) -> beam.pvalue.TaggedOutput | WindowedValue:
         if self._full_to_merge:
             return self._chunk(window, buffer)
@@ -266,16 +251,67 @@ class _EncodeAndBatchDoFn(beam.DoFn):
 
     def _chunk(self, window, buffer: _WindowBuffer) -> WindowedValue:
         """The buffer as ``(WindowKey, Chunk)``, on the next shard, for the merge step."""
-        self._shard = (self._shard + 1) % self._limits.num_shards
+        self._shard = (self._shard + 1) % self._num_shards
         key = WindowKey(self._shard, window.max_timestamp().micros, window_text(window))
         chunk = Chunk(bytes(buffer.data), buffer.rows)
         return WindowedValue((key, chunk), Timestamp(micros=buffer.min_timestamp_micros), _GLOBAL_WINDOWS)
 
+
+class _EncodeAndBatchDoFn(beam.DoFn):
+    """Encodes elements to NDJSON lines and batches them inside the bundle.
+
+    For input whose elements are each in one window (global, fixed, session
+    windows: see :func:`encoder_for`). Lines go to the bundle's
+    :class:`_BundleBuffers`: full batches leave as soon as they fill, what is
+    left at ``finish_bundle``, all in the global window (apply the DoFn with
+    :class:`IntoGlobalWindow`). :class:`DeadLetter` records go to
+    ``DEAD_LETTERS_TAG``, one per window, for elements that cannot be encoded
+    or whose line alone is larger than ``max_batch_bytes``.
+
+    ``process`` takes the whole ``WindowedValue``: Beam calls a method that asks
+    for the window and the timestamp as separate parameters through a path about
+    three times slower per element. It returns a list of outputs, or nothing
+    (most elements): cheaper for Beam than a generator. The helpers live
+    outside the DoFn: the DirectRunner inspects the signature of every method
+    of a DoFn on every bundle.
+
+    Args:
+        full_to_merge: Send full buffers to the merge step with the remainders
+            rather than on ``FULL_TAG``. For unbounded input: its bundles are
+            small, so a buffer rarely fills inside one, and a posting step of
+            their own would run on every bundle for (nearly) nothing.
+    """
+
+    def __init__(self, *, datasource: str, limits: BatchLimits, full_to_merge: bool = False) -> None:
+        self._datasource = datasource
+        self._limits = limits
+        self._full_to_merge = full_to_merge
+
+    def setup(self) -> None:
+        self._metrics = SinkMetrics()
+        self._max_bytes = self._limits.max_batch_bytes
+        self._max_rows = self._limits.max_batch_rows
+
+    def start_bundle(self) -> None:
+        self._buffers = _BundleBuffers(self._limits, full_to_merge=self._full_to_merge)
+        self._count = 0
+
+    def process(self, element, wv=beam.DoFn.WindowedValueParam):
+        windows = wv.windows
+        if len(windows) != 1:
+            # Beam would emit each output of this call once per window of the input.
+            raise ValueError(f"{type(self).__name__} takes elements in one window, got {len(windows)}")
+        self._count += 1
+        line = _line_or_refusal(element, self._max_bytes)
+        if isinstance(line, _Refusal):
+            return [_dead_letter(line, datasource=self._datasource, window=windows[0], timestamp=wv.timestamp,
+                                 metrics=self._metrics)]
+        full = self._buffers.add(windows[0], line, wv.timestamp_micros)
+        return None if full is None else [full]
+
     def finish_bundle(self) -> Iterator[WindowedValue]:
         self._metrics.inc("elements_in", self._count)
-        buffers, self._buffers = self._buffers, {}
-        for window, buffer in buffers.items():
-            yield self._chunk(window, buffer)
+        yield from self._buffers.drain()
 
 
 class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
@@ -299,7 +335,8 @@ class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
             line = encode_element(element)
         except EncodingError as error:
             # The input is in the global window already: the output inherits it.
-            return [self._dead_letter(self._unencodable(element, error), _GLOBAL_WINDOW, None)]
+            return [_dead_letter(_unencodable(element, error), datasource=self._datasource, window=_GLOBAL_WINDOW,
+                                 timestamp=None, metrics=self._metrics)]
         buffer = self._open
         if buffer is not None and len(buffer.data) + len(line) < self._max_bytes and buffer.rows + 1 < self._max_rows:
             data = buffer.data
@@ -309,8 +346,9 @@ class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
             # A bare return: Beam warns, at construction, about a process that says "return None".
             return
         if len(line) >= self._max_bytes:
-            return [self._dead_letter(self._oversize(line), _GLOBAL_WINDOW, None)]
-        full = self._add(_GLOBAL_WINDOW, line, _MIN_MICROS)
+            return [_dead_letter(_oversize(line, self._max_bytes), datasource=self._datasource,
+                                 window=_GLOBAL_WINDOW, timestamp=None, metrics=self._metrics)]
+        full = self._buffers.add(_GLOBAL_WINDOW, line, _MIN_MICROS)
         self._open = self._buffers.get(_GLOBAL_WINDOW)
         return None if full is None else [full]
 
@@ -336,19 +374,13 @@ class _EncodeAndBatchPerWindowDoFn(_EncodeAndBatchDoFn):
             line = last[1]
         else:
             self._count += 1
-            line = self._line(element)
+            line = _line_or_refusal(element, self._max_bytes)
             self._last = (element, line)
         if isinstance(line, _Refusal):
-            return [self._dead_letter(line, window, timestamp)]
-        full = self._add(window, line, timestamp.micros)
+            return [_dead_letter(line, datasource=self._datasource, window=window, timestamp=timestamp,
+                                 metrics=self._metrics)]
+        full = self._buffers.add(window, line, timestamp.micros)
         return None if full is None else [full]
-
-    def _line(self, element) -> bytes | _Refusal:
-        try:
-            line = encode_element(element)
-        except EncodingError as error:
-            return self._unencodable(element, error)
-        return self._oversize(line) if len(line) >= self._max_bytes else line
 
 
 # Window functions that put every element in exactly one window.
@@ -442,7 +474,8 @@ class _BatchDoFn(beam.DoFn):
             buffer.add(chunk)
             held.write((held_bytes + len(chunk.payload), held_rows + chunk.rows))
             if held_bytes == 0:
-                self._arm(key, window_end, stale)
+                _arm(key, window_end, stale, clock=self._clock,
+                     stale_after_secs=self._limits.max_buffering_secs if self._processing_time else None)
             return
         chunks = [Chunk(*c) for c in buffer.read()] if held_bytes else []
         chunks.append(chunk)
@@ -455,30 +488,10 @@ class _BatchDoFn(beam.DoFn):
             buffer.add(rest)
             held.write((len(rest.payload), rest.rows))
             if held_bytes == 0:
-                self._arm(key, window_end, stale)
+                _arm(key, window_end, stale, clock=self._clock,
+                     stale_after_secs=self._limits.max_buffering_secs if self._processing_time else None)
         for batch in batches:
             yield Batch(key.window, *batch)
-
-    def _arm(self, key: WindowKey, window_end, stale) -> None:
-        """Called when the buffer goes from empty to not empty."""
-        window_end.set(Timestamp(micros=key.window_max_micros))
-        if self._processing_time:
-            # Overwritten, never deleted. Set when the buffer stops being empty,
-            # so when it fires the oldest buffered row has waited its time
-            # (younger rows leave with it: early, never late). A flush that
-            # empties the buffer leaves it to fire on nothing, or to be replaced
-            # when the next chunk arrives.
-            stale.set(Timestamp.of(self._clock() + self._limits.max_buffering_secs))
-
-    def _flush(self, key, buffer, held) -> list[Batch]:
-        if not held.read():
-            return []
-        chunks, _ = cut_batches(
-            (Chunk(*c) for c in buffer.read()), max_bytes=self._limits.max_batch_bytes,
-            max_rows=self._limits.max_batch_rows, flush=True)
-        buffer.clear()
-        held.clear()
-        return [Batch(WindowKey(*key).window, *chunk) for chunk in chunks]
 
     @userstate.on_timer(WINDOW_END)
     def on_window_end(
@@ -487,7 +500,7 @@ class _BatchDoFn(beam.DoFn):
         buffer=beam.DoFn.StateParam(BUFFER),
         held=beam.DoFn.StateParam(HELD),
     ) -> Iterator[Batch]:
-        yield from self._flush(key, buffer, held)
+        yield from _flush(key, buffer, held, self._limits)
 
     @userstate.on_timer(STALE)
     def on_stale(
@@ -496,7 +509,31 @@ class _BatchDoFn(beam.DoFn):
         buffer=beam.DoFn.StateParam(BUFFER),
         held=beam.DoFn.StateParam(HELD),
     ) -> Iterator[Batch]:
-        yield from self._flush(key, buffer, held)
+        yield from _flush(key, buffer, held, self._limits)
+
+
+def _arm(key: WindowKey, window_end, stale, *, clock, stale_after_secs: float | None) -> None:
+    """Called when a shard's buffer goes from empty to not empty (``stale_after_secs`` None: no processing-time flush)."""
+    window_end.set(Timestamp(micros=key.window_max_micros))
+    if stale_after_secs is not None:
+        # Overwritten, never deleted. Set when the buffer stops being empty,
+        # so when it fires the oldest buffered row has waited its time
+        # (younger rows leave with it: early, never late). A flush that
+        # empties the buffer leaves it to fire on nothing, or to be replaced
+        # when the next chunk arrives.
+        stale.set(Timestamp.of(clock() + stale_after_secs))
+
+
+def _flush(key, buffer, held, limits: BatchLimits) -> list[Batch]:
+    """Everything a shard holds, as batches (a timer that finds nothing does nothing)."""
+    if not held.read():
+        return []
+    chunks, _ = cut_batches(
+        (Chunk(*c) for c in buffer.read()), max_bytes=limits.max_batch_bytes,
+        max_rows=limits.max_batch_rows, flush=True)
+    buffer.clear()
+    held.clear()
+    return [Batch(WindowKey(*key).window, *chunk) for chunk in chunks]
 
 
 class _MergeRemaindersDoFn(beam.DoFn):

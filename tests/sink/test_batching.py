@@ -317,7 +317,7 @@ def test_the_global_window_fast_path_batches_exactly_as_the_general_path(pads, m
     def run(dofn, call):
         dofn.setup()
         dofn.start_bundle()
-        dofn._shard = 0
+        dofn._buffers._shard = 0
         outputs = [out for element in elements for out in (call(dofn, element) or ())]
         outputs += dofn.finish_bundle()
         shown = []
