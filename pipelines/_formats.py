@@ -11,9 +11,7 @@ all work, compressed or not (``.gz``, ``.bz2``, ``.zst``, ``.deflate``, ``.xz``)
 
 from __future__ import annotations
 
-import base64
 import csv
-import decimal
 import io
 import re
 from collections.abc import Iterator
@@ -24,6 +22,8 @@ import orjson
 from apache_beam.coders import BytesCoder
 from apache_beam.io import ReadFromAvro, ReadFromParquet, ReadFromText, fileio
 from apache_beam.io.filesystem import CompressionTypes
+
+from sinks.tinybird._encoding import EncodingError, encode_element
 
 FORMATS = ("ndjson", "json", "csv", "avro", "parquet")
 
@@ -174,35 +174,26 @@ class _CsvDoFn(beam.DoFn):
                         path=path, position=f"line {reader.line_num}",
                         reason=f"{len(values)} values for {columns} columns", text=buffer.getvalue())
                     continue
-                record = {name: csv_value(value) for name, value in zip(header, values)}
+                record = {name: csv_value(value) for name, value in zip(header, values, strict=False)}
                 for name in header[len(values):]:
                     record[name] = None
                 yield record
 
 
-_ORJSON_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_SERIALIZE_NUMPY
-
-
-def _binary_default(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, decimal.Decimal):
-        return orjson.Fragment(str(value)) if value.is_finite() else None
-    raise TypeError
-
-
 def binary_safe_record(record: dict[str, Any]) -> bytes | dict[str, Any]:
-    """An Avro or Parquet record as one JSON object, binary values written as base64 text.
+    """An Avro or Parquet record as one JSON object, by the sink's own rules.
 
-    JSON has no bytes, and the sink refuses them, so Avro ``bytes``/``fixed``
-    and Parquet binary values become base64 strings (RFC 4648). Datetimes are
-    written as the sink writes them (RFC 3339, naive as UTC, ``Z`` for UTC) and
-    decimals as exact numbers. A record that still cannot be encoded is
-    returned unchanged, for the sink to dead-letter with its reason.
+    Encoded here, once, with :func:`sinks.tinybird._encoding.encode_element`, so
+    that what crosses to the sink is bytes: binary values become base64 text
+    (RFC 4648), datetimes RFC 3339 (naive as UTC, ``Z`` for UTC; pandas
+    ``Timestamp`` values, which pyarrow hands out for ``timestamp[ns]`` columns
+    when pandas is installed, in UTC with their nanoseconds), decimals exact
+    numbers. A record that cannot be encoded is returned unchanged, for the sink
+    to dead-letter with its reason.
     """
     try:
-        return orjson.dumps(record, default=_binary_default, option=_ORJSON_OPTIONS)
-    except orjson.JSONEncodeError:
+        return encode_element(record)
+    except EncodingError:
         return record
 
 
