@@ -118,9 +118,9 @@ def test_dripped_headers_end_within_the_budget_plus_one_attempt_deadline():
         report = client.send(payload_of(50), 50)
         elapsed = time.monotonic() - started
     # Each byte comes well within the read timeout: only the attempt's deadline ends an attempt.
-    assert elapsed <= 2.0 + 0.8 + 0.3, elapsed
+    assert elapsed <= 2.0 + 0.8 + 0.5, elapsed  # 0.5 s for a busy machine's scheduling
     assert {a.error for a in report.attempts} == {"deadline"}
-    assert all(0.75 <= a.latency_secs <= 1.1 for a in report.attempts), [a.latency_secs for a in report.attempts]
+    assert all(0.75 <= a.latency_secs <= 1.3 for a in report.attempts), [a.latency_secs for a in report.attempts]
     (failed,) = report.failed
     assert failed.kind is DeadLetterKind.RETRIES_EXHAUSTED and "deadline of 0.8 s" in failed.message
     assert account(report, list(range(50)))[1] == list(range(50))
@@ -137,7 +137,7 @@ def test_a_2xx_with_a_dripped_body_is_delivered_once_within_the_deadline():
         report = client.send(payload_of(20), 20)
     (attempt,) = report.attempts
     assert (attempt.status, attempt.body_unreadable) == (200, True)
-    assert 0.55 <= attempt.latency_secs <= 0.9
+    assert 0.55 <= attempt.latency_secs <= 1.1
     assert [(d.rows, d.counts_read) for d in report.delivered] == [(20, False)]
     assert len(server.requests) == 1
     account(report, list(range(20)), server)
