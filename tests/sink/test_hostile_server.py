@@ -30,6 +30,7 @@ from sink_testlib import TOKEN, FakeTime, RawRequest, RawServer, answer, counted
 
 from sinks.tinybird import RetryPolicy, WriteToTinybird
 from sinks.tinybird._events_api import ClientSettings, EventsApiClient, SendReport
+from sinks.tinybird._http import redaction
 from sinks.tinybird._http.transport import MAX_BODY_BYTES
 from sinks.tinybird.dead_letters import DeadLetter, DeadLetterKind, to_json_line
 
@@ -408,6 +409,8 @@ def test_megabytes_of_location_or_error_text_stay_capped_in_dead_letters():
         server.script = [answer(400, orjson.dumps({"error": "E" * 2_000_000}))]
         with client_for(server) as client:
             reports = [client.send(payload_of(2), 2), client.send(payload_of(2, start=2), 2)]
+    account(reports[0], [0, 1])
+    account(reports[1], [2, 3])
     messages = [f.message for r in reports for f in r.failed]
     assert [len(m) <= 1000 for m in messages] == [True, True]
     assert messages[0] == f"HTTP 400: (body unreadable: larger than {MAX_BODY_BYTES} bytes)"
@@ -436,6 +439,7 @@ def test_a_token_straddling_the_message_cap_is_scrubbed_first(offset):
     with RawServer(default=answer(400, orjson.dumps({"error": text}))) as server, client_for(server) as client:
         report = client.send(payload_of(1), 1)
     (failed,) = report.failed
+    assert account(report, [0]) == ([], [0])
     assert _token_parts(failed.message) == []
     assert len(failed.message) <= len("HTTP 400: ") + 1000
 
@@ -450,18 +454,23 @@ def test_a_token_echoed_in_a_malformed_header_line_reaches_no_log(caplog):
                      + b"X-Echo: " + TOKEN.encode() + b"\r\n\r\n" + body)
         return True
 
+    urllib3_logger = logging.getLogger("urllib3.connection")
+    registered = redaction._FILTER._tokens[TOKEN]  # other tests' clients Beam never tore down
     with RawServer(default=behave) as server:
         with client_for(server) as client:
             report = client.send(payload_of(2), 2)
-            filters = list(logging.getLogger("urllib3.connection").filters)
-        after = list(logging.getLogger("urllib3.connection").filters)
+            filters = list(urllib3_logger.filters)
+            during = redaction._FILTER._tokens[TOKEN]
+        after = redaction._FILTER._tokens[TOKEN]
     assert any("Failed to parse headers" in r.getMessage() for r in caplog.records), "urllib3 did not log it"
     texts = [caplog.text, repr(report), *(f.message for f in report.failed)]
     texts += [r.getMessage() + (r.exc_text or "") for r in caplog.records]
     for text in texts:
         assert _token_parts(text) == [], text[:300]
     assert report.failed[0].status == 400
-    assert len(filters) == 1 and after == []  # installed while the client is open, removed when closed
+    assert account(report, [0, 1]) == ([], [0, 1])
+    # Installed while the client is open (one filter however many clients), released when it closes.
+    assert len(filters) == 1 and (during, after) == (registered + 1, registered)
 
 
 # -- helpers of the pipeline tests ----------------------------------------------------------------
