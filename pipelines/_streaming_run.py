@@ -50,6 +50,7 @@ DIRECT_RUNNER_PULL_SECS = 30.0
 """Beam's DirectRunner pulls Pub/Sub with a 30 s timeout on its only worker thread: on a quiet
 subscription, nothing else (timers, posts, dead-letter files) runs until the pull returns."""
 SETTLE_MARGIN_SECS = 15.0
+SETTLE_STABLE_SECS = 1.0
 PROGRESS_EVERY_SECS = 5.0
 
 
@@ -254,6 +255,8 @@ def run_until_stopped(
         pipeline = beam.Pipeline(options=options)
         build(pipeline, endpoint, config)
         result = pipeline.run()
+        _LOG.info("Running on %s until %s", standard.runner,
+                  f"{stop_after_secs:g} s have passed" if stop_after_secs else "Ctrl-C or SIGTERM")
         watcher = _Watcher(result)
         with_files = bool(dead_letter_path)
         try:
@@ -294,11 +297,25 @@ def _wait_for_stop(result: PipelineResult, watcher: _Watcher, stop: StopRequest,
 
 
 def _settle(result: PipelineResult, watcher: _Watcher, *, timeout_secs: float, dead_letter_files: bool) -> InFlight:
-    """Waits until every row read is accounted for and in a file when dead-lettered; at most ``timeout_secs``."""
+    """Waits until every row read is accounted for and in a file when dead-lettered; at most ``timeout_secs``.
+
+    Settled means settled for ``SETTLE_STABLE_SECS`` with no new row read: a
+    pull returns at once when messages are waiting, so what was published
+    before the stop has been read by then, not left in a pull that the
+    cancel would cut short after it acknowledged them.
+    """
     deadline = time.monotonic() + timeout_secs
     in_flight = InFlight.of(result, dead_letter_files=dead_letter_files)
     _LOG.info("Stopping: %s", in_flight.describe())
-    while not in_flight.settled and time.monotonic() < deadline:
+    settled_since: tuple[float, int] | None = None  # (when, rows read then)
+    while time.monotonic() < deadline:
+        if in_flight.settled:
+            if settled_since is None or settled_since[1] != in_flight.rows_read:
+                settled_since = (time.monotonic(), in_flight.rows_read)
+            elif time.monotonic() - settled_since[0] >= SETTLE_STABLE_SECS:
+                break
+        else:
+            settled_since = None
         _raise_if_ended(watcher)
         time.sleep(0.2)
         in_flight = InFlight.of(result, dead_letter_files=dead_letter_files)

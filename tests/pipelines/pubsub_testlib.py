@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -75,18 +76,34 @@ class StreamingJob:
     stderr_path: Path
     exit_status: int | None = None
 
+    guard_log: Path | None = None
+
     @classmethod
-    def start(cls, args: Sequence[str], *, emulator: PubSubEmulator, work_dir: Path) -> StreamingJob:
+    def start(cls, args: Sequence[str], *, emulator: PubSubEmulator, work_dir: Path,
+              guard_dir: Path | None = None) -> StreamingJob:
+        """Starts the job; with ``guard_dir`` (a folder with a ``sitecustomize.py`` loopback guard)
+        first on its path, its connection attempts are logged to ``work_dir/guard.jsonl``."""
         work_dir.mkdir(parents=True, exist_ok=True)
         env = emulator.environ()
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        paths = [str(guard_dir)] if guard_dir is not None else []
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (*paths, str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        guard_log = work_dir / "guard.jsonl" if guard_dir is not None else None
+        if guard_log is not None:
+            env["LOOPBACK_GUARD_LOG"] = str(guard_log)
         stdout_path, stderr_path = work_dir / "stdout.txt", work_dir / "stderr.txt"
         with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
             process = subprocess.Popen(
                 [sys.executable, "-m", "pipelines.streaming_to_tinybird", *args],
                 cwd=work_dir, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                 start_new_session=True)
-        return cls(process=process, stdout_path=stdout_path, stderr_path=stderr_path)
+        return cls(process=process, stdout_path=stdout_path, stderr_path=stderr_path, guard_log=guard_log)
+
+    def refused_connections(self) -> list[dict]:
+        """Name lookups and connections outside loopback that the guard refused (none expected)."""
+        if self.guard_log is None or not self.guard_log.exists():
+            return []
+        lines = self.guard_log.read_text().splitlines()
+        return [entry for entry in map(json.loads, lines) if not entry["allowed"]]
 
     @property
     def stdout(self) -> str:
