@@ -1,0 +1,164 @@
+"""Files written by real tools (pandas, pyarrow, fastavro) through ``pipelines.files_to_tinybird``.
+
+pandas is installed here as on Beam's worker images, so pyarrow hands out
+``pd.Timestamp`` for ``timestamp[ns]`` columns and ``pd.Timedelta`` for
+durations, as it does on Dataflow. Each file goes through the whole job against
+the local server; every row must be stored, with no dead letter, and the stored
+values are checked, not only the counts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import uuid
+
+import fastavro
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from pipeline_helpers import count, dead_letters_in, run_quietly, sink_flags
+
+from pipelines.files_to_tinybird import run
+
+pytestmark = pytest.mark.timeout(180)
+
+ROWS = 300
+UTC = datetime.UTC
+
+
+def _listed(value):
+    """An array column as a list (the local server answers arrays as lists or as JSON text)."""
+    return value if isinstance(value, list) else orjson.loads(value)
+
+
+def _run_and_check_every_row_stored(server, datasource, tmp_path, pattern: str) -> list[dict]:
+    """Runs the files job on ``pattern``; checks every row stored and nothing dead; returns the rows by id."""
+    dead_dir = tmp_path / "dead"
+    summary, _ = run_quietly(run, sink_flags(
+        server, datasource, "--input", pattern, "--dead_letter_path", f"{dead_dir}/"))
+    assert summary.rows_read == ROWS
+    assert summary.dead_letters == 0 and dead_letters_in(dead_dir) == []
+    assert summary.rows_quarantined == 0 and count(server, f"{datasource}_quarantine") == 0
+    assert summary.rows_stored == ROWS == count(server, datasource)
+    rows = server.query(f"SELECT * FROM {datasource} ORDER BY id")
+    assert [row["id"] for row in rows] == list(range(ROWS))
+    return rows
+
+
+def _column_types(server, datasource: str) -> dict[str, str]:
+    return {c["name"]: c["type"] for c in server.datasources()[datasource]["columns"]}
+
+
+def _pandas_frame() -> pd.DataFrame:
+    """300 rows with what pandas users put in a frame; row 1 holds the missing values."""
+    base = pd.Timestamp("2024-05-01 08:00:00.123456789")
+    at = pd.Series([base + pd.Timedelta(seconds=i) for i in range(ROWS)], dtype="datetime64[ns]")
+    at[1] = pd.NaT
+    counts = pd.array([i * 10 for i in range(ROWS)], dtype="Int64")
+    counts[1] = pd.NA
+    scores = pd.Series([i / 4 for i in range(ROWS)], dtype="float64")
+    scores[1] = np.nan
+    return pd.DataFrame({
+        "id": pd.Series(range(ROWS), dtype="int64"),
+        "at": at,
+        "at_madrid": (at.fillna(base) + pd.Timedelta(hours=2)).dt.tz_localize("UTC").dt.tz_convert("Europe/Madrid"),
+        "count": counts,
+        "score": scores,
+        "waited": pd.Series([pd.Timedelta(milliseconds=1500 * i) for i in range(ROWS)], dtype="timedelta64[ns]"),
+        "country": pd.Categorical(["ES" if i % 3 else "GB" for i in range(ROWS)]),
+        "price": [decimal.Decimal(f"{i}.05") for i in range(ROWS)],
+        "skus": [[f"sku-{i}", f"sku-{i + 1}"] if i % 2 else [] for i in range(ROWS)],
+        "premium": [i % 2 == 0 for i in range(ROWS)],
+        "note": [None if i % 5 == 0 else f'say "hi", {i}\nthen go' for i in range(ROWS)],
+    })
+
+
+def test_parquet_written_by_pandas_every_row_stored_with_its_values(server, datasource, tmp_path):
+    frame = _pandas_frame()
+    frame.to_parquet(tmp_path / "events.parquet")
+    # What the file holds, as Beam's reader will see it: nanosecond timestamps, one with a zone.
+    schema = pq.read_schema(tmp_path / "events.parquet")
+    assert str(schema.field("at").type) == "timestamp[ns]"
+    assert str(schema.field("at_madrid").type) == "timestamp[ns, tz=Europe/Madrid]"
+    assert str(schema.field("country").type) == "dictionary<values=string, indices=int8, ordered=0>"
+    assert str(schema.field("price").type) == "decimal128(5, 2)"
+
+    rows = _run_and_check_every_row_stored(server, datasource, tmp_path, str(tmp_path / "*.parquet"))
+
+    types = _column_types(server, datasource)
+    assert types["at"] == "Nullable(DateTime64)" and types["at_madrid"] == "DateTime64"
+    assert types["waited"] == "Float64" and types["count"] == "Nullable(Int64)"
+    # The local server keeps DateTime64 to the millisecond (as Tinybird's default DateTime64(3)).
+    assert [r["at"] for r in rows[:4]] == [
+        "2024-05-01 08:00:00.123", None, "2024-05-01 08:00:02.123", "2024-05-01 08:00:03.123"]
+    # Europe/Madrid converted to UTC.
+    assert rows[2]["at_madrid"] == "2024-05-01 10:00:02.123"
+    assert [r["count"] for r in rows[:3]] == [0, None, 20]
+    assert [r["score"] for r in rows[:3]] == [0.0, None, 0.5]
+    assert [r["waited"] for r in rows[:3]] == [0.0, 1.5, 3.0]  # durations: seconds
+    assert [r["country"] for r in rows[:4]] == ["GB", "ES", "ES", "GB"]
+    assert [r["price"] for r in rows[:3]] == [0.05, 1.05, 2.05]
+    assert [_listed(r["skus"]) for r in rows[:3]] == [[], ["sku-1", "sku-2"], []]
+    assert [r["premium"] for r in rows[:2]] == [True, False]
+    assert [r["note"] for r in rows[:2]] == [None, 'say "hi", 1\nthen go']
+    assert all(r["at"] is not None for r in rows if r["id"] != 1)
+
+
+def test_avro_written_by_fastavro_with_logical_types(server, datasource, tmp_path):
+    schema = fastavro.parse_schema({
+        "type": "record", "name": "Order", "fields": [
+            {"name": "id", "type": "long"},
+            {"name": "at_millis", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+            {"name": "at_micros", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+            {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+            {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 3}},
+            {"name": "order_id", "type": {"type": "string", "logicalType": "uuid"}},
+            {"name": "coupon", "type": ["null", "string"], "default": None},
+        ]})
+    start = datetime.datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    records = [{
+        "id": i,
+        "at_millis": start + datetime.timedelta(seconds=i),
+        "at_micros": start + datetime.timedelta(microseconds=i),
+        "day": datetime.date(2024, 5, 1) + datetime.timedelta(days=i % 31),
+        "amount": decimal.Decimal(f"{i}.125"),
+        "order_id": uuid.UUID(int=i),
+        "coupon": None if i % 2 else f"C{i}",
+    } for i in range(ROWS)]
+    with open(tmp_path / "orders.avro", "wb") as fh:
+        fastavro.writer(fh, schema, records, codec="deflate")
+
+    rows = _run_and_check_every_row_stored(server, datasource, tmp_path, str(tmp_path / "orders.avro"))
+
+    types = _column_types(server, datasource)
+    assert (types["at_millis"], types["at_micros"], types["day"]) == ("DateTime64", "DateTime64", "Date")
+    assert rows[1]["at_millis"] == "2024-05-01 12:00:01.123"  # millis: .123456 was cut by the writer
+    assert rows[7]["at_micros"] == "2024-05-01 12:00:00.123"
+    assert [r["day"] for r in rows[:2]] == ["2024-05-01", "2024-05-02"] and rows[31]["day"] == "2024-05-01"
+    assert [r["amount"] for r in rows[:3]] == [0.125, 1.125, 2.125]
+    assert rows[5]["order_id"] == "00000000-0000-0000-0000-000000000005"
+    assert [r["coupon"] for r in rows[:3]] == ["C0", None, "C2"]
+
+
+def test_csv_written_by_pandas(server, datasource, tmp_path):
+    frame = _pandas_frame().drop(columns=["skus"])  # CSV has no lists
+    frame.to_csv(tmp_path / "events.csv", index=False)
+
+    rows = _run_and_check_every_row_stored(server, datasource, tmp_path, str(tmp_path / "events.csv"))
+
+    types = _column_types(server, datasource)
+    assert types["count"] == "Nullable(Int64)" and types["score"] == "Nullable(Float64)"
+    assert types["premium"] == "Bool" and types["at"] == "Nullable(DateTime64)"
+    # pandas writes "2024-05-01 08:00:00.123456789" and "2024-05-01 10:00:00.123456789+02:00".
+    assert [r["at"] for r in rows[:3]] == ["2024-05-01 08:00:00.123", None, "2024-05-01 08:00:02.123"]
+    assert rows[2]["at_madrid"] == "2024-05-01 10:00:02.123"
+    assert [r["count"] for r in rows[:3]] == [0, None, 20]
+    assert [r["score"] for r in rows[:3]] == [0.0, None, 0.5]
+    assert rows[3]["waited"] == "0 days 00:00:04.500000"  # pandas' own text: CSV has no types
+    assert [r["country"] for r in rows[:2]] == ["GB", "ES"]
+    assert [r["price"] for r in rows[:2]] == [0.05, 1.05]
+    assert [r["premium"] for r in rows[:2]] == [True, False]
+    assert [r["note"] for r in rows[:2]] == [None, 'say "hi", 1\nthen go']
