@@ -415,10 +415,13 @@ def _utc_text(moment: datetime.datetime, nanos: int) -> str:
 
 
 def _pandas_timestamp(obj: Any) -> str:
-    if obj.tzinfo is not None:
-        obj = obj.tz_convert("UTC")
-    moment = obj.to_pydatetime(warn=False).replace(tzinfo=None)
-    return _utc_text(moment.replace(microsecond=0), moment.microsecond * 1000 + obj.nanosecond)
+    try:
+        # Nanoseconds since the epoch, in UTC for an aware Timestamp: no conversion needed.
+        seconds, nanos = divmod(obj.value, _NANOS_PER_SECOND)
+    except OverflowError:
+        # A second, millisecond or microsecond Timestamp outside 1677-2262: in its own unit.
+        return _datetime64(obj.asm8)
+    return _utc_text(_EPOCH + datetime.timedelta(seconds=seconds), nanos)
 
 
 def _pandas_timedelta(obj: Any) -> float | None:

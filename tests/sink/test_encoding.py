@@ -362,6 +362,11 @@ def test_json_dicts_round_trip_on_one_line(d):
         (pd.Timestamp("2024-07-02 03:04:05.5", tz="Europe/Madrid"), b'"2024-07-02T01:04:05.500000Z"'),
         (pd.Timestamp("2024-01-02 23:30", tz="America/New_York"), b'"2024-01-03T04:30:00Z"'),
         (pd.Timestamp("1677-09-22 00:00:00.000000001"), b'"1677-09-22T00:00:00.000000001Z"'),
+        (pd.Timestamp.max, b'"2262-04-11T23:47:16.854775807Z"'),
+        # Outside the nanosecond range, in their own unit.
+        (pd.Timestamp("3000-01-02 03:04:05").as_unit("s"), b'"3000-01-02T03:04:05Z"'),
+        (pd.Timestamp("1500-01-01 00:00:00.5").as_unit("ms"), b'"1500-01-01T00:00:00.500000Z"'),
+        (pd.Timestamp("3000-01-02 03:04:05", tz="Asia/Tokyo").as_unit("s"), b'"3000-01-01T18:04:05Z"'),
         (pd.NaT, b"null"),
         (pd.NA, b"null"),
         # Durations: seconds as a float, always with a fraction.
