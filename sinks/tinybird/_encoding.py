@@ -414,7 +414,7 @@ def _utc_text(moment: datetime.datetime, nanos: int) -> str:
     return f"{text}.{nanos:09d}Z"
 
 
-def _pandas_timestamp(obj: Any) -> str:
+def _pandas_timestamp(obj: Any) -> str | None:
     try:
         # Nanoseconds since the epoch, in UTC for an aware Timestamp: no conversion needed.
         seconds, nanos = divmod(obj.value, _NANOS_PER_SECOND)
