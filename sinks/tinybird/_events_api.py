@@ -31,6 +31,7 @@ import zstandard
 from sinks.tinybird._http.classify import AttemptContext, budget_check, classify
 from sinks.tinybird._http.outcomes import (
     Attempt,
+    BoundedResponse,
     Decision,
     Deliver,
     Delivered,
@@ -344,10 +345,7 @@ class EventsApiClient:
             state.first_attempt_at = started_at
         state.last_attempt_at = started_at
         t0 = self._clock()
-        if transport is None:
-            outcome: Any = _CLOSED
-        else:
-            outcome = transport.post(body)
+        outcome = _CLOSED if transport is None else transport.post(body)
         latency = self._clock() - t0
         part = state.part
         context = AttemptContext(
@@ -358,17 +356,19 @@ class EventsApiClient:
         )
         decision = classify(outcome, context, self._policy)
         self._pacer.hold_for(decision.pause_secs)
-        status = getattr(outcome, "status", None)
+        response = outcome if isinstance(outcome, BoundedResponse) else None
+        status = None if response is None else response.status
+        error = outcome.error if isinstance(outcome, TransportFailure) else None
         state.last_status = status
         retry_cause = decision.cause if isinstance(decision, Retry) else "413" if isinstance(decision, Split) else None
         batch.attempts.append(Attempt(
-            started_at=started_at, latency_secs=latency, status=status, error=getattr(outcome, "error", None),
+            started_at=started_at, latency_secs=latency, status=status, error=error,
             raw_bytes=len(part.payload), wire_bytes=state.wire_bytes, retry_cause=retry_cause,
-            body_unreadable=status is not None and outcome.body is None,
+            body_unreadable=response is not None and response.body is None,
         ))
         _LOG.debug(
             "Tinybird %s: attempt %d: status=%s error=%s latency=%.3fs rows=%d raw=%dB wire=%dB -> %s",
-            self._settings.datasource, state.attempts, status, getattr(outcome, "error", None), latency,
+            self._settings.datasource, state.attempts, status, error, latency,
             part.rows, len(part.payload), state.wire_bytes, type(decision).__name__,
         )
         return decision
@@ -407,8 +407,8 @@ class EventsApiClient:
         now = self._wall_clock()
         batch.failed.append(Failed(
             payload=part.payload, rows=part.rows, kind=decision.kind, status=state.last_status, message=message,
-            attempts=state.attempts, first_attempt_at=state.first_attempt_at or now,
-            last_attempt_at=state.last_attempt_at or now,
+            attempts=state.attempts, first_attempt_at=now if state.first_attempt_at is None else state.first_attempt_at,
+            last_attempt_at=now if state.last_attempt_at is None else state.last_attempt_at,
         ))
         _LOG.info(
             "Tinybird %s: %d rows (%d bytes) dead-lettered as %s after %d attempts: %s",
