@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import io
 import json
 import signal
 import threading
@@ -253,3 +254,18 @@ def test_input_topic_reads_through_its_own_subscription(emulator, server, tmp_pa
     assert [d.element for d in dead_letters_in(dead_dir)] == [repr(b"not json")]
     assert _no_temporary_files(dead_dir) == []
     assert _summary_figures(stdout) == {"rows read": 61, "rows acknowledged": 60, "dead letters": 1}
+
+
+def test_the_latency_benchmark_runs_and_prints_its_figures(emulator, server, tmp_path):
+    """A smoke run of ``python -m benchmarks.pubsub_latency`` (tiny sizes; the figures are not asserted)."""
+    from benchmarks import pubsub_latency
+
+    out = io.StringIO()
+    [result] = pubsub_latency.run(rate=10, secs=2, buffering=[1.0], out=out, emulator=emulator, server=server,
+                                  work_dir=tmp_path)
+    assert (result.published, result.stored) == (20, 20)
+    assert 0 < result.p50_secs <= result.p99_secs <= result.max_secs
+    table = out.getvalue().splitlines()
+    assert table[-2].split() == ["max_buffering_secs", "msg/s", "published", "stored", "p50", "s", "p99", "s",
+                                 "max", "s"]
+    assert table[-1].split()[:4] == ["1", "10", "20", "20"]
