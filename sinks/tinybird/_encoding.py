@@ -385,7 +385,7 @@ def _set_to_list(items: set | frozenset) -> list:
         return list(items)
 
 
-# Checked in this order: bool before int, datetime before date.
+# Checked in this order: a datetime is also a date, and must be found first.
 _PLAIN_CONVERTERS: tuple[tuple[type | tuple[type, ...], _Converter], ...] = (
     (decimal.Decimal, _decimal),
     (Row, _row),
