@@ -381,9 +381,10 @@ def _exactly_once_line(summaries: Sequence[Summary]) -> str:
             "sum of their CRC32 equal to what was sent")
     stored = [r for s in summaries for r in s.runs if r.rows_stored is not None]
     if stored:
-        line += ("; end to end, the local Events API server stored " + ", ".join(
-            f"{r.rows_stored:,} rows ({r.distinct_events:,} distinct event_id, {r.quarantined} quarantined)"
-            for r in stored) + f" for {stored[0].events:,} events per run")
+        outcomes = sorted({(r.rows_stored, r.distinct_events, r.quarantined, r.events) for r in stored})
+        line += f"; end to end, in {len(stored)} run(s), the local Events API server stored " + ", ".join(
+            f"{rows:,} rows ({distinct:,} distinct event_id, {quarantined} quarantined) for {events:,} events"
+            for rows, distinct, quarantined, events in outcomes)
     return line + "); the baselines saw every event."
 
 
