@@ -195,7 +195,8 @@ class _BundleBuffers:
 
     A buffer leaves as a full :class:`Batch` on ``FULL_TAG`` as soon as the next
     line would not fit or it holds ``max_batch_rows`` (with ``full_to_merge``,
-    as a ``(WindowKey, Chunk)`` on the main output instead); :meth:`drain`
+    as a ``(WindowKey, Chunk)`` on the main output instead, with the line that
+    did not fit: a chunk over a limit, which the merge step cuts at once); :meth:`drain`
     hands what is left as ``(WindowKey, Chunk)``. Every output is a
     ``WindowedValue`` in the global window, its own window kept as text.
     """
@@ -221,6 +222,12 @@ class _BundleBuffers:
         if buffer is None:
             buffer = self._buffers[window] = _WindowBuffer(timestamp_micros)
         elif len(buffer.data) + len(line) + 1 > self._max_bytes:
+            if self._full_to_merge:
+                # Sent with the line that does not fit: the merge step sees a
+                # chunk over the limit and cuts the full batch at once.
+                self._append(buffer, line, timestamp_micros)
+                del self._buffers[window]
+                return self._chunk(window, buffer)
             # Checked before adding, so that no batch is over the limit.
             full = self._full(window, buffer)
             buffer = self._buffers[window] = _WindowBuffer(timestamp_micros)
@@ -236,6 +243,14 @@ class _BundleBuffers:
             del self._buffers[window]
             return self._full(window, buffer)
         return full
+
+    @staticmethod
+    def _append(buffer: _WindowBuffer, line: bytes, timestamp_micros: int) -> None:
+        buffer.data += line
+        buffer.data += b"\n"
+        buffer.rows += 1
+        if timestamp_micros < buffer.min_timestamp_micros:
+            buffer.min_timestamp_micros = timestamp_micros
 
     def drain(self) -> Iterator[WindowedValue]:
         buffers, self._buffers = self._buffers, {}

@@ -135,3 +135,68 @@ def test_bounded_input_posts_full_batches_apart_and_no_window_into():
     assert steps[0] == ("EncodeAndBatch/IntoGlobalWindow(_EncodeAndBatchDoFn)", "IntoGlobalWindow")
     assert "PostFull/ParDo(_PostDoFn)" in labels and "PostMerged/ParDo(_PostDoFn)" in labels
     assert any(label.startswith("GroupRemainders") for label in labels)
+
+
+class _Bag:
+    def __init__(self):
+        self.items = []
+
+    def add(self, item):
+        self.items.append(item)
+
+    def read(self):
+        return list(self.items)
+
+    def clear(self):
+        self.items = []
+
+
+class _Value:
+    def __init__(self):
+        self.value = None
+
+    def read(self):
+        return self.value
+
+    def write(self, value):
+        self.value = value
+
+    def clear(self):
+        self.value = None
+
+
+class _Timer:
+    def __init__(self):
+        self.at = None
+
+    def set(self, at):
+        self.at = at
+
+
+def test_a_buffer_full_inside_a_bundle_is_posted_by_the_merge_step_at_once():
+    """Unbounded input: the full buffer reaches the merge step with the line that did not fit,
+    so the merge step, holding nothing, cuts and emits the batch without waiting for a timer."""
+    from apache_beam.transforms.window import IntervalWindow
+    from apache_beam.utils.timestamp import Timestamp
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from sinks.tinybird._batching import Batch, Chunk
+
+    window = IntervalWindow(0, 10)
+    # Three rows of 20 bytes fit in 70; the fourth does not (a buffer full short of the byte limit).
+    limits = BatchLimits(max_batch_bytes=70, max_batch_rows=1000, max_buffering_secs=3600, num_shards=1)
+    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits, full_to_merge=True)
+    encoder.setup()
+    encoder.start_bundle()
+    outputs = [out for i in range(4)
+               for out in encoder.process(_event(i), wv=WindowedValue(_event(i), Timestamp(i), (window,))) or ()]
+    assert len(outputs) == 1
+    merge = _BatchDoFn(limits=limits, buffer_in_processing_time=True, clock=_FrozenClock())
+    bag, held, window_end, stale = _Bag(), _Value(), _Timer(), _Timer()
+    batches = list(merge.process(outputs[0].value, buffer=bag, held=held, window_end=window_end, stale=stale))
+    assert [(b.rows, [orjson.loads(line)["id"] - 1000 for line in b.payload.splitlines()]) for b in batches] == [
+        (3, [0, 1, 2])]
+    assert all(isinstance(b, Batch) and len(b.payload) <= 70 for b in batches)
+    # The line that did not fit waits in the shard's state, with its timers armed.
+    assert [Chunk(*c) for c in bag.read()] == [Chunk(orjson.dumps(_event(3)) + b"\n", 1)]
+    assert held.read() == (20, 1) and window_end.at is not None and stale.at is not None
