@@ -98,12 +98,15 @@ class StreamingJob:
                 start_new_session=True)
         return cls(process=process, stdout_path=stdout_path, stderr_path=stderr_path, guard_log=guard_log)
 
-    def refused_connections(self) -> list[dict]:
-        """Name lookups and connections outside loopback that the guard refused (none expected)."""
+    def guard_entries(self) -> list[dict]:
+        """Every name lookup and connection the loopback guard saw, allowed or refused."""
         if self.guard_log is None or not self.guard_log.exists():
             return []
-        lines = self.guard_log.read_text().splitlines()
-        return [entry for entry in map(json.loads, lines) if not entry["allowed"]]
+        return [json.loads(line) for line in self.guard_log.read_text().splitlines()]
+
+    def refused_connections(self) -> list[dict]:
+        """Name lookups and connections outside loopback that the guard refused (none expected)."""
+        return [entry for entry in self.guard_entries() if not entry["allowed"]]
 
     @property
     def stdout(self) -> str:

@@ -112,6 +112,8 @@ def _start(emulator: PubSubEmulator, args: list[str], work_dir: Path) -> Streami
 def _stop(job: StreamingJob, sig: int = signal.SIGINT) -> str:
     status = job.stop(sig=sig)
     assert status == 0, job.describe()
+    # The guard was on (it saw the job's requests to the local server) and refused nothing.
+    assert any(e["kind"] == "connect" and e["target"].startswith("127.0.0.1:") for e in job.guard_entries())
     assert job.refused_connections() == [], job.refused_connections()
     return job.stdout
 
