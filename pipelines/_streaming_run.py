@@ -6,9 +6,13 @@ acknowledges each Pub/Sub pull as soon as the pull returns, before the messages
 are processed. So a stop (Ctrl-C, SIGTERM, or a time limit) here first waits, at
 most ``settle_timeout_secs``, until the job's own counters show every row read
 acknowledged by the server or dead-lettered, and every dead letter in a final
-file; only then is the runner cancelled. Rows still in flight when the wait
-gives up are lost (Pub/Sub will not deliver them again): the summary counts
-them and the run fails.
+file, for ``SETTLE_STABLE_SECS`` running; only then is the runner cancelled.
+Rows still in flight when the wait gives up are lost (Pub/Sub will not deliver
+them again): the summary counts them and the run fails. Also lost: messages
+that a pull hands over while the runner is being cancelled (only when messages
+are still being published during the stop), and, on SIGKILL or a crash,
+everything read and not yet acknowledged by the server or dead-lettered.
+Messages not pulled stay in the subscription for the next run.
 """
 
 from __future__ import annotations
