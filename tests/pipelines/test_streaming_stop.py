@@ -79,3 +79,42 @@ def test_the_demos_messages_hold_every_sample_line_once_and_three_bad_messages()
     rows = [row for m in messages if m not in BAD_MESSAGES for row in m.split(b"\n") if row]
     assert rows == lines
     assert max(m.count(b"\n") for m in messages) == 20 and min(m.count(b"\n") for m in messages if m not in bad) == 1
+
+
+class _Counter:
+    def __init__(self, namespace: str, name: str, value: int) -> None:
+        self.key = type("Key", (), {"metric": type("Name", (), {"namespace": namespace, "name": name})()})()
+        self.committed, self.attempted = value, value
+
+
+class _StuckResult:
+    """A running job whose counters never settle: 10 rows read, 6 acknowledged, 1 dead letter not in a file."""
+
+    def metrics(self):
+        counters = {"pipelines": [_Counter("pipelines", "rows_read", 10)],
+                    "tinybird": [_Counter("tinybird", "rows_acknowledged", 6), _Counter("tinybird", "dead_letters", 1)]}
+
+        class _Query:
+            def query(self, metrics_filter):
+                [namespace] = metrics_filter.namespaces
+                return {"counters": counters[namespace]}
+
+        return _Query()
+
+
+def test_a_stop_that_gives_up_waiting_counts_what_is_lost_and_fails_the_run():
+    from pipelines._streaming_run import _settle, _with_losses, stop_note
+    from pipelines._summary import RunSummary
+
+    watcher = type("Watcher", (), {"ended": False, "error": None})()
+    in_flight = _settle(_StuckResult(), watcher, timeout_secs=0.5, dead_letter_files=True)
+    assert (in_flight.rows_unaccounted, in_flight.dead_letters_unwritten) == (3, 1)
+    note = stop_note(title="Streaming to Tinybird", reason="SIGINT", in_flight=in_flight)
+    assert note == ("Streaming to Tinybird: stopped (SIGINT) with rows in flight: 10 rows read, 6 acknowledged, "
+                    "1 dead-lettered (0 in files), 3 in flight. Beam's DirectRunner acknowledged them to Pub/Sub "
+                    "when it read them: they are lost.\n")
+    summary = RunSummary(rows_read=10, rows_acknowledged=6, rows_quarantined=0, dead_letters=1,
+                         dead_letters_by_kind={}, requests=1, retries=0, extra={}, elapsed_secs=1.0)
+    assert _with_losses(summary, in_flight).failure == (
+        "3 rows read were neither acknowledged nor dead-lettered, and 1 dead letters not in a file, "
+        "when the runner was cancelled")
