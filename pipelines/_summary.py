@@ -203,7 +203,7 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
         ]
         if summary.rows_quarantined:
             lines.append(
-                f"  {sql} \"SELECT c__error, c__raw FROM {config.datasource}_quarantine LIMIT 5\"")
+                f"  {sql} \"SELECT c__error_column, c__error FROM {config.datasource}_quarantine LIMIT 5\"")
         lines.append(f"Or serve it again: {python} -m tinybird_emulator serve --data-dir {_shell_quote(data_dir)} --port 7181")
     # Unencodable and unreplayable dead letters have no line to resend.
     replayable = summary.dead_letters - sum(
