@@ -408,7 +408,7 @@ def _walk_flat(objects: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], _Acc]
         acc.seen = len(values)
         kinds: set = set()
         for kind in types:
-            same = values if len(types) == 1 else [v for v in values if type(v) is kind]
+            same: list[Any] = values if len(types) == 1 else [v for v in values if type(v) is kind]
             if kind is type(None):
                 acc.nulls = len(same)
             elif kind is bool:
