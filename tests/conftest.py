@@ -1,4 +1,4 @@
-"""Every test: no traffic leaves loopback.
+"""Every test: no traffic leaves loopback; the fixtures every test folder shares.
 
 Tests talk to servers they start on 127.0.0.1. A name lookup or a connection to
 anything else (a stray default URL, a runner that downloads a binary) is
@@ -9,9 +9,24 @@ and workers in other processes are started on loopback by the tests.
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import logging
+import os
+import re
 import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from shared_testlib import TOKEN
+
+from tinybird_emulator import LocalServer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Workers of the multi-processing and portable runners are new processes: they
+# must find the project's packages whatever their working directory.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 _LOCAL_NAMES = {None, "", "localhost", "localhost.localdomain", "ip6-localhost"}
 _attempts: list[str] = []
@@ -72,3 +87,46 @@ def _no_traffic_outside_loopback(_loopback_only):
     yield
     attempts, _attempts[:] = list(_attempts), []
     assert not attempts, f"the test tried to reach outside loopback: {attempts}"
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that configures logging (a command line's ``main`` run in this process) leaves
+    no handler behind: one bound to the test's captured, then closed, stderr would make every
+    later record a "--- Logging error ---" print-out of the record and its exception."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+# -- the local Events API server ---------------------------------------------------------
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def local_server(tmp_path_factory) -> Iterator[LocalServer]:
+    """One local server for the session (admin token ``shared_testlib.TOKEN``, no rate limit).
+
+    Tests that restart a server or change its limits start their own."""
+    with LocalServer(data_dir=tmp_path_factory.mktemp("tinybird-local"), token=TOKEN, rate_limit_rps=None) as srv:
+        yield srv
+
+
+@pytest.fixture
+def server(local_server: LocalServer) -> Iterator[LocalServer]:
+    """The session's server, without fault rules and with its counters at zero."""
+    local_server.clear_faults()
+    local_server.flush()
+    local_server.reset_stats()
+    yield local_server
+    local_server.clear_faults()
+
+
+@pytest.fixture
+def datasource(request) -> str:
+    """A data source name of this test only."""
+    base = re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:60]
+    return f"t{next(_names)}_{base}"

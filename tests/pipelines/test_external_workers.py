@@ -38,7 +38,7 @@ from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTr
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.core import RestrictionProvider
-from pipeline_helpers import dead_letters_in, run_quietly
+from pipelines_testlib import dead_letters_in, run_quietly
 
 from pipelines.files_to_tinybird import run
 from sinks.tinybird import WriteToTinybird
@@ -134,11 +134,11 @@ class WorkerPool:
 
 
 @pytest.fixture(scope="module")
-def worker_pool(worker_venv, server, tmp_path_factory):
+def worker_pool(worker_venv, local_server, tmp_path_factory):
     directory = tmp_path_factory.mktemp("pool-cwd")  # outside the repository: nothing to import from
     log = directory / "pool.log"
     port = _free_port()
-    env = {**_worker_env(worker_venv), POOL_TOKEN_ENV: server.token}
+    env = {**_worker_env(worker_venv), POOL_TOKEN_ENV: local_server.token}
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
             [str(worker_venv / "bin" / "python"), "-m", "apache_beam.runners.worker.worker_pool_main",

@@ -15,7 +15,7 @@ import fastavro
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import RUNNERS, count, dead_letters_in, run_quietly, sink_flags
+from pipelines_testlib import RUNNERS, count, dead_letters_in, run_quietly, sink_flags
 
 from pipelines._options import UsageError
 from pipelines.files_to_tinybird import SAMPLE_DATA, run

@@ -19,7 +19,7 @@ import orjson
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import count, dead_letters_in, run_quietly, sink_flags
+from pipelines_testlib import count, dead_letters_in, run_quietly, sink_flags
 
 from pipelines.files_to_tinybird import run
 

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from pipeline_helpers import RUNNERS, count, dead_letters_in, run_quietly, sink_flags
+from pipelines_testlib import RUNNERS, count, dead_letters_in, run_quietly, sink_flags
 
 from pipelines import files_to_tinybird, replay_dead_letters
 from pipelines._options import UsageError

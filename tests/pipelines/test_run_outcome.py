@@ -19,7 +19,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from pipeline_helpers import sink_flags
+from pipelines_testlib import sink_flags
 
 from pipelines import files_to_tinybird
 from pipelines._dead_letter_ratio import CheckDeadLetterRatio, in_job_max_ratio

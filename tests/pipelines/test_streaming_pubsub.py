@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import dead_letters_in
-from pubsub_testlib import REPO_ROOT, PubSubEmulator, StreamingJob, held_messages, wait_for
+from pipelines_testlib import REPO_ROOT, PubSubEmulator, StreamingJob, dead_letters_in, held_messages, wait_for
 
 from tinybird_emulator import LocalServer
 

@@ -29,9 +29,6 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from sinks.tinybird import DeadLetter, RetryPolicy, WriteToTinybird
 from tinybird_emulator import LocalServer
 
-# Distinctive, so that a test can search logs, files, reprs and metrics for it.
-TOKEN = "p.RELIABILITY-secret-9d41c7e0b2"
-
 # Every event line is exactly this many bytes (newline excluded), whatever its id:
 # a full batch then holds a known number of rows.
 LINE_BYTES = 64

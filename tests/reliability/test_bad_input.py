@@ -27,7 +27,8 @@ import requests
 from apache_beam.pvalue import Row
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_testlib import TOKEN, dead_letters_in, events, run, sink, stored_ids
+from reliability_testlib import dead_letters_in, events, run, sink, stored_ids
+from shared_testlib import TOKEN
 
 from sinks.tinybird._encoding import MAX_REASON_CHARS
 from tinybird_emulator import LocalServer

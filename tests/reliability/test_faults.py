@@ -19,7 +19,6 @@ import time
 import apache_beam as beam
 import pytest
 from reliability_testlib import (
-    TOKEN,
     PostRecorder,
     account,
     dead_letters_in,
@@ -31,6 +30,7 @@ from reliability_testlib import (
     run,
     sink,
 )
+from shared_testlib import TOKEN
 
 from pipelines import replay_dead_letters
 from tinybird_emulator import LocalServer

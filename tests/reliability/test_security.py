@@ -34,7 +34,6 @@ from apache_beam.metrics.metric import MetricsFilter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_testlib import (
-    TOKEN,
     dead_letters_in,
     events,
     make_pipeline,
@@ -42,6 +41,7 @@ from reliability_testlib import (
     run,
     sink,
 )
+from shared_testlib import TOKEN
 
 import tinybird_emulator._tokens as tokens_module
 from sinks.tinybird import DeliveryError, RetryPolicy, WriteToTinybird

@@ -1,43 +1,14 @@
-"""Fixtures of the sink tests: a local Events API server shared by the session,
-unique data source names, a fake clock, a scripted HTTP(S) server for protocol
-edge cases the local server does not produce, and a self-signed certificate."""
+"""Fixtures of the sink tests: a fake clock, a scripted HTTP(S) server for protocol
+edge cases the local server does not produce, and a self-signed certificate (the
+local server and data source names are the shared ones of ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-import itertools
-import re
 
 import pytest
-from sink_testlib import TOKEN, FakeTime, ScriptedServer
-
-from tinybird_emulator import LocalServer
-
-_names = itertools.count(1)
-
-
-@pytest.fixture(scope="session")
-def _local_server(tmp_path_factory):
-    with LocalServer(
-        data_dir=tmp_path_factory.mktemp("tinybird-local"), token=TOKEN, port=0, rate_limit_rps=None
-    ) as server:
-        yield server
-
-
-@pytest.fixture
-def server(_local_server):
-    """The session's local server, without fault rules before and after the test."""
-    _local_server.clear_faults()
-    yield _local_server
-    _local_server.clear_faults()
-
-
-@pytest.fixture
-def datasource(request) -> str:
-    """A data source name of its own for each test."""
-    base = re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:60]
-    return f"t{next(_names)}_{base}"
+from sink_testlib import FakeTime, ScriptedServer
 
 
 @pytest.fixture

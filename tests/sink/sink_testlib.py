@@ -15,10 +15,6 @@ import zstandard
 
 from tinybird_emulator import LocalServer
 
-# Distinctive, so that a test can search logs, reprs and reports for it.
-TOKEN = "p.SECRET-test-token-7f3a9c51d2"
-
-
 # FakeTime.wall() = WALL_EPOCH + FakeTime.clock().
 WALL_EPOCH = 1_700_000_000.0
 

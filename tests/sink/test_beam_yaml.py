@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import apache_beam as beam
-from sink_testlib import TOKEN
+from shared_testlib import TOKEN
 
 from sinks.tinybird import DeadLetter, WriteToTinybird, WriteToTinybirdResult
 

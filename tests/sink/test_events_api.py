@@ -19,7 +19,8 @@ import zlib
 import orjson
 import pytest
 import zstandard
-from sink_testlib import TOKEN, WALL_EPOCH, FakeTime, ScriptedServer, stored_rows
+from shared_testlib import TOKEN
+from sink_testlib import WALL_EPOCH, FakeTime, ScriptedServer, stored_rows
 
 from sinks.tinybird._events_api import (
     Attempt,

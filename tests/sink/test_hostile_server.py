@@ -26,7 +26,8 @@ import orjson
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from sink_testlib import TOKEN, FakeTime, RawRequest, RawServer, answer, counted, counts_body
+from shared_testlib import TOKEN
+from sink_testlib import FakeTime, RawRequest, RawServer, answer, counted, counts_body
 
 from sinks.tinybird import RetryPolicy, WriteToTinybird
 from sinks.tinybird._events_api import ClientSettings, EventsApiClient, SendReport

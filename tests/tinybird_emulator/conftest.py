@@ -1,4 +1,6 @@
-"""Fixtures of the local Events API server tests: real servers on loopback ports."""
+"""Fixtures of the local Events API server tests: a client of the session's server
+(``tests/conftest.py``) and data source names; tests that restart a server or change
+its limits start their own."""
 
 from __future__ import annotations
 
@@ -6,18 +8,9 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from emulator_testlib import ADMIN_TOKEN, EventsClient
+from emulator_testlib import EventsClient
 
 from tinybird_emulator import LocalServer
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    """One server for the tests that do not restart it or change its limits."""
-    with LocalServer(
-        data_dir=tmp_path_factory.mktemp("emulator-session"), token=ADMIN_TOKEN, rate_limit_rps=None
-    ) as srv:
-        yield srv
 
 
 @pytest.fixture

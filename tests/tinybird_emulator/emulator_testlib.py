@@ -6,10 +6,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import requests
+from shared_testlib import TOKEN
 
 from tinybird_emulator import LocalServer
 
-ADMIN_TOKEN = "admin-test-token"
+ADMIN_TOKEN = TOKEN
 RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
 
 

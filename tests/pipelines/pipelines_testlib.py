@@ -1,10 +1,11 @@
-"""Helpers of the Pub/Sub tests: the emulator, the streaming job in a subprocess, what a run left.
+"""Helpers of the pipelines' tests: runner flags, sink flags, reading what a run left, and
+the Pub/Sub emulator with the streaming job in a subprocess.
 
 The emulator is :class:`pipelines._pubsub_emulator.PubSubEmulator` (Google's
 emulator started on 127.0.0.1 and a free port, in its own process group,
-stopped by PID with the whole group). The job runs as a user runs it, ``python
--m pipelines.streaming_to_tinybird`` in a process group of its own, and is
-stopped with SIGINT once the data source holds what the test expects (or a
+stopped by PID with the whole group). The streaming job runs as a user runs it,
+``python -m pipelines.streaming_to_tinybird`` in a process group of its own, and
+is stopped with SIGINT once the data source holds what the test expects (or a
 deadline passes).
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
+import io
 import json
 import os
 import signal
@@ -21,11 +24,51 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import fastavro
+import orjson
+
 from pipelines._pubsub_emulator import PubSubEmulator, stop_process_group
+from sinks.tinybird import DeadLetter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["PubSubEmulator", "StreamingJob", "held_messages", "wait_for"]
+RUNNERS: dict[str, list[str]] = {
+    "direct": ["--runner=FnApiRunner"],
+    "multi_processing": [
+        "--runner=FnApiRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+    "portable": ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"],
+}
+
+
+def sink_flags(server, datasource: str, *extra: str) -> list[str]:
+    """Flags that send to ``server`` with its admin token, waiting for commits (exact quarantine counts)."""
+    return ["--api_url", server.url, "--token", server.token, "--datasource", datasource,
+            "--wait", "--num_shards", "2", *extra]
+
+
+def run_quietly(run, argv: Sequence[str]):
+    """Runs a pipeline's ``run(argv)``; returns (summary, printed text)."""
+    out = io.StringIO()
+    summary = run(list(argv), out=out)
+    return summary, out.getvalue()
+
+
+def dead_letters_in(path) -> list[DeadLetter]:
+    """Every record of the dead-letter files under ``path``, read without the sink's reader."""
+    records: list[DeadLetter] = []
+    for name in sorted(glob.glob(os.path.join(str(path), "*"))):
+        with open(name, "rb") as fh:
+            if name.endswith(".avro"):
+                records.extend(DeadLetter(**r) for r in fastavro.reader(fh))
+            else:
+                records.extend(DeadLetter(**orjson.loads(line)) for line in fh if line.strip())
+    return records
+
+
+def count(server, table: str) -> int:
+    server.flush()
+    return server.query(f"SELECT count(*) AS n FROM {table}")[0]["n"]
+
 
 
 def held_messages(emulator: PubSubEmulator, subscription: str, *, settle_secs: float = 1.0) -> list[bytes]:
