@@ -78,7 +78,9 @@ def add_argument_once(parser: argparse.ArgumentParser, flag: str, **kwargs: Any)
     the process (``get_all_options``), so two pipelines that share an option
     name would otherwise make argparse raise a conflict.
     """
-    if flag in parser._option_string_actions:  # pylint: disable=protected-access
+    # argparse has no public way to ask whether a flag is taken; this mapping is
+    # what its own conflict check reads.
+    if flag in parser._option_string_actions:
         return
     parser.add_argument(flag, **kwargs)
 

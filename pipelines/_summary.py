@@ -161,7 +161,9 @@ def _shell_quote(text: str) -> str:
 def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpoint: Endpoint,
                    dead_letter_path: str | None, replay_hint: bool = True) -> str:
     """The text printed at the end of a run."""
-    n = lambda value: f"{value:,}"  # noqa: E731
+    def n(value: int) -> str:
+        return f"{value:,}"
+
     lines = [
         f"{title}: finished in {summary.elapsed_secs:.1f} s, data source {config.datasource!r} at {endpoint.api_url}",
         f"  rows read            {n(summary.rows_read):>10}",

@@ -52,17 +52,17 @@ sys.path.insert(0, str(REPO_ROOT))
 # Workers started by the multi-processing runner must find the project's packages.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
-import apache_beam as beam  # noqa: E402
-import orjson  # noqa: E402
-import requests  # noqa: E402
-from apache_beam.metrics.metric import MetricsFilter  # noqa: E402
-from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
-from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner  # noqa: E402
-from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # noqa: E402
+import apache_beam as beam
+import orjson
+import requests
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from pipelines import replay_dead_letters  # noqa: E402
-from sinks.tinybird import DeadLetter, RetryPolicy, WriteToTinybird  # noqa: E402
-from tinybird_emulator import LocalServer  # noqa: E402
+from pipelines import replay_dead_letters
+from sinks.tinybird import DeadLetter, RetryPolicy, WriteToTinybird
+from tinybird_emulator import LocalServer
 
 DATASOURCE = "soak"
 LINE_BYTES = 64  # every event line is this long, so a full batch holds a known number of rows
@@ -464,7 +464,10 @@ class Soak:
         dead = collections.Counter()
         for r in rounds:
             dead.update(r.dead_lettered)
-        total = lambda attr: sum(getattr(r, attr) for r in rounds)  # noqa: E731
+
+        def total(attr: str) -> int:
+            return sum(getattr(r, attr) for r in rounds)
+
         acknowledged = sum(r.acknowledged for r in rounds if r.acknowledged is not None)
         known_ack = sum(r.sent for r in rounds if r.acknowledged is not None)
         missing, duplicates, unexplained = total("missing"), total("duplicates"), total("unexplained")
