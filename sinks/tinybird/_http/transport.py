@@ -157,7 +157,7 @@ class _FinalResponse(http.client.HTTPResponse):
         size = super()._read_next_chunk_size()  # type: ignore[misc]  # private in typeshed
         if size < 0:
             # http.client would read to the end of the stream; the caller turns this into IncompleteRead.
-            self._close_conn()  # type: ignore[attr-defined]
+            self._close_conn()  # type: ignore[attr-defined]  # private in typeshed
             raise ValueError(f"negative chunk size {size}")
         return size
 
