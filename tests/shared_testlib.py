@@ -1,4 +1,5 @@
-"""What every test folder shares: the admin token of the session's local server.
+"""What every test folder shares: the admin token of the session's local server, and a
+hostile mapping.
 
 Each folder has one helper module of its own, named after it
 (``sink_testlib``, ``emulator_testlib``, ``pipelines_testlib``,
@@ -7,5 +8,40 @@ Each folder has one helper module of its own, named after it
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 # Distinctive, so that a test can search logs, files, reprs and metrics for it.
 TOKEN = "p.SECRET-test-token-7f3a9c51d2"
+
+
+class RaisingMapping(Mapping):
+    """A mapping of ``data`` whose method ``where`` (``getitem``, ``iter``, ``len``, ``keys`` or
+    ``items``) raises ``error(*args)``: a hostile element, picklable for ``beam.Create``."""
+
+    def __init__(self, data: dict[str, Any], where: str, error: Callable[..., BaseException], *args: Any) -> None:
+        self._data, self._where, self._error, self._args = data, where, error, args
+
+    def _maybe_raise(self, where: str) -> None:
+        if where == self._where:
+            raise self._error(*self._args)
+
+    def __getitem__(self, key):
+        self._maybe_raise("getitem")
+        return self._data[key]
+
+    def __iter__(self):
+        self._maybe_raise("iter")
+        return iter(self._data)
+
+    def __len__(self):
+        self._maybe_raise("len")
+        return len(self._data)
+
+    def keys(self):
+        self._maybe_raise("keys")
+        return super().keys()
+
+    def items(self):
+        self._maybe_raise("items")
+        return super().items()

@@ -17,9 +17,11 @@ import glob
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -181,3 +183,60 @@ def streaming_job(args: Sequence[str], *, emulator: PubSubEmulator, work_dir: Pa
     finally:
         if job.running():
             job.stop(sig=signal.SIGKILL, timeout_secs=5)
+
+
+# -- the project as a user installs it: a wheel in a venv of its own ----------------------------
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment less what would put the checkout or this venv on a child's path
+    (``tests/conftest.py`` points PYTHONPATH at the checkout for the runners' worker processes)."""
+    return {key: value for key, value in os.environ.items()
+            if key not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")}
+
+
+def run_checked(command: Sequence[str], *, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Runs ``command`` (environment: :func:`clean_env` unless given); fails the test with its output if it fails."""
+    result = subprocess.run(list(command), cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, f"{list(command)[:4]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def build_wheel(sources: Sequence[str], into: Path) -> Path:
+    """The project's wheel, built offline from a copy of ``sources`` (nothing is written into the
+    checkout), with the build backend of this venv (the test extra holds it)."""
+    source = into / "source"
+    source.mkdir(parents=True)
+    for name in sources:
+        path = REPO_ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(path, source / name)
+    run_checked([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+            "--wheel-dir", str(into / "wheels"), str(source)], cwd=into)
+    (wheel,) = (into / "wheels").glob("beam_tinybird-*.whl")
+    return wheel
+
+
+def venv_with_wheel(wheel: Path, into: Path, *, hidden: Sequence[str] = ()) -> Path:
+    """A new venv (its directory) holding ``wheel`` (no extras), which reaches this venv's
+    third-party packages, less the checkout's editable install and ``hidden`` (name prefixes),
+    through a ``.pth`` file (whose folder's own ``.pth`` files are not processed)."""
+    venv = into / "venv"
+    run_checked([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=into)
+    python = venv / "bin" / "python"
+    # Installed before the .pth below exists, so pip sees an empty environment.
+    run_checked([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", "--no-index",
+            str(wheel)], cwd=into)
+    deps = into / "deps"
+    deps.mkdir()
+    left_out = ("__editable__", "beam_tinybird", *hidden)
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.startswith(left_out) and entry.suffix != ".pth":
+            (deps / entry.name).symlink_to(entry)
+    purelib = Path(run_checked([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          cwd=into).strip())
+    (purelib / "_test_dependencies.pth").write_text(f"{deps}\n", encoding="utf-8")
+    return venv

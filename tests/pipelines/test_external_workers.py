@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 import zipfile
 from pathlib import Path
@@ -38,7 +36,7 @@ from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTr
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.core import RestrictionProvider
-from pipelines_testlib import dead_letters_in, run_quietly
+from pipelines_testlib import build_wheel, clean_env, dead_letters_in, run_checked, run_quietly, venv_with_wheel
 
 from pipelines.files_to_tinybird import run
 from sinks.tinybird import WriteToTinybird
@@ -51,56 +49,24 @@ POOL_TOKEN_ENV = "EXTERNAL_POOL_TINYBIRD_TOKEN"
 POOL_START_TIMEOUT_SECS = 60.0
 
 
-def _clean_env() -> dict[str, str]:
-    """This process's environment less what would put the repository on the path (the
-    pipelines' conftest.py sets PYTHONPATH for LOOPBACK and multi-processing workers)."""
-    return {key: value for key, value in os.environ.items()
-            if key not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", POOL_TOKEN_ENV)}
-
-
 def _worker_env(venv: Path) -> dict[str, str]:
     """The pool's environment: the worker venv first on PATH (the pool starts workers as ``python``)."""
-    env = _clean_env()
+    env = clean_env()
+    env.pop(POOL_TOKEN_ENV, None)
     env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH", "")])
     env["VIRTUAL_ENV"] = str(venv)
     return env
-
-
-def _check(command: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, f"{command[:4]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
 
 
 @pytest.fixture(scope="module")
 def worker_venv(tmp_path_factory) -> Path:
     """A venv holding this project as a wheel built from the image's sources only."""
     root = tmp_path_factory.mktemp("external-workers")
-    source = root / "source"
-    source.mkdir()
-    for name in IMAGE_SOURCES:
-        if (REPO_ROOT / name).is_dir():
-            shutil.copytree(REPO_ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(REPO_ROOT / name, source / name)
-    # The build backend of the main venv, offline: pyproject.toml's test extra holds it.
-    _check([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-            "--wheel-dir", str(root / "wheels"), str(source)], cwd=root, env=_clean_env())
-    (wheel,) = (root / "wheels").glob("beam_tinybird-*.whl")
+    wheel = build_wheel(IMAGE_SOURCES, root)
     with zipfile.ZipFile(wheel) as archive:
         top_level = {name.split("/", 1)[0] for name in archive.namelist()}
     assert top_level == {"sinks", "pipelines", wheel.name.split("-py3")[0] + ".dist-info"}
-
-    venv = root / "venv"
-    _check([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=root)
-    # Installed before the .pth below exists and without PYTHONPATH, so pip sees an empty
-    # environment (and never touches the main venv's editable install).
-    _check([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
-            "--no-deps", "--no-index", str(wheel)], cwd=root, env=_worker_env(venv))
-    purelib = Path(_check([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          cwd=root, env=_worker_env(venv)).strip())
-    (purelib / "_main_venv_third_party.pth").write_text(sysconfig.get_paths()["purelib"] + "\n", encoding="utf-8")
-    return venv
+    return venv_with_wheel(wheel, root)
 
 
 def _free_port() -> int:
@@ -161,7 +127,7 @@ def test_the_worker_venv_holds_the_wheel_only(worker_venv, tmp_path):
     probe = ("import importlib.util, json, apache_beam, pipelines, sinks; print(json.dumps({"
              "'sinks': sinks.__file__, 'pipelines': pipelines.__file__, 'beam': apache_beam.__version__, "
              "'emulator': importlib.util.find_spec('tinybird_emulator') is not None}))")
-    found = json.loads(_check([str(worker_venv / "bin" / "python"), "-c", probe],
+    found = json.loads(run_checked([str(worker_venv / "bin" / "python"), "-c", probe],
                               cwd=tmp_path, env=_worker_env(worker_venv)).strip().splitlines()[-1])
     site = worker_venv / "lib"
     assert Path(found["sinks"]).is_relative_to(site) and Path(found["pipelines"]).is_relative_to(site)

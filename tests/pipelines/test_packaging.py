@@ -3,77 +3,41 @@
 A wheel is built from a copy of the sources (nothing is written into the
 checkout) and installed with ``--no-deps`` into a fresh venv that sees the
 already-installed dependencies through a ``.pth`` file, minus the ``local``
-extra (aiohttp) and the checkout's own editable install.
+extra (aiohttp) and the checkout's own editable install (``pipelines_testlib``).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
-import sysconfig
 import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from pipelines_testlib import build_wheel, clean_env, venv_with_wheel
 
 from pipelines._endpoint import LOCAL_EXTRA_MODULES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _SOURCES = ("pyproject.toml", "setup.py", "README.md", "sinks", "pipelines", "tinybird_emulator")
-# What the fresh venv must not see from the test venv: the local extra and the checkout itself.
-_HIDDEN = ("aiohttp", "aiohttp-", "__editable__", "beam_tinybird")
-
-
-def _env() -> dict[str, str]:
-    # No PYTHONPATH: the pipelines' conftest points it at the checkout.
-    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+# What the fresh venv must not see from the test venv: the local extra.
+_HIDDEN = ("aiohttp",)
 
 
 def _run(args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=180, env=_env(), **kwargs)
+    return subprocess.run(args, capture_output=True, text=True, timeout=180, env=clean_env(), **kwargs)
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("wheel")
-    source = root / "src"
-    source.mkdir()
-    for name in _SOURCES:
-        path = REPO_ROOT / name
-        if path.is_dir():
-            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(path, source / name)
-    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                  "-q", "-w", str(root / "dist"), str(source)])
-    assert built.returncode == 0, built.stderr[-3000:]
-    (wheel_path,) = (root / "dist").glob("beam_tinybird-*.whl")
-    return wheel_path
+    return build_wheel(_SOURCES, tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="module")
 def fresh_python(wheel, tmp_path_factory) -> Path:
-    """A new venv's interpreter with the wheel installed, no extras."""
-    root = tmp_path_factory.mktemp("venv")
-    deps = root / "deps"
-    deps.mkdir()
-    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
-        if not entry.name.startswith(_HIDDEN) and entry.suffix != ".pth":
-            (deps / entry.name).symlink_to(entry)
-    created = _run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")])
-    assert created.returncode == 0, created.stderr
-    python = root / "venv" / "bin" / "python"
-    site_packages = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
-                         .stdout.strip())
-    (site_packages / "_test_dependencies.pth").write_text(f"{deps}\n")
-    # pip comes from the shared dependencies; it installs into the fresh venv's prefix.
-    installed = _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)])
-    assert installed.returncode == 0, installed.stderr[-3000:]
-    return python
+    """A new venv's interpreter with the wheel installed, no extras, and no aiohttp to be found."""
+    return venv_with_wheel(wheel, tmp_path_factory.mktemp("venv"), hidden=_HIDDEN) / "bin" / "python"
 
 
 def test_the_wheel_holds_exactly_three_top_level_packages(wheel):

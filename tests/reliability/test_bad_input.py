@@ -16,7 +16,6 @@ import decimal
 import enum
 import itertools
 import typing
-from collections.abc import Mapping
 
 import apache_beam as beam
 import numpy as np
@@ -28,7 +27,7 @@ from apache_beam.pvalue import Row
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_testlib import dead_letters_in, events, run, sink, stored_ids
-from shared_testlib import TOKEN
+from shared_testlib import TOKEN, RaisingMapping
 
 from sinks.tinybird._encoding import MAX_REASON_CHARS
 from tinybird_emulator import LocalServer
@@ -191,31 +190,9 @@ def _columns(row_id: int, **values) -> dict:
     return {"id": row_id, "kind": "hostile", "pad": "", **values}
 
 
-class RaisingMapping(Mapping):
+def _raising(row_id: int, where: str, error: type[BaseException], message: str) -> RaisingMapping:
     """A row whose method ``where`` raises ``error(message)``."""
-
-    def __init__(self, row_id: int, where: str, error: type[BaseException], message: str) -> None:
-        self._data, self._where, self._error, self._message = _columns(row_id), where, error, message
-
-    def _maybe_raise(self, where: str) -> None:
-        if where == self._where:
-            raise self._error(self._message)
-
-    def __getitem__(self, key):
-        self._maybe_raise("getitem")
-        return self._data[key]
-
-    def __iter__(self):
-        self._maybe_raise("iter")
-        return iter(self._data)
-
-    def __len__(self):
-        self._maybe_raise("len")
-        return len(self._data)
-
-    def keys(self):
-        self._maybe_raise("keys")
-        return super().keys()
+    return RaisingMapping(_columns(row_id), where, error, message)
 
 
 class ReprRaises:
@@ -242,15 +219,15 @@ HOSTILE = {
         lambda i: {"id": i, "big": 10**4301},
         ("dead", "int with more digits than Python converts to text (4300) (at $.big)")),
     "mapping_whose_getitem_raises": (
-        lambda i: RaisingMapping(i, "getitem", KeyError, "id"), ("dead", "KeyError raised while encoding (at $): 'id'")),
+        lambda i: _raising(i, "getitem", KeyError, "id"), ("dead", "KeyError raised while encoding (at $): 'id'")),
     "nested_mapping_whose_iter_raises": (
-        lambda i: {"id": i, "a": [{"m": RaisingMapping(i, "iter", OSError, "disk")}]},
+        lambda i: {"id": i, "a": [{"m": _raising(i, "iter", OSError, "disk")}]},
         ("dead", "OSError raised while encoding (at $.a[0].m): disk")),
     "exception_with_a_huge_message": (
-        lambda i: RaisingMapping(i, "keys", RuntimeError, "x" * 1_000_000),
+        lambda i: _raising(i, "keys", RuntimeError, "x" * 1_000_000),
         ("dead", "RuntimeError raised while encoding (at $): " + "x" * 200 + "...[1000000 chars]")),
     "exception_whose_str_raises": (
-        lambda i: RaisingMapping(i, "getitem", Unprintable, ""),
+        lambda i: _raising(i, "getitem", Unprintable, ""),
         ("dead", "test_bad_input.Unprintable raised while encoding (at $): <its message could not be read>")),
     "repr_raises": (
         lambda i: {"id": i, "o": ReprRaises()}, ("dead", "Type is not JSON serializable: test_bad_input.ReprRaises (at $.o)")),
@@ -332,7 +309,7 @@ _recipes = st.tuples(
 def _from_recipe(row_id: int, recipe) -> object:
     kind, where, error, message_chars, depth = recipe
     value: object = {
-        "mapping": lambda: RaisingMapping(row_id, where, _EXCEPTIONS[error], "m" * message_chars),
+        "mapping": lambda: _raising(row_id, where, _EXCEPTIONS[error], "m" * message_chars),
         "repr": ReprRaises, "huge_repr": HugeRepr,
         "big_int": lambda: 10**5000, "nan_set": lambda: {decimal.Decimal("NaN")}, "nat": lambda: pd.NaT,
     }[kind]()

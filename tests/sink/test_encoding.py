@@ -13,7 +13,6 @@ import pathlib
 import pickle
 import typing
 import uuid
-from collections.abc import Mapping
 
 import numpy as np
 import orjson
@@ -23,6 +22,7 @@ from apache_beam.pvalue import Row
 from apache_beam.utils.timestamp import Timestamp
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shared_testlib import RaisingMapping
 
 from sinks.tinybird import _encoding
 from sinks.tinybird._encoding import (
@@ -561,37 +561,6 @@ class Unprintable(Exception):
         raise ValueError("not even a message")
 
 
-class RaisingMapping(Mapping):
-    """{"id": 1} whose method ``where`` raises ``error()``."""
-
-    def __init__(self, where: str, error: typing.Callable[[], BaseException]) -> None:
-        self._where, self._error, self._data = where, error, {"id": 1}
-
-    def _maybe_raise(self, where: str) -> None:
-        if where == self._where:
-            raise self._error()
-
-    def __getitem__(self, key):
-        self._maybe_raise("getitem")
-        return self._data[key]
-
-    def __iter__(self):
-        self._maybe_raise("iter")
-        return iter(self._data)
-
-    def __len__(self):
-        self._maybe_raise("len")
-        return len(self._data)
-
-    def keys(self):
-        self._maybe_raise("keys")
-        return super().keys()
-
-    def items(self):
-        self._maybe_raise("items")
-        return super().items()
-
-
 class ClassRaises:
     @property
     def __class__(self):
@@ -625,17 +594,17 @@ class GetattrRecurses(tuple):
 
 # Factories: pytest looks at parameters (isinstance), which ClassRaises does not survive.
 HOSTILE = [
-    (lambda: RaisingMapping("getitem", lambda: KeyError("id")),
+    (lambda: RaisingMapping({"id": 1}, "getitem", KeyError, "id"),
      "KeyError raised while encoding (at $): 'id'"),
-    (lambda: {"id": 1, "m": RaisingMapping("getitem", lambda: RuntimeError("broken"))},
+    (lambda: {"id": 1, "m": RaisingMapping({"id": 1}, "getitem", RuntimeError, "broken")},
      "RuntimeError raised while encoding (at $.m): broken"),
-    (lambda: {"id": 1, "a": [{"m": RaisingMapping("iter", lambda: OSError(5, "I/O"))}]},
+    (lambda: {"id": 1, "a": [{"m": RaisingMapping({"id": 1}, "iter", OSError, 5, "I/O")}]},
      "OSError raised while encoding (at $.a[0].m): [Errno 5] I/O"),
-    (lambda: {"id": 1, "m": RaisingMapping("getitem", lambda: decimal.InvalidOperation("x"))},
+    (lambda: {"id": 1, "m": RaisingMapping({"id": 1}, "getitem", decimal.InvalidOperation, "x")},
      "decimal.InvalidOperation raised while encoding (at $.m): x"),
-    (lambda: RaisingMapping("keys", lambda: Unprintable()),
+    (lambda: RaisingMapping({"id": 1}, "keys", Unprintable),
      "test_encoding.Unprintable raised while encoding (at $): <its message could not be read>"),
-    (lambda: RaisingMapping("getitem", lambda: MemoryError()), "MemoryError raised while encoding (at $): "),
+    (lambda: RaisingMapping({"id": 1}, "getitem", MemoryError), "MemoryError raised while encoding (at $): "),
     (lambda: ClassRaises(), "RuntimeError raised while encoding (at $): no class today"),
     (lambda: AsDictRaises(1), "KeyError raised while encoding (at $): 'a'"),
     (lambda: GetattrRecurses(), "RecursionError raised while encoding (at $): maximum recursion depth exceeded"),
@@ -663,7 +632,7 @@ def test_a_set_holding_decimal_nan_is_encoded():
 
 def test_reasons_and_reprs_stay_bounded():
     with pytest.raises(EncodingError) as info:
-        encode_element(RaisingMapping("getitem", lambda: RuntimeError("x" * 1_000_000)))
+        encode_element(RaisingMapping({"id": 1}, "getitem", RuntimeError, "x" * 1_000_000))
     assert info.value.reason == "RuntimeError raised while encoding (at $): " + "x" * 200 + "...[1000000 chars]"
     long_key = "k" * 100_000
     with pytest.raises(EncodingError) as info:
@@ -687,7 +656,7 @@ _ODD_VALUES = [10**5000, decimal.Decimal("NaN"), frozenset({decimal.Decimal("NaN
                np.datetime64("NaT"), np.datetime64("99999-01-01", "D"), b"\xff", "\ud800", 2**70]
 _message = st.sampled_from([0, 1, 30, 5_000]).map(lambda n: "m" * n)
 _raising = st.builds(
-    lambda where, kind, text: RaisingMapping(where, lambda: kind(text)),
+    lambda where, kind, text: RaisingMapping({"id": 1}, where, kind, text),
     st.sampled_from(["getitem", "iter", "len", "keys", "items"]), st.sampled_from(_EXCEPTIONS), _message)
 _odd_leaves = st.one_of(
     _raising, st.builds(ClassRaises), st.builds(ReprRaises), st.builds(BadOrder), st.builds(HugeRepr),
