@@ -1,5 +1,5 @@
 """What every test folder shares: the admin token of the session's local server, and a
-hostile mapping.
+hostile mapping, and a reader of dead-letter files.
 
 Each folder has one helper module of its own, named after it
 (``sink_testlib``, ``emulator_testlib``, ``pipelines_testlib``,
@@ -8,8 +8,15 @@ Each folder has one helper module of its own, named after it
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import fastavro
+import orjson
+
+from sinks.tinybird import DeadLetter
 
 # Distinctive, so that a test can search logs, files, reprs and metrics for it.
 TOKEN = "p.SECRET-test-token-7f3a9c51d2"
@@ -45,3 +52,16 @@ class RaisingMapping(Mapping):
     def items(self):
         self._maybe_raise("items")
         return super().items()
+
+
+def dead_letters_in(path) -> list[DeadLetter]:
+    """Every record of the dead-letter files (JSON lines or Avro) under ``path``, read
+    without the sink's own reader."""
+    records: list[DeadLetter] = []
+    for name in sorted(glob.glob(os.path.join(str(path), "*"))):
+        with open(name, "rb") as fh:
+            if name.endswith(".avro"):
+                records.extend(DeadLetter(**r) for r in fastavro.reader(fh))
+            else:
+                records.extend(DeadLetter(**orjson.loads(line)) for line in fh if line.strip())
+    return records

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import io
 import json
 import os
@@ -26,11 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import fastavro
-import orjson
-
 from pipelines._pubsub_emulator import PubSubEmulator, stop_process_group
-from sinks.tinybird import DeadLetter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,18 +48,6 @@ def run_quietly(run, argv: Sequence[str]):
     out = io.StringIO()
     summary = run(list(argv), out=out)
     return summary, out.getvalue()
-
-
-def dead_letters_in(path) -> list[DeadLetter]:
-    """Every record of the dead-letter files under ``path``, read without the sink's reader."""
-    records: list[DeadLetter] = []
-    for name in sorted(glob.glob(os.path.join(str(path), "*"))):
-        with open(name, "rb") as fh:
-            if name.endswith(".avro"):
-                records.extend(DeadLetter(**r) for r in fastavro.reader(fh))
-            else:
-                records.extend(DeadLetter(**orjson.loads(line)) for line in fh if line.strip())
-    return records
 
 
 def count(server, table: str) -> int:

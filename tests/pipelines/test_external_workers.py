@@ -36,7 +36,8 @@ from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTr
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.core import RestrictionProvider
-from pipelines_testlib import build_wheel, clean_env, dead_letters_in, run_checked, run_quietly, venv_with_wheel
+from pipelines_testlib import build_wheel, clean_env, run_checked, run_quietly, venv_with_wheel
+from shared_testlib import dead_letters_in
 
 from pipelines.files_to_tinybird import run
 from sinks.tinybird import WriteToTinybird

@@ -15,7 +15,8 @@ import fastavro
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipelines_testlib import RUNNERS, count, dead_letters_in, run_quietly, sink_flags
+from pipelines_testlib import RUNNERS, count, run_quietly, sink_flags
+from shared_testlib import dead_letters_in
 
 from pipelines._options import UsageError
 from pipelines.files_to_tinybird import SAMPLE_DATA, run

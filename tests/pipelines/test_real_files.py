@@ -19,7 +19,8 @@ import orjson
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from pipelines_testlib import count, dead_letters_in, run_quietly, sink_flags
+from pipelines_testlib import count, run_quietly, sink_flags
+from shared_testlib import dead_letters_in
 
 from pipelines.files_to_tinybird import run
 

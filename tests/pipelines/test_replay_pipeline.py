@@ -6,7 +6,8 @@ import json
 import os
 
 import pytest
-from pipelines_testlib import RUNNERS, count, dead_letters_in, run_quietly, sink_flags
+from pipelines_testlib import RUNNERS, count, run_quietly, sink_flags
+from shared_testlib import dead_letters_in
 
 from pipelines import files_to_tinybird, replay_dead_letters
 from pipelines._options import UsageError

@@ -11,7 +11,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
-from pipelines_testlib import RUNNERS, dead_letters_in
+from pipelines_testlib import RUNNERS
+from shared_testlib import dead_letters_in
 
 from pipelines import streaming_to_tinybird
 from pipelines._endpoint import Endpoint

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import pytest
-from pipelines_testlib import REPO_ROOT, PubSubEmulator, StreamingJob, dead_letters_in, held_messages, wait_for
+from pipelines_testlib import REPO_ROOT, PubSubEmulator, StreamingJob, held_messages, wait_for
+from shared_testlib import dead_letters_in
 
 from tinybird_emulator import LocalServer
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import json
-import os
 import threading
 import zlib
 from collections import Counter
@@ -99,15 +97,6 @@ def sink(server: LocalServer, datasource: str, **overrides) -> WriteToTinybird:
         max_batch_bytes=8 * 1024, num_shards=2, max_in_flight=2, read_timeout_secs=10)
     settings.update(overrides)
     return WriteToTinybird(**settings)
-
-
-def dead_letters_in(path) -> list[DeadLetter]:
-    """Every record of the JSON-lines dead-letter files under ``path``."""
-    records: list[DeadLetter] = []
-    for name in sorted(glob.glob(os.path.join(str(path), "*"))):
-        with open(name, "rb") as fh:
-            records.extend(DeadLetter(**orjson.loads(line)) for line in fh if line.strip())
-    return records
 
 
 def stored_ids(server: LocalServer, datasource: str) -> Counter[int]:

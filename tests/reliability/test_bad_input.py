@@ -26,8 +26,8 @@ import requests
 from apache_beam.pvalue import Row
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_testlib import dead_letters_in, events, run, sink, stored_ids
-from shared_testlib import TOKEN, RaisingMapping
+from reliability_testlib import events, run, sink, stored_ids
+from shared_testlib import TOKEN, RaisingMapping, dead_letters_in
 
 from sinks.tinybird._encoding import MAX_REASON_CHARS
 from tinybird_emulator import LocalServer

@@ -21,7 +21,6 @@ import pytest
 from reliability_testlib import (
     PostRecorder,
     account,
-    dead_letters_in,
     events,
     fired,
     line_id,
@@ -30,7 +29,7 @@ from reliability_testlib import (
     run,
     sink,
 )
-from shared_testlib import TOKEN
+from shared_testlib import TOKEN, dead_letters_in
 
 from pipelines import replay_dead_letters
 from tinybird_emulator import LocalServer

@@ -33,15 +33,8 @@ import zstandard
 from apache_beam.metrics.metric import MetricsFilter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_testlib import (
-    dead_letters_in,
-    events,
-    make_pipeline,
-    quick_retries,
-    run,
-    sink,
-)
-from shared_testlib import TOKEN
+from reliability_testlib import events, make_pipeline, quick_retries, run, sink
+from shared_testlib import TOKEN, dead_letters_in
 
 import tinybird_emulator._tokens as tokens_module
 from sinks.tinybird import DeliveryError, RetryPolicy, WriteToTinybird

@@ -26,7 +26,7 @@ import orjson
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from shared_testlib import TOKEN
+from shared_testlib import TOKEN, dead_letters_in
 from sink_testlib import FakeTime, RawRequest, RawServer, answer, counted, counts_body
 
 from sinks.tinybird import RetryPolicy, WriteToTinybird
@@ -167,7 +167,7 @@ def test_a_pipeline_against_a_dripping_server_ends_within_its_budget(tmp_path):
         baseline, _ = run(good, f"{tmp_path}/good/")
     with RawServer(default=drip_headers) as server:
         elapsed, result = run(server, f"{tmp_path}/dlq/")
-    letters = _dead_letters(tmp_path / "dlq")
+    letters = dead_letters_in(tmp_path / "dlq")
     assert sorted(orjson.loads(d.line)["id"] for d in letters) == list(range(300))
     assert {d.kind for d in letters} == {"retries_exhausted"}
     counters = _counters(result)
@@ -477,13 +477,6 @@ def test_a_token_echoed_in_a_malformed_header_line_reaches_no_log(caplog):
 # -- helpers of the pipeline tests ----------------------------------------------------------------
 
 
-def _dead_letters(path: Path) -> list[DeadLetter]:
-    records = []
-    for name in sorted(p for p in path.glob("*") if p.is_file()):
-        records += [DeadLetter(**orjson.loads(line)) for line in name.read_bytes().splitlines() if line.strip()]
-    return records
-
-
 def _counters(result) -> dict[str, int]:
     totals: dict[str, int] = {}
     for counter in result.metrics().query(MetricsFilter().with_namespace("tinybird"))["counters"]:
@@ -514,7 +507,7 @@ def test_a_pipeline_counts_every_id_and_the_new_metrics(tmp_path):
                                dead_letter_path=f"{tmp_path}/dlq/"))
         result = p.run()
         result.wait_until_finish()
-    letters = _dead_letters(tmp_path / "dlq")
+    letters = dead_letters_in(tmp_path / "dlq")
     dead = sorted(orjson.loads(d.line)["id"] for d in letters)
     first_ids = seen[0].ids
     assert dead == sorted(first_ids) and {d.kind for d in letters} == {"rows_unaccounted"}

@@ -16,9 +16,9 @@ import orjson
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
+from shared_testlib import dead_letters_in
 
 from sinks.tinybird import (
-    DeadLetter,
     DeadLetterKind,
     DeliveryError,
     ReadDeadLetters,
@@ -80,19 +80,6 @@ def _ids(server, datasource: str) -> list[int]:
     return [row["id"] for row in server.query(f"SELECT id FROM {datasource} ORDER BY id")]
 
 
-def _dead_letters(path) -> list[DeadLetter]:
-    records = []
-    for name in sorted(glob.glob(os.path.join(str(path), "*"))):
-        with open(name, "rb") as fh:
-            if name.endswith(".avro"):
-                import fastavro
-
-                records.extend(DeadLetter(**r) for r in fastavro.reader(fh))
-            else:
-                records.extend(DeadLetter(**orjson.loads(line)) for line in fh if line.strip())
-    return records
-
-
 def _sink(server, datasource, **overrides):
     settings = dict(
         datasource=datasource, token=server.token, api_url=server.url, retry_policy=_FAST_RETRIES,
@@ -121,7 +108,7 @@ def test_every_row_is_acknowledged_or_dead_lettered_on_every_runner(server, data
 
     counters = _run(build, runner=runner)
     assert _ids(server, datasource) == list(range(3000))
-    letters = _dead_letters(dead_dir)
+    letters = dead_letters_in(dead_dir)
     assert sorted(letter.kind for letter in letters) == sorted(
         [DeadLetterKind.UNENCODABLE.value] * 3 + [DeadLetterKind.OVERSIZE.value])
     oversize_letter = next(letter for letter in letters if letter.kind == "oversize")
@@ -149,7 +136,7 @@ def test_bounded_windowed_input_is_batched_per_window_on_every_runner(server, da
 
     counters = _run(build, runner=runner)
     assert _ids(server, datasource) == list(range(3000))
-    letters = _dead_letters(dead_dir)
+    letters = dead_letters_in(dead_dir)
     assert [(letter.kind, letter.window) for letter in letters] == [
         ("unencodable", window_text(IntervalWindow(10, 20)))]
     assert counters["rows_acknowledged"] == 3000
@@ -188,7 +175,7 @@ def test_sliding_windows_full_batches_and_dead_letters_once_per_window(server, d
 
     counters = _run(build)
     assert _ids(server, datasource) == sorted(list(range(600)) * 2)
-    letters = _dead_letters(dead_dir)
+    letters = dead_letters_in(dead_dir)
     assert sorted((letter.kind, letter.window) for letter in letters) == [
         ("unencodable", window_text(IntervalWindow(0, 20))), ("unencodable", window_text(IntervalWindow(10, 30)))]
     assert counters["elements_in"] == 601
@@ -245,7 +232,7 @@ def test_rejected_batches_are_dead_lettered_with_the_servers_message(server, dat
     finally:
         server.clear_faults()
     stored = _ids(server, datasource)
-    letters = _dead_letters(dead_dir)
+    letters = dead_letters_in(dead_dir)
     dead_ids = sorted(orjson.loads(letter.line)["id"] for letter in letters)
     assert sorted(stored + dead_ids) == list(range(2000))
     assert len(dead_ids) > 0 and len(stored) > 0
@@ -261,7 +248,7 @@ def test_wrong_token_dead_letters_everything_and_never_shows_the_token(server, d
     sink = _sink(server, datasource, token=secret, dead_letter_path=str(dead_dir))
     assert secret not in repr(sink) and secret not in str(vars(sink))
     _run(lambda p: p | beam.Create(_events(50), reshuffle=False) | sink)
-    letters = _dead_letters(dead_dir)
+    letters = dead_letters_in(dead_dir)
     assert len(letters) == 50
     assert {(letter.kind, letter.status) for letter in letters} == {("rejected", 403)}
     assert secret not in caplog.text
@@ -323,7 +310,7 @@ def test_accounting_under_injected_faults_every_id_is_stored_or_dead_lettered(tm
             dead_letter_path=str(dead_dir)))
         stored = _ids(server, datasource)
         stats = server.stats()
-    letters = _dead_letters(dead_dir)
+    letters = dead_letters_in(dead_dir)
     dead = [orjson.loads(letter.line)["id"] for letter in letters]
     fired = [rule["fired"] for rule in stats["faults"]]
 
@@ -390,7 +377,7 @@ def test_streaming_dead_letters_are_written_to_windowed_files(server, datasource
     # Windows of processing time (here: this minute, or two if the run straddles one).
     assert 1 <= len(names) <= 2, names
     assert all(name.startswith("dead-letters-20") and name.endswith(".jsonl") for name in names), names
-    letters = _dead_letters(dead_dir)
+    letters = dead_letters_in(dead_dir)
     assert sorted(orjson.loads(letter.line)["id"] for letter in letters) == list(range(80))
     assert {letter.window for letter in letters} == {
         "[1970-01-01T00:00:00Z, 1970-01-01T00:00:10Z)", "[1970-01-01T00:01:10Z, 1970-01-01T00:01:20Z)"}
