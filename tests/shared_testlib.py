@@ -1,5 +1,5 @@
 """What every test folder shares: the admin token of the session's local server, and a
-hostile mapping, and a reader of dead-letter files.
+few hostile elements, and a reader of dead-letter files.
 
 Each folder has one helper module of its own, named after it
 (``sink_testlib``, ``emulator_testlib``, ``pipelines_testlib``,
@@ -20,6 +20,26 @@ from sinks.tinybird import DeadLetter
 
 # Distinctive, so that a test can search logs, files, reprs and metrics for it.
 TOKEN = "p.SECRET-test-token-7f3a9c51d2"
+
+
+# -- hostile elements: what real pipelines can hand a sink ---------------------------------
+
+
+class Unprintable(Exception):
+    """An exception whose message cannot even be read."""
+
+    def __str__(self):
+        raise ValueError("not even a message")
+
+
+class ReprRaises:
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+class HugeRepr:
+    def __repr__(self):
+        return "H" * 5_000_000
 
 
 class RaisingMapping(Mapping):

@@ -27,7 +27,7 @@ from apache_beam.pvalue import Row
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_testlib import events, run, sink, stored_ids
-from shared_testlib import TOKEN, RaisingMapping, dead_letters_in
+from shared_testlib import TOKEN, HugeRepr, RaisingMapping, ReprRaises, Unprintable, dead_letters_in
 
 from sinks.tinybird._encoding import MAX_REASON_CHARS
 from tinybird_emulator import LocalServer
@@ -180,11 +180,6 @@ def test_bad_elements_are_sent_as_valid_json_or_dead_lettered_and_the_rest_is_de
 # -- hostile elements: one element's exception never fails its bundle ------------------
 
 
-class Unprintable(Exception):
-    def __str__(self):
-        raise ValueError("not even a message")
-
-
 def _columns(row_id: int, **values) -> dict:
     """A row with the data source's required columns (a row without them is quarantined)."""
     return {"id": row_id, "kind": "hostile", "pad": "", **values}
@@ -193,16 +188,6 @@ def _columns(row_id: int, **values) -> dict:
 def _raising(row_id: int, where: str, error: type[BaseException], message: str) -> RaisingMapping:
     """A row whose method ``where`` raises ``error(message)``."""
     return RaisingMapping(_columns(row_id), where, error, message)
-
-
-class ReprRaises:
-    def __repr__(self):
-        raise RuntimeError("no repr")
-
-
-class HugeRepr:
-    def __repr__(self):
-        return "H" * 5_000_000
 
 
 HOSTILE_GOOD = 300
@@ -228,11 +213,11 @@ HOSTILE = {
         ("dead", "RuntimeError raised while encoding (at $): " + "x" * 200 + "...[1000000 chars]")),
     "exception_whose_str_raises": (
         lambda i: _raising(i, "getitem", Unprintable, ""),
-        ("dead", "test_bad_input.Unprintable raised while encoding (at $): <its message could not be read>")),
+        ("dead", "shared_testlib.Unprintable raised while encoding (at $): <its message could not be read>")),
     "repr_raises": (
-        lambda i: {"id": i, "o": ReprRaises()}, ("dead", "Type is not JSON serializable: test_bad_input.ReprRaises (at $.o)")),
+        lambda i: {"id": i, "o": ReprRaises()}, ("dead", "Type is not JSON serializable: shared_testlib.ReprRaises (at $.o)")),
     "huge_repr": (
-        lambda i: {"id": i, "o": HugeRepr()}, ("dead", "Type is not JSON serializable: test_bad_input.HugeRepr (at $.o)")),
+        lambda i: {"id": i, "o": HugeRepr()}, ("dead", "Type is not JSON serializable: shared_testlib.HugeRepr (at $.o)")),
     "pandas_timestamp": (lambda i: _columns(i, at=pd.Timestamp("2024-01-02 03:04:05.123456789")), ("stored",)),
 }
 _HOSTILE_NAMES = sorted(HOSTILE)
@@ -295,7 +280,7 @@ _EXCEPTIONS = {
     "ValueError": ValueError, "KeyError": KeyError, "RuntimeError": RuntimeError, "TypeError": TypeError,
     "ZeroDivisionError": ZeroDivisionError, "OverflowError": OverflowError, "RecursionError": RecursionError,
     "MemoryError": MemoryError, "AttributeError": AttributeError, "StopIteration": StopIteration,
-    "decimal.InvalidOperation": decimal.InvalidOperation, "test_bad_input.Unprintable": Unprintable,
+    "decimal.InvalidOperation": decimal.InvalidOperation, "shared_testlib.Unprintable": Unprintable,
 }
 _recipes = st.tuples(
     st.sampled_from(["mapping", "repr", "huge_repr", "big_int", "nan_set", "nat"]),

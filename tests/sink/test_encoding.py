@@ -22,7 +22,7 @@ from apache_beam.pvalue import Row
 from apache_beam.utils.timestamp import Timestamp
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from shared_testlib import RaisingMapping
+from shared_testlib import HugeRepr, RaisingMapping, ReprRaises, Unprintable
 
 from sinks.tinybird import _encoding
 from sinks.tinybird._encoding import (
@@ -556,11 +556,6 @@ def test_the_encoder_never_imports_pandas_or_numpy():
 # -- hostile elements: any exception becomes an EncodingError -------------------------
 
 
-class Unprintable(Exception):
-    def __str__(self):
-        raise ValueError("not even a message")
-
-
 class ClassRaises:
     @property
     def __class__(self):
@@ -570,16 +565,6 @@ class ClassRaises:
 class BadOrder:
     def __lt__(self, other):
         raise ZeroDivisionError("cannot compare")
-
-
-class ReprRaises:
-    def __repr__(self):
-        raise RuntimeError("no repr")
-
-
-class HugeRepr:
-    def __repr__(self):
-        return "H" * 5_000_000
 
 
 class AsDictRaises(collections.namedtuple("AsDictRaisesBase", "a")):  # its _asdict replaced
@@ -603,7 +588,7 @@ HOSTILE = [
     (lambda: {"id": 1, "m": RaisingMapping({"id": 1}, "getitem", decimal.InvalidOperation, "x")},
      "decimal.InvalidOperation raised while encoding (at $.m): x"),
     (lambda: RaisingMapping({"id": 1}, "keys", Unprintable),
-     "test_encoding.Unprintable raised while encoding (at $): <its message could not be read>"),
+     "shared_testlib.Unprintable raised while encoding (at $): <its message could not be read>"),
     (lambda: RaisingMapping({"id": 1}, "getitem", MemoryError), "MemoryError raised while encoding (at $): "),
     (lambda: ClassRaises(), "RuntimeError raised while encoding (at $): no class today"),
     (lambda: AsDictRaises(1), "KeyError raised while encoding (at $): 'a'"),
@@ -611,7 +596,7 @@ HOSTILE = [
     (lambda: {"id": 1, "big": 10**4301}, "int with more digits than Python converts to text (4300) (at $.big)"),
     (lambda: {"id": 1, "s": {BadOrder(), BadOrder()}},
      "Type is not JSON serializable: test_encoding.BadOrder (at $.s[0])"),
-    (lambda: {"id": 1, "o": ReprRaises()}, "Type is not JSON serializable: test_encoding.ReprRaises (at $.o)"),
+    (lambda: {"id": 1, "o": ReprRaises()}, "Type is not JSON serializable: shared_testlib.ReprRaises (at $.o)"),
 ]
 
 
