@@ -74,6 +74,17 @@ class Batch(NamedTuple):
     rows: int
 
 
+# The types Beam sees. Keys, chunks and batches travel as plain tuples of these
+# types (the NamedTuples above are views taken on arrival): Beam checks hints at
+# construction, and how it infers a GroupByKey's output over NamedTuple keys and
+# values differs between releases (2.78 gives plain tuples); plain tuples also get
+# Beam's cheap deterministic TupleCoder rather than a row or pickle coder.
+KEY_HINT = tuple[int, int, str]
+CHUNK_HINT = tuple[bytes, int]
+KEYED_CHUNK_HINT = tuple[KEY_HINT, CHUNK_HINT]
+GROUPED_CHUNKS_HINT = tuple[KEY_HINT, Iterable[CHUNK_HINT]]
+BATCH_HINT = tuple[str, bytes, int]
+
 _GLOBAL_WINDOW = GlobalWindow()
 _GLOBAL_WINDOWS = (_GLOBAL_WINDOW,)
 
@@ -475,7 +486,7 @@ class _BatchDoFn(beam.DoFn):
 
     def process(
         self,
-        element: tuple[WindowKey, Chunk],
+        element: KEYED_CHUNK_HINT,
         buffer=beam.DoFn.StateParam(BUFFER),
         held=beam.DoFn.StateParam(HELD),
         window_end=beam.DoFn.TimerParam(WINDOW_END),
@@ -561,7 +572,7 @@ class _MergeRemaindersDoFn(beam.DoFn):
     def __init__(self, *, limits: BatchLimits) -> None:
         self._limits = limits
 
-    def process(self, element: tuple[WindowKey, Iterable[Chunk]]) -> Iterator[Batch]:
+    def process(self, element: GROUPED_CHUNKS_HINT) -> Iterator[Batch]:
         key, chunks = WindowKey(*element[0]), element[1]
         limits = self._limits
         pending: list[Chunk] = []

@@ -12,14 +12,15 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindow
-from apache_beam.typehints import Tuple as TupleHint
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from sinks.tinybird._arguments import check_argument_types, check_dead_letter_path
 from sinks.tinybird._batching import (
+    BATCH_HINT,
     DEAD_LETTERS_TAG,
     FULL_TAG,
+    KEYED_CHUNK_HINT,
     Batch,
     BatchLimits,
     IntoGlobalWindow,
@@ -27,6 +28,7 @@ from sinks.tinybird._batching import (
     _MergeRemaindersDoFn,
     encoder_for,
 )
+from sinks.tinybird._beam_compat import declare_tagged_types
 from sinks.tinybird._events_api import ClientSettings, EventsApiClient, Failed, SendReport
 from sinks.tinybird._metrics import SinkMetrics
 from sinks.tinybird._token import DEFAULT_TOKEN_ENV, TokenSource
@@ -50,8 +52,6 @@ DEFAULT_NUM_SHARDS = 8
 DEFAULT_MAX_IN_FLIGHT = 4
 _PROGRESS_EVERY_SECS = 10.0
 
-_KEYED_CHUNK = TupleHint[TupleHint[int, int, str], TupleHint[bytes, int]]
-_BATCH = TupleHint[str, bytes, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,23 +338,24 @@ class WriteToTinybird(beam.PTransform):
         self._dead_letter_format = dead_letter_format
         self._raise_on_failure = raise_on_failure
 
-    def expand(self, pcoll) -> WriteToTinybirdResult:
+    # No return annotation: Beam reads it as an output type hint and warns at
+    # construction (from 2.78) that a dict of PCollections is not one.
+    def expand(self, pcoll):
         limits = self._limits
         bounded = pcoll.is_bounded
         encoder = encoder_for(pcoll.windowing.windowfn, bounded=bounded)
         # Every output of the encoder is in the global window, its own window
         # kept as text (and in the chunks' key): no WindowInto step.
-        # Typed outputs get cheap coders: Beam estimates the size of some
-        # elements with their coder, and pickling a full batch copies it.
-        tagged_types: dict[str, Any] = {DEAD_LETTERS_TAG: Any, **({FULL_TAG: _BATCH} if bounded else {})}
-        encoded = pcoll | "EncodeAndBatch" >> IntoGlobalWindow(
+        tags = (DEAD_LETTERS_TAG, FULL_TAG) if bounded else (DEAD_LETTERS_TAG,)
+        encoded = declare_tagged_types(pcoll | "EncodeAndBatch" >> IntoGlobalWindow(
             encoder(datasource=self._settings.datasource, limits=limits, full_to_merge=not bounded)
-        ).with_output_types(_KEYED_CHUNK, **tagged_types).with_outputs(*tagged_types, main="remainders")
+        ).with_output_types(KEYED_CHUNK_HINT).with_outputs(*tags, main="remainders"),
+            **({FULL_TAG: BATCH_HINT} if bounded else {}))
         if bounded:
             merged = (
                 encoded.remainders
                 | "GroupRemainders" >> beam.GroupByKey()
-                | "MergeRemainders" >> beam.ParDo(_MergeRemaindersDoFn(limits=limits)).with_output_types(_BATCH))
+                | "MergeRemainders" >> beam.ParDo(_MergeRemaindersDoFn(limits=limits)).with_output_types(BATCH_HINT))
             # The same DoFn twice rather than a Flatten: each posts in the stage
             # that produced its batches, so full batches never wait for the
             # shuffle (a Flatten of two stages' outputs is read after both).
@@ -365,7 +366,7 @@ class WriteToTinybird(beam.PTransform):
             # buffers go through the merge step too, and one step posts.
             merged = encoded.remainders | "MergeRemainders" >> beam.ParDo(
                 _BatchDoFn(limits=limits, buffer_in_processing_time=True, clock=self._clock)
-            ).with_output_types(_BATCH)
+            ).with_output_types(BATCH_HINT)
             posted = [merged | "Post" >> self._post()]
         dead_letters = (
             encoded[DEAD_LETTERS_TAG], *(p[DEAD_LETTERS_TAG] for p in posted)

@@ -1,0 +1,28 @@
+"""The one place where the Beam releases the sink supports differ (README, "Supported versions").
+
+The sink has one code path from the floor of its range to the newest release;
+what an API offers only on some releases is reached through here, with the
+releases that need it named.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apache_beam.pvalue import DoOutputsTuple
+from apache_beam.typehints.native_type_compatibility import convert_to_beam_type
+
+
+def declare_tagged_types(outputs: DoOutputsTuple, **types: Any) -> DoOutputsTuple:
+    """Gives tagged outputs of a multi-output ``ParDo`` their element types; returns ``outputs``.
+
+    A typed output gets a cheap coder (Beam estimates the size of some elements
+    with their coder, and pickling a full batch copies it). Beam 2.72 and later
+    take tagged types as ``with_output_types(main, tag=hint)``; 2.70 refuses
+    the keyword. Setting each tagged ``PCollection``'s element type before it
+    is consumed means the same thing to the runner on every release.
+    """
+    for tag, hint in types.items():
+        # As with_output_types does: a builtin hint (tuple[...]) becomes Beam's own.
+        outputs[tag].element_type = convert_to_beam_type(hint)
+    return outputs

@@ -1,0 +1,53 @@
+"""The sink's graph is typed the same way on every supported Beam (README, "Supported versions").
+
+Beam checks type hints when a pipeline is built, and picks each PCollection's
+coder from its type: these tests build the graph and read both back, so that
+a Beam release that infers types differently fails here rather than in a
+user's pipeline.
+"""
+
+import re
+
+import apache_beam as beam
+import pytest
+from apache_beam.transforms.window import FixedWindows, Sessions, SlidingWindows
+
+from sinks.tinybird import WriteToTinybird
+
+_TUPLE = "beam:coder:tuple:v1"
+
+
+def _coders_by_output(pipeline: beam.Pipeline) -> dict[str, tuple[str, ...]]:
+    """``{"<step>.<output>": (coder urn, component coder urns...)}`` for the sink's own steps."""
+    proto = pipeline.to_runner_api()
+    coders = proto.components.coders
+    found = {}
+    for pcoll in proto.components.pcollections.values():
+        # The proto's names carry a length prefix: "74WriteToTinybird/EncodeAndBatch/...full".
+        name = re.sub(r"^\d+", "", pcoll.unique_name)
+        if not name.startswith("WriteToTinybird/"):
+            continue
+        step = name.split("/")[1].split(".")[0]
+        output = name.rsplit(".", 1)[-1]
+        coder = coders[pcoll.coder_id]
+        found[f"{step}.{output}"] = (coder.spec.urn, *(coders[c].spec.urn for c in coder.component_coder_ids))
+    return found
+
+
+@pytest.mark.parametrize("windowfn", [None, FixedWindows(10), SlidingWindows(10, 5), Sessions(10)])
+def test_bounded_graph_builds_and_batches_travel_as_tuples(windowfn):
+    pipeline = beam.Pipeline()
+    rows = pipeline | beam.Create([{"id": i} for i in range(3)])
+    if windowfn is not None:
+        rows = rows | beam.WindowInto(windowfn)
+    _ = rows | "WriteToTinybird" >> WriteToTinybird(datasource="t", token="x", api_url="http://127.0.0.1:9")
+
+    coders = _coders_by_output(pipeline)
+
+    # The full batches and the merged batches: (window text, payload, rows).
+    batch = (_TUPLE, "beam:coder:string_utf8:v1", "beam:coder:bytes:v1", "beam:coder:varint:v1")
+    assert coders["EncodeAndBatch.full"] == batch
+    assert coders["MergeRemainders.None"] == batch
+    # The chunks keyed by (shard, window end, window text): key and value coded as tuples, never pickled.
+    assert coders["EncodeAndBatch.None"][:2] == ("beam:coder:kv:v1", _TUPLE)
+    assert "beam:coder:pickled_python:v1" not in coders["EncodeAndBatch.None"]
