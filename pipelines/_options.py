@@ -23,6 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines._endpoint import LOCAL_DATA_DIR, Endpoint
 from sinks.tinybird import WriteToTinybird
+from sinks.tinybird._beam_compat import option_values
 
 _SINK_PARAMETERS = inspect.signature(WriteToTinybird).parameters
 
@@ -197,7 +198,7 @@ class SinkConfig:
     @classmethod
     def from_options(cls, options: PipelineOptions) -> SinkConfig:
         """Reads the options added by :func:`add_sink_arguments`."""
-        values = options.get_all_options(current_only=True)
+        values = option_values(options)
         api_url = values.get("api_url") or None
         datasource = values.get("datasource")
         if datasource is None:

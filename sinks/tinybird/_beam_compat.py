@@ -7,8 +7,10 @@ releases that need it named.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import DoOutputsTuple
 from apache_beam.typehints.native_type_compatibility import convert_to_beam_type
 
@@ -18,11 +20,27 @@ def declare_tagged_types(outputs: DoOutputsTuple, **types: Any) -> DoOutputsTupl
 
     A typed output gets a cheap coder (Beam estimates the size of some elements
     with their coder, and pickling a full batch copies it). Beam 2.72 and later
-    take tagged types as ``with_output_types(main, tag=hint)``; 2.70 refuses
-    the keyword. Setting each tagged ``PCollection``'s element type before it
+    take tagged types as ``with_output_types(main, tag=hint)``; 2.70 and 2.71
+    refuse the keyword. Setting each tagged ``PCollection``'s element type before it
     is consumed means the same thing to the runner on every release.
     """
     for tag, hint in types.items():
         # As with_output_types does: a builtin hint (tuple[...]) becomes Beam's own.
         outputs[tag].element_type = convert_to_beam_type(hint)
     return outputs
+
+
+# Beam 2.71 and later; 2.70's get_all_options has no such argument.
+_HAS_CURRENT_ONLY = "current_only" in inspect.signature(PipelineOptions.get_all_options).parameters
+
+
+def option_values(options: PipelineOptions) -> dict[str, Any]:
+    """The parsed values of the options that ``options``' own class defines, by name.
+
+    From 2.71 only that class's arguments are parsed (``current_only``). On 2.70
+    every registered options class's are: the same values for the names the
+    class defines, plus others the caller does not read.
+    """
+    if _HAS_CURRENT_ONLY:
+        return options.get_all_options(current_only=True)
+    return options.get_all_options()

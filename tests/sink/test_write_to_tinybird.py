@@ -120,6 +120,32 @@ def test_every_row_is_acknowledged_or_dead_lettered_on_every_runner(server, data
     assert counters["dead_letters"] == 4
 
 
+@pytest.mark.parametrize("windowing", ["global", "fixed"])
+def test_twenty_thousand_rows_are_each_stored_once(server, datasource, windowing):
+    """The check every cell of the Beam/Python matrix runs (README, "Supported versions")."""
+    from apache_beam.transforms.window import FixedWindows, TimestampedValue
+
+    events = _events(20_000, pad=20)
+
+    def build(p):
+        rows = p | beam.Create([TimestampedValue(e, e["id"] // 100) for e in events], reshuffle=False)
+        if windowing == "fixed":
+            rows = rows | beam.WindowInto(FixedWindows(60))
+        rows | _sink(server, datasource, max_batch_bytes=256 * 1024)
+
+    counters = _run(build)
+    assert _ids(server, datasource) == list(range(20_000))
+    assert counters["rows_acknowledged"] == 20_000
+    assert counters.get("dead_letters", 0) == 0
+    # Batches are full: at most one partial batch per window and shard beyond the minimum.
+    window_of = (lambda e: 0) if windowing == "global" else (lambda e: e["id"] // 100 // 60)
+    window_bytes: dict[int, int] = {}
+    for e in events:
+        window_bytes[window_of(e)] = window_bytes.get(window_of(e), 0) + len(orjson.dumps(e)) + 1
+    minimum = sum(-(-size // (256 * 1024)) for size in window_bytes.values())
+    assert minimum <= counters["requests"] <= minimum + len(window_bytes) * 2
+
+
 @pytest.mark.parametrize("runner", sorted(_RUNNERS))
 def test_bounded_windowed_input_is_batched_per_window_on_every_runner(server, datasource, runner, tmp_path):
     """Bounded input in fixed windows: every row delivered, refused rows carry their window."""

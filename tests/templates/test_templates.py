@@ -245,8 +245,8 @@ def test_token_secret_regex_is_the_sinks():
 
 
 def _beam_pin() -> Version:
-    lines = [line.strip() for line in (TEMPLATES / "constraints.txt").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [line.strip() for line in (REPO_ROOT / "constraints.txt").read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
     requirements = [Requirement(line) for line in lines]
     beam = [r for r in requirements if r.name == "apache-beam"]
     assert len(beam) == 1, "constraints.txt pins apache-beam exactly once"
@@ -275,7 +275,7 @@ def test_dockerfile(name):
     env = dict(re.findall(r"^ENV (\w+)=(\S+)$", dockerfile, re.MULTILINE))
     assert env["FLEX_TEMPLATE_PYTHON_PY_FILE"] == f"/template/templates/{name}/main.py"
     assert env["FLEX_TEMPLATE_PYTHON_SETUP_FILE"] == "/template/setup.py"
-    assert 'pip install --no-cache-dir -c templates/constraints.txt "/template[gcp]"' in dockerfile
+    assert 'pip install --no-cache-dir -c constraints.txt "/template[gcp]"' in dockerfile
     # The Beam version comes from constraints.txt only.
     assert not re.search(r"apache[-_]beam\S*==", dockerfile)
     # The build context is the repository root: every COPY source is in the repository, and
@@ -283,7 +283,7 @@ def test_dockerfile(name):
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     readme = project["readme"] if isinstance(project["readme"], str) else project["readme"]["file"]
     sources = [source for line in instructions if line.startswith("COPY ") for source in line.split()[1:-1]]
-    assert {"pyproject.toml", "setup.py", readme, "sinks", "pipelines", "templates"} <= set(sources)
+    assert {"pyproject.toml", "setup.py", readme, "constraints.txt", "sinks", "pipelines", "templates"} <= set(sources)
     # The local server is a test tool: production images do not hold it.
     assert "tinybird_emulator" not in sources
     for source in sources:

@@ -52,8 +52,8 @@ def _beam_version_arg() -> Version:
 
 
 def _constraints_pin() -> Version:
-    lines = [line.strip() for line in (REPO_ROOT / "templates" / "constraints.txt").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [line.strip() for line in (REPO_ROOT / "constraints.txt").read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
     (beam,) = [Requirement(line) for line in lines if Requirement(line).name == "apache-beam"]
     (specifier,) = list(beam.specifier)
     assert specifier.operator == "=="

@@ -1,0 +1,118 @@
+"""The supported range, run: the built wheel on every Beam and Python that pyproject.toml admits.
+
+``./dev matrix`` runs it (CI too). The wheel is built once; each cell is a
+clean venv that holds the wheel, never the checkout, and runs the sink's tests
+and the files job end to end from a copy of ``tests/`` outside the checkout:
+
+- the floor of the Beam range, the default environment's Beam (the version the
+  Dockerfiles pin, from ``constraints.txt``, with every other version locked
+  too) and the newest Beam on PyPI, each on Python 3.11;
+- the newest Beam on each of Python 3.12 and 3.13.
+
+The newest cells ignore the lock and the range's ceiling: they are the canary.
+A new Beam that breaks the sink fails here the day it is on PyPI, and one that
+passes is reported as ready for the ceiling to be raised.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tomllib
+from pathlib import Path
+
+import nox
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent
+nox.options.default_venv_backend = "uv"
+nox.options.sessions = ["matrix"]
+# A supported Python the machine lacks is reported by ./dev matrix as NOT RUN, never passed over quietly.
+nox.options.error_on_missing_interpreters = False
+
+_PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+(_BEAM_RANGE,) = [Requirement(r).specifier for r in _PROJECT["dependencies"] if Requirement(r).name == "apache-beam"]
+FLOOR = min(s.version for s in _BEAM_RANGE if s.operator == ">=")
+PINNED = re.search(r"^apache-beam==(\S+)$", (ROOT / "constraints.txt").read_text(), re.MULTILINE)[1]  # type: ignore[index]
+NEWEST = "newest"
+
+CELLS = [
+    ("3.11", FLOOR),
+    ("3.11", PINNED),
+    ("3.11", NEWEST),
+    ("3.12", NEWEST),
+    ("3.13", NEWEST),
+]
+
+# What every cell runs: the sink's tests (20,000 rows in global and fixed windows among
+# them) and the files job on the sample data, on every in-process runner. The peak-memory
+# test of the transport is left to the default suite: it measures the HTTP stack, not Beam.
+TESTS = [
+    "tests/sink",
+    "tests/pipelines/test_files_pipeline.py::test_sample_data_on_every_runner",
+    "--deselect",
+    "tests/sink/test_hostile_server.py::test_huge_endless_and_bomb_bodies_keep_peak_memory_within_64_mib_of_a_good_run",
+]
+# The README's Dataflow set-up resolves the newest Beam: its streaming job on the Pub/Sub emulator.
+STREAMING_TESTS = ["tests/pipelines/test_streaming_pubsub.py"]
+
+_wheel: Path | None = None
+
+
+def _built_wheel(session: nox.Session) -> Path:
+    """The project's wheel, built once per run into .nox/wheel (outside the package tree)."""
+    global _wheel
+    if _wheel is None:
+        out = ROOT / ".nox" / "wheel"
+        shutil.rmtree(out, ignore_errors=True)
+        session.run("uv", "build", "--wheel", "--out-dir", str(out), str(ROOT), external=True, silent=True)
+        (_wheel,) = out.glob("beam_tinybird-*.whl")
+    return _wheel
+
+
+@nox.session
+@nox.parametrize(
+    ("python", "beam"), CELLS, ids=[f"py{python}-beam-{beam}" for python, beam in CELLS])
+def matrix(session: nox.Session, beam: str) -> None:
+    wheel = _built_wheel(session)
+    requirement = f"{wheel}[test]"
+    tmp = Path(session.create_tmp())
+    if beam == NEWEST:
+        # No lock, and the range's ceiling overridden: the newest release whatever pyproject says.
+        overrides = tmp / "overrides.txt"
+        overrides.write_text(f"apache-beam>={FLOOR}\n")
+        session.install(requirement, "--override", str(overrides))
+    elif beam == PINNED:
+        session.install(requirement, "-c", str(ROOT / "constraints.txt"))
+    else:
+        pin = tmp / "beam.txt"
+        pin.write_text(f"apache-beam=={beam}\n")
+        session.install(requirement, "-c", str(pin))
+    installed = session.run("python", "-c", "import apache_beam; print(apache_beam.__version__)", silent=True)
+    version = str(installed).strip().splitlines()[-1]
+    session.log(f"cell: Python {session.python}, Beam {version} ({beam})")
+    if beam != NEWEST and Version(version) != Version(beam):
+        session.error(f"asked for Beam {beam}, got {version}")
+    # The tests from a copy outside the checkout, so that every import comes from the wheel
+    # (with the README, whose examples some of them run).
+    tests = tmp / "tests"
+    shutil.rmtree(tests, ignore_errors=True)
+    shutil.copytree(ROOT / "tests", tests, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "README.md", tmp / "README.md")
+    session.chdir(tmp)
+    extra = STREAMING_TESTS if beam == NEWEST and session.python == "3.11" else []
+    session.run("python", "-c", "import sinks, sys; assert 'site-packages' in sinks.__file__, sinks.__file__",
+                silent=True)
+    try:
+        session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS, *extra)
+    except nox.command.CommandFailed:
+        if beam == NEWEST:
+            session.error(
+                f"Beam {version}, the newest release on PyPI, breaks the sink on Python {session.python}: "
+                "users of that Beam are affected; fix the sink before raising the range's ceiling")
+        raise
+    if beam == NEWEST and Version(version) not in _BEAM_RANGE:
+        session.warn(
+            f"Beam {version} is out and passes, but pyproject.toml admits {_BEAM_RANGE}: raise the ceiling "
+            "(and `./dev lock` to move the default environment)")
