@@ -1,0 +1,60 @@
+"""Prism, the DirectRunner's engine for batch pipelines since Beam 2.68: the sample files job and
+the windowed sink on ``--runner=PrismRunner`` with the binary ``./dev engines`` builds at this
+environment's Beam version, and what ``--runner=DirectRunner`` does with it and without it.
+
+What Prism cannot run, the DirectRunner decides before running (``_PrismRunnerSupportVisitor``
+in ``apache_beam/runners/direct/direct_runner.py``): among others TestStream, processing-time
+(REAL_TIME) timers and session windows. The sink's unbounded path (``_BatchDoFn``, whose
+``stale`` timer is a processing-time one) is such a pipeline: on the DirectRunner a streaming
+job never runs on Prism. Bounded input goes through a GroupByKey and runs on Prism, as here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from engines_testlib import check_sample_files_job, check_windowed_sink, files_job_in_subprocess, prism_binary
+from pipelines_testlib import count
+from shared_testlib import dead_letters_in
+
+
+@pytest.fixture
+def prism_flags() -> list[str]:
+    return ["--runner=PrismRunner", f"--prism_location={prism_binary()}"]
+
+
+def test_sample_files_job_on_prism(server, datasource, prism_flags, tmp_path):
+    check_sample_files_job(server, datasource, prism_flags, tmp_path / "dead")
+
+
+@pytest.mark.parametrize("windowing", ["fixed", "sliding"])
+def test_windowed_sink_on_prism(server, datasource, prism_flags, windowing, tmp_path):
+    outcome = check_windowed_sink(server, datasource, prism_flags, tmp_path / "dead", windowing=windowing)
+    # Prism (2.77) hands the sink's first step the whole input in one bundle (measured: 3,001
+    # elements), so batches fill inside it, unlike Flink's batch bundles of 1,000 elements.
+    assert (outcome.bundles.count, outcome.bundles.max) == (1, 3001)
+
+
+def test_direct_runner_runs_the_batch_job_on_prism(server, datasource, tmp_path, caplog):
+    """``--runner=DirectRunner`` takes ``--prism_location`` too: the job runs on that binary."""
+    caplog.set_level(logging.INFO)
+    check_sample_files_job(server, datasource, ["--runner=DirectRunner", f"--prism_location={prism_binary()}"],
+                           tmp_path / "dead")
+    messages = [record.getMessage() for record in caplog.records]
+    assert "Running pipeline with PrismRunner." in messages
+    assert not [m for m in messages if "Falling back" in m]
+
+
+def test_direct_runner_falls_back_when_prism_cannot_be_had(server, datasource, tmp_path):
+    """Without a usable Prism (no binary at the path given, or none to download offline) the
+    DirectRunner logs why and runs the same job on its own engine: the same rows, the same dead
+    letters. In a new process, as a user runs it: within one process Beam keeps the first Prism
+    it started and hands it every later job."""
+    result = files_job_in_subprocess(server, datasource, [
+        "--runner=DirectRunner", f"--prism_location={tmp_path / 'no-prism-here'}",
+        "--dead_letter_path", f"{tmp_path / 'dead'}/"], cwd=tmp_path)
+    assert "Running pipeline with PrismRunner." in result.stderr
+    assert "Falling back to DirectRunner" in result.stderr
+    assert (count(server, datasource), count(server, f"{datasource}_quarantine")) == (4988, 10)
+    assert sorted(letter.kind for letter in dead_letters_in(tmp_path / "dead")) == ["unencodable", "unencodable"]
