@@ -245,7 +245,8 @@ class _WriteBundleFilesDoFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._discard_open_file()
 
-    def process(self, record: DeadLetter) -> None:
+    # No "-> None": Beam reads the annotation as the output type, and 2.78 refuses a non-iterable one.
+    def process(self, record: DeadLetter):
         if self._open is None:
             final = FileSystems.join(self._path, streaming_file_name(self._clock(), _SUFFIXES[self._format]))
             temp = FileSystems.join(self._path, _TEMP_PREFIX + final.rsplit("/", 1)[-1])
