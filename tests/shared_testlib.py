@@ -1,5 +1,6 @@
-"""What every test folder shares: the admin token of the session's local server, and a
-few hostile elements, and a reader of dead-letter files.
+"""What every test folder shares: the admin token of the session's local server, a few
+hostile elements, a reader of dead-letter files, and how tests bound real time on a busy
+machine.
 
 Each folder has one helper module of its own, named after it
 (``sink_testlib``, ``emulator_testlib``, ``pipelines_testlib``,
@@ -8,18 +9,83 @@ Each folder has one helper module of its own, named after it
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
+import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import fastavro
 import orjson
 
 from sinks.tinybird import DeadLetter
+from tinybird_emulator._config import ServerConfig
 
 # Distinctive, so that a test can search logs, files, reprs and metrics for it.
 TOKEN = "p.SECRET-test-token-7f3a9c51d2"
+
+T = TypeVar("T")
+
+
+# -- real time on a busy machine ------------------------------------------------------------
+#
+# The suite runs on 2-core machines that also run other suites and CPU-bound neighbours
+# (load 4 to 8): a thread may run a long while after its timer fired. So a test that bounds
+# real time from above allows the configured deadline (a timeout, a latency, a time budget)
+# plus BUSY_MACHINE_SLACK_SECS, once; it never counts on work being done within a bare number
+# of seconds: it counts attempts or requests, uses an injected clock (``FakeTime``), or polls
+# with wait_for. Lower bounds (waited at least Retry-After) take no slack: waiting longer is
+# never a failure.
+
+# How late a thread may run on a busy machine, on top of a configured deadline. Each upper
+# bound that adds it still tells "ends by its deadline" from "waits for the server" or "ignores
+# the budget": the tests keep those far apart (a server latency longer than timeout + slack).
+BUSY_MACHINE_SLACK_SECS = 2.0
+
+# Runs of a step that must fall within one real window (one rate-limit window of the local
+# server) before the test calls the machine too busy. One try fails only when the machine
+# stalls for a whole window; this many in a row do not happen on a machine that runs at all.
+ONE_WINDOW_TRIES = 10
+
+# The local server's fixed rate-limit window (every LocalServer of the tests runs with the default).
+RATE_LIMIT_WINDOW_SECS: float = next(
+    f.default for f in dataclasses.fields(ServerConfig) if f.name == "rate_limit_window_secs")
+
+
+def wait_for(condition: Callable[[], Any], *, timeout_secs: float, what: str, poll_secs: float = 0.25) -> float:
+    """Waits until ``condition()`` is true; returns the seconds it took.
+
+    Fails with ``what`` after ``timeout_secs``: derive it from the deadline or latency the
+    test configured, plus :data:`BUSY_MACHINE_SLACK_SECS`, never from how long it "usually" takes.
+    """
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout_secs:
+            raise AssertionError(f"timed out after {timeout_secs:.1f} s waiting for {what}")
+        time.sleep(poll_secs)
+    return time.monotonic() - started
+
+
+def within_one_window(step: Callable[[], T], *, window_secs: float, tries: int = ONE_WINDOW_TRIES) -> T:
+    """``step()``'s result from a run that took less than ``window_secs`` of real time.
+
+    For a test whose setting needs a few requests inside one window of a server's real clock
+    (a rate limit). The window starts with the first request and the last one reaches the server
+    before ``step`` returns (both clocks are the system's monotonic clock), so a run shorter
+    than the window is certainly inside one. A longer run proves nothing either way, so it is
+    run again: ``step`` must start afresh each time (a new data source name). Fails after
+    ``tries`` runs that were all too slow.
+    """
+    took = []
+    for _ in range(tries):
+        started = time.monotonic()
+        result = step()
+        took.append(time.monotonic() - started)
+        if took[-1] < window_secs:
+            return result
+    raise AssertionError(f"the machine never ran the step within one {window_secs:g} s window in {tries} tries "
+                         f"(took {', '.join(f'{t:.2f}' for t in took)} s)")
 
 
 # -- hostile elements: what real pipelines can hand a sink ---------------------------------

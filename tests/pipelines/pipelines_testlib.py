@@ -22,8 +22,10 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from shared_testlib import wait_for as wait_for  # the streaming tests' import of the shared one
 
 from pipelines._pubsub_emulator import PubSubEmulator, stop_process_group
 
@@ -83,16 +85,6 @@ def held_messages(emulator: PubSubEmulator, subscription: str, *, settle_secs: f
             client.modify_ack_deadline(subscription=subscription, ack_ids=ack_ids[start:start + 1000],
                                        ack_deadline_seconds=0)
     return list(held.values())
-
-
-def wait_for(condition: Callable[[], bool], *, timeout_secs: float, what: str, poll_secs: float = 0.25) -> float:
-    """Waits until ``condition()``; returns the seconds it took. Fails with ``what`` after ``timeout_secs``."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_secs:
-            raise AssertionError(f"timed out after {timeout_secs:.0f} s waiting for {what}")
-        time.sleep(poll_secs)
-    return time.monotonic() - started
 
 
 @dataclasses.dataclass

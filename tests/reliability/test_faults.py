@@ -29,7 +29,7 @@ from reliability_testlib import (
     run,
     sink,
 )
-from shared_testlib import TOKEN, dead_letters_in
+from shared_testlib import BUSY_MACHINE_SLACK_SECS, TOKEN, dead_letters_in, wait_for
 
 from pipelines import replay_dead_letters
 from tinybird_emulator import LocalServer
@@ -153,7 +153,10 @@ def test_responses_slower_than_the_read_timeout_are_retried(server, datasource, 
         {"status": 503, "latency_secs": latency, "when": "before", "probability": 0.015, "seed": 33},
     ]))
     counters = _send(server, datasource, tmp_path / "dlq", read_timeout_secs=0.3)
-    time.sleep(latency + 0.3)  # requests still sleeping on the server store their rows now
+    # Requests the client gave up on may still sleep on the server, then store their rows:
+    # wait until the server has answered every request the client sent.
+    wait_for(lambda: server.stats()["requests"]["total"] >= counters["requests"], poll_secs=0.05,
+             timeout_secs=latency + BUSY_MACHINE_SLACK_SECS, what="the server to answer every request sent")
     letters = dead_letters_in(tmp_path / "dlq")
     acc = account(server, datasource, range(N), letters, counters)
     acc.report("answers slower than the read timeout")

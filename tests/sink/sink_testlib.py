@@ -26,7 +26,7 @@ def stored_rows(server: LocalServer, datasource: str) -> int:
 
 
 class FakeTime:
-    """A monotonic clock that only moves when ``sleep`` is called; records the sleeps.
+    """A monotonic clock that only moves when ``sleep`` (or ``advance``) is called; records the sleeps.
 
     With ``real_sleep=True`` it also really sleeps, for tests where the server's
     own clock must move (rate-limit windows).
@@ -53,6 +53,11 @@ class FakeTime:
             self._now += secs
         if self._real_sleep:
             time.sleep(secs)
+
+    def advance(self, secs: float) -> None:
+        """Moves the clock without a sleep of the code under test: time a server spends, say."""
+        with self._lock:
+            self._now += secs
 
 
 # -- scripted server -------------------------------------------------------------

@@ -26,13 +26,13 @@ import orjson
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from shared_testlib import TOKEN, dead_letters_in
+from shared_testlib import BUSY_MACHINE_SLACK_SECS, TOKEN, dead_letters_in
 from sink_testlib import FakeTime, RawRequest, RawServer, answer, counted, counts_body
 
 from sinks.tinybird import RetryPolicy, WriteToTinybird
 from sinks.tinybird._events_api import ClientSettings, EventsApiClient, SendReport
 from sinks.tinybird._http import redaction
-from sinks.tinybird._http.transport import MAX_BODY_BYTES
+from sinks.tinybird._http.transport import _DEADLINE_SLACK_SECS, MAX_BODY_BYTES
 from sinks.tinybird.dead_letters import DeadLetter, DeadLetterKind, to_json_line
 
 pytestmark = pytest.mark.timeout(120)
@@ -112,17 +112,31 @@ def drip_headers(conn: socket.socket, request: RawRequest) -> bool:
     return _send_forever(conn, b"X", every_secs=0.05)
 
 
+def max_attempts_within(budget_secs: float, attempt_secs: float) -> int:
+    """The most attempts that can start within ``budget_secs`` when each lasts at least
+    ``attempt_secs`` (no attempt starts after the budget): a bound that a busy machine,
+    which only makes attempts longer, cannot break."""
+    return 1 + int(budget_secs // attempt_secs)
+
+
 def test_dripped_headers_end_within_the_budget_plus_one_attempt_deadline():
-    policy = RetryPolicy(max_attempts=10, initial_backoff_secs=0.05, max_backoff_secs=0.1, max_total_secs=2.0)
+    budget_secs, deadline_secs = 2.0, 0.8
+    policy = RetryPolicy(max_attempts=10, initial_backoff_secs=0.05, max_backoff_secs=0.1, max_total_secs=budget_secs)
     with (RawServer(default=drip_headers) as server,
-          client_for(server, policy=policy, read_timeout_secs=0.5, attempt_timeout_secs=0.8) as client):
+          client_for(server, policy=policy, read_timeout_secs=0.5, attempt_timeout_secs=deadline_secs) as client):
         started = time.monotonic()
         report = client.send(payload_of(50), 50)
         elapsed = time.monotonic() - started
-    # Each byte comes well within the read timeout: only the attempt's deadline ends an attempt.
-    assert elapsed <= 2.0 + 0.8 + 0.5, elapsed  # 0.5 s for a busy machine's scheduling
+    # Each byte comes well within the read timeout: only the attempt's deadline ends an attempt,
+    # never before it (the socket's millisecond rounding aside) and by it, give or take how late
+    # a busy machine runs the client.
+    latencies = [a.latency_secs for a in report.attempts]
     assert {a.error for a in report.attempts} == {"deadline"}
-    assert all(0.75 <= a.latency_secs <= 1.3 for a in report.attempts), [a.latency_secs for a in report.attempts]
+    assert all(deadline_secs - _DEADLINE_SLACK_SECS <= s <= deadline_secs + BUSY_MACHINE_SLACK_SECS
+               for s in latencies), latencies
+    # The budget, counted: 3 attempts of at least 0.8 s fit in 2 s; 10 would without it.
+    assert 1 <= len(latencies) <= max_attempts_within(budget_secs, deadline_secs - _DEADLINE_SLACK_SECS) == 3
+    assert elapsed <= budget_secs + deadline_secs + BUSY_MACHINE_SLACK_SECS, elapsed
     (failed,) = report.failed
     assert failed.kind is DeadLetterKind.RETRIES_EXHAUSTED and "deadline of 0.8 s" in failed.message
     assert account(report, list(range(50)))[1] == list(range(50))
@@ -134,12 +148,14 @@ def test_a_2xx_with_a_dripped_body_is_delivered_once_within_the_deadline():
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
         return _send_forever(conn, b"{", every_secs=0.05)
 
+    deadline_secs = 0.6
     with (RawServer(default=behave) as server,
-          client_for(server, read_timeout_secs=0.5, attempt_timeout_secs=0.6) as client):
+          client_for(server, read_timeout_secs=0.5, attempt_timeout_secs=deadline_secs) as client):
         report = client.send(payload_of(20), 20)
     (attempt,) = report.attempts
     assert (attempt.status, attempt.body_unreadable) == (200, True)
-    assert 0.55 <= attempt.latency_secs <= 1.1
+    # Ended by the deadline, not by the body's 50 s of dripping.
+    assert deadline_secs - _DEADLINE_SLACK_SECS <= attempt.latency_secs <= deadline_secs + BUSY_MACHINE_SLACK_SECS
     assert [(d.rows, d.counts_read) for d in report.delivered] == [(20, False)]
     assert len(server.requests) == 1
     account(report, list(range(20)), server)
@@ -149,13 +165,15 @@ def test_a_pipeline_against_a_dripping_server_ends_within_its_budget(tmp_path):
     """finish_bundle never waits longer than the policy allows: the run takes at most
     max_total_secs plus one attempt's deadline longer than the same run against a good
     server, and every id is dead-lettered."""
-    policy = RetryPolicy(max_attempts=50, initial_backoff_secs=0.05, max_backoff_secs=0.1, max_total_secs=2.0)
+    budget_secs, connect_secs, read_secs = 2.0, 0.3, 0.5
+    deadline_secs = connect_secs + read_secs  # an attempt's deadline when none is set
+    policy = RetryPolicy(max_attempts=50, initial_backoff_secs=0.05, max_backoff_secs=0.1, max_total_secs=budget_secs)
 
     def run(server: RawServer, dead_letter_path: str) -> tuple[float, object]:
         p = beam.Pipeline(runner=FnApiRunner())
         _ = (p | beam.Create([{"id": i} for i in range(300)], reshuffle=False)
              | WriteToTinybird(datasource="drip", token=TOKEN, api_url=server.url, retry_policy=policy,
-                               connect_timeout_secs=0.3, read_timeout_secs=0.5, num_shards=1,
+                               connect_timeout_secs=connect_secs, read_timeout_secs=read_secs, num_shards=1,
                                dead_letter_path=dead_letter_path))
         started = time.monotonic()
         result = p.run()
@@ -172,10 +190,12 @@ def test_a_pipeline_against_a_dripping_server_ends_within_its_budget(tmp_path):
     assert {d.kind for d in letters} == {"retries_exhausted"}
     counters = _counters(result)
     assert counters.get("rows_acknowledged", 0) == 0 and counters["retries_deadline"] > 0
-    # One batch of 300 rows: max_total_secs (2 s) + one attempt's deadline (0.3 + 0.5 s).
-    # Without deadlines the run never ends.
+    # One batch of 300 rows: at most 3 attempts of at least 0.8 s start within the 2 s budget
+    # (50 without it), and the run lasts max_total_secs plus one attempt's deadline longer than
+    # against a good server. Without deadlines the run never ends.
+    assert counters["requests"] <= max_attempts_within(budget_secs, deadline_secs - _DEADLINE_SLACK_SECS) == 3
     print(f"dripping server: {elapsed:.2f} s, good server: {baseline:.2f} s")
-    assert elapsed - baseline <= 2.0 + 0.8 + 0.5, (elapsed, baseline)
+    assert elapsed - baseline <= budget_secs + deadline_secs + BUSY_MACHINE_SLACK_SECS, (elapsed, baseline)
 
 
 # -- 3. memory: huge, endless and bomb bodies (peak RSS in a process of its own) ---------------
@@ -358,18 +378,23 @@ def test_endless_interim_answers_are_a_protocol_error():
 
 
 def test_413_to_everything_stops_at_the_time_budget():
+    # Each answer takes the server 1/16 s of the client's clock (injected: a busy machine
+    # changes nothing), so the 1 s budget holds a known number of requests.
+    fake, server_secs = FakeTime(), 0.0625
+
     def behave(conn, request):
-        time.sleep(0.01)
+        fake.advance(server_secs)
         return answer(413, b'{"error":"too large"}')(conn, request)
 
     policy = RetryPolicy(max_total_secs=1.0)
-    with RawServer(default=behave) as server, client_for(server, policy=policy) as client:
-        started = time.monotonic()
+    with RawServer(default=behave) as server, client_for(server, policy=policy, fake=fake) as client:
+        started = fake.clock()
         report = client.send(payload_of(1000), 1000)
-        elapsed = time.monotonic() - started
-    assert elapsed < 1.0 + 2.0 + 0.5  # the budget plus one attempt's deadline
-    # Far fewer than the 1999 requests of splitting down to single rows.
-    assert 5 < len(server.requests) < 200
+    # No request starts after the budget: one at 0 s, then one every 1/16 s up to 1 s; far
+    # fewer than the 1999 requests of splitting down to single rows.
+    assert len(server.requests) == 1 + 16
+    assert fake.clock() - started == 17 * server_secs
+    assert fake.sleeps == []  # a split is sent at once
     kinds = {f.kind for f in report.failed}
     assert kinds <= {DeadLetterKind.PAYLOAD_TOO_LARGE, DeadLetterKind.RETRIES_EXHAUSTED}
     assert DeadLetterKind.RETRIES_EXHAUSTED in kinds
@@ -557,7 +582,7 @@ def test_finish_bundle_never_waits_past_the_clients_bound():
     finally:
         fn.teardown()
     letters = [o.value.value for o in outputs]
-    assert elapsed < 0.3 + 0.5, elapsed
+    assert elapsed < StuckClient.max_send_secs + BUSY_MACHINE_SLACK_SECS < 10, elapsed  # never the 10 s wait
     assert sorted(orjson.loads(d.line)["id"] for d in letters) == list(range(5))
     assert {(d.kind, d.attempts) for d in letters} == {("retries_exhausted", 0)}
     assert letters[0].message.startswith("no outcome within 0.3 s")

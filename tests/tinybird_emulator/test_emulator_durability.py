@@ -5,11 +5,11 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-import time
 
 import pytest
 import requests
 from emulator_testlib import EventsClient, assert_ok
+from shared_testlib import BUSY_MACHINE_SLACK_SECS, wait_for
 
 from tinybird_emulator import LocalServer, LocalServerError
 
@@ -74,6 +74,8 @@ def test_sigkill_during_load_keeps_every_200(durable):
     client = EventsClient(durable)
     assert_ok(client.post("storm", _rows(0, 1)), 200, 1)
     acknowledged = [1]
+    answered: list[int] = []  # a 200 per item, as the clients read them
+    timeout_secs = 10
 
     def post(k: int) -> int:
         session = requests.Session()
@@ -85,17 +87,20 @@ def test_sigkill_during_load_keeps_every_200(durable):
                     params={"name": "storm", "wait": "true"},
                     data=_rows(1_000_000 * (k + 1) + j * 10, 10),
                     headers={"Authorization": f"Bearer {durable.token}"},
-                    timeout=10,
+                    timeout=timeout_secs,
                 )
             except requests.ConnectionError:
                 break
             if response.status_code == 200:
                 ok += response.json()["successful_rows"]
+                answered.append(k)
         return ok
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(post, k) for k in range(4)]
-        time.sleep(0.5)
+        # Killed once the clients have had a few answers, however slow the machine.
+        wait_for(lambda: len(answered) >= 4, timeout_secs=timeout_secs + BUSY_MACHINE_SLACK_SECS, poll_secs=0.01,
+                 what="the clients' first answers")
         os.kill(durable.pid, signal.SIGKILL)
         acknowledged += [f.result() for f in futures]
     durable.kill()

@@ -8,6 +8,7 @@ import time
 import pytest
 import requests
 from emulator_testlib import EventsClient, assert_error, assert_ok
+from shared_testlib import BUSY_MACHINE_SLACK_SECS, wait_for
 
 from tinybird_emulator import FaultRule, LocalServer, LocalServerError
 
@@ -134,11 +135,15 @@ def test_latency_before_and_after(client, ds):
 
 def test_latency_makes_client_timeout(client, ds):
     assert_ok(client.post(ds, LINE), 200, 1)
-    client.server.set_faults([{"latency_secs": 2, "datasource": ds, "times": 1}])
+    timeout_secs = 0.5
+    # Later than the client's timeout even when a busy machine runs the client late.
+    latency_secs = timeout_secs + BUSY_MACHINE_SLACK_SECS
+    client.server.set_faults([{"latency_secs": latency_secs, "datasource": ds, "times": 1}])
     with pytest.raises(requests.ReadTimeout):
-        client.post(ds, LINE, timeout=0.5)
-    client.server.flush()
-    time.sleep(1.8)  # the delayed request then completes on the server
+        client.post(ds, LINE, timeout=timeout_secs)
+    # The delayed request then completes on the server.
+    wait_for(lambda: client.server.stats()["requests"]["total"] == 2, poll_secs=0.05,
+             timeout_secs=latency_secs + BUSY_MACHINE_SLACK_SECS, what="the delayed request to be answered")
     client.server.flush()
     assert client.count(ds) == 2
 
