@@ -21,6 +21,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows, IntervalWindow
+from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 _LOG = logging.getLogger(__name__)
@@ -161,6 +162,9 @@ DEAD_LETTER_RECORDS_WRITTEN = "dead_letter_records_written"
 DEAD_LETTER_FILES_WRITTEN = "dead_letter_files_written"
 """Counter: dead-letter files of unbounded input made final."""
 _TEMP_PREFIX = ".in-progress-"
+DEAD_LETTER_SHARDS = 16
+"""Bounded input: files written at once (Beam's WriteToFiles shards), so that a
+backfill whose every row fails is not funnelled through one writer."""
 
 
 class _JsonLinesSink(fileio.FileSink):
@@ -244,8 +248,11 @@ class _WriteBundleFilesDoFn(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._discard_open_file()
+        self._newest: Timestamp | None = None
 
-    def process(self, record: DeadLetter) -> None:
+    def process(self, record: DeadLetter, timestamp=beam.DoFn.TimestampParam) -> None:
+        if self._newest is None or timestamp > self._newest:
+            self._newest = timestamp
         if self._open is None:
             final = FileSystems.join(self._path, streaming_file_name(self._clock(), _SUFFIXES[self._format]))
             temp = FileSystems.join(self._path, _TEMP_PREFIX + final.rsplit("/", 1)[-1])
@@ -265,9 +272,13 @@ class _WriteBundleFilesDoFn(beam.DoFn):
         FileSystems.rename([temp], [final])
         self._open = None
         self._files_written.inc()
-        yield GlobalWindows.windowed_value(
+        # At the newest timestamp of its records (it opened with one), not
+        # MIN_TIMESTAMP: a downstream WindowInto puts the result in a window
+        # no older than any of its dead letters'.
+        newest = self._newest if self._newest is not None else Timestamp.of(self._clock())
+        yield WindowedValue(
             fileio.FileResult(final, shard_index=-1, total_shards=0, window=GlobalWindow(), pane=None,
-                              destination=None))
+                              destination=None), newest, (GlobalWindow(),))
 
     def teardown(self) -> None:
         self._discard_open_file()
@@ -314,6 +325,8 @@ class WriteDeadLetterFiles(beam.PTransform):
         self._format = file_format
 
     def expand(self, dead_letters):
+        # Files are not per window: each record keeps its window as text.
+        dead_letters = dead_letters | "IntoGlobalWindow" >> beam.WindowInto(GlobalWindows())
         if not dead_letters.is_bounded:
             return dead_letters | "WriteBundleFiles" >> beam.ParDo(
                 _WriteBundleFilesDoFn(path=self._path, file_format=self._format))
@@ -322,7 +335,7 @@ class WriteDeadLetterFiles(beam.PTransform):
             path=self._path,
             sink=lambda _destination: sink(),
             file_naming=_file_naming(_SUFFIXES[self._format]),
-            shards=1,
+            shards=DEAD_LETTER_SHARDS,
         )
 
 
