@@ -18,10 +18,15 @@ ten times slower on the DirectRunner, see REFERENCE.md s.3):
    oldest chunk has waited ``max_buffering_secs``.
 
 The encoder emits everything (batches, chunks, dead letters) straight into the
-global window, each keeping its own window as text (and, for chunks, in the
-key): batches never mix windows, a runner never drops late data at the
-stateful step for an expired window (late rows are sent, not lost), and no
-``WindowInto`` step is needed; :class:`IntoGlobalWindow` declares it.
+global window, each keeping its own window as text and encoded (and, for
+chunks, in the key), and each line its element's timestamp: batches never mix
+windows, a runner never drops late data at the stateful step for an expired
+window (late rows are sent, not lost), no ``WindowInto`` step is needed
+(:class:`IntoGlobalWindow` declares it), and :class:`_RestoreWindowsDoFn`
+puts every dead letter back in its element's window at its timestamp.
+Merging windows are merged within the bundle; for bounded input the chunks
+then keep their windows and the ``GroupByKey`` merges them across bundles
+(:class:`_MergeMergedWindowsDoFn`).
 Streaming runners pay for every step on every bundle, however small: for
 unbounded input the graph is encode, merge, post (one step of each).
 """
@@ -174,12 +179,13 @@ class _WindowBuffer:
     line), so a list of 40,000 lines would hold some 160 MiB for an 8 MiB batch.
     """
 
-    __slots__ = ("data", "rows", "timestamps")
+    __slots__ = ("data", "rows", "timestamps", "used")
 
     def __init__(self) -> None:
         self.data = bytearray()
         self.rows = 0
         self.timestamps = array.array("q")
+        self.used = 0
 
     def append(self, line: bytes, timestamp_micros: int) -> None:
         data = self.data
@@ -275,8 +281,8 @@ class _BundleBuffers:
     500 (before a ``GroupByKey`` every element is in its own unmerged window).
     """
 
-    __slots__ = ("_buffers", "_full_to_merge", "_keep_windows", "_last", "_max_bytes", "_max_rows",
-                 "_max_windows", "_merging", "_num_shards", "_shard", "_window_coder")
+    __slots__ = ("_buffers", "_full_to_merge", "_keep_windows", "_max_bytes", "_max_rows",
+                 "_max_windows", "_merging", "_num_shards", "_shard", "_uses", "_window_coder")
 
     def __init__(self, limits: BatchLimits, *, full_to_merge: bool, window_coder, merging_windowfn=None,
                  keep_windows: bool = False) -> None:
@@ -288,9 +294,9 @@ class _BundleBuffers:
         self._window_coder = window_coder
         self._merging = merging_windowfn
         self._keep_windows = keep_windows
-        # Insertion order is use order: a buffer is moved to the end when a line goes to another window first.
         self._buffers: dict[Any, _WindowBuffer] = {}
-        self._last: Any = None
+        # A use count: each line stamps its buffer, and an eviction (rare) looks for the oldest stamp.
+        self._uses = 0
         self._shard = random.randrange(limits.num_shards)
 
     def get(self, window) -> _WindowBuffer | None:
@@ -310,11 +316,8 @@ class _BundleBuffers:
                     out = out or []
                     out.append(self._evict())
                 buffer = buffers[window] = _WindowBuffer()
-        elif window is not self._last:
-            # Least recently used first: a window used again moves to the end.
-            del buffers[window]
-            buffers[window] = buffer
-        self._last = window
+        self._uses += 1
+        buffer.used = self._uses
         if len(buffer.data) + len(line) + 1 > self._max_bytes and buffer.rows:
             if self._full_to_merge:
                 # Sent with the line that does not fit: the merge step sees a
@@ -365,7 +368,8 @@ class _BundleBuffers:
         return target, target_buffer, out
 
     def _evict(self) -> beam.pvalue.TaggedOutput | WindowedValue:
-        oldest = next(iter(self._buffers))
+        """The least recently used buffer, as a chunk (at most ``max_windows_per_bundle`` to look at)."""
+        oldest = min(self._buffers.items(), key=lambda item: item[1].used)[0]
         return self._leave(oldest, as_chunk=True)
 
     def drain(self) -> Iterator[beam.pvalue.TaggedOutput | WindowedValue]:
@@ -376,8 +380,6 @@ class _BundleBuffers:
         """Removes the window's buffer and returns it as a full batch (on FULL_TAG) or a chunk for the merge step."""
         window_bytes = self._window_coder.encode(window)
         buffer = self._buffers.pop(window)
-        if self._last == window:
-            self._last = None
         timestamps = buffer.timestamps
         timestamp = Timestamp(micros=min(timestamps))
         if not as_chunk:

@@ -248,9 +248,10 @@ class WriteToTinybirdResult(dict):
 
     Attributes:
         dead_letters: A ``PCollection`` of :class:`DeadLetter`, one per element
-            that was not delivered, in the global window with the timestamp of
-            its batch (its own window is kept as text in ``window``). Output
-            ``"dead_letters"``.
+            (and window) that was not delivered, in the element's window (for
+            merging windows, the window the sink merged it into) at the
+            element's timestamp, with the input's windowing; the window is
+            also kept as text in ``window``. Output ``"dead_letters"``.
         dead_letter_files: When ``dead_letter_path`` was given, the
             ``PCollection`` of ``fileio.FileResult`` for the files written
             (output ``"dead_letter_files"``), else ``None`` (and no such output).

@@ -7,6 +7,7 @@ import os
 import fastavro
 import orjson
 import pytest
+from apache_beam.utils.timestamp import Timestamp
 
 from sinks.tinybird.dead_letters import DeadLetter, WriteDeadLetterFiles, _WriteBundleFilesDoFn, streaming_file_name
 
@@ -23,7 +24,7 @@ def test_a_bundle_writes_one_final_file_and_no_temporary_one(tmp_path, file_form
     writer.setup()
     writer.start_bundle()
     for i in range(3):
-        writer.process(_letter(i))
+        writer.process(_letter(i), timestamp=Timestamp(0))
     # Until the bundle ends, its records are only in a hidden temporary file.
     [temporary] = os.listdir(tmp_path)
     assert temporary.startswith(".in-progress-dead-letters-")
@@ -48,13 +49,13 @@ def test_a_failed_bundle_leaves_no_file_behind(tmp_path):
     writer = _WriteBundleFilesDoFn(path=str(tmp_path), file_format="json")
     writer.setup()
     writer.start_bundle()
-    writer.process(_letter(1))
+    writer.process(_letter(1), timestamp=Timestamp(0))
     assert len(os.listdir(tmp_path)) == 1
     writer.teardown()
     assert os.listdir(tmp_path) == []
     # A retried bundle on the same instance: the abandoned file goes when the next bundle starts.
     writer.start_bundle()
-    writer.process(_letter(1))
+    writer.process(_letter(1), timestamp=Timestamp(0))
     writer.start_bundle()
     assert os.listdir(tmp_path) == []
 
