@@ -45,7 +45,7 @@ from apache_beam.coders import BytesCoder, TupleCoder, VarIntCoder
 from apache_beam.transforms import userstate
 from apache_beam.transforms.core import Windowing
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.window import GlobalWindow, GlobalWindows, WindowFn
+from apache_beam.transforms.window import FixedWindows, GlobalWindow, GlobalWindows, Sessions, SlidingWindows, WindowFn
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -396,10 +396,11 @@ class _BundleBuffers:
 class _EncodeAndBatchDoFn(beam.DoFn):
     """Encodes elements to NDJSON lines and batches them inside the bundle.
 
-    Each element is encoded once, when it arrives, and its line appended to the
-    buffer of each of its windows (sliding windows put it in several): no line
-    is ever reused for another element, so an upstream step that yields one
-    object mutated between yields is sent as it was at each yield. Lines go to
+    For input whose elements are each in one window (global, fixed, session
+    windows: see :func:`encoder_for`). Each element is encoded when it
+    arrives: no line is ever reused for another element, so an upstream step
+    that yields one object mutated between yields is sent as it was at each
+    yield. Lines go to
     the bundle's :class:`_BundleBuffers`: full batches leave as soon as they
     fill, what is left at ``finish_bundle``, all in the global window (apply
     the DoFn with :class:`IntoGlobalWindow`). :class:`DeadLetter` records go to
@@ -407,10 +408,9 @@ class _EncodeAndBatchDoFn(beam.DoFn):
     at the element's timestamp, one per window, for elements that cannot be
     encoded or whose line alone is larger than ``max_batch_bytes``.
 
-    ``process`` takes the whole ``WindowedValue``: Beam then calls it once per
-    element, whatever its windows, and takes the ``WindowedValue`` s it returns
-    as they are (asking for the window as a parameter makes Beam call once per
-    window, about three times slower). It returns a list of outputs, or nothing
+    ``process`` takes the whole ``WindowedValue``: Beam calls a method that asks
+    for the window and the timestamp as separate parameters through a path about
+    three times slower per element. It returns a list of outputs, or nothing
     (most elements): cheaper for Beam than a generator. The helpers live
     outside the DoFn: the DirectRunner inspects the signature of every method
     of a DoFn on every bundle.
@@ -451,17 +451,15 @@ class _EncodeAndBatchDoFn(beam.DoFn):
         self._count = 0
 
     def process(self, element, wv=beam.DoFn.WindowedValueParam):
+        windows = wv.windows
+        if len(windows) != 1:
+            # Beam repeats each WindowedValue returned by this call once per window of the input.
+            raise ValueError(f"{type(self).__name__} takes elements in one window, got {len(windows)}")
         self._count += 1
         line = _line_or_refusal(element, self._max_bytes)
-        windows = wv.windows
         if isinstance(line, _Refusal):
-            return [self._dead_letter(line, window, wv.timestamp) for window in windows]
-        if len(windows) == 1:
-            return self._buffers.add(windows[0], line, wv.timestamp_micros)
-        out: list = []
-        for window in windows:
-            out.extend(self._buffers.add(window, line, wv.timestamp_micros) or ())
-        return out or None
+            return [self._dead_letter(line, windows[0], wv.timestamp)]
+        return self._buffers.add(windows[0], line, wv.timestamp_micros)
 
     def finish_bundle(self) -> Iterator[beam.pvalue.TaggedOutput | WindowedValue]:
         self._metrics.inc("elements_in", self._count)
@@ -509,11 +507,46 @@ class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
         return full
 
 
+class _EncodeAndBatchPerWindowDoFn(_EncodeAndBatchDoFn):
+    """:class:`_EncodeAndBatchDoFn` for windowing that may put an element in several windows (sliding windows).
+
+    Beam repeats each ``WindowedValue`` one call returns once per window of its
+    input, so this ``process`` asks for the window: the runner then calls it
+    once per window. The element is encoded on every call, never reused from
+    an earlier call by identity: an upstream step may yield one object mutated
+    between yields, and the line must be the element as it was when yielded.
+    ``elements_in`` counts an element once, on the call for its latest window
+    (sliding windows: the one whose start is within a period of the
+    timestamp); for other window functions, once per window.
+    """
+
+    def setup(self) -> None:
+        super().setup()
+        self._period_micros = (self._windowfn.period.micros if isinstance(self._windowfn, SlidingWindows)
+                               else None)
+
+    # Beam passes what the signature asks for: here the window and timestamp, one window a call.
+    def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+        period = self._period_micros
+        if period is None or window.start.micros > timestamp.micros - period:
+            self._count += 1
+        line = _line_or_refusal(element, self._max_bytes)
+        if isinstance(line, _Refusal):
+            return [self._dead_letter(line, window, timestamp)]
+        return self._buffers.add(window, line, timestamp.micros)
+
+
+# Window functions that put every element in exactly one window.
+_ONE_WINDOW_FNS = (GlobalWindows, FixedWindows, Sessions)
+
+
 def encoder_for(windowfn, *, bounded: bool) -> type[_EncodeAndBatchDoFn]:
     """The encoder for input windowed by ``windowfn``: the cheapest call that stays exact."""
     if bounded and type(windowfn) is GlobalWindows:
         return _EncodeAndBatchGlobalDoFn
-    return _EncodeAndBatchDoFn
+    if type(windowfn) in _ONE_WINDOW_FNS:
+        return _EncodeAndBatchDoFn
+    return _EncodeAndBatchPerWindowDoFn
 
 
 def cut_batches(

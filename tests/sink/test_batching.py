@@ -170,21 +170,24 @@ def test_bounded_batches_are_full_whatever_the_bundle_size(bundle_sizes, num_sha
 
 
 def test_an_element_in_two_windows_goes_into_each_windows_batch_once():
-    """Sliding windows: one call per element with all its windows; encoded and counted once, in each window's batch."""
+    """Sliding windows: Beam calls once per window; the element goes in each window's batch, counted once."""
     from apache_beam.transforms.window import GlobalWindow, IntervalWindow, SlidingWindows
     from apache_beam.utils.timestamp import Timestamp
 
-    from sinks.tinybird._batching import WindowKey, _EncodeAndBatchDoFn, timestamps_of
+    from sinks.tinybird._batching import WindowKey, _EncodeAndBatchPerWindowDoFn, timestamps_of
 
     limits = BatchLimits(max_batch_bytes=1024, max_batch_rows=100, max_buffering_secs=5, num_shards=1)
     windowing = Windowing(SlidingWindows(10, 5))
-    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits, windowing=windowing)
+    encoder = _EncodeAndBatchPerWindowDoFn(datasource="events", limits=limits, windowing=windowing)
     encoder.setup()
     encoder.start_bundle()
     first, second = IntervalWindow(0, 10), IntervalWindow(5, 15)
+    # The runner calls once per window (the latest first), with the same element.
     # process returns None when nothing leaves.
-    outputs = list(encoder.process({"id": 1}, wv=_windowed({"id": 1}, 7, first, second)) or ())
-    outputs += encoder.process({"id": 2}, wv=_windowed({"id": 2}, 6, first)) or ()
+    outputs = list(encoder.process({"id": 1}, window=second, timestamp=Timestamp(7)) or ())
+    outputs += encoder.process({"id": 1}, window=first, timestamp=Timestamp(7)) or ()
+    # Its window (-5, 5) is not in this bundle's test: only the call for its latest window counts it.
+    outputs += encoder.process({"id": 2}, window=first, timestamp=Timestamp(3)) or ()
     assert encoder._count == 2
     outputs += encoder.finish_bundle()
     chunks = {WindowKey(*out.value[0]).window: (out.value, out.timestamp, out.windows) for out in outputs}
@@ -192,7 +195,7 @@ def test_an_element_in_two_windows_goes_into_each_windows_batch_once():
     # Emitted into the global window; the window is in the key, as text and encoded.
     (key, chunk), timestamp, windows = chunks[window_text(first)]
     assert (chunk.payload, chunk.rows, list(timestamps_of(chunk.timestamps)), timestamp, windows) == (
-        b'{"id":1}\n{"id":2}\n', 2, [7_000_000, 6_000_000], Timestamp(6), (GlobalWindow(),))
+        b'{"id":1}\n{"id":2}\n', 2, [7_000_000, 3_000_000], Timestamp(3), (GlobalWindow(),))
     assert windowing.windowfn.get_window_coder().decode(key.window_bytes) == first
     (key, chunk), timestamp, windows = chunks[window_text(second)]
     assert (chunk.payload, chunk.rows, timestamp, windows) == (b'{"id":1}\n', 1, Timestamp(7), (GlobalWindow(),))
@@ -202,18 +205,22 @@ def test_an_object_mutated_between_yields_is_sent_as_it_was_at_each_yield():
     """Issue 21: an upstream DoFn that yields one dict mutated between yields, in sliding windows;
     each element is encoded when it arrives, never reused by identity."""
     from apache_beam.transforms.window import IntervalWindow, SlidingWindows
+    from apache_beam.utils.timestamp import Timestamp
 
-    from sinks.tinybird._batching import _EncodeAndBatchDoFn
+    from sinks.tinybird._batching import _EncodeAndBatchPerWindowDoFn
 
     limits = BatchLimits(max_batch_bytes=1024, max_batch_rows=100, max_buffering_secs=5, num_shards=1)
-    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits, windowing=Windowing(SlidingWindows(10, 5)))
+    encoder = _EncodeAndBatchPerWindowDoFn(datasource="events", limits=limits,
+                                           windowing=Windowing(SlidingWindows(10, 5)))
     encoder.setup()
     encoder.start_bundle()
     reused = {}
-    windows = (IntervalWindow(0, 10), IntervalWindow(5, 15))
+    windows = (IntervalWindow(5, 15), IntervalWindow(0, 10))
     for i in range(3):
         reused["id"] = i
-        assert encoder.process(reused, wv=_windowed(reused, 7, *windows)) is None
+        for window in windows:
+            assert encoder.process(reused, window=window, timestamp=Timestamp(7)) is None
+    assert encoder._count == 3
     payloads = sorted(out.value[1].payload for out in encoder.finish_bundle())
     assert payloads == [b'{"id":0}\n{"id":1}\n{"id":2}\n'] * 2
 
@@ -221,13 +228,38 @@ def test_an_object_mutated_between_yields_is_sent_as_it_was_at_each_yield():
 def test_the_encoder_is_chosen_by_the_window_function():
     from apache_beam.transforms.window import FixedWindows, GlobalWindows, Sessions, SlidingWindows
 
-    from sinks.tinybird._batching import _EncodeAndBatchDoFn, _EncodeAndBatchGlobalDoFn, encoder_for
+    from sinks.tinybird._batching import (
+        _EncodeAndBatchDoFn,
+        _EncodeAndBatchGlobalDoFn,
+        _EncodeAndBatchPerWindowDoFn,
+        encoder_for,
+    )
 
     assert encoder_for(GlobalWindows(), bounded=True) is _EncodeAndBatchGlobalDoFn
     assert encoder_for(GlobalWindows(), bounded=False) is _EncodeAndBatchDoFn
     assert encoder_for(FixedWindows(10), bounded=True) is _EncodeAndBatchDoFn
     assert encoder_for(Sessions(10), bounded=False) is _EncodeAndBatchDoFn
-    assert encoder_for(SlidingWindows(10, 5), bounded=True) is _EncodeAndBatchDoFn
+    assert encoder_for(SlidingWindows(10, 5), bounded=True) is _EncodeAndBatchPerWindowDoFn
+
+    class Custom(FixedWindows):
+        pass
+
+    # A subclass may assign several windows: only the exact classes take the one-window path.
+    assert encoder_for(Custom(10), bounded=True) is _EncodeAndBatchPerWindowDoFn
+
+
+def test_the_one_window_encoder_refuses_an_element_in_two_windows():
+    """Beam would repeat each output once per window: failing is better than duplicating rows."""
+    from apache_beam.transforms.window import IntervalWindow
+
+    from sinks.tinybird._batching import _EncodeAndBatchDoFn
+
+    limits = BatchLimits(max_batch_bytes=1024, max_batch_rows=100, max_buffering_secs=5, num_shards=1)
+    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits, windowing=Windowing(FixedWindows(10)))
+    encoder.setup()
+    encoder.start_bundle()
+    with pytest.raises(ValueError, match="takes elements in one window, got 2"):
+        encoder.process({"id": 1}, wv=_windowed({"id": 1}, 7, IntervalWindow(0, 10), IntervalWindow(5, 15)))
 
 
 def _windowed(element, timestamp, *windows):
@@ -289,16 +321,17 @@ def test_an_unencodable_element_in_two_windows_is_one_dead_letter_per_window_in_
     from apache_beam.transforms.window import GlobalWindow, IntervalWindow, SlidingWindows
     from apache_beam.utils.timestamp import Timestamp
 
-    from sinks.tinybird._batching import DEAD_LETTERS_TAG, _EncodeAndBatchDoFn
+    from sinks.tinybird._batching import DEAD_LETTERS_TAG, _EncodeAndBatchPerWindowDoFn
 
     limits = BatchLimits(max_batch_bytes=1024, max_batch_rows=100, max_buffering_secs=5, num_shards=1)
     coder = SlidingWindows(10, 5).get_window_coder()
-    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits, windowing=Windowing(SlidingWindows(10, 5)))
+    encoder = _EncodeAndBatchPerWindowDoFn(datasource="events", limits=limits,
+                                           windowing=Windowing(SlidingWindows(10, 5)))
     encoder.setup()
     encoder.start_bundle()
     first, second = IntervalWindow(0, 10), IntervalWindow(5, 15)
     bad = {"bad": object()}
-    outputs = encoder.process(bad, wv=_windowed(bad, 7, first, second))
+    outputs = [out for window in (first, second) for out in encoder.process(bad, window=window, timestamp=Timestamp(7))]
     assert all(isinstance(out, TaggedOutput) and out.tag == DEAD_LETTERS_TAG for out in outputs)
     # Each in the global window at the element's timestamp, its window as text and encoded (restored later).
     assert [(out.value.value[0].window, out.value.value[0].kind, coder.decode(out.value.value[1]),
