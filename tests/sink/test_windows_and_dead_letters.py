@@ -160,6 +160,42 @@ def test_past_max_windows_per_bundle_the_least_recently_used_buffer_leaves_for_t
                     "[1970-01-01T00:00:20Z, 1970-01-01T00:00:30Z)": b"4\n"}
 
 
+@pytest.mark.parametrize("windowfn", [FixedWindows(1), Sessions(0.5)])
+def test_a_bundle_of_5000_windows_never_holds_more_than_max_windows_per_bundle_buffers(windowfn):
+    """Issue 21, 3, scaled down and counted rather than measured (benchmarks/window_rss.py measures RSS)."""
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from sinks.tinybird._batching import _EncodeAndBatchDoFn, timestamps_of
+
+    limits = BatchLimits(max_batch_bytes=10_000, max_batch_rows=100, max_buffering_secs=5, num_shards=3,
+                         max_windows_per_bundle=7)
+    dofn = _EncodeAndBatchDoFn(datasource="events", limits=limits, windowing=Windowing(windowfn),
+                               full_to_merge=windowfn.is_merging(), keep_windows=windowfn.is_merging())
+    dofn.setup()
+    dofn.start_bundle()
+    outputs, most_open = [], 0
+    for i in range(5000):
+        # Windows revisited out of order: 1,000 distinct windows (sessions: one a second).
+        start = (i * 7919) % 1000
+        (window,) = windowfn.assign(_AssignContext(Timestamp(start)))
+        outputs += dofn.process({"id": i}, wv=WindowedValue({"id": i}, Timestamp(start), (window,))) or ()
+        most_open = max(most_open, len(dofn._buffers._buffers))
+    outputs += dofn.finish_bundle()
+    assert most_open == 7
+    ids, stamps = collections.Counter(), []
+    for out in outputs:
+        _, chunk = out.value
+        ids.update(orjson.loads(line)["id"] for line in chunk.payload.splitlines())
+        stamps += timestamps_of(chunk.timestamps)
+    assert ids == collections.Counter(range(5000))
+    assert sorted(stamps) == sorted(((i * 7919) % 1000) * 1_000_000 for i in range(5000))
+
+
+class _AssignContext:
+    def __init__(self, timestamp: Timestamp) -> None:
+        self.timestamp = timestamp
+
+
 def test_max_windows_per_bundle_is_validated_with_its_value_named():
     with pytest.raises(ValueError, match="max_windows_per_bundle must be at least 1, got 0"):
         WriteToTinybird(datasource="d", token="t", max_windows_per_bundle=0)
