@@ -1,0 +1,53 @@
+"""The soak's accounting: a duplicate is explained only by evidence tied to its id (issue 21, 7)."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+_SOAK = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
+
+
+@pytest.fixture(scope="module")
+def explain():
+    # The script sets PYTHONPATH for the runners' workers when imported: restored after these tests.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+        patch.setattr(sys, "path", list(sys.path))
+        spec = importlib.util.spec_from_file_location("soak_under_test", _SOAK)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        patch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        yield module.explain_by_posts
+
+
+def _stored(*ids: int) -> collections.Counter:
+    return collections.Counter(ids)
+
+
+def test_a_batch_posted_again_after_the_injected_failure_explains_its_ids(explain):
+    posts = [(202, [1, 2]), (202, [3, 4]), (202, [1, 2]), (202, [3, 4])]
+    # The failure discarded the answer to post 1; the retried bundle posted both batches again.
+    assert explain(posts, 1, _stored(1, 1, 2, 2, 3, 3, 4, 4)) == (4, 0)
+
+
+def test_a_double_post_on_one_side_of_the_failure_is_not_put_down_to_the_retry(explain):
+    # The sink posting [5, 6] twice after the failure: only the re-posted batch [1, 2] is explained.
+    posts = [(202, [1, 2]), (202, [1, 2]), (202, [5, 6]), (202, [5, 6])]
+    assert explain(posts, 0, _stored(1, 1, 2, 2, 5, 5, 6, 6)) == (2, 0)
+    # No failure in the round: a repeated batch is not explained at all.
+    assert explain(posts, None, _stored(1, 1, 2, 2, 5, 5, 6, 6)) == (0, 0)
+
+
+def test_an_unanswered_attempt_explains_only_the_ids_it_carried(explain):
+    posts = [(None, [1, 2]), (202, [1, 2]), (202, [3])]
+    assert explain(posts, None, _stored(1, 1, 2, 2, 3, 3)) == (0, 2)
+    # A batch re-posted in different batches after the failure is no evidence of a bundle retry.
+    posts = [(202, [1, 2]), (202, [1]), (202, [2])]
+    assert explain(posts, 0, _stored(1, 1, 2, 2)) == (0, 0)
