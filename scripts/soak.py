@@ -153,9 +153,12 @@ class PostLog:
     """Records the sink's HTTP posts in this process; can make the worker fail once after one."""
 
     def __init__(self) -> None:
-        self.posts: list[tuple] = []  # (status or None, ids)
+        # (status or None, ids, when it started): times are steps of one clock, counted at each
+        # post's start and end, so that a post in flight across the injected failure is told apart.
+        self.posts: list[tuple] = []
         self.fail_after: int | None = None
-        self.failed_at: int | None = None  # index in posts of the post whose answer the injected failure discarded
+        self.failed_at: int | None = None  # the step at which the injected failure discarded an answer
+        self._steps = 0
         self._lock = threading.Lock()
         self._real = requests.Session.post
 
@@ -165,18 +168,20 @@ class PostLog:
 
         def post(session, url, data=None, **kwargs):
             ids = _ids_of(data, (kwargs.get("headers") or {}).get("Content-Encoding"))
+            started = log._step()
             try:
                 response = log._real(session, url, data=data, **kwargs)
             except requests.RequestException:
                 with log._lock:
-                    log.posts.append((None, ids))
+                    log.posts.append((None, ids, started))
                 raise
             with log._lock:
-                log.posts.append((response.status_code, ids))
+                log.posts.append((response.status_code, ids, started))
                 fail = log.fail_after is not None and len(log.posts) == log.fail_after
                 if fail:
                     log.fail_after = None
-                    log.failed_at = len(log.posts) - 1
+                    log._steps += 1
+                    log.failed_at = log._steps
             if fail:
                 raise RuntimeError("soak: injected worker failure after the server answered")
             return response
@@ -186,6 +191,12 @@ class PostLog:
             yield self
         finally:
             requests.Session.post = self._real
+
+
+    def _step(self) -> int:
+        with self._lock:
+            self._steps += 1
+            return self._steps
 
 
 def _ids_of(body: bytes, encoding: str | None) -> list[int]:
@@ -203,24 +214,26 @@ def _ids_of(body: bytes, encoding: str | None) -> list[int]:
 def explain_by_posts(posts: list[tuple], failed_at: int | None, stored: Counter[int]) -> tuple[int, int]:
     """Duplicates explained by evidence tied to each one, from the posts this process saw.
 
-    Returns ``(by the retried bundle, by an attempt that got no answer)``. A
-    duplicate of an id is put down to the retried bundle only when a 2xx post up to the
-    injected failure (the failed bundle's posts, the one whose answer the failure
-    discarded included) is posted again after it with exactly the same ids in the same
-    order (a runner retrying a bundle re-posts its batches): a double post by the sink,
-    on either side of the failure, is not explained that way. What is left of an id's
-    duplicates is put down to unanswered attempts only when the id was in one (one
+    ``posts`` are ``(status or None, ids, step it started at)``; ``failed_at`` is the step
+    at which the injected failure discarded an answer. Returns ``(by the retried bundle,
+    by an attempt that got no answer)``. A duplicate of an id is put down to the retried
+    bundle only when a 2xx post started before the failure (the failed bundle's posts:
+    the one whose answer it discarded, those answered before, those still in flight) is
+    posted again, started after it, with exactly the same ids in the same order (a
+    runner retrying a bundle re-posts its batches): a double post by the sink, both
+    started on one side of the failure, is not explained that way. What is left of an
+    id's duplicates is put down to unanswered attempts only when the id was in one (one
     duplicate per such attempt). ``stored`` counts each id in the data source.
     """
     reposted: Counter[int] = collections.Counter()
     if failed_at is not None:
-        before = collections.Counter(tuple(ids) for status, ids in posts[:failed_at + 1]
-                                     if status is not None and status < 300)
-        after = collections.Counter(tuple(ids) for status, ids in posts[failed_at + 1:]
-                                    if status is not None and status < 300)
+        before = collections.Counter(tuple(ids) for status, ids, started in posts
+                                     if status is not None and status < 300 and started < failed_at)
+        after = collections.Counter(tuple(ids) for status, ids, started in posts
+                                    if status is not None and status < 300 and started > failed_at)
         for ids, times in (before & after).items():
             reposted.update({i: times for i in ids})
-    unanswered = collections.Counter(i for status, ids in posts if status is None for i in ids)
+    unanswered = collections.Counter(i for status, ids, _ in posts if status is None for i in ids)
     by_bundle = by_no_answer = 0
     for ident, count in stored.items():
         extra = count - 1
@@ -401,7 +414,7 @@ class Soak:
         mine = self.post_log.posts[posts_before:]
         failed_at = self.post_log.failed_at
         self.post_log.failed_at = None
-        result.no_answer = (sum(1 for status, _ in mine if status is None) if mine
+        result.no_answer = (sum(1 for status, _, _ in mine if status is None) if mine
                             else counters.get("responses_none", 0))
         server.clear_faults()
 
@@ -419,8 +432,7 @@ class Soak:
         result.duplicates = sum(c - 1 for c in stored.values())
         if mine:
             # The first pass's duplicates (the replay's are dead_but_stored).
-            result.bundle_retry_rows, result.no_answer_rows = explain_by_posts(
-                mine, None if failed_at is None else failed_at - posts_before, first)
+            result.bundle_retry_rows, result.no_answer_rows = explain_by_posts(mine, failed_at, first)
         result.seconds = time.monotonic() - started
         shutil.rmtree(dead_dir, ignore_errors=True)
         return result
