@@ -21,7 +21,8 @@ failure it answered (exact), requests stored but answered after the read timeout
 (counted by the server's fault rules; at most one batch each), requests cut by a
 server restart or crash, and batches re-posted by a retried bundle: each
 duplicate by evidence tied to it, from the requests this process made (an id
-re-posted, in the same batch, after the injected worker failure; an id that was
+posted by the failed bundle's client and re-posted, in the same batch, by another
+client after the injected worker failure; an id that was
 in an attempt that got no answer), never by the round's scenario; when the posts
 were made in another process (multi_processing), the bound of one batch per
 unanswered attempt. Also dead letters replayed although an earlier attempt had
@@ -48,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -153,12 +155,16 @@ class PostLog:
     """Records the sink's HTTP posts in this process; can make the worker fail once after one."""
 
     def __init__(self) -> None:
-        # (status or None, ids, when it started): times are steps of one clock, counted at each
-        # post's start and end, so that a post in flight across the injected failure is told apart.
+        # (status or None, ids, step it started at, session number). Steps count each post's start
+        # and the injected failure; the number of the requests.Session that posted tells a DoFn
+        # instance (the runner retries a failed bundle on a new one, with a new client).
         self.posts: list[tuple] = []
         self.fail_after: int | None = None
         self.failed_at: int | None = None  # the step at which the injected failure discarded an answer
+        self.failed_session: int | None = None
         self._steps = 0
+        self._sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._session_count = 0
         self._lock = threading.Lock()
         self._real = requests.Session.post
 
@@ -168,20 +174,20 @@ class PostLog:
 
         def post(session, url, data=None, **kwargs):
             ids = _ids_of(data, (kwargs.get("headers") or {}).get("Content-Encoding"))
-            started = log._step()
+            started, number = log._start(session)
             try:
                 response = log._real(session, url, data=data, **kwargs)
             except requests.RequestException:
                 with log._lock:
-                    log.posts.append((None, ids, started))
+                    log.posts.append((None, ids, started, number))
                 raise
             with log._lock:
-                log.posts.append((response.status_code, ids, started))
+                log.posts.append((response.status_code, ids, started, number))
                 fail = log.fail_after is not None and len(log.posts) == log.fail_after
                 if fail:
                     log.fail_after = None
                     log._steps += 1
-                    log.failed_at = log._steps
+                    log.failed_at, log.failed_session = log._steps, number
             if fail:
                 raise RuntimeError("soak: injected worker failure after the server answered")
             return response
@@ -193,10 +199,15 @@ class PostLog:
             requests.Session.post = self._real
 
 
-    def _step(self) -> int:
+    def _start(self, session: requests.Session) -> tuple[int, int]:
+        """The step a post starts at, and its session's number."""
         with self._lock:
             self._steps += 1
-            return self._steps
+            number = self._sessions.get(session)
+            if number is None:
+                self._session_count += 1
+                number = self._sessions[session] = self._session_count
+            return self._steps, number
 
 
 def _ids_of(body: bytes, encoding: str | None) -> list[int]:
@@ -211,29 +222,33 @@ def _ids_of(body: bytes, encoding: str | None) -> list[int]:
     return [orjson.loads(line)["id"] for line in body.split(b"\n") if line.strip()]
 
 
-def explain_by_posts(posts: list[tuple], failed_at: int | None, stored: Counter[int]) -> tuple[int, int]:
+def explain_by_posts(posts: list[tuple], failure: tuple[int, int] | None,
+                     stored: Counter[int]) -> tuple[int, int]:
     """Duplicates explained by evidence tied to each one, from the posts this process saw.
 
-    ``posts`` are ``(status or None, ids, step it started at)``; ``failed_at`` is the step
-    at which the injected failure discarded an answer. Returns ``(by the retried bundle,
-    by an attempt that got no answer)``. A duplicate of an id is put down to the retried
-    bundle only when a 2xx post started before the failure (the failed bundle's posts:
-    the one whose answer it discarded, those answered before, those still in flight) is
-    posted again, started after it, with exactly the same ids in the same order (a
-    runner retrying a bundle re-posts its batches): a double post by the sink, both
-    started on one side of the failure, is not explained that way. What is left of an
-    id's duplicates is put down to unanswered attempts only when the id was in one (one
+    ``posts`` are ``(status or None, ids, step it started at, session number)``;
+    ``failure`` is ``(step, session number)`` of the injected failure, which discarded an
+    answer. Returns ``(by the retried bundle, by an attempt that got no answer)``. A
+    duplicate of an id is put down to the retried bundle only when a 2xx post by the
+    failed bundle's client (the session the failure hit: the DoFn instance that ran the
+    bundle, before the failure or still in flight after it) is posted again, by another
+    client, started after the failure, with exactly the same ids in the same order (the
+    runner retries a failed bundle on a new DoFn instance, which re-posts its batches).
+    A double post by one client is never explained that way. What is left of an id's
+    duplicates is put down to unanswered attempts only when the id was in one (one
     duplicate per such attempt). ``stored`` counts each id in the data source.
     """
     reposted: Counter[int] = collections.Counter()
-    if failed_at is not None:
-        before = collections.Counter(tuple(ids) for status, ids, started in posts
-                                     if status is not None and status < 300 and started < failed_at)
-        after = collections.Counter(tuple(ids) for status, ids, started in posts
-                                    if status is not None and status < 300 and started > failed_at)
+    if failure is not None:
+        failed_at, failed_session = failure
+        before = collections.Counter(tuple(ids) for status, ids, _, session in posts
+                                     if status is not None and status < 300 and session == failed_session)
+        after = collections.Counter(tuple(ids) for status, ids, started, session in posts
+                                    if status is not None and status < 300 and started > failed_at
+                                    and session != failed_session)
         for ids, times in (before & after).items():
             reposted.update({i: times for i in ids})
-    unanswered = collections.Counter(i for status, ids, _ in posts if status is None for i in ids)
+    unanswered = collections.Counter(i for status, ids, _, _ in posts if status is None for i in ids)
     by_bundle = by_no_answer = 0
     for ident, count in stored.items():
         extra = count - 1
@@ -412,9 +427,10 @@ class Soak:
             result.late_stores = _latency_only_fired(server)
         result.after_fault_rows = stats["rows"]["stored_by_after_faults"]
         mine = self.post_log.posts[posts_before:]
-        failed_at = self.post_log.failed_at
-        self.post_log.failed_at = None
-        result.no_answer = (sum(1 for status, _, _ in mine if status is None) if mine
+        failure = (None if self.post_log.failed_at is None
+                   else (self.post_log.failed_at, self.post_log.failed_session))
+        self.post_log.failed_at = self.post_log.failed_session = None
+        result.no_answer = (sum(1 for status, *_ in mine if status is None) if mine
                             else counters.get("responses_none", 0))
         server.clear_faults()
 
@@ -432,7 +448,7 @@ class Soak:
         result.duplicates = sum(c - 1 for c in stored.values())
         if mine:
             # The first pass's duplicates (the replay's are dead_but_stored).
-            result.bundle_retry_rows, result.no_answer_rows = explain_by_posts(mine, failed_at, first)
+            result.bundle_retry_rows, result.no_answer_rows = explain_by_posts(mine, failure, first)
         result.seconds = time.monotonic() - started
         shutil.rmtree(dead_dir, ignore_errors=True)
         return result

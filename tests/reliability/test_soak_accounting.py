@@ -32,24 +32,28 @@ def _stored(*ids: int) -> collections.Counter:
 
 
 def test_a_batch_posted_again_after_the_injected_failure_explains_its_ids(explain):
-    # (status, ids, step started). The failure (step 5) discarded the answer to [3, 4]; [5, 6] was in
-    # flight then (started at 4, answered after): the retried bundle posted all three again.
-    posts = [(202, [1, 2], 1), (202, [3, 4], 3), (202, [5, 6], 4), (202, [1, 2], 7), (202, [3, 4], 9),
-             (202, [5, 6], 11)]
-    assert explain(posts, 5, _stored(1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6)) == (6, 0)
+    # (status, ids, step started, session). The failure (step 5) hit session 1 and discarded the
+    # answer to [3, 4]; session 1 went on posting [5, 6] before the bundle failed; the retried
+    # bundle, on a new client (session 2), posted all three again.
+    posts = [(202, [1, 2], 1, 1), (202, [3, 4], 3, 1), (202, [5, 6], 6, 1), (202, [1, 2], 7, 2),
+             (202, [3, 4], 9, 2), (202, [5, 6], 11, 2)]
+    assert explain(posts, (5, 1), _stored(1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6)) == (6, 0)
 
 
-def test_a_double_post_on_one_side_of_the_failure_is_not_put_down_to_the_retry(explain):
-    # The sink posting [5, 6] twice after the failure: only the re-posted batch [1, 2] is explained.
-    posts = [(202, [1, 2], 1), (202, [1, 2], 4), (202, [5, 6], 6), (202, [5, 6], 8)]
-    assert explain(posts, 3, _stored(1, 1, 2, 2, 5, 5, 6, 6)) == (2, 0)
+def test_a_double_post_by_one_client_is_not_put_down_to_the_retry(explain):
+    # Session 2 posting [5, 6] twice: only the re-posted batch [1, 2] is explained.
+    posts = [(202, [1, 2], 1, 1), (202, [1, 2], 4, 2), (202, [5, 6], 6, 2), (202, [5, 6], 8, 2)]
+    assert explain(posts, (3, 1), _stored(1, 1, 2, 2, 5, 5, 6, 6)) == (2, 0)
+    # The failed client posting a batch twice, either side of the failure: not explained either.
+    posts = [(202, [7], 1, 1), (202, [7], 4, 1)]
+    assert explain(posts, (3, 1), _stored(7, 7)) == (0, 0)
     # No failure in the round: a repeated batch is not explained at all.
-    assert explain(posts, None, _stored(1, 1, 2, 2, 5, 5, 6, 6)) == (0, 0)
+    assert explain([(202, [1, 2], 1, 1), (202, [1, 2], 2, 2)], None, _stored(1, 1, 2, 2)) == (0, 0)
 
 
 def test_an_unanswered_attempt_explains_only_the_ids_it_carried(explain):
-    posts = [(None, [1, 2], 1), (202, [1, 2], 3), (202, [3], 5)]
+    posts = [(None, [1, 2], 1, 1), (202, [1, 2], 3, 1), (202, [3], 5, 1)]
     assert explain(posts, None, _stored(1, 1, 2, 2, 3, 3)) == (0, 2)
     # A batch re-posted in different batches after the failure is no evidence of a bundle retry.
-    posts = [(202, [1, 2], 1), (202, [1], 4), (202, [2], 6)]
-    assert explain(posts, 3, _stored(1, 1, 2, 2)) == (0, 0)
+    posts = [(202, [1, 2], 1, 1), (202, [1], 4, 2), (202, [2], 6, 2)]
+    assert explain(posts, (3, 1), _stored(1, 1, 2, 2)) == (0, 0)
