@@ -617,3 +617,24 @@ def test_the_injected_lookup_is_the_one_used_and_its_address_is_connected_to():
             transport.close()
     assert lookups == [("tinybird.test", port)]
     assert response.status == 200 and orjson.loads(response.body)["successful_rows"] == 1
+
+
+def test_without_an_injected_lookup_socket_getaddrinfo_is_looked_up_at_each_lookup(monkeypatch):
+    """A patch of socket.getaddrinfo made after the transport was built (this suite's loopback guard,
+    gevent's) is the one used."""
+    with RawServer(default=answer(200, b'{"successful_rows":1,"quarantined_rows":0}')) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        transport = _transport(f"http://tinybird.test:{port}/v0/events", None, attempt_timeout_secs=5.0)
+        lookups = []
+
+        def patched(host, port_, *args, **kwargs):
+            lookups.append(host)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port_))]
+
+        monkeypatch.setattr(socket, "getaddrinfo", patched)
+        try:
+            response = transport.post(b'{"id":1}\n')
+        finally:
+            transport.close()
+    # Then urllib3 looks up the address it connects to, an IP literal (no DNS query).
+    assert lookups[0] == "tinybird.test" and set(lookups[1:]) <= {"127.0.0.1"} and response.status == 200

@@ -189,7 +189,8 @@ class _Resolver:
     added per hung lookup.
     """
 
-    def __init__(self, getaddrinfo: Callable[..., Any]) -> None:
+    def __init__(self, getaddrinfo: Callable[..., Any] | None) -> None:
+        # None: socket.getaddrinfo as it is at each lookup (a test's or a library's patch included).
         self._getaddrinfo = getaddrinfo
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=_LOOKUP_THREADS, thread_name_prefix="tinybird-dns")
@@ -205,7 +206,7 @@ class _Resolver:
             return [str(ipaddress.ip_address(host.strip("[]")))]
         except ValueError:
             pass
-        future = self._pool.submit(self._getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        future = self._pool.submit(self._getaddrinfo or socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
         try:
             infos = future.result(timeout=max(timeout_secs, 0.0))
         except concurrent.futures.TimeoutError:
@@ -336,15 +337,15 @@ class Transport:
             TLS handshake, sending, the answer's headers and body.
         ca_bundle_path: CA bundle to verify the server with (else requests' default).
         max_in_flight: Connections kept in the pool.
-        getaddrinfo: The name lookup (``socket.getaddrinfo``'s signature); tests
-            inject one that hangs.
+        getaddrinfo: The name lookup (``socket.getaddrinfo``'s signature), or
+            None for ``socket.getaddrinfo``; tests inject one that hangs.
     """
 
     def __init__(
         self, *, url: str, headers: Mapping[str, str], token: str, redactor: Redactor,
         connect_timeout_secs: float, read_timeout_secs: float, attempt_timeout_secs: float,
         ca_bundle_path: str | None, max_in_flight: int,
-        getaddrinfo: Callable[..., Any] = socket.getaddrinfo,
+        getaddrinfo: Callable[..., Any] | None = None,
     ) -> None:
         self._url = url
         self._api_url = url.split("/v0/", 1)[0]
