@@ -562,7 +562,8 @@ class Soak:
             f"    dead letters replayed though an attempt had stored them         {total('dead_but_stored')}",
             f"    re-posted in the same batch after the injected worker failure   {total('bundle_retry_rows')}",
             f"    attempts without an answer (timeouts, resets, restarts)         {total('no_answer')} "
-            f"({sum(r.no_answer_rows or 0 for r in rounds)} duplicates of ids that were in one; "
+            f"({sum(r.no_answer_rows or 0 for r in rounds)} duplicates of ids that were in one, "
+            f"some also in the server's count; "
             f"{total('late_stores')} known stored and answered late)",
             f"    exactly explained {total('exact_explained')}; bound with unanswered attempts "
             f"{total('explained_bound')}; unexplained {unexplained}",
