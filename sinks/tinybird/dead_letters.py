@@ -305,8 +305,9 @@ class WriteDeadLetterFiles(beam.PTransform):
     Unbounded input is grouped across bundles before it is written: a
     ``GroupByKey`` over ``STREAMING_FILE_KEYS`` keys, in the global window,
     fires a pane ``STREAMING_FILE_EVERY_SECS`` (processing time) after its
-    first dead letter, and when the watermark reaches the end (drain, end of a test stream), whatever the
-    user's windowing, the watermark or a late timestamp. Each pane becomes one
+    first dead letter, and a last one when the watermark reaches the end (a
+    drain, the end of a test stream), whatever the user's windowing, the
+    watermark or a late timestamp. Each pane becomes one
     final file (``dead-letters-<UTC time>-<random>``): at most
     ``STREAMING_FILE_KEYS`` files per ``STREAMING_FILE_EVERY_SECS`` (720 an
     hour) rather than one per bundle that has a dead letter (at 1% bad rows,
