@@ -136,6 +136,12 @@ def add_sink_arguments(parser: argparse.ArgumentParser, *, streaming: bool = Fal
         help=f"Keys the sink's batching is spread over; bounds its parallelism. "
              f"Default {sink_default('num_shards')}.")
     add_argument_once(
+        parser, "--max_windows_per_bundle", type=int, default=sink_default("max_windows_per_bundle"),
+        help=f"Windows a bundle keeps a partial batch open for; past it, the least recently used "
+             f"one leaves for the cross-bundle merge, so a worker holds at most this many batches "
+             f"per bundle however many windows the input has. "
+             f"Default {sink_default('max_windows_per_bundle')}.")
+    add_argument_once(
         parser, "--dead_letter_path",
         help="Directory (any Beam filesystem path, e.g. gs://bucket/dead-letters/) where rows that "
              "could not be delivered are written, with the reason. Without it they are only counted "
@@ -178,6 +184,7 @@ class SinkConfig:
     max_batch_bytes: int = sink_default("max_batch_bytes")
     max_batch_rows: int = sink_default("max_batch_rows")
     num_shards: int = sink_default("num_shards")
+    max_windows_per_bundle: int = sink_default("max_windows_per_bundle")
     max_buffering_secs: float = sink_default("max_buffering_secs")
     dead_letter_path: str | None = None
     dead_letter_format: str = sink_default("dead_letter_format")
@@ -208,8 +215,8 @@ class SinkConfig:
         defaults = {field.name: field.default for field in dataclasses.fields(cls)}
         compression = values.get("compression", defaults["compression"])
         taken = {name: values[name] for name in (
-            "token_env", "max_batch_bytes", "max_batch_rows", "num_shards", "max_buffering_secs",
-            "dead_letter_format") if values.get(name) is not None}
+            "token_env", "max_batch_bytes", "max_batch_rows", "num_shards", "max_windows_per_bundle",
+            "max_buffering_secs", "dead_letter_format") if values.get(name) is not None}
         return cls(
             datasource=datasource,
             api_url=api_url,
@@ -240,6 +247,7 @@ class SinkConfig:
             max_batch_rows=self.max_batch_rows,
             max_buffering_secs=self.max_buffering_secs,
             num_shards=self.num_shards,
+            max_windows_per_bundle=self.max_windows_per_bundle,
             dead_letter_path=self.dead_letter_path if write_dead_letter_files else None,
             dead_letter_format=self.dead_letter_format,
         )

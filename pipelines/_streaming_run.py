@@ -44,7 +44,7 @@ from pipelines._summary import (
     list_dead_letter_files,
     summarise,
 )
-from sinks.tinybird.dead_letters import DEAD_LETTER_RECORDS_WRITTEN
+from sinks.tinybird.dead_letters import DEAD_LETTER_RECORDS_WRITTEN, STREAMING_FILE_EVERY_SECS
 
 _LOG = logging.getLogger(__name__)
 
@@ -59,8 +59,9 @@ PROGRESS_EVERY_SECS = 5.0
 
 
 def settle_timeout_secs(max_buffering_secs: float) -> float:
-    """How long a stop waits for the rows in flight: a partial batch's wait, a blocked pull, a margin."""
-    return max_buffering_secs + DIRECT_RUNNER_PULL_SECS + SETTLE_MARGIN_SECS
+    """How long a stop waits for the rows in flight: a partial batch's wait, a blocked pull, the
+    wait of a dead letter for its file, a margin."""
+    return max_buffering_secs + DIRECT_RUNNER_PULL_SECS + STREAMING_FILE_EVERY_SECS + SETTLE_MARGIN_SECS
 
 
 def is_local_runner(runner: object) -> bool:

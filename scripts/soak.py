@@ -19,9 +19,14 @@ events sent, acknowledged, dead-lettered, stored, missing (must be 0) and
 duplicates, each with its explanation: rows the server says it stored behind a
 failure it answered (exact), requests stored but answered after the read timeout
 (counted by the server's fault rules; at most one batch each), requests cut by a
-server restart or crash (at most one batch each), batches re-posted by a retried
-bundle (exact, from the requests this process made), and dead letters replayed
-although an earlier attempt had stored them (exact). Exit status 1 if an id is
+server restart or crash, and batches re-posted by a retried bundle: each
+duplicate by evidence tied to it, from the requests this process made (an id
+posted by the failed bundle's client and re-posted, in the same batch, by another
+client after the injected worker failure; an id that was
+in an attempt that got no answer), never by the round's scenario; when the posts
+were made in another process (multi_processing), the bound of one batch per
+unanswered attempt. Also dead letters replayed although an earlier attempt had
+stored them (exact). Exit status 1 if an id is
 missing or a duplicate is not explained.
 
 Everything runs on 127.0.0.1; the runners are named explicitly (FnApiRunner,
@@ -44,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -98,8 +104,11 @@ class Round:
     # Explanations of the duplicates.
     after_fault_rows: int = 0  # exact: the server's rows.stored_by_after_faults
     dead_but_stored: int = 0  # exact: replayed dead letters an earlier attempt had stored
-    bundle_retry_rows: int = 0  # exact: 2xx posts of the same rows by a retried bundle
+    bundle_retry_rows: int = 0  # exact: ids re-posted, in the same batch, after the injected worker failure
     no_answer: int = 0  # attempts without a response (timeouts, resets, restarts): at most one batch each
+    # When this process saw the round's posts: duplicates of ids that were in an unanswered attempt
+    # (evidence per id); else None and the bound no_answer * rows_per_batch stands.
+    no_answer_rows: int | None = None
     late_stores: int = 0  # of those, requests the server stored and answered after the read timeout
     rows_per_batch: int = 0
     seconds: float = 0.0
@@ -110,6 +119,8 @@ class Round:
 
     @property
     def explained_bound(self) -> int:
+        if self.no_answer_rows is not None:
+            return self.exact_explained + self.no_answer_rows
         return self.exact_explained + self.no_answer * self.rows_per_batch
 
     @property
@@ -127,9 +138,12 @@ class Round:
             why.append(f"{self.bundle_retry_rows} re-posted by a retried bundle")
         if self.late_stores:
             why.append(f"{self.late_stores} stored but answered late")
-        if self.duplicates > self.exact_explained:
+        if self.duplicates > self.exact_explained and self.no_answer_rows is not None:
+            why.append(f"{min(self.duplicates - self.exact_explained, self.no_answer_rows)} of ids in "
+                       f"{self.no_answer} unanswered attempts")
+        elif self.duplicates > self.exact_explained:
             why.append(f"{self.duplicates - self.exact_explained} within {self.no_answer} unanswered attempts "
-                       f"x {self.rows_per_batch} rows")
+                       f"x {self.rows_per_batch} rows (a bound: the posts were made in another process)")
         ack = "n/a" if self.acknowledged is None else str(self.acknowledged)
         return (
             f"[{self.number:3d}] {self.scenario:<16} {self.settings:<44} sent {self.sent:6d}  ack {ack:>6}  "
@@ -141,8 +155,16 @@ class PostLog:
     """Records the sink's HTTP posts in this process; can make the worker fail once after one."""
 
     def __init__(self) -> None:
-        self.posts: list[tuple] = []  # (status or None, ids)
+        # (status or None, ids, step it started at, session number). Steps count each post's start
+        # and the injected failure; the number of the requests.Session that posted tells a DoFn
+        # instance (the runner retries a failed bundle on a new one, with a new client).
+        self.posts: list[tuple] = []
         self.fail_after: int | None = None
+        self.failed_at: int | None = None  # the step at which the injected failure discarded an answer
+        self.failed_session: int | None = None
+        self._steps = 0
+        self._sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._session_count = 0
         self._lock = threading.Lock()
         self._real = requests.Session.post
 
@@ -152,17 +174,20 @@ class PostLog:
 
         def post(session, url, data=None, **kwargs):
             ids = _ids_of(data, (kwargs.get("headers") or {}).get("Content-Encoding"))
+            started, number = log._start(session)
             try:
                 response = log._real(session, url, data=data, **kwargs)
             except requests.RequestException:
                 with log._lock:
-                    log.posts.append((None, ids))
+                    log.posts.append((None, ids, started, number))
                 raise
             with log._lock:
-                log.posts.append((response.status_code, ids))
+                log.posts.append((response.status_code, ids, started, number))
                 fail = log.fail_after is not None and len(log.posts) == log.fail_after
                 if fail:
                     log.fail_after = None
+                    log._steps += 1
+                    log.failed_at, log.failed_session = log._steps, number
             if fail:
                 raise RuntimeError("soak: injected worker failure after the server answered")
             return response
@@ -172,6 +197,17 @@ class PostLog:
             yield self
         finally:
             requests.Session.post = self._real
+
+
+    def _start(self, session: requests.Session) -> tuple[int, int]:
+        """The step a post starts at, and its session's number."""
+        with self._lock:
+            self._steps += 1
+            number = self._sessions.get(session)
+            if number is None:
+                self._session_count += 1
+                number = self._sessions[session] = self._session_count
+            return self._steps, number
 
 
 def _ids_of(body: bytes, encoding: str | None) -> list[int]:
@@ -184,6 +220,44 @@ def _ids_of(body: bytes, encoding: str | None) -> list[int]:
     elif encoding == "gzip":
         body = zlib.decompress(body, wbits=31)
     return [orjson.loads(line)["id"] for line in body.split(b"\n") if line.strip()]
+
+
+def explain_by_posts(posts: list[tuple], failure: tuple[int, int] | None,
+                     stored: Counter[int]) -> tuple[int, int]:
+    """Duplicates explained by evidence tied to each one, from the posts this process saw.
+
+    ``posts`` are ``(status or None, ids, step it started at, session number)``;
+    ``failure`` is ``(step, session number)`` of the injected failure, which discarded an
+    answer. Returns ``(by the retried bundle, by an attempt that got no answer)``. A
+    duplicate of an id is put down to the retried bundle only when a 2xx post by the
+    failed bundle's client (the session the failure hit: the DoFn instance that ran the
+    bundle, before the failure or still in flight after it) is posted again, by another
+    client, started after the failure, with exactly the same ids in the same order (the
+    runner retries a failed bundle on a new DoFn instance, which re-posts its batches).
+    A double post by one client is never explained that way. What is left of an id's
+    duplicates is put down to unanswered attempts only when the id was in one (one
+    duplicate per such attempt). ``stored`` counts each id in the data source.
+    """
+    reposted: Counter[int] = collections.Counter()
+    if failure is not None:
+        failed_at, failed_session = failure
+        before = collections.Counter(tuple(ids) for status, ids, _, session in posts
+                                     if status is not None and status < 300 and session == failed_session)
+        after = collections.Counter(tuple(ids) for status, ids, started, session in posts
+                                    if status is not None and status < 300 and started > failed_at
+                                    and session != failed_session)
+        for ids, times in (before & after).items():
+            reposted.update({i: times for i in ids})
+    unanswered = collections.Counter(i for status, ids, _, _ in posts if status is None for i in ids)
+    by_bundle = by_no_answer = 0
+    for ident, count in stored.items():
+        extra = count - 1
+        if extra <= 0:
+            continue
+        from_bundle = min(extra, reposted[ident])
+        by_bundle += from_bundle
+        by_no_answer += min(extra - from_bundle, unanswered[ident])
+    return by_bundle, by_no_answer
 
 
 def _counters(result) -> dict[str, int]:
@@ -352,13 +426,12 @@ class Soak:
         if scenario == "slow_answers":
             result.late_stores = _latency_only_fired(server)
         result.after_fault_rows = stats["rows"]["stored_by_after_faults"]
-        if runner == "bundle_based":
-            mine = self.post_log.posts[posts_before:]
-            result.no_answer = sum(1 for status, _ in mine if status is None)
-            posted = collections.Counter(i for status, ids in mine if status is not None and status < 300 for i in ids)
-            result.bundle_retry_rows = sum(c - 1 for c in posted.values() if c > 1)
-        else:
-            result.no_answer = counters.get("responses_none", 0)
+        mine = self.post_log.posts[posts_before:]
+        failure = (None if self.post_log.failed_at is None
+                   else (self.post_log.failed_at, self.post_log.failed_session))
+        self.post_log.failed_at = self.post_log.failed_session = None
+        result.no_answer = (sum(1 for status, *_ in mine if status is None) if mine
+                            else counters.get("responses_none", 0))
         server.clear_faults()
 
         letters = _dead_letters(dead_dir)
@@ -373,6 +446,9 @@ class Soak:
         result.stored_unique = len(stored)
         result.missing = n - len(set(stored) & set(range(start, start + n)))
         result.duplicates = sum(c - 1 for c in stored.values())
+        if mine:
+            # The first pass's duplicates (the replay's are dead_but_stored).
+            result.bundle_retry_rows, result.no_answer_rows = explain_by_posts(mine, failure, first)
         result.seconds = time.monotonic() - started
         shutil.rmtree(dead_dir, ignore_errors=True)
         return result
@@ -484,9 +560,11 @@ class Soak:
             f"  duplicates                 {duplicates}",
             f"    stored behind a failure the server answered (server's count)   {total('after_fault_rows')}",
             f"    dead letters replayed though an attempt had stored them         {total('dead_but_stored')}",
-            f"    re-posted by a retried bundle (requests made, exact)            {total('bundle_retry_rows')}",
+            f"    re-posted in the same batch after the injected worker failure   {total('bundle_retry_rows')}",
             f"    attempts without an answer (timeouts, resets, restarts)         {total('no_answer')} "
-            f"(at most one batch each; {total('late_stores')} known stored and answered late)",
+            f"({sum(r.no_answer_rows or 0 for r in rounds)} duplicates of ids that were in one, "
+            f"some also in the server's count; "
+            f"{total('late_stores')} known stored and answered late)",
             f"    exactly explained {total('exact_explained')}; bound with unanswered attempts "
             f"{total('explained_bound')}; unexplained {unexplained}",
             f"  rounds whose duplicates equal the exact explanation: "

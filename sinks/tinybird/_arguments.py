@@ -79,6 +79,7 @@ CHECKS: Mapping[str, _Check] = {
     "max_batch_rows": _whole,
     "max_buffering_secs": _number,
     "num_shards": _whole,
+    "max_windows_per_bundle": _whole,
     "max_in_flight": _whole,
     "retry_policy": _retry_policy,
     "connect_timeout_secs": _number,

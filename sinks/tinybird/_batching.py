@@ -18,16 +18,22 @@ ten times slower on the DirectRunner, see REFERENCE.md s.3):
    oldest chunk has waited ``max_buffering_secs``.
 
 The encoder emits everything (batches, chunks, dead letters) straight into the
-global window, each keeping its own window as text (and, for chunks, in the
-key): batches never mix windows, a runner never drops late data at the
-stateful step for an expired window (late rows are sent, not lost), and no
-``WindowInto`` step is needed; :class:`IntoGlobalWindow` declares it.
+global window, each keeping its own window as text and encoded (and, for
+chunks, in the key), and each line its element's timestamp: batches never mix
+windows, a runner never drops late data at the stateful step for an expired
+window (late rows are sent, not lost), no ``WindowInto`` step is needed
+(:class:`IntoGlobalWindow` declares it), and :class:`_RestoreWindowsDoFn`
+puts every dead letter back in its element's window at its timestamp.
+Merging windows are merged within the bundle; for bounded input the chunks
+then keep their windows and the ``GroupByKey`` merges them across bundles
+(:class:`_MergeMergedWindowsDoFn`).
 Streaming runners pay for every step on every bundle, however small: for
 unbounded input the graph is encode, merge, post (one step of each).
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import random
 import time
@@ -39,8 +45,8 @@ from apache_beam.coders import BytesCoder, TupleCoder, VarIntCoder
 from apache_beam.transforms import userstate
 from apache_beam.transforms.core import Windowing
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.window import FixedWindows, GlobalWindow, GlobalWindows, Sessions
-from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+from apache_beam.transforms.window import FixedWindows, GlobalWindow, GlobalWindows, Sessions, SlidingWindows, WindowFn
+from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from sinks.tinybird._encoding import EncodingError, element_repr, encode_element
@@ -52,26 +58,42 @@ FULL_TAG = "full"
 
 
 class Chunk(NamedTuple):
-    """``\\n``-terminated NDJSON lines and how many there are."""
+    """``\\n``-terminated NDJSON lines, how many there are, and each line's timestamp.
+
+    ``timestamps`` holds one signed 64-bit microsecond timestamp per line
+    (``array("q")`` bytes, in line order): a line that is dead-lettered after a
+    merge still gets its own element's timestamp.
+    """
 
     payload: bytes
     rows: int
+    timestamps: bytes
 
 
 class WindowKey(NamedTuple):
-    """Where a chunk belongs: a shard of one window (deterministically encodable)."""
+    """Where a chunk belongs: a shard of one window (deterministically encodable).
+
+    ``window`` is the window as text (as dead letters show it), ``window_bytes``
+    the window encoded with the input's window coder (so a dead letter can be
+    put back in its window). For merging windows of bounded input the key holds
+    the shard alone (the rest empty) and the chunk travels in its window, which
+    the ``GroupByKey`` merges.
+    """
 
     shard: int
     window_max_micros: int
     window: str
+    window_bytes: bytes
 
 
 class Batch(NamedTuple):
-    """One request's worth of lines, and the window (as text) they belong to."""
+    """One request's worth of lines, their window, and each line's timestamp."""
 
     window: str
     payload: bytes
     rows: int
+    window_bytes: bytes
+    timestamps: bytes
 
 
 # The types Beam sees. Keys, chunks and batches travel as plain tuples of these
@@ -79,21 +101,31 @@ class Batch(NamedTuple):
 # construction, and how it infers a GroupByKey's output over NamedTuple keys and
 # values differs between releases (2.78 gives plain tuples); plain tuples also get
 # Beam's cheap deterministic TupleCoder rather than a row or pickle coder.
-KEY_HINT = tuple[int, int, str]
-CHUNK_HINT = tuple[bytes, int]
+KEY_HINT = tuple[int, int, str, bytes]
+CHUNK_HINT = tuple[bytes, int, bytes]
 KEYED_CHUNK_HINT = tuple[KEY_HINT, CHUNK_HINT]
 GROUPED_CHUNKS_HINT = tuple[KEY_HINT, Iterable[CHUNK_HINT]]
-BATCH_HINT = tuple[str, bytes, int]
+BATCH_HINT = tuple[str, bytes, int, bytes, bytes]
+# A dead letter on its way to the user's windowing: the record and its window,
+# encoded with the input's window coder; the element's timestamp is the value's own.
+WINDOWED_DEAD_LETTER_HINT = tuple[DeadLetter, bytes]
 
 _GLOBAL_WINDOW = GlobalWindow()
 _GLOBAL_WINDOWS = (_GLOBAL_WINDOW,)
 
-_CHUNK_CODER = TupleCoder([BytesCoder(), VarIntCoder()])
+_CHUNK_CODER = TupleCoder([BytesCoder(), VarIntCoder(), BytesCoder()])
+
+
+def timestamps_of(timestamps: bytes) -> array.array:
+    """The per-line microsecond timestamps of a chunk or batch."""
+    values = array.array("q")
+    values.frombytes(timestamps)
+    return values
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BatchLimits:
-    """Bounds on one request, and how long a partial batch may wait.
+    """Bounds on one request, how long a partial batch may wait, and open buffers per bundle.
 
     Attributes:
         max_batch_bytes: Bound on the uncompressed NDJSON of one request.
@@ -102,12 +134,17 @@ class BatchLimits:
             partial batch before it is sent anyway.
         num_shards: Keys the batching state is spread over; each shard posts
             on its own, so this bounds the sink's parallelism.
+        max_windows_per_bundle: Bound on the windows a bundle keeps a buffer
+            open for (as Beam's ``WriteToFiles(max_writers_per_bundle=)``):
+            past it, the least recently used buffer leaves for the cross-bundle
+            merge, so a bundle's memory does not grow with its windows.
     """
 
     max_batch_bytes: int
     max_batch_rows: int
     max_buffering_secs: float
     num_shards: int
+    max_windows_per_bundle: int = 20
 
     def __post_init__(self) -> None:
         if self.max_batch_bytes < 2:
@@ -118,6 +155,8 @@ class BatchLimits:
             raise ValueError(f"max_buffering_secs must be positive, got {self.max_buffering_secs!r}")
         if self.num_shards < 1:
             raise ValueError(f"num_shards must be at least 1, got {self.num_shards!r}")
+        if self.max_windows_per_bundle < 1:
+            raise ValueError(f"max_windows_per_bundle must be at least 1, got {self.max_windows_per_bundle!r}")
 
 
 def never_sent(
@@ -140,12 +179,25 @@ class _WindowBuffer:
     line), so a list of 40,000 lines would hold some 160 MiB for an 8 MiB batch.
     """
 
-    __slots__ = ("data", "min_timestamp_micros", "rows")
+    __slots__ = ("data", "rows", "timestamps", "used")
 
-    def __init__(self, timestamp_micros: int) -> None:
+    def __init__(self) -> None:
         self.data = bytearray()
         self.rows = 0
-        self.min_timestamp_micros = timestamp_micros
+        self.timestamps = array.array("q")
+        self.used = 0
+
+    def append(self, line: bytes, timestamp_micros: int) -> None:
+        data = self.data
+        data += line
+        data += b"\n"
+        self.rows += 1
+        self.timestamps.append(timestamp_micros)
+
+    def extend(self, other: _WindowBuffer) -> None:
+        self.data += other.data
+        self.rows += other.rows
+        self.timestamps.extend(other.timestamps)
 
 
 class IntoGlobalWindow(beam.ParDo):
@@ -160,6 +212,17 @@ class IntoGlobalWindow(beam.ParDo):
         return Windowing(GlobalWindows())
 
 
+class IntoWindowing(beam.ParDo):
+    """A ``ParDo`` whose DoFn emits every output in a window of ``windowing`` itself (see :class:`IntoGlobalWindow`)."""
+
+    def __init__(self, dofn: beam.DoFn, windowing: Windowing) -> None:
+        super().__init__(dofn)
+        self._windowing = windowing
+
+    def get_windowing(self, inputs) -> Windowing:
+        return self._windowing
+
+
 class _Refusal(NamedTuple):
     """Why an element has no line to send: the fields of its dead letters."""
 
@@ -167,9 +230,6 @@ class _Refusal(NamedTuple):
     message: str
     line: str | None
     element: str | None
-
-
-_MIN_MICROS = MIN_TIMESTAMP.micros
 
 
 def _unencodable(element, error: EncodingError) -> _Refusal:
@@ -190,15 +250,15 @@ def _line_or_refusal(element, max_bytes: int) -> bytes | _Refusal:
     return _oversize(line, max_bytes) if len(line) >= max_bytes else line
 
 
-def _dead_letter(
-    refusal: _Refusal, *, datasource: str, window, timestamp: Timestamp | None, metrics: SinkMetrics,
-) -> beam.pvalue.TaggedOutput:
-    """The dead letter for one window, in the global window (``timestamp`` None: the input's, already global)."""
-    metrics.dead_letters(refusal.kind.value, 1)
-    letter = never_sent(datasource=datasource, kind=refusal.kind, message=refusal.message,
-                        window=window, line=refusal.line, element=refusal.element)
-    return beam.pvalue.TaggedOutput(
-        DEAD_LETTERS_TAG, letter if timestamp is None else WindowedValue(letter, timestamp, _GLOBAL_WINDOWS))
+class _MergeContext(WindowFn.MergeContext):
+    """Records the merges a merging ``WindowFn`` asks for, as ``(windows, result)``."""
+
+    def __init__(self, windows) -> None:
+        super().__init__(windows)
+        self.merges: list[tuple[list, Any]] = []
+
+    def merge(self, to_be_merged, merge_result) -> None:
+        self.merges.append((list(to_be_merged), merge_result))
 
 
 class _BundleBuffers:
@@ -207,92 +267,146 @@ class _BundleBuffers:
     A buffer leaves as a full :class:`Batch` on ``FULL_TAG`` as soon as the next
     line would not fit or it holds ``max_batch_rows`` (with ``full_to_merge``,
     as a ``(WindowKey, Chunk)`` on the main output instead, with the line that
-    did not fit: a chunk over a limit, which the merge step cuts at once); :meth:`drain`
-    hands what is left as ``(WindowKey, Chunk)``. Every output is a
-    ``WindowedValue`` in the global window, its own window kept as text.
+    did not fit: a chunk over a limit, which the merge step cuts at once). When
+    a line opens a buffer past ``max_windows_per_bundle``, the least recently
+    used buffer leaves as a chunk; :meth:`drain` hands what is left as chunks.
+
+    Outputs are ``WindowedValue`` s in the global window, their own window kept
+    in the key, except with ``keep_windows`` (merging windows of bounded
+    input): chunks then travel in their own window under a key of the shard
+    alone, so that a ``GroupByKey`` merges them as Beam merges windows.
+
+    With a merging ``windowfn`` the buffers of a bundle are merged as Beam would
+    merge their windows: a session of 500 rows in one bundle is one buffer, not
+    500 (before a ``GroupByKey`` every element is in its own unmerged window).
     """
 
-    __slots__ = ("_buffers", "_full_to_merge", "_max_bytes", "_max_rows", "_num_shards", "_shard")
+    __slots__ = ("_buffers", "_full_to_merge", "_keep_windows", "_max_bytes", "_max_rows",
+                 "_max_windows", "_merging", "_num_shards", "_shard", "_uses", "_window_coder")
 
-    def __init__(self, limits: BatchLimits, *, full_to_merge: bool) -> None:
+    def __init__(self, limits: BatchLimits, *, full_to_merge: bool, window_coder, merging_windowfn=None,
+                 keep_windows: bool = False) -> None:
         self._max_bytes = limits.max_batch_bytes
         self._max_rows = limits.max_batch_rows
+        self._max_windows = limits.max_windows_per_bundle
         self._num_shards = limits.num_shards
         self._full_to_merge = full_to_merge
+        self._window_coder = window_coder
+        self._merging = merging_windowfn
+        self._keep_windows = keep_windows
         self._buffers: dict[Any, _WindowBuffer] = {}
+        # A use count: each line stamps its buffer, and an eviction (rare) looks for the oldest stamp.
+        self._uses = 0
         self._shard = random.randrange(limits.num_shards)
 
     def get(self, window) -> _WindowBuffer | None:
         """The window's open buffer, if any (appending a line that fits is the caller's right)."""
         return self._buffers.get(window)
 
-    def add(self, window, line: bytes, timestamp_micros: int) -> beam.pvalue.TaggedOutput | WindowedValue | None:
-        """Adds a line (that fits in a batch) to its window's buffer; returns a full batch when one leaves."""
-        buffer = self._buffers.get(window)
-        full = None
+    def add(self, window, line: bytes, timestamp_micros: int) -> list | None:
+        """Adds a line (that fits in a batch) to its window's buffer; returns what leaves, if anything."""
+        buffers = self._buffers
+        buffer = buffers.get(window)
+        out: list | None = None
         if buffer is None:
-            buffer = self._buffers[window] = _WindowBuffer(timestamp_micros)
-        elif len(buffer.data) + len(line) + 1 > self._max_bytes:
+            if self._merging is not None:
+                window, buffer, out = self._merge_into(window)
+            if buffer is None:
+                if len(buffers) >= self._max_windows:
+                    out = out or []
+                    out.append(self._evict())
+                buffer = buffers[window] = _WindowBuffer()
+        self._uses += 1
+        buffer.used = self._uses
+        if len(buffer.data) + len(line) + 1 > self._max_bytes and buffer.rows:
             if self._full_to_merge:
                 # Sent with the line that does not fit: the merge step sees a
                 # chunk over the limit and cuts the full batch at once.
-                self._append(buffer, line, timestamp_micros)
-                del self._buffers[window]
-                return self._chunk(window, buffer)
+                buffer.append(line, timestamp_micros)
+                out = out or []
+                out.append(self._leave(window, as_chunk=True))
+                return out
             # Checked before adding, so that no batch is over the limit.
-            full = self._full(window, buffer)
-            buffer = self._buffers[window] = _WindowBuffer(timestamp_micros)
-        elif timestamp_micros < buffer.min_timestamp_micros:
-            buffer.min_timestamp_micros = timestamp_micros
-        data = buffer.data
-        data += line
-        data += b"\n"
-        buffer.rows += 1
+            out = out or []
+            out.append(self._leave(window, as_chunk=False))
+            buffer = buffers[window] = _WindowBuffer()
+        buffer.append(line, timestamp_micros)
         if buffer.rows >= self._max_rows:
-            # Then ``full`` is None: a buffer that was kept holds fewer rows than
-            # the limit, and a new one holds a single row.
-            del self._buffers[window]
-            return self._full(window, buffer)
-        return full
+            out = out or []
+            out.append(self._leave(window, as_chunk=self._full_to_merge))
+        return out
 
-    @staticmethod
-    def _append(buffer: _WindowBuffer, line: bytes, timestamp_micros: int) -> None:
-        buffer.data += line
-        buffer.data += b"\n"
-        buffer.rows += 1
-        if timestamp_micros < buffer.min_timestamp_micros:
-            buffer.min_timestamp_micros = timestamp_micros
+    def _merge_into(self, window) -> tuple[Any, _WindowBuffer | None, list | None]:
+        """Merges a new window with the open ones as the window function says.
 
-    def drain(self) -> Iterator[WindowedValue]:
-        buffers, self._buffers = self._buffers, {}
-        for window, buffer in buffers.items():
-            yield self._chunk(window, buffer)
+        Returns the window the line goes to, its buffer (None: a new one is
+        needed) and the chunks of a merged buffer over a limit (the merge step
+        cuts them).
+        """
+        context = _MergeContext([*self._buffers, window])
+        self._merging.merge(context)
+        target, target_buffer, out = window, None, None
+        for to_merge, result in context.merges:
+            merged = _WindowBuffer()
+            for merged_window in to_merge:
+                old = self._buffers.pop(merged_window, None)
+                if old is not None:
+                    merged.extend(old)
+            if window in to_merge:
+                target = result
+                target_buffer = merged
+            self._buffers[result] = merged
+            if len(merged.data) >= self._max_bytes or merged.rows >= self._max_rows:
+                out = out or []
+                out.append(self._leave(result, as_chunk=True))
+                if target is result:
+                    target_buffer = None
+        if target_buffer is not None and not target_buffer.rows:
+            # The new window merged with nothing open: an empty buffer is as good as none.
+            del self._buffers[target]
+            target_buffer = None
+        return target, target_buffer, out
 
-    def _full(self, window, buffer: _WindowBuffer) -> beam.pvalue.TaggedOutput | WindowedValue:
-        if self._full_to_merge:
-            return self._chunk(window, buffer)
-        batch = Batch(window_text(window), bytes(buffer.data), buffer.rows)
-        timestamp = Timestamp(micros=buffer.min_timestamp_micros)
-        return beam.pvalue.TaggedOutput(FULL_TAG, WindowedValue(batch, timestamp, _GLOBAL_WINDOWS))
+    def _evict(self) -> beam.pvalue.TaggedOutput | WindowedValue:
+        """The least recently used buffer, as a chunk (at most ``max_windows_per_bundle`` to look at)."""
+        oldest = min(self._buffers.items(), key=lambda item: item[1].used)[0]
+        return self._leave(oldest, as_chunk=True)
 
-    def _chunk(self, window, buffer: _WindowBuffer) -> WindowedValue:
-        """The buffer as ``(WindowKey, Chunk)``, on the next shard, for the merge step."""
+    def drain(self) -> Iterator[beam.pvalue.TaggedOutput | WindowedValue]:
+        while self._buffers:
+            yield self._leave(next(iter(self._buffers)), as_chunk=True)
+
+    def _leave(self, window, *, as_chunk: bool) -> beam.pvalue.TaggedOutput | WindowedValue:
+        """Removes the window's buffer and returns it as a full batch (on FULL_TAG) or a chunk for the merge step."""
+        window_bytes = self._window_coder.encode(window)
+        buffer = self._buffers.pop(window)
+        timestamps = buffer.timestamps
+        timestamp = Timestamp(micros=min(timestamps))
+        if not as_chunk:
+            batch = Batch(window_text(window), bytes(buffer.data), buffer.rows, window_bytes, timestamps.tobytes())
+            return beam.pvalue.TaggedOutput(FULL_TAG, WindowedValue(batch, timestamp, _GLOBAL_WINDOWS))
         self._shard = (self._shard + 1) % self._num_shards
-        key = WindowKey(self._shard, window.max_timestamp().micros, window_text(window))
-        chunk = Chunk(bytes(buffer.data), buffer.rows)
-        return WindowedValue((key, chunk), Timestamp(micros=buffer.min_timestamp_micros), _GLOBAL_WINDOWS)
+        chunk = Chunk(bytes(buffer.data), buffer.rows, timestamps.tobytes())
+        if self._keep_windows:
+            return WindowedValue((WindowKey(self._shard, 0, "", b""), chunk), timestamp, (window,))
+        key = WindowKey(self._shard, window.max_timestamp().micros, window_text(window), window_bytes)
+        return WindowedValue((key, chunk), timestamp, _GLOBAL_WINDOWS)
 
 
 class _EncodeAndBatchDoFn(beam.DoFn):
     """Encodes elements to NDJSON lines and batches them inside the bundle.
 
     For input whose elements are each in one window (global, fixed, session
-    windows: see :func:`encoder_for`). Lines go to the bundle's
-    :class:`_BundleBuffers`: full batches leave as soon as they fill, what is
-    left at ``finish_bundle``, all in the global window (apply the DoFn with
-    :class:`IntoGlobalWindow`). :class:`DeadLetter` records go to
-    ``DEAD_LETTERS_TAG``, one per window, for elements that cannot be encoded
-    or whose line alone is larger than ``max_batch_bytes``.
+    windows: see :func:`encoder_for`). Each element is encoded when it
+    arrives: no line is ever reused for another element, so an upstream step
+    that yields one object mutated between yields is sent as it was at each
+    yield. Lines go to
+    the bundle's :class:`_BundleBuffers`: full batches leave as soon as they
+    fill, what is left at ``finish_bundle``, all in the global window (apply
+    the DoFn with :class:`IntoGlobalWindow`). :class:`DeadLetter` records go to
+    ``DEAD_LETTERS_TAG`` as ``(DeadLetter, window bytes)`` in the global window
+    at the element's timestamp, one per window, for elements that cannot be
+    encoded or whose line alone is larger than ``max_batch_bytes``.
 
     ``process`` takes the whole ``WindowedValue``: Beam calls a method that asks
     for the window and the timestamp as separate parameters through a path about
@@ -302,111 +416,124 @@ class _EncodeAndBatchDoFn(beam.DoFn):
     of a DoFn on every bundle.
 
     Args:
+        windowing: The input's windowing: its window coder encodes the windows
+            that dead letters are put back in; a merging window function merges
+            the bundle's buffers.
         full_to_merge: Send full buffers to the merge step with the remainders
             rather than on ``FULL_TAG``. For unbounded input: its bundles are
             small, so a buffer rarely fills inside one, and a posting step of
-            their own would run on every bundle for (nearly) nothing.
+            their own would run on every bundle for (nearly) nothing. Also for
+            merging windows, whose windows are merged by the merge step.
+        keep_windows: Emit chunks and dead letters in their own windows (for
+            merging windows of bounded input, merged by a ``GroupByKey``; apply
+            with :class:`IntoWindowing`).
     """
 
-    def __init__(self, *, datasource: str, limits: BatchLimits, full_to_merge: bool = False) -> None:
+    def __init__(self, *, datasource: str, limits: BatchLimits, windowing: Windowing,
+                 full_to_merge: bool = False, keep_windows: bool = False) -> None:
         self._datasource = datasource
         self._limits = limits
+        self._windowfn = windowing.windowfn
         self._full_to_merge = full_to_merge
+        self._keep_windows = keep_windows
 
     def setup(self) -> None:
         self._metrics = SinkMetrics()
         self._max_bytes = self._limits.max_batch_bytes
         self._max_rows = self._limits.max_batch_rows
+        self._window_coder = self._windowfn.get_window_coder()
+        self._merging = self._windowfn if self._windowfn.is_merging() else None
 
     def start_bundle(self) -> None:
-        self._buffers = _BundleBuffers(self._limits, full_to_merge=self._full_to_merge)
+        self._buffers = _BundleBuffers(
+            self._limits, full_to_merge=self._full_to_merge, window_coder=self._window_coder,
+            merging_windowfn=self._merging, keep_windows=self._keep_windows)
         self._count = 0
 
     def process(self, element, wv=beam.DoFn.WindowedValueParam):
         windows = wv.windows
         if len(windows) != 1:
-            # Beam would emit each output of this call once per window of the input.
+            # Beam repeats each WindowedValue returned by this call once per window of the input.
             raise ValueError(f"{type(self).__name__} takes elements in one window, got {len(windows)}")
         self._count += 1
         line = _line_or_refusal(element, self._max_bytes)
         if isinstance(line, _Refusal):
-            return [_dead_letter(line, datasource=self._datasource, window=windows[0], timestamp=wv.timestamp,
-                                 metrics=self._metrics)]
-        full = self._buffers.add(windows[0], line, wv.timestamp_micros)
-        return None if full is None else [full]
+            return [self._dead_letter(line, windows[0], wv.timestamp)]
+        return self._buffers.add(windows[0], line, wv.timestamp_micros)
 
-    def finish_bundle(self) -> Iterator[WindowedValue]:
+    def finish_bundle(self) -> Iterator[beam.pvalue.TaggedOutput | WindowedValue]:
         self._metrics.inc("elements_in", self._count)
         yield from self._buffers.drain()
+
+    def _dead_letter(self, refusal: _Refusal, window, timestamp: Timestamp) -> beam.pvalue.TaggedOutput:
+        """The dead letter for one window of an element, with that window as bytes and the element's timestamp."""
+        self._metrics.dead_letters(refusal.kind.value, 1)
+        letter = never_sent(datasource=self._datasource, kind=refusal.kind, message=refusal.message,
+                            window=window, line=refusal.line, element=refusal.element)
+        windows = (window,) if self._keep_windows else _GLOBAL_WINDOWS
+        return beam.pvalue.TaggedOutput(
+            DEAD_LETTERS_TAG, WindowedValue((letter, self._window_coder.encode(window)), timestamp, windows))
 
 
 class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
     """:class:`_EncodeAndBatchDoFn` for bounded input in the global window.
 
-    ``process`` takes the element alone, Beam's cheapest call (about a third of
-    the cost of the ``WindowedValue``): every element is in the one window, and
-    its timestamp is not needed, as nothing downstream waits on a watermark.
-    A line that fits in the open buffer is appended right there (most lines),
-    without the general path's look-up of the window's buffer.
+    ``process`` takes the element and its timestamp, a cheaper call than the
+    ``WindowedValue``: every element is in the one window. A line that fits
+    in the open buffer is appended right there (most lines), without the
+    general path's look-up of the window's buffer.
     """
 
     def start_bundle(self) -> None:
         super().start_bundle()
         self._open: _WindowBuffer | None = None
 
-    # Beam passes what the signature asks for: here the element alone.
-    def process(self, element):  # type: ignore[override]
+    # Beam passes what the signature asks for: here the element and its timestamp.
+    def process(self, element, timestamp=beam.DoFn.TimestampParam):
         self._count += 1
         try:
             line = encode_element(element)
         except EncodingError as error:
-            # The input is in the global window already: the output inherits it.
-            return [_dead_letter(_unencodable(element, error), datasource=self._datasource, window=_GLOBAL_WINDOW,
-                                 timestamp=None, metrics=self._metrics)]
+            return [self._dead_letter(_unencodable(element, error), _GLOBAL_WINDOW, timestamp)]
         buffer = self._open
         if buffer is not None and len(buffer.data) + len(line) < self._max_bytes and buffer.rows + 1 < self._max_rows:
-            data = buffer.data
-            data += line
-            data += b"\n"
-            buffer.rows += 1
+            buffer.append(line, timestamp.micros)
             # A bare return: Beam warns, at construction, about a process that says "return None".
             return
         if len(line) >= self._max_bytes:
-            return [_dead_letter(_oversize(line, self._max_bytes), datasource=self._datasource,
-                                 window=_GLOBAL_WINDOW, timestamp=None, metrics=self._metrics)]
-        full = self._buffers.add(_GLOBAL_WINDOW, line, _MIN_MICROS)
+            return [self._dead_letter(_oversize(line, self._max_bytes), _GLOBAL_WINDOW, timestamp)]
+        full = self._buffers.add(_GLOBAL_WINDOW, line, timestamp.micros)
         self._open = self._buffers.get(_GLOBAL_WINDOW)
-        return None if full is None else [full]
+        return full
 
 
 class _EncodeAndBatchPerWindowDoFn(_EncodeAndBatchDoFn):
     """:class:`_EncodeAndBatchDoFn` for windowing that may put an element in several windows (sliding windows).
 
-    Beam emits whatever one call of ``process`` yields once per window of its
+    Beam repeats each ``WindowedValue`` one call returns once per window of its
     input, so this ``process`` asks for the window: the runner then calls it
-    once per window (the slower path, for this windowing only). The calls for
-    one element come in a row with the same object: it is encoded and counted
-    once.
+    once per window. The element is encoded on every call, never reused from
+    an earlier call by identity: an upstream step may yield one object mutated
+    between yields, and the line must be the element as it was when yielded.
+    ``elements_in`` counts an element once, on the call for its latest window
+    (sliding windows: the one whose start is within a period of the
+    timestamp); for other window functions, once per window.
     """
 
-    def start_bundle(self) -> None:
-        super().start_bundle()
-        self._last: tuple[object, bytes | _Refusal] | None = None
+    def setup(self) -> None:
+        super().setup()
+        self._period_micros = (self._windowfn.period.micros if isinstance(self._windowfn, SlidingWindows)
+                               else None)
 
     # Beam passes what the signature asks for: here the window and timestamp, one window a call.
     def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
-        last = self._last
-        if last is not None and last[0] is element:
-            line = last[1]
-        else:
+        period = self._period_micros
+        if period is None or window.start.micros > timestamp.micros - period:
             self._count += 1
-            line = _line_or_refusal(element, self._max_bytes)
-            self._last = (element, line)
+        line = _line_or_refusal(element, self._max_bytes)
         if isinstance(line, _Refusal):
-            return [_dead_letter(line, datasource=self._datasource, window=window, timestamp=timestamp,
-                                 metrics=self._metrics)]
-        full = self._buffers.add(window, line, timestamp.micros)
-        return None if full is None else [full]
+            return [self._dead_letter(line, window, timestamp)]
+        return self._buffers.add(window, line, timestamp.micros)
 
 
 # Window functions that put every element in exactly one window.
@@ -425,7 +552,7 @@ def encoder_for(windowfn, *, bounded: bool) -> type[_EncodeAndBatchDoFn]:
 def cut_batches(
     chunks: Iterable[Chunk], *, max_bytes: int, max_rows: int, flush: bool,
 ) -> tuple[list[Chunk], Chunk | None]:
-    """Cuts chunks into batches at line boundaries.
+    """Cuts chunks into batches at line boundaries, each line keeping its timestamp.
 
     Returns the full batches and, unless ``flush``, the remainder that fills
     neither limit (``None`` when nothing remains). With ``flush`` the remainder
@@ -436,10 +563,14 @@ def cut_batches(
     chunks = list(chunks)
     if not chunks:
         return [], None
-    data = chunks[0].payload if len(chunks) == 1 else b"".join(c.payload for c in chunks)
+    if len(chunks) == 1:
+        data, stamps = chunks[0].payload, chunks[0].timestamps
+    else:
+        data = b"".join(c.payload for c in chunks)
+        stamps = b"".join(c.timestamps for c in chunks)
     rows_left = sum(c.rows for c in chunks)
     batches: list[Chunk] = []
-    start, total = 0, len(data)
+    start, total, row = 0, len(data), 0
     while start < total and (total - start >= max_bytes or rows_left >= max_rows):
         end = data.rfind(b"\n", start, start + max_bytes) + 1
         if end <= start:
@@ -450,16 +581,21 @@ def cut_batches(
             for _ in range(max_rows):
                 end = data.index(b"\n", end) + 1
             rows = max_rows
-        batches.append(Chunk(data[start:end], rows))
+        batches.append(Chunk(data[start:end], rows, stamps[row * 8:(row + rows) * 8]))
         rows_left -= rows
+        row += rows
         start = end
     if start == total:
         return batches, None
-    rest = Chunk(data[start:] if start else data, rows_left)
+    rest = Chunk(data[start:] if start else data, rows_left, stamps[row * 8:] if row else stamps)
     if flush:
         batches.append(rest)
         return batches, None
     return batches, rest
+
+
+def _batch(key: WindowKey, chunk: Chunk) -> Batch:
+    return Batch(key.window, chunk.payload, chunk.rows, key.window_bytes, chunk.timestamps)
 
 
 class _BatchDoFn(beam.DoFn):
@@ -491,7 +627,7 @@ class _BatchDoFn(beam.DoFn):
         held=beam.DoFn.StateParam(HELD),
         window_end=beam.DoFn.TimerParam(WINDOW_END),
         stale=beam.DoFn.TimerParam(STALE),
-    ) -> Iterator[Batch]:
+    ) -> Iterator[BATCH_HINT]:
         key, chunk = WindowKey(*element[0]), Chunk(*element[1])
         limits = self._limits
         held_bytes, held_rows = held.read() or (0, 0)
@@ -517,7 +653,7 @@ class _BatchDoFn(beam.DoFn):
                 _arm(key, window_end, stale, clock=self._clock,
                      stale_after_secs=self._limits.max_buffering_secs if self._processing_time else None)
         for batch in batches:
-            yield Batch(key.window, *batch)
+            yield _batch(key, batch)
 
     @userstate.on_timer(WINDOW_END)
     def on_window_end(
@@ -525,7 +661,7 @@ class _BatchDoFn(beam.DoFn):
         key=beam.DoFn.KeyParam,
         buffer=beam.DoFn.StateParam(BUFFER),
         held=beam.DoFn.StateParam(HELD),
-    ) -> Iterator[Batch]:
+    ) -> Iterator[BATCH_HINT]:
         yield from _flush(key, buffer, held, self._limits)
 
     @userstate.on_timer(STALE)
@@ -534,7 +670,7 @@ class _BatchDoFn(beam.DoFn):
         key=beam.DoFn.KeyParam,
         buffer=beam.DoFn.StateParam(BUFFER),
         held=beam.DoFn.StateParam(HELD),
-    ) -> Iterator[Batch]:
+    ) -> Iterator[BATCH_HINT]:
         yield from _flush(key, buffer, held, self._limits)
 
 
@@ -550,7 +686,7 @@ def _arm(key: WindowKey, window_end, stale, *, clock, stale_after_secs: float | 
         stale.set(Timestamp.of(clock() + stale_after_secs))
 
 
-def _flush(key, buffer, held, limits: BatchLimits) -> list[Batch]:
+def _flush(key, buffer, held, limits: BatchLimits) -> list[BATCH_HINT]:
     """Everything a shard holds, as batches (a timer that finds nothing does nothing)."""
     if not held.read():
         return []
@@ -559,38 +695,77 @@ def _flush(key, buffer, held, limits: BatchLimits) -> list[Batch]:
         max_rows=limits.max_batch_rows, flush=True)
     buffer.clear()
     held.clear()
-    return [Batch(WindowKey(*key).window, *chunk) for chunk in chunks]
+    key = WindowKey(*key)
+    return [_batch(key, chunk) for chunk in chunks]
+
+
+def _merge_grouped(key: WindowKey, chunks: Iterable[CHUNK_HINT], limits: BatchLimits) -> Iterator[BATCH_HINT]:
+    """Cuts a group of chunks into batches, reading it as it streams in (about one batch held at a time)."""
+    pending: list[Chunk] = []
+    pending_bytes = pending_rows = 0
+    for raw in chunks:
+        chunk = Chunk(*raw)
+        pending.append(chunk)
+        pending_bytes += len(chunk.payload)
+        pending_rows += chunk.rows
+        if pending_bytes >= limits.max_batch_bytes or pending_rows >= limits.max_batch_rows:
+            batches, rest = cut_batches(
+                pending, max_bytes=limits.max_batch_bytes, max_rows=limits.max_batch_rows, flush=False)
+            for batch in batches:
+                yield _batch(key, batch)
+            pending = [rest] if rest is not None else []
+            pending_bytes = len(rest.payload) if rest is not None else 0
+            pending_rows = rest.rows if rest is not None else 0
+    batches, _ = cut_batches(
+        pending, max_bytes=limits.max_batch_bytes, max_rows=limits.max_batch_rows, flush=True)
+    for batch in batches:
+        yield _batch(key, batch)
 
 
 class _MergeRemaindersDoFn(beam.DoFn):
     """Bounded input: cuts the grouped remainders of one shard and window into batches.
 
-    Follows a ``GroupByKey``, which every batch runner supports without timers;
-    the group is read as it streams in, holding about one batch at a time.
+    Follows a ``GroupByKey``, which every batch runner supports without timers.
     """
 
     def __init__(self, *, limits: BatchLimits) -> None:
         self._limits = limits
 
-    def process(self, element: GROUPED_CHUNKS_HINT) -> Iterator[Batch]:
-        key, chunks = WindowKey(*element[0]), element[1]
-        limits = self._limits
-        pending: list[Chunk] = []
-        pending_bytes = pending_rows = 0
-        for raw in chunks:
-            chunk = Chunk(*raw)
-            pending.append(chunk)
-            pending_bytes += len(chunk.payload)
-            pending_rows += chunk.rows
-            if pending_bytes >= limits.max_batch_bytes or pending_rows >= limits.max_batch_rows:
-                batches, rest = cut_batches(
-                    pending, max_bytes=limits.max_batch_bytes, max_rows=limits.max_batch_rows, flush=False)
-                for batch in batches:
-                    yield Batch(key.window, *batch)
-                pending = [rest] if rest is not None else []
-                pending_bytes = len(rest.payload) if rest is not None else 0
-                pending_rows = rest.rows if rest is not None else 0
-        batches, _ = cut_batches(
-            pending, max_bytes=limits.max_batch_bytes, max_rows=limits.max_batch_rows, flush=True)
-        for batch in batches:
-            yield Batch(key.window, *batch)
+    def process(self, element: GROUPED_CHUNKS_HINT) -> Iterator[BATCH_HINT]:
+        yield from _merge_grouped(WindowKey(*element[0]), element[1], self._limits)
+
+
+class _MergeMergedWindowsDoFn(beam.DoFn):
+    """Bounded input in merging windows: cuts the chunks of one shard and merged window into batches.
+
+    Follows a ``GroupByKey`` over chunks in their own windows, keyed by shard
+    alone: Beam merged the windows (sessions of chunks from every bundle make
+    one), and this DoFn takes the merged window from the runner. Batches leave
+    in the global window (apply with :class:`IntoGlobalWindow`).
+    """
+
+    def __init__(self, *, limits: BatchLimits, windowing: Windowing) -> None:
+        self._limits = limits
+        self._window_coder = windowing.windowfn.get_window_coder()
+
+    def process(self, element: GROUPED_CHUNKS_HINT, window=beam.DoFn.WindowParam) -> Iterator[WindowedValue]:
+        key = WindowKey(element[0][0], window.max_timestamp().micros, window_text(window),
+                        self._window_coder.encode(window))
+        for batch in _merge_grouped(key, element[1], self._limits):
+            yield WindowedValue(batch, Timestamp(micros=min(timestamps_of(batch[4]))), _GLOBAL_WINDOWS)
+
+
+class _RestoreWindowsDoFn(beam.DoFn):
+    """Puts each dead letter back in its element's window, at its element's timestamp.
+
+    Dead letters travel in the global window with their window encoded (the
+    batching steps run in the global window); this step, applied with
+    :class:`IntoWindowing` and the input's windowing, decodes it.
+    """
+
+    def __init__(self, windowing: Windowing) -> None:
+        self._window_coder = windowing.windowfn.get_window_coder()
+
+    def process(self, element: WINDOWED_DEAD_LETTER_HINT, timestamp=beam.DoFn.TimestampParam):
+        letter, window_bytes = element
+        return [WindowedValue(letter, timestamp, (self._window_coder.decode(window_bytes),))]

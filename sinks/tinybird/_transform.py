@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.transforms.window import GlobalWindow
+from apache_beam.transforms.core import Windowing
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -21,12 +22,17 @@ from sinks.tinybird._batching import (
     DEAD_LETTERS_TAG,
     FULL_TAG,
     KEYED_CHUNK_HINT,
+    WINDOWED_DEAD_LETTER_HINT,
     Batch,
     BatchLimits,
     IntoGlobalWindow,
+    IntoWindowing,
     _BatchDoFn,
+    _MergeMergedWindowsDoFn,
     _MergeRemaindersDoFn,
+    _RestoreWindowsDoFn,
     encoder_for,
+    timestamps_of,
 )
 from sinks.tinybird._beam_compat import declare_tagged_types
 from sinks.tinybird._events_api import ClientSettings, EventsApiClient, Failed, SendReport
@@ -50,8 +56,14 @@ DEFAULT_MAX_BATCH_ROWS = 200_000
 DEFAULT_MAX_BUFFERING_SECS = 5.0
 DEFAULT_NUM_SHARDS = 8
 DEFAULT_MAX_IN_FLIGHT = 4
+DEFAULT_MAX_WINDOWS_PER_BUNDLE = 20
 _PROGRESS_EVERY_SECS = 10.0
+# Failures that raise_on_failure raises on: a bundle retry may deliver them. A
+# 422 (partially stored) and a short 2xx must not be sent again, and a single
+# row refused with 413 never fits: those are dead-lettered whatever the option.
+_RAISE_KINDS = frozenset({DeadLetterKind.REJECTED, DeadLetterKind.RETRIES_EXHAUSTED})
 
+_GLOBAL_WINDOWS = (GlobalWindow(),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +86,17 @@ class _PostDoFn(beam.DoFn):
     ``process``, ``finish_bundle`` or ``teardown`` is longer. Every request of
     a bundle is finished, delivered or dead-lettered, before ``finish_bundle``
     returns. Metrics and outputs are produced in the bundle's thread. Dead
-    letters are emitted in the global window, at the timestamp of their batch;
-    each keeps its window as text.
+    letters are emitted in the global window, one per line, at the timestamp
+    of that line's element, with its window encoded (``_RestoreWindowsDoFn``
+    puts them back in it).
+
+    With ``raise_on_failure``, a rejected batch (400/401/403/404...) or one
+    whose retries ran out does not raise at once: the bundle stops handing out
+    new batches, waits for every request in flight, dead-letters what must not
+    be sent again (422, a short 2xx, a single row refused with 413), then
+    raises :class:`DeliveryError` from ``finish_bundle``. The runner retries
+    the bundle, which re-posts every batch of it, including those delivered
+    before the failure.
     """
 
     def __init__(
@@ -100,14 +121,23 @@ class _PostDoFn(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._pending: collections.deque[_InFlight] = collections.deque()
+        self._failure: DeliveryError | None = None
+        self._not_posted_rows = 0
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
         batch = Batch(*element)
+        if self._failure is not None:
+            # The bundle will fail and be retried with this batch in it: posting it now would duplicate it.
+            self._not_posted_rows += batch.rows
+            return
         self._metrics.batch(payload_bytes=len(batch.payload), rows=batch.rows)
         # Results leave in order; at most max_in_flight requests are under way,
         # and a new one is submitted only to a free thread.
         while len(self._pending) >= self._settings.max_in_flight:
             yield from self._complete(self._pending.popleft())
+        if self._failure is not None:
+            self._not_posted_rows += batch.rows
+            return
         future = self._pool.submit(self._client.send, batch.payload, batch.rows)
         self._pending.append(_InFlight(
             future=future, batch=batch, timestamp=timestamp,
@@ -118,6 +148,12 @@ class _PostDoFn(beam.DoFn):
     def finish_bundle(self) -> Iterator[Any]:
         while self._pending:
             yield from self._complete(self._pending.popleft())
+        if self._failure is not None:
+            failure = self._failure
+            if self._not_posted_rows:
+                _LOG.warning("Tinybird %s: %d rows of the failed bundle not posted; the bundle's retry posts them",
+                             self._settings.datasource, self._not_posted_rows)
+            raise failure
 
     def teardown(self) -> None:
         # Never waits: after finish_bundle nothing is in flight, and after a
@@ -137,15 +173,15 @@ class _PostDoFn(beam.DoFn):
         self._metrics.report(report)
         self._acknowledged += sum(part.rows for part in report.delivered)
         for failed in report.failed:
-            if self._raise_on_failure:
-                raise DeliveryError(
-                    datasource=self._settings.datasource, kind=failed.kind.value, status=failed.status,
-                    message=failed.message, rows=failed.rows)
+            if self._raise_on_failure and failed.kind in _RAISE_KINDS:
+                if self._failure is None:
+                    self._failure = DeliveryError(
+                        datasource=self._settings.datasource, kind=failed.kind.value, status=failed.status,
+                        message=failed.message, rows=failed.rows)
+                continue
             self._metrics.dead_letters(failed.kind.value, failed.rows)
             self._dead_lettered += failed.rows
-            for record in self._dead_letters(failed, in_flight.batch.window):
-                yield beam.pvalue.TaggedOutput(
-                    DEAD_LETTERS_TAG, WindowedValue(record, in_flight.timestamp, (GlobalWindow(),)))
+            yield from self._dead_letters(failed, in_flight.batch)
         self._progress()
 
     def _overdue(self, in_flight: _InFlight) -> SendReport:
@@ -162,14 +198,21 @@ class _PostDoFn(beam.DoFn):
             payload=batch.payload, rows=batch.rows, kind=DeadLetterKind.RETRIES_EXHAUSTED, status=None,
             message=message, attempts=0, first_attempt_at=now, last_attempt_at=now),), attempts=())
 
-    def _dead_letters(self, failed: Failed, window: str) -> Iterator[DeadLetter]:
+    def _dead_letters(self, failed: Failed, batch: Batch) -> Iterator[beam.pvalue.TaggedOutput]:
+        """One dead letter per line of ``failed``, each at its own element's timestamp."""
         first, last = iso_utc(failed.first_attempt_at), iso_utc(failed.last_attempt_at)
         kind = failed.kind.value
-        for line in failed.payload.split(b"\n")[:-1]:
-            yield DeadLetter(
+        # A failed part is a run of whole lines of the batch: find where it starts to find its timestamps.
+        offset = batch.payload.find(failed.payload) if len(failed.payload) != len(batch.payload) else 0
+        first_row = batch.payload.count(b"\n", 0, offset)
+        stamps = timestamps_of(batch.timestamps)
+        for i, line in enumerate(failed.payload.split(b"\n")[:-1]):
+            letter = DeadLetter(
                 line=line.decode("utf-8"), element=None, datasource=self._settings.datasource,
                 kind=kind, status=failed.status, message=failed.message, attempts=failed.attempts,
-                first_attempt_at=first, last_attempt_at=last, window=window)
+                first_attempt_at=first, last_attempt_at=last, window=batch.window)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS_TAG, WindowedValue(
+                (letter, batch.window_bytes), Timestamp(micros=stamps[first_row + i]), _GLOBAL_WINDOWS))
 
     def _progress(self) -> None:
         now = time.monotonic()
@@ -182,6 +225,20 @@ class _PostDoFn(beam.DoFn):
             self._acknowledged / max(now - self._started, 1e-9), self._dead_lettered)
 
 
+class _Post(beam.PTransform):
+    """Posts batches with :class:`_PostDoFn`; returns its dead letters, typed."""
+
+    def __init__(self, settings: ClientSettings, token: TokenSource, retry_policy: RetryPolicy,
+                 raise_on_failure: bool) -> None:
+        super().__init__()
+        self._dofn = _PostDoFn(settings=settings, token=token, retry_policy=retry_policy,
+                               raise_on_failure=raise_on_failure)
+
+    def expand(self, batches):
+        outputs = batches | beam.ParDo(self._dofn).with_outputs(DEAD_LETTERS_TAG, main="done")
+        return declare_tagged_types(outputs, **{DEAD_LETTERS_TAG: WINDOWED_DEAD_LETTER_HINT})[DEAD_LETTERS_TAG]
+
+
 class WriteToTinybirdResult(dict):
     """What :class:`WriteToTinybird` returns: its outputs by name.
 
@@ -191,9 +248,10 @@ class WriteToTinybirdResult(dict):
 
     Attributes:
         dead_letters: A ``PCollection`` of :class:`DeadLetter`, one per element
-            that was not delivered, in the global window with the timestamp of
-            its batch (its own window is kept as text in ``window``). Output
-            ``"dead_letters"``.
+            (and window) that was not delivered, in the element's window (for
+            merging windows, the window the sink merged it into) at the
+            element's timestamp, with the input's windowing; the window is
+            also kept as text in ``window``. Output ``"dead_letters"``.
         dead_letter_files: When ``dead_letter_path`` was given, the
             ``PCollection`` of ``fileio.FileResult`` for the files written
             (output ``"dead_letter_files"``), else ``None`` (and no such output).
@@ -264,6 +322,11 @@ class WriteToTinybird(beam.PTransform):
         max_buffering_secs: Unbounded input only: the longest a row waits in a
             partial batch. Default 5 s.
         num_shards: Keys batching is spread over. Default 8.
+        max_windows_per_bundle: Windows a bundle keeps a buffer open for at
+            once (as Beam's ``WriteToFiles(max_writers_per_bundle=)``): past
+            it, the least recently used buffer goes to the cross-bundle merge,
+            so a bundle's memory is bounded by this many buffers of at most
+            ``max_batch_bytes``, however many windows it holds. Default 20.
         max_in_flight: Requests under way at once per worker. Default 4.
         retry_policy: A :class:`RetryPolicy`; default ``RetryPolicy()``
             (6 attempts, 0.5 s doubling to 30 s, at most 300 s in all).
@@ -297,6 +360,7 @@ class WriteToTinybird(beam.PTransform):
         max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
         max_buffering_secs: float = DEFAULT_MAX_BUFFERING_SECS,
         num_shards: int = DEFAULT_NUM_SHARDS,
+        max_windows_per_bundle: int = DEFAULT_MAX_WINDOWS_PER_BUNDLE,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         retry_policy: RetryPolicy | None = None,
         connect_timeout_secs: float = 5.0,
@@ -313,7 +377,8 @@ class WriteToTinybird(beam.PTransform):
             "datasource": datasource, "token": token, "token_env": token_env, "token_secret": token_secret,
             "api_url": api_url, "wait": wait, "compression": compression, "max_batch_bytes": max_batch_bytes,
             "max_batch_rows": max_batch_rows, "max_buffering_secs": max_buffering_secs,
-            "num_shards": num_shards, "max_in_flight": max_in_flight, "retry_policy": retry_policy,
+            "num_shards": num_shards, "max_windows_per_bundle": max_windows_per_bundle,
+            "max_in_flight": max_in_flight, "retry_policy": retry_policy,
             "connect_timeout_secs": connect_timeout_secs, "read_timeout_secs": read_timeout_secs,
             "dead_letter_path": dead_letter_path, "dead_letter_format": dead_letter_format,
             "raise_on_failure": raise_on_failure, "ca_bundle_path": ca_bundle_path,
@@ -327,7 +392,8 @@ class WriteToTinybird(beam.PTransform):
             allow_insecure_http=allow_insecure_http)
         self._limits = BatchLimits(
             max_batch_bytes=max_batch_bytes, max_batch_rows=max_batch_rows,
-            max_buffering_secs=max_buffering_secs, num_shards=num_shards)
+            max_buffering_secs=max_buffering_secs, num_shards=num_shards,
+            max_windows_per_bundle=max_windows_per_bundle)
         self._token = TokenSource(value=token, secret_version=token_secret, env_var=token_env)
         self._retry_policy = retry_policy if retry_policy is not None else RetryPolicy()
         if dead_letter_format not in DEAD_LETTER_FORMATS:
@@ -343,15 +409,33 @@ class WriteToTinybird(beam.PTransform):
     def expand(self, pcoll):
         limits = self._limits
         bounded = pcoll.is_bounded
-        encoder = encoder_for(pcoll.windowing.windowfn, bounded=bounded)
-        # Every output of the encoder is in the global window, its own window
-        # kept as text (and in the chunks' key): no WindowInto step.
-        tags = (DEAD_LETTERS_TAG, FULL_TAG) if bounded else (DEAD_LETTERS_TAG,)
-        encoded = declare_tagged_types(pcoll | "EncodeAndBatch" >> IntoGlobalWindow(
-            encoder(datasource=self._settings.datasource, limits=limits, full_to_merge=not bounded)
-        ).with_output_types(KEYED_CHUNK_HINT).with_outputs(*tags, main="remainders"),
-            **({FULL_TAG: BATCH_HINT} if bounded else {}))
-        if bounded:
+        windowing = pcoll.windowing
+        datasource = self._settings.datasource
+        # Merging windows of bounded input: chunks keep their windows, and a
+        # GroupByKey merges them across bundles as Beam merges windows.
+        merge_windows = bounded and windowing.windowfn.is_merging()
+        encoder = encoder_for(windowing.windowfn, bounded=bounded)(
+            datasource=datasource, limits=limits, windowing=windowing,
+            full_to_merge=not bounded or merge_windows, keep_windows=merge_windows)
+        tags = (DEAD_LETTERS_TAG, FULL_TAG) if bounded and not merge_windows else (DEAD_LETTERS_TAG,)
+        into = (IntoWindowing(encoder, Windowing(windowing.windowfn)) if merge_windows
+                else IntoGlobalWindow(encoder))
+        # Every other output of the encoder is in the global window, its own
+        # window kept as text (and in the chunks' key): no WindowInto step.
+        encoded = declare_tagged_types(
+            pcoll | "EncodeAndBatch" >> into.with_output_types(KEYED_CHUNK_HINT).with_outputs(*tags, main="remainders"),
+            **{tag: BATCH_HINT if tag == FULL_TAG else WINDOWED_DEAD_LETTER_HINT for tag in tags})
+        encoder_dead_letters = encoded[DEAD_LETTERS_TAG]
+        if merge_windows:
+            merged = (
+                encoded.remainders
+                | "GroupRemainders" >> beam.GroupByKey()
+                | "MergeRemainders" >> IntoGlobalWindow(_MergeMergedWindowsDoFn(limits=limits, windowing=windowing))
+                .with_output_types(BATCH_HINT))
+            posted = [merged | "PostMerged" >> self._post()]
+            encoder_dead_letters = encoder_dead_letters | "DeadLettersToGlobal" >> beam.WindowInto(
+                GlobalWindows()).with_output_types(WINDOWED_DEAD_LETTER_HINT)
+        elif bounded:
             merged = (
                 encoded.remainders
                 | "GroupRemainders" >> beam.GroupByKey()
@@ -369,8 +453,9 @@ class WriteToTinybird(beam.PTransform):
             ).with_output_types(BATCH_HINT)
             posted = [merged | "Post" >> self._post()]
         dead_letters = (
-            encoded[DEAD_LETTERS_TAG], *(p[DEAD_LETTERS_TAG] for p in posted)
-        ) | "DeadLetters" >> beam.Flatten().with_output_types(DeadLetter)
+            (encoder_dead_letters, *posted)
+            | "GatherDeadLetters" >> beam.Flatten().with_output_types(WINDOWED_DEAD_LETTER_HINT)
+            | "DeadLetters" >> IntoWindowing(_RestoreWindowsDoFn(windowing), windowing).with_output_types(DeadLetter))
         files = None
         if self._dead_letter_path:
             files = dead_letters | "WriteDeadLetters" >> WriteDeadLetterFiles(
@@ -378,7 +463,4 @@ class WriteToTinybird(beam.PTransform):
         return WriteToTinybirdResult(dead_letters=dead_letters, dead_letter_files=files)
 
     def _post(self) -> beam.PTransform:
-        return beam.ParDo(_PostDoFn(
-            settings=self._settings, token=self._token, retry_policy=self._retry_policy,
-            raise_on_failure=self._raise_on_failure,
-        )).with_outputs(DEAD_LETTERS_TAG, main="done")
+        return _Post(self._settings, self._token, self._retry_policy, self._raise_on_failure)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import enum
 import logging
+import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -20,8 +21,8 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindow, GlobalWindows, IntervalWindow
-from apache_beam.utils.windowed_value import WindowedValue
+from apache_beam.transforms import trigger
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows, IntervalWindow, TimestampCombiner
 
 _LOG = logging.getLogger(__name__)
 
@@ -161,6 +162,15 @@ DEAD_LETTER_RECORDS_WRITTEN = "dead_letter_records_written"
 DEAD_LETTER_FILES_WRITTEN = "dead_letter_files_written"
 """Counter: dead-letter files of unbounded input made final."""
 _TEMP_PREFIX = ".in-progress-"
+DEAD_LETTER_SHARDS = 16
+"""Bounded input: files written at once (Beam's WriteToFiles shards), so that a
+backfill whose every row fails is not funnelled through one writer."""
+STREAMING_FILE_EVERY_SECS: int = 10
+"""Unbounded input: the longest (in processing time) a dead letter waits to be written, from
+when the writing step receives it; each writer key writes at most one file per such period."""
+STREAMING_FILE_KEYS = 2
+"""Unbounded input: writers (keys of the grouping step); files per hour are at most
+``STREAMING_FILE_KEYS * 3600 / STREAMING_FILE_EVERY_SECS`` (720), plus one per key at the end."""
 
 
 class _JsonLinesSink(fileio.FileSink):
@@ -220,17 +230,17 @@ def streaming_file_name(epoch_secs: float, suffix: str) -> str:
     return f"dead-letters-{stamp}-{uuid.uuid4().hex[:12]}{suffix}"
 
 
-class _WriteBundleFilesDoFn(beam.DoFn):
-    """Unbounded input: the dead letters of each bundle go to one new file, final when the bundle ends.
+class _WritePaneFileDoFn(beam.DoFn):
+    """Unbounded input: each pane of grouped dead letters goes to one new file, final when written.
 
     The file is written under a hidden temporary name (``.in-progress-...``,
     which ``dead-letters*`` patterns do not match) and renamed to its final
-    name in ``finish_bundle``: a bundle does not complete, and so its input is
-    neither checkpointed nor acknowledged, before its dead letters are in a
-    final file. A bundle that fails leaves its temporary file, deleted in
-    ``teardown``; the runner retries the bundle, which writes a new file.
-    Nothing is held in memory between bundles, so stopping a runner never
-    strands a dead letter in a temporary file.
+    name in the same call: the pane's bundle does not complete (and the
+    grouping step does not count its records as consumed) before they are in a
+    final file. A call that fails deletes its temporary file; the runner
+    retries the bundle, which writes a new file. The result is emitted at the
+    pane's timestamp (see :class:`WriteDeadLetterFiles`); a pane with no
+    records (the last one may be) writes no file.
     """
 
     def __init__(self, *, path: str, file_format: str, clock: Callable[[], float] = time.time) -> None:
@@ -240,65 +250,76 @@ class _WriteBundleFilesDoFn(beam.DoFn):
 
     def setup(self) -> None:
         self._files_written = Metrics.counter(METRICS_NAMESPACE, DEAD_LETTER_FILES_WRITTEN)
-        self._open: tuple[str, str, Any, fileio.FileSink] | None = None  # (temp, final, handle, sink)
 
-    def start_bundle(self) -> None:
-        self._discard_open_file()
-
-    # No "-> None": Beam reads the annotation as the output type, and 2.78 refuses a non-iterable one.
-    def process(self, record: DeadLetter):
-        if self._open is None:
-            final = FileSystems.join(self._path, streaming_file_name(self._clock(), _SUFFIXES[self._format]))
-            temp = FileSystems.join(self._path, _TEMP_PREFIX + final.rsplit("/", 1)[-1])
-            handle = FileSystems.create(temp, mime_type="application/octet-stream",
-                                        compression_type=CompressionTypes.UNCOMPRESSED)
+    def process(self, element: tuple[int, Iterable[DeadLetter]]) -> Iterator[fileio.FileResult]:
+        records = iter(element[1])
+        first = next(records, None)
+        if first is None:
+            return
+        final = FileSystems.join(self._path, streaming_file_name(self._clock(), _SUFFIXES[self._format]))
+        temp = FileSystems.join(self._path, _TEMP_PREFIX + final.rsplit("/", 1)[-1])
+        handle = FileSystems.create(temp, mime_type="application/octet-stream",
+                                    compression_type=CompressionTypes.UNCOMPRESSED)
+        try:
             sink = _AvroSink() if self._format == "avro" else _JsonLinesSink()
             sink.open(handle)
-            self._open = (temp, final, handle, sink)
-        self._open[3].write(record)
-
-    def finish_bundle(self) -> Iterator[WindowedValue]:
-        if self._open is None:
-            return
-        temp, final, handle, sink = self._open
-        sink.flush()
-        handle.close()
-        FileSystems.rename([temp], [final])
-        self._open = None
-        self._files_written.inc()
-        yield GlobalWindows.windowed_value(
-            fileio.FileResult(final, shard_index=-1, total_shards=0, window=GlobalWindow(), pane=None,
-                              destination=None))
-
-    def teardown(self) -> None:
-        self._discard_open_file()
-
-    def _discard_open_file(self) -> None:
-        """The file of a bundle that failed: its records will be written again when the bundle is retried."""
-        if self._open is None:
-            return
-        temp, _, handle, _ = self._open
-        self._open = None
-        try:
+            sink.write(first)
+            for record in records:
+                sink.write(record)
+            sink.flush()
             handle.close()
-            FileSystems.delete([temp])
-        except Exception:
-            _LOG.warning("could not delete the temporary dead-letter file %s", temp, exc_info=True)
+            FileSystems.rename([temp], [final])
+        except BaseException:
+            # Never a half-written file under a final name: the retried bundle writes the pane again.
+            _delete_quietly(handle, temp)
+            raise
+        self._files_written.inc()
+        yield fileio.FileResult(final, shard_index=-1, total_shards=0, window=GlobalWindow(), pane=None,
+                                destination=None)
+
+
+def _delete_quietly(handle: Any, temp: str) -> None:
+    """Closes and deletes a temporary file after a failure (whose own exception is the one raised)."""
+    try:
+        handle.close()
+        FileSystems.delete([temp])
+    except Exception:
+        _LOG.warning("could not delete the temporary dead-letter file %s", temp, exc_info=True)
+
+
+class _SpreadOverKeys(beam.DoFn):
+    """Keys each dead letter to one of ``STREAMING_FILE_KEYS`` writers, in turn."""
+
+    def setup(self) -> None:
+        self._next = random.randrange(STREAMING_FILE_KEYS)
+
+    def process(self, record: DeadLetter) -> Iterator[tuple[int, DeadLetter]]:
+        self._next = (self._next + 1) % STREAMING_FILE_KEYS
+        yield self._next, record
 
 
 class WriteDeadLetterFiles(beam.PTransform):
     """Writes dead letters to new files under ``path`` (any Beam filesystem path); never overwrites one.
 
     Bounded input is written once, at the end, by ``fileio.WriteToFiles``.
-    Unbounded input is written bundle by bundle: the dead letters a bundle
-    receives are in a final file (``dead-letters-<UTC time>-<random>``) when
-    that bundle completes, whatever the windowing, the watermark or a late
-    timestamp, and before the runner checkpoints the bundle (Dataflow) or
-    reports it done. The bound on how long a dead letter waits for its file is
-    therefore one bundle of this step: on Dataflow's streaming engine bundles
-    last well under a second; on Beam's DirectRunner, the rest of the bundle's
-    evaluation (measured in ``tests/pipelines/test_streaming_pubsub.py``). A
-    bundle with no dead letters writes no file.
+    Unbounded input is grouped across bundles before it is written: a
+    ``GroupByKey`` over ``STREAMING_FILE_KEYS`` keys, in the global window,
+    fires a pane ``STREAMING_FILE_EVERY_SECS`` (processing time) after its
+    first dead letter, and a last one when the watermark reaches the end (a
+    drain, the end of a test stream), whatever the user's windowing, the
+    watermark or a late timestamp. Each pane becomes one
+    final file (``dead-letters-<UTC time>-<random>``): at most
+    ``STREAMING_FILE_KEYS`` files per ``STREAMING_FILE_EVERY_SECS`` (720 an
+    hour) rather than one per bundle that has a dead letter (at 1% bad rows,
+    nearly every bundle). Until its pane fires a dead letter is in the runner's
+    state for the grouping step (durable on Dataflow, where a drain fires
+    every pane; a cancelled job, or Beam's DirectRunner stopped, loses what
+    that state holds, as it loses the sink's partial batches).
+
+    Each file result is emitted at the newest timestamp of its records
+    (``OUTPUT_AT_LATEST``), not at ``MIN_TIMESTAMP`` nor the end of the global
+    window: a downstream ``WindowInto`` puts it in a window no older than any
+    of its dead letters'.
 
     Returns a ``PCollection`` of :class:`apache_beam.io.fileio.FileResult`,
     one per file, and counts ``tinybird/dead_letter_records_written`` (both
@@ -315,15 +336,28 @@ class WriteDeadLetterFiles(beam.PTransform):
         self._format = file_format
 
     def expand(self, dead_letters):
+        # Files are not per window: each record keeps its window as text.
+        dead_letters = dead_letters | "IntoGlobalWindow" >> beam.WindowInto(GlobalWindows())
         if not dead_letters.is_bounded:
-            return dead_letters | "WriteBundleFiles" >> beam.ParDo(
-                _WriteBundleFilesDoFn(path=self._path, file_format=self._format))
+            return (
+                dead_letters
+                | "SpreadOverKeys" >> beam.ParDo(_SpreadOverKeys()).with_output_types(tuple[int, DeadLetter])
+                | "IntoPanes" >> beam.WindowInto(
+                    GlobalWindows(),
+                    # Early panes by processing time, and a last one when the watermark reaches
+                    # the end (a drain, the end of a TestStream): a Repeatedly(AfterProcessingTime)
+                    # alone leaves Beam's DirectRunner waiting on a TestStream's clock forever.
+                    trigger=trigger.AfterWatermark(early=trigger.AfterProcessingTime(STREAMING_FILE_EVERY_SECS)),
+                    accumulation_mode=trigger.AccumulationMode.DISCARDING,
+                    timestamp_combiner=TimestampCombiner.OUTPUT_AT_LATEST)
+                | "GroupIntoPanes" >> beam.GroupByKey()
+                | "WritePaneFiles" >> beam.ParDo(_WritePaneFileDoFn(path=self._path, file_format=self._format)))
         sink = _AvroSink if self._format == "avro" else _JsonLinesSink
         return dead_letters | "Write" >> fileio.WriteToFiles(
             path=self._path,
             sink=lambda _destination: sink(),
             file_naming=_file_naming(_SUFFIXES[self._format]),
-            shards=1,
+            shards=DEAD_LETTER_SHARDS,
         )
 
 

@@ -40,17 +40,19 @@ def test_defaults_without_api_url_use_the_embedded_server(options_class):
     assert config.wait is True  # exact quarantine counts in the local summary
     assert (config.compression, config.dead_letter_format, config.token_env) == ("zstd", "json", "TINYBIRD_TOKEN")
     assert (config.max_batch_bytes, config.max_batch_rows, config.num_shards) == (8 * 1024 * 1024, 200_000, 8)
+    assert config.max_windows_per_bundle == 20
 
 
 def test_options_as_a_command_line_and_as_flex_template_parameters():
     argv = ["--api_url=https://api.us-east.aws.tinybird.co", "--datasource=web_events", "--wait=false",
             "--compression=none", "--max_batch_bytes=1048576", "--max_batch_rows=5000", "--num_shards=3",
-            "--dead_letter_path=gs://b/dl/", "--dead_letter_format=avro",
+            "--max_windows_per_bundle=5", "--dead_letter_path=gs://b/dl/", "--dead_letter_format=avro",
             "--token_secret=projects/p/secrets/tb/versions/latest"]
     config = SinkConfig.from_options(files_to_tinybird.FilesToTinybirdOptions(argv))
     assert config == SinkConfig(
         datasource="web_events", api_url="https://api.us-east.aws.tinybird.co", wait=False, compression=None,
-        max_batch_bytes=1048576, max_batch_rows=5000, num_shards=3, dead_letter_path="gs://b/dl/",
+        max_batch_bytes=1048576, max_batch_rows=5000, num_shards=3, max_windows_per_bundle=5,
+        dead_letter_path="gs://b/dl/",
         dead_letter_format="avro", token_secret="projects/p/secrets/tb/versions/latest")
     assert SinkConfig.from_options(files_to_tinybird.FilesToTinybirdOptions(
         ["--api_url", "https://x.tinybird.co", "--datasource", "d", "--wait"])).wait is True
@@ -69,6 +71,7 @@ def test_options_as_a_command_line_and_as_flex_template_parameters():
     (["--token_env=MY-TOKEN"], r"^--token_env must be an environment variable name .*'MY-TOKEN'"),
     (["--compression=brotli"], r"^--compression must be 'zstd', 'gzip' or None, got 'brotli'"),
     (["--num_shards=0"], r"^--num_shards must be at least 1, got 0"),
+    (["--max_windows_per_bundle=0"], r"^--max_windows_per_bundle must be at least 1, got 0"),
     (["--max_batch_bytes=1"], r"^--max_batch_bytes must be at least 2, got 1"),
     (["--max_batch_rows=0"], r"^--max_batch_rows must be at least 1, got 0"),
     (["--dead_letter_format=csv"], r"^--dead_letter_format must be one of \('json', 'avro'\), got 'csv'"),
@@ -100,7 +103,7 @@ def test_defaults_are_the_sinks():
     config = SinkConfig.from_options(streaming_to_tinybird.StreamingToTinybirdOptions(
         ["--api_url=https://api.tinybird.co", "--datasource=e"]))
     for name in ("token_env", "compression", "max_batch_bytes", "max_batch_rows", "num_shards",
-                 "max_buffering_secs", "dead_letter_format", "wait"):
+                 "max_windows_per_bundle", "max_buffering_secs", "dead_letter_format", "wait"):
         assert getattr(config, name) == sink[name], name
 
 

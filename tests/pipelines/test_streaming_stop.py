@@ -27,8 +27,8 @@ def test_stop_after_secs_is_taken_out_of_the_pipeline_options():
 def test_only_local_runners_are_stopped_here():
     assert is_local_runner(None) and is_local_runner("DirectRunner") and is_local_runner("BundleBasedDirectRunner")
     assert not is_local_runner("DataflowRunner") and not is_local_runner("FlinkRunner")
-    # A partial batch's wait, one blocked 30 s pull of the DirectRunner, a margin.
-    assert settle_timeout_secs(5.0) == 50.0
+    # A partial batch's wait, one blocked 30 s pull of the DirectRunner, a dead letter's wait for its file, a margin.
+    assert settle_timeout_secs(5.0) == 60.0
 
 
 def test_in_flight_accounting():

@@ -19,7 +19,8 @@ import orjson
 import pytest
 import requests
 import zstandard
-from apache_beam.transforms.window import GlobalWindow, IntervalWindow
+from apache_beam.transforms.core import Windowing
+from apache_beam.transforms.window import FixedWindows, GlobalWindow, IntervalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from hypothesis import HealthCheck, given, settings
@@ -39,7 +40,8 @@ from sinks.tinybird.dead_letters import window_text
 
 pytestmark = pytest.mark.timeout(180)
 
-WINDOWS = [GlobalWindow(), IntervalWindow(0, 10), IntervalWindow(10, 20), IntervalWindow(20, 30)]
+# One window function's windows (a PCollection has one window coder).
+WINDOWS = [IntervalWindow(0, 10), IntervalWindow(10, 20), IntervalWindow(20, 30), IntervalWindow(30, 40)]
 
 _element = st.tuples(st.integers(0, 400), st.integers(0, len(WINDOWS) - 1))  # (pad size, window index)
 
@@ -56,7 +58,7 @@ def test_batching_dofns_respect_limits_keep_every_element_once_and_never_mix_win
         bundles, max_bytes, max_rows, num_shards, seed):
     limits = BatchLimits(max_batch_bytes=max_bytes, max_batch_rows=max_rows, max_buffering_secs=1.0,
                          num_shards=num_shards)
-    encode = _EncodeAndBatchDoFn(datasource="d", limits=limits)
+    encode = _EncodeAndBatchDoFn(datasource="d", limits=limits, windowing=Windowing(FixedWindows(10)))
     encode.setup()
     batches = []  # (batch, where it came from)
     remainders = collections.defaultdict(list)
@@ -76,7 +78,7 @@ def test_batching_dofns_respect_limits_keep_every_element_once_and_never_mix_win
                     batches.append((Batch(*out.value.value), "full"))
                 else:
                     assert out.tag == DEAD_LETTERS_TAG
-                    dead.append(out.value.value)
+                    dead.append(out.value.value[0])
         for windowed in encode.finish_bundle():
             key, chunk = WindowKey(*windowed.value[0]), Chunk(*windowed.value[1])
             # A remainder leaves in the global window; its key says its own window.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from apache_beam.transforms.core import Windowing
+from apache_beam.transforms.window import FixedWindows, GlobalWindows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,25 +13,30 @@ from sinks.tinybird._batching import BatchLimits, Chunk, cut_batches
 from sinks.tinybird.dead_letters import window_text
 
 
+def _c(payload: bytes, rows: int) -> Chunk:
+    """A chunk whose lines all have timestamp 0."""
+    return Chunk(payload, rows, bytes(8 * rows))
+
+
 def _chunk(*lines: bytes) -> Chunk:
-    return Chunk(b"".join(line + b"\n" for line in lines), len(lines))
+    return _c(b"".join(line + b"\n" for line in lines), len(lines))
 
 
 def test_remainder_is_kept_when_no_limit_is_reached():
     batches, rest = cut_batches([_chunk(b"aaa", b"bbb")], max_bytes=9, max_rows=10, flush=False)
     assert batches == []
-    assert rest == Chunk(b"aaa\nbbb\n", 2)
+    assert rest == _c(b"aaa\nbbb\n", 2)
 
 
 @pytest.mark.parametrize(
     ("max_bytes", "expected_batches", "expected_rest"),
     [
         # limit - 1: the second line does not fit in the first batch.
-        (7, [Chunk(b"aaa\n", 1)], Chunk(b"bbb\n", 1)),
+        (7, [_c(b"aaa\n", 1)], _c(b"bbb\n", 1)),
         # limit: both lines make exactly one full batch.
-        (8, [Chunk(b"aaa\nbbb\n", 2)], None),
+        (8, [_c(b"aaa\nbbb\n", 2)], None),
         # limit + 1: not full yet.
-        (9, [], Chunk(b"aaa\nbbb\n", 2)),
+        (9, [], _c(b"aaa\nbbb\n", 2)),
     ],
 )
 def test_byte_limit_at_its_edges(max_bytes, expected_batches, expected_rest):
@@ -40,13 +47,13 @@ def test_byte_limit_at_its_edges(max_bytes, expected_batches, expected_rest):
 
 def test_row_limit_cuts_on_the_nth_line():
     batches, rest = cut_batches([_chunk(b"a", b"b", b"c", b"d", b"e")], max_bytes=1000, max_rows=2, flush=False)
-    assert batches == [Chunk(b"a\nb\n", 2), Chunk(b"c\nd\n", 2)]
-    assert rest == Chunk(b"e\n", 1)
+    assert batches == [_c(b"a\nb\n", 2), _c(b"c\nd\n", 2)]
+    assert rest == _c(b"e\n", 1)
 
 
 def test_flush_returns_the_remainder_as_the_last_batch():
     batches, rest = cut_batches([_chunk(b"aaa", b"bbb", b"c")], max_bytes=8, max_rows=100, flush=True)
-    assert batches == [Chunk(b"aaa\nbbb\n", 2), Chunk(b"c\n", 1)]
+    assert batches == [_c(b"aaa\nbbb\n", 2), _c(b"c\n", 1)]
     assert rest is None
 
 
@@ -113,7 +120,7 @@ def _run_bundle(dofn, elements):
     outputs = []
     for element in elements:
         if isinstance(dofn, _EncodeAndBatchGlobalDoFn):
-            outputs.extend(dofn.process(element) or ())
+            outputs.extend(dofn.process(element, timestamp=Timestamp(0)) or ())
         else:
             outputs.extend(dofn.process(element, wv=WindowedValue(element, Timestamp(0), (GlobalWindow(),))) or ())
     outputs.extend(dofn.finish_bundle())
@@ -134,7 +141,7 @@ def test_bounded_batches_are_full_whatever_the_bundle_size(bundle_sizes, num_sha
 
     limits = BatchLimits(max_batch_bytes=4096, max_batch_rows=10_000, max_buffering_secs=5, num_shards=num_shards)
     encoder_class = _EncodeAndBatchGlobalDoFn if global_variant else _EncodeAndBatchDoFn
-    encoder = encoder_class(datasource="events", limits=limits)
+    encoder = encoder_class(datasource="events", limits=limits, windowing=Windowing(GlobalWindows()))
     encoder.setup()
     batches, groups, next_id = [], collections.defaultdict(list), 0
     for size in bundle_sizes:
@@ -163,36 +170,62 @@ def test_bounded_batches_are_full_whatever_the_bundle_size(bundle_sizes, num_sha
 
 
 def test_an_element_in_two_windows_goes_into_each_windows_batch_once():
-    """Sliding windows: Beam sees one element per window, so does the sink; it is encoded and counted once."""
-    from apache_beam.transforms.window import GlobalWindow, IntervalWindow
+    """Sliding windows: Beam calls once per window; the element goes in each window's batch, counted once."""
+    from apache_beam.transforms.window import GlobalWindow, IntervalWindow, SlidingWindows
     from apache_beam.utils.timestamp import Timestamp
 
-    from sinks.tinybird._batching import WindowKey, _EncodeAndBatchPerWindowDoFn
+    from sinks.tinybird._batching import WindowKey, _EncodeAndBatchPerWindowDoFn, timestamps_of
 
     limits = BatchLimits(max_batch_bytes=1024, max_batch_rows=100, max_buffering_secs=5, num_shards=1)
-    encoder = _EncodeAndBatchPerWindowDoFn(datasource="events", limits=limits)
+    windowing = Windowing(SlidingWindows(10, 5))
+    encoder = _EncodeAndBatchPerWindowDoFn(datasource="events", limits=limits, windowing=windowing)
     encoder.setup()
     encoder.start_bundle()
     first, second = IntervalWindow(0, 10), IntervalWindow(5, 15)
-    element = {"id": 1}
-    # The runner calls once per window, in a row, with the same element.
+    # The runner calls once per window (the latest first), with the same element.
     # process returns None when nothing leaves.
-    outputs = list(encoder.process(element, window=first, timestamp=Timestamp(7)) or ())
-    outputs += encoder.process(element, window=second, timestamp=Timestamp(7)) or ()
-    outputs += encoder.process({"id": 2}, window=first, timestamp=Timestamp(6)) or ()
+    outputs = list(encoder.process({"id": 1}, window=second, timestamp=Timestamp(7)) or ())
+    outputs += encoder.process({"id": 1}, window=first, timestamp=Timestamp(7)) or ()
+    # Its window (-5, 5) is not in this bundle's test: only the call for its latest window counts it.
+    outputs += encoder.process({"id": 2}, window=first, timestamp=Timestamp(3)) or ()
     assert encoder._count == 2
     outputs += encoder.finish_bundle()
-    chunks = {WindowKey(*out.value[0]).window: (out.value[1], out.timestamp, out.windows) for out in outputs}
+    chunks = {WindowKey(*out.value[0]).window: (out.value, out.timestamp, out.windows) for out in outputs}
     assert len(outputs) == 2
-    # Emitted into the global window; the window is in the key.
-    payload, timestamp, windows = chunks[window_text(first)]
-    assert (payload.payload, payload.rows, timestamp, windows) == (
-        b'{"id":1}\n{"id":2}\n', 2, Timestamp(6), (GlobalWindow(),))
-    payload, timestamp, windows = chunks[window_text(second)]
-    assert (payload.payload, payload.rows, timestamp, windows) == (b'{"id":1}\n', 1, Timestamp(7), (GlobalWindow(),))
+    # Emitted into the global window; the window is in the key, as text and encoded.
+    (key, chunk), timestamp, windows = chunks[window_text(first)]
+    assert (chunk.payload, chunk.rows, list(timestamps_of(chunk.timestamps)), timestamp, windows) == (
+        b'{"id":1}\n{"id":2}\n', 2, [7_000_000, 3_000_000], Timestamp(3), (GlobalWindow(),))
+    assert windowing.windowfn.get_window_coder().decode(key.window_bytes) == first
+    (key, chunk), timestamp, windows = chunks[window_text(second)]
+    assert (chunk.payload, chunk.rows, timestamp, windows) == (b'{"id":1}\n', 1, Timestamp(7), (GlobalWindow(),))
 
 
-def test_the_encoder_is_chosen_by_how_many_windows_an_element_can_be_in():
+def test_an_object_mutated_between_yields_is_sent_as_it_was_at_each_yield():
+    """Issue 21: an upstream DoFn that yields one dict mutated between yields, in sliding windows;
+    each element is encoded when it arrives, never reused by identity."""
+    from apache_beam.transforms.window import IntervalWindow, SlidingWindows
+    from apache_beam.utils.timestamp import Timestamp
+
+    from sinks.tinybird._batching import _EncodeAndBatchPerWindowDoFn
+
+    limits = BatchLimits(max_batch_bytes=1024, max_batch_rows=100, max_buffering_secs=5, num_shards=1)
+    encoder = _EncodeAndBatchPerWindowDoFn(datasource="events", limits=limits,
+                                           windowing=Windowing(SlidingWindows(10, 5)))
+    encoder.setup()
+    encoder.start_bundle()
+    reused = {}
+    windows = (IntervalWindow(5, 15), IntervalWindow(0, 10))
+    for i in range(3):
+        reused["id"] = i
+        for window in windows:
+            assert encoder.process(reused, window=window, timestamp=Timestamp(7)) is None
+    assert encoder._count == 3
+    payloads = sorted(out.value[1].payload for out in encoder.finish_bundle())
+    assert payloads == [b'{"id":0}\n{"id":1}\n{"id":2}\n'] * 2
+
+
+def test_the_encoder_is_chosen_by_the_window_function():
     from apache_beam.transforms.window import FixedWindows, GlobalWindows, Sessions, SlidingWindows
 
     from sinks.tinybird._batching import (
@@ -211,7 +244,7 @@ def test_the_encoder_is_chosen_by_how_many_windows_an_element_can_be_in():
     class Custom(FixedWindows):
         pass
 
-    # A subclass may assign several windows: only the exact classes take the fast path.
+    # A subclass may assign several windows: only the exact classes take the one-window path.
     assert encoder_for(Custom(10), bounded=True) is _EncodeAndBatchPerWindowDoFn
 
 
@@ -222,11 +255,11 @@ def test_the_one_window_encoder_refuses_an_element_in_two_windows():
     from sinks.tinybird._batching import _EncodeAndBatchDoFn
 
     limits = BatchLimits(max_batch_bytes=1024, max_batch_rows=100, max_buffering_secs=5, num_shards=1)
-    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits)
+    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits, windowing=Windowing(FixedWindows(10)))
     encoder.setup()
     encoder.start_bundle()
     with pytest.raises(ValueError, match="takes elements in one window, got 2"):
-        list(encoder.process({"id": 1}, wv=_windowed({"id": 1}, 7, IntervalWindow(0, 10), IntervalWindow(5, 15))))
+        encoder.process({"id": 1}, wv=_windowed({"id": 1}, 7, IntervalWindow(0, 10), IntervalWindow(5, 15)))
 
 
 def _windowed(element, timestamp, *windows):
@@ -248,7 +281,8 @@ def test_a_full_buffer_leaves_in_the_global_window_as_a_batch_or_for_the_merge(f
     window = IntervalWindow(0, 10)
     # Each line is 9 bytes with its newline: two fill a batch of 18 bytes.
     limits = BatchLimits(max_batch_bytes=18, max_batch_rows=100, max_buffering_secs=5, num_shards=3)
-    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits, full_to_merge=full_to_merge)
+    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits, windowing=Windowing(FixedWindows(10)),
+                                  full_to_merge=full_to_merge)
     encoder.setup()
     encoder.start_bundle()
     outputs = []
@@ -261,39 +295,49 @@ def test_a_full_buffer_leaves_in_the_global_window_as_a_batch_or_for_the_merge(f
         assert (WindowKey(*key).window, WindowKey(*key).window_max_micros) == (
             window_text(window), window.max_timestamp().micros)
         # With the line that did not fit: over the limit, so that the merge step cuts the batch at once.
-        assert chunk == Chunk(b'{"id":0}\n{"id":1}\n{"id":2}\n', 3)
+        assert chunk == (b'{"id":0}\n{"id":1}\n{"id":2}\n', 3, _stamps(5, 3, 4))
         assert cut_batches([Chunk(*chunk)], max_bytes=18, max_rows=100, flush=False) == (
-            [Chunk(b'{"id":0}\n{"id":1}\n', 2)], Chunk(b'{"id":2}\n', 1))
+            [Chunk(b'{"id":0}\n{"id":1}\n', 2, _stamps(5, 3))], Chunk(b'{"id":2}\n', 1, _stamps(4)))
         assert (full.timestamp, full.windows) == (Timestamp(3), (GlobalWindow(),))
         assert list(encoder.finish_bundle()) == []
         return
     assert isinstance(full, TaggedOutput) and full.tag == FULL_TAG
     full = full.value
-    assert full.value == Batch(window_text(window), b'{"id":0}\n{"id":1}\n', 2)
+    assert full.value == Batch(window_text(window), b'{"id":0}\n{"id":1}\n', 2,
+                               FixedWindows(10).get_window_coder().encode(window), _stamps(5, 3))
     assert (full.timestamp, full.windows) == (Timestamp(3), (GlobalWindow(),))
     (rest,) = list(encoder.finish_bundle())
-    assert rest.value[1] == Chunk(b'{"id":2}\n', 1) and rest.windows == (GlobalWindow(),)
+    assert rest.value[1] == Chunk(b'{"id":2}\n', 1, _stamps(4)) and rest.windows == (GlobalWindow(),)
+
+
+def _stamps(*secs: int) -> bytes:
+    import array
+
+    return array.array("q", [s * 1_000_000 for s in secs]).tobytes()
 
 
 def test_an_unencodable_element_in_two_windows_is_one_dead_letter_per_window_in_the_global_window():
     from apache_beam.pvalue import TaggedOutput
-    from apache_beam.transforms.window import GlobalWindow, IntervalWindow
+    from apache_beam.transforms.window import GlobalWindow, IntervalWindow, SlidingWindows
     from apache_beam.utils.timestamp import Timestamp
 
     from sinks.tinybird._batching import DEAD_LETTERS_TAG, _EncodeAndBatchPerWindowDoFn
 
     limits = BatchLimits(max_batch_bytes=1024, max_batch_rows=100, max_buffering_secs=5, num_shards=1)
-    encoder = _EncodeAndBatchPerWindowDoFn(datasource="events", limits=limits)
+    coder = SlidingWindows(10, 5).get_window_coder()
+    encoder = _EncodeAndBatchPerWindowDoFn(datasource="events", limits=limits,
+                                           windowing=Windowing(SlidingWindows(10, 5)))
     encoder.setup()
     encoder.start_bundle()
     first, second = IntervalWindow(0, 10), IntervalWindow(5, 15)
     bad = {"bad": object()}
     outputs = [out for window in (first, second) for out in encoder.process(bad, window=window, timestamp=Timestamp(7))]
     assert all(isinstance(out, TaggedOutput) and out.tag == DEAD_LETTERS_TAG for out in outputs)
-    assert [(out.value.value.window, out.value.value.kind, out.value.timestamp, out.value.windows)
-            for out in outputs] == [
-        (window_text(first), "unencodable", Timestamp(7), (GlobalWindow(),)),
-        (window_text(second), "unencodable", Timestamp(7), (GlobalWindow(),))]
+    # Each in the global window at the element's timestamp, its window as text and encoded (restored later).
+    assert [(out.value.value[0].window, out.value.value[0].kind, coder.decode(out.value.value[1]),
+             out.value.timestamp, out.value.windows) for out in outputs] == [
+        (window_text(first), "unencodable", first, Timestamp(7), (GlobalWindow(),)),
+        (window_text(second), "unencodable", second, Timestamp(7), (GlobalWindow(),))]
     assert encoder._count == 1
     assert list(encoder.finish_bundle()) == []
 
@@ -328,13 +372,16 @@ def test_the_global_window_fast_path_batches_exactly_as_the_general_path(pads, m
             value = getattr(out, "value", out)
             value = getattr(value, "value", value)
             if tag == "dead_letters":
-                shown.append((tag, value.kind, value.line, value.window))
+                letter = value[0]
+                shown.append((tag, letter.kind, letter.line, letter.window))
             else:
                 shown.append((tag, value))
         return shown
 
-    fast = run(_EncodeAndBatchGlobalDoFn(datasource="d", limits=limits), lambda d, e: d.process(e))
-    general = run(_EncodeAndBatchDoFn(datasource="d", limits=limits),
+    windowing = Windowing(GlobalWindows())
+    fast = run(_EncodeAndBatchGlobalDoFn(datasource="d", limits=limits, windowing=windowing),
+               lambda d, e: d.process(e, timestamp=MIN_TIMESTAMP))
+    general = run(_EncodeAndBatchDoFn(datasource="d", limits=limits, windowing=windowing),
                   lambda d, e: d.process(e, wv=WindowedValue(e, MIN_TIMESTAMP, (GlobalWindow(),))))
     assert fast == general
     assert sum(1 for out in fast if out[0] == "dead_letters") == sum(

@@ -1,14 +1,29 @@
-"""Dead-letter files of unbounded input: one final file per bundle, never a temporary file left behind."""
+"""Dead-letter files of unbounded input: one final file per pane of grouped dead letters, never a
+temporary file left behind."""
 
 from __future__ import annotations
 
+import json
 import os
 
+import apache_beam as beam
 import fastavro
 import orjson
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that
+from apache_beam.transforms.window import TimestampedValue
 
-from sinks.tinybird.dead_letters import DeadLetter, WriteDeadLetterFiles, _WriteBundleFilesDoFn, streaming_file_name
+from sinks.tinybird.dead_letters import (
+    STREAMING_FILE_EVERY_SECS,
+    STREAMING_FILE_KEYS,
+    DeadLetter,
+    WriteDeadLetterFiles,
+    _WritePaneFileDoFn,
+    streaming_file_name,
+)
 
 
 def _letter(i: int) -> DeadLetter:
@@ -18,18 +33,12 @@ def _letter(i: int) -> DeadLetter:
 
 
 @pytest.mark.parametrize("file_format", ["json", "avro"])
-def test_a_bundle_writes_one_final_file_and_no_temporary_one(tmp_path, file_format):
-    writer = _WriteBundleFilesDoFn(path=str(tmp_path) + "/", file_format=file_format, clock=lambda: 1_796_000_000.25)
+def test_a_pane_writes_one_final_file_and_no_temporary_one(tmp_path, file_format):
+    writer = _WritePaneFileDoFn(path=str(tmp_path) + "/", file_format=file_format, clock=lambda: 1_796_000_000.25)
     writer.setup()
-    writer.start_bundle()
-    for i in range(3):
-        writer.process(_letter(i))
-    # Until the bundle ends, its records are only in a hidden temporary file.
-    [temporary] = os.listdir(tmp_path)
-    assert temporary.startswith(".in-progress-dead-letters-")
-    [result] = list(writer.finish_bundle())
+    [result] = list(writer.process((0, [_letter(i) for i in range(3)])))
     [name] = os.listdir(tmp_path)
-    assert result.value.file_name == str(tmp_path / name)
+    assert result.file_name == str(tmp_path / name)
     suffix = ".jsonl" if file_format == "json" else ".avro"
     # dead-letters-<UTC time of writing, to the millisecond>-<12 random hex digits><suffix>
     assert name.startswith("dead-letters-2026-11-30T005320250Z-") and name.endswith(suffix)
@@ -37,26 +46,52 @@ def test_a_bundle_writes_one_final_file_and_no_temporary_one(tmp_path, file_form
     with open(tmp_path / name, "rb") as fh:
         records = list(fastavro.reader(fh)) if file_format == "avro" else [orjson.loads(line) for line in fh]
     assert [DeadLetter(**r) for r in records] == [_letter(i) for i in range(3)]
-    # A bundle without dead letters writes nothing.
-    writer.start_bundle()
-    assert list(writer.finish_bundle()) == []
-    assert os.listdir(tmp_path) == [name]
 
 
-def test_a_failed_bundle_leaves_no_file_behind(tmp_path):
-    """The runner retries a failed bundle (which writes a new file); the failed one's file goes."""
-    writer = _WriteBundleFilesDoFn(path=str(tmp_path), file_format="json")
+def test_a_pane_that_fails_while_written_leaves_no_file_behind(tmp_path):
+    """The runner retries the failed bundle (which writes the pane to a new file)."""
+
+    def records():
+        yield _letter(1)
+        raise OSError("the disk is full")
+
+    writer = _WritePaneFileDoFn(path=str(tmp_path), file_format="json")
     writer.setup()
-    writer.start_bundle()
-    writer.process(_letter(1))
-    assert len(os.listdir(tmp_path)) == 1
-    writer.teardown()
+    with pytest.raises(OSError, match="the disk is full"):
+        list(writer.process((0, records())))
     assert os.listdir(tmp_path) == []
-    # A retried bundle on the same instance: the abandoned file goes when the next bundle starts.
-    writer.start_bundle()
-    writer.process(_letter(1))
-    writer.start_bundle()
+    # An empty pane (the last one may be) writes nothing.
+    assert list(writer.process((0, []))) == []
     assert os.listdir(tmp_path) == []
+
+
+def _streaming() -> PipelineOptions:
+    options = PipelineOptions([])
+    options.view_as(StandardOptions).streaming = True
+    return options
+
+
+def test_streaming_dead_letters_of_many_bundles_share_a_file_per_key_and_period(tmp_path):
+    """Issue 21, 6: one file per pane, not per bundle. Six minutes at 1% bad rows, simulated: a bundle
+    of 100 rows (one bad) every second of processing time, each bundle a TestStream step."""
+    bundles = 360
+    stream = TestStream().advance_watermark_to(0)
+    for i in range(bundles):
+        stream = stream.add_elements([TimestampedValue(_letter(i), i)]).advance_processing_time(1)
+    stream = stream.advance_watermark_to_infinity()
+    with TestPipeline(options=_streaming()) as p:
+        results = p | stream | WriteDeadLetterFiles(str(tmp_path) + "/")
+        assert_that(results | beam.Map(lambda result: os.path.basename(result.file_name)),
+                    lambda found: _all_final(found, tmp_path))
+    names = sorted(os.listdir(tmp_path))
+    written = [json.loads(line)["element"] for n in names for line in (tmp_path / n).read_text().splitlines()]
+    assert sorted(written) == sorted(f"b'bad {i}'" for i in range(bundles))
+    # At most one file per key per period (and one last pane per key at the end), not one per bundle.
+    assert len(names) <= STREAMING_FILE_KEYS * (bundles / STREAMING_FILE_EVERY_SECS + 1), len(names)
+
+
+def _all_final(found, tmp_path) -> None:
+    assert sorted(found) == sorted(os.listdir(tmp_path)) and all(n.startswith("dead-letters-") for n in found)
 
 
 def test_file_names_sort_by_time_and_never_repeat():

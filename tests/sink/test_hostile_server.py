@@ -586,3 +586,80 @@ def test_finish_bundle_never_waits_past_the_clients_bound():
     assert sorted(orjson.loads(d.line)["id"] for d in letters) == list(range(5))
     assert {(d.kind, d.attempts) for d in letters} == {("retries_exhausted", 0)}
     assert letters[0].message.startswith("no outcome within 0.3 s")
+
+
+# -- name lookups ---------------------------------------------------------------------------
+
+
+def _transport(url: str, getaddrinfo, *, attempt_timeout_secs: float):
+    from sinks.tinybird._http.transport import Transport
+
+    return Transport(url=url, headers={}, token=TOKEN, redactor=redaction.Redactor((TOKEN,)),
+                     connect_timeout_secs=5.0, read_timeout_secs=5.0, attempt_timeout_secs=attempt_timeout_secs,
+                     ca_bundle_path=None, max_in_flight=1, getaddrinfo=getaddrinfo)
+
+
+def test_a_name_lookup_that_hangs_ends_with_the_attempts_deadline():
+    """Issue 21, 6: the lookup counts against the attempt, which ends at its deadline, not at the
+    connect timeout (5 s) nor when the resolver answers (never, here)."""
+    release = threading.Event()
+    lookups = []
+
+    def hanging(host, *args):
+        lookups.append(host)
+        release.wait()
+        raise socket.gaierror(socket.EAI_AGAIN, "released")
+
+    transport = _transport("http://events.tinybird.invalid:80/v0/events", hanging, attempt_timeout_secs=0.5)
+    try:
+        for _ in range(3):  # a second and third attempt queue behind the hung lookup and end in time too
+            started = time.monotonic()
+            failure = transport.post(b'{"id":1}\n')
+            elapsed = time.monotonic() - started
+            assert 0.5 <= elapsed < 5.0, elapsed
+            assert (failure.error, failure.retryable) == ("connect_timeout", True)
+            assert "within the attempt's deadline of 0.5 s" in failure.message
+            assert "name lookup of events.tinybird.invalid" in failure.message
+        assert lookups[0] == "events.tinybird.invalid"
+    finally:
+        release.set()
+        transport.close()
+
+
+def test_the_injected_lookup_is_the_one_used_and_its_address_is_connected_to():
+    with RawServer(default=answer(200, b'{"successful_rows":1,"quarantined_rows":0}')) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        lookups = []
+
+        def local(host, port_, *args):
+            lookups.append((host, port_))
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port_))]
+
+        transport = _transport(f"http://tinybird.test:{port}/v0/events", local, attempt_timeout_secs=5.0)
+        try:
+            response = transport.post(b'{"id":1}\n')
+        finally:
+            transport.close()
+    assert lookups == [("tinybird.test", port)]
+    assert response.status == 200 and orjson.loads(response.body)["successful_rows"] == 1
+
+
+def test_without_an_injected_lookup_socket_getaddrinfo_is_looked_up_at_each_lookup(monkeypatch):
+    """A patch of socket.getaddrinfo made after the transport was built (this suite's loopback guard,
+    gevent's) is the one used."""
+    with RawServer(default=answer(200, b'{"successful_rows":1,"quarantined_rows":0}')) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        transport = _transport(f"http://tinybird.test:{port}/v0/events", None, attempt_timeout_secs=5.0)
+        lookups = []
+
+        def patched(host, port_, *args, **kwargs):
+            lookups.append(host)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port_))]
+
+        monkeypatch.setattr(socket, "getaddrinfo", patched)
+        try:
+            response = transport.post(b'{"id":1}\n')
+        finally:
+            transport.close()
+    # Then urllib3 looks up the address it connects to, an IP literal (no DNS query).
+    assert lookups[0] == "tinybird.test" and set(lookups[1:]) <= {"127.0.0.1"} and response.status == 200

@@ -3,12 +3,15 @@ of the window, late data, and windows never mixed."""
 
 from __future__ import annotations
 
+import array
+
 import apache_beam as beam
 import orjson
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.core import Windowing
 from apache_beam.transforms.window import FixedWindows, TimestampedValue
 
 from sinks.tinybird._batching import BatchLimits, IntoGlobalWindow, _BatchDoFn, _EncodeAndBatchDoFn
@@ -38,7 +41,7 @@ def _batches(pcoll, *, limits: BatchLimits):
     """The batches the sink would post for unbounded input: encode (full buffers and
     remainders alike go to the merge step, all in the global window), then merge."""
     encoded = pcoll | IntoGlobalWindow(
-        _EncodeAndBatchDoFn(datasource="events", limits=limits, full_to_merge=True)
+        _EncodeAndBatchDoFn(datasource="events", limits=limits, windowing=pcoll.windowing, full_to_merge=True)
     ).with_outputs("dead_letters", main="remainders")
     merged = encoded.remainders | beam.ParDo(
         _BatchDoFn(limits=limits, buffer_in_processing_time=True, clock=_FrozenClock()))
@@ -118,13 +121,15 @@ def _steps(pcoll_builder) -> list[tuple[str, str]]:
 
 
 def test_unbounded_input_runs_three_steps_per_bundle_and_no_window_into():
-    """Encode, merge, post: each streaming step costs per bundle (the dead letters' Flatten is not a DoFn)."""
+    """Encode, merge, post: each streaming step costs per bundle (the dead letters' Flatten is not a DoFn;
+    the step that puts dead letters back in their windows is, fused with the steps that make them)."""
     steps = _steps(lambda p: p | TestStream().add_elements([_event(1)]) | beam.WindowInto(FixedWindows(10)))
     assert steps == [
         ("EncodeAndBatch/IntoGlobalWindow(_EncodeAndBatchDoFn)", "IntoGlobalWindow"),
         ("MergeRemainders", "ParDo"),
-        ("Post/ParDo(_PostDoFn)", "ParDo"),
-        ("DeadLetters", "Flatten"),
+        ("Post/ParDo(_PostDoFn)/ParDo(_PostDoFn)", "ParDo"),
+        ("GatherDeadLetters", "Flatten"),
+        ("DeadLetters", "IntoWindowing"),
     ]
 
 
@@ -133,7 +138,8 @@ def test_bounded_input_posts_full_batches_apart_and_no_window_into():
     labels = [label for label, _ in steps]
     assert not [kind for _, kind in steps if kind == "WindowInto"]
     assert steps[0] == ("EncodeAndBatch/IntoGlobalWindow(_EncodeAndBatchDoFn)", "IntoGlobalWindow")
-    assert "PostFull/ParDo(_PostDoFn)" in labels and "PostMerged/ParDo(_PostDoFn)" in labels
+    assert "PostFull/ParDo(_PostDoFn)/ParDo(_PostDoFn)" in labels
+    assert "PostMerged/ParDo(_PostDoFn)/ParDo(_PostDoFn)" in labels
     assert any(label.startswith("GroupRemainders") for label in labels)
 
 
@@ -185,7 +191,8 @@ def test_a_buffer_full_inside_a_bundle_is_posted_by_the_merge_step_at_once():
     window = IntervalWindow(0, 10)
     # Three rows of 20 bytes fit in 70; the fourth does not (a buffer full short of the byte limit).
     limits = BatchLimits(max_batch_bytes=70, max_batch_rows=1000, max_buffering_secs=3600, num_shards=1)
-    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits, full_to_merge=True)
+    encoder = _EncodeAndBatchDoFn(datasource="events", limits=limits, windowing=Windowing(FixedWindows(10)),
+                                  full_to_merge=True)
     encoder.setup()
     encoder.start_bundle()
     outputs = [out for i in range(4)
@@ -198,5 +205,6 @@ def test_a_buffer_full_inside_a_bundle_is_posted_by_the_merge_step_at_once():
         (3, [0, 1, 2])]
     assert all(isinstance(b, Batch) and len(b.payload) <= 70 for b in batches)
     # The line that did not fit waits in the shard's state, with its timers armed.
-    assert [Chunk(*c) for c in bag.read()] == [Chunk(orjson.dumps(_event(3)) + b"\n", 1)]
+    assert [Chunk(*c) for c in bag.read()] == [
+        Chunk(orjson.dumps(_event(3)) + b"\n", 1, array.array("q", [3_000_000]).tobytes())]
     assert held.read() == (20, 1) and window_end.at is not None and stale.at is not None

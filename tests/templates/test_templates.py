@@ -57,6 +57,7 @@ EXAMPLES = {
     "max_batch_bytes": (["1048576", "8388608"], ["", "0", "-1", "1.5", "8MiB", "01"]),
     "max_batch_rows": (["1", "200000"], ["", "0", "1e5"]),
     "num_shards": (["1", "8", "64"], ["", "0", "eight"]),
+    "max_windows_per_bundle": (["1", "20", "500"], ["", "0", "-1", "twenty", "2.5"]),
     "dead_letter_path": (["gs://bucket/tinybird/dead-letters/"], ["", "dead-letters/", "/tmp/dl"]),
     "dead_letter_format": (["json", "avro"], ["", "jsonl", "parquet"]),
     "input_subscription": (["projects/p/subscriptions/s"],
@@ -230,7 +231,8 @@ def test_documented_defaults_are_the_pipelines_and_the_sinks(name):
     defaults["wait"] = False  # a template always has an api_url: the sink's default applies
     documented = {p["name"]: _documented_default(p["helpText"]) for p in _metadata(name)["parameters"]}
     documented = {key: value for key, value in documented.items() if value is not None}
-    assert {"token_env", "max_batch_bytes", "max_batch_rows", "num_shards", "compression", "wait",
+    assert {"token_env", "max_batch_bytes", "max_batch_rows", "num_shards", "max_windows_per_bundle",
+            "compression", "wait",
             "dead_letter_format", "max_dead_letter_ratio"} <= set(documented)
     for parameter, text in documented.items():
         assert text == _as_parameter(defaults[parameter]), (name, parameter)
@@ -311,6 +313,7 @@ def test_files_template_as_the_launcher_runs_it(tmp_path):
             "input": str(tmp_path / "*.ndjson"), "format": "ndjson", "datasource": "launched",
             "api_url": server.url, "token_env": "LAUNCHER_TB_TOKEN", "wait": "true", "compression": "gzip",
             "max_batch_bytes": "4096", "max_batch_rows": "7", "num_shards": "2",
+            "max_windows_per_bundle": "3",
             "dead_letter_path": str(tmp_path / "dead") + "/", "dead_letter_format": "avro",
             "max_dead_letter_ratio": "0",
         }

@@ -9,7 +9,8 @@ Why the stack is adjusted: ``requests``/urllib3 timeouts bound each socket
 operation, not the attempt, so a server that drips one byte at a time keeps a
 request alive forever. The sockets made here take, before every send, receive
 and TLS handshake, the smaller of their own timeout and what is left of the
-attempt's wall-clock deadline (kept per thread while the attempt runs). And
+attempt's wall-clock deadline (kept per thread while the attempt runs); the
+name lookup and the connect also end by that deadline (:class:`_Resolver`). And
 ``http.client`` takes a ``103 Early Hints`` for the answer and reads a negative
 chunk size as "read to the end": its response class here skips interim answers
 and refuses negative chunk sizes.
@@ -17,8 +18,10 @@ and refuses negative chunk sizes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import io
+import ipaddress
 import logging
 import socket
 import ssl
@@ -37,6 +40,7 @@ import zstandard
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError
 from urllib3.util.ssl_ import create_urllib3_context
 
 from sinks.tinybird._http.outcomes import BoundedResponse, TransportFailure
@@ -61,8 +65,11 @@ _READ_CHUNK_BYTES = 16 * 1024
 _MAX_INTERIM_ANSWERS = 16
 # A socket timeout fires when its time is up, measured in whole milliseconds.
 _DEADLINE_SLACK_SECS = 0.005
+# Threads that run name lookups, per Transport (see _Resolver).
+_LOOKUP_THREADS = 2
 
-# The deadline (time.monotonic()) of the attempt running in this thread, if any.
+# The deadline (time.monotonic()) of the attempt running in this thread, if any,
+# and the Transport's _Resolver.
 _ATTEMPT = threading.local()
 
 # Every error the HTTP stack raises for what a server or the network does:
@@ -170,18 +177,96 @@ def _with_deadlines(sock: socket.socket) -> _DeadlineSocket:
     return wrapped
 
 
+class _Resolver:
+    """Name lookups that end by the attempt's deadline.
+
+    ``getaddrinfo`` blocks with no timeout of its own (the system resolver's
+    retries can take tens of seconds), and cannot be interrupted: it runs on a
+    small pool of threads of its own, and the attempt stops waiting for it at
+    its deadline. A hung lookup then holds one of those threads until the
+    system gives up; the lookups queued behind it are cancelled when their
+    attempt ends, so no request waits past its deadline and no thread is
+    added per hung lookup.
+    """
+
+    def __init__(self, getaddrinfo: Callable[..., Any] | None) -> None:
+        # None: socket.getaddrinfo as it is at each lookup (a test's or a library's patch included).
+        self._getaddrinfo = getaddrinfo
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=_LOOKUP_THREADS, thread_name_prefix="tinybird-dns")
+
+    def addresses(self, host: str, port: int, timeout_secs: float) -> list[str]:
+        """The host's addresses in the resolver's order (an IP literal as is).
+
+        Raises:
+            socket.gaierror: the lookup failed.
+            TimeoutError: no answer within ``timeout_secs``.
+        """
+        try:
+            return [str(ipaddress.ip_address(host.strip("[]")))]
+        except ValueError:
+            pass
+        future = self._pool.submit(self._getaddrinfo or socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        try:
+            infos = future.result(timeout=max(timeout_secs, 0.0))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no answer to the name lookup within {timeout_secs:.3g} s") from None
+        # Order kept, duplicates dropped (one address per family and protocol).
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _connect_by_deadline(conn: HTTPConnection, new_conn: Callable[[], socket.socket]) -> _DeadlineSocket:
+    """Resolves the host within what is left of the attempt, then connects to each address in turn,
+    each connect bounded by the connect timeout and what is left of the attempt."""
+    resolver: _Resolver | None = getattr(_ATTEMPT, "resolver", None)
+    deadline: float | None = getattr(_ATTEMPT, "deadline", None)
+    if resolver is None or deadline is None:
+        return _with_deadlines(new_conn())
+    host, connect_timeout = conn._dns_host, conn.timeout
+    try:
+        addresses = resolver.addresses(host, conn.port or 0, deadline - time.monotonic())
+    except socket.gaierror as exc:
+        raise NameResolutionError(conn.host, conn, exc) from exc
+    except TimeoutError as exc:
+        raise ConnectTimeoutError(
+            conn, f"name lookup of {conn.host} not done by the attempt's deadline ({exc})") from exc
+    last_error: Exception | None = None
+    try:
+        for address in addresses:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # _new_conn connects to _dns_host; TLS still checks the certificate against conn.host.
+            conn._dns_host = address
+            conn.timeout = remaining if not isinstance(connect_timeout, (int, float)) else min(
+                connect_timeout, remaining)
+            try:
+                return _with_deadlines(new_conn())
+            except (ConnectTimeoutError, urllib3.exceptions.NewConnectionError) as exc:
+                last_error = exc
+    finally:
+        conn._dns_host, conn.timeout = host, connect_timeout
+    if last_error is not None:
+        raise last_error
+    raise ConnectTimeoutError(conn, f"no connection to {conn.host} by the attempt's deadline")
+
+
 class _HTTPConnection(HTTPConnection):
     response_class = _FinalResponse
 
     def _new_conn(self) -> socket.socket:
-        return _with_deadlines(super()._new_conn())
+        return _connect_by_deadline(self, super()._new_conn)
 
 
 class _HTTPSConnection(HTTPSConnection):
     response_class = _FinalResponse
 
     def _new_conn(self) -> socket.socket:
-        return _with_deadlines(super()._new_conn())
+        return _connect_by_deadline(self, super()._new_conn)
 
 
 class _HTTPConnectionPool(HTTPConnectionPool):
@@ -252,12 +337,15 @@ class Transport:
             TLS handshake, sending, the answer's headers and body.
         ca_bundle_path: CA bundle to verify the server with (else requests' default).
         max_in_flight: Connections kept in the pool.
+        getaddrinfo: The name lookup (``socket.getaddrinfo``'s signature), or
+            None for ``socket.getaddrinfo``; tests inject one that hangs.
     """
 
     def __init__(
         self, *, url: str, headers: Mapping[str, str], token: str, redactor: Redactor,
         connect_timeout_secs: float, read_timeout_secs: float, attempt_timeout_secs: float,
         ca_bundle_path: str | None, max_in_flight: int,
+        getaddrinfo: Callable[..., Any] | None = None,
     ) -> None:
         self._url = url
         self._api_url = url.split("/v0/", 1)[0]
@@ -273,6 +361,7 @@ class Transport:
         session.mount("https://", adapter)
         session.mount("http://", adapter)
         self._session: requests.Session | None = session
+        self._resolver = _Resolver(getaddrinfo)
 
     def __repr__(self) -> str:
         return f"Transport(url={self._url!r})"
@@ -281,15 +370,17 @@ class Transport:
         session, self._session = self._session, None
         if session is not None:
             session.close()
+            self._resolver.close()
 
     def post(self, body: bytes) -> BoundedResponse | TransportFailure:
         """One attempt: never raises, never takes longer than ``attempt_timeout_secs``
-        (plus the connect timeout when that is longer), never holds more than the caps."""
+        (name lookup and connect included), never holds more than the caps."""
         session = self._session
         if session is None:
             return TransportFailure(error="closed", message="the client was closed", retryable=False)
         deadline = time.monotonic() + self._attempt_timeout
         _ATTEMPT.deadline = deadline
+        _ATTEMPT.resolver = self._resolver
         try:
             try:
                 response = session.post(
@@ -301,6 +392,7 @@ class Transport:
             return self._bounded(response, deadline)
         finally:
             _ATTEMPT.deadline = None
+            _ATTEMPT.resolver = None
 
     # -- the answer ------------------------------------------------------------------
 
@@ -357,7 +449,11 @@ class Transport:
 
     def _failure(self, exc: BaseException, deadline: float) -> TransportFailure:
         error, message, retryable = self._classify_exception(exc)
-        if error in ("timeout", "connection_error", "protocol_error") and (
+        if error == "connect_timeout" and time.monotonic() >= deadline - _DEADLINE_SLACK_SECS:
+            # Nothing was sent: a name lookup or connect that the attempt's deadline ended.
+            message = (f"no connection within the attempt's deadline of {self._attempt_timeout:g} s: "
+                       f"{_describe(exc)}")
+        elif error in ("timeout", "connection_error", "protocol_error") and (
                 time.monotonic() >= deadline - _DEADLINE_SLACK_SECS):
             error, message = "deadline", (
                 f"no complete answer within the attempt's deadline of {self._attempt_timeout:g} s "
