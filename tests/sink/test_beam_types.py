@@ -56,6 +56,30 @@ def test_bounded_graph_builds_and_batches_travel_as_tuples(windowfn):
     assert "beam:coder:pickled_python:v1" not in coders["EncodeAndBatch.None"]
 
 
+@pytest.mark.parametrize("dead_letter_format", ["json", "avro"])
+@pytest.mark.parametrize("windowfn", [None, FixedWindows(10), SlidingWindows(10, 5), Sessions(10)])
+@pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "unbounded"])
+def test_every_graph_with_dead_letter_files_builds(windowfn, bounded, dead_letter_format, tmp_path):
+    """Construction is where a release's type inference bites (a NamedTuple through a
+    GroupByKey in 2.78): every shape of the graph, dead-letter files included, is built."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    from apache_beam.testing.test_stream import TestStream
+
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = not bounded
+    pipeline = beam.Pipeline(options=options)
+    source = beam.Create([{"id": i} for i in range(3)]) if bounded else TestStream().add_elements([{"id": 1}])
+    rows = pipeline | source
+    if windowfn is not None:
+        rows = rows | beam.WindowInto(windowfn)
+    result = rows | "WriteToTinybird" >> WriteToTinybird(
+        datasource="t", token="x", api_url="http://127.0.0.1:9", dead_letter_path=f"{tmp_path}/",
+        dead_letter_format=dead_letter_format)
+
+    assert set(result) == {"dead_letters", "dead_letter_files"}
+    assert pipeline.to_runner_api().components.pcollections
+
+
 def _dofn_classes() -> list[type]:
     """Every DoFn class the sink and the pipelines define."""
     import importlib
