@@ -87,27 +87,13 @@ class WindowKey(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """One request's worth of lines, their window, and each line's timestamp.
-
-    Travels as ``((window, window_bytes), (payload, rows, timestamps))``
-    (:data:`BATCH_HINT`): its window and a chunk, a pair as every tuple the
-    sink's PCollections hold (Beam 2.70 and 2.71 cannot print the coder of a
-    tuple of another length, which their workers do when logging at DEBUG).
-    """
+    """One request's worth of lines, their window, and each line's timestamp."""
 
     window: str
     payload: bytes
     rows: int
     window_bytes: bytes
     timestamps: bytes
-
-    def to_wire(self) -> tuple[tuple[str, bytes], tuple[bytes, int, bytes]]:
-        return (self.window, self.window_bytes), (self.payload, self.rows, self.timestamps)
-
-    @classmethod
-    def from_wire(cls, value: tuple[tuple[str, bytes], tuple[bytes, int, bytes]]) -> Batch:
-        (window, window_bytes), (payload, rows, timestamps) = value
-        return cls(window, payload, rows, window_bytes, timestamps)
 
 
 # The types Beam sees. Keys, chunks and batches travel as plain tuples of these
@@ -119,7 +105,7 @@ KEY_HINT = tuple[int, int, str, bytes]
 CHUNK_HINT = tuple[bytes, int, bytes]
 KEYED_CHUNK_HINT = tuple[KEY_HINT, CHUNK_HINT]
 GROUPED_CHUNKS_HINT = tuple[KEY_HINT, Iterable[CHUNK_HINT]]
-BATCH_HINT = tuple[tuple[str, bytes], CHUNK_HINT]
+BATCH_HINT = tuple[str, bytes, int, bytes, bytes]
 # A dead letter on its way to the user's windowing: the record and its window,
 # encoded with the input's window coder; the element's timestamp is the value's own.
 WINDOWED_DEAD_LETTER_HINT = tuple[DeadLetter, bytes]
@@ -398,7 +384,7 @@ class _BundleBuffers:
         timestamp = Timestamp(micros=min(timestamps))
         if not as_chunk:
             batch = Batch(window_text(window), bytes(buffer.data), buffer.rows, window_bytes, timestamps.tobytes())
-            return beam.pvalue.TaggedOutput(FULL_TAG, WindowedValue(batch.to_wire(), timestamp, _GLOBAL_WINDOWS))
+            return beam.pvalue.TaggedOutput(FULL_TAG, WindowedValue(batch, timestamp, _GLOBAL_WINDOWS))
         self._shard = (self._shard + 1) % self._num_shards
         chunk = Chunk(bytes(buffer.data), buffer.rows, timestamps.tobytes())
         if self._keep_windows:
@@ -608,9 +594,8 @@ def cut_batches(
     return batches, rest
 
 
-def _batch(key: WindowKey, chunk: Chunk) -> tuple[tuple[str, bytes], Chunk]:
-    """The batch of ``chunk`` in ``key``'s window, as it travels (:meth:`Batch.to_wire`)."""
-    return (key.window, key.window_bytes), chunk
+def _batch(key: WindowKey, chunk: Chunk) -> Batch:
+    return Batch(key.window, chunk.payload, chunk.rows, key.window_bytes, chunk.timestamps)
 
 
 class _BatchDoFn(beam.DoFn):
@@ -767,7 +752,7 @@ class _MergeMergedWindowsDoFn(beam.DoFn):
         key = WindowKey(element[0][0], window.max_timestamp().micros, window_text(window),
                         self._window_coder.encode(window))
         for batch in _merge_grouped(key, element[1], self._limits):
-            yield WindowedValue(batch, Timestamp(micros=min(timestamps_of(batch[1][2]))), _GLOBAL_WINDOWS)
+            yield WindowedValue(batch, Timestamp(micros=min(timestamps_of(batch[4]))), _GLOBAL_WINDOWS)
 
 
 class _RestoreWindowsDoFn(beam.DoFn):

@@ -125,7 +125,7 @@ class _PostDoFn(beam.DoFn):
         self._not_posted_rows = 0
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
-        batch = Batch.from_wire(element)
+        batch = Batch(*element)
         if self._failure is not None:
             # The bundle will fail and be retried with this batch in it: posting it now would duplicate it.
             self._not_posted_rows += batch.rows

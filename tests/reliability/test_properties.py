@@ -75,7 +75,7 @@ def test_batching_dofns_respect_limits_keep_every_element_once_and_never_mix_win
             for out in encode.process(element, wv=WindowedValue(element, Timestamp(w * 10 + 1), (WINDOWS[w],))) or ():
                 assert out.value.windows == (GlobalWindow(),)
                 if out.tag == FULL_TAG:
-                    batches.append((Batch.from_wire(out.value.value), "full"))
+                    batches.append((Batch(*out.value.value), "full"))
                 else:
                     assert out.tag == DEAD_LETTERS_TAG
                     dead.append(out.value.value[0])
@@ -92,7 +92,7 @@ def test_batching_dofns_respect_limits_keep_every_element_once_and_never_mix_win
     merge = _MergeRemaindersDoFn(limits=limits)
     for key, chunks in remainders.items():
         rng.shuffle(chunks)  # a GroupByKey gives no order
-        batches += [(Batch.from_wire(batch), "merged") for batch in merge.process((key, chunks))]
+        batches += [(Batch(*batch), "merged") for batch in merge.process((key, chunks))]
 
     seen = collections.Counter()
     for batch, origin in batches:

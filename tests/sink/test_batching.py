@@ -137,13 +137,7 @@ def test_bounded_batches_are_full_whatever_the_bundle_size(bundle_sizes, num_sha
     """Small bundles (Flink batch, Dataflow streaming) still give full batches."""
     import collections
 
-    from sinks.tinybird._batching import (
-        FULL_TAG,
-        Batch,
-        _EncodeAndBatchDoFn,
-        _EncodeAndBatchGlobalDoFn,
-        _MergeRemaindersDoFn,
-    )
+    from sinks.tinybird._batching import Batch, _EncodeAndBatchDoFn, _EncodeAndBatchGlobalDoFn, _MergeRemaindersDoFn
 
     limits = BatchLimits(max_batch_bytes=4096, max_batch_rows=10_000, max_buffering_secs=5, num_shards=num_shards)
     encoder_class = _EncodeAndBatchGlobalDoFn if global_variant else _EncodeAndBatchDoFn
@@ -156,14 +150,14 @@ def test_bounded_batches_are_full_whatever_the_bundle_size(bundle_sizes, num_sha
         for output in _run_bundle(encoder, events):
             value = getattr(output, "value", output)        # TaggedOutput, WindowedValue
             value = getattr(value, "value", value)           # TimestampedValue
-            if getattr(output, "tag", None) == FULL_TAG:
-                batches.append(Batch.from_wire(value))
+            if isinstance(value, Batch):
+                batches.append(value)
             else:
                 key, chunk = value
                 groups[key].append(chunk)
     merger = _MergeRemaindersDoFn(limits=limits)
     for key, chunks in groups.items():
-        batches.extend(Batch.from_wire(batch) for batch in merger.process((key, chunks)))
+        batches.extend(merger.process((key, chunks)))
     ids = [orjson.loads(line)["id"] for batch in batches for line in batch.payload.splitlines()]
     assert sorted(ids) == list(range(next_id))
     assert all(len(b.payload) <= limits.max_batch_bytes for b in batches)
@@ -309,7 +303,7 @@ def test_a_full_buffer_leaves_in_the_global_window_as_a_batch_or_for_the_merge(f
         return
     assert isinstance(full, TaggedOutput) and full.tag == FULL_TAG
     full = full.value
-    assert Batch.from_wire(full.value) == Batch(window_text(window), b'{"id":0}\n{"id":1}\n', 2,
+    assert full.value == Batch(window_text(window), b'{"id":0}\n{"id":1}\n', 2,
                                FixedWindows(10).get_window_coder().encode(window), _stamps(5, 3))
     assert (full.timestamp, full.windows) == (Timestamp(3), (GlobalWindow(),))
     (rest,) = list(encoder.finish_bundle())

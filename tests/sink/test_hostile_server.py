@@ -10,7 +10,6 @@ was sent. The server is :class:`sink_testlib.RawServer`, a raw socket on 127.0.0
 
 from __future__ import annotations
 
-import array
 import json
 import logging
 import os
@@ -27,7 +26,6 @@ import orjson
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from shared_testlib import BUSY_MACHINE_SLACK_SECS, TOKEN, dead_letters_in
 from sink_testlib import FakeTime, RawRequest, RawServer, answer, counted, counts_body
 
@@ -578,9 +576,7 @@ def test_finish_bundle_never_waits_past_the_clients_bound():
         fn.start_bundle()
         payload = payload_of(5)
         started = time.monotonic()
-        batch = Batch("global", payload, 5, GlobalWindows().get_window_coder().encode(GlobalWindow()),
-                      array.array("q", [0] * 5).tobytes())
-        outputs = list(fn.process(batch.to_wire(), timestamp=Timestamp(0)))
+        outputs = list(fn.process(Batch("global", payload, 5), timestamp=Timestamp(0)))
         outputs += list(fn.finish_bundle())
         elapsed = time.monotonic() - started
     finally:

@@ -14,7 +14,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.core import Windowing
 from apache_beam.transforms.window import FixedWindows, TimestampedValue
 
-from sinks.tinybird._batching import Batch, BatchLimits, IntoGlobalWindow, _BatchDoFn, _EncodeAndBatchDoFn
+from sinks.tinybird._batching import BatchLimits, IntoGlobalWindow, _BatchDoFn, _EncodeAndBatchDoFn
 
 # Each event encodes to exactly 20 bytes with its newline: {"id":1000,"p":"x"}
 _ROW_BYTES = 20
@@ -45,7 +45,7 @@ def _batches(pcoll, *, limits: BatchLimits):
     ).with_outputs("dead_letters", main="remainders")
     merged = encoded.remainders | beam.ParDo(
         _BatchDoFn(limits=limits, buffer_in_processing_time=True, clock=_FrozenClock()))
-    return merged | beam.Map(Batch.from_wire) | beam.Map(
+    return merged | beam.Map(
         lambda b: (b.window, b.rows, tuple(orjson.loads(line)["id"] - 1000 for line in b.payload.splitlines())))
 
 
@@ -200,8 +200,7 @@ def test_a_buffer_full_inside_a_bundle_is_posted_by_the_merge_step_at_once():
     assert len(outputs) == 1
     merge = _BatchDoFn(limits=limits, buffer_in_processing_time=True, clock=_FrozenClock())
     bag, held, window_end, stale = _Bag(), _Value(), _Timer(), _Timer()
-    batches = [Batch.from_wire(b) for b in
-               merge.process(outputs[0].value, buffer=bag, held=held, window_end=window_end, stale=stale)]
+    batches = list(merge.process(outputs[0].value, buffer=bag, held=held, window_end=window_end, stale=stale))
     assert [(b.rows, [orjson.loads(line)["id"] - 1000 for line in b.payload.splitlines()]) for b in batches] == [
         (3, [0, 1, 2])]
     assert all(isinstance(b, Batch) and len(b.payload) <= 70 for b in batches)
