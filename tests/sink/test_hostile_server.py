@@ -10,6 +10,7 @@ was sent. The server is :class:`sink_testlib.RawServer`, a raw socket on 127.0.0
 
 from __future__ import annotations
 
+import array
 import json
 import logging
 import os
@@ -576,12 +577,13 @@ def test_finish_bundle_never_waits_past_the_clients_bound():
         fn.start_bundle()
         payload = payload_of(5)
         started = time.monotonic()
-        outputs = list(fn.process(Batch("global", payload, 5), timestamp=Timestamp(0)))
+        stamps = array.array("q", [0] * 5).tobytes()
+        outputs = list(fn.process(Batch("global", payload, 5, b"", stamps), timestamp=Timestamp(0)))
         outputs += list(fn.finish_bundle())
         elapsed = time.monotonic() - started
     finally:
         fn.teardown()
-    letters = [o.value.value for o in outputs]
+    letters = [o.value.value[0] for o in outputs]  # (dead letter, its window's bytes)
     assert elapsed < StuckClient.max_send_secs + BUSY_MACHINE_SLACK_SECS < 10, elapsed  # never the 10 s wait
     assert sorted(orjson.loads(d.line)["id"] for d in letters) == list(range(5))
     assert {(d.kind, d.attempts) for d in letters} == {("retries_exhausted", 0)}
