@@ -69,8 +69,9 @@ cent, whether 8 or 100 processes share the limit."""
 RATE_INCREASE_OF_LIMIT = 0.0005
 """Additive increase of the paced rate per second, as a share of the service's
 ``X-RateLimit-Limit``."""
-MIN_RATE_RPS = 0.01
-"""The paced rate never falls below one request per 100 s."""
+MIN_RATE_RPS = 0.2
+"""The paced rate never falls below one request per 5 s: a burst of 429s must not
+leave the process waiting minutes for its first request after the burst."""
 _SENT_WINDOW_SECS = 2.0
 _ACCEPTED_WINDOW_SECS = 30.0
 MIN_INTERVAL_SECS = 0.05
