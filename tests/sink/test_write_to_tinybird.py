@@ -324,7 +324,8 @@ def test_accounting_under_injected_faults_every_id_is_stored_or_dead_lettered(tm
     # Dead letters are only what retries could not deliver, each element once.
     assert len(dead) == len(set(dead))
     assert {letter.kind for letter in letters} <= {"retries_exhausted"}
-    assert all(letter.attempts == 3 for letter in letters)
+    # 3 error attempts each; a 429 among them is an attempt too but spends none of the 3 (issue 22).
+    assert all(letter.attempts >= 3 for letter in letters)
     # Duplicates come only from failures after the server stored the rows.
     duplicates = len(stored) - len(set(stored))
     dead_but_stored = len(set(dead) & set(stored))
