@@ -30,7 +30,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sinks.tinybird._http.classify import AttemptContext, classify, throttle_check
+from sinks.tinybird._http.classify import AttemptContext, classify, rate_window, throttle_check
 from sinks.tinybird._http.limiter import Limiter, Signal
 from sinks.tinybird._http.outcomes import BoundedResponse, Deliver, GiveUp, Retry
 from sinks.tinybird.retry import RetryPolicy
@@ -263,8 +263,8 @@ class _Sim:
         decision = classify(response, context, self.s.policy)
         signal = Signal.THROTTLED if (isinstance(decision, Retry) and decision.throttled) or (
             isinstance(decision, GiveUp) and status == 429) else Signal.OK
-        limiter.done(self.now, signal=signal, rtt_secs=self.now - sent_at, sent_at=sent_at,
-                     pause_secs=decision.pause_secs, limit_rps=float(headers["X-RateLimit-Limit"]))
+        limiter.done(self.now, signal=signal, rtt_secs=self.now - sent_at, pause_secs=decision.pause_secs,
+                     window=rate_window(headers))
         self.wake(batch.worker)
         if isinstance(decision, Deliver):
             self.delivered += 1

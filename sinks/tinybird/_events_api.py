@@ -31,7 +31,7 @@ from typing import Any
 
 import zstandard
 
-from sinks.tinybird._http.classify import AttemptContext, budget_check, classify, throttle_check
+from sinks.tinybird._http.classify import AttemptContext, budget_check, classify, rate_window, throttle_check
 from sinks.tinybird._http.limiter import Limiter, LimiterKey, Signal, shared_limiter
 from sinks.tinybird._http.outcomes import (
     Attempt,
@@ -378,7 +378,7 @@ class EventsApiClient:
         try:
             outcome = _CLOSED if transport is None else transport.post(body)
         except BaseException:
-            limiter.done(self._clock(), signal=Signal.BACK_PRESSURE, rtt_secs=self._clock() - t0, sent_at=t0)
+            limiter.done(self._clock(), signal=Signal.BACK_PRESSURE, rtt_secs=self._clock() - t0)
             raise
         now = self._clock()
         latency = now - t0
@@ -396,8 +396,8 @@ class EventsApiClient:
             batch.throttled_answers += 1
         else:
             state.error_attempts += 1
-        limiter.done(now, signal=_signal(outcome, throttled), rtt_secs=latency, sent_at=t0,
-                     pause_secs=decision.pause_secs, limit_rps=_limit_rps(outcome))
+        limiter.done(now, signal=_signal(outcome, throttled), rtt_secs=latency, pause_secs=decision.pause_secs,
+                     window=rate_window(outcome.headers) if isinstance(outcome, BoundedResponse) else None)
         response = outcome if isinstance(outcome, BoundedResponse) else None
         status = None if response is None else response.status
         error = outcome.error if isinstance(outcome, TransportFailure) else None
@@ -418,8 +418,11 @@ class EventsApiClient:
     def _admit(self, batch: _Batch) -> tuple[DeadLetterKind, str] | None:
         """Waits until the shared limiter lets an attempt start, within the budgets; else says why not.
 
-        Time spent here is throttled time: the server's pause, the paced rate
-        and a concurrency limit lowered by back-pressure.
+        Only waits that are the service's doing count as throttled (the
+        server's pause, the paced rate, a concurrency limit lowered by
+        back-pressure): waiting for a slot that another step or thread of the
+        process holds is not throttling, and counts against the error budget's
+        clock like any other time.
         """
         limiter = batch.limiter
         waited_for = None
@@ -434,11 +437,11 @@ class EventsApiClient:
                 return None
             budget_left = self._policy.max_throttled_secs - batch.throttled_secs
             if admission.reason == "concurrency":
-                if budget_left <= 0:
-                    return DeadLetterKind.THROTTLED, throttle_check(
-                        throttled_secs=batch.throttled_secs, wait_secs=0.0, policy=self._policy) or (
+                if admission.throttled and budget_left <= 0:
+                    return DeadLetterKind.THROTTLED, (
                         f"no request slot free within max_throttled_secs={self._policy.max_throttled_secs:g}")
-                limiter.wait_for_slot(min(budget_left, _SLOT_POLL_SECS))
+                poll = min(budget_left, _SLOT_POLL_SECS) if admission.throttled else _SLOT_POLL_SECS
+                limiter.wait_for_slot(poll)
                 waited = max(self._clock() - now, 0.0)
             else:
                 refused = throttle_check(
@@ -450,7 +453,8 @@ class EventsApiClient:
                 self._sleep(admission.wait_secs)
                 waited = admission.wait_secs
             batch.paced_secs += waited
-            batch.throttled_secs += waited
+            if admission.throttled:
+                batch.throttled_secs += waited
 
     def _halves(self, state: _PartState) -> list[_Part]:
         part = state.part
@@ -545,16 +549,6 @@ def _signal(outcome: BoundedResponse | TransportFailure, throttled: bool) -> Sig
     if isinstance(outcome, TransportFailure):
         return Signal.BACK_PRESSURE if outcome.retryable else Signal.OK
     return Signal.BACK_PRESSURE if outcome.status >= 500 else Signal.OK
-
-
-def _limit_rps(outcome: BoundedResponse | TransportFailure) -> float | None:
-    if not isinstance(outcome, BoundedResponse):
-        return None
-    try:
-        limit = float(outcome.headers.get("X-RateLimit-Limit", ""))
-    except ValueError:
-        return None
-    return limit if math.isfinite(limit) and limit > 0 else None
 
 
 def _checked_api_url(api_url: object, *, allow_insecure_http: bool) -> str:

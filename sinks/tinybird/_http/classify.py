@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from sinks.tinybird._http.limiter import RateWindow
 from sinks.tinybird._http.outcomes import (
     BoundedResponse,
     Decision,
@@ -32,7 +33,9 @@ from sinks.tinybird._http.outcomes import (
 from sinks.tinybird.dead_letters import DeadLetterKind
 from sinks.tinybird.retry import RETRY_AFTER_STATUS_CODES, RetryPolicy
 
-__all__ = ["AttemptContext", "budget_check", "classify", "parse_reset", "parse_retry_after", "throttle_check"]
+__all__ = [
+    "AttemptContext", "budget_check", "classify", "parse_reset", "parse_retry_after", "rate_window", "throttle_check",
+]
 
 # Above this, an X-RateLimit-Reset value is an epoch time, not a delta (some
 # gateways send that; Tinybird sends a delta).
@@ -257,6 +260,18 @@ def _pause_secs(
         if reset is not None:
             pause = max(pause, min(reset, cap))
     return pause
+
+
+def rate_window(headers: Mapping[str, str]) -> RateWindow | None:
+    """``X-RateLimit-Limit`` and ``X-RateLimit-Remaining``, when both are there and make sense."""
+    try:
+        limit = float(headers.get("X-RateLimit-Limit", ""))
+        remaining = float(headers.get("X-RateLimit-Remaining", ""))
+    except ValueError:
+        return None
+    if not (math.isfinite(limit) and math.isfinite(remaining) and limit > 0 and remaining >= 0):
+        return None
+    return RateWindow(limit=limit, remaining=remaining)
 
 
 def _is_exhausted(remaining: str) -> bool:

@@ -43,11 +43,13 @@ __all__ = [
     "DECREASE_RATIO",
     "EWMA_ALPHA",
     "RATE_DECREASE_RATIO",
-    "RATE_INCREASE_SHARE",
+    "RATE_GROWTH_PER_SEC",
     "RTT_DEVIATION_SCALE",
+    "WINDOW_SPENT_SHARE",
     "Admission",
     "Limiter",
     "LimiterKey",
+    "RateWindow",
     "Signal",
     "shared_limiter",
 ]
@@ -58,22 +60,29 @@ EWMA_ALPHA = 0.4
 """Vector's ``ewma_alpha``: weight of the newest interval in the moving round-trip average."""
 RTT_DEVIATION_SCALE = 2.5
 """Vector's ``rtt_deviation_scale``: a round trip above mean + this many deviations is back-pressure."""
-RATE_DECREASE_RATIO = 0.5
-"""The paced rate after a 429, as a share of before (TCP's halving): a capacity that
-halves is followed after one 429 per process."""
-RATE_INCREASE_SHARE = 0.01
-"""Growth of the paced rate per accepted request, as a share of the process's own
-accepted rate (so about 2% of it per request): at equilibrium each process meets
-one 429 for roughly every ``1 / (RATE_INCREASE_SHARE * ln 2)`` accepts, a few per
-cent, whether 8 or 100 processes share the limit."""
-RATE_INCREASE_OF_LIMIT = 0.0005
-"""Additive increase of the paced rate per second, as a share of the service's
-``X-RateLimit-Limit``."""
+RATE_DECREASE_RATIO = 0.8
+"""The paced rate after a congestion answer, as a share of before. Applied on every
+such answer, so a process sending twice as fast meets twice as many and slows
+down more: the decrease is proportional to a process's own rate, which is what
+brings processes of one data source to equal shares."""
+RATE_GROWTH_PER_SEC = 0.03
+"""Growth of the paced rate per second while answers are clean, as a share of it
+(about 3% a second: a halved rate is regained in about 25 s)."""
+WINDOW_SPENT_SHARE = 0.2
+"""An answer with ``X-RateLimit-Remaining`` at or below this share of
+``X-RateLimit-Limit`` says the window is nearly spent: a congestion answer, like
+a 429 but before one, so that processes slow down while requests still pass."""
+PAUSE_JITTER = 0.5
+"""A server's pause is lengthened by a random share of it up to this."""
+RATE_GROWTH_OF_LIMIT = 0.0001
+"""Growth of the paced rate per second, as a share of ``X-RateLimit-Limit``: the
+same for every process, so a process far below its share catches up faster
+(in proportion) than one above it."""
 MIN_RATE_RPS = 0.2
 """The paced rate never falls below one request per 5 s: a burst of 429s must not
 leave the process waiting minutes for its first request after the burst."""
-_SENT_WINDOW_SECS = 2.0
-_ACCEPTED_WINDOW_SECS = 30.0
+_SENT_WINDOW_SECS = 5.0
+_MAX_GROWTH_STEP_SECS = 1.0
 MIN_INTERVAL_SECS = 0.05
 """The shortest adjustment interval of the concurrency limit (answers on loopback take ~1 ms)."""
 
@@ -118,12 +127,29 @@ class Admission:
             ``"concurrency"`` (the limit is reached), or ``""`` when admitted.
         not_before: For a pause, when it ends (a caller that already waited for
             this very pause goes ahead, so that a clock that does not move cannot spin).
+        throttled: The wait is the service's doing (a pause, the paced rate, a
+            concurrency limit lowered below ``max_in_flight``), not other
+            requests of the process using every slot: it counts as throttled.
     """
 
     admitted: bool
     wait_secs: float = 0.0
     reason: str = ""
     not_before: float = -math.inf
+    throttled: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RateWindow:
+    """What an answer's ``X-RateLimit-Limit`` and ``X-RateLimit-Remaining`` say."""
+
+    limit: float
+    remaining: float
+
+    @property
+    def nearly_spent(self) -> bool:
+        """At most :data:`WINDOW_SPENT_SHARE` of the window's requests are left."""
+        return self.remaining <= WINDOW_SPENT_SHARE * self.limit
 
 
 _ADMITTED = Admission(admitted=True)
@@ -147,15 +173,13 @@ class Limiter:
         self._limit = max_in_flight
         self._in_flight = 0
         self._not_before = -math.inf
-        # Paced rate (None until the second throttling answer): decaying counts of
-        # requests sent and accepted, to measure the process's own rates.
+        # Paced rate (None until the first congestion answer), the next send it
+        # allows, when it last grew, and the process's own sending rate.
         self._rate: float | None = None
-        self._limit_rps: float | None = None
         self._next_send_at = -math.inf
-        self._throttled_answers = 0
-        self._last_decrease_at = -math.inf
+        self._grown_at = -math.inf
+        self._limit_seen = 0.0
         self._sent = _DecayingRate(_SENT_WINDOW_SECS)
-        self._accepted = _DecayingRate(_ACCEPTED_WINDOW_SECS)
         # Adaptive concurrency: the moving round trip, and the interval under way.
         self._rtt_mean: float | None = None
         self._rtt_var = 0.0
@@ -204,15 +228,18 @@ class Limiter:
         with self._lock:
             if self._not_before > now and self._not_before != waited_for:
                 return Admission(admitted=False, wait_secs=self._not_before - now, reason="pause",
-                                 not_before=self._not_before)
+                                 not_before=self._not_before, throttled=True)
             if self._in_flight >= self._limit:
                 self._interval_full = True
-                return Admission(admitted=False, wait_secs=math.inf, reason="concurrency")
+                # Waiting for another request of the process is throttling only
+                # when back-pressure lowered the limit below the ceiling.
+                return Admission(admitted=False, wait_secs=math.inf, reason="concurrency",
+                                 throttled=self._limit < self._max)
             if self._rate is not None and self._next_send_at > now:
-                return Admission(admitted=False, wait_secs=self._next_send_at - now, reason="pace")
+                return Admission(admitted=False, wait_secs=self._next_send_at - now, reason="pace", throttled=True)
             if self._rate is not None:
                 # Jittered spacing: processes paced alike do not send in step.
-                self._next_send_at = now + (0.75 + 0.5 * self._rand()) / self._rate
+                self._next_send_at = now + (0.5 + self._rand()) / self._rate
             self._sent.add(now)
             self._in_flight += 1
             if self._in_flight >= self._limit:
@@ -220,8 +247,8 @@ class Limiter:
             return _ADMITTED
 
     def done(
-        self, now: float, *, signal: Signal, rtt_secs: float, sent_at: float, pause_secs: float = 0.0,
-        limit_rps: float | None = None,
+        self, now: float, *, signal: Signal, rtt_secs: float, pause_secs: float = 0.0,
+        window: RateWindow | None = None,
     ) -> None:
         """A request admitted earlier ended: free its slot and learn from its answer.
 
@@ -229,34 +256,25 @@ class Limiter:
             now: The caller's monotonic clock.
             signal: What the answer says about load.
             rtt_secs: Its round trip.
-            sent_at: When it was admitted (a 429 to a request sent before the last
-                decrease does not decrease the rate again).
             pause_secs: A pause every request of the process takes from now
                 (``Retry-After``, or until an exhausted window resets).
-            limit_rps: The service's ``X-RateLimit-Limit`` (per second), if it said.
+            window: The service's ``X-RateLimit-Limit`` and ``-Remaining``, if it said.
         """
         with self._lock:
-            if limit_rps is not None and limit_rps > 0:
-                self._limit_rps = limit_rps
             self._in_flight = max(0, self._in_flight - 1)
             if pause_secs > 0:
-                self._not_before = max(self._not_before, now + pause_secs)
-            if signal is Signal.THROTTLED:
-                self._throttled_answers += 1
-                # The first one only pauses: one 429 says little about the rate.
-                if self._throttled_answers >= 2 and sent_at >= self._last_decrease_at:
-                    current = self._sent.rate(now) if self._rate is None else min(self._rate, self._sent.rate(now))
-                    self._rate = max(MIN_RATE_RPS, RATE_DECREASE_RATIO * current)
-                    self._last_decrease_at = now
-            else:
-                self._accepted.add(now)
-                if self._rate is not None:
-                    accepted = max(self._accepted.rate(now), MIN_RATE_RPS)
-                    # Per second: a constant share of the service's limit (the additive
-                    # increase that equalises shares) and a share of the process's own
-                    # rate (so that a process left alone regains the capacity quickly).
-                    per_sec = RATE_INCREASE_OF_LIMIT * self._limit_rps if self._limit_rps else 0.0
-                    self._rate += per_sec / accepted + RATE_INCREASE_SHARE * accepted
+                # Once the process paces itself (it has met congestion before), its
+                # pauses are lengthened by up to PAUSE_JITTER, so that processes told
+                # to wait the same second do not all come back at its end; a first
+                # pause is exactly the server's.
+                jitter = 0.0 if self._rate is None else PAUSE_JITTER * self._rand()
+                self._not_before = max(self._not_before, now + pause_secs * (1.0 + jitter))
+            if window is not None:
+                self._limit_seen = window.limit
+            if signal is Signal.THROTTLED or (window is not None and window.nearly_spent):
+                self._slow_down(now)
+            elif signal is Signal.OK and self._rate is not None:
+                self._speed_up(now)
             self._adjust_concurrency(now, signal, rtt_secs)
             self._released.notify_all()
 
@@ -267,6 +285,23 @@ class Limiter:
                 self._released.wait(timeout=max(0.0, timeout_secs))
 
     # -- internals (called with the lock held) ------------------------------------
+
+    def _slow_down(self, now: float) -> None:
+        # From the rate really sent when below the paced one (a process that was
+        # idle, or not paced yet, slows down from what it sends).
+        sent = self._sent.rate(now)
+        current = sent if self._rate is None else min(self._rate, max(sent, MIN_RATE_RPS))
+        self._rate = max(MIN_RATE_RPS, RATE_DECREASE_RATIO * current)
+        self._grown_at = now
+
+    def _speed_up(self, now: float) -> None:
+        assert self._rate is not None
+        elapsed = min(max(now - self._grown_at, 0.0), _MAX_GROWTH_STEP_SECS)
+        self._grown_at = now
+        # Only a rate the process uses grows: an idle one would otherwise come
+        # back from a lull far above what the service accepts.
+        if self._sent.rate(now) >= 0.5 * self._rate:
+            self._rate = self._rate * math.exp(RATE_GROWTH_PER_SEC * elapsed) + RATE_GROWTH_OF_LIMIT * self._limit_seen * elapsed
 
     def _adjust_concurrency(self, now: float, signal: Signal, rtt_secs: float) -> None:
         if signal is not Signal.OK:
@@ -322,7 +357,8 @@ class _DecayingRate:
         self._decay(now)
         if self._first is None:
             return 0.0
-        covered = 1.0 - math.exp(-max(now - self._first, 1e-3) / self._window)
+        # Over at least one second: a few requests sent at once are not a rate.
+        covered = 1.0 - math.exp(-max(now - self._first, 1.0) / self._window)
         return self._count / (self._window * covered)
 
     def _decay(self, now: float) -> None:

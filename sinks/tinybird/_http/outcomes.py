@@ -232,7 +232,10 @@ class SendReport:
             starting attempts (the server's pause, client-side throttling, the
             concurrency limit), not counting backoff.
         throttled_secs: Time spent waiting because the service said "slow
-            down": ``paced_secs`` plus the waits after throttling answers.
+            down": the waits after throttling answers, and the part of
+            ``paced_secs`` that is the service's doing (its pause, the paced
+            rate, a concurrency limit lowered by back-pressure; not waiting
+            for a slot that other requests of the process hold).
         throttled_answers: Answers that were throttling (429, 503 with ``Retry-After``).
         concurrency_limit: The limiter's concurrency limit when the send ended.
     """
