@@ -85,11 +85,16 @@ class SimResult:
         requests: Requests that reached the service.
         throttled: Of them, answered 429.
         wall_secs: Simulated time until the last batch was settled.
-        ideal_secs: What the accepted batches need at the full capacity.
-        capacity_used: Accepted requests over what the service could accept while
-            every worker still had work (its first-to-finish span).
-        worker_shares: Each worker's accepted requests over the fair share (the mean),
-            in that same span.
+        ideal_secs: When an ideal sender would be done: one that sends every
+            batch as soon as it arrives, at exactly the service's capacity (the
+            smaller of the request and byte limits), and never meets a 429.
+        capacity_used: Accepted requests over what that ideal sender had
+            accepted in the same span: from 1 s in (0 for bursts) to the first
+            worker's finish, while every worker still had work.
+        worker_shares: Each worker's accepted requests in that span over its fair
+            share: the span's accepted requests split in proportion to the
+            batches each worker had been given by the span's end (equal when
+            all arrive at the start).
         share_429_after_halving: The 429 share per 5-second bucket after the halving.
         recovery_secs: Seconds after the halving until the 429 share of a bucket (and
             of every later one) stayed at or under 10%; ``None`` without a halving.
@@ -191,6 +196,7 @@ class _Sim:
         self.last_settled = 0.0
         self.finished_at = [math.inf] * scenario.workers
         self.left = [scenario.batches_per_worker] * scenario.workers
+        self.arrivals: list[tuple[float, int, int]] = []
 
     def at(self, when: float, action: Callable[[], None]) -> None:
         self._seq += 1
@@ -215,6 +221,7 @@ class _Sim:
             action()
 
     def arrive(self, worker: int, batches: int) -> None:
+        self.arrivals.append((self.now, worker, batches))
         self.queues[worker].extend(_Batch(worker=worker) for _ in range(batches))
         self.pump(worker)
 
@@ -264,7 +271,7 @@ class _Sim:
         signal = Signal.THROTTLED if (isinstance(decision, Retry) and decision.throttled) or (
             isinstance(decision, GiveUp) and status == 429) else Signal.OK
         limiter.done(self.now, signal=signal, rtt_secs=self.now - sent_at, pause_secs=decision.pause_secs,
-                     window=rate_window(headers))
+                     window=rate_window(headers), sent_at=sent_at)
         self.wake(batch.worker)
         if isinstance(decision, Deliver):
             self.delivered += 1
@@ -307,14 +314,16 @@ def run(scenario: Scenario) -> SimResult:
     span_end = min(sim.finished_at)
     span_start = 1.0 if not s.bursty else 0.0
     in_span = [w for t, w in sim.accepted_log if span_start <= t < span_end]
-    possible = sum(sim.service.capacity(t + 0.5) for t in range(math.floor(span_start), math.floor(span_end)))
-    possible += (span_end - math.floor(span_end)) * sim.service.capacity(span_end)
+    ideal, ideal_accepted_by = _ideal(sim)
+    possible = ideal_accepted_by(span_end) - ideal_accepted_by(span_start)
     per_worker = [0] * s.workers
     for w in in_span:
         per_worker[w] += 1
-    fair = len(in_span) / s.workers if in_span else 0.0
-    shares = tuple(n / fair if fair else 0.0 for n in per_worker)
-    ideal = _ideal_secs(sim.service, sim.delivered)
+    given = [0] * s.workers
+    for t, w, n in sim.arrivals:
+        if t < span_end:
+            given[w] += n
+    shares = tuple(n / (len(in_span) * g / sum(given)) if in_span and g else 0.0 for n, g in zip(per_worker, given, strict=True))
     buckets: list[float] = []
     recovery = None
     if s.halve_at_secs is not None:
@@ -332,21 +341,39 @@ def run(scenario: Scenario) -> SimResult:
         share_429_after_halving=tuple(buckets), recovery_secs=recovery)
 
 
-def _ideal_secs(service: _Service, delivered: int) -> float:
-    """Seconds the service needs to accept ``delivered`` requests at its full (scheduled) capacity."""
-    t, left = 0, delivered
-    while left > 0:
-        cap = service.capacity(t + 0.5)
-        if left <= cap:
-            return t + left / cap
-        left -= cap
-        t += 1
-    return float(t)
+_IDEAL_STEP_SECS = 0.01
+
+
+def _ideal(sim: _Sim) -> tuple[float, Callable[[float], float]]:
+    """The ideal sender (see :class:`SimResult`): when it is done, and how many
+    requests it has had accepted by a given time (a fluid queue in 10 ms steps)."""
+    s = sim.s
+    arrivals = sorted((t, n) for t, _, n in sim.arrivals)
+    per_byte_limit = math.inf if s.capacity_bytes_per_sec is None else max(1, s.capacity_bytes_per_sec // s.batch_bytes)
+    total = sum(n for _, n in arrivals)
+    t, backlog, done, i = 0.0, 0.0, 0.0, 0
+    accepted_at: list[float] = [0.0]
+    while done < total - 1e-9:
+        while i < len(arrivals) and arrivals[i][0] <= t:
+            backlog += arrivals[i][1]
+            i += 1
+        rate = min(sim.service.capacity(t), per_byte_limit)
+        step = min(backlog, rate * _IDEAL_STEP_SECS)
+        backlog -= step
+        done += step
+        t += _IDEAL_STEP_SECS
+        accepted_at.append(done)
+
+    def accepted_by(when: float) -> float:
+        return accepted_at[min(len(accepted_at) - 1, max(0, round(when / _IDEAL_STEP_SECS)))]
+
+    return t, accepted_by
 
 
 def standard_scenarios() -> list[Scenario]:
     """The issue's runs: 100 workers against 100 and 1,000 requests/s, steady and bursty, and halving."""
     return [
+        Scenario(name="8 workers, 5 req/s", workers=8, capacity_rps=5, batches_per_worker=50),
         Scenario(name="100 workers, 100 req/s", workers=100, capacity_rps=100, batches_per_worker=120),
         Scenario(name="100 workers, 1,000 req/s", workers=100, capacity_rps=1000, batches_per_worker=1200),
         Scenario(name="100 workers, 100 req/s, bursts", workers=100, capacity_rps=100, batches_per_worker=120,

@@ -378,7 +378,7 @@ class EventsApiClient:
         try:
             outcome = _CLOSED if transport is None else transport.post(body)
         except BaseException:
-            limiter.done(self._clock(), signal=Signal.BACK_PRESSURE, rtt_secs=self._clock() - t0)
+            limiter.done(self._clock(), signal=Signal.BACK_PRESSURE, rtt_secs=self._clock() - t0, sent_at=t0)
             raise
         now = self._clock()
         latency = now - t0
@@ -397,7 +397,8 @@ class EventsApiClient:
         else:
             state.error_attempts += 1
         limiter.done(now, signal=_signal(outcome, throttled), rtt_secs=latency, pause_secs=decision.pause_secs,
-                     window=rate_window(outcome.headers) if isinstance(outcome, BoundedResponse) else None)
+                     window=rate_window(outcome.headers) if isinstance(outcome, BoundedResponse) else None,
+                     sent_at=t0)
         response = outcome if isinstance(outcome, BoundedResponse) else None
         status = None if response is None else response.status
         error = outcome.error if isinstance(outcome, TransportFailure) else None

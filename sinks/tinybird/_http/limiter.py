@@ -9,14 +9,19 @@ limiter per target that three things in it obey:
   (``X-RateLimit-Remaining: 0`` until ``X-RateLimit-Reset``) stop every request
   of the process at once, not only the one that was told;
 - **a paced rate** (AIMD, as TCP and Beam's ``AdaptiveThrottler`` react to
-  overload on the client side): from the second throttling answer on, requests
-  are spaced at a rate that is halved (:data:`RATE_DECREASE_RATIO`) on a 429,
-  at most once per pause, and grows on each accepted request by a small share
-  (:data:`RATE_INCREASE_SHARE`) of the process's own accepted rate over the
-  last half minute. Halving reacts within a few requests; the increase, equal
-  for processes with equal shares and smaller for those below, brings the
-  processes to equal shares with few 429s however many of them there are.
-  The spacing is jittered so that processes do not move in step;
+  overload on the client side), from the first *congestion answer* on: a 429,
+  or an answer whose ``X-RateLimit-Remaining`` says less than
+  :data:`WINDOW_SPENT_SHARE` of the window is left (a signal before the 429).
+  Each congestion answer multiplies the rate by :data:`RATE_DECREASE_RATIO`
+  (at most once per round trip), so a process that sends more meets more of
+  them and slows down more: decreases proportional to a process's own rate
+  are what bring the processes sharing a limit to equal shares. Clean answers
+  make the rate grow by :data:`RATE_GROWTH_PER_SEC` of itself and
+  :data:`RATE_GROWTH_OF_LIMIT` of the service's limit per second, faster (up
+  to :data:`HEADROOM_GROWTH` times) while the headers show the service far
+  from its limit, so that the capacity other processes leave is taken up
+  within seconds. The spacing, and the pauses of a process that paces
+  itself, are jittered so that processes do not move in step;
 - **adaptive concurrency** (Vector's adaptive request concurrency): the
   requests in flight shrink by :data:`DECREASE_RATIO` when an interval of one
   mean round trip saw back-pressure (429, 503, a timeout) or a round trip far
@@ -61,28 +66,36 @@ EWMA_ALPHA = 0.4
 RTT_DEVIATION_SCALE = 2.5
 """Vector's ``rtt_deviation_scale``: a round trip above mean + this many deviations is back-pressure."""
 RATE_DECREASE_RATIO = 0.8
-"""The paced rate after a congestion answer, as a share of before. Applied on every
-such answer, so a process sending twice as fast meets twice as many and slows
-down more: the decrease is proportional to a process's own rate, which is what
-brings processes of one data source to equal shares."""
-RATE_GROWTH_PER_SEC = 0.03
-"""Growth of the paced rate per second while answers are clean, as a share of it
-(about 3% a second: a halved rate is regained in about 25 s)."""
-WINDOW_SPENT_SHARE = 0.2
-"""An answer with ``X-RateLimit-Remaining`` at or below this share of
-``X-RateLimit-Limit`` says the window is nearly spent: a congestion answer, like
-a 429 but before one, so that processes slow down while requests still pass."""
-PAUSE_JITTER = 0.5
-"""A server's pause is lengthened by a random share of it up to this."""
-RATE_GROWTH_OF_LIMIT = 0.0001
+"""The paced rate after a congestion answer, as a share of before (applied on every
+such answer to a request sent after the last decrease). Tuned with the simulation:
+0.5 makes shares uneven (a process's rate jumps too far), 0.9 follows a halved
+capacity too slowly (30-40 s of 429s)."""
+RATE_GROWTH_PER_SEC = 0.01
+"""Growth of the paced rate per second while answers are clean, as a share of it,
+when the service is at its limit (see :data:`HEADROOM_GROWTH`)."""
+RATE_GROWTH_OF_LIMIT = 0.0003
 """Growth of the paced rate per second, as a share of ``X-RateLimit-Limit``: the
-same for every process, so a process far below its share catches up faster
-(in proportion) than one above it."""
+same for every process, so a process below its share catches up faster (in
+proportion) than one above it."""
+HEADROOM_GROWTH = 10.0
+"""The share growth is multiplied by up to 1 + this while the service is far from
+its limit: 11 times at no load, so that a process left alone by the others
+(a backfill's last worker) doubles its rate in about 6 s rather than 70 s."""
+WINDOW_SPENT_SHARE = 0.15
+"""An answer with ``X-RateLimit-Remaining`` below this share of
+``X-RateLimit-Limit`` says the window is nearly spent: a congestion answer, like
+a 429 but before one, so that processes slow down while requests still pass.
+Lower, and 100 processes at 100 requests/s meet more 429s; higher, and the
+service's capacity is used less (at 1,000 requests/s)."""
+PAUSE_JITTER = 0.5
+"""A pause of a process that paces itself is lengthened by a random share of it up
+to this, so that the processes told to wait the same second do not all come back
+at its end."""
 MIN_RATE_RPS = 0.2
 """The paced rate never falls below one request per 5 s: a burst of 429s must not
 leave the process waiting minutes for its first request after the burst."""
 _SENT_WINDOW_SECS = 5.0
-_MAX_GROWTH_STEP_SECS = 1.0
+_USED_WINDOW_SECS = 5.0
 MIN_INTERVAL_SECS = 0.05
 """The shortest adjustment interval of the concurrency limit (answers on loopback take ~1 ms)."""
 
@@ -148,8 +161,8 @@ class RateWindow:
 
     @property
     def nearly_spent(self) -> bool:
-        """At most :data:`WINDOW_SPENT_SHARE` of the window's requests are left."""
-        return self.remaining <= WINDOW_SPENT_SHARE * self.limit
+        """Less than :data:`WINDOW_SPENT_SHARE` of the window's requests are left."""
+        return self.remaining < WINDOW_SPENT_SHARE * self.limit
 
 
 _ADMITTED = Admission(admitted=True)
@@ -179,6 +192,9 @@ class Limiter:
         self._next_send_at = -math.inf
         self._grown_at = -math.inf
         self._limit_seen = 0.0
+        self._used: float | None = None
+        self._used_at = -math.inf
+        self._decreased_at = -math.inf
         self._sent = _DecayingRate(_SENT_WINDOW_SECS)
         # Adaptive concurrency: the moving round trip, and the interval under way.
         self._rtt_mean: float | None = None
@@ -248,7 +264,7 @@ class Limiter:
 
     def done(
         self, now: float, *, signal: Signal, rtt_secs: float, pause_secs: float = 0.0,
-        window: RateWindow | None = None,
+        window: RateWindow | None = None, sent_at: float | None = None,
     ) -> None:
         """A request admitted earlier ended: free its slot and learn from its answer.
 
@@ -259,6 +275,8 @@ class Limiter:
             pause_secs: A pause every request of the process takes from now
                 (``Retry-After``, or until an exhausted window resets).
             window: The service's ``X-RateLimit-Limit`` and ``-Remaining``, if it said.
+            sent_at: When it was admitted: a congestion answer to a request sent
+                before the last decrease does not decrease the rate again.
         """
         with self._lock:
             self._in_flight = max(0, self._in_flight - 1)
@@ -271,8 +289,13 @@ class Limiter:
                 self._not_before = max(self._not_before, now + pause_secs * (1.0 + jitter))
             if window is not None:
                 self._limit_seen = window.limit
+                self._observe(now, window)
             if signal is Signal.THROTTLED or (window is not None and window.nearly_spent):
-                self._slow_down(now)
+                # At most once per round trip (as TCP halves once per window): the
+                # answers to requests sent before the last decrease say nothing new.
+                if sent_at is None or sent_at >= self._decreased_at:
+                    self._slow_down(now)
+                    self._decreased_at = now
             elif signal is Signal.OK and self._rate is not None:
                 self._speed_up(now)
             self._adjust_concurrency(now, signal, rtt_secs)
@@ -294,14 +317,33 @@ class Limiter:
         self._rate = max(MIN_RATE_RPS, RATE_DECREASE_RATIO * current)
         self._grown_at = now
 
+    def _observe(self, now: float, window: RateWindow) -> None:
+        # The share of the window used when this answer was given, averaged over
+        # the last seconds: requests land at random points of the window, so the
+        # average says how loaded the service is (half used: fully loaded).
+        used = 1.0 - min(window.remaining, window.limit) / window.limit
+        weight = 1.0 - math.exp(-max(now - self._used_at, 0.0) / _USED_WINDOW_SECS)
+        self._used = used if self._used is None else self._used + weight * (used - self._used)
+        self._used_at = now
+
+    def _headroom(self) -> float:
+        """1 - the estimated load of the service (0 when at or over its limit, or unknown)."""
+        if self._used is None:
+            return 0.0
+        load = 2.0 * self._used if self._used <= 0.5 else 0.5 / max(1.0 - self._used, 1e-9)
+        return max(0.0, 1.0 - load)
+
     def _speed_up(self, now: float) -> None:
         assert self._rate is not None
-        elapsed = min(max(now - self._grown_at, 0.0), _MAX_GROWTH_STEP_SECS)
+        # Growth for the time since the last answer, up to two paced intervals:
+        # a slow process grows per second as fast as a quick one.
+        elapsed = min(max(now - self._grown_at, 0.0), 2.0 / self._rate)
         self._grown_at = now
         # Only a rate the process uses grows: an idle one would otherwise come
         # back from a lull far above what the service accepts.
         if self._sent.rate(now) >= 0.5 * self._rate:
-            self._rate = self._rate * math.exp(RATE_GROWTH_PER_SEC * elapsed) + RATE_GROWTH_OF_LIMIT * self._limit_seen * elapsed
+            growth = RATE_GROWTH_PER_SEC * (1.0 + HEADROOM_GROWTH * self._headroom())
+            self._rate = self._rate * math.exp(growth * elapsed) + RATE_GROWTH_OF_LIMIT * self._limit_seen * elapsed
 
     def _adjust_concurrency(self, now: float, signal: Signal, rtt_secs: float) -> None:
         if signal is not Signal.OK:
