@@ -440,7 +440,9 @@ class EventsApiClient:
             if admission.reason == "concurrency":
                 if admission.throttled and budget_left <= 0:
                     return DeadLetterKind.THROTTLED, (
-                        f"no request slot free within max_throttled_secs={self._policy.max_throttled_secs:g}")
+                        f"no request slot free (the concurrency limit is lowered by back-pressure) after "
+                        f"{batch.throttled_secs:.1f} s throttled, past "
+                        f"max_throttled_secs={self._policy.max_throttled_secs:g}")
                 poll = min(budget_left, _SLOT_POLL_SECS) if admission.throttled else _SLOT_POLL_SECS
                 limiter.wait_for_slot(poll)
                 waited = max(self._clock() - now, 0.0)

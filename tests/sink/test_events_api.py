@@ -14,6 +14,7 @@ import logging
 import pickle
 import socket
 import threading
+import time
 import zlib
 
 import orjson
@@ -496,6 +497,28 @@ def test_a_429_pauses_every_thread_of_the_client(server, datasource, fake_time):
     assert statuses(second) == [200]
     assert second.paced_secs == second.throttled_secs == 3.75
     assert fake_time.sleeps == [3.0, 3.75]
+
+
+def test_waiting_for_a_slot_another_client_holds_is_not_throttling(server, datasource):
+    # Two clients of one process (two posting steps) share one limiter, so one
+    # request in flight between them: the second waits for the first, slowed by
+    # the server. That wait is pacing, not throttling: no 429 was seen.
+    server.set_faults([{"latency_secs": 0.5, "sequence": [1], "datasource": datasource}])
+    with make_client(server.url, datasource, max_in_flight=1) as first, \
+            make_client(server.url, datasource, max_in_flight=1) as second:
+        assert first.limiter() is second.limiter()
+        reports = {}
+        slow = threading.Thread(target=lambda: reports.setdefault("first", first.send(ndjson(1), 1)))
+        slow.start()
+        deadline = time.monotonic() + 10
+        while first.limiter().in_flight == 0 and time.monotonic() < deadline:  # the first holds the slot
+            time.sleep(0.005)
+        reports["second"] = second.send(ndjson(1, start=1), 1)
+        slow.join()
+    assert [statuses(reports[name]) for name in ("first", "second")] == [[200], [200]]
+    assert reports["second"].paced_secs > 0.1
+    assert reports["first"].throttled_secs == reports["second"].throttled_secs == 0.0
+    assert stored_rows(server, datasource) == 2
 
 
 def test_threads_share_the_rate_limit_and_lose_nothing(limited_server, datasource):

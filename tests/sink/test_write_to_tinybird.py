@@ -424,3 +424,21 @@ def test_throttling_is_waited_out_reported_to_the_runner_and_dead_lettered_past_
     assert counters[("beam-throttling-metrics", "throttling-msecs")] >= 1000
     assert counters[("tinybird", "cumulativeThrottlingSeconds")] == pytest.approx(
         counters[("beam-throttling-metrics", "throttling-msecs")] / 1000, abs=1)
+
+
+def test_a_run_without_429_reports_no_throttling(server, datasource):
+    # The bounded graph has two posting steps, and with max_in_flight=1 they share
+    # one request slot in the process: waiting for it is not throttling.
+    p = beam.Pipeline(options=PipelineOptions(_RUNNERS["direct"]))
+    _ = p | beam.Create(_events(2000), reshuffle=False) | _sink(
+        server, datasource, num_shards=4, max_in_flight=1, max_batch_rows=50)
+    result = p.run()
+    result.wait_until_finish()
+    counters = {(c.key.metric.namespace, c.key.metric.name): c.committed
+                for c in result.metrics().query(MetricsFilter())["counters"]
+                if c.key.metric.namespace in ("tinybird", "beam-throttling-metrics")}
+    assert sorted(_ids(server, datasource)) == list(range(2000))
+    assert counters[("tinybird", "rows_acknowledged")] == 2000
+    assert counters.get(("tinybird", "responses_throttled"), 0) == 0
+    assert counters.get(("tinybird", "cumulativeThrottlingSeconds"), 0) == 0
+    assert counters.get(("beam-throttling-metrics", "throttling-msecs"), 0) == 0

@@ -220,6 +220,16 @@ class Limiter:
     def max_in_flight(self) -> int:
         return self._max
 
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet done."""
+        return self._in_flight
+
+    @property
+    def paced_rate_rps(self) -> float | None:
+        """The paced rate (requests per second), or ``None`` before any congestion answer."""
+        return self._rate
+
     def raise_ceiling(self, max_in_flight: int) -> None:
         """A second transform on the same target may allow more in flight: the larger ceiling wins."""
         with self._lock:
