@@ -90,8 +90,13 @@ class Figures:
 
 
 def run(*, processes: int, rows: int, rate_limit_rps: float, batch_rows: int = 100,
-        rate_limit_bytes_per_sec: int | None = None, work_dir: Path | None = None) -> Figures:
-    """Starts a rate-limited local server and ``processes`` worker processes; returns the figures."""
+        rate_limit_bytes_per_sec: int | None = None, work_dir: Path | None = None,
+        timeout_secs: float | None = None) -> Figures:
+    """Starts a rate-limited local server and ``processes`` worker processes; returns the figures.
+
+    Raises:
+        RuntimeError: A worker failed, or did not end within ``timeout_secs`` of the start.
+    """
     from tinybird_emulator import LocalServer
 
     if processes < 1 or rows < processes:
@@ -115,6 +120,7 @@ def run(*, processes: int, rows: int, rate_limit_rps: float, batch_rows: int = 1
                 assert worker.stdin is not None
                 worker.stdin.write(json.dumps(spec))
                 worker.stdin.close()
+                worker.stdin = None  # written and closed: communicate() below only reads
                 workers.append(worker)
             deadline = time.monotonic() + _READY_TIMEOUT_SECS
             while not all((root / f"ready-{i}").exists() for i in range(processes)):
@@ -129,8 +135,13 @@ def run(*, processes: int, rows: int, rate_limit_rps: float, batch_rows: int = 1
             results = []
             for worker in workers:
                 assert worker.stdout is not None
-                out = worker.stdout.read()
-                worker.wait()
+                try:
+                    out, _ = worker.communicate(
+                        timeout=None if timeout_secs is None else max(0.0, started + timeout_secs - time.time()))
+                except subprocess.TimeoutExpired:
+                    for w in workers:
+                        w.kill()
+                    raise RuntimeError(f"a worker process did not end within {timeout_secs:g} s") from None
                 if worker.returncode != 0:
                     raise RuntimeError(f"a worker process failed with status {worker.returncode}")
                 line = next(x for x in out.splitlines() if x.startswith(_WORKER_PREFIX))

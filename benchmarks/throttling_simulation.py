@@ -374,6 +374,7 @@ def standard_scenarios() -> list[Scenario]:
     """The issue's runs: 100 workers against 100 and 1,000 requests/s, steady and bursty, and halving."""
     return [
         Scenario(name="8 workers, 5 req/s", workers=8, capacity_rps=5, batches_per_worker=50),
+        Scenario(name="4 workers, 5 req/s", workers=4, capacity_rps=5, batches_per_worker=100),
         Scenario(name="100 workers, 100 req/s", workers=100, capacity_rps=100, batches_per_worker=120),
         Scenario(name="100 workers, 1,000 req/s", workers=100, capacity_rps=1000, batches_per_worker=1200),
         Scenario(name="100 workers, 100 req/s, bursts", workers=100, capacity_rps=100, batches_per_worker=120,
