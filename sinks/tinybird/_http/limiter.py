@@ -47,7 +47,11 @@ from collections.abc import Callable
 __all__ = [
     "DECREASE_RATIO",
     "EWMA_ALPHA",
+    "HEADROOM_GROWTH",
+    "MIN_RATE_RPS",
+    "PAUSE_JITTER",
     "RATE_DECREASE_RATIO",
+    "RATE_GROWTH_OF_LIMIT",
     "RATE_GROWTH_PER_SEC",
     "RTT_DEVIATION_SCALE",
     "WINDOW_SPENT_SHARE",
