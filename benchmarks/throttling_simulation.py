@@ -371,7 +371,8 @@ def _ideal(sim: _Sim) -> tuple[float, Callable[[float], float]]:
 
 
 def standard_scenarios() -> list[Scenario]:
-    """The issue's runs: 100 workers against 100 and 1,000 requests/s, steady and bursty, and halving."""
+    """The issue's runs: 100 workers against 100 and 1,000 requests/s, steady, bursty, byte-limited and
+    halving; and 8 and 4 workers against 5 requests/s, as in the multi-process run."""
     return [
         Scenario(name="8 workers, 5 req/s", workers=8, capacity_rps=5, batches_per_worker=50),
         Scenario(name="4 workers, 5 req/s", workers=4, capacity_rps=5, batches_per_worker=100),
