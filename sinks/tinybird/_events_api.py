@@ -1,11 +1,14 @@
 """The Events API client: one batch of NDJSON lines in, delivered and failed parts out.
 
-:class:`EventsApiClient` compresses a batch once, then loops: wait out the
-shared rate-limit pause, make one attempt through the
+:class:`EventsApiClient` compresses a batch once, then loops: wait for the
+process's shared :class:`~sinks.tinybird._http.limiter.Limiter` of its data
+source (the server's pause, the paced rate, the concurrency limit), make one
+attempt through the
 :class:`~sinks.tinybird._http.transport.Transport`, and act on what
 :func:`~sinks.tinybird._http.classify.classify` decides (deliver, split on 413,
-retry after a wait, or dead-letter). Every attempt, split and pause of a batch
-fits in the policy's ``max_total_secs``; every attempt in its own deadline. It
+retry after a wait, or dead-letter). Errors fit in the policy's
+``max_total_secs`` and throttling in its ``max_throttled_secs``; every attempt
+in its own deadline. It
 never raises for an HTTP or network outcome: it returns a :class:`SendReport`.
 :class:`ClientSettings` says where and how to post.
 """
@@ -28,7 +31,8 @@ from typing import Any
 
 import zstandard
 
-from sinks.tinybird._http.classify import AttemptContext, budget_check, classify
+from sinks.tinybird._http.classify import AttemptContext, budget_check, classify, rate_window, throttle_check
+from sinks.tinybird._http.limiter import Limiter, LimiterKey, Signal, shared_limiter
 from sinks.tinybird._http.outcomes import (
     Attempt,
     BoundedResponse,
@@ -72,6 +76,8 @@ _COMPRESSION_LEVEL_RANGES: Mapping[str, tuple[int, int]] = types.MappingProxyTyp
 _USER_AGENT = "beam-tinybird"
 # Slack over the policy's bound for what is not HTTP: compressing a part, threads starting.
 _SEND_SLACK_SECS = 5.0
+# A thread waiting for a request slot looks at its budget at least this often.
+_SLOT_POLL_SECS = 1.0
 _CLOSED = TransportFailure(error="closed", message="the client was closed", retryable=False)
 
 
@@ -96,8 +102,10 @@ class ClientSettings:
             the last byte of the answer (a server that drips bytes slower than
             the read timeout is cut off here). ``None``: ``connect_timeout_secs +
             read_timeout_secs``.
-        max_in_flight: Size of the connection pool: how many ``send`` calls can
-            run at the same time without opening extra connections.
+        max_in_flight: Size of the connection pool, and the ceiling of the
+            concurrency limit of the process's shared limiter for this API host,
+            data source and token (every client of the process that targets
+            them shares one limiter; the largest ceiling asked wins).
         ca_bundle_path: A CA bundle to verify the server's certificate with.
             Verification of ``https`` is always on.
         allow_insecure_http: Without it, an ``http://`` URL to a host that is not
@@ -221,7 +229,6 @@ class EventsApiClient:
         # Read only when there is a compression, which then has a level.
         self._level = settings.effective_compression_level or 1
         self._local = threading.local()
-        self._pacer = _Pacer(clock=clock)
         self._redactor = Redactor((token,))
         headers = {"Content-Type": "application/x-ndjson", "User-Agent": _USER_AGENT, "Accept": "application/json"}
         if settings.compression is not None:
@@ -232,6 +239,7 @@ class EventsApiClient:
             attempt_timeout_secs=settings.effective_attempt_timeout_secs,
             ca_bundle_path=settings.ca_bundle_path, max_in_flight=settings.max_in_flight,
         )
+        self._token_key = LimiterKey.of(api_url=settings.api_url, datasource=settings.datasource, token=token)
         install_log_redaction(token)
 
     def __repr__(self) -> str:
@@ -249,11 +257,20 @@ class EventsApiClient:
 
     @property
     def max_send_secs(self) -> float:
-        """The longest one :meth:`send` can take: the policy's time budget, one
-        attempt's deadline (the last attempt starts within the budget), and a
-        slack for compressing. A caller waiting on a send never needs to wait longer."""
+        """The longest one :meth:`send` can take: the policy's error budget and
+        throttling budget, one attempt's deadline (the last attempt starts within
+        the budgets), and a slack for compressing. A caller waiting on a send
+        never needs to wait longer."""
         attempt = max(self._settings.effective_attempt_timeout_secs, self._settings.connect_timeout_secs)
-        return self._policy.max_total_secs + attempt + _SEND_SLACK_SECS
+        return self._policy.max_total_secs + self._policy.max_throttled_secs + attempt + _SEND_SLACK_SECS
+
+    def limiter(self, datasource: str | None = None) -> Limiter:
+        """The process's shared limiter for this client's API host and token and
+        ``datasource`` (default: the client's). Looked up per request, so that a
+        client posting to several data sources paces each against its own limit."""
+        key = self._token_key if datasource is None else LimiterKey(
+            api_url=self._token_key.api_url, datasource=datasource, token_digest=self._token_key.token_digest)
+        return shared_limiter(key, max_in_flight=self._settings.max_in_flight, clock=self._clock, rand=self._rand)
 
     def close(self) -> None:
         """Closes the connection pool; a send under way in another thread fails as ``closed``."""
@@ -272,10 +289,12 @@ class EventsApiClient:
         """Posts ``payload`` (``rows`` lines, each ending with ``\\n``) and reports.
 
         Retries what can be retried, splits the payload in two on 413 (down to
-        single rows), and waits while the server's rate-limit window is
-        exhausted, all within the policy's ``max_total_secs`` (no attempt starts
-        later) and each attempt within its deadline. Never raises for an HTTP or
-        network outcome.
+        single rows), and waits while the service says "slow down" (429, 503
+        with ``Retry-After``, an exhausted rate-limit window) and for the
+        process's shared limiter. Errors are retried within the policy's
+        ``max_attempts`` and ``max_total_secs`` (time spent throttled not
+        counted), throttling within ``max_throttled_secs``, each attempt
+        within its deadline. Never raises for an HTTP or network outcome.
 
         Raises:
             ValueError: ``payload`` is not ``\\n``-terminated bytes of ``rows`` lines.
@@ -294,7 +313,7 @@ class EventsApiClient:
         lines = payload.count(b"\n")
         if lines != rows:
             raise ValueError(f"rows={rows} but the payload holds {lines} lines")
-        batch = _Batch(started=self._clock())
+        batch = _Batch(started=self._clock(), limiter=self.limiter())
         # A stack of parts, so that the halves of a split go in payload order.
         parts = [_Part(payload=payload, rows=rows, prior_attempts=0, first_attempt_at=None)]
         while parts:
@@ -304,6 +323,9 @@ class EventsApiClient:
             failed=tuple(batch.failed),
             attempts=tuple(batch.attempts),
             paced_secs=batch.paced_secs,
+            throttled_secs=batch.throttled_secs,
+            throttled_answers=batch.throttled_answers,
+            concurrency_limit=batch.limiter.concurrency_limit,
         )
 
     # -- internals -----------------------------------------------------------
@@ -313,9 +335,9 @@ class EventsApiClient:
         body = self._compress(part.payload)  # once per part, reused by every retry
         state = _PartState(part=part, wire_bytes=len(body))
         while True:
-            refusal = self._wait_for_pause(batch)
+            refusal = self._admit(batch)
             if refusal is not None:
-                self._fail(state, batch, GiveUp(kind=DeadLetterKind.RETRIES_EXHAUSTED, message=refusal))
+                self._fail(state, batch, GiveUp(kind=refusal[0], message=refusal[1]))
                 return []
             decision = self._attempt(body, state, batch)
             if isinstance(decision, Deliver):
@@ -329,33 +351,54 @@ class EventsApiClient:
             if isinstance(decision, GiveUp):
                 self._fail(state, batch, decision)
                 return []
-            _LOG.info(
-                "Tinybird %s: attempt %d of %d failed (%s); retrying %d rows in %.2f s",
-                self._settings.datasource, state.own_attempts, self._policy.max_attempts, decision.cause,
-                part.rows, decision.after_secs,
-            )
+            if decision.throttled:
+                state.throttled += 1
+                batch.throttled_secs += decision.after_secs
+                _LOG.info(
+                    "Tinybird %s: throttled (%s), %d rows; retrying in %.2f s (%.1f s throttled so far)",
+                    self._settings.datasource, decision.cause, part.rows, decision.after_secs, batch.throttled_secs)
+            else:
+                _LOG.info(
+                    "Tinybird %s: attempt %d of %d failed (%s); retrying %d rows in %.2f s",
+                    self._settings.datasource, state.error_attempts, self._policy.max_attempts, decision.cause,
+                    part.rows, decision.after_secs,
+                )
             self._sleep(decision.after_secs)
 
     def _attempt(self, body: bytes, state: _PartState, batch: _Batch) -> Decision:
         """One attempt: post, classify, apply the pause, record it."""
         transport = self._transport
+        limiter = batch.limiter
         state.own_attempts += 1
         started_at = self._wall_clock()
         if state.first_attempt_at is None:
             state.first_attempt_at = started_at
         state.last_attempt_at = started_at
         t0 = self._clock()
-        outcome = _CLOSED if transport is None else transport.post(body)
-        latency = self._clock() - t0
+        try:
+            outcome = _CLOSED if transport is None else transport.post(body)
+        except BaseException:
+            limiter.done(self._clock(), signal=Signal.BACK_PRESSURE, rtt_secs=self._clock() - t0, sent_at=t0)
+            raise
+        now = self._clock()
+        latency = now - t0
         part = state.part
         context = AttemptContext(
             rows=part.rows, raw_bytes=len(part.payload), wire_bytes=state.wire_bytes,
-            attempt=state.own_attempts, elapsed_secs=self._clock() - batch.started,
-            pause_ahead_secs=self._pacer.remaining(), now_epoch=self._wall_clock(), rand=self._rand(),
-            api_url=self._settings.api_url,
+            attempt=state.error_attempts + 1, elapsed_secs=now - batch.started - batch.throttled_secs,
+            pause_ahead_secs=limiter.pause_remaining(now), now_epoch=self._wall_clock(), rand=self._rand(),
+            api_url=self._settings.api_url, throttled=state.throttled, throttled_secs=batch.throttled_secs,
         )
         decision = classify(outcome, context, self._policy)
-        self._pacer.hold_for(decision.pause_secs)
+        throttled = (isinstance(decision, Retry) and decision.throttled) or (
+            isinstance(decision, GiveUp) and decision.kind is DeadLetterKind.THROTTLED)
+        if throttled:
+            batch.throttled_answers += 1
+        else:
+            state.error_attempts += 1
+        limiter.done(now, signal=_signal(outcome, throttled), rtt_secs=latency, pause_secs=decision.pause_secs,
+                     window=rate_window(outcome.headers) if isinstance(outcome, BoundedResponse) else None,
+                     sent_at=t0)
         response = outcome if isinstance(outcome, BoundedResponse) else None
         status = None if response is None else response.status
         error = outcome.error if isinstance(outcome, TransportFailure) else None
@@ -373,20 +416,48 @@ class EventsApiClient:
         )
         return decision
 
-    def _wait_for_pause(self, batch: _Batch) -> str | None:
-        """Waits out the shared pause within the time budget; else says why not."""
+    def _admit(self, batch: _Batch) -> tuple[DeadLetterKind, str] | None:
+        """Waits until the shared limiter lets an attempt start, within the budgets; else says why not.
+
+        Only waits that are the service's doing count as throttled (the
+        server's pause, the paced rate, a concurrency limit lowered by
+        back-pressure): waiting for a slot that another step or thread of the
+        process holds is not throttling, and counts against the error budget's
+        clock like any other time.
+        """
+        limiter = batch.limiter
         waited_for = None
         while True:
-            not_before, remaining = self._pacer.state()
-            elapsed = self._clock() - batch.started
-            refusal = budget_check(elapsed_secs=elapsed, pause_ahead_secs=max(remaining, 0.0), policy=self._policy)
-            # Sleep again only when another thread extended the pause meanwhile, so
-            # that a clock that does not move (a test's) cannot make this spin.
-            if refusal is not None or remaining <= 0 or not_before == waited_for:
-                return refusal
-            waited_for = not_before
-            self._sleep(remaining)
-            batch.paced_secs += remaining
+            now = self._clock()
+            refusal = budget_check(
+                elapsed_secs=now - batch.started - batch.throttled_secs, pause_ahead_secs=0.0, policy=self._policy)
+            if refusal is not None:
+                return DeadLetterKind.RETRIES_EXHAUSTED, refusal
+            admission = limiter.admit(now, waited_for=waited_for)
+            if admission.admitted:
+                return None
+            budget_left = self._policy.max_throttled_secs - batch.throttled_secs
+            if admission.reason == "concurrency":
+                if admission.throttled and budget_left <= 0:
+                    return DeadLetterKind.THROTTLED, (
+                        f"no request slot free (the concurrency limit is lowered by back-pressure) after "
+                        f"{batch.throttled_secs:.1f} s throttled, past "
+                        f"max_throttled_secs={self._policy.max_throttled_secs:g}")
+                poll = min(budget_left, _SLOT_POLL_SECS) if admission.throttled else _SLOT_POLL_SECS
+                limiter.wait_for_slot(poll)
+                waited = max(self._clock() - now, 0.0)
+            else:
+                refused = throttle_check(
+                    throttled_secs=batch.throttled_secs, wait_secs=admission.wait_secs, policy=self._policy)
+                if refused is not None:
+                    return DeadLetterKind.THROTTLED, refused
+                if admission.reason == "pause":
+                    waited_for = admission.not_before
+                self._sleep(admission.wait_secs)
+                waited = admission.wait_secs
+            batch.paced_secs += waited
+            if admission.throttled:
+                batch.throttled_secs += waited
 
     def _halves(self, state: _PartState) -> list[_Part]:
         part = state.part
@@ -449,6 +520,8 @@ class _PartState:
     part: _Part
     wire_bytes: int
     own_attempts: int = 0
+    error_attempts: int = 0
+    throttled: int = 0
     first_attempt_at: float | None = None
     last_attempt_at: float | None = None
     last_status: int | None = None
@@ -464,33 +537,21 @@ class _PartState:
 @dataclasses.dataclass
 class _Batch:
     started: float
+    limiter: Limiter
     delivered: list[Delivered] = dataclasses.field(default_factory=list)
     failed: list[Failed] = dataclasses.field(default_factory=list)
     attempts: list[Attempt] = dataclasses.field(default_factory=list)
     paced_secs: float = 0.0
+    throttled_secs: float = 0.0
+    throttled_answers: int = 0
 
 
-class _Pacer:
-    """A "not before" time shared by every thread of a client."""
-
-    def __init__(self, *, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._not_before = -math.inf
-
-    def hold_for(self, secs: float) -> None:
-        if secs <= 0:
-            return
-        with self._lock:
-            self._not_before = max(self._not_before, self._clock() + secs)
-
-    def remaining(self) -> float:
-        return max(0.0, self.state()[1])
-
-    def state(self) -> tuple[float, float]:
-        """(the "not before" time, what is left of it: <= 0 when there is no pause)."""
-        with self._lock:
-            return self._not_before, self._not_before - self._clock()
+def _signal(outcome: BoundedResponse | TransportFailure, throttled: bool) -> Signal:
+    if throttled:
+        return Signal.THROTTLED
+    if isinstance(outcome, TransportFailure):
+        return Signal.BACK_PRESSURE if outcome.retryable else Signal.OK
+    return Signal.BACK_PRESSURE if outcome.status >= 500 else Signal.OK
 
 
 def _checked_api_url(api_url: object, *, allow_insecure_http: bool) -> str:

@@ -13,6 +13,16 @@ code, ``timeout``, ``deadline`` or ``connection_error``), ``bytes_raw`` and
 and ``dead_letters_<kind>``. Distributions: ``batch_bytes``, ``batch_rows``,
 ``request_latency_ms``.
 
+Throttling (time spent waiting because the service said "slow down", on the
+process's shared limiter or after a 429/503 with ``Retry-After``), for the
+runner's autoscaler and for people: ``cumulativeThrottlingSeconds`` in this
+namespace (the counter Beam's Python IOs use: BigQuery, GCS, Datastore),
+``throttling-msecs`` in namespace ``beam-throttling-metrics`` (Beam Java's
+``Metrics.THROTTLE_TIME_*``, read by Dataflow's workers so that a throttled job
+is not given more workers), ``responses_throttled`` (429s and 503s with
+``Retry-After``), and the gauge ``concurrency_limit`` (the shared limiter's
+current requests-in-flight limit).
+
 Beam metric cells are bound to the bundle's thread, so everything is recorded
 from there, after the HTTP threads hand their reports back.
 """
@@ -27,6 +37,9 @@ from sinks.tinybird._http.outcomes import SendReport
 from sinks.tinybird.dead_letters import DeadLetterKind
 
 NAMESPACE = "tinybird"
+THROTTLING_NAMESPACE = "beam-throttling-metrics"
+THROTTLING_MSECS = "throttling-msecs"
+THROTTLING_SECONDS = "cumulativeThrottlingSeconds"
 
 
 class SinkMetrics:
@@ -37,6 +50,12 @@ class SinkMetrics:
         self._batch_bytes = Metrics.distribution(NAMESPACE, "batch_bytes")
         self._batch_rows = Metrics.distribution(NAMESPACE, "batch_rows")
         self._latency_ms = Metrics.distribution(NAMESPACE, "request_latency_ms")
+        self._throttled_secs = Metrics.counter(NAMESPACE, THROTTLING_SECONDS)
+        self._throttled_msecs = Metrics.counter(THROTTLING_NAMESPACE, THROTTLING_MSECS)
+        self._concurrency = Metrics.gauge(NAMESPACE, "concurrency_limit")
+        # Counters take integers: the fractions are carried to the next report.
+        self._throttled_carry_secs = 0.0
+        self._throttled_carry_msecs = 0.0
 
     def inc(self, name: str, value: int = 1) -> None:
         counter = self._counters.get(name)
@@ -49,6 +68,20 @@ class SinkMetrics:
         self._batch_rows.update(rows)
 
     def report(self, report: SendReport) -> None:
+        if report.throttled_secs > 0:
+            self._throttled_carry_secs += report.throttled_secs
+            self._throttled_carry_msecs += report.throttled_secs * 1000.0
+            whole_secs, whole_msecs = int(self._throttled_carry_secs), int(self._throttled_carry_msecs)
+            if whole_secs:
+                self._throttled_secs.inc(whole_secs)
+                self._throttled_carry_secs -= whole_secs
+            if whole_msecs:
+                self._throttled_msecs.inc(whole_msecs)
+                self._throttled_carry_msecs -= whole_msecs
+        if report.throttled_answers:
+            self.inc("responses_throttled", report.throttled_answers)
+        if report.concurrency_limit is not None:
+            self._concurrency.set(report.concurrency_limit)
         for attempt in report.attempts:
             self.inc("requests")
             self.inc("bytes_raw", attempt.raw_bytes)

@@ -80,9 +80,13 @@ class _PostDoFn(beam.DoFn):
     """Posts batches, a bounded number at a time, and dead-letters what fails.
 
     One client (one connection pool) and one thread pool per instance, made in
-    ``setup()``. A batch is handed to a thread only when one is free, so its
-    send starts at once and ends within the client's ``max_send_secs`` (the
-    policy's time budget plus one attempt's deadline): no wait of
+    ``setup()``; the pacing and the concurrency limit are not the instance's
+    but the worker process's: every instance, step and thread posting to one
+    data source with one token shares one limiter (see
+    ``sinks/tinybird/_http/limiter.py``). A batch is handed to a thread only
+    when one is free, so its send starts at once and ends within the client's
+    ``max_send_secs`` (the policy's error and throttling budgets plus one
+    attempt's deadline): no wait of
     ``process``, ``finish_bundle`` or ``teardown`` is longer. Every request of
     a bundle is finished, delivered or dead-lettered, before ``finish_bundle``
     returns. Metrics and outputs are produced in the bundle's thread. Dead
@@ -191,8 +195,9 @@ class _PostDoFn(beam.DoFn):
         now = time.time()
         batch = in_flight.batch
         message = (
-            f"no outcome within {self._client.max_send_secs:g} s (the retry policy's max_total_secs plus "
-            "one attempt's deadline); the request may still complete, so a replay may duplicate rows")
+            f"no outcome within {self._client.max_send_secs:g} s (the retry policy's max_total_secs and "
+            "max_throttled_secs plus one attempt's deadline); the request may still complete, so a replay "
+            "may duplicate rows")
         _LOG.warning("Tinybird %s: %d rows dead-lettered: %s", self._settings.datasource, batch.rows, message)
         return SendReport(delivered=(), failed=(Failed(
             payload=batch.payload, rows=batch.rows, kind=DeadLetterKind.RETRIES_EXHAUSTED, status=None,
@@ -285,17 +290,22 @@ class WriteToTinybird(beam.PTransform):
     input: at the end of the input) and, for unbounded input, once it has
     waited ``max_buffering_secs``. Late data is sent, not dropped.
 
-    **Posting.** Each worker posts at most ``max_in_flight`` requests at once,
-    compressed with ``compression``, with connect and read timeouts. 408, 429,
-    500, 502, 503, 504, timeouts and connection errors are retried under
-    ``retry_policy`` (exponential backoff with jitter, honouring
-    ``Retry-After`` and ``X-RateLimit-Reset``, pacing on
-    ``X-RateLimit-Remaining: 0``). A 413 splits the batch in halves,
-    recursively.
+    **Posting.** Each worker process posts at most ``max_in_flight`` requests
+    at once per data source and token, across every step and thread of the
+    sink, compressed with ``compression``, with connect and read timeouts.
+    408, 500, 502, 503, 504, timeouts and connection errors are retried under
+    ``retry_policy`` (exponential backoff with jitter, ``max_attempts``,
+    ``max_total_secs``). Throttling is not failure: a 429, a 503 with
+    ``Retry-After`` and an exhausted ``X-RateLimit-Remaining`` pause every
+    request of the process, slow its paced rate and concurrency, and are
+    waited out without spending attempts, for up to the policy's
+    ``max_throttled_secs`` per batch (then: dead letter ``throttled``). Time
+    spent throttled is reported to the runner. A 413 splits the batch in
+    halves, recursively.
 
     **Failures.** Unencodable elements, rows larger than ``max_batch_bytes``,
     400/401/403/404, 422 (partially ingested, never retried), a single row
-    refused with 413, and exhausted retries become :class:`DeadLetter` records
+    refused with 413, exhausted retries and throttling past its budget become :class:`DeadLetter` records
     in ``result.dead_letters``, written to ``dead_letter_path`` when given. The
     pipeline goes on, unless ``raise_on_failure`` is set. Delivery is
     at-least-once: a duplicate can happen only when a request that the server
@@ -327,9 +337,12 @@ class WriteToTinybird(beam.PTransform):
             it, the least recently used buffer goes to the cross-bundle merge,
             so a bundle's memory is bounded by this many buffers of at most
             ``max_batch_bytes``, however many windows it holds. Default 20.
-        max_in_flight: Requests under way at once per worker. Default 4.
+        max_in_flight: Requests under way at once per worker process, data
+            source and token (the ceiling of the adaptive concurrency limit).
+            Default 4.
         retry_policy: A :class:`RetryPolicy`; default ``RetryPolicy()``
-            (6 attempts, 0.5 s doubling to 30 s, at most 300 s in all).
+            (6 attempts, 0.5 s doubling to 30 s, at most 300 s of errors and
+            1,800 s of throttling per batch).
         connect_timeout_secs: Default 5 s.
         read_timeout_secs: Default 30 s.
         dead_letter_path: Where to write dead-letter files (any Beam filesystem

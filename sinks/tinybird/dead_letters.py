@@ -43,7 +43,11 @@ class DeadLetterKind(enum.StrEnum):
     PARTIAL = "partial"
     """422: the server ingested the request partially; never retried (may duplicate)."""
     RETRIES_EXHAUSTED = "retries_exhausted"
-    """Retryable failures (408, 429, 5xx, timeouts, resets) outlasted the RetryPolicy."""
+    """Retryable failures (408, 5xx, timeouts, resets) outlasted the RetryPolicy."""
+    THROTTLED = "throttled"
+    """The server kept saying "slow down" (429, 503 with ``Retry-After``, an
+    exhausted rate-limit window) for longer than the policy's
+    ``max_throttled_secs``; nothing was stored, a replay is safe."""
     ROWS_UNACCOUNTED = "rows_unaccounted"
     """A 2xx whose body counted fewer rows (successful plus quarantined) than were
     sent; never retried, since the server may have stored some of them."""

@@ -11,14 +11,32 @@ import dataclasses
 import math
 from collections.abc import Iterable
 
-__all__ = ["RETRYABLE_STATUS_CODES", "RETRY_AFTER_STATUS_CODES", "RetryPolicy"]
+__all__ = ["DEFAULT_MAX_THROTTLED_SECS", "RETRYABLE_STATUS_CODES", "RETRY_AFTER_STATUS_CODES", "RetryPolicy"]
 
 RETRYABLE_STATUS_CODES: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
 """Statuses retried by default: request timeout, rate limit and transient server
 errors. 501 (not implemented) is not among them: retrying cannot fix it."""
 
 RETRY_AFTER_STATUS_CODES: frozenset[int] = frozenset({429, 503})
-"""Statuses whose ``Retry-After`` header is honoured (up to ``max_retry_after_secs``)."""
+"""Statuses whose ``Retry-After`` header is honoured (up to ``max_retry_after_secs``).
+A 429, and a 503 that carries ``Retry-After``, are *throttling*: the server stored
+nothing and asked to slow down. They do not spend ``max_attempts``; the time
+spent on them is bounded by ``max_throttled_secs`` instead."""
+
+DEFAULT_MAX_THROTTLED_SECS = 1800.0
+"""Half an hour of "slow down" per batch before it is dead-lettered as ``throttled``.
+
+Batch (a backfill): the input is all there, and the only cost of waiting is a
+longer job; a throttled batch that is dead-lettered has to be replayed by hand.
+Many workers sharing one data source's limit can each wait long for their
+share, so the budget is far longer than the error budget (``max_total_secs``):
+a job offering ten times what the data source accepts still delivers everything.
+Streaming: while a batch waits, its bundle does not commit, so the watermark
+holds and (on Pub/Sub) its messages stay unacknowledged, which the runner keeps
+leased; the runner sees the wait in the throttling counters rather than as
+errors. The same half hour is a bound on that stall that an on-call engineer
+notices before anything is lost; lower it (say to 300) when fresh data matters
+more than complete data, raise it for a backfill."""
 
 # Never retryable, whatever the policy says: 413 is answered by splitting the
 # batch, and re-sending after a 422 (partially ingested) duplicates rows.
@@ -34,7 +52,9 @@ class RetryPolicy:
     after the first) waits :meth:`delay_secs`: the jittered exponential backoff,
     or longer when the server asked to wait (``Retry-After``, or
     ``X-RateLimit-Reset`` on a 429), honouring the server up to
-    ``max_retry_after_secs``. The defaults retry 5 times, waiting 0.25-0.5,
+    ``max_retry_after_secs``. A throttling answer (429, or 503 with
+    ``Retry-After``) is waited out without spending an attempt, for at most
+    ``max_throttled_secs`` per batch. The defaults retry errors 5 times, waiting 0.25-0.5,
     0.5-1, 1-2, 2-4 and 4-8 s (8 to 15.5 s in all): enough to ride out a short
     overload without stalling a bundle for minutes.
 
@@ -43,11 +63,18 @@ class RetryPolicy:
         initial_backoff_secs: Backoff before the first retry, before jitter.
         backoff_multiplier: Growth of the backoff per retry (>= 1).
         max_backoff_secs: Cap on the backoff before jitter.
-        max_total_secs: The time budget of one batch: no attempt (a retry, a
-            half of a 413 split, or one after a rate-limit pause) starts later
-            than this after the batch's send began; when the next wait would
-            end past it, what is left of the batch fails at once. With one
-            attempt's deadline on top, it bounds how long a batch can take.
+        max_total_secs: The error time budget of one batch: no attempt (a retry
+            or a half of a 413 split) starts later than this after the batch's
+            send began, not counting time spent throttled; when the next wait
+            would end past it, what is left of the batch fails at once.
+        max_throttled_secs: The throttling budget of one batch: the longest it
+            waits, in all, on the server's "slow down" (429, 503 with
+            ``Retry-After``, an exhausted ``X-RateLimit-Remaining``) and on the
+            worker's shared limiter. When the next wait would end past it, the
+            batch is dead-lettered as ``throttled``. Default
+            :data:`DEFAULT_MAX_THROTTLED_SECS` (see there why). With
+            ``max_total_secs`` and one attempt's deadline on top, it bounds
+            how long a batch can take.
         max_retry_after_secs: Cap on a wait asked by the server; a larger value is
             cut to this (the backoff still applies).
         retry_status_codes: HTTP statuses that are retried. 413 (split instead)
@@ -59,6 +86,7 @@ class RetryPolicy:
     backoff_multiplier: float = 2.0
     max_backoff_secs: float = 30.0
     max_total_secs: float = 300.0
+    max_throttled_secs: float = DEFAULT_MAX_THROTTLED_SECS
     max_retry_after_secs: float = 120.0
     retry_status_codes: frozenset[int] = RETRYABLE_STATUS_CODES
 
@@ -74,6 +102,7 @@ class RetryPolicy:
                 f"initial_backoff_secs ({self.initial_backoff_secs!r})"
             )
         _check_number("max_total_secs", self.max_total_secs, minimum=0.0, strict=True)
+        _check_number("max_throttled_secs", self.max_throttled_secs, minimum=0.0)
         _check_number("max_retry_after_secs", self.max_retry_after_secs, minimum=0.0)
         codes = self.retry_status_codes
         if isinstance(codes, (str, bytes)) or not isinstance(codes, Iterable):

@@ -75,11 +75,29 @@ def test_retryable_status_waits_the_backoff(attempt, expected_wait):
 
 def test_429_with_retry_after_waits_and_pauses_every_thread():
     decision = classify(response(429, headers={"Retry-After": "7"}), CONTEXT, POLICY)
-    assert decision == Retry(after_secs=7.0, cause="429", pause_secs=7.0)
+    assert decision == Retry(after_secs=7.0, cause="429", pause_secs=7.0, throttled=True)
 
 
 def test_429_without_a_hint_pauses_every_thread_for_the_backoff():
-    assert classify(response(429), CONTEXT, POLICY) == Retry(after_secs=0.375, cause="429", pause_secs=0.375)
+    assert classify(response(429), CONTEXT, POLICY) == Retry(
+        after_secs=0.375, cause="429", pause_secs=0.375, throttled=True)
+
+
+def test_throttling_spends_no_attempt_and_ends_at_max_throttled_secs():
+    # The 6th error attempt is the last; a 429 after 5 errors is still waited out.
+    assert classify(response(429, headers={"Retry-After": "2"}), at(attempt=6), POLICY) == Retry(
+        after_secs=2.0, cause="429", pause_secs=2.0, throttled=True)
+    # 503 with Retry-After is throttling; without it, an error.
+    assert classify(response(503, headers={"Retry-After": "2"}), CONTEXT, POLICY) == Retry(
+        after_secs=2.0, cause="503", throttled=True)
+    assert classify(response(503), CONTEXT, POLICY) == Retry(after_secs=0.375, cause="503")
+    policy = RetryPolicy(max_throttled_secs=10)
+    assert classify(response(429, headers={"Retry-After": "2"}, message="slow"),
+                    at(throttled=4, throttled_secs=8.5), policy) == GiveUp(
+        kind=DeadLetterKind.THROTTLED,
+        message="throttled 5 times, 8.5 s in all; the next wait would bring it to 10.5 s, past "
+                "max_throttled_secs=10; last: HTTP 429: slow",
+        pause_secs=2.0)
 
 
 def test_a_2xx_with_an_exhausted_window_pauses_up_to_the_cap():

@@ -16,6 +16,7 @@ import logging
 import pickle
 import socket
 import threading
+import time
 import zlib
 
 import orjson
@@ -491,19 +492,52 @@ def test_paces_on_rate_limit_remaining_zero(limited_server, datasource):
 
 
 def test_a_429_pauses_every_thread_of_the_client(server, datasource, fake_time):
-    server.set_faults([{"status": 429, "sequence": [1], "retry_after_secs": 5, "datasource": datasource}])
-    with make_client(server.url, datasource, fake=fake_time, policy=RetryPolicy(max_attempts=1)) as client:
+    # 429 spends no attempt (max_attempts=1 does not end it): the batch waits 3 s,
+    # gets a second 429, and is dead-lettered as throttled because another 3 s
+    # would pass max_throttled_secs=4; that second pause holds the other thread:
+    # 3 s lengthened by the jitter of a process that already paces itself
+    # (PAUSE_JITTER 0.5 x rand 0.5: 0.75 s).
+    server.set_faults([{"status": 429, "sequence": [1, 2], "retry_after_secs": 3, "datasource": datasource}])
+    policy = RetryPolicy(max_attempts=1, max_throttled_secs=4)
+    with make_client(server.url, datasource, fake=fake_time, policy=policy) as client:
         first = client.send(ndjson(1), 1)
         results = []
         thread = threading.Thread(target=lambda: results.append(client.send(ndjson(1, start=1), 1)))
         thread.start()
         thread.join()
-    assert first.failed[0].kind is DeadLetterKind.RETRIES_EXHAUSTED
-    # The other thread's request waited the 5 s the server asked for.
+    (failed,) = first.failed
+    assert (failed.kind, failed.status, failed.attempts) == (DeadLetterKind.THROTTLED, 429, 2)
+    assert failed.message == (
+        "throttled 2 times, 3.0 s in all; the next wait would bring it to 6.0 s, past max_throttled_secs=4; "
+        "last: HTTP 429: injected fault: rule 0 (before)")
+    assert (first.throttled_secs, first.throttled_answers) == (3.0, 2)
+    # The other thread's request waited the 3 s the server asked for, and the jitter.
     (second,) = results
     assert statuses(second) == [200]
-    assert second.paced_secs == 5.0
-    assert fake_time.sleeps == [5.0]
+    assert second.paced_secs == second.throttled_secs == 3.75
+    assert fake_time.sleeps == [3.0, 3.75]
+
+
+def test_waiting_for_a_slot_another_client_holds_is_not_throttling(server, datasource):
+    # Two clients of one process (two posting steps) share one limiter, so one
+    # request in flight between them: the second waits for the first, slowed by
+    # the server. That wait is pacing, not throttling: no 429 was seen.
+    server.set_faults([{"latency_secs": 0.5, "sequence": [1], "datasource": datasource}])
+    with make_client(server.url, datasource, max_in_flight=1) as first, \
+            make_client(server.url, datasource, max_in_flight=1) as second:
+        assert first.limiter() is second.limiter()
+        reports = {}
+        slow = threading.Thread(target=lambda: reports.setdefault("first", first.send(ndjson(1), 1)))
+        slow.start()
+        deadline = time.monotonic() + 10
+        while first.limiter().in_flight == 0 and time.monotonic() < deadline:  # the first holds the slot
+            time.sleep(0.005)
+        reports["second"] = second.send(ndjson(1, start=1), 1)
+        slow.join()
+    assert [statuses(reports[name]) for name in ("first", "second")] == [[200], [200]]
+    assert reports["second"].paced_secs > 0.1
+    assert reports["first"].throttled_secs == reports["second"].throttled_secs == 0.0
+    assert stored_rows(server, datasource) == 2
 
 
 def test_threads_share_the_rate_limit_and_lose_nothing(limited_server, datasource):

@@ -415,14 +415,16 @@ def test_a_rate_limit_pause_longer_than_the_budget_fails_the_batch_at_once():
     fake = FakeTime()
     with RawServer(default=None) as server:  # type: ignore[arg-type]
         server.default = counted(server, headers=[("X-RateLimit-Remaining", "0"), ("X-RateLimit-Reset", "100")])
-        policy = RetryPolicy(max_total_secs=30)
+        policy = RetryPolicy(max_throttled_secs=30)
         with client_for(server, policy=policy, fake=fake) as client:
             first = client.send(payload_of(3), 3)
             second = client.send(payload_of(3, start=3), 3)
     assert first.delivered_rows == 3 and len(server.requests) == 1
     (failed,) = second.failed
-    assert (failed.kind, failed.attempts, failed.status) == (DeadLetterKind.RETRIES_EXHAUSTED, 0, None)
-    assert failed.message == "the rate-limit pause would end 100.0 s after the batch began, past max_total_secs=30"
+    # A pause is throttling: it counts against max_throttled_secs (issue 22), no longer max_total_secs.
+    assert (failed.kind, failed.attempts, failed.status) == (DeadLetterKind.THROTTLED, 0, None)
+    assert failed.message == (
+        "waiting on the rate limit would bring the batch's throttled time to 100.0 s, past max_throttled_secs=30")
     assert fake.sleeps == []
     account(second, [3, 4, 5])
 

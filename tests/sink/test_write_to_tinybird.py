@@ -353,7 +353,8 @@ def test_accounting_under_injected_faults_every_id_is_stored_or_dead_lettered(tm
     # Dead letters are only what retries could not deliver, each element once.
     assert len(dead) == len(set(dead))
     assert {letter.kind for letter in letters} <= {"retries_exhausted"}
-    assert all(letter.attempts == 3 for letter in letters)
+    # 3 error attempts each; a 429 among them is an attempt too but spends none of the 3 (issue 22).
+    assert all(letter.attempts >= 3 for letter in letters)
     # Duplicates come only from failures after the server stored the rows.
     duplicates = len(stored) - len(set(stored))
     dead_but_stored = len(set(dead) & set(stored))
@@ -410,3 +411,63 @@ def test_streaming_dead_letters_are_written_to_windowed_files(server, datasource
     assert sorted(orjson.loads(letter.line)["id"] for letter in letters) == list(range(80))
     assert {letter.window for letter in letters} == {
         "[1970-01-01T00:00:00Z, 1970-01-01T00:00:10Z)", "[1970-01-01T00:01:10Z, 1970-01-01T00:01:20Z)"}
+
+
+def test_throttling_is_waited_out_reported_to_the_runner_and_dead_lettered_past_its_budget(
+        server, datasource, tmp_path):
+    # Requests 2-4 get 429 (Retry-After: 1 s), spending no attempt (max_attempts=1):
+    # a batch waits 1 s, and is dead-lettered as throttled when another 1 s would
+    # pass max_throttled_secs=1.5; from request 6 on every answer is 429.
+    server.set_faults([{"datasource": datasource, "status": 429, "when": "before", "sequence": [2, 3, 4],
+                        "retry_after_secs": 1, "message": "injected slow down"},
+                       {"datasource": datasource, "status": 429, "when": "before",
+                        "sequence": list(range(6, 200)), "retry_after_secs": 1, "message": "injected slow down"}])
+    policy = RetryPolicy(max_attempts=1, max_throttled_secs=1.5, max_retry_after_secs=1.0)
+    dead_dir = tmp_path / "dlq"
+    try:
+        p = beam.Pipeline(options=PipelineOptions(_RUNNERS["direct"]))
+        _ = p | beam.Create(_events(1000), reshuffle=False) | _sink(
+            server, datasource, num_shards=1, max_in_flight=1, max_batch_rows=100, retry_policy=policy,
+            dead_letter_path=str(dead_dir))
+        result = p.run()
+        result.wait_until_finish()
+    finally:
+        server.clear_faults()
+    counters = {(c.key.metric.namespace, c.key.metric.name): c.committed
+                for c in result.metrics().query(MetricsFilter())["counters"]
+                if c.key.metric.namespace in ("tinybird", "beam-throttling-metrics")}
+    stored = _ids(server, datasource)
+    letters = dead_letters_in(dead_dir)
+    dead_ids = sorted(orjson.loads(letter.line)["id"] for letter in letters)
+    assert sorted(stored + dead_ids) == list(range(1000))
+    assert len(stored) >= 200 and len(dead_ids) >= 100
+    # Sent and answered 429, or never sent because the shared pause outlasted the budget.
+    assert {letter.kind for letter in letters} == {"throttled"}
+    assert {letter.status for letter in letters} <= {429, None}
+    assert all("past max_throttled_secs=1.5" in letter.message for letter in letters)
+    assert all("injected slow down" in letter.message for letter in letters if letter.status == 429)
+    assert counters[("tinybird", "dead_letters_throttled")] == len(dead_ids)
+    assert counters[("tinybird", "responses_throttled")] == counters[("tinybird", "responses_4xx")] >= 3
+    # At least one 1 s wait after a 429 that was then delivered, in both counters.
+    assert counters[("tinybird", "cumulativeThrottlingSeconds")] >= 1
+    assert counters[("beam-throttling-metrics", "throttling-msecs")] >= 1000
+    assert counters[("tinybird", "cumulativeThrottlingSeconds")] == pytest.approx(
+        counters[("beam-throttling-metrics", "throttling-msecs")] / 1000, abs=1)
+
+
+def test_a_run_without_429_reports_no_throttling(server, datasource):
+    # The bounded graph has two posting steps, and with max_in_flight=1 they share
+    # one request slot in the process: waiting for it is not throttling.
+    p = beam.Pipeline(options=PipelineOptions(_RUNNERS["direct"]))
+    _ = p | beam.Create(_events(2000), reshuffle=False) | _sink(
+        server, datasource, num_shards=4, max_in_flight=1, max_batch_rows=50)
+    result = p.run()
+    result.wait_until_finish()
+    counters = {(c.key.metric.namespace, c.key.metric.name): c.committed
+                for c in result.metrics().query(MetricsFilter())["counters"]
+                if c.key.metric.namespace in ("tinybird", "beam-throttling-metrics")}
+    assert sorted(_ids(server, datasource)) == list(range(2000))
+    assert counters[("tinybird", "rows_acknowledged")] == 2000
+    assert counters.get(("tinybird", "responses_throttled"), 0) == 0
+    assert counters.get(("tinybird", "cumulativeThrottlingSeconds"), 0) == 0
+    assert counters.get(("beam-throttling-metrics", "throttling-msecs"), 0) == 0

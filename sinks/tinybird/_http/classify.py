@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from sinks.tinybird._http.limiter import RateWindow
 from sinks.tinybird._http.outcomes import (
     BoundedResponse,
     Decision,
@@ -32,7 +33,9 @@ from sinks.tinybird._http.outcomes import (
 from sinks.tinybird.dead_letters import DeadLetterKind
 from sinks.tinybird.retry import RETRY_AFTER_STATUS_CODES, RetryPolicy
 
-__all__ = ["AttemptContext", "budget_check", "classify", "parse_reset", "parse_retry_after"]
+__all__ = [
+    "AttemptContext", "budget_check", "classify", "parse_reset", "parse_retry_after", "rate_window", "throttle_check",
+]
 
 # Above this, an X-RateLimit-Reset value is an epoch time, not a delta (some
 # gateways send that; Tinybird sends a delta).
@@ -47,10 +50,14 @@ class AttemptContext:
         rows: Rows carried by the attempt.
         raw_bytes: Their uncompressed bytes.
         wire_bytes: The request body's bytes as sent.
-        attempt: Attempts made for these rows, this one included (split parents
-            not counted: each part has ``max_attempts`` of its own).
-        elapsed_secs: Time since the batch's ``send`` began, by the client's clock.
-        pause_ahead_secs: What is left of the client's shared rate-limit pause.
+        attempt: Attempts made for these rows that were not throttled, this one
+            included (split parents not counted: each part has ``max_attempts``
+            of its own).
+        elapsed_secs: Time since the batch's ``send`` began, by the client's
+            clock, less the time spent throttled (the error budget's clock).
+        pause_ahead_secs: What is left of the process's shared rate-limit pause.
+        throttled: Throttling answers these rows got before this one.
+        throttled_secs: Time the batch has spent throttled so far.
         now_epoch: Wall-clock time, for ``Retry-After`` given as an HTTP date.
         rand: A number in [0, 1] for the jitter.
         api_url: The API host, named in the 404 message.
@@ -65,6 +72,8 @@ class AttemptContext:
     now_epoch: float
     rand: float
     api_url: str
+    throttled: int = 0
+    throttled_secs: float = 0.0
 
 
 def classify(
@@ -98,11 +107,44 @@ def classify(
         )
     if not policy.is_retryable_status(status):
         return GiveUp(kind=DeadLetterKind.REJECTED, message=_rejection(outcome, context.api_url), pause_secs=pause)
-    if status == 429 and server_wait is None:
-        # A 429 without a hint: every thread of the client backs off as long as this one.
-        pause = max(pause, policy.delay_secs(context.attempt, rand=context.rand))
+    if status == 429 or (status == 503 and server_wait is not None):
+        return _throttled(outcome, server_wait, pause, context, policy)
     return _retry_or_give_up(
         str(status), f"HTTP {status}: {outcome.message}", server_wait, context, policy, pause_secs=pause)
+
+
+def _throttled(
+    outcome: BoundedResponse, server_wait: float | None, pause: float, context: AttemptContext, policy: RetryPolicy,
+) -> Decision:
+    """429, or 503 with Retry-After: nothing was stored; wait without spending an attempt."""
+    number = context.throttled + 1
+    # The server's wish, not the growing backoff: the process's limiter already
+    # paces every request, and a batch that grew its own waits would lose its share.
+    if server_wait is not None:
+        delay = min(max(server_wait, 0.0), policy.max_retry_after_secs)
+    else:
+        delay = policy.backoff_secs(number, rand=context.rand)
+    if outcome.status == 429 and server_wait is None:
+        # A 429 without a hint: every thread of the process backs off as long as this one.
+        pause = max(pause, delay)
+    waited = context.throttled_secs + max(delay, context.pause_ahead_secs, pause)
+    last = f"HTTP {outcome.status}: {outcome.message}"
+    if waited > policy.max_throttled_secs:
+        return GiveUp(
+            kind=DeadLetterKind.THROTTLED,
+            message=f"throttled {number} times, {context.throttled_secs:.1f} s in all; the next wait would "
+            f"bring it to {waited:.1f} s, past max_throttled_secs={policy.max_throttled_secs:g}; last: {last}",
+            pause_secs=pause,
+        )
+    return Retry(after_secs=delay, cause=str(outcome.status), pause_secs=pause, throttled=True)
+
+
+def throttle_check(*, throttled_secs: float, wait_secs: float, policy: RetryPolicy) -> str | None:
+    """Why a batch may not wait ``wait_secs`` more on the service's "slow down", or ``None``."""
+    if throttled_secs + wait_secs <= policy.max_throttled_secs:
+        return None
+    return (f"waiting on the rate limit would bring the batch's throttled time to "
+            f"{throttled_secs + wait_secs:.1f} s, past max_throttled_secs={policy.max_throttled_secs:g}")
 
 
 def budget_check(*, elapsed_secs: float, pause_ahead_secs: float, policy: RetryPolicy) -> str | None:
@@ -218,6 +260,18 @@ def _pause_secs(
         if reset is not None:
             pause = max(pause, min(reset, cap))
     return pause
+
+
+def rate_window(headers: Mapping[str, str]) -> RateWindow | None:
+    """``X-RateLimit-Limit`` and ``X-RateLimit-Remaining``, when both are there and make sense."""
+    try:
+        limit = float(headers.get("X-RateLimit-Limit", ""))
+        remaining = float(headers.get("X-RateLimit-Remaining", ""))
+    except ValueError:
+        return None
+    if not (math.isfinite(limit) and math.isfinite(remaining) and limit > 0 and remaining >= 0):
+        return None
+    return RateWindow(limit=limit, remaining=remaining)
 
 
 def _is_exhausted(remaining: str) -> bool:

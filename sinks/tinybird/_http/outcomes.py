@@ -108,12 +108,15 @@ class Retry:
     Attributes:
         after_secs: The wait (backoff, or the server's wish up to the policy's cap).
         cause: The status as text (``"503"``) or the transport error (``"timeout"``).
-        pause_secs: A pause for every thread of the client (429).
+        pause_secs: A pause for every thread of the process (429).
+        throttled: The server said "slow down" (429, 503 with ``Retry-After``):
+            the wait counts against ``max_throttled_secs``, not ``max_attempts``.
     """
 
     after_secs: float
     cause: str
     pause_secs: float = 0.0
+    throttled: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -225,14 +228,25 @@ class SendReport:
         delivered: Parts the server accepted.
         failed: Parts that were not delivered.
         attempts: Every HTTP attempt, in order.
-        paced_secs: Time spent waiting for the server's rate-limit window to
-            reset before starting attempts (shared pacing), not counting backoff.
+        paced_secs: Time spent waiting on the process's shared limiter before
+            starting attempts (the server's pause, client-side throttling, the
+            concurrency limit), not counting backoff.
+        throttled_secs: Time spent waiting because the service said "slow
+            down": the waits after throttling answers, and the part of
+            ``paced_secs`` that is the service's doing (its pause, the paced
+            rate, a concurrency limit lowered by back-pressure; not waiting
+            for a slot that other requests of the process hold).
+        throttled_answers: Answers that were throttling (429, 503 with ``Retry-After``).
+        concurrency_limit: The limiter's concurrency limit when the send ended.
     """
 
     delivered: tuple[Delivered, ...]
     failed: tuple[Failed, ...]
     attempts: tuple[Attempt, ...]
     paced_secs: float = 0.0
+    throttled_secs: float = 0.0
+    throttled_answers: int = 0
+    concurrency_limit: int | None = None
 
     @property
     def delivered_rows(self) -> int:

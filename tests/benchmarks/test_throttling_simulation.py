@@ -1,0 +1,56 @@
+"""The discrete-event simulation of 100 workers sharing one limit (benchmarks/throttling_simulation.py):
+it drives the production Limiter and classify with a fake clock, so these checks are exact and quick."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.throttling_simulation import Scenario, run, standard_scenarios
+
+_SCENARIOS = {s.name: s for s in standard_scenarios()}
+STEADY = _SCENARIOS["100 workers, 100 req/s"]
+HALVING = _SCENARIOS["100 workers, 100 -> 50 req/s at 60 s"]
+FAST = _SCENARIOS["100 workers, 1,000 req/s"]
+BURSTS = _SCENARIOS["100 workers, 100 req/s, bursts"]
+EIGHT = _SCENARIOS["8 workers, 5 req/s"]
+
+
+@pytest.mark.parametrize("scenario", [STEADY, HALVING, BURSTS, EIGHT], ids=["steady", "halving", "bursts", "eight"])
+def test_overload_never_dead_letters_and_every_batch_is_delivered_once(scenario: Scenario):
+    result = run(scenario)
+    assert result.dead_letters == 0
+    assert result.delivered == scenario.workers * scenario.batches_per_worker
+    # Every accepted request is one delivered batch: none was accepted twice.
+    assert result.requests - result.throttled == result.delivered
+
+
+def test_the_issues_bounds_for_100_workers_at_100_requests_per_sec():
+    result = run(STEADY)
+    assert result.capacity_used >= 0.90
+    assert result.share_429 <= 0.10
+    assert min(result.worker_shares) >= 0.5 and max(result.worker_shares) <= 2.0
+
+
+def test_after_the_capacity_halves_429s_are_back_under_10_percent_within_30_secs():
+    result = run(HALVING)
+    assert result.recovery_secs is not None and result.recovery_secs <= 30
+    assert result.capacity_used >= 0.90
+    assert min(result.worker_shares) >= 0.5 and max(result.worker_shares) <= 2.0
+
+
+def test_bursts_are_sent_as_fast_as_an_ideal_sender_would():
+    # The ideal knows when each burst arrives: a sender that keeps up with the
+    # arrivals is done within a few seconds of it.
+    result = run(BURSTS)
+    assert result.wall_secs <= result.ideal_secs * 1.05
+    assert result.capacity_used >= 0.90
+    assert result.share_429 <= 0.10
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 22's bounds not met yet: at 1,000 requests/s the capacity used is 85% (bound 90%), and "
+    "over the whole halving run 13% of requests are 429 (bound 10%; under 10% within 20 s of the halving)"))
+def test_the_bounds_not_met_yet():
+    fast, halving = run(FAST), run(HALVING)
+    assert fast.capacity_used >= 0.90
+    assert halving.share_429 <= 0.10

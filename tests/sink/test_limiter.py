@@ -1,0 +1,196 @@
+"""The process's shared Limiter (sinks/tinybird/_http/limiter.py) with an injected clock: every
+call takes ``now``, and the random numbers are fixed or seeded, so the numbers are exact."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+
+import pytest
+
+from sinks.tinybird._http.limiter import (
+    MIN_RATE_RPS,
+    Limiter,
+    LimiterKey,
+    RateWindow,
+    Signal,
+    shared_limiter,
+)
+
+
+def _half() -> float:
+    return 0.5
+
+
+def _sent_rate(sends: list[float], now: float) -> float:
+    """What the limiter measures as the sent rate: a count decaying over 5 s, over at least 1 s."""
+    count = sum(math.exp(-(now - t) / 5.0) for t in sends)
+    return count / (5.0 * (1.0 - math.exp(-max(now - sends[0], 1.0) / 5.0)))
+
+
+def test_unpaced_until_the_first_congestion_answer_and_bounded_by_max_in_flight():
+    limiter = Limiter(max_in_flight=2, rand=_half)
+    assert limiter.admit(0.0).admitted and limiter.admit(0.0).admitted
+    third = limiter.admit(0.0)
+    # Both slots taken by the process's own requests, at the ceiling: not throttling.
+    assert (third.admitted, third.reason, third.wait_secs, third.throttled) == (False, "concurrency", math.inf, False)
+    limiter.done(0.03, signal=Signal.OK, rtt_secs=0.03, sent_at=0.0)
+    assert limiter.admit(0.03).admitted
+
+
+def test_a_429_pauses_the_process_exactly_the_first_time_and_starts_pacing():
+    limiter = Limiter(max_in_flight=4, rand=_half)
+    assert limiter.admit(10.0).admitted
+    limiter.done(10.1, signal=Signal.THROTTLED, rtt_secs=0.1, pause_secs=1.0, sent_at=10.0)
+    paused = limiter.admit(10.5)
+    assert (paused.admitted, paused.reason, paused.throttled) == (False, "pause", True)
+    assert paused.not_before == 11.1
+    assert paused.wait_secs == pytest.approx(0.6)
+    # One request sent in 0.1 s, measured over 1 s: 0.98020 / (5 x 0.18127) = 1.08148 requests/s; x 0.8.
+    assert limiter.paced_rate_rps == pytest.approx(0.8 * _sent_rate([10.0], 10.1)) == pytest.approx(0.86519, abs=1e-5)
+    # The caller that slept through this very pause goes ahead.
+    assert limiter.admit(11.1, waited_for=11.1).admitted
+
+
+def test_pacing_spaces_requests_by_the_jittered_interval():
+    limiter = Limiter(max_in_flight=4, rand=_half)
+    limiter.admit(0.0)
+    limiter.done(0.1, signal=Signal.THROTTLED, rtt_secs=0.1, sent_at=0.0)
+    rate = limiter.paced_rate_rps
+    assert rate is not None
+    assert limiter.admit(0.1).admitted
+    # rand 0.5: the spacing is (0.5 + 0.5) / rate, exactly one interval.
+    paced = limiter.admit(0.2)
+    assert (paced.admitted, paced.reason, paced.throttled) == (False, "pace", True)
+    assert paced.wait_secs == pytest.approx(0.1 + 1.0 / rate - 0.2)
+
+
+def test_the_jitter_comes_from_the_injected_random():
+    draws = random.Random(7)
+    expected = random.Random(7)
+    limiter = Limiter(max_in_flight=4, rand=draws.random)
+    limiter.admit(0.0)
+    limiter.done(0.1, signal=Signal.THROTTLED, rtt_secs=0.1, sent_at=0.0)
+    expected.random()  # the first concurrency interval's jitter
+    rate = limiter.paced_rate_rps
+    assert rate is not None
+    assert limiter.admit(0.1).admitted
+    spacing = (0.5 + expected.random()) / rate
+    assert limiter.admit(0.1).wait_secs == pytest.approx(spacing)
+
+
+def test_a_paced_process_lengthens_its_pauses_by_the_jitter():
+    limiter = Limiter(max_in_flight=4, rand=_half)
+    limiter.admit(0.0)
+    limiter.done(0.1, signal=Signal.THROTTLED, rtt_secs=0.1, sent_at=0.0)
+    limiter.admit(5.0)
+    limiter.done(5.1, signal=Signal.THROTTLED, rtt_secs=0.1, pause_secs=1.0, sent_at=5.0)
+    # 1 s x (1 + 0.5 x 0.5).
+    assert limiter.pause_remaining(5.1) == pytest.approx(1.25)
+
+
+def test_the_rate_decreases_once_per_round_trip():
+    limiter = Limiter(max_in_flight=4, rand=_half)
+    for _ in range(3):
+        limiter.admit(0.0)
+    limiter.done(0.1, signal=Signal.THROTTLED, rtt_secs=0.1, sent_at=0.0)
+    first = limiter.paced_rate_rps
+    # Two more 429s to requests sent before that decrease: no new information.
+    limiter.done(0.12, signal=Signal.THROTTLED, rtt_secs=0.12, sent_at=0.0)
+    limiter.done(0.15, signal=Signal.THROTTLED, rtt_secs=0.15, sent_at=0.0)
+    assert limiter.paced_rate_rps == first
+    # One sent after it does: x 0.8 again, of the rate really sent when that is lower
+    # (4 requests, 3 of them 3 s ago: 1.13 requests/s against a paced 2.59).
+    limiter.admit(3.0)
+    limiter.done(3.1, signal=Signal.THROTTLED, rtt_secs=0.1, sent_at=3.0)
+    assert first == pytest.approx(0.8 * _sent_rate([0.0, 0.0, 0.0], 0.1)) == pytest.approx(2.5956, abs=1e-4)
+    assert limiter.paced_rate_rps == pytest.approx(0.8 * _sent_rate([0.0, 0.0, 0.0, 3.0], 3.1))
+    assert limiter.paced_rate_rps == pytest.approx(0.8983, abs=1e-4)
+    assert MIN_RATE_RPS < 0.8983
+
+
+def test_a_nearly_spent_window_slows_down_like_a_429_without_pausing():
+    assert RateWindow(limit=100, remaining=14).nearly_spent
+    assert not RateWindow(limit=100, remaining=15).nearly_spent
+    limiter = Limiter(max_in_flight=4, rand=_half)
+    limiter.admit(0.0)
+    limiter.done(0.1, signal=Signal.OK, rtt_secs=0.1, window=RateWindow(limit=100, remaining=14), sent_at=0.0)
+    assert limiter.paced_rate_rps == pytest.approx(0.8 * _sent_rate([0.0], 0.1))
+    assert limiter.pause_remaining(0.1) == 0.0
+
+
+def test_the_rate_grows_per_second_with_the_headroom_the_headers_show():
+    limiter = Limiter(max_in_flight=4, rand=_half)
+    limiter.admit(0.0)
+    limiter.done(0.1, signal=Signal.THROTTLED, rtt_secs=0.1, sent_at=0.0)
+    rate0 = limiter.paced_rate_rps
+    assert rate0 is not None
+    # Clean answer 1 s later, no headers: 1% per second.
+    limiter.admit(1.0)
+    limiter.done(1.1, signal=Signal.OK, rtt_secs=0.1, sent_at=1.0)
+    rate1 = limiter.paced_rate_rps
+    assert rate1 == pytest.approx(rate0 * math.exp(0.01 * 1.0))
+    # An empty window (Remaining = Limit = 10): headroom 1, so 11% per second,
+    # plus 0.03% of the limit per second.
+    limiter.admit(2.0)
+    limiter.done(2.1, signal=Signal.OK, rtt_secs=0.1, window=RateWindow(limit=10, remaining=10), sent_at=2.0)
+    assert limiter.paced_rate_rps == pytest.approx(rate1 * math.exp(0.11 * 1.0) + 0.0003 * 10 * 1.0)
+
+
+def test_an_idle_process_does_not_grow_its_rate():
+    limiter = Limiter(max_in_flight=4, rand=_half)
+    limiter.admit(0.0)
+    limiter.done(0.1, signal=Signal.THROTTLED, rtt_secs=0.1, sent_at=0.0)
+    rate0 = limiter.paced_rate_rps
+    # 60 s later it sends one request: its sent rate is far below its paced rate.
+    limiter.admit(60.0)
+    limiter.done(60.1, signal=Signal.OK, rtt_secs=0.1, sent_at=60.0)
+    assert limiter.paced_rate_rps == rate0
+
+
+def test_back_pressure_lowers_the_concurrency_limit_and_waiting_on_it_is_throttling():
+    limiter = Limiter(max_in_flight=4, rand=_half)
+    # Intervals are one mean round trip, at least 50 ms (x 0.75-1.25 jitter: 0.5 gives 1).
+    limiter.admit(0.0)
+    limiter.done(0.01, signal=Signal.OK, rtt_secs=0.01, sent_at=0.0)  # opens the first interval, to 0.06
+    limiter.admit(0.05)
+    limiter.done(0.07, signal=Signal.BACK_PRESSURE, rtt_secs=0.02, sent_at=0.05)
+    assert limiter.concurrency_limit == 3  # floor(4 x 0.9)
+    for _ in range(3):
+        assert limiter.admit(0.08).admitted
+    waiting = limiter.admit(0.08)
+    # Three in flight of a limit lowered below max_in_flight=4: the service's doing.
+    assert (waiting.reason, waiting.throttled) == ("concurrency", True)
+
+
+def test_the_concurrency_limit_grows_by_one_when_it_was_used_and_answers_were_fast():
+    limiter = Limiter(max_in_flight=4, rand=_half)
+    limiter.admit(0.0)
+    limiter.done(0.01, signal=Signal.BACK_PRESSURE, rtt_secs=0.01, sent_at=0.0)  # first interval, to 0.06
+    limiter.admit(0.05)
+    limiter.done(0.07, signal=Signal.BACK_PRESSURE, rtt_secs=0.01, sent_at=0.05)
+    assert limiter.concurrency_limit == 3
+    # The next interval (mean round trip 0.01 s, so 50 ms): all 3 slots used, answers as fast.
+    for _ in range(3):
+        assert limiter.admit(0.08).admitted
+    limiter.done(0.09, signal=Signal.OK, rtt_secs=0.01, sent_at=0.08)
+    limiter.done(0.10, signal=Signal.OK, rtt_secs=0.01, sent_at=0.08)
+    limiter.done(0.13, signal=Signal.OK, rtt_secs=0.01, sent_at=0.08)
+    assert limiter.concurrency_limit == 4
+
+
+def test_shared_limiter_is_one_per_key_and_clock_and_never_pickled():
+    key = LimiterKey.of(api_url="http://127.0.0.1:1", datasource="events", token="p.secret")
+    assert "p.secret" not in repr(key) and len(key.token_digest) == 16
+
+    def clock() -> float:
+        return 0.0
+
+    first = shared_limiter(key, max_in_flight=2, clock=clock, rand=_half)
+    again = shared_limiter(key, max_in_flight=4, clock=clock, rand=_half)
+    assert again is first and first.max_in_flight == 4
+    other = LimiterKey.of(api_url="http://127.0.0.1:1", datasource="events", token="p.other")
+    assert shared_limiter(other, max_in_flight=2, clock=clock, rand=_half) is not first
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(first)
