@@ -337,7 +337,10 @@ class EventsApiClient:
         while True:
             refusal = self._admit(batch)
             if refusal is not None:
-                self._fail(state, batch, GiveUp(kind=refusal[0], message=refusal[1]))
+                kind, message = refusal
+                if state.last_answer is not None:
+                    message = f"{message}; last: {state.last_answer}"
+                self._fail(state, batch, GiveUp(kind=kind, message=message))
                 return []
             decision = self._attempt(body, state, batch)
             if isinstance(decision, Deliver):
@@ -403,6 +406,7 @@ class EventsApiClient:
         status = None if response is None else response.status
         error = outcome.error if isinstance(outcome, TransportFailure) else None
         state.last_status = status
+        state.last_answer = f"HTTP {response.status}: {response.message}" if response is not None else f"no answer ({error})"
         retry_cause = decision.cause if isinstance(decision, Retry) else "413" if isinstance(decision, Split) else None
         batch.attempts.append(Attempt(
             started_at=started_at, latency_secs=latency, status=status, error=error,
@@ -525,6 +529,8 @@ class _PartState:
     first_attempt_at: float | None = None
     last_attempt_at: float | None = None
     last_status: int | None = None
+    # The server's last answer, for a dead letter refused before its next attempt.
+    last_answer: str | None = None
 
     def __post_init__(self) -> None:
         self.first_attempt_at = self.part.first_attempt_at

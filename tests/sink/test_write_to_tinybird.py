@@ -445,7 +445,7 @@ def test_throttling_is_waited_out_reported_to_the_runner_and_dead_lettered_past_
     assert {letter.kind for letter in letters} == {"throttled"}
     assert {letter.status for letter in letters} <= {429, None}
     assert all("past max_throttled_secs=1.5" in letter.message for letter in letters)
-    assert all("injected slow down" in letter.message for letter in letters if letter.status == 429)
+    assert all("injected slow down" in letter.message for letter in letters if letter.status == 429), {letter.message for letter in letters}
     assert counters[("tinybird", "dead_letters_throttled")] == len(dead_ids)
     assert counters[("tinybird", "responses_throttled")] == counters[("tinybird", "responses_4xx")] >= 3
     # At least one 1 s wait after a 429 that was then delivered, in both counters.
