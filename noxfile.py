@@ -115,7 +115,7 @@ def _newest_beam(session: nox.Session, tmp: Path) -> str:
 def matrix(session: nox.Session, beam: str) -> None:
     wheel = _built_wheel(session)
     requirement = f"{wheel}[test]"
-    tmp = Path(session.create_tmp())
+    tmp = Path(session.create_tmp()).resolve()  # absolute: the session changes into it
     if beam == NEWEST:
         # No lock, and the range's ceiling overridden: the newest release whatever pyproject says.
         overrides = tmp / "overrides.txt"
