@@ -17,7 +17,8 @@ def main(report_path: str) -> int:
     not_run = []
     print("matrix: cell                          result")
     for session in sessions:
-        name, result = session["name"], session["result"]
+        # A parametrized session's name is shared by its cells; its signature names the cell.
+        name, result = (session.get("signatures") or [session["name"]])[-1], session["result"]
         label = {"success": "passed", "failed": "FAILED", "skipped": "NOT RUN"}.get(result, result)
         print(f"matrix: {name:<30} {label}")
         if result == "skipped":
