@@ -4,7 +4,8 @@ Seeded, so running it again gives the same file byte for byte::
 
     python pipelines/sample_data/generate.py            # writes events.ndjson beside this file
 
-5,000 web and e-commerce events with ISO timestamps, nested objects and arrays.
+5,000 web and e-commerce events with ISO timestamps, nested objects and arrays,
+each with one of three ``type`` values (:data:`TYPES`: ``pageviews``, ``searches``, ``commerce``).
 Every row has the same fields and types (a ``purchase`` object only on purchases)
 so that the data source's schema, which the server infers from whichever batch
 arrives first, is the same whatever the batching. A few rows show every outcome:
@@ -47,6 +48,10 @@ _QUERIES = ["running shoes", "red bag", "linen shirt", "watch strap", "wool sock
 # Event types and their weights: most traffic is page views.
 _EVENT_TYPES = ["page_view", "search", "product_view", "add_to_cart", "purchase"]
 _EVENT_WEIGHTS = [50, 10, 22, 9, 9]
+TYPES = {"page_view": "pageviews", "product_view": "pageviews", "search": "searches",
+         "add_to_cart": "commerce", "purchase": "commerce"}
+"""The ``type`` of each ``event_type``: three values, each a data source name, for
+``--datasource_field type`` (``./dev demo --datasource_field type``)."""
 
 
 def _iso_millis(moment: datetime.datetime) -> str:
@@ -70,6 +75,7 @@ def _event(rng: random.Random, index: int, moment: datetime.datetime,
         "event_id": f"evt_{index:06d}_{rng.getrandbits(32):08x}",
         "timestamp": _iso_millis(moment),
         "event_type": event_type,
+        "type": TYPES[event_type],
         "session_id": f"s_{user_number:04d}_{rng.getrandbits(24):06x}",
         "user": {
             "id": f"u_{user_number:04d}",
