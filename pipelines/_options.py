@@ -22,7 +22,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines._endpoint import LOCAL_DATA_DIR, Endpoint
-from sinks.tinybird import WriteToTinybird
+from sinks.tinybird import DatasourceFromField, WriteToTinybird
 from sinks.tinybird._beam_compat import option_values
 
 _SINK_PARAMETERS = inspect.signature(WriteToTinybird).parameters
@@ -47,6 +47,8 @@ data dead-letters 2 of 5,000 rows (0.04%) on purpose.
 # port is known only then): a loopback http URL passes the same checks.
 _EMBEDDED_PLACEHOLDER_URL = "http://127.0.0.1"
 _SECRET_FLAGS = ("--token",)
+DATASOURCE_PREFIX_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,98}$"
+"""A ``--datasource_prefix``: the start of a data source name, leaving room for one character."""
 
 
 def parse_bool(text: Any) -> bool:
@@ -86,17 +88,23 @@ def add_argument_once(parser: argparse.ArgumentParser, flag: str, **kwargs: Any)
     parser.add_argument(flag, **kwargs)
 
 
-def add_sink_arguments(parser: argparse.ArgumentParser, *, streaming: bool = False) -> None:
+def add_sink_arguments(parser: argparse.ArgumentParser, *, streaming: bool = False,
+                       datasource_field: bool = True) -> None:
     """Adds the options of :class:`sinks.tinybird.WriteToTinybird` that the pipelines expose,
     then ``--max_dead_letter_ratio``.
 
     Values are only parsed here (``int``, ``float``, true/false); whether they
     are allowed is the sink's to say, when :class:`SinkConfig` builds it.
+    ``datasource_field`` False leaves out ``--datasource_field`` and
+    ``--datasource_prefix`` (the replay job routes each line by its record instead).
     """
     add_argument_once(
         parser, "--datasource",
         help=f"Tinybird data source to append to (created from the first events if the token may). "
-             f"Required with --api_url; default {DEFAULT_DATASOURCE!r} for the embedded local server.")
+             f"Required with --api_url unless --datasource_field is given; default {DEFAULT_DATASOURCE!r} "
+             f"for the embedded local server.")
+    if datasource_field:
+        _add_datasource_field_arguments(parser)
     add_argument_once(
         parser, "--api_url",
         help="Events API host of the workspace's region, e.g. https://api.tinybird.co or "
@@ -162,19 +170,39 @@ def add_sink_arguments(parser: argparse.ArgumentParser, *, streaming: bool = Fal
              f"Default {DEFAULT_MAX_DEAD_LETTER_RATIO:g} (1%%).")
 
 
+def _add_datasource_field_arguments(parser: argparse.ArgumentParser) -> None:
+    add_argument_once(
+        parser, "--datasource_field", metavar="FIELD",
+        help="Instead of --datasource: send each row to the data source named by its top-level "
+             "field FIELD (with --datasource_prefix before it), e.g. --datasource_field type sends "
+             "{\"type\": \"click\", ...} to 'click'. A row without the field, whose field is not "
+             "a string, or that names no valid data source is dead-lettered as unroutable.")
+    add_argument_once(
+        parser, "--datasource_prefix", default="", metavar="PREFIX",
+        help="Put before the value of --datasource_field: --datasource_prefix events_ sends "
+             "{\"type\": \"click\"} to 'events_click'. Letters, digits and _, not starting with "
+             "a digit. Default none.")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SinkConfig:
     """The sink's settings from the command line, checked by building the sink with them.
 
-    ``api_url`` None means: start the local Events API server and send there.
+    Exactly one of ``datasource`` (one data source), ``datasource_field`` (the
+    data source named by a field of each row, after ``datasource_prefix``) and
+    ``datasource_of`` (a function of each element: the replay job's) says where
+    rows go. ``api_url`` None means: start the local Events API server and send there.
     Defaults are :class:`~sinks.tinybird.WriteToTinybird`'s.
 
     Raises:
         ValueError, TypeError: the sink's own error, naming the argument (never
-            the token's value).
+            the token's value), or a message naming the ``--datasource*`` options.
     """
 
-    datasource: str
+    datasource: str | None = None
+    datasource_field: str | None = None
+    datasource_prefix: str = ""
+    datasource_of: Callable[[Any], str] | None = dataclasses.field(default=None, compare=False)
     api_url: str | None = None
     token: str | None = dataclasses.field(default=None, repr=False)
     token_env: str = sink_default("token_env")
@@ -190,6 +218,20 @@ class SinkConfig:
     dead_letter_format: str = sink_default("dead_letter_format")
 
     def __post_init__(self) -> None:
+        given = [flag for flag, value in (("--datasource", self.datasource),
+                                          ("--datasource_field", self.datasource_field),
+                                          ("a datasource function", self.datasource_of)) if value is not None]
+        if len(given) != 1:
+            raise ValueError(f"give --datasource or --datasource_field, not {' and '.join(given) or 'neither'}")
+        if self.datasource_field is not None:
+            if not self.datasource_field.strip() or any(c in self.datasource_field for c in "\n\r"):
+                raise ValueError(f"--datasource_field must name a field, got {self.datasource_field!r}")
+            if self.datasource_prefix and not re.fullmatch(DATASOURCE_PREFIX_PATTERN, self.datasource_prefix):
+                raise ValueError(
+                    f"--datasource_prefix must be letters, digits and _, not starting with a digit, at most "
+                    f"99 characters (the start of a data source name), got {self.datasource_prefix!r}")
+        elif self.datasource_prefix:
+            raise ValueError(f"--datasource_prefix {self.datasource_prefix!r} is only used with --datasource_field")
         # Built once here only for its checks, so that a bad value is refused before anything starts.
         self.write_transform(Endpoint(api_url=self.api_url or _EMBEDDED_PLACEHOLDER_URL))
 
@@ -198,19 +240,54 @@ class SinkConfig:
         return dataclasses.replace(self, dead_letter_path=None if path is None else absolute_local_path(path))
 
     @property
+    def routed(self) -> bool:
+        """True when each row names its data source (there is no single ``datasource``)."""
+        return self.datasource is None
+
+    @property
+    def destination(self) -> str | Callable[[Any], str]:
+        """What ``WriteToTinybird(datasource=...)`` gets: a name, or a function of the element."""
+        if self.datasource is not None:
+            return self.datasource
+        if self.datasource_field is not None:
+            return DatasourceFromField(self.datasource_field, prefix=self.datasource_prefix)
+        assert self.datasource_of is not None  # __post_init__ checked that one is given
+        return self.datasource_of
+
+    def describe_destination(self) -> str:
+        """Where rows go, for the summary: ``data source 'events'``, ``data sources from field 'type'``..."""
+        if self.datasource is not None:
+            return f"data source {self.datasource!r}"
+        if self.datasource_field is not None:
+            prefix = f", prefixed {self.datasource_prefix!r}" if self.datasource_prefix else ""
+            return f"data sources from field {self.datasource_field!r}{prefix}"
+        return "data sources named by each record"
+
+    @property
     def embedded(self) -> bool:
         """True when the job starts and uses the local Events API server."""
         return self.api_url is None
 
     @classmethod
-    def from_options(cls, options: PipelineOptions) -> SinkConfig:
-        """Reads the options added by :func:`add_sink_arguments`."""
+    def from_options(cls, options: PipelineOptions, *,
+                     datasource_of: Callable[[Any], str] | None = None) -> SinkConfig:
+        """Reads the options added by :func:`add_sink_arguments`.
+
+        Args:
+            options: The pipeline's options.
+            datasource_of: Where rows go when neither ``--datasource`` nor
+                ``--datasource_field`` is given (the replay job's: each record's
+                data source). Without it, ``--datasource`` defaults to
+                :data:`DEFAULT_DATASOURCE` for the embedded server and is required with ``--api_url``.
+        """
         values = option_values(options)
         api_url = values.get("api_url") or None
         datasource = values.get("datasource")
-        if datasource is None:
+        datasource_field = values.get("datasource_field")
+        if datasource is None and datasource_field is None and datasource_of is None:
             if api_url is not None:
-                raise ValueError("--datasource is required with --api_url")
+                raise ValueError("--datasource is required with --api_url (or --datasource_field, to send each "
+                                 "row to the data source one of its fields names)")
             datasource = DEFAULT_DATASOURCE
         defaults = {field.name: field.default for field in dataclasses.fields(cls)}
         compression = values.get("compression", defaults["compression"])
@@ -219,6 +296,9 @@ class SinkConfig:
             "max_buffering_secs", "dead_letter_format") if values.get(name) is not None}
         return cls(
             datasource=datasource,
+            datasource_field=datasource_field,
+            datasource_prefix=values.get("datasource_prefix") or "",
+            datasource_of=datasource_of if datasource is None and datasource_field is None else None,
             api_url=api_url,
             token=values.get("token") or None,
             token_secret=values.get("token_secret") or None,
@@ -236,7 +316,7 @@ class SinkConfig:
             write_dead_letter_files: False to leave writing ``dead_letter_path`` to the caller.
         """
         return WriteToTinybird(
-            datasource=self.datasource,
+            datasource=self.destination,
             token=endpoint.token if endpoint.token is not None else self.token,
             token_env=self.token_env,
             token_secret=None if endpoint.token is not None else self.token_secret,

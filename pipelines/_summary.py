@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import re
@@ -22,6 +21,20 @@ from pipelines._progress import METRICS_NAMESPACE, ROWS_READ
 _LOG = logging.getLogger(__name__)
 
 SINK_METRICS_NAMESPACE = "tinybird"
+DATASOURCE_NAMESPACE_PREFIX = SINK_METRICS_NAMESPACE + "/"
+"""The sink counts ``rows_acknowledged`` and ``dead_letters`` per data source in ``tinybird/<datasource>``."""
+MAX_DATASOURCES_SHOWN = 20
+"""Data sources the summary lists one by one; the rest are counted on one line."""
+MAX_SQL_HINTS = 5
+"""Data sources the summary prints a SQL command for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasourceFigures:
+    """What one data source of the run got, from the sink's per-data-source counters."""
+
+    rows_acknowledged: int = 0
+    dead_letters: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,6 +53,7 @@ class RunSummary:
         elapsed_secs: Wall time of the run.
         dead_letter_files: Dead-letter files found under the dead-letter path after the run.
         failure: Why the run counts as failed (too many dead letters), or None.
+        by_datasource: The figures of each data source rows were meant for, by name.
     """
 
     rows_read: int
@@ -53,6 +67,7 @@ class RunSummary:
     elapsed_secs: float
     dead_letter_files: tuple[str, ...] = ()
     failure: str | None = None
+    by_datasource: Mapping[str, DatasourceFigures] = dataclasses.field(default_factory=dict)
 
     @property
     def rows_stored(self) -> int:
@@ -82,6 +97,21 @@ def counter_totals(result: PipelineResult, namespace: str) -> dict[str, int]:
     return totals
 
 
+def datasource_figures(result: PipelineResult) -> dict[str, DatasourceFigures]:
+    """The sink's per-data-source counters (namespaces ``tinybird/<datasource>``), by data source, sorted."""
+    totals: dict[str, dict[str, int]] = {}
+    for counter in result.metrics().query(MetricsFilter())["counters"]:
+        namespace = counter.key.metric.namespace
+        if not namespace.startswith(DATASOURCE_NAMESPACE_PREFIX):
+            continue
+        value = counter.committed if counter.committed is not None else counter.attempted
+        figures = totals.setdefault(namespace[len(DATASOURCE_NAMESPACE_PREFIX):], {})
+        figures[counter.key.metric.name] = figures.get(counter.key.metric.name, 0) + int(value or 0)
+    return {name: DatasourceFigures(rows_acknowledged=figures.get("rows_acknowledged", 0),
+                                    dead_letters=figures.get("dead_letters", 0))
+            for name, figures in sorted(totals.items())}
+
+
 def summarise(result: PipelineResult, *, elapsed_secs: float,
               dead_letter_files: Sequence[str] = ()) -> RunSummary:
     """A :class:`RunSummary` from a finished pipeline's metrics.
@@ -108,6 +138,7 @@ def summarise(result: PipelineResult, *, elapsed_secs: float,
         extra={name: value for name, value in own.items() if name != ROWS_READ and not name.startswith(prefix)},
         elapsed_secs=elapsed_secs,
         dead_letter_files=tuple(dead_letter_files),
+        by_datasource=datasource_figures(result),
     )
 
 
@@ -158,18 +189,40 @@ def _shell_quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
+def _held(endpoint: Endpoint) -> dict[str, dict] | None:
+    """What the embedded server holds, by data source (None when it cannot say)."""
+    try:
+        endpoint.server.flush()
+        return dict(endpoint.server.datasources())
+    except Exception:
+        _LOG.debug("could not read the local server's data sources", exc_info=True)
+        return None
+
+
+def _datasources_of_run(summary: RunSummary, config: SinkConfig) -> list[str]:
+    """The data sources this run sent to: the one named, or those the per-data-source counters saw."""
+    if config.datasource is not None:
+        return [config.datasource]
+    return sorted(summary.by_datasource, key=lambda name: (-summary.by_datasource[name].rows_acknowledged, name))
+
+
 def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpoint: Endpoint,
                    dead_letter_path: str | None, replay_hint: bool = True) -> str:
     """The text printed at the end of a run."""
     def n(value: int) -> str:
         return f"{value:,}"
 
+    datasources = _datasources_of_run(summary, config)
+    if config.datasource is not None:
+        quarantine_note = f"   (in {config.datasource}_quarantine)"
+    else:
+        quarantine_note = "   (in each data source's <name>_quarantine)"
     lines = [
-        f"{title}: finished in {summary.elapsed_secs:.1f} s, data source {config.datasource!r} at {endpoint.api_url}",
+        f"{title}: finished in {summary.elapsed_secs:.1f} s, {config.describe_destination()} at {endpoint.api_url}",
         f"  rows read            {n(summary.rows_read):>10}",
         f"  rows acknowledged    {n(summary.rows_acknowledged):>10}",
         f"  rows quarantined     {n(summary.rows_quarantined):>10}"
-        + (f"   (in {config.datasource}_quarantine)" if summary.rows_quarantined else "")
+        + (quarantine_note if summary.rows_quarantined else "")
         + ("" if config.wait else "   (counted only with --wait: a 202 answer need not count them)"),
         f"  rows stored          {n(summary.rows_stored):>10}   (acknowledged - quarantined)",
     ]
@@ -178,6 +231,8 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
     for name, value in sorted(summary.extra.items()):
         lines.append(f"  {name.replace('_', ' '):<20} {n(value):>10}")
     lines.append(f"  requests (retries)   {n(summary.requests):>10}   ({n(summary.retries)} retries)")
+    if config.routed:
+        lines += _by_datasource_lines(summary, datasources)
     if dead_letter_path:
         shown = display_path(dead_letter_path)
         if summary.dead_letter_files:
@@ -188,25 +243,7 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
     elif summary.dead_letters:
         lines.append("  dead letters were not written to files: pass --dead_letter_path")
     if endpoint.server is not None and endpoint.data_dir is not None:
-        data_dir = display_path(str(endpoint.data_dir))
-        with contextlib.suppress(Exception):
-            endpoint.server.flush()
-            held = endpoint.server.datasources().get(config.datasource) or {}
-            lines.append(
-                f"  {config.datasource} now holds {n(int(held.get('rows', 0)))} rows "
-                f"({n(int(held.get('quarantined', 0)))} quarantined) in {data_dir}")
-        # The embedded server stops with the job; its data stays in data_dir.
-        python = _python_command()
-        sql = f"{python} -m tinybird_emulator sql --data-dir {_shell_quote(data_dir)}"
-        lines += [
-            "",
-            "Look at the data (read-only, straight from the data dir; no server needed):",
-            f"  {sql} \"SELECT count(*) FROM {config.datasource}\"",
-        ]
-        if summary.rows_quarantined:
-            lines.append(
-                f"  {sql} \"SELECT c__error_column, c__error FROM {config.datasource}_quarantine LIMIT 5\"")
-        lines.append(f"Or serve it again: {python} -m tinybird_emulator serve --data-dir {_shell_quote(data_dir)} --port 7181")
+        lines += _embedded_server_lines(summary, endpoint, datasources, routed=config.routed)
     # Unencodable and unreplayable dead letters have no line to resend.
     replayable = summary.dead_letters - sum(
         summary.dead_letters_by_kind.get(kind, 0) for kind in ("unencodable", "unreplayable"))
@@ -215,12 +252,65 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
         command = [
             f"{_python_command()} -m pipelines.replay_dead_letters",
             f"--input {_shell_quote(source + '/*')}",
-            f"--datasource {config.datasource}",
-            f"--dead_letter_path {_shell_quote(source + '-replayed/')}",
         ]
+        if config.datasource is not None:
+            command.append(f"--datasource {config.datasource}")
+        command.append(f"--dead_letter_path {_shell_quote(source + '-replayed/')}")
         if not config.embedded:
             command.append(f"--api_url {config.api_url}")
         lines += ["", "Resend the dead letters once their cause is fixed:", "  " + " ".join(command)]
+        if config.datasource is None:
+            lines.append("  (each line goes back to the data source its record names; "
+                         "those that name none need --datasource NAME)")
     if summary.failure is not None:
         lines += ["", f"FAILED: {summary.failure}"]
     return "\n".join(lines) + "\n"
+
+
+def _by_datasource_lines(summary: RunSummary, datasources: Sequence[str]) -> list[str]:
+    """One line per data source of a routed run (the first :data:`MAX_DATASOURCES_SHOWN`)."""
+    if not datasources:
+        return ["  by data source: none (no row was acknowledged or dead-lettered with a data source name)"]
+    width = max(20, *(len(name) for name in datasources[:MAX_DATASOURCES_SHOWN]))
+    lines = [f"  by data source ({len(datasources):,}):",
+             f"    {'':<{width}} {'acknowledged':>12} {'dead letters':>12}"]
+    for name in datasources[:MAX_DATASOURCES_SHOWN]:
+        figures = summary.by_datasource.get(name, DatasourceFigures())
+        lines.append(f"    {name:<{width}} {figures.rows_acknowledged:>12,} {figures.dead_letters:>12,}")
+    hidden = datasources[MAX_DATASOURCES_SHOWN:]
+    if hidden:
+        acknowledged = sum(summary.by_datasource[name].rows_acknowledged for name in hidden)
+        dead = sum(summary.by_datasource[name].dead_letters for name in hidden)
+        label = f"({len(hidden):,} more)"
+        lines.append(f"    {label:<{width}} {acknowledged:>12,} {dead:>12,}")
+    unnamed = summary.dead_letters - sum(figures.dead_letters for figures in summary.by_datasource.values())
+    if unnamed > 0:
+        lines.append(f"    {'(no data source)':<{width}} {0:>12,} {unnamed:>12,}")
+    return lines
+
+
+def _embedded_server_lines(summary: RunSummary, endpoint: Endpoint, datasources: Sequence[str], *,
+                           routed: bool) -> list[str]:
+    """What the embedded server holds for each data source of the run, and how to look at it."""
+    data_dir = display_path(str(endpoint.data_dir))
+    held = _held(endpoint)
+    # A routed run shows only the names the server knows: an unroutable element may have named anything.
+    present = [name for name in datasources if name in (held or {})] if routed else list(datasources)
+    lines = []
+    for name in present[:MAX_DATASOURCES_SHOWN] if held is not None else ():
+        info = (held or {}).get(name) or {}
+        lines.append(f"  {name} now holds {int(info.get('rows', 0)):,} rows "
+                     f"({int(info.get('quarantined', 0)):,} quarantined) in {data_dir}")
+    # The embedded server stops with the job; its data stays in data_dir.
+    python = _python_command()
+    sql = f"{python} -m tinybird_emulator sql --data-dir {_shell_quote(data_dir)}"
+    lines += ["", "Look at the data (read-only, straight from the data dir; no server needed):"]
+    lines += [f"  {sql} \"SELECT count(*) FROM {name}\"" for name in present[:MAX_SQL_HINTS]]
+    if routed:
+        quarantined = [name for name in present if int(((held or {}).get(name) or {}).get("quarantined", 0))]
+    else:
+        quarantined = list(present) if summary.rows_quarantined else []
+    lines += [f"  {sql} \"SELECT c__error_column, c__error FROM {name}_quarantine LIMIT 5\""
+              for name in quarantined[:MAX_SQL_HINTS]]
+    lines.append(f"Or serve it again: {python} -m tinybird_emulator serve --data-dir {_shell_quote(data_dir)} --port 7181")
+    return lines
