@@ -1,10 +1,14 @@
 """Replay dead letters: resends what an earlier run could not deliver, once the cause is fixed.
 
-    python -m pipelines.replay_dead_letters --input 'dead-letters/*' --datasource events \\
+    python -m pipelines.replay_dead_letters --input 'dead-letters/*' \\
         --dead_letter_path dead-letters-replayed/ [--api_url https://api.tinybird.co ...]
 
 Reads dead-letter files (JSON lines ``*.jsonl`` and Avro ``*.avro``) and resends
-each record's ``line`` exactly as it was. What fails again is written to
+each record's ``line`` exactly as it was, byte for byte, to the data source the
+record names (its ``datasource``), or, with ``--datasource NAME``, every line to
+``NAME``. A record that names no data source (``datasource`` empty: an
+unroutable element whose function gave no name) needs ``--datasource``: without
+it, it is dead-lettered again as ``unroutable``. What fails again is written to
 ``--dead_letter_path``, which must be a new location: the job refuses, before
 anything runs, a path equal to, inside, or containing the input's location, so
 the files being read are never overwritten.
@@ -24,7 +28,7 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -60,21 +64,56 @@ class ReplayDeadLettersOptions(PipelineOptions):
             help="Dead-letter files to replay: a path or glob on any Beam filesystem, e.g. "
                  "'dead-letters/*' or gs://bucket/dead-letters/*. *.avro files are read as Avro, "
                  "others as JSON lines.")
-        add_sink_arguments(parser)
+        # No --datasource_field: each line goes back to the data source its record names.
+        add_sink_arguments(parser, datasource_field=False)
+
+
+class _RoutedLine(bytes):
+    """A dead letter's line, as the bytes to send, carrying the data source its record names.
+
+    The sink sends a ``bytes`` element as it is (it only checks that it holds one
+    JSON object), so the line keeps every byte; the data source rides along as an
+    attribute, for :func:`record_datasource`. Beam's coders encode only an exact
+    ``bytes`` as bytes: the replay declares this type for its lines, which gets
+    the pickling coder, and ``__reduce__`` keeps the attribute through it.
+    """
+
+    datasource: str
+
+    def __new__(cls, line: bytes, datasource: str) -> _RoutedLine:
+        routed = super().__new__(cls, line)
+        routed.datasource = datasource
+        return routed
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _RoutedLine, (bytes(self), self.datasource)
+
+
+def record_datasource(line: _RoutedLine) -> str:
+    """The data source a line goes back to without ``--datasource``: the one its record names."""
+    return line.datasource
 
 
 class _SplitDoFn(beam.DoFn):
-    """Replayable records -> their line as bytes; the others -> the ``unreplayable`` output."""
+    """Replayable records -> their line (a :class:`_RoutedLine`); the others -> the ``unreplayable`` output."""
 
     def setup(self) -> None:
         self._unreplayable = Metrics.counter(METRICS_NAMESPACE, UNREPLAYABLE)
 
-    def process(self, record) -> Iterator[bytes | beam.pvalue.TaggedOutput]:
+    def process(self, record) -> Iterator[_RoutedLine | beam.pvalue.TaggedOutput]:
         if record.line is None:
             self._unreplayable.inc()
             yield beam.pvalue.TaggedOutput(_UNREPLAYABLE_TAG, record)
         else:
-            yield record.line.encode("utf-8")
+            yield _RoutedLine(record.line.encode("utf-8"), record.datasource or "")
+
+
+def split_replayable(records: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
+    """Dead-letter records -> ``lines`` (:class:`_RoutedLine`) and ``unreplayable`` (records without a line)."""
+    # Declared, so that a fusion break between here and the sink encodes the lines with
+    # the pickling coder (an exact-bytes coder would drop their data source).
+    return records | "Split" >> beam.ParDo(_SplitDoFn()).with_output_types(_RoutedLine).with_outputs(
+        _UNREPLAYABLE_TAG, main="lines")
 
 
 def build(pipeline: beam.Pipeline, *, input_pattern: str, write: beam.PTransform,
@@ -94,7 +133,7 @@ def build(pipeline: beam.Pipeline, *, input_pattern: str, write: beam.PTransform
         | "ReadDeadLetters" >> ReadDeadLetters(input_pattern)
         | "CountRows" >> beam.ParDo(CountRowsDoFn(verb="replaying"))
     )
-    split = records | "Split" >> beam.ParDo(_SplitDoFn()).with_outputs(_UNREPLAYABLE_TAG, main="lines")
+    split = split_replayable(records)
     result = split.lines | "WriteToTinybird" >> write
     undelivered = (result.dead_letters, split[_UNREPLAYABLE_TAG]) | "StillUndelivered" >> beam.Flatten()
     if max_dead_letter_ratio is not None:
@@ -169,7 +208,12 @@ def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     options = ReplayDeadLettersOptions(argv)
-    config = config_or_usage_error(lambda: SinkConfig.from_options(options))
+    for flag in ("--datasource_field", "--datasource_prefix"):
+        # Refused, not ignored as Beam ignores options it does not know: a replay routes by record.
+        if any(arg == flag or arg.startswith(flag + "=") for arg in argv):
+            raise UsageError(f"{flag} is not a replay option: each line goes back to the data source its "
+                             "record names, or, with --datasource, to that one")
+    config = config_or_usage_error(lambda: SinkConfig.from_options(options, datasource_of=record_datasource))
     if not options.input:
         raise UsageError("--input is required: the dead-letter files to replay, e.g. 'dead-letters/*'")
     check_output_outside_input(options.input, config.dead_letter_path)

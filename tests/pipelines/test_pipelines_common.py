@@ -241,3 +241,84 @@ def test_judge(rows_read, dead_letters, max_ratio, fails):
     assert (judged.failure is not None) is fails
     if fails:
         assert judged.failure.startswith(f"{dead_letters:,} of {rows_read:,} rows read were dead-lettered (")
+
+
+@pytest.mark.parametrize("options_class", [files_to_tinybird.FilesToTinybirdOptions,
+                                           streaming_to_tinybird.StreamingToTinybirdOptions])
+def test_datasource_field_routes_by_a_field_with_its_prefix(options_class):
+    from sinks.tinybird import DatasourceFromField
+
+    config = SinkConfig.from_options(options_class(
+        ["--api_url=https://api.tinybird.co", "--datasource_field=type", "--datasource_prefix=events_"]))
+    assert (config.datasource, config.datasource_field, config.datasource_prefix) == (None, "type", "events_")
+    assert config.routed and config.destination == DatasourceFromField("type", prefix="events_")
+    assert config.destination({"type": "click", "id": 1}) == "events_click"
+    assert config.describe_destination() == "data sources from field 'type', prefixed 'events_'"
+    embedded = SinkConfig.from_options(options_class(["--datasource_field", "kind"]))
+    assert embedded.embedded and embedded.datasource is None and embedded.destination == DatasourceFromField("kind")
+    assert SinkConfig.from_options(options_class([])).destination == "events"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--datasource=e", "--datasource_field=type"], r"^give --datasource or --datasource_field, not --datasource and --datasource_field$"),
+    (["--datasource_field="], r"^--datasource_field must name a field, got ''$"),
+    (["--datasource_field= "], r"^--datasource_field must name a field, got ' '$"),
+    (["--datasource_field=type", "--datasource_prefix=1st_"], r"^--datasource_prefix must be letters, digits and _, not starting with a digit, .* got '1st_'$"),
+    (["--datasource_field=type", "--datasource_prefix=web-"], r"^--datasource_prefix must be .* got 'web-'$"),
+    (["--datasource_field=type", f"--datasource_prefix={'p' * 100}"], r"^--datasource_prefix must be .* at most 99 characters"),
+    (["--datasource=e", "--datasource_prefix=events_"], r"^--datasource_prefix 'events_' is only used with --datasource_field$"),
+    (["--api_url=https://api.tinybird.co", "--datasource_prefix=events_"], r"^--datasource is required with --api_url \(or --datasource_field"),
+])
+def test_datasource_field_options_are_checked(argv, message):
+    with pytest.raises(UsageError, match=message):
+        files_to_tinybird.run(argv)
+    with pytest.raises(UsageError, match=message):
+        streaming_to_tinybird.run([*argv, "--input_subscription=projects/p/subscriptions/s"])
+
+
+def test_the_replay_routes_by_record_and_refuses_datasource_field():
+    config = SinkConfig.from_options(replay_dead_letters.ReplayDeadLettersOptions(
+        ["--api_url=https://api.tinybird.co"]), datasource_of=replay_dead_letters.record_datasource)
+    assert config.routed and config.destination is replay_dead_letters.record_datasource
+    assert config.describe_destination() == "data sources named by each record"
+    explicit = SinkConfig.from_options(replay_dead_letters.ReplayDeadLettersOptions(
+        ["--api_url=https://api.tinybird.co", "--datasource=all_here"]),
+        datasource_of=replay_dead_letters.record_datasource)
+    assert not explicit.routed and explicit.destination == "all_here"
+    for flag in ("--datasource_field=type", "--datasource_prefix=x_"):
+        with pytest.raises(UsageError, match=rf"^{flag.split('=')[0]} is not a replay option"):
+            replay_dead_letters.run(["--input=dl/*", "--dead_letter_path=out/", flag])
+
+
+def test_summary_text_with_a_data_source_per_row(tmp_path, monkeypatch):
+    from pipelines._summary import DatasourceFigures
+
+    monkeypatch.chdir(tmp_path)
+    summary = RunSummary(
+        rows_read=100, rows_acknowledged=90, rows_quarantined=3, dead_letters=10,
+        dead_letters_by_kind={"rejected": 6, "unroutable": 4}, requests=3, retries=0, extra={},
+        elapsed_secs=1.0, by_datasource={
+            "ev_a": DatasourceFigures(rows_acknowledged=30, dead_letters=0),
+            "ev_b": DatasourceFigures(rows_acknowledged=60, dead_letters=6),
+            "ev_bad_": DatasourceFigures(rows_acknowledged=0, dead_letters=1)})
+    config = SinkConfig(datasource_field="type", datasource_prefix="ev_", api_url="https://api.tinybird.co",
+                        wait=True, dead_letter_path=str(tmp_path / "dl") + "/")
+    text = format_summary(summary, title="Files to Tinybird", config=config,
+                          endpoint=Endpoint(api_url="https://api.tinybird.co"),
+                          dead_letter_path=config.dead_letter_path)
+    lines = text.splitlines()
+    assert lines[0] == ("Files to Tinybird: finished in 1.0 s, data sources from field 'type', prefixed 'ev_' "
+                        "at https://api.tinybird.co")
+    assert lines[3] == "  rows quarantined              3   (in each data source's <name>_quarantine)"
+    start = lines.index("  by data source (3):")
+    assert lines[start + 1:start + 6] == [
+        "                         acknowledged dead letters",
+        "    ev_b                           60            6",
+        "    ev_a                           30            0",
+        "    ev_bad_                         0            1",
+        "    (no data source)                0            3",
+    ]
+    # The replay sends each line back to its record's data source: no --datasource in the hint.
+    assert ("python -m pipelines.replay_dead_letters --input './dl/*' --dead_letter_path ./dl-replayed/ "
+            "--api_url https://api.tinybird.co") in text
+    assert "those that name none need --datasource NAME" in text

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 
+import apache_beam as beam
+import orjson
 import pytest
+from apache_beam.testing.util import assert_that, equal_to
 from pipelines_testlib import RUNNERS, count, run_quietly, sink_flags
 from shared_testlib import dead_letters_in
 
 from pipelines import files_to_tinybird, replay_dead_letters
 from pipelines._options import UsageError
 from pipelines.replay_dead_letters import check_output_outside_input, input_location
+from sinks.tinybird import DeadLetter, WriteToTinybird
 
 _REJECT_FIRST_REQUEST = {"status": 400, "when": "before", "sequence": [1], "message": "injected: bad request"}
 
@@ -155,3 +159,97 @@ def test_replay_exits_with_status_2_on_overlap(tmp_path, monkeypatch, capsys):
         replay_dead_letters.main(["--input", "dl/*", "--dead_letter_path", "dl"])
     assert exited.value.code == 2
     assert "error: --dead_letter_path 'dl' overlaps the input location" in capsys.readouterr().err
+
+
+# -- a data source per record ---------------------------------------------------------------
+
+def _letter(line: str | None, datasource: str, kind: str = "rejected") -> DeadLetter:
+    return DeadLetter(line=line, element=None if line is not None else "{'broken'", datasource=datasource,
+                      kind=kind, status=400 if kind == "rejected" else None, message="m", attempts=1,
+                      first_attempt_at="2024-05-01T00:00:00.000Z", last_attempt_at="2024-05-01T00:00:00.000Z",
+                      window="global")
+
+
+def _write_letters(path, letters) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(orjson.dumps(letter._asdict()) + b"\n" for letter in letters))
+
+
+# Spacing, key order, a wide integer and an escaped character that a JSON round trip would change.
+_ODD_LINE = '{"id": 1,  "z":1.10, "big": 123456789012345678901234567890, "s":"\\u00e9"}'
+
+
+@pytest.mark.parametrize("runner", ["FnApiRunner", "BundleBasedDirectRunner"])
+def test_routed_lines_keep_their_bytes_and_data_source_across_a_fusion_break(runner):
+    letters = [_letter(_ODD_LINE, "ev_a"), _letter('{"id":2}', "ev_b"), _letter('{"id":3}', ""),
+               _letter(None, "ev_a", kind="unencodable")]
+    with beam.Pipeline(runner=runner) as p:
+        split = replay_dead_letters.split_replayable(p | beam.Create(letters))
+        seen = (split.lines
+                | beam.Reshuffle()
+                | beam.Map(lambda line: (type(line).__name__, bytes(line), replay_dead_letters.record_datasource(line))))
+        assert_that(seen, equal_to([("_RoutedLine", _ODD_LINE.encode(), "ev_a"), ("_RoutedLine", b'{"id":2}', "ev_b"),
+                                    ("_RoutedLine", b'{"id":3}', "")]), label="lines")
+        assert_that(split.unreplayable | beam.Map(lambda d: d.kind), equal_to(["unencodable"]), label="unreplayable")
+
+
+@pytest.mark.parametrize("runner", ["FnApiRunner", "BundleBasedDirectRunner"])
+def test_the_sink_routes_replayed_lines_by_record_after_a_reshuffle(server, datasource, runner):
+    names = [f"{datasource}_a", f"{datasource}_b"]
+    letters = [_letter(orjson.dumps({"id": i, "dest": names[i % 2]}).decode(), names[i % 2]) for i in range(40)]
+    with beam.Pipeline(runner=runner) as p:
+        lines = replay_dead_letters.split_replayable(p | beam.Create(letters)).lines
+        result = lines | beam.Reshuffle() | WriteToTinybird(
+            datasource=replay_dead_letters.record_datasource, token=server.token, api_url=server.url,
+            wait=True, num_shards=2)
+        assert_that(result.dead_letters, equal_to([]))
+    server.flush()
+    for name in names:
+        stored = server.query(f"SELECT id, dest FROM {name} ORDER BY id")
+        assert stored == [{"id": i, "dest": name} for i in range(40) if names[i % 2] == name]
+
+
+def test_replay_sends_each_line_to_the_data_source_its_record_names(server, datasource, tmp_path):
+    """Without --datasource, lines go back to their records' data sources, byte for byte; with it, all to one."""
+    names = {t: f"{datasource}_{t}" for t in ("a", "b", "c")}
+    letters = [_letter(orjson.dumps({"id": i, "t": t, "at": "2024-05-01 08:00:00"}).decode(), names[t])
+               for i, t in enumerate("abc" * 10)]
+    # Quarantined by the server (month 13 in a DateTime column).
+    odd = '{"t": "c",  "id":  1000, "at":"2024-13-01 08:00:00"}'
+    no_name = [_letter('{"id": 2000, "t": 7}', "", kind="unroutable"),
+               _letter('{"id": 2001}', "", kind="unroutable")]
+    bad_name = _letter('{"id": 2002, "t": "bad-name"}', f"{datasource}_bad-name", kind="unroutable")
+    # The data sources exist first, with a DateTime column: a first run sends one row to each.
+    _write_letters(tmp_path / "first" / "dead-letters-1.jsonl", letters[:3])
+    run_quietly(replay_dead_letters.run, ["--api_url", server.url, "--token", server.token, "--wait",
+                                          "--input", str(tmp_path / "first" / "*"),
+                                          "--dead_letter_path", str(tmp_path / "first-replayed") + "/"])
+    assert {name: count(server, name) for name in names.values()} == {name: 1 for name in names.values()}
+
+    _write_letters(tmp_path / "dl" / "dead-letters-1.jsonl",
+                   [*letters[3:], _letter(odd, names["c"]), *no_name, bad_name, _letter(None, names["a"], "unencodable")])
+    summary, printed = run_quietly(replay_dead_letters.run, [
+        "--api_url", server.url, "--token", server.token, "--wait", "--num_shards", "2",
+        "--input", str(tmp_path / "dl" / "*"), "--dead_letter_path", str(tmp_path / "replayed") + "/"])
+
+    server.flush()
+    for t, name in names.items():
+        stored = server.query(f"SELECT id, t FROM {name} ORDER BY id")
+        assert stored == [{"id": i, "t": t} for i, tt in enumerate("abc" * 10) if tt == t]  # no foreign rows
+    assert [json.loads(q["c__raw"]) for q in server.quarantined_lines(names["c"])] == [json.loads(odd)]
+    assert summary.rows_read == 32 and summary.rows_acknowledged == 28 and summary.rows_quarantined == 1
+    assert summary.dead_letters_by_kind == {"unroutable": 3, "unreplayable": 1}
+    assert summary.by_datasource[names["a"]].rows_acknowledged == 9
+    still = dead_letters_in(tmp_path / "replayed")
+    unroutable = sorted((d for d in still if d.kind == "unroutable"), key=lambda d: d.line)
+    assert [(d.line, d.datasource) for d in unroutable] == [
+        ('{"id": 2000, "t": 7}', ""), ('{"id": 2001}', ""), ('{"id": 2002, "t": "bad-name"}', f"{datasource}_bad-name")]
+    assert "data sources named by each record" in printed.splitlines()[0]
+
+    # With --datasource, every line goes there, those that named no data source too.
+    misc = f"{datasource}_misc"
+    again, _ = run_quietly(replay_dead_letters.run, [
+        "--api_url", server.url, "--token", server.token, "--wait", "--datasource", misc,
+        "--input", str(tmp_path / "replayed" / "*"), "--dead_letter_path", str(tmp_path / "replayed-2") + "/"])
+    assert sorted(r["id"] for r in server.query(f"SELECT id FROM {misc}")) == [2000, 2001, 2002]
+    assert again.dead_letters_by_kind == {"unreplayable": 1}
