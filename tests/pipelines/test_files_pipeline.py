@@ -305,3 +305,86 @@ def test_embedded_default_runs_the_sample_and_prints_the_summary(tmp_path):
     with LocalServer(data_dir=tmp_path / "tinybird-local", token="local-admin") as local:
         assert local.query("SELECT count(*) AS n FROM events") == [{"n": 9976}]
         assert local.query("SELECT count(*) AS n FROM events_quarantine") == [{"n": 20}]
+
+
+# -- a data source per row: --datasource_field ------------------------------------------------
+
+def test_datasource_field_sends_each_row_to_its_types_data_source(server, datasource, tmp_path):
+    types = ("click", "view", "purchase")
+    rows = [{"id": i, "type": types[i % 3], "n": i * 2} for i in range(300)]
+    unroutable = [{"id": 1000, "n": 0}, {"id": 1001, "type": 7}, {"id": 1002, "type": "bad-name"},
+                  {"id": 1003, "type": "x_quarantine"}]
+    lines = [json.dumps(row) for row in rows[:150] + unroutable + rows[150:]]
+    (tmp_path / "in.ndjson").write_text("\n".join(lines) + "\n")
+    prefix = f"{datasource}_"
+    dead_dir = tmp_path / "dead"
+
+    summary, printed = run_quietly(run, [
+        "--api_url", server.url, "--token", server.token, "--wait", "--num_shards", "2",
+        "--datasource_field", "type", "--datasource_prefix", prefix, "--max_batch_rows", "40",
+        "--input", str(tmp_path / "in.ndjson"), "--dead_letter_path", f"{dead_dir}/"])
+
+    server.flush()
+    for kind in types:
+        stored = server.query(f"SELECT id, type, n FROM {prefix}{kind} ORDER BY id")
+        assert stored == [row for row in rows if row["type"] == kind]  # exactly its rows, no foreign ones
+    assert summary.rows_read == 304 and summary.rows_acknowledged == 300
+    assert summary.dead_letters == 4 and summary.dead_letters_by_kind == {"unroutable": 4}
+    assert {name: (f.rows_acknowledged, f.dead_letters) for name, f in summary.by_datasource.items()
+            if f.rows_acknowledged} == {f"{prefix}{kind}": (100, 0) for kind in types}
+    letters = {json.loads(d.line)["id"]: d for d in dead_letters_in(dead_dir)}
+    assert sorted(letters) == [1000, 1001, 1002, 1003]
+    assert all(d.kind == "unroutable" and d.attempts == 0 for d in letters.values())
+    assert (letters[1000].datasource, letters[1001].datasource) == ("", "")
+    assert "KeyError" in letters[1000].message and "'type'" in letters[1000].message
+    assert "int" in letters[1001].message
+    assert letters[1002].datasource == f"{prefix}bad-name" and "must match" in letters[1002].message
+    assert letters[1003].datasource == f"{prefix}x_quarantine" and "quarantine" in letters[1003].message
+    assert printed.splitlines()[0].endswith(f"data sources from field 'type', prefixed '{prefix}' at {server.url}")
+    for kind in types:
+        assert re.search(rf"^    {prefix}{kind}\s+100\s+0$", printed, re.MULTILINE)
+
+
+def test_sample_data_by_type(server, datasource, tmp_path):
+    dead_dir = tmp_path / "dead"
+    prefix = f"{datasource}_"
+    summary, _ = run_quietly(run, [
+        "--api_url", server.url, "--token", server.token, "--wait", "--num_shards", "2",
+        "--datasource_field", "type", "--datasource_prefix", prefix, "--dead_letter_path", f"{dead_dir}/"])
+    rows, _unsendable, quarantined = _sample_facts()
+
+    for kind in sorted(set(sample.TYPES.values())):
+        mine = [row for row in rows if row["type"] == kind]
+        mine_quarantined = [row for row in quarantined if row["type"] == kind]
+        assert count(server, f"{prefix}{kind}") == len(mine) - len(mine_quarantined)
+        assert count(server, f"{prefix}{kind}_quarantine") == len(mine_quarantined)
+        assert server.query(f"SELECT DISTINCT type FROM {prefix}{kind}") == [{"type": kind}]
+        stored_ids = sorted(r["event_id"] for r in server.query(f"SELECT event_id FROM {prefix}{kind}"))
+        assert stored_ids == sorted(r["event_id"] for r in mine if r not in mine_quarantined)
+    assert summary.rows_read == 5000 and summary.rows_acknowledged == 4998 and summary.rows_quarantined == 10
+    # The two lines that are not a JSON object have no field to read: unroutable, and never sent.
+    assert summary.dead_letters_by_kind == {"unroutable": 2}
+    assert all(d.kind == "unroutable" and d.line is None and d.datasource == "" for d in dead_letters_in(dead_dir))
+
+
+def test_the_demo_by_type_on_the_embedded_server(tmp_path, monkeypatch):
+    """``./dev demo --datasource_field type``: one data source per type, each listed with what it holds."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TINYBIRD_TOKEN", raising=False)
+    summary, printed = run_quietly(run, ["--datasource_field", "type"])
+    rows, _unsendable, quarantined = _sample_facts()
+
+    held = {}
+    with LocalServer(data_dir=tmp_path / "tinybird-local", token="local-admin") as local:
+        for kind in ("pageviews", "commerce", "searches"):
+            held[kind] = local.query(f"SELECT count(*) AS n FROM {kind}")[0]["n"]
+        assert "events" not in local.datasources()
+    expected = {kind: sum(1 for r in rows if r["type"] == kind and r not in quarantined) for kind in held}
+    assert held == expected and sum(held.values()) == 4988
+    assert summary.rows_stored == 4988 and summary.dead_letters_by_kind == {"unroutable": 2}
+    for kind in held:
+        stored_quarantined = sum(1 for r in quarantined if r["type"] == kind)
+        assert f"  {kind} now holds {held[kind]:,} rows ({stored_quarantined} quarantined) in ./tinybird-local" in printed
+        assert f'-m tinybird_emulator sql --data-dir ./tinybird-local "SELECT count(*) FROM {kind}"' in printed
+    # The biggest data source first.
+    assert printed.index("  pageviews now holds") < printed.index("  commerce now holds") < printed.index("  searches now holds")
