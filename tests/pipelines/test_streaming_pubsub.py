@@ -22,6 +22,7 @@ import collections
 import datetime
 import io
 import json
+import re
 import signal
 import threading
 import time
@@ -238,6 +239,49 @@ def test_json_ndjson_bad_messages_event_times_and_a_restart_on_the_same_subscrip
     assert _summary_figures(stdout) == {"rows read": 30, "rows acknowledged": 30, "dead letters": 0}, stdout
     assert held_messages(emulator, subscription) == []
     assert len(dead_letters_in(dead_dir)) == len(letters)
+
+
+def test_datasource_field_sends_each_row_to_its_kinds_data_source(emulator, server, tmp_path):
+    """``--datasource_field kind``: three kinds of rows in one subscription, each data source exactly its rows."""
+    topic = emulator.create_topic("events-routed")
+    subscription = emulator.create_subscription("events-routed-sub", topic=topic, ack_deadline_secs=ACK_DEADLINE_SECS)
+    prefix, dead_dir = "ps_routed_", tmp_path / "dead"
+    kinds = ("click", "view", "purchase")
+    ids = {kind: set(range(1000 * k, 1000 * k + 120)) for k, kind in enumerate(kinds, 1)}
+    rows = sorted((i, kind) for kind in kinds for i in ids[kind])
+    # NDJSON messages of 10 rows, the kinds mixed in each.
+    messages = [b"\n".join(json.dumps({"id": i, "kind": kind}).encode() for i, kind in rows[k::36]) + b"\n"
+                for k in range(36)]
+    unroutable = {b'{"id": 1}': "", b'{"id": 2, "kind": 5}': "", b'{"id": 3, "kind": "bad-name"}': f"{prefix}bad-name"}
+    messages += list(unroutable)
+    args = ["--api_url", server.url, "--token", server.token, "--datasource_field", "kind",
+            "--datasource_prefix", prefix, "--wait", "--num_shards", "2", "--max_buffering_secs", "1",
+            "--window_secs", str(WINDOW_SECS), "--dead_letter_path", str(dead_dir) + "/",
+            "--input_subscription", subscription]
+
+    job = _start(emulator, args, tmp_path / "run")
+    # The ticks (kind "tick", to their own data source) keep Beam's pulls returning, so its timers run.
+    with Trickle(emulator, topic, first_id=TICK_IDS_FROM) as trickle:
+        emulator.publish(topic, messages)
+        wait_for(lambda: all(ids[kind] <= set(_stored(server, prefix + kind)) for kind in kinds)
+                 and len(dead_letters_in(dead_dir)) >= 3, timeout_secs=JOB_DEADLINE_SECS,
+                 what="each kind's rows in its data source and the 3 unroutable rows in files")
+    stdout = _stop(job, signal.SIGINT)
+
+    for kind in kinds:
+        stored = _stored(server, prefix + kind)
+        assert set(stored) == ids[kind] and set(stored.values()) == {1}, (kind, stored)  # its rows, once each
+        server.flush()
+        assert server.query(f"SELECT DISTINCT kind FROM {prefix}{kind}") == [{"kind": kind}]  # no foreign rows
+    ticks = _stored(server, prefix + "tick")
+    assert set(ticks) == set(trickle.ids) and set(ticks.values()) == {1}
+    letters = dead_letters_in(dead_dir)
+    assert sorted((d.line.encode(), d.datasource) for d in letters) == sorted(unroutable.items())
+    assert {d.kind for d in letters} == {"unroutable"}
+    assert _summary_figures(stdout) == {"rows read": len(rows) + len(trickle.ids) + 3,
+                                        "rows acknowledged": len(rows) + len(trickle.ids), "dead letters": 3}, stdout
+    for kind in kinds:
+        assert re.search(rf"^    {prefix}{kind}\s+120\s+0$", stdout, re.MULTILINE), stdout
 
 
 def _held_once_leases_end(emulator: PubSubEmulator, subscription: str, expected: list[bytes]) -> list[bytes]:
