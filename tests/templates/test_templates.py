@@ -30,11 +30,14 @@ OPTIONS = {
 }
 STREAMING = {"streaming_to_tinybird"}
 # Values Dataflow cannot do without: there is no local server and no sample data on Dataflow.
+# (datasource or datasource_field: the pipeline refuses a launch with neither or both.)
 REQUIRED = {
-    "files_to_tinybird": {"input", "datasource", "api_url"},
-    "streaming_to_tinybird": {"datasource", "api_url"},
-    "replay_dead_letters": {"input", "datasource", "api_url", "dead_letter_path"},
+    "files_to_tinybird": {"input", "api_url"},
+    "streaming_to_tinybird": {"api_url"},
+    "replay_dead_letters": {"input", "api_url", "dead_letter_path"},
 }
+ROUTED = {"files_to_tinybird", "streaming_to_tinybird"}
+"""The templates with datasource_field and datasource_prefix (the replay routes by each record)."""
 PARAM_TYPES = {"TEXT", "GCS_READ_FILE", "GCS_WRITE_FOLDER", "PUBSUB_SUBSCRIPTION", "PUBSUB_TOPIC"}
 
 # name -> (values the regexes must accept, values they must refuse)
@@ -44,6 +47,8 @@ EXAMPLES = {
     "format": (["auto", "ndjson", "json", "csv", "avro", "parquet"], ["", "xml", "NDJSON", "csv "]),
     "datasource": (["events", "web_events_v2", "_tmp", "e" * 100, "quarantine_log"],
                    ["", "2events", "web-events", "a b", "e" * 101, "events_quarantine"]),
+    "datasource_field": (["type", "event_type", "kind"], ["", "two words", "a\nb", " "]),
+    "datasource_prefix": (["events_", "ev", "_x", "p" * 99], ["", "1st_", "web-", "a b", "p" * 100]),
     "api_url": (["https://api.tinybird.co", "https://api.us-east.aws.tinybird.co", "https://tb.example.com/"],
                 ["", "http://api.tinybird.co", "api.tinybird.co", "https://api.tinybird.co?token=x",
                  "https://a b"]),
@@ -82,6 +87,8 @@ STRICTER_IN_TEMPLATE = {
     ("max_buffering_secs", "1e3"): "a command line takes any float spelling",
     ("dead_letter_path", "dead-letters/"): "templates write to Cloud Storage; a command line may write locally",
     ("dead_letter_path", "/tmp/dl"): "templates write to Cloud Storage; a command line may write locally",
+    ("datasource_field", "two words"): "a command line takes any field name (a JSON key may hold a space)",
+    ("datasource_prefix", ""): "an empty --datasource_prefix is no prefix on a command line",
 }
 
 
@@ -165,13 +172,20 @@ def test_values_the_template_accepts_are_accepted_by_the_pipeline(name):
     """What passes Dataflow's regexes must not fail later, when the job starts."""
     for parameter in _metadata(name)["parameters"]:
         for value in EXAMPLES[parameter["name"]][0]:
-            argv = [f"--{parameter['name']}={value}"]
+            argv = [f"--{parameter['name']}={value}", *_destination_besides(parameter["name"])]
             if parameter["name"] == "token" or parameter["name"] == "token_secret":
                 argv.append("--api_url=https://api.tinybird.co")
-            if parameter["name"] != "datasource":
-                argv.append("--datasource=events")
             options = OPTIONS[name](argv)
             SinkConfig.from_options(options)
+
+
+def _destination_besides(parameter: str) -> list[str]:
+    """What a launch needs besides ``parameter`` to name where rows go (datasource or datasource_field)."""
+    if parameter in ("datasource", "datasource_field"):
+        return []
+    if parameter == "datasource_prefix":
+        return ["--datasource_field=type"]
+    return ["--datasource=events"]
 
 
 def _sink_option_names() -> set[str]:
@@ -201,11 +215,9 @@ def test_values_the_template_refuses_are_refused_by_the_sink(name, capsys):
         for value in EXAMPLES[parameter["name"]][1]:
             if (parameter["name"], value) in STRICTER_IN_TEMPLATE:
                 continue
-            argv = [f"--{parameter['name']}={value}"]
+            argv = [f"--{parameter['name']}={value}", *_destination_besides(parameter["name"])]
             if parameter["name"] != "api_url":
                 argv.append("--api_url=https://api.tinybird.co")
-            if parameter["name"] != "datasource":
-                argv.append("--datasource=events")
             assert _pipeline_refuses(OPTIONS[name], argv), (name, parameter["name"], value)
     capsys.readouterr()
 
@@ -236,6 +248,27 @@ def test_documented_defaults_are_the_pipelines_and_the_sinks(name):
             "dead_letter_format", "max_dead_letter_ratio"} <= set(documented)
     for parameter, text in documented.items():
         assert text == _as_parameter(defaults[parameter]), (name, parameter)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_datasource_field_and_prefix_where_rows_name_their_data_source(name):
+    from pipelines._options import DATASOURCE_PREFIX_PATTERN
+
+    parameters = {p["name"]: p for p in _metadata(name)["parameters"]}
+    assert parameters["datasource"]["isOptional"] is True
+    if name not in ROUTED:
+        assert not {"datasource_field", "datasource_prefix"} & set(parameters)
+        assert "each line goes back to the data source its dead-letter record names" in parameters["datasource"]["helpText"]
+        return
+    names = list(parameters)
+    assert names[names.index("datasource"):names.index("datasource") + 3] == [
+        "datasource", "datasource_field", "datasource_prefix"]
+    assert parameters["datasource_field"]["isOptional"] is parameters["datasource_prefix"]["isOptional"] is True
+    assert parameters["datasource_prefix"]["regexes"] == [DATASOURCE_PREFIX_PATTERN]
+    assert "Give datasource or datasource_field, not both" in parameters["datasource_field"]["helpText"]
+    # Neither, or both: passed by Dataflow's regexes, refused by the pipeline before the job starts.
+    for argv in ([], ["--datasource=events", "--datasource_field=type"]):
+        assert _pipeline_refuses(OPTIONS[name], ["--api_url=https://api.tinybird.co", *argv]), argv
 
 
 def test_token_secret_regex_is_the_sinks():
@@ -317,7 +350,8 @@ def test_files_template_as_the_launcher_runs_it(tmp_path):
             "dead_letter_path": str(tmp_path / "dead") + "/", "dead_letter_format": "avro",
             "max_dead_letter_ratio": "0",
         }
-        assert set(parameters) | {"token", "token_secret"} == set(_option_names(OPTIONS["files_to_tinybird"]))
+        assert set(parameters) | {"token", "token_secret", "datasource_field", "datasource_prefix"} == set(
+            _option_names(OPTIONS["files_to_tinybird"]))
         result = subprocess.run(
             [sys.executable, str(TEMPLATES / "files_to_tinybird" / "main.py"),
              *(f"--{k}={v}" for k, v in parameters.items()), "--runner=FnApiRunner"],
@@ -328,3 +362,26 @@ def test_files_template_as_the_launcher_runs_it(tmp_path):
         assert server.query("SELECT count(*) AS n FROM launched") == [{"n": 20}]
         assert re.search(r"^  requests \(retries\)\s+3\s", result.stdout, re.MULTILINE)  # 7 + 7 + 6 rows
         assert server.token not in result.stdout + result.stderr
+
+
+def test_files_template_routing_by_field_as_the_launcher_runs_it(tmp_path):
+    """datasource_field and datasource_prefix as launch parameters: each type in its own data source."""
+    from tinybird_emulator import LocalServer
+
+    types = ("a", "b", "c")
+    (tmp_path / "in.ndjson").write_text("".join(json.dumps({"id": i, "type": types[i % 3]}) + "\n" for i in range(30)))
+    with LocalServer(data_dir=tmp_path / "tb", rate_limit_rps=None) as server:
+        parameters = {
+            "input": str(tmp_path / "*.ndjson"), "datasource_field": "type", "datasource_prefix": "launched_",
+            "api_url": server.url, "token_env": "LAUNCHER_TB_TOKEN", "wait": "true", "num_shards": "2",
+        }
+        result = subprocess.run(
+            [sys.executable, str(TEMPLATES / "files_to_tinybird" / "main.py"),
+             *(f"--{k}={v}" for k, v in parameters.items()), "--runner=FnApiRunner"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=240,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "LAUNCHER_TB_TOKEN": server.token})
+        assert result.returncode == 0, result.stderr[-3000:]
+        server.flush()
+        for kind in types:
+            assert server.query(f"SELECT id FROM launched_{kind} ORDER BY id") == [
+                {"id": i} for i in range(30) if types[i % 3] == kind]
