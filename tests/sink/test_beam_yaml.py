@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import apache_beam as beam
+import pytest
 from shared_testlib import TOKEN
 
 from sinks.tinybird import DeadLetter, WriteToTinybird, WriteToTinybirdResult
@@ -24,12 +25,21 @@ _OVERSIZE_ID = 999
 _OVERSIZE_BYTES = 8 * 1024 * 1024 + 100  # over the default max_batch_bytes (8 MiB)
 
 
-def _readme_yaml() -> str:
-    """The YAML block of README.md's "Beam YAML" section, as a user would copy it."""
+def _readme_yaml(index: int = 0) -> str:
+    """A YAML block of README.md's "Beam YAML" section (the first, or the one by field), as a user would copy it."""
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("\n## Beam YAML\n", 1)[1].split("\n## ", 1)[0]
-    (block,) = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
-    return block
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) == 2
+    return blocks[index]
+
+
+def _run_yaml(pipeline_file: Path, variables: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "apache_beam.yaml.main", f"--yaml_pipeline_file={pipeline_file}",
+         "--runner=FnApiRunner", f"--jinja_variables={json.dumps(variables)}"],
+        cwd=cwd, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TINYBIRD_TOKEN": TOKEN})
 
 
 def test_the_result_is_its_named_outputs():
@@ -58,11 +68,7 @@ def test_the_readme_yaml_pipeline_stores_every_row_and_writes_its_dead_letters(s
     variables = {"input": str(source), "datasource": datasource, "api_url": server.url,
                  "dead_letters": str(tmp_path / "dead-letters" / "undelivered")}
 
-    result = subprocess.run(
-        [sys.executable, "-m", "apache_beam.yaml.main", f"--yaml_pipeline_file={pipeline_file}",
-         "--runner=FnApiRunner", f"--jinja_variables={json.dumps(variables)}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TINYBIRD_TOKEN": TOKEN})
+    result = _run_yaml(pipeline_file, variables, tmp_path)
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert TOKEN not in result.stdout + result.stderr
@@ -76,3 +82,48 @@ def test_the_readme_yaml_pipeline_stores_every_row_and_writes_its_dead_letters(s
     assert record["kind"] == "oversize"
     assert record["message"].startswith("the encoded row is ") and "over max_batch_bytes=8388608" in record["message"]
     assert json.loads(record["line"]) == {"id": _OVERSIZE_ID, "name": "x" * _OVERSIZE_BYTES}
+
+
+def test_the_readme_yaml_pipeline_by_field_sends_each_type_to_its_data_source(server, datasource, tmp_path):
+    types = ("click", "view", "purchase")
+    source = tmp_path / "events.ndjson"
+    with source.open("w") as out:
+        for i in range(_GOOD_ROWS * 3):
+            out.write(json.dumps({"id": i, "type": types[i % 3], "name": f"user {i}"}) + "\n")
+        out.write(json.dumps({"id": 1000, "type": None, "name": "no type"}) + "\n")
+        out.write(json.dumps({"id": 1001, "type": "bad-name", "name": "bad name"}) + "\n")
+    pipeline_file = tmp_path / "by_field.yaml"
+    pipeline_file.write_text(_readme_yaml(1))
+    prefix = f"{datasource}_"
+    variables = {"input": str(source), "prefix": prefix, "api_url": server.url,
+                 "dead_letters": str(tmp_path / "dead-letters" / "undelivered")}
+
+    result = _run_yaml(pipeline_file, variables, tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    server.flush()
+    for kind in types:
+        stored = server.query(f"SELECT id, type, name FROM {prefix}{kind} ORDER BY id", token=TOKEN)
+        assert stored == [{"id": i, "type": kind, "name": f"user {i}"} for i in range(_GOOD_ROWS * 3)
+                          if types[i % 3] == kind]
+    files = sorted((tmp_path / "dead-letters").glob("undelivered*"))
+    records = sorted((json.loads(line) for path in files for line in path.read_text().splitlines() if line.strip()),
+                     key=lambda r: json.loads(r["line"])["id"])
+    assert [(json.loads(r["line"])["id"], r["kind"], r["datasource"]) for r in records] == [
+        (1000, "unroutable", ""), (1001, "unroutable", f"{prefix}bad-name")]
+    assert "NoneType" in records[0]["message"] and "must match" in records[1]["message"]
+
+
+def test_write_to_tinybird_by_field_builds_the_sink_with_datasource_from_field():
+    from sinks.tinybird import DatasourceFromField, WriteToTinybirdByField
+
+    sink = WriteToTinybirdByField(datasource_field="type", datasource_prefix="ev_", token="t",
+                                  api_url="http://127.0.0.1:9")
+    assert isinstance(sink, WriteToTinybird)
+    assert sink._datasource == DatasourceFromField("type", prefix="ev_")  # pylint: disable=protected-access
+    with pytest.raises(TypeError, match="not datasource"):
+        WriteToTinybirdByField(datasource_field="type", datasource="events", token="t")
+    with pytest.raises(ValueError, match=r"datasource_prefix must be letters, digits and _.*'9x'"):
+        WriteToTinybirdByField(datasource_field="type", datasource_prefix="9x", token="t")
+    with pytest.raises(ValueError, match="field must be a non-empty str"):
+        WriteToTinybirdByField(datasource_field="", token="t")
