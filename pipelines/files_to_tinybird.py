@@ -1,6 +1,7 @@
 """Files to Tinybird: a batch job that reads files and appends their records to a data source.
 
     python -m pipelines.files_to_tinybird                       # the sample data, local server
+    python -m pipelines.files_to_tinybird --datasource_field type   # the same, a data source per type
     python -m pipelines.files_to_tinybird --input 'data/*.parquet' --datasource events \\
         --api_url https://api.tinybird.co --token_env TINYBIRD_TOKEN \\
         --dead_letter_path gs://bucket/dead-letters/ --runner DataflowRunner ...
@@ -18,7 +19,10 @@ Formats, chosen by ``--format`` or from the extension of ``--input``:
   become base64 text (JSON has no bytes).
 
 A record that is not one JSON object (a truncated line, a CSV row with too many
-values) is dead-lettered with the reason, never dropped.
+values) is dead-lettered with the reason, never dropped. With
+``--datasource_field FIELD`` (and ``--datasource_prefix``) instead of
+``--datasource``, each record goes to the data source its field names; one
+that names none is dead-lettered as ``unroutable``.
 Without ``--api_url`` the job starts the local Events API server itself (data in
 ``./tinybird-local/``), writes dead letters to ``./dead-letters/``, and without
 ``--input`` reads the sample data set shipped in ``pipelines/sample_data/``.

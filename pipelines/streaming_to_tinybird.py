@@ -9,6 +9,9 @@ A message holds one JSON object (compact or pretty-printed) or several as
 NDJSON lines. Messages are not parsed here: the sink validates each one as it
 encodes it, and one that is not a JSON object (invalid JSON, an array, bytes
 that are not UTF-8) becomes a dead letter with the reason, never a loss.
+With ``--datasource_field FIELD`` (and ``--datasource_prefix``) instead of
+``--datasource``, each row goes to the data source its field names, batched
+per window and data source; a row that names none is dead-lettered as ``unroutable``.
 Reading Pub/Sub needs the ``gcp`` extra. The body of the job is :func:`build`,
 which takes a ``PCollection`` of message bytes (tests feed it a ``TestStream``).
 
