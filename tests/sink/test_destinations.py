@@ -265,3 +265,45 @@ def test_one_client_posts_to_each_named_data_source_paced_by_its_own_limiter(ser
         client.close()
     for kind in _TYPES:
         assert _rows(server, f"{datasource}_{kind}") == [{"id": 1, "type": kind}]
+
+
+# -- the in-bundle step, driven directly ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_in_a_bundle_every_line_leaves_once_under_its_data_source_however_buffers_are_evicted(seed):
+    """Many data sources, few open buffers, small batches: each line leaves exactly once, with its
+    data source, in a full batch or a chunk; never more open buffers than the bound."""
+    import random
+
+    from apache_beam.transforms.core import Windowing
+    from apache_beam.transforms.window import GlobalWindows
+    from apache_beam.utils.timestamp import Timestamp
+
+    from sinks.tinybird._batching import FULL_TAG, BatchLimits, Chunk, WindowKey, encoder_for
+
+    rng = random.Random(seed)
+    sources = [f"ds_{i}" for i in range(rng.choice((2, 5, 40)))]
+    limits = BatchLimits(max_batch_bytes=rng.choice((64, 300, 5000)), max_batch_rows=rng.choice((3, 50, 1000)),
+                         max_buffering_secs=5, num_shards=2, max_windows_per_bundle=rng.choice((1, 3, 10)))
+    encoder = encoder_for(GlobalWindows(), bounded=True)(
+        datasource=DatasourceFromField("to"), limits=limits, windowing=Windowing(GlobalWindows()))
+    encoder.setup()
+    encoder.start_bundle()
+    elements = [{"id": i, "to": rng.choice(sources)} for i in range(3000)]
+    outputs = []
+    for element in elements:
+        outputs += encoder.process(element, timestamp=Timestamp(0)) or ()
+        assert len(encoder._buffers._buffers) <= limits.max_windows_per_bundle
+    outputs += list(encoder.finish_bundle())
+    left: list[tuple[str, dict]] = []
+    for out in outputs:
+        if getattr(out, "tag", None) == FULL_TAG:
+            batch = out.value.value
+            datasource, payload = batch[5], batch[1]
+        else:
+            key, chunk = out.value
+            datasource, payload = WindowKey(*key).datasource, Chunk(*chunk).payload
+        left += [(datasource, orjson.loads(line)) for line in payload.splitlines()]
+    assert sorted((d, e["id"]) for d, e in left) == sorted((e["to"], e["id"]) for e in elements)
+    assert all(d == e["to"] for d, e in left)
