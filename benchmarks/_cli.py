@@ -217,11 +217,15 @@ class _Bench:
             quarantined=checked.quarantined, counted=counted, ok=problem is None, problem=problem)
 
     def _check_counted(self, datasource: str, events: int) -> _Checked:
-        counts = self.endpoint.counts().get(datasource, {})
-        by_status: dict[str, int] = counts.get("by_status", {})
+        # The run's data source, and those it routes to (``<datasource>__<suffix>``), added up:
+        # every line once in one of them, whichever.
+        sources = [c for name, c in self.endpoint.counts().items()
+                   if name == datasource or name.startswith(f"{datasource}__")]
+        statuses = [(s, n) for c in sources for s, n in c.get("by_status", {}).items()]
         return _Checked(
-            requests=sum(by_status.values()), non_2xx=sum(n for s, n in by_status.items() if not s.startswith("2")),
-            lines=counts.get("lines", 0), checksum_ok=counts.get("checksum", 0) == self.data.checksum_of(events))
+            requests=sum(n for _, n in statuses), non_2xx=sum(n for s, n in statuses if not s.startswith("2")),
+            lines=sum(c.get("lines", 0) for c in sources),
+            checksum_ok=sum(c.get("checksum", 0) for c in sources) == self.data.checksum_of(events))
 
     def _check_local(self, datasource: str) -> _Checked:
         assert self.server is not None

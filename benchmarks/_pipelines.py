@@ -12,6 +12,7 @@ Prism runner from github.com.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -167,9 +168,10 @@ def baseline_streaming(spec: RunSpec) -> Timed:
 
 
 def _sink(spec: RunSpec, *, compression: str | None, **kwargs: Any) -> WriteToTinybird:
+    kwargs.setdefault("datasource", spec.datasource)
     return WriteToTinybird(
-        datasource=spec.datasource, token=spec.token, api_url=spec.api_url,
-        compression=compression, max_batch_bytes=spec.max_batch_bytes, **kwargs)
+        token=spec.token, api_url=spec.api_url, compression=compression, max_batch_bytes=spec.max_batch_bytes,
+        **kwargs)
 
 
 def _sink_bounded(spec: RunSpec, compression: str | None) -> Timed:
@@ -191,13 +193,40 @@ def sink_gzip(spec: RunSpec) -> Timed:
     return _sink_bounded(spec, "gzip")
 
 
-def sink_streaming(spec: RunSpec) -> Timed:
+def sink_zstd_3_destinations(spec: RunSpec) -> Timed:
+    """As ``sink_zstd``, each event to one of three data sources by its ``device`` (a field of five
+    values, mapped to three names): batches per data source, one client."""
+    def build(p):
+        bounded_source(p, spec) | "WriteToTinybird" >> _sink(
+            spec, compression="zstd", datasource=_ThreeDestinations(spec.datasource))
+
+    return timed_pipeline(streaming=False, build=build)
+
+
+def sink_streaming(spec: RunSpec, *, datasource: Any = None) -> Timed:
     """WriteToTinybird on an unbounded PCollection: the stateful ``_BatchDoFn`` path."""
     chunks = stream_chunks(spec)
+    routing = {} if datasource is None else {"datasource": datasource}
 
     def build(p):
         source = streaming_source(p, chunks, spec.data_path)
         assert not source.is_bounded
-        source | "WriteToTinybird" >> _sink(spec, compression="zstd", clock=_zero_clock)
+        source | "WriteToTinybird" >> _sink(spec, compression="zstd", clock=_zero_clock, **routing)
 
     return timed_pipeline(streaming=True, build=build)
+
+
+def sink_streaming_3_destinations(spec: RunSpec) -> Timed:
+    return sink_streaming(spec, datasource=_ThreeDestinations(spec.datasource))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ThreeDestinations:
+    """Routes by the event's ``device`` (five values) to three data sources: ``<datasource>__ios``,
+    ``<datasource>__android`` and ``<datasource>__desktop`` (the counting endpoint adds them up)."""
+
+    datasource: str
+
+    def __call__(self, event: dict) -> str:
+        device = event["device"]
+        return f"{self.datasource}__{device if device in ('ios', 'android') else 'desktop'}"

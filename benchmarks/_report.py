@@ -236,6 +236,10 @@ def evaluate_targets(summaries: Sequence[Summary], *, max_batch_bytes: int) -> l
         if "peer_a_post_each" in by_name and sink in by_name:
             ratio(sink, "peer_a_post_each", 30.0, f"{sink} / (a) post per element events/s",
                   note=f"rates on {by_name[sink].events:,} vs {by_name['peer_a_post_each'].events:,} events")
+    # Issue 23: three data sources cost at most 10% over one.
+    ratio("sink_zstd_3_destinations", "sink_zstd", 0.9, "sink_zstd_3_destinations / sink_zstd events/s")
+    ratio("sink_streaming_3_destinations", "sink_streaming", 0.9,
+          "sink_streaming_3_destinations / sink_streaming events/s")
     ratio("sink_streaming", "peer_c_gib_streaming", 5.0,
           "sink_streaming / (c) GroupIntoBatches streaming events/s")
     if "sink_streaming" in by_name and "peer_c_gib" in by_name:

@@ -8,6 +8,7 @@
 See :class:`WriteToTinybird` for batching, retries, dead letters and every option.
 """
 
+from sinks.tinybird._routing import DatasourceFromField
 from sinks.tinybird._transform import WriteToTinybird, WriteToTinybirdResult
 from sinks.tinybird.dead_letters import (
     DeadLetter,
@@ -19,6 +20,7 @@ from sinks.tinybird.dead_letters import (
 from sinks.tinybird.retry import RetryPolicy
 
 __all__ = [
+    "DatasourceFromField",
     "DeadLetter",
     "DeadLetterKind",
     "DeliveryError",

@@ -26,6 +26,11 @@ def _text(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a str, got {_describe(value)}")
 
 
+def _text_or_callable(name: str, value: object) -> None:
+    if not isinstance(value, str) and not callable(value):
+        raise TypeError(f"{name} must be a str or a callable (element -> str), got {_describe(value)}")
+
+
 def _optional_text(name: str, value: object) -> None:
     if value is not None and not isinstance(value, str):
         raise TypeError(f"{name} must be a str or None, got {_describe(value)}")
@@ -68,7 +73,7 @@ def _token(name: str, value: object) -> None:
 
 
 CHECKS: Mapping[str, _Check] = {
-    "datasource": _text,
+    "datasource": _text_or_callable,
     "token": _token,
     "token_env": _text,
     "token_secret": _optional_text,

@@ -37,7 +37,7 @@ import array
 import dataclasses
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -51,6 +51,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from sinks.tinybird._encoding import EncodingError, element_repr, encode_element
 from sinks.tinybird._metrics import SinkMetrics
+from sinks.tinybird._routing import Router, Unroutable
 from sinks.tinybird.dead_letters import DeadLetter, DeadLetterKind, iso_utc, window_text
 
 DEAD_LETTERS_TAG = "dead_letters"
@@ -71,29 +72,31 @@ class Chunk(NamedTuple):
 
 
 class WindowKey(NamedTuple):
-    """Where a chunk belongs: a shard of one window (deterministically encodable).
+    """Where a chunk belongs: a shard of one window of one data source (deterministically encodable).
 
     ``window`` is the window as text (as dead letters show it), ``window_bytes``
     the window encoded with the input's window coder (so a dead letter can be
     put back in its window). For merging windows of bounded input the key holds
-    the shard alone (the rest empty) and the chunk travels in its window, which
-    the ``GroupByKey`` merges.
+    the shard and data source alone (the rest empty) and the chunk travels in
+    its window, which the ``GroupByKey`` merges.
     """
 
     shard: int
     window_max_micros: int
     window: str
     window_bytes: bytes
+    datasource: str
 
 
 class Batch(NamedTuple):
-    """One request's worth of lines, their window, and each line's timestamp."""
+    """One request's worth of lines, their window and data source, and each line's timestamp."""
 
     window: str
     payload: bytes
     rows: int
     window_bytes: bytes
     timestamps: bytes
+    datasource: str
 
 
 # The types Beam sees. Keys, chunks and batches travel as plain tuples of these
@@ -101,11 +104,11 @@ class Batch(NamedTuple):
 # construction, and how it infers a GroupByKey's output over NamedTuple keys and
 # values differs between releases (2.78 gives plain tuples); plain tuples also get
 # Beam's cheap deterministic TupleCoder rather than a row or pickle coder.
-KEY_HINT = tuple[int, int, str, bytes]
+KEY_HINT = tuple[int, int, str, bytes, str]
 CHUNK_HINT = tuple[bytes, int, bytes]
 KEYED_CHUNK_HINT = tuple[KEY_HINT, CHUNK_HINT]
 GROUPED_CHUNKS_HINT = tuple[KEY_HINT, Iterable[CHUNK_HINT]]
-BATCH_HINT = tuple[str, bytes, int, bytes, bytes]
+BATCH_HINT = tuple[str, bytes, int, bytes, bytes, str]
 # A dead letter on its way to the user's windowing: the record and its window,
 # encoded with the input's window coder; the element's timestamp is the value's own.
 WINDOWED_DEAD_LETTER_HINT = tuple[DeadLetter, bytes]
@@ -242,6 +245,14 @@ def _oversize(line: bytes, max_bytes: int) -> _Refusal:
     return _Refusal(DeadLetterKind.OVERSIZE, message, line.decode("utf-8"), None)
 
 
+def _unroutable(element, unroutable: Unroutable, max_bytes: int) -> _Refusal:
+    """For an element without a data source: its line when it has one that fits (a replay can send it)."""
+    line = _line_or_refusal(element, max_bytes)
+    if isinstance(line, bytes):
+        return _Refusal(DeadLetterKind.UNROUTABLE, unroutable.message, line.decode("utf-8"), None)
+    return _Refusal(DeadLetterKind.UNROUTABLE, unroutable.message, line.line, line.element)
+
+
 def _line_or_refusal(element, max_bytes: int) -> bytes | _Refusal:
     try:
         line = encode_element(element)
@@ -262,23 +273,27 @@ class _MergeContext(WindowFn.MergeContext):
 
 
 class _BundleBuffers:
-    """One bundle's open buffers, one per window, and the outputs that leave them.
+    """One bundle's open buffers, one per window and data source, and the outputs that leave them.
 
-    A buffer leaves as a full :class:`Batch` on ``FULL_TAG`` as soon as the next
-    line would not fit or it holds ``max_batch_rows`` (with ``full_to_merge``,
-    as a ``(WindowKey, Chunk)`` on the main output instead, with the line that
-    did not fit: a chunk over a limit, which the merge step cuts at once). When
-    a line opens a buffer past ``max_windows_per_bundle``, the least recently
-    used buffer leaves as a chunk; :meth:`drain` hands what is left as chunks.
+    A buffer is known by its *slot*, ``(datasource, window)``. It leaves as a
+    full :class:`Batch` on ``FULL_TAG`` as soon as the next line would not fit
+    or it holds ``max_batch_rows`` (with ``full_to_merge``, as a ``(WindowKey,
+    Chunk)`` on the main output instead, with the line that did not fit: a
+    chunk over a limit, which the merge step cuts at once). When a line opens
+    a buffer past ``max_windows_per_bundle`` (open buffers of every window and
+    data source), the least recently used buffer leaves as a chunk;
+    :meth:`drain` hands what is left as chunks.
 
     Outputs are ``WindowedValue`` s in the global window, their own window kept
     in the key, except with ``keep_windows`` (merging windows of bounded
     input): chunks then travel in their own window under a key of the shard
-    alone, so that a ``GroupByKey`` merges them as Beam merges windows.
+    and data source alone, so that a ``GroupByKey`` merges them as Beam merges
+    windows.
 
     With a merging ``windowfn`` the buffers of a bundle are merged as Beam would
-    merge their windows: a session of 500 rows in one bundle is one buffer, not
-    500 (before a ``GroupByKey`` every element is in its own unmerged window).
+    merge their windows (each data source's apart): a session of 500 rows in
+    one bundle is one buffer, not 500 (before a ``GroupByKey`` every element is
+    in its own unmerged window).
     """
 
     __slots__ = ("_buffers", "_full_to_merge", "_keep_windows", "_max_bytes", "_max_rows",
@@ -294,28 +309,28 @@ class _BundleBuffers:
         self._window_coder = window_coder
         self._merging = merging_windowfn
         self._keep_windows = keep_windows
-        self._buffers: dict[Any, _WindowBuffer] = {}
+        self._buffers: dict[tuple[str, Any], _WindowBuffer] = {}
         # A use count: each line stamps its buffer, and an eviction (rare) looks for the oldest stamp.
         self._uses = 0
         self._shard = random.randrange(limits.num_shards)
 
-    def get(self, window) -> _WindowBuffer | None:
-        """The window's open buffer, if any (appending a line that fits is the caller's right)."""
-        return self._buffers.get(window)
+    def get(self, slot: tuple[str, Any]) -> _WindowBuffer | None:
+        """The slot's open buffer, if any (appending a line that fits is the caller's right)."""
+        return self._buffers.get(slot)
 
-    def add(self, window, line: bytes, timestamp_micros: int) -> list | None:
-        """Adds a line (that fits in a batch) to its window's buffer; returns what leaves, if anything."""
+    def add(self, slot: tuple[str, Any], line: bytes, timestamp_micros: int) -> list | None:
+        """Adds a line (that fits in a batch) to its ``(datasource, window)`` buffer; returns what leaves, if anything."""
         buffers = self._buffers
-        buffer = buffers.get(window)
+        buffer = buffers.get(slot)
         out: list | None = None
         if buffer is None:
             if self._merging is not None:
-                window, buffer, out = self._merge_into(window)
+                slot, buffer, out = self._merge_into(slot)
             if buffer is None:
                 if len(buffers) >= self._max_windows:
                     out = out or []
                     out.append(self._evict())
-                buffer = buffers[window] = _WindowBuffer()
+                buffer = buffers[slot] = _WindowBuffer()
         self._uses += 1
         buffer.used = self._uses
         if len(buffer.data) + len(line) + 1 > self._max_bytes and buffer.rows:
@@ -324,42 +339,44 @@ class _BundleBuffers:
                 # chunk over the limit and cuts the full batch at once.
                 buffer.append(line, timestamp_micros)
                 out = out or []
-                out.append(self._leave(window, as_chunk=True))
+                out.append(self._leave(slot, as_chunk=True))
                 return out
             # Checked before adding, so that no batch is over the limit.
             out = out or []
-            out.append(self._leave(window, as_chunk=False))
-            buffer = buffers[window] = _WindowBuffer()
+            out.append(self._leave(slot, as_chunk=False))
+            buffer = buffers[slot] = _WindowBuffer()
         buffer.append(line, timestamp_micros)
         if buffer.rows >= self._max_rows:
             out = out or []
-            out.append(self._leave(window, as_chunk=self._full_to_merge))
+            out.append(self._leave(slot, as_chunk=self._full_to_merge))
         return out
 
-    def _merge_into(self, window) -> tuple[Any, _WindowBuffer | None, list | None]:
-        """Merges a new window with the open ones as the window function says.
+    def _merge_into(self, slot: tuple[str, Any]) -> tuple[tuple[str, Any], _WindowBuffer | None, list | None]:
+        """Merges a new window with the data source's open ones as the window function says.
 
-        Returns the window the line goes to, its buffer (None: a new one is
+        Returns the slot the line goes to, its buffer (None: a new one is
         needed) and the chunks of a merged buffer over a limit (the merge step
         cuts them).
         """
-        context = _MergeContext([*self._buffers, window])
+        datasource, window = slot
+        context = _MergeContext([*(w for ds, w in self._buffers if ds == datasource), window])
         self._merging.merge(context)
-        target, target_buffer, out = window, None, None
+        target, target_buffer, out = slot, None, None
         for to_merge, result in context.merges:
             merged = _WindowBuffer()
             for merged_window in to_merge:
-                old = self._buffers.pop(merged_window, None)
+                old = self._buffers.pop((datasource, merged_window), None)
                 if old is not None:
                     merged.extend(old)
+            result_slot = (datasource, result)
             if window in to_merge:
-                target = result
+                target = result_slot
                 target_buffer = merged
-            self._buffers[result] = merged
+            self._buffers[result_slot] = merged
             if len(merged.data) >= self._max_bytes or merged.rows >= self._max_rows:
                 out = out or []
-                out.append(self._leave(result, as_chunk=True))
-                if target is result:
+                out.append(self._leave(result_slot, as_chunk=True))
+                if target == result_slot:
                     target_buffer = None
         if target_buffer is not None and not target_buffer.rows:
             # The new window merged with nothing open: an empty buffer is as good as none.
@@ -376,20 +393,22 @@ class _BundleBuffers:
         while self._buffers:
             yield self._leave(next(iter(self._buffers)), as_chunk=True)
 
-    def _leave(self, window, *, as_chunk: bool) -> beam.pvalue.TaggedOutput | WindowedValue:
-        """Removes the window's buffer and returns it as a full batch (on FULL_TAG) or a chunk for the merge step."""
+    def _leave(self, slot: tuple[str, Any], *, as_chunk: bool) -> beam.pvalue.TaggedOutput | WindowedValue:
+        """Removes the slot's buffer and returns it as a full batch (on FULL_TAG) or a chunk for the merge step."""
+        datasource, window = slot
         window_bytes = self._window_coder.encode(window)
-        buffer = self._buffers.pop(window)
+        buffer = self._buffers.pop(slot)
         timestamps = buffer.timestamps
         timestamp = Timestamp(micros=min(timestamps))
         if not as_chunk:
-            batch = Batch(window_text(window), bytes(buffer.data), buffer.rows, window_bytes, timestamps.tobytes())
+            batch = Batch(window_text(window), bytes(buffer.data), buffer.rows, window_bytes, timestamps.tobytes(),
+                          datasource)
             return beam.pvalue.TaggedOutput(FULL_TAG, WindowedValue(batch, timestamp, _GLOBAL_WINDOWS))
         self._shard = (self._shard + 1) % self._num_shards
         chunk = Chunk(bytes(buffer.data), buffer.rows, timestamps.tobytes())
         if self._keep_windows:
-            return WindowedValue((WindowKey(self._shard, 0, "", b""), chunk), timestamp, (window,))
-        key = WindowKey(self._shard, window.max_timestamp().micros, window_text(window), window_bytes)
+            return WindowedValue((WindowKey(self._shard, 0, "", b"", datasource), chunk), timestamp, (window,))
+        key = WindowKey(self._shard, window.max_timestamp().micros, window_text(window), window_bytes, datasource)
         return WindowedValue((key, chunk), timestamp, _GLOBAL_WINDOWS)
 
 
@@ -397,16 +416,18 @@ class _EncodeAndBatchDoFn(beam.DoFn):
     """Encodes elements to NDJSON lines and batches them inside the bundle.
 
     For input whose elements are each in one window (global, fixed, session
-    windows: see :func:`encoder_for`). Each element is encoded when it
+    windows: see :func:`encoder_for`). Each element is routed to its data
+    source (once, when ``datasource`` is a function) and encoded when it
     arrives: no line is ever reused for another element, so an upstream step
     that yields one object mutated between yields is sent as it was at each
-    yield. Lines go to
-    the bundle's :class:`_BundleBuffers`: full batches leave as soon as they
-    fill, what is left at ``finish_bundle``, all in the global window (apply
-    the DoFn with :class:`IntoGlobalWindow`). :class:`DeadLetter` records go to
+    yield. Lines go to the bundle's :class:`_BundleBuffers`, one buffer per
+    window and data source: full batches leave as soon as they fill, what is
+    left at ``finish_bundle``, all in the global window (apply the DoFn with
+    :class:`IntoGlobalWindow`). :class:`DeadLetter` records go to
     ``DEAD_LETTERS_TAG`` as ``(DeadLetter, window bytes)`` in the global window
-    at the element's timestamp, one per window, for elements that cannot be
-    encoded or whose line alone is larger than ``max_batch_bytes``.
+    at the element's timestamp, one per window, for elements that have no data
+    source, cannot be encoded, or whose line alone is larger than
+    ``max_batch_bytes``.
 
     ``process`` takes the whole ``WindowedValue``: Beam calls a method that asks
     for the window and the timestamp as separate parameters through a path about
@@ -416,6 +437,7 @@ class _EncodeAndBatchDoFn(beam.DoFn):
     of a DoFn on every bundle.
 
     Args:
+        datasource: The data source name, or a function of the element giving it.
         windowing: The input's windowing: its window coder encodes the windows
             that dead letters are put back in; a merging window function merges
             the bundle's buffers.
@@ -429,7 +451,7 @@ class _EncodeAndBatchDoFn(beam.DoFn):
             with :class:`IntoWindowing`).
     """
 
-    def __init__(self, *, datasource: str, limits: BatchLimits, windowing: Windowing,
+    def __init__(self, *, datasource: str | Callable[[Any], str], limits: BatchLimits, windowing: Windowing,
                  full_to_merge: bool = False, keep_windows: bool = False) -> None:
         self._datasource = datasource
         self._limits = limits
@@ -443,6 +465,8 @@ class _EncodeAndBatchDoFn(beam.DoFn):
         self._max_rows = self._limits.max_batch_rows
         self._window_coder = self._windowfn.get_window_coder()
         self._merging = self._windowfn if self._windowfn.is_merging() else None
+        self._router = Router(self._datasource)
+        self._static = self._router.static
 
     def start_bundle(self) -> None:
         self._buffers = _BundleBuffers(
@@ -456,19 +480,28 @@ class _EncodeAndBatchDoFn(beam.DoFn):
             # Beam repeats each WindowedValue returned by this call once per window of the input.
             raise ValueError(f"{type(self).__name__} takes elements in one window, got {len(windows)}")
         self._count += 1
+        return self._add(element, windows[0], wv.timestamp)
+
+    def _add(self, element, window, timestamp: Timestamp) -> list | None:
+        """Routes, encodes and buffers one element in one window; returns what leaves, if anything."""
+        datasource = self._static or self._router.route(element)
+        if isinstance(datasource, Unroutable):
+            return [self._dead_letter(_unroutable(element, datasource, self._max_bytes), window, timestamp,
+                                      datasource.name)]
         line = _line_or_refusal(element, self._max_bytes)
         if isinstance(line, _Refusal):
-            return [self._dead_letter(line, windows[0], wv.timestamp)]
-        return self._buffers.add(windows[0], line, wv.timestamp_micros)
+            return [self._dead_letter(line, window, timestamp, datasource)]
+        return self._buffers.add((datasource, window), line, timestamp.micros)
 
     def finish_bundle(self) -> Iterator[beam.pvalue.TaggedOutput | WindowedValue]:
         self._metrics.inc("elements_in", self._count)
         yield from self._buffers.drain()
 
-    def _dead_letter(self, refusal: _Refusal, window, timestamp: Timestamp) -> beam.pvalue.TaggedOutput:
+    def _dead_letter(self, refusal: _Refusal, window, timestamp: Timestamp,
+                     datasource: str) -> beam.pvalue.TaggedOutput:
         """The dead letter for one window of an element, with that window as bytes and the element's timestamp."""
-        self._metrics.dead_letters(refusal.kind.value, 1)
-        letter = never_sent(datasource=self._datasource, kind=refusal.kind, message=refusal.message,
+        self._metrics.dead_letters(refusal.kind.value, 1, datasource=datasource)
+        letter = never_sent(datasource=datasource, kind=refusal.kind, message=refusal.message,
                             window=window, line=refusal.line, element=refusal.element)
         windows = (window,) if self._keep_windows else _GLOBAL_WINDOWS
         return beam.pvalue.TaggedOutput(
@@ -480,31 +513,40 @@ class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
 
     ``process`` takes the element and its timestamp, a cheaper call than the
     ``WindowedValue``: every element is in the one window. A line that fits
-    in the open buffer is appended right there (most lines), without the
-    general path's look-up of the window's buffer.
+    in its data source's open buffer is appended right there (most lines),
+    without the general path's look-up of the ``(datasource, window)`` slot.
     """
 
     def start_bundle(self) -> None:
         super().start_bundle()
-        self._open: _WindowBuffer | None = None
+        # Each data source's open buffer: emptied whenever a buffer leaves (a full one, or the
+        # least recently used past max_windows_per_bundle), so that none is appended to after.
+        self._open: dict[str, _WindowBuffer | None] = {}
 
     # Beam passes what the signature asks for: here the element and its timestamp.
     def process(self, element, timestamp=beam.DoFn.TimestampParam):
         self._count += 1
+        datasource = self._static or self._router.route(element)
+        if isinstance(datasource, Unroutable):
+            return [self._dead_letter(_unroutable(element, datasource, self._max_bytes), _GLOBAL_WINDOW, timestamp,
+                                      datasource.name)]
         try:
             line = encode_element(element)
         except EncodingError as error:
-            return [self._dead_letter(_unencodable(element, error), _GLOBAL_WINDOW, timestamp)]
-        buffer = self._open
+            return [self._dead_letter(_unencodable(element, error), _GLOBAL_WINDOW, timestamp, datasource)]
+        buffer = self._open.get(datasource)
         if buffer is not None and len(buffer.data) + len(line) < self._max_bytes and buffer.rows + 1 < self._max_rows:
             buffer.append(line, timestamp.micros)
             # A bare return: Beam warns, at construction, about a process that says "return None".
             return
         if len(line) >= self._max_bytes:
-            return [self._dead_letter(_oversize(line, self._max_bytes), _GLOBAL_WINDOW, timestamp)]
-        full = self._buffers.add(_GLOBAL_WINDOW, line, timestamp.micros)
-        self._open = self._buffers.get(_GLOBAL_WINDOW)
-        return full
+            return [self._dead_letter(_oversize(line, self._max_bytes), _GLOBAL_WINDOW, timestamp, datasource)]
+        slot = (datasource, _GLOBAL_WINDOW)
+        left = self._buffers.add(slot, line, timestamp.micros)
+        if left:
+            self._open.clear()
+        self._open[datasource] = self._buffers.get(slot)
+        return left
 
 
 class _EncodeAndBatchPerWindowDoFn(_EncodeAndBatchDoFn):
@@ -512,12 +554,12 @@ class _EncodeAndBatchPerWindowDoFn(_EncodeAndBatchDoFn):
 
     Beam repeats each ``WindowedValue`` one call returns once per window of its
     input, so this ``process`` asks for the window: the runner then calls it
-    once per window. The element is encoded on every call, never reused from
-    an earlier call by identity: an upstream step may yield one object mutated
-    between yields, and the line must be the element as it was when yielded.
-    ``elements_in`` counts an element once, on the call for its latest window
-    (sliding windows: the one whose start is within a period of the
-    timestamp); for other window functions, once per window.
+    once per window. The element is routed and encoded on every call, never
+    reused from an earlier call by identity: an upstream step may yield one
+    object mutated between yields, and the line must be the element as it was
+    when yielded. ``elements_in`` counts an element once, on the call for its
+    latest window (sliding windows: the one whose start is within a period of
+    the timestamp); for other window functions, once per window.
     """
 
     def setup(self) -> None:
@@ -530,10 +572,7 @@ class _EncodeAndBatchPerWindowDoFn(_EncodeAndBatchDoFn):
         period = self._period_micros
         if period is None or window.start.micros > timestamp.micros - period:
             self._count += 1
-        line = _line_or_refusal(element, self._max_bytes)
-        if isinstance(line, _Refusal):
-            return [self._dead_letter(line, window, timestamp)]
-        return self._buffers.add(window, line, timestamp.micros)
+        return self._add(element, window, timestamp)
 
 
 # Window functions that put every element in exactly one window.
@@ -595,7 +634,7 @@ def cut_batches(
 
 
 def _batch(key: WindowKey, chunk: Chunk) -> Batch:
-    return Batch(key.window, chunk.payload, chunk.rows, key.window_bytes, chunk.timestamps)
+    return Batch(key.window, chunk.payload, chunk.rows, key.window_bytes, chunk.timestamps, key.datasource)
 
 
 class _BatchDoFn(beam.DoFn):
@@ -739,7 +778,7 @@ class _MergeMergedWindowsDoFn(beam.DoFn):
     """Bounded input in merging windows: cuts the chunks of one shard and merged window into batches.
 
     Follows a ``GroupByKey`` over chunks in their own windows, keyed by shard
-    alone: Beam merged the windows (sessions of chunks from every bundle make
+    and data source alone: Beam merged the windows (sessions of chunks from every bundle make
     one), and this DoFn takes the merged window from the runner. Batches leave
     in the global window (apply with :class:`IntoGlobalWindow`).
     """
@@ -750,7 +789,7 @@ class _MergeMergedWindowsDoFn(beam.DoFn):
 
     def process(self, element: GROUPED_CHUNKS_HINT, window=beam.DoFn.WindowParam) -> Iterator[WindowedValue]:
         key = WindowKey(element[0][0], window.max_timestamp().micros, window_text(window),
-                        self._window_coder.encode(window))
+                        self._window_coder.encode(window), element[0][4])
         for batch in _merge_grouped(key, element[1], self._limits):
             yield WindowedValue(batch, Timestamp(micros=min(timestamps_of(batch[4]))), _GLOBAL_WINDOWS)
 

@@ -20,7 +20,6 @@ import ipaddress
 import logging
 import math
 import random
-import re
 import threading
 import time
 import types
@@ -48,6 +47,7 @@ from sinks.tinybird._http.outcomes import (
 )
 from sinks.tinybird._http.redaction import Redactor, cap, install_log_redaction, uninstall_log_redaction
 from sinks.tinybird._http.transport import Transport
+from sinks.tinybird._routing import datasource_name_problem
 from sinks.tinybird.dead_letters import DeadLetterKind
 from sinks.tinybird.retry import RetryPolicy
 
@@ -62,7 +62,7 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-_DATASOURCE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+_MAX_CHECKED_NAMES = 10_000
 _COMPRESSIONS = ("zstd", "gzip", None)
 # Measured on this project's machines with 0.25-15 MB batches of typical events
 # (zstandard 0.25, zlib): zstd level 1 compressed both faster (~700 MB/s vs
@@ -88,7 +88,9 @@ class ClientSettings:
     Attributes:
         api_url: Base URL of the region's API host, e.g. ``"https://api.tinybird.co"``
             or ``"https://api.us-east.aws.tinybird.co"``. A trailing slash is removed.
-        datasource: Target data source (``[A-Za-z_][A-Za-z0-9_]{0,99}``, as the server accepts).
+        datasource: The data source posted to when :meth:`EventsApiClient.send` names
+            none (``[A-Za-z_][A-Za-z0-9_]{0,99}``, as the server accepts), or None:
+            every send names its own.
         wait: Ask the server to answer only once the rows are committed
             (``&wait=true``, status 200) instead of on acceptance (202).
         compression: ``"zstd"``, ``"gzip"`` or ``None``.
@@ -114,7 +116,7 @@ class ClientSettings:
     """
 
     api_url: str
-    datasource: str
+    datasource: str | None = None
     wait: bool = False
     compression: str | None = "zstd"
     compression_level: int | None = None
@@ -127,14 +129,8 @@ class ClientSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_url", _checked_api_url(self.api_url, allow_insecure_http=self.allow_insecure_http))
-        if not isinstance(self.datasource, str) or not _DATASOURCE_NAME.fullmatch(self.datasource):
-            raise ValueError(
-                f"datasource must match [A-Za-z_][A-Za-z0-9_]{{0,99}}, got {self.datasource!r}"
-            )
-        if self.datasource.endswith("_quarantine"):
-            raise ValueError(
-                f"datasource {self.datasource!r} is a quarantine data source: the server fills it, "
-                "nothing can be appended to it")
+        if self.datasource is not None:
+            _check_datasource(self.datasource)
         if not isinstance(self.wait, bool):
             raise ValueError(f"wait must be a bool, got {self.wait!r}")
         _check_compression(self.compression, self.compression_level)
@@ -169,8 +165,14 @@ class ClientSettings:
 
     @property
     def events_url(self) -> str:
-        """The full URL posted to (it never holds the token)."""
-        url = f"{self.api_url}/v0/events?name={self.datasource}"
+        """The full URL posted to for ``datasource`` (it never holds the token)."""
+        if self.datasource is None:
+            raise ValueError("no datasource: every send names its own (see events_url_for)")
+        return self.events_url_for(self.datasource)
+
+    def events_url_for(self, datasource: str) -> str:
+        """The full URL posted to for a data source (it never holds the token)."""
+        url = f"{self.api_url}/v0/events?name={datasource}"
         return url + "&wait=true" if self.wait else url
 
 
@@ -234,12 +236,14 @@ class EventsApiClient:
         if settings.compression is not None:
             headers["Content-Encoding"] = settings.compression
         self._transport: Transport | None = Transport(
-            url=settings.events_url, headers=headers, token=token, redactor=self._redactor,
+            url=settings.events_url_for(settings.datasource or ""), headers=headers, token=token, redactor=self._redactor,
             connect_timeout_secs=settings.connect_timeout_secs, read_timeout_secs=settings.read_timeout_secs,
             attempt_timeout_secs=settings.effective_attempt_timeout_secs,
             ca_bundle_path=settings.ca_bundle_path, max_in_flight=settings.max_in_flight,
         )
-        self._token_key = LimiterKey.of(api_url=settings.api_url, datasource=settings.datasource, token=token)
+        self._token_key = LimiterKey.of(api_url=settings.api_url, datasource=settings.datasource or "", token=token)
+        # Data source names a send was given, checked once (a bounded set: past it, checked again).
+        self._checked_names: set[str] = set()
         install_log_redaction(token)
 
     def __repr__(self) -> str:
@@ -285,8 +289,9 @@ class EventsApiClient:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def send(self, payload: bytes, rows: int) -> SendReport:
-        """Posts ``payload`` (``rows`` lines, each ending with ``\\n``) and reports.
+    def send(self, payload: bytes, rows: int, datasource: str | None = None) -> SendReport:
+        """Posts ``payload`` (``rows`` lines, each ending with ``\\n``) to ``datasource``
+        (default: the settings') and reports.
 
         Retries what can be retried, splits the payload in two on 413 (down to
         single rows), and waits while the service says "slow down" (429, 503
@@ -297,7 +302,8 @@ class EventsApiClient:
         within its deadline. Never raises for an HTTP or network outcome.
 
         Raises:
-            ValueError: ``payload`` is not ``\\n``-terminated bytes of ``rows`` lines.
+            ValueError: ``payload`` is not ``\\n``-terminated bytes of ``rows`` lines, or
+                ``datasource`` is not a valid name (or missing, with none in the settings).
             RuntimeError: The client is closed.
         """
         if not isinstance(payload, bytes):
@@ -313,7 +319,9 @@ class EventsApiClient:
         lines = payload.count(b"\n")
         if lines != rows:
             raise ValueError(f"rows={rows} but the payload holds {lines} lines")
-        batch = _Batch(started=self._clock(), limiter=self.limiter())
+        datasource = self._datasource(datasource)
+        batch = _Batch(started=self._clock(), limiter=self.limiter(datasource), datasource=datasource,
+                       url=self._settings.events_url_for(datasource))
         # A stack of parts, so that the halves of a split go in payload order.
         parts = [_Part(payload=payload, rows=rows, prior_attempts=0, first_attempt_at=None)]
         while parts:
@@ -329,6 +337,18 @@ class EventsApiClient:
         )
 
     # -- internals -----------------------------------------------------------
+
+    def _datasource(self, datasource: str | None) -> str:
+        if datasource is None:
+            if self._settings.datasource is None:
+                raise ValueError("send needs a datasource: the client's settings name none")
+            return self._settings.datasource
+        if datasource not in self._checked_names:
+            _check_datasource(datasource)
+            if len(self._checked_names) >= _MAX_CHECKED_NAMES:
+                self._checked_names.clear()
+            self._checked_names.add(datasource)
+        return datasource
 
     def _send_part(self, part: _Part, batch: _Batch) -> list[_Part]:
         """Sends one part until it is delivered or dead-lettered ([]) or split (its halves)."""
@@ -350,7 +370,7 @@ class EventsApiClient:
                     counts_read=decision.counts_read))
                 return []
             if isinstance(decision, Split):
-                return self._halves(state)
+                return self._halves(state, batch)
             if isinstance(decision, GiveUp):
                 self._fail(state, batch, decision)
                 return []
@@ -359,11 +379,11 @@ class EventsApiClient:
                 batch.throttled_secs += decision.after_secs
                 _LOG.info(
                     "Tinybird %s: throttled (%s), %d rows; retrying in %.2f s (%.1f s throttled so far)",
-                    self._settings.datasource, decision.cause, part.rows, decision.after_secs, batch.throttled_secs)
+                    batch.datasource, decision.cause, part.rows, decision.after_secs, batch.throttled_secs)
             else:
                 _LOG.info(
                     "Tinybird %s: attempt %d of %d failed (%s); retrying %d rows in %.2f s",
-                    self._settings.datasource, state.error_attempts, self._policy.max_attempts, decision.cause,
+                    batch.datasource, state.error_attempts, self._policy.max_attempts, decision.cause,
                     part.rows, decision.after_secs,
                 )
             self._sleep(decision.after_secs)
@@ -379,7 +399,7 @@ class EventsApiClient:
         state.last_attempt_at = started_at
         t0 = self._clock()
         try:
-            outcome = _CLOSED if transport is None else transport.post(body)
+            outcome = _CLOSED if transport is None else transport.post(body, batch.url)
         except BaseException:
             limiter.done(self._clock(), signal=Signal.BACK_PRESSURE, rtt_secs=self._clock() - t0, sent_at=t0)
             raise
@@ -415,7 +435,7 @@ class EventsApiClient:
         ))
         _LOG.debug(
             "Tinybird %s: attempt %d: status=%s error=%s latency=%.3fs rows=%d raw=%dB wire=%dB -> %s",
-            self._settings.datasource, state.attempts, status, error, latency,
+            batch.datasource, state.attempts, status, error, latency,
             part.rows, len(part.payload), state.wire_bytes, type(decision).__name__,
         )
         return decision
@@ -463,13 +483,13 @@ class EventsApiClient:
             if admission.throttled:
                 batch.throttled_secs += waited
 
-    def _halves(self, state: _PartState) -> list[_Part]:
+    def _halves(self, state: _PartState, batch: _Batch) -> list[_Part]:
         part = state.part
         first, second = _split_at_line(part.payload)
         first_rows = first.count(b"\n")
         _LOG.info(
             "Tinybird %s: 413 for %d rows (%d bytes); splitting into %d + %d rows",
-            self._settings.datasource, part.rows, len(part.payload), first_rows, part.rows - first_rows,
+            batch.datasource, part.rows, len(part.payload), first_rows, part.rows - first_rows,
         )
         return [
             _Part(payload=payload, rows=rows, prior_attempts=state.attempts, first_attempt_at=state.first_attempt_at)
@@ -487,7 +507,7 @@ class EventsApiClient:
         ))
         _LOG.info(
             "Tinybird %s: %d rows (%d bytes) dead-lettered as %s after %d attempts: %s",
-            self._settings.datasource, part.rows, len(part.payload), decision.kind.value, state.attempts,
+            batch.datasource, part.rows, len(part.payload), decision.kind.value, state.attempts,
             cap(message, 300),
         )
 
@@ -544,6 +564,8 @@ class _PartState:
 class _Batch:
     started: float
     limiter: Limiter
+    datasource: str
+    url: str
     delivered: list[Delivered] = dataclasses.field(default_factory=list)
     failed: list[Failed] = dataclasses.field(default_factory=list)
     attempts: list[Attempt] = dataclasses.field(default_factory=list)
@@ -594,6 +616,12 @@ def _check_compression(compression: object, level: object) -> None:
     low, high = _COMPRESSION_LEVEL_RANGES[str(compression)]
     if isinstance(level, bool) or not isinstance(level, int) or not low <= level <= high:
         raise ValueError(f"compression_level for {compression} must be an int in {low}..{high}, got {level!r}")
+
+
+def _check_datasource(name: object) -> None:
+    problem = datasource_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"datasource {problem}")
 
 
 def _is_positive_number(value: object) -> bool:

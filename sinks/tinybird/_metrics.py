@@ -10,7 +10,8 @@ JSON; delivered on its status) and
 ``rows_unaccounted``), ``retries`` and ``retries_<cause>`` (cause is the status
 code, ``timeout``, ``deadline`` or ``connection_error``), ``bytes_raw`` and
 ``bytes_wire`` (per attempt, before and after compression), ``dead_letters``
-and ``dead_letters_<kind>``. Distributions: ``batch_bytes``, ``batch_rows``,
+and ``dead_letters_<kind>``; per data source, in namespace
+``tinybird/<datasource>``: ``rows_acknowledged`` and ``dead_letters``. Distributions: ``batch_bytes``, ``batch_rows``,
 ``request_latency_ms``.
 
 Throttling (time spent waiting because the service said "slow down", on the
@@ -40,6 +41,8 @@ NAMESPACE = "tinybird"
 THROTTLING_NAMESPACE = "beam-throttling-metrics"
 THROTTLING_MSECS = "throttling-msecs"
 THROTTLING_SECONDS = "cumulativeThrottlingSeconds"
+# Counter handles kept per (data source, name); past this many, dropped and made again.
+_MAX_DATASOURCE_COUNTERS = 2_000
 
 
 class SinkMetrics:
@@ -47,6 +50,7 @@ class SinkMetrics:
 
     def __init__(self) -> None:
         self._counters: dict[str, Any] = {}
+        self._by_datasource: dict[tuple[str, str], Any] = {}
         self._batch_bytes = Metrics.distribution(NAMESPACE, "batch_bytes")
         self._batch_rows = Metrics.distribution(NAMESPACE, "batch_rows")
         self._latency_ms = Metrics.distribution(NAMESPACE, "request_latency_ms")
@@ -102,6 +106,21 @@ class SinkMetrics:
             if failed.kind is DeadLetterKind.ROWS_UNACCOUNTED:
                 self.inc("responses_2xx_unaccounted")
 
-    def dead_letters(self, kind: str, count: int) -> None:
+    def dead_letters(self, kind: str, count: int, *, datasource: str = "") -> None:
         self.inc("dead_letters", count)
         self.inc(f"dead_letters_{kind}", count)
+        if datasource:
+            self._of(datasource, "dead_letters").inc(count)
+
+    def acknowledged(self, datasource: str, rows: int) -> None:
+        """Rows a data source acknowledged (the total is counted from the report)."""
+        self._of(datasource, "rows_acknowledged").inc(rows)
+
+    def _of(self, datasource: str, name: str) -> Any:
+        key = (datasource, name)
+        counter = self._by_datasource.get(key)
+        if counter is None:
+            if len(self._by_datasource) >= _MAX_DATASOURCE_COUNTERS:
+                self._by_datasource.clear()
+            counter = self._by_datasource[key] = Metrics.counter(f"{NAMESPACE}/{datasource}", name)
+        return counter

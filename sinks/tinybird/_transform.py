@@ -37,6 +37,7 @@ from sinks.tinybird._batching import (
 from sinks.tinybird._beam_compat import declare_tagged_types
 from sinks.tinybird._events_api import ClientSettings, EventsApiClient, Failed, SendReport
 from sinks.tinybird._metrics import SinkMetrics
+from sinks.tinybird._routing import check_datasource
 from sinks.tinybird._token import DEFAULT_TOKEN_ENV, TokenSource
 from sinks.tinybird.dead_letters import (
     DEAD_LETTER_FORMATS,
@@ -122,6 +123,7 @@ class _PostDoFn(beam.DoFn):
         self._next_progress = self._started + _PROGRESS_EVERY_SECS
         self._acknowledged = 0
         self._dead_lettered = 0
+        self._label = self._settings.datasource or "(a data source per element)"
 
     def start_bundle(self) -> None:
         self._pending: collections.deque[_InFlight] = collections.deque()
@@ -142,7 +144,7 @@ class _PostDoFn(beam.DoFn):
         if self._failure is not None:
             self._not_posted_rows += batch.rows
             return
-        future = self._pool.submit(self._client.send, batch.payload, batch.rows)
+        future = self._pool.submit(self._client.send, batch.payload, batch.rows, batch.datasource)
         self._pending.append(_InFlight(
             future=future, batch=batch, timestamp=timestamp,
             deadline=time.monotonic() + self._client.max_send_secs))
@@ -156,7 +158,7 @@ class _PostDoFn(beam.DoFn):
             failure = self._failure
             if self._not_posted_rows:
                 _LOG.warning("Tinybird %s: %d rows of the failed bundle not posted; the bundle's retry posts them",
-                             self._settings.datasource, self._not_posted_rows)
+                             self._label, self._not_posted_rows)
             raise failure
 
     def teardown(self) -> None:
@@ -174,16 +176,20 @@ class _PostDoFn(beam.DoFn):
             report: SendReport = in_flight.future.result(timeout=max(in_flight.deadline - time.monotonic(), 0.0))
         except concurrent.futures.TimeoutError:
             report = self._overdue(in_flight)
+        datasource = in_flight.batch.datasource
         self._metrics.report(report)
-        self._acknowledged += sum(part.rows for part in report.delivered)
+        acknowledged = sum(part.rows for part in report.delivered)
+        if acknowledged:
+            self._metrics.acknowledged(datasource, acknowledged)
+        self._acknowledged += acknowledged
         for failed in report.failed:
             if self._raise_on_failure and failed.kind in _RAISE_KINDS:
                 if self._failure is None:
                     self._failure = DeliveryError(
-                        datasource=self._settings.datasource, kind=failed.kind.value, status=failed.status,
+                        datasource=datasource, kind=failed.kind.value, status=failed.status,
                         message=failed.message, rows=failed.rows)
                 continue
-            self._metrics.dead_letters(failed.kind.value, failed.rows)
+            self._metrics.dead_letters(failed.kind.value, failed.rows, datasource=datasource)
             self._dead_lettered += failed.rows
             yield from self._dead_letters(failed, in_flight.batch)
         self._progress()
@@ -198,7 +204,7 @@ class _PostDoFn(beam.DoFn):
             f"no outcome within {self._client.max_send_secs:g} s (the retry policy's max_total_secs and "
             "max_throttled_secs plus one attempt's deadline); the request may still complete, so a replay "
             "may duplicate rows")
-        _LOG.warning("Tinybird %s: %d rows dead-lettered: %s", self._settings.datasource, batch.rows, message)
+        _LOG.warning("Tinybird %s: %d rows dead-lettered: %s", batch.datasource, batch.rows, message)
         return SendReport(delivered=(), failed=(Failed(
             payload=batch.payload, rows=batch.rows, kind=DeadLetterKind.RETRIES_EXHAUSTED, status=None,
             message=message, attempts=0, first_attempt_at=now, last_attempt_at=now),), attempts=())
@@ -213,7 +219,7 @@ class _PostDoFn(beam.DoFn):
         stamps = timestamps_of(batch.timestamps)
         for i, line in enumerate(failed.payload.split(b"\n")[:-1]):
             letter = DeadLetter(
-                line=line.decode("utf-8"), element=None, datasource=self._settings.datasource,
+                line=line.decode("utf-8"), element=None, datasource=batch.datasource,
                 kind=kind, status=failed.status, message=failed.message, attempts=failed.attempts,
                 first_attempt_at=first, last_attempt_at=last, window=batch.window)
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS_TAG, WindowedValue(
@@ -226,7 +232,7 @@ class _PostDoFn(beam.DoFn):
         self._next_progress = now + _PROGRESS_EVERY_SECS
         _LOG.info(
             "Tinybird %s: %d rows acknowledged (%.0f rows/s), %d dead-lettered, by this worker",
-            self._settings.datasource, self._acknowledged,
+            self._label, self._acknowledged,
             self._acknowledged / max(now - self._started, 1e-9), self._dead_lettered)
 
 
@@ -313,7 +319,13 @@ class WriteToTinybird(beam.PTransform):
     when the runner retries a bundle whose batches were already posted.
 
     Args:
-        datasource: The target data source name.
+        datasource: The target data source name, or a function of the element
+            giving it (``lambda e: f"events_{e['type']}"``, or
+            :class:`DatasourceFromField`), called once per element (and
+            window) on the workers. Batches are per window and data source: a
+            request never mixes data sources. An element whose function
+            raises, returns no ``str`` or a name that is not a data source is
+            dead-lettered as ``unroutable``.
         token: The token, or None to read it on the workers from
             ``token_secret`` or the ``token_env`` environment variable.
         token_env: Environment variable read on the workers when neither
@@ -362,7 +374,7 @@ class WriteToTinybird(beam.PTransform):
     def __init__(
         self,
         *,
-        datasource: str,
+        datasource: str | Callable[[Any], str],
         token: str | None = None,
         token_env: str = DEFAULT_TOKEN_ENV,
         token_secret: str | None = None,
@@ -397,9 +409,11 @@ class WriteToTinybird(beam.PTransform):
             "raise_on_failure": raise_on_failure, "ca_bundle_path": ca_bundle_path,
             "allow_insecure_http": allow_insecure_http, "clock": clock,
         })
+        check_datasource(datasource)
         self._clock = clock
+        self._datasource = datasource
         self._settings = ClientSettings(
-            api_url=api_url, datasource=datasource, wait=wait, compression=compression,
+            api_url=api_url, datasource=datasource if isinstance(datasource, str) else None, wait=wait, compression=compression,
             connect_timeout_secs=connect_timeout_secs, read_timeout_secs=read_timeout_secs,
             max_in_flight=max_in_flight, ca_bundle_path=ca_bundle_path,
             allow_insecure_http=allow_insecure_http)
@@ -423,7 +437,7 @@ class WriteToTinybird(beam.PTransform):
         limits = self._limits
         bounded = pcoll.is_bounded
         windowing = pcoll.windowing
-        datasource = self._settings.datasource
+        datasource = self._datasource
         # Merging windows of bounded input: chunks keep their windows, and a
         # GroupByKey merges them across bundles as Beam merges windows.
         merge_windows = bounded and windowing.windowfn.is_merging()

@@ -34,6 +34,9 @@ class DeadLetterKind(enum.StrEnum):
 
     UNENCODABLE = "unencodable"
     """The element could not be encoded as one JSON object; it was never sent."""
+    UNROUTABLE = "unroutable"
+    """The ``datasource`` function raised, returned something other than a ``str``,
+    or a name that is not a data source one can append to; never sent."""
     OVERSIZE = "oversize"
     """Its line alone is larger than ``max_batch_bytes``; it was never sent."""
     PAYLOAD_TOO_LARGE = "payload_too_large"
@@ -62,7 +65,9 @@ class DeadLetter(NamedTuple):
             element could not be encoded.
         element: A truncated ``repr`` of the element when it could not be
             encoded, else ``None``.
-        datasource: The target data source.
+        datasource: The data source the element was meant for (with a
+            ``datasource`` function: what it returned for the element, or ``""``
+            when it gave no ``str``).
         kind: A :class:`DeadLetterKind` value.
         status: The last HTTP status, or ``None`` when there was no response.
         message: Why: the server's error message, or the sink's own reason.

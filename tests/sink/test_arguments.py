@@ -49,7 +49,7 @@ _WRONG_TYPES = [
     ("max_buffering_secs", "5", r"^max_buffering_secs must be a number of seconds \(int or float\), got str '5'"),
     ("connect_timeout_secs", None, r"^connect_timeout_secs must be a number of seconds"),
     ("read_timeout_secs", False, r"^read_timeout_secs must be a number of seconds .*got bool False"),
-    ("datasource", 7, r"^datasource must be a str, got int"),
+    ("datasource", 7, r"^datasource must be a str or a callable \(element -> str\), got int"),
     ("api_url", None, r"^api_url must be a str, got NoneType"),
     ("token_env", None, r"^token_env must be a str, got NoneType"),
     ("token_secret", 1, r"^token_secret must be a str or None, got int"),
@@ -83,7 +83,7 @@ def test_wrong_types_are_a_type_error_naming_the_argument(name, value, message):
     ("compression", "brotli", r"^compression must be 'zstd', 'gzip' or None, got 'brotli'"),
     ("dead_letter_format", "csv", r"^dead_letter_format must be one of \('json', 'avro'\), got 'csv'"),
     ("dead_letter_path", "  ", r"^dead_letter_path is empty"),
-    ("datasource", "events_quarantine", r"^datasource 'events_quarantine' is a quarantine data source"),
+    ("datasource", "events_quarantine", r"^datasource must not name a quarantine data source .*, got .events_quarantine.$"),
     ("datasource", "web-events", r"^datasource must match"),
     ("api_url", "ftp://x", r"^api_url must be an http:// or https:// URL"),
 ])

@@ -304,7 +304,7 @@ def test_a_full_buffer_leaves_in_the_global_window_as_a_batch_or_for_the_merge(f
     assert isinstance(full, TaggedOutput) and full.tag == FULL_TAG
     full = full.value
     assert full.value == Batch(window_text(window), b'{"id":0}\n{"id":1}\n', 2,
-                               FixedWindows(10).get_window_coder().encode(window), _stamps(5, 3))
+                               FixedWindows(10).get_window_coder().encode(window), _stamps(5, 3), "events")
     assert (full.timestamp, full.windows) == (Timestamp(3), (GlobalWindow(),))
     (rest,) = list(encoder.finish_bundle())
     assert rest.value[1] == Chunk(b'{"id":2}\n', 1, _stamps(4)) and rest.windows == (GlobalWindow(),)

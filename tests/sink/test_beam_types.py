@@ -44,14 +44,14 @@ def test_bounded_graph_builds_and_batches_travel_as_tuples(windowfn):
 
     coders = _coders_by_output(pipeline)
 
-    # The full batches and the merged batches: (window text, payload, rows, window bytes, timestamps).
+    # The full batches and the merged batches: (window text, payload, rows, window bytes, timestamps, data source).
     batch = (_TUPLE, "beam:coder:string_utf8:v1", "beam:coder:bytes:v1", "beam:coder:varint:v1",
-             "beam:coder:bytes:v1", "beam:coder:bytes:v1")
+             "beam:coder:bytes:v1", "beam:coder:bytes:v1", "beam:coder:string_utf8:v1")
     if windowfn is None or not windowfn.is_merging():
         # Merging windows send every buffer through the GroupByKey that merges them.
         assert coders["EncodeAndBatch.full"] == batch
     assert coders["MergeRemainders.None"] == batch
-    # The chunks keyed by (shard, window end, window text, window bytes): key and value coded as tuples, never pickled.
+    # The chunks keyed by (shard, window end, window text, window bytes, data source): key and value coded as tuples, never pickled.
     assert coders["EncodeAndBatch.None"][:2] == ("beam:coder:kv:v1", _TUPLE)
     assert "beam:coder:pickled_python:v1" not in coders["EncodeAndBatch.None"]
 

@@ -853,7 +853,7 @@ def test_client_rejects_bad_token():
         ({"datasource": "events\n"}, "datasource must match"),
         ({"datasource": "e" * 101}, "datasource must match"),
         ({"datasource": "events&wait=true"}, "datasource must match"),
-        ({"datasource": "events_quarantine"}, "datasource 'events_quarantine' is a quarantine data source"),
+        ({"datasource": "events_quarantine"}, "datasource must not name a quarantine data source"),
         ({"wait": "yes"}, "wait must be a bool, got 'yes'"),
         ({"compression": "br"}, "compression must be 'zstd', 'gzip' or None, got 'br'"),
         ({"compression": None, "compression_level": 3}, "compression_level needs a compression"),

@@ -563,7 +563,7 @@ def test_finish_bundle_never_waits_past_the_clients_bound():
     class StuckClient:
         max_send_secs = 0.3
 
-        def send(self, payload, rows):
+        def send(self, payload, rows, datasource=None):
             release.wait(10)
             raise AssertionError("never reached in time")
 
@@ -580,7 +580,7 @@ def test_finish_bundle_never_waits_past_the_clients_bound():
         payload = payload_of(5)
         started = time.monotonic()
         stamps = array.array("q", [0] * 5).tobytes()
-        outputs = list(fn.process(Batch("global", payload, 5, b"", stamps), timestamp=Timestamp(0)))
+        outputs = list(fn.process(Batch("global", payload, 5, b"", stamps, "stuck"), timestamp=Timestamp(0)))
         outputs += list(fn.finish_bundle())
         elapsed = time.monotonic() - started
     finally:

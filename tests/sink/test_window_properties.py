@@ -111,13 +111,13 @@ def _shuffle_and_merge(windowfn, limits, chunks: list) -> list[tuple]:
             rng.shuffle(group)
             batches += merger.process((key, group))
         return batches
-    # Merging windows: per key (the shard), the windows of the chunks are merged as a GroupByKey does.
+    # Merging windows: per key (the shard and data source), the windows of the chunks are merged as a GroupByKey does.
     by_shard: dict = collections.defaultdict(list)
     for wv in chunks:
         (window,) = wv.windows
-        by_shard[wv.value[0][0]].append((window, wv.value[1]))
+        by_shard[tuple(wv.value[0])].append((window, wv.value[1]))
     merger = _MergeMergedWindowsDoFn(limits=limits, windowing=Windowing(windowfn))
-    for shard, pieces in by_shard.items():
+    for key, pieces in by_shard.items():
         context = _MergeContext(list({window for window, _ in pieces}))
         windowfn.merge(context)
         merged_into = {w: result for to_merge, result in context.merges for w in to_merge}
@@ -126,7 +126,7 @@ def _shuffle_and_merge(windowfn, limits, chunks: list) -> list[tuple]:
             groups[merged_into.get(window, window)].append(chunk)
         for window, group in groups.items():
             rng.shuffle(group)
-            batches += [out.value for out in merger.process(((shard, 0, "", b""), group), window=window)]
+            batches += [out.value for out in merger.process((key, group), window=window)]
     return batches
 
 
@@ -184,7 +184,7 @@ def test_every_element_once_per_window_or_dead_lettered_within_a_bound_of_the_mi
     # Where each element went: (id, window) -> [(how, timestamp micros)].
     found: dict = collections.defaultdict(list)
     sizes: dict = collections.defaultdict(lambda: [0, 0])
-    for text, payload, rows, window_bytes, stamps in batches:
+    for text, payload, rows, window_bytes, stamps, _datasource in batches:
         assert len(payload) <= max_batch_bytes and 1 <= rows <= max_batch_rows
         window = coder.decode(window_bytes)
         assert text == window_text(window)

@@ -148,16 +148,16 @@ def test_past_max_windows_per_bundle_the_least_recently_used_buffer_leaves_for_t
     assert isinstance(coder, coders.IntervalWindowCoder)
     buffers = _BundleBuffers(limits, full_to_merge=False, window_coder=coder)
     a, b, c = IntervalWindow(0, 10), IntervalWindow(10, 20), IntervalWindow(20, 30)
-    assert buffers.add(a, b"1", 1) is None
-    assert buffers.add(b, b"2", 11) is None
-    assert buffers.add(a, b"3", 2) is None  # a is now the most recently used
-    (evicted,) = buffers.add(c, b"4", 21)
+    assert buffers.add(("ev", a), b"1", 1) is None
+    assert buffers.add(("ev", b), b"2", 11) is None
+    assert buffers.add(("ev", a), b"3", 2) is None  # a is now the most recently used
+    (evicted,) = buffers.add(("other", c), b"4", 21)  # buffers of every data source count against the bound
     key, chunk = evicted.value
-    assert (key.window, chunk.payload, evicted.windows) == ("[1970-01-01T00:00:10Z, 1970-01-01T00:00:20Z)",
-                                                            b"2\n", (GlobalWindow(),))
-    left = {out.value[0].window: out.value[1].payload for out in buffers.drain()}
-    assert left == {"[1970-01-01T00:00:00Z, 1970-01-01T00:00:10Z)": b"1\n3\n",
-                    "[1970-01-01T00:00:20Z, 1970-01-01T00:00:30Z)": b"4\n"}
+    assert (key.window, key.datasource, chunk.payload, evicted.windows) == (
+        "[1970-01-01T00:00:10Z, 1970-01-01T00:00:20Z)", "ev", b"2\n", (GlobalWindow(),))
+    left = {(out.value[0].datasource, out.value[0].window): out.value[1].payload for out in buffers.drain()}
+    assert left == {("ev", "[1970-01-01T00:00:00Z, 1970-01-01T00:00:10Z)"): b"1\n3\n",
+                    ("other", "[1970-01-01T00:00:20Z, 1970-01-01T00:00:30Z)"): b"4\n"}
 
 
 @pytest.mark.parametrize("windowfn", [FixedWindows(1), Sessions(0.5)])
@@ -308,7 +308,7 @@ def _batch(*ids: int) -> tuple:
     import array
 
     payload = b"".join(orjson.dumps({"id": i}) + b"\n" for i in ids)
-    return ("global", payload, len(ids), b"", array.array("q", [0] * len(ids)).tobytes())
+    return ("global", payload, len(ids), b"", array.array("q", [0] * len(ids)).tobytes(), "events")
 
 
 def _drive(dofn, batches) -> list:

@@ -372,9 +372,10 @@ class Transport:
             session.close()
             self._resolver.close()
 
-    def post(self, body: bytes) -> BoundedResponse | TransportFailure:
-        """One attempt: never raises, never takes longer than ``attempt_timeout_secs``
-        (name lookup and connect included), never holds more than the caps."""
+    def post(self, body: bytes, url: str | None = None) -> BoundedResponse | TransportFailure:
+        """One attempt to ``url`` (default: the transport's; same host): never raises, never
+        takes longer than ``attempt_timeout_secs`` (name lookup and connect included),
+        never holds more than the caps."""
         session = self._session
         if session is None:
             return TransportFailure(error="closed", message="the client was closed", retryable=False)
@@ -384,7 +385,7 @@ class Transport:
         try:
             try:
                 response = session.post(
-                    self._url, data=body, headers=self._headers, auth=self._auth, timeout=self._timeout,
+                    url or self._url, data=body, headers=self._headers, auth=self._auth, timeout=self._timeout,
                     verify=self._verify, allow_redirects=False, stream=True,
                 )
             except _HTTP_STACK_ERRORS as exc:

@@ -1,0 +1,309 @@
+"""Dynamic destinations (issue 23): one PCollection, a data source per element."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import apache_beam as beam
+import orjson
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.transforms.window import FixedWindows, IntervalWindow, Sessions, TimestampedValue
+from shared_testlib import dead_letters_in
+
+from sinks.tinybird import DatasourceFromField, DeadLetterKind, RetryPolicy, WriteToTinybird
+from sinks.tinybird._events_api import ClientSettings, EventsApiClient
+from sinks.tinybird._routing import _MAX_CHECKED_NAMES, Router, Unroutable
+from sinks.tinybird.dead_letters import window_text
+
+_FAST_RETRIES = RetryPolicy(max_attempts=3, initial_backoff_secs=0.01, max_backoff_secs=0.05, max_total_secs=20,
+                            max_retry_after_secs=0.2)
+_TYPES = ("click", "view", "purchase")
+
+
+def _run(build, *options: str) -> tuple[dict, dict]:
+    """Runs a pipeline; returns the ``tinybird`` counters and the per-data-source ones by (namespace, name)."""
+    p = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner", *options]))
+    build(p)
+    result = p.run()
+    result.wait_until_finish()
+    totals: dict = {}
+    per_source: dict = {}
+    for counter in result.metrics().query(MetricsFilter())["counters"]:
+        namespace, name = counter.key.metric.namespace, counter.key.metric.name
+        if namespace == "tinybird":
+            totals[name] = totals.get(name, 0) + counter.committed
+        elif namespace.startswith("tinybird/"):
+            key = (namespace.removeprefix("tinybird/"), name)
+            per_source[key] = per_source.get(key, 0) + counter.committed
+    return totals, per_source
+
+
+def _rows(server, datasource: str) -> list[dict]:
+    server.flush()
+    if datasource not in server.datasources():
+        return []
+    return server.query(f"SELECT id, type FROM {datasource} ORDER BY id")
+
+
+def _sink(server, datasource, **overrides) -> WriteToTinybird:
+    settings = dict(datasource=datasource, token=server.token, api_url=server.url, retry_policy=_FAST_RETRIES,
+                    max_batch_bytes=64 * 1024, num_shards=2, read_timeout_secs=10)
+    settings.update(overrides)
+    return WriteToTinybird(**settings)
+
+
+def _route(prefix: str):
+    # A plain lambda, as a user writes it: pickled to the workers with the pipeline.
+    return lambda e: f"{prefix}_{e['type']}"
+
+
+def test_three_types_in_fixed_windows_each_data_source_holds_exactly_its_rows(server, datasource, tmp_path):
+    """The issue's must-show: 15,000 rows of three types, 100 routed to an invalid name, 100 whose
+    function raises: each data source holds its 5,000 rows once, 200 dead letters with reasons."""
+    events = [{"id": i, "type": _TYPES[i % 3], "pad": "x" * 100} for i in range(15_000)]
+    invalid = [{"id": 100_000 + i, "type": "not-a-name", "pad": ""} for i in range(100)]
+    raising = [{"id": 200_000 + i, "pad": ""} for i in range(100)]  # no "type": the function raises KeyError
+    dead_dir = tmp_path / "dlq"
+
+    def timestamped(rows):
+        return [TimestampedValue(e, (e["id"] % 15_000) // 100) for e in rows]
+
+    def build(p):
+        (p | beam.Create(timestamped(events + invalid + raising), reshuffle=False)
+           | beam.WindowInto(FixedWindows(60))
+           | _sink(server, _route(datasource), dead_letter_path=str(dead_dir) + "/"))
+
+    totals, per_source = _run(build)
+
+    for kind in _TYPES:
+        rows = _rows(server, f"{datasource}_{kind}")
+        assert [r["id"] for r in rows] == [e["id"] for e in events if e["type"] == kind]  # each once, in full
+        assert {r["type"] for r in rows} == {kind}  # no foreign rows
+        assert per_source[(f"{datasource}_{kind}", "rows_acknowledged")] == 5000
+    letters = dead_letters_in(dead_dir)
+    assert len(letters) == 200 and totals["dead_letters"] == 200 == totals["dead_letters_unroutable"]
+    assert {letter.kind for letter in letters} == {DeadLetterKind.UNROUTABLE.value}
+    by_id = {orjson.loads(letter.line)["id"]: letter for letter in letters}
+    assert sorted(by_id) == [e["id"] for e in invalid + raising]
+    for e in invalid + raising:
+        # Each in its element's window (issue 21), with the exact line a replay would send.
+        start = (e["id"] % 15_000) // 100 // 60 * 60
+        assert by_id[e["id"]].window == window_text(IntervalWindow(start, start + 60))
+        assert by_id[e["id"]].line == orjson.dumps(e).decode()
+    for e in invalid:
+        letter = by_id[e["id"]]
+        assert letter.datasource == f"{datasource}_not-a-name"
+        assert letter.message == (f"the datasource function's result must match [A-Za-z_][A-Za-z0-9_]{{0,99}}, "
+                                  f"got '{datasource}_not-a-name'")
+    for e in raising:
+        letter = by_id[e["id"]]
+        assert (letter.datasource, letter.message) == ("", "the datasource function raised KeyError: 'type'")
+    assert totals["rows_acknowledged"] == 15_000
+
+    # At most twice the requests that one data source per window needs: the same rows, one data source.
+    single_totals, _ = _run(lambda p: (
+        p | beam.Create(timestamped(events), reshuffle=False) | beam.WindowInto(FixedWindows(60))
+        | _sink(server, f"{datasource}_all")))
+    assert len(_rows(server, f"{datasource}_all")) == 15_000
+    assert single_totals["requests"] <= totals["requests"] <= 2 * single_totals["requests"], (
+        totals["requests"], single_totals["requests"])
+
+
+def test_a_request_never_mixes_data_sources_and_dead_letters_name_theirs(server, datasource, tmp_path):
+    """One data source refuses everything (403): its rows, and only its, are dead-lettered, naming it."""
+    refused = f"{datasource}_view"
+    server.set_faults([{"status": 403, "datasource": refused, "message": "no scope"}])
+    events = [{"id": i, "type": _TYPES[i % 3]} for i in range(3000)]
+    dead_dir = tmp_path / "dlq"
+    totals, per_source = _run(lambda p: (
+        p | beam.Create(events, reshuffle=False)
+        | _sink(server, DatasourceFromField("type", prefix=f"{datasource}_"), max_batch_bytes=4096,
+                dead_letter_path=str(dead_dir) + "/")))
+    letters = dead_letters_in(dead_dir)
+    assert sorted(orjson.loads(letter.line)["id"] for letter in letters) == [e["id"] for e in events
+                                                                             if e["type"] == "view"]
+    assert {(letter.datasource, letter.kind, letter.status) for letter in letters} == {(refused, "rejected", 403)}
+    for kind in ("click", "purchase"):
+        assert [r["id"] for r in _rows(server, f"{datasource}_{kind}")] == [
+            e["id"] for e in events if e["type"] == kind]
+    assert per_source[(refused, "dead_letters")] == 1000 == totals["dead_letters_rejected"]
+    assert (refused, "rows_acknowledged") not in per_source
+    assert per_source[(f"{datasource}_click", "rows_acknowledged")] == 1000
+
+
+def test_streaming_routes_each_element_with_state_per_data_source(server, datasource):
+    """Unbounded input (TestStream): late and on-time rows of three types, each data source exactly its rows."""
+    stream = TestStream().advance_watermark_to(0)
+    for i in range(600):
+        stream = stream.add_elements([TimestampedValue({"id": i, "type": _TYPES[i % 3]}, i % 120)])
+        if i % 200 == 199:
+            stream = stream.advance_watermark_to((i // 200 + 1) * 60)
+    stream = stream.add_elements([TimestampedValue({"id": 600, "type": "click"}, 1)])  # late: sent, not dropped
+    stream = stream.advance_watermark_to_infinity()
+    options = PipelineOptions([])  # the DirectRunner: the FnApiRunner does not run TestStream
+    options.view_as(StandardOptions).streaming = True
+    p = beam.Pipeline(options=options)
+    _ = (p | stream | beam.WindowInto(FixedWindows(60))
+         | _sink(server, DatasourceFromField("type", prefix=f"{datasource}_"), clock=lambda: 0.0))
+    p.run().wait_until_finish()
+    for kind in _TYPES:
+        expected = [i for i in range(601) if (_TYPES[i % 3] if i < 600 else "click") == kind]
+        assert [r["id"] for r in _rows(server, f"{datasource}_{kind}")] == expected
+
+
+def test_sessions_of_two_data_sources_are_merged_apart(server, datasource):
+    """Merging windows with routing: a session per data source, each row once, a handful of requests."""
+    events = [TimestampedValue({"id": i, "type": _TYPES[i % 2]}, i) for i in range(400)]  # one session each
+    totals, _ = _run(lambda p: (
+        p | beam.Create(events, reshuffle=False) | beam.WindowInto(Sessions(10))
+        | _sink(server, DatasourceFromField("type", prefix=f"{datasource}_"))))
+    for kind in _TYPES[:2]:
+        assert [r["id"] for r in _rows(server, f"{datasource}_{kind}")] == list(range(_TYPES.index(kind), 400, 2))
+    assert totals["requests"] <= 2 * 2  # per data source: one session, at most one request per shard
+
+
+# -- the routing function ---------------------------------------------------------------------
+
+
+class _Named(typing.NamedTuple):
+    id: int
+    type: str
+
+
+@dataclasses.dataclass
+class _Event:
+    id: int
+    type: str
+
+
+@pytest.mark.parametrize("element", [
+    {"id": 1, "type": "click"}, beam.Row(id=1, type="click"), _Named(1, "click"), _Event(1, "click"),
+    '{"id": 1, "type": "click"}', b'{"type": "click", "id": 1}', bytearray(b'{"type":"click"}'),
+])
+def test_datasource_from_field_reads_every_element_form_the_sink_encodes(element):
+    assert DatasourceFromField("type", prefix="ev_")(element) == "ev_click"
+
+
+@pytest.mark.parametrize(("element", "message"), [
+    ({"id": 1}, "the datasource function raised KeyError: 'type'"),
+    ({"type": 7}, "the datasource function raised TypeError: field 'type' holds int 7, not a str"),
+    ('[1, 2]', "the datasource function raised TypeError: the element's JSON is list, not an object"),
+    ("not json", "the datasource function raised JSONDecodeError: "),
+    (42, "the datasource function raised TypeError: cannot read field 'type' of int"),
+    ({"type": "bad name"}, "the datasource function's result must match [A-Za-z_][A-Za-z0-9_]{0,99}, "
+                           "got 'ev_bad name'"),
+    ({"type": "x_quarantine"}, "the datasource function's result must not name a quarantine data source (the "
+                               "server fills it, nothing can be appended to it), got 'ev_x_quarantine'"),
+    ({"type": "a" * 98}, "the datasource function's result must match [A-Za-z_][A-Za-z0-9_]{0,99}, got 'ev_"),
+])
+def test_an_element_without_a_valid_name_is_unroutable_with_the_reason(element, message):
+    routed = Router(DatasourceFromField("type", prefix="ev_")).route(element)
+    assert isinstance(routed, Unroutable) and routed.message.startswith(message), routed
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no text")
+
+
+@pytest.mark.parametrize(("function", "expected"), [
+    (lambda e: 42, Unroutable("the datasource function's result must be a str, got int 42", "")),
+    (lambda e: None, Unroutable("the datasource function's result must be a str, got NoneType None", "")),
+    (lambda e: b"events", Unroutable("the datasource function's result must be a str, got bytes b'events'", "")),
+    (lambda e: 1 / 0, Unroutable("the datasource function raised ZeroDivisionError: division by zero", "")),
+    (lambda e: (_ for _ in ()).throw(_Unprintable()), Unroutable("the datasource function raised _Unprintable", "")),
+    (lambda e: "events", "events"),
+])
+def test_whatever_the_function_does_the_router_answers_a_name_or_a_reason(function, expected):
+    assert Router(function).route({"id": 1}) == expected
+
+
+def test_the_router_checks_each_name_once_and_its_memory_is_bounded():
+    router = Router(lambda e: f"ev_{e}")
+    for i in range(_MAX_CHECKED_NAMES * 2 + 5):
+        assert router.route(i) == f"ev_{i}"
+    assert len(router._checked) <= _MAX_CHECKED_NAMES
+
+
+@pytest.mark.parametrize(("datasource", "error", "message"), [
+    ("bad name", ValueError, r"^datasource must match"),
+    (7, TypeError, r"^datasource must be a str or a callable"),
+    (None, TypeError, r"^datasource must be a str or a callable"),
+])
+def test_the_transform_takes_a_name_or_a_callable(datasource, error, message):
+    with pytest.raises(error, match=message):
+        WriteToTinybird(datasource=datasource, token="t")
+    assert WriteToTinybird(datasource=DatasourceFromField("type"), token="t") is not None
+
+
+@pytest.mark.parametrize(("field", "prefix"), [("", ""), (None, ""), ("type", None)])
+def test_datasource_from_field_is_validated(field, prefix):
+    with pytest.raises(ValueError):
+        DatasourceFromField(field, prefix=prefix)
+
+
+# -- the client -------------------------------------------------------------------------------
+
+
+def test_one_client_posts_to_each_named_data_source_paced_by_its_own_limiter(server, datasource):
+    client = EventsApiClient(ClientSettings(api_url=server.url, compression=None), token=server.token,
+                             retry_policy=_FAST_RETRIES)
+    try:
+        for kind in _TYPES:
+            report = client.send(orjson.dumps({"id": 1, "type": kind}) + b"\n", 1, f"{datasource}_{kind}")
+            assert [part.rows for part in report.delivered] == [1]
+        assert len({id(client.limiter(f"{datasource}_{kind}")) for kind in _TYPES}) == 3
+        with pytest.raises(ValueError, match="send needs a datasource"):
+            client.send(b'{"id":1}\n', 1)
+        with pytest.raises(ValueError, match=r"^datasource must match"):
+            client.send(b'{"id":1}\n', 1, "x&wait=true")
+    finally:
+        client.close()
+    for kind in _TYPES:
+        assert _rows(server, f"{datasource}_{kind}") == [{"id": 1, "type": kind}]
+
+
+# -- the in-bundle step, driven directly ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_in_a_bundle_every_line_leaves_once_under_its_data_source_however_buffers_are_evicted(seed):
+    """Many data sources, few open buffers, small batches: each line leaves exactly once, with its
+    data source, in a full batch or a chunk; never more open buffers than the bound."""
+    import random
+
+    from apache_beam.transforms.core import Windowing
+    from apache_beam.transforms.window import GlobalWindows
+    from apache_beam.utils.timestamp import Timestamp
+
+    from sinks.tinybird._batching import FULL_TAG, BatchLimits, Chunk, WindowKey, encoder_for
+
+    rng = random.Random(seed)
+    sources = [f"ds_{i}" for i in range(rng.choice((2, 5, 40)))]
+    limits = BatchLimits(max_batch_bytes=rng.choice((64, 300, 5000)), max_batch_rows=rng.choice((3, 50, 1000)),
+                         max_buffering_secs=5, num_shards=2, max_windows_per_bundle=rng.choice((1, 3, 10)))
+    encoder = encoder_for(GlobalWindows(), bounded=True)(
+        datasource=DatasourceFromField("to"), limits=limits, windowing=Windowing(GlobalWindows()))
+    encoder.setup()
+    encoder.start_bundle()
+    elements = [{"id": i, "to": rng.choice(sources)} for i in range(3000)]
+    outputs = []
+    for element in elements:
+        outputs += encoder.process(element, timestamp=Timestamp(0)) or ()
+        assert len(encoder._buffers._buffers) <= limits.max_windows_per_bundle
+    outputs += list(encoder.finish_bundle())
+    left: list[tuple[str, dict]] = []
+    for out in outputs:
+        if getattr(out, "tag", None) == FULL_TAG:
+            batch = out.value.value
+            datasource, payload = batch[5], batch[1]
+        else:
+            key, chunk = out.value
+            datasource, payload = WindowKey(*key).datasource, Chunk(*chunk).payload
+        left += [(datasource, orjson.loads(line)) for line in payload.splitlines()]
+    assert sorted((d, e["id"]) for d, e in left) == sorted((e["to"], e["id"]) for e in elements)
+    assert all(d == e["to"] for d, e in left)
