@@ -63,7 +63,7 @@ def test_options_as_a_command_line_and_as_flex_template_parameters():
 
 @pytest.mark.parametrize("argv, message", [
     (["--datasource=bad name"], r"^--datasource must match \[A-Za-z_\]"),
-    (["--datasource=events_quarantine"], r"^--datasource 'events_quarantine' is a quarantine data source"),
+    (["--datasource=events_quarantine"], r"^--datasource must not name a quarantine data source .*got 'events_quarantine'$"),
     (["--api_url=ftp://x", "--datasource=e"], r"^--api_url must be an http:// or https:// URL"),
     (["--token=t", "--token_secret=projects/p/secrets/s/versions/1"], r"^give either token or token_secret"),
     (["--token_secret=tinybird-token"], r"^--token_secret must be a Secret Manager secret version, projects/"),
