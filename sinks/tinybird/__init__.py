@@ -10,6 +10,7 @@ See :class:`WriteToTinybird` for batching, retries, dead letters and every optio
 
 from sinks.tinybird._routing import DatasourceFromField
 from sinks.tinybird._transform import WriteToTinybird, WriteToTinybirdResult
+from sinks.tinybird._yaml import WriteToTinybirdByField
 from sinks.tinybird.dead_letters import (
     DeadLetter,
     DeadLetterKind,
@@ -28,5 +29,6 @@ __all__ = [
     "RetryPolicy",
     "WriteDeadLetterFiles",
     "WriteToTinybird",
+    "WriteToTinybirdByField",
     "WriteToTinybirdResult",
 ]
