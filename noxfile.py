@@ -68,6 +68,9 @@ STREAMING_TESTS = [
     "--deselect", "tests/pipelines/test_streaming_pubsub.py::test_the_latency_benchmark_runs_and_prints_its_figures",
 ]
 
+# pytest-xdist workers per cell.
+WORKERS = 2
+
 _wheel: Path | None = None
 
 
@@ -148,8 +151,11 @@ def matrix(session: nox.Session, beam: str) -> None:
                 silent=True)
     try:
         # --rootdir: node ids (and --deselect) are relative to the cell's folder, not to tests/.
+        # Two workers (pytest-xdist): most tests wait on servers, retries and deadlines more than
+        # they compute, so two at a time nearly halve a cell on two cores; every test is written
+        # to hold on a busy machine (tests/shared_testlib.py, BUSY_MACHINE_SLACK_SECS).
         session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp),
-                    *tests_to_run, *extra)
+                    "-n", str(WORKERS), "--dist", "worksteal", *tests_to_run, *extra)
     except nox.command.CommandFailed:
         if beam == NEWEST:
             session.error(
