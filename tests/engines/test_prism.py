@@ -31,9 +31,10 @@ def test_sample_files_job_on_prism(server, datasource, prism_flags, tmp_path):
 @pytest.mark.parametrize("windowing", ["fixed", "sliding"])
 def test_windowed_sink_on_prism(server, datasource, prism_flags, windowing, tmp_path):
     outcome = check_windowed_sink(server, datasource, prism_flags, tmp_path / "dead", windowing=windowing)
-    # Prism (2.77) hands the sink's first step the whole input in one bundle (measured: 3,001
-    # elements), so batches fill inside it, unlike Flink's batch bundles of 1,000 elements.
-    assert (outcome.bundles.count, outcome.bundles.max) == (1, 3001)
+    # Prism (2.77) hands the sink's first step the input in large bundles (measured: one of
+    # 3,001 elements on a quiet machine; on a busy one its dynamic splitting cut it in two, of
+    # 2,964 and 37), so batches fill inside them, unlike Flink's batch bundles of 1,000 elements.
+    assert outcome.bundles.max >= 1000, outcome.bundles
 
 
 def test_direct_runner_runs_the_batch_job_on_prism(server, datasource, tmp_path, caplog):
