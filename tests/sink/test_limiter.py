@@ -30,7 +30,7 @@ def _sent_rate(sends: list[float], now: float) -> float:
 
 
 def test_unpaced_until_the_first_congestion_answer_and_bounded_by_max_in_flight():
-    limiter = Limiter(max_in_flight=2, rand=_half)
+    limiter = Limiter(max_in_flight=2, rand=_half, slow_start=False)
     assert limiter.admit(0.0).admitted and limiter.admit(0.0).admitted
     third = limiter.admit(0.0)
     # Both slots taken by the process's own requests, at the ceiling: not throttling.
@@ -54,7 +54,7 @@ def test_a_429_pauses_the_process_exactly_the_first_time_and_starts_pacing():
 
 
 def test_pacing_spaces_requests_by_the_jittered_interval():
-    limiter = Limiter(max_in_flight=4, rand=_half)
+    limiter = Limiter(max_in_flight=4, rand=_half, slow_start=False)
     limiter.admit(0.0)
     limiter.done(0.1, signal=Signal.THROTTLED, rtt_secs=0.1, sent_at=0.0)
     rate = limiter.paced_rate_rps
@@ -69,7 +69,7 @@ def test_pacing_spaces_requests_by_the_jittered_interval():
 def test_the_jitter_comes_from_the_injected_random():
     draws = random.Random(7)
     expected = random.Random(7)
-    limiter = Limiter(max_in_flight=4, rand=draws.random)
+    limiter = Limiter(max_in_flight=4, rand=draws.random, slow_start=False)
     limiter.admit(0.0)
     limiter.done(0.1, signal=Signal.THROTTLED, rtt_secs=0.1, sent_at=0.0)
     expected.random()  # the first concurrency interval's jitter
@@ -91,7 +91,7 @@ def test_a_paced_process_lengthens_its_pauses_by_the_jitter():
 
 
 def test_the_rate_decreases_once_per_round_trip():
-    limiter = Limiter(max_in_flight=4, rand=_half)
+    limiter = Limiter(max_in_flight=4, rand=_half, slow_start=False)
     for _ in range(3):
         limiter.admit(0.0)
     limiter.done(0.1, signal=Signal.THROTTLED, rtt_secs=0.1, sent_at=0.0)
@@ -110,11 +110,29 @@ def test_the_rate_decreases_once_per_round_trip():
     assert MIN_RATE_RPS < 0.8983
 
 
+def test_slow_start_begins_with_one_request_and_doubles_each_clean_round_trip():
+    limiter = Limiter(max_in_flight=4, rand=_half)
+    assert limiter.admit(0.0).admitted
+    first_wait = limiter.admit(0.0)
+    # Held by its own request while starting: not throttling.
+    assert (first_wait.admitted, first_wait.reason, first_wait.throttled) == (False, "concurrency", False)
+    limiter.done(0.01, signal=Signal.OK, rtt_secs=0.01, sent_at=0.0)  # opens the first interval, to 0.06
+    assert limiter.admit(0.05).admitted
+    limiter.done(0.07, signal=Signal.OK, rtt_secs=0.01, sent_at=0.05)  # full and fast: 1 -> 2
+    assert limiter.concurrency_limit == 2
+    for _ in range(2):
+        assert limiter.admit(0.08).admitted
+    limiter.done(0.09, signal=Signal.OK, rtt_secs=0.01, sent_at=0.08)
+    limiter.done(0.13, signal=Signal.OK, rtt_secs=0.01, sent_at=0.08)  # 2 -> 4, the ceiling
+    assert limiter.concurrency_limit == 4
+
+
 def test_a_nearly_spent_window_slows_down_like_a_429_without_pausing():
     assert RateWindow(limit=100, remaining=14).nearly_spent
     assert not RateWindow(limit=100, remaining=15).nearly_spent
     limiter = Limiter(max_in_flight=4, rand=_half)
     limiter.admit(0.0)
+    # One answer: too few to measure the service's rate, so the threshold is the signal.
     limiter.done(0.1, signal=Signal.OK, rtt_secs=0.1, window=RateWindow(limit=100, remaining=14), sent_at=0.0)
     assert limiter.paced_rate_rps == pytest.approx(0.8 * _sent_rate([0.0], 0.1))
     assert limiter.pause_remaining(0.1) == 0.0
@@ -150,7 +168,7 @@ def test_an_idle_process_does_not_grow_its_rate():
 
 
 def test_back_pressure_lowers_the_concurrency_limit_and_waiting_on_it_is_throttling():
-    limiter = Limiter(max_in_flight=4, rand=_half)
+    limiter = Limiter(max_in_flight=4, rand=_half, slow_start=False)
     # Intervals are one mean round trip, at least 50 ms (x 0.75-1.25 jitter: 0.5 gives 1).
     limiter.admit(0.0)
     limiter.done(0.01, signal=Signal.OK, rtt_secs=0.01, sent_at=0.0)  # opens the first interval, to 0.06
@@ -165,7 +183,7 @@ def test_back_pressure_lowers_the_concurrency_limit_and_waiting_on_it_is_throttl
 
 
 def test_the_concurrency_limit_grows_by_one_when_it_was_used_and_answers_were_fast():
-    limiter = Limiter(max_in_flight=4, rand=_half)
+    limiter = Limiter(max_in_flight=4, rand=_half, slow_start=False)
     limiter.admit(0.0)
     limiter.done(0.01, signal=Signal.BACK_PRESSURE, rtt_secs=0.01, sent_at=0.0)  # first interval, to 0.06
     limiter.admit(0.05)
@@ -194,3 +212,45 @@ def test_shared_limiter_is_one_per_key_and_clock_and_never_pickled():
     assert shared_limiter(other, max_in_flight=2, clock=clock, rand=_half) is not first
     with pytest.raises(TypeError, match="cannot be pickled"):
         pickle.dumps(first)
+
+
+def _answers_of_one_service(limiter: Limiter, *, service_rps: float, own_rps: float, secs: float,
+                            limit: int = 1000, start: float = 0.0) -> float:
+    """Feeds the limiter the answers a fixed one-second-window service counting
+    ``service_rps`` requests (its own ``own_rps`` among them, evenly spread) would give; returns the end."""
+    t = start
+    while t < start + secs:
+        spent = min(limit, math.floor((t - math.floor(t)) * service_rps) + 1)
+        limiter.admit(t)
+        limiter.done(t + 0.01, signal=Signal.OK, rtt_secs=0.01, window=RateWindow(limit=limit, remaining=limit - spent),
+                     sent_at=t)
+        t += 1.0 / own_rps
+    return t
+
+
+def test_the_service_rate_is_measured_between_answers_of_one_window():
+    # 10 answers a second of a service counting 500 requests/s: half its limit.
+    limiter = Limiter(max_in_flight=4, rand=_half, slow_start=False)
+    now = _answers_of_one_service(limiter, service_rps=500, own_rps=10, secs=5)
+    assert limiter._measured_load(now) == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_process_paces_itself_before_the_first_429_when_the_service_is_near_its_limit():
+    limiter = Limiter(max_in_flight=4, rand=_half, slow_start=False)
+    _answers_of_one_service(limiter, service_rps=990, own_rps=10, secs=3)
+    # Measured at ~0.99 of the limit: paced at its own rate x TARGET_LOAD / load, with no 429 met.
+    rate = limiter.paced_rate_rps
+    assert rate is not None and 6.0 < rate < 10.0
+    assert limiter.pause_remaining(3.0) == 0.0
+
+
+def test_a_paced_process_takes_up_what_the_others_leave_within_seconds():
+    limiter = Limiter(max_in_flight=4, rand=_half, slow_start=False)
+    end = _answers_of_one_service(limiter, service_rps=990, own_rps=10, secs=3)
+    before = limiter.paced_rate_rps
+    assert before is not None
+    # The others stop: the service counts only this process's 10 requests/s.
+    _answers_of_one_service(limiter, service_rps=10, own_rps=10, secs=5, start=end)
+    # It grows up to twice what it really sends (10/s here): a rate it does not use stays put.
+    after = limiter.paced_rate_rps
+    assert after is not None and after > 2 * before and after == pytest.approx(20.0, rel=0.15)

@@ -8,21 +8,28 @@ limiter per target that three things in it obey:
 - **the server's pause**: ``Retry-After`` on a 429/503 and an exhausted window
   (``X-RateLimit-Remaining: 0`` until ``X-RateLimit-Reset``) stop every request
   of the process at once, not only the one that was told;
-- **a paced rate** (AIMD, as TCP and Beam's ``AdaptiveThrottler`` react to
-  overload on the client side), from the first *congestion answer* on: a 429,
-  or an answer whose ``X-RateLimit-Remaining`` says less than
-  :data:`WINDOW_SPENT_SHARE` of the window is left (a signal before the 429).
-  Each congestion answer multiplies the rate by :data:`RATE_DECREASE_RATIO`
-  (at most once per round trip), so a process that sends more meets more of
-  them and slows down more: decreases proportional to a process's own rate
-  are what bring the processes sharing a limit to equal shares. Clean answers
-  make the rate grow by :data:`RATE_GROWTH_PER_SEC` of itself and
-  :data:`RATE_GROWTH_OF_LIMIT` of the service's limit per second, faster (up
-  to :data:`HEADROOM_GROWTH` times) while the headers show the service far
-  from its limit, so that the capacity other processes leave is taken up
-  within seconds. The spacing, and the pauses of a process that paces
-  itself, are jittered so that processes do not move in step;
-- **adaptive concurrency** (Vector's adaptive request concurrency): the
+- **a paced rate**, from the first *congestion answer* on. When answers come
+  close together (a process sending several a second), two answers of one
+  window measure the service's rate, every process's requests together (the
+  requests counted between them over the time between them), and each process
+  moves its rate by the same factor towards :data:`TARGET_LOAD` of
+  ``X-RateLimit-Limit``, plus :data:`RATE_GROWTH_OF_LIMIT` of the limit per
+  second for every process alike, which evens out the shares: the limit is
+  filled without a 429 to find it, and what finished processes leave is taken
+  up within seconds. When answers are sparse, AIMD (as TCP and Beam's
+  ``AdaptiveThrottler`` react to overload on the client side): a congestion
+  answer is a 429 or an answer whose ``X-RateLimit-Remaining`` says less than
+  :data:`WINDOW_SPENT_SHARE` of the window is left (a signal before the 429),
+  and multiplies the rate by :data:`RATE_DECREASE_RATIO` (at most once per
+  round trip), so that a process sending more slows down more and the
+  processes drift to equal shares; clean answers make it grow by
+  :data:`RATE_GROWTH_PER_SEC` of itself and :data:`RATE_GROWTH_OF_LIMIT` of
+  the limit per second, up to :data:`HEADROOM_GROWTH` times faster while the
+  headers show the service far from its limit. A 429 always slows down. The
+  spacing, and the pauses of a process that paces itself, are jittered so that
+  processes do not move in step;
+- **adaptive concurrency** (Vector's adaptive request concurrency): one
+  request in flight at first, doubled each clean round trip (slow start); then the
   requests in flight shrink by :data:`DECREASE_RATIO` when an interval of one
   mean round trip saw back-pressure (429, 503, a timeout) or a round trip far
   above its moving average, and grow by one when the limit was used and
@@ -49,11 +56,14 @@ __all__ = [
     "EWMA_ALPHA",
     "HEADROOM_GROWTH",
     "MIN_RATE_RPS",
+    "OTHER_LIMIT_SECS",
     "PAUSE_JITTER",
     "RATE_DECREASE_RATIO",
     "RATE_GROWTH_OF_LIMIT",
     "RATE_GROWTH_PER_SEC",
     "RTT_DEVIATION_SCALE",
+    "STEER_GAIN",
+    "TARGET_LOAD",
     "WINDOW_SPENT_SHARE",
     "Admission",
     "Limiter",
@@ -80,7 +90,8 @@ when the service is at its limit (see :data:`HEADROOM_GROWTH`)."""
 RATE_GROWTH_OF_LIMIT = 0.0003
 """Growth of the paced rate per second, as a share of ``X-RateLimit-Limit``: the
 same for every process, so a process below its share catches up faster (in
-proportion) than one above it."""
+proportion) than one above it (the additive part of additive increase,
+multiplicative decrease, also when steering to a measured rate)."""
 HEADROOM_GROWTH = 10.0
 """The share growth is multiplied by up to 1 + this while the service is far from
 its limit: 11 times at no load, so that a process left alone by the others
@@ -98,8 +109,26 @@ at its end."""
 MIN_RATE_RPS = 0.2
 """The paced rate never falls below one request per 5 s: a burst of 429s must not
 leave the process waiting minutes for its first request after the burst."""
+TARGET_LOAD = 0.92
+"""The share of ``X-RateLimit-Limit`` the processes steer to when they measure the
+service's rate. Tuned with the simulation: 0.95 lets the fixed one-second
+windows overflow now and then, and each 429 pauses its process for the whole
+``Retry-After`` (one second: ten requests of a process sending ten a second);
+0.90 leaves capacity unused."""
+STEER_GAIN = 0.5
+"""How fast the paced rate moves towards :data:`TARGET_LOAD`: the log of
+(target / measured load) times this, per second (so a service at half its
+target doubles the rates in about 1.4 s, at most x2 per second)."""
+OTHER_LIMIT_SECS = 30.0
+"""After a 429 with requests left in the window (a byte limit, not the request
+count, binds), the measured request rate is not steered to for this long."""
+_MAX_LOG_STEER = math.log(4.0)
 _SENT_WINDOW_SECS = 5.0
-_USED_WINDOW_SECS = 5.0
+_USED_WINDOW_SECS = 3.0
+# Two answers further apart may be of two windows even when the count did not fall
+# back; and the rate is measured once pairs cover this much of the last seconds.
+_PAIR_MAX_GAP_SECS = 0.5
+_PAIRS_ENOUGH_SECS = 0.5
 MIN_INTERVAL_SECS = 0.05
 """The shortest adjustment interval of the concurrency limit (answers on loopback take ~1 ms)."""
 
@@ -177,17 +206,23 @@ class Limiter:
 
     Args:
         max_in_flight: The ceiling of the concurrency limit (which starts there).
-        rand: Uniform random numbers in [0, 1), for the throttler's draw and the jitter.
+        rand: Uniform random numbers in [0, 1), for the jitter.
+        slow_start: Begin with one request in flight, doubled each clean round
+            trip up to ``max_in_flight`` (``False``: begin at ``max_in_flight``).
     """
 
-    def __init__(self, *, max_in_flight: int, rand: Callable[[], float]) -> None:
+    def __init__(self, *, max_in_flight: int, rand: Callable[[], float], slow_start: bool = True) -> None:
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
         self._rand = rand
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)
         self._max = max_in_flight
-        self._limit = max_in_flight
+        # Slow start (as TCP and Vector's adaptive concurrency begin): one request
+        # in flight, doubled each clean round trip up to the ceiling, so that a
+        # process starting against a spent limit meets one 429, not max_in_flight.
+        self._limit = 1 if slow_start else max_in_flight
+        self._slow_start = slow_start and max_in_flight > 1
         self._in_flight = 0
         self._not_before = -math.inf
         # Paced rate (None until the first congestion answer), the next send it
@@ -198,6 +233,13 @@ class Limiter:
         self._limit_seen = 0.0
         self._used: float | None = None
         self._used_at = -math.inf
+        # The service's consumption measured between two answers of one window:
+        # decaying sums of the requests it counted in between and of the time.
+        self._last_count: tuple[float, float] | None = None
+        self._counted = 0.0
+        self._counted_secs = 0.0
+        self._counted_at = -math.inf
+        self._other_limit_until = -math.inf
         self._decreased_at = -math.inf
         self._sent = _DecayingRate(_SENT_WINDOW_SECS)
         # Adaptive concurrency: the moving round trip, and the interval under way.
@@ -264,7 +306,7 @@ class Limiter:
                 # Waiting for another request of the process is throttling only
                 # when back-pressure lowered the limit below the ceiling.
                 return Admission(admitted=False, wait_secs=math.inf, reason="concurrency",
-                                 throttled=self._limit < self._max)
+                                 throttled=self._limit < self._max and not self._slow_start)
             if self._rate is not None and self._next_send_at > now:
                 return Admission(admitted=False, wait_secs=self._next_send_at - now, reason="pace", throttled=True)
             if self._rate is not None:
@@ -303,13 +345,22 @@ class Limiter:
                 self._not_before = max(self._not_before, now + pause_secs * (1.0 + jitter))
             if window is not None:
                 self._limit_seen = window.limit
-                self._observe(now, window)
-            if signal is Signal.THROTTLED or (window is not None and window.nearly_spent):
+                self._observe(now, window, now if sent_at is None else sent_at)
+            if signal is Signal.THROTTLED and window is not None and window.remaining > 0:
+                # Refused with requests left in the window: another limit (bytes)
+                # binds, and the request count no longer says how far to go.
+                self._other_limit_until = now + OTHER_LIMIT_SECS
+            measured = self._measured_load(now) if now >= self._other_limit_until else None
+            congested = signal is Signal.THROTTLED or (
+                measured is None and window is not None and window.nearly_spent)
+            if congested:
                 # At most once per round trip (as TCP halves once per window): the
                 # answers to requests sent before the last decrease say nothing new.
                 if sent_at is None or sent_at >= self._decreased_at:
                     self._slow_down(now)
                     self._decreased_at = now
+            elif signal is Signal.OK and measured is not None:
+                self._steer(now, measured)
             elif signal is Signal.OK and self._rate is not None:
                 self._speed_up(now)
             self._adjust_concurrency(now, signal, rtt_secs)
@@ -331,21 +382,71 @@ class Limiter:
         self._rate = max(MIN_RATE_RPS, RATE_DECREASE_RATIO * current)
         self._grown_at = now
 
-    def _observe(self, now: float, window: RateWindow) -> None:
-        # The share of the window used when this answer was given, averaged over
-        # the last seconds: requests land at random points of the window, so the
+    def _observe(self, now: float, window: RateWindow, counted_at: float) -> None:
+        # The share of the window used before this request was counted (plus half
+        # of it, so that a small limit is not overestimated), averaged over the
+        # last seconds: requests land at random points of the window, so the
         # average says how loaded the service is (half used: fully loaded).
-        used = 1.0 - min(window.remaining, window.limit) / window.limit
+        spent = window.limit - min(window.remaining, window.limit)
+        used = min(1.0, max(0.0, (spent - 0.5) / window.limit))
         weight = 1.0 - math.exp(-max(now - self._used_at, 0.0) / _USED_WINDOW_SECS)
         self._used = used if self._used is None else self._used + weight * (used - self._used)
         self._used_at = now
+        # Two answers close in time whose counts did not fall back are of one
+        # window: the requests counted between them, over the time between them,
+        # is the service's rate (every process's), read without knowing where
+        # the window begins.
+        if self._last_count is not None:
+            last_at, last_spent = self._last_count
+            gap, more = counted_at - last_at, spent - last_spent
+            if gap < 0:
+                gap, more = -gap, -more
+            if 0 < gap <= _PAIR_MAX_GAP_SECS and more >= 0:
+                decay = math.exp(-max(now - self._counted_at, 0.0) / _USED_WINDOW_SECS)
+                self._counted = self._counted * decay + more
+                self._counted_secs = self._counted_secs * decay + gap
+                self._counted_at = now
+            if counted_at < last_at:
+                return
+        self._last_count = (counted_at, spent)
+
+    def _measured_load(self, now: float) -> float | None:
+        """The service's load (its requests per second over its limit) measured from pairs of
+        answers of one window, or ``None`` when too few answers came close enough together."""
+        decay = math.exp(-max(now - self._counted_at, 0.0) / _USED_WINDOW_SECS)
+        if self._counted_secs * decay < _PAIRS_ENOUGH_SECS or self._limit_seen <= 0:
+            return None
+        return self._counted / self._counted_secs / self._limit_seen
 
     def _headroom(self) -> float:
-        """1 - the estimated load of the service (0 when at or over its limit, or unknown)."""
+        """1 - the load estimated from the average share of the window used (0 when at or over the limit, or unknown)."""
         if self._used is None:
             return 0.0
         load = 2.0 * self._used if self._used <= 0.5 else 0.5 / max(1.0 - self._used, 1e-9)
         return max(0.0, 1.0 - load)
+
+    def _steer(self, now: float, load: float) -> None:
+        # The headers measure the load of the service (every process's requests),
+        # so each process moves its rate by the same factor towards TARGET_LOAD:
+        # together they fill the limit without a 429 to find it, and what a
+        # finished process leaves is taken up within seconds.
+        if self._rate is None:
+            if load > TARGET_LOAD:
+                self._rate = max(MIN_RATE_RPS, self._sent.rate(now) * TARGET_LOAD / max(load, 1e-9))
+                self._grown_at = now
+            return
+        elapsed = min(max(now - self._grown_at, 0.0), 2.0 / self._rate)
+        self._grown_at = now
+        step = STEER_GAIN * elapsed * max(-_MAX_LOG_STEER, min(_MAX_LOG_STEER, math.log(TARGET_LOAD / max(load, 1e-9))))
+        # Only a rate the process uses grows: an idle one would otherwise come
+        # back from a lull far above what the service accepts.
+        if self._sent.rate(now) < 0.5 * self._rate:
+            step = min(step, 0.0)
+            elapsed = 0.0
+        # The same share of the limit for every process: the processes above
+        # their share shrink by more than they gain, those below it the reverse,
+        # so the shares even out (additive increase, multiplicative decrease).
+        self._rate = max(MIN_RATE_RPS, self._rate * math.exp(step) + RATE_GROWTH_OF_LIMIT * self._limit_seen * elapsed)
 
     def _speed_up(self, now: float) -> None:
         assert self._rate is not None
@@ -375,8 +476,10 @@ class Limiter:
                 and current > mean + RTT_DEVIATION_SCALE * math.sqrt(self._rtt_var))
         if self._interval_pressure or slow:
             self._limit = max(1, math.floor(self._limit * DECREASE_RATIO))
+            self._slow_start = False
         elif self._interval_full and (mean is None or current is None or current <= mean):
-            self._limit = min(self._max, self._limit + 1)
+            self._limit = min(self._max, 2 * self._limit if self._slow_start else self._limit + 1)
+            self._slow_start = self._slow_start and self._limit < self._max
         if current is not None:
             if mean is None:
                 self._rtt_mean = current
