@@ -1,6 +1,7 @@
 """Peak RSS of the bounded sink against the number of windows in one bundle (issue 21).
 
-    python -m benchmarks.window_rss [--rows N] [WINDOWS ...]   (default: 100000 rows; 10 100000 windows)
+    python -m benchmarks.window_rss [--rows N] [--modes M,...] [--runner fnapi|prism] [WINDOWS ...]
+        (default: 100000 rows; 10 100000 windows; every mode; the FnApiRunner)
 
 ``N`` rows of about 2 KB in ``WINDOWS`` one-second fixed windows, all in one
 bundle (``Create`` without reshuffle), each measured in a subprocess of its own
@@ -20,33 +21,116 @@ bundle (``Create`` without reshuffle), each measured in a subprocess of its own
 With many windows the sink keeps ``max_windows_per_bundle`` buffers open and
 sends the others to the cross-bundle merge (a ``GroupByKey``), as Beam's
 ``WriteToFiles`` spills writers past ``max_writers_per_bundle``: the
-``sink`` figure then includes the runner's shuffle of those rows.
+``sink`` figure on the FnApiRunner then includes the runner's shuffle of
+those rows.
+
+``--runner prism`` runs ``sink`` and ``shuffle`` on Prism instead (the Go
+binary ``./dev engines prism`` builds, at this environment's Beam version, or
+``--prism-location``), with a LOOPBACK worker: the SDK worker runs in the
+measured process, and Prism, a process of its own, holds the shuffle. Both
+peaks are printed: the worker's (what the sink holds) and Prism's (its
+VmHWM, read from ``/proc`` when the pipeline is done, Prism still running).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 _PAD = "x" * 2000
 _MODES = ("sink", "encoder", "shuffle")
+_RUNNERS = ("fnapi", "prism")
 
 
-def _peak_rss_kib() -> int:
-    with open("/proc/self/status") as fh:
+def _peak_rss_kib(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+
+def _default_prism() -> str:
+    import apache_beam as beam
+
+    cache = Path(os.environ.get("BEAM_TINYBIRD_ENGINES_CACHE", Path.home() / ".cache" / "beam-tinybird-engines"))
+    return str(cache / f"prism-v{beam.__version__}" / "prism")
+
+
+def _pipeline(runner: str, prism: str):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    if runner == "fnapi":
+        return beam.Pipeline(runner=FnApiRunner())
+    return beam.Pipeline(options=PipelineOptions(
+        ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK"]))
+
+
+def _children_running(binary: str) -> list[int]:
+    """The pids of this process's children that run ``binary`` (the Prism that Beam started)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            if ppid == os.getpid() and os.path.realpath(f"/proc/{entry}/exe") == os.path.realpath(binary):
+                pids.append(int(entry))
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+    return pids
+
+
+def _runner_peak(runner: str, prism: str) -> dict:
+    """Prism's own peak RSS (it runs until this process exits); nothing for the in-process FnApiRunner."""
+    if runner == "fnapi":
+        return {}
+    (pid,) = _children_running(prism)
+    return {"runner_peak_rss_kib": _peak_rss_kib(pid)}
 
 
 def _row(i: int) -> dict:
     return {"id": i, "pad": _PAD}
 
 
-def _sink(rows: int, windows: int) -> dict:
+def _bundle_probe():
+    """A pass-through DoFn recording how many elements each bundle held (distribution ``bundle_elements``)."""
     import apache_beam as beam
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.metrics.metric import Metrics
+
+    class BundleSizes(beam.DoFn):
+        def setup(self) -> None:
+            self._sizes = Metrics.distribution("window_rss", "bundle_elements")
+
+        def start_bundle(self) -> None:
+            self._in_bundle = 0
+
+        def process(self, element):
+            self._in_bundle += 1
+            yield element
+
+        def finish_bundle(self) -> None:
+            self._sizes.update(self._in_bundle)
+
+    return beam.ParDo(BundleSizes())
+
+
+def _bundles(result) -> str:
+    """``"COUNT (largest N)"``: the bundles the sink's first step was handed."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    (sizes,) = [d.committed for d in result.metrics().query(MetricsFilter().with_namespace("window_rss"))[
+        "distributions"]]
+    return f"{sizes.count} (largest {sizes.max})"
+
+
+def _sink(rows: int, windows: int, runner: str, prism: str) -> dict:
+    import apache_beam as beam
     from apache_beam.transforms.window import FixedWindows, TimestampedValue
 
     from benchmarks._counting_endpoint import CountingEndpoint, line_checksum
@@ -54,21 +138,24 @@ def _sink(rows: int, windows: int) -> dict:
     from sinks.tinybird._encoding import encode_element
 
     with CountingEndpoint() as endpoint:
-        p = beam.Pipeline(runner=FnApiRunner())
+        p = _pipeline(runner, prism)
         _ = (p | beam.Create(range(rows), reshuffle=False)
              | beam.Map(lambda i: TimestampedValue(_row(i), i % windows))
              | beam.WindowInto(FixedWindows(1))
+             | "Probe" >> _bundle_probe()
              | WriteToTinybird(datasource="rss", token=endpoint.token, api_url=endpoint.url, compression=None,
                                num_shards=1))
-        p.run().wait_until_finish()
+        result = p.run()
+        result.wait_until_finish()
         counts = endpoint.counts()["rss"]
+    runner_peak = _runner_peak(runner, prism)
     expected = line_checksum(encode_element(_row(i)) for i in range(rows))
     if (counts["lines"], counts["checksum"]) != expected:
         raise SystemExit(f"lines or checksum differ: got {counts['lines']}, expected {expected[0]}")
-    return {"requests": counts["requests"], "lines": counts["lines"]}
+    return {"bundles": _bundles(result), "requests": counts["requests"], "lines": counts["lines"], **runner_peak}
 
 
-def _encoder(rows: int, windows: int) -> dict:
+def _encoder(rows: int, windows: int, runner: str, prism: str) -> dict:
     from apache_beam.transforms.core import Windowing
     from apache_beam.transforms.window import FixedWindows, IntervalWindow
     from apache_beam.utils.timestamp import Timestamp
@@ -96,14 +183,13 @@ def _encoder(rows: int, windows: int) -> dict:
     return {"outputs": outputs, "most_open_buffers": most_open}
 
 
-def _shuffle(rows: int, windows: int) -> dict:
+def _shuffle(rows: int, windows: int, runner: str, prism: str) -> dict:
     import apache_beam as beam
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
     from apache_beam.transforms.window import FixedWindows, TimestampedValue
 
     from sinks.tinybird._encoding import encode_element
 
-    p = beam.Pipeline(runner=FnApiRunner())
+    p = _pipeline(runner, prism)
     _ = (p | beam.Create(range(rows), reshuffle=False)
          | beam.Map(lambda i: TimestampedValue(_row(i), i % windows))
          | beam.WindowInto(FixedWindows(1))
@@ -113,35 +199,55 @@ def _shuffle(rows: int, windows: int) -> dict:
          | beam.GroupByKey()
          | beam.Map(lambda kv: len(kv[1])))
     p.run().wait_until_finish()
-    return {}
+    return _runner_peak(runner, prism)
 
 
-def _child(mode: str, rows: int, windows: int) -> None:
+def _child(mode: str, rows: int, windows: int, runner: str, prism: str) -> None:
     started = time.monotonic()
-    result = {"sink": _sink, "encoder": _encoder, "shuffle": _shuffle}[mode](rows, windows)
+    result = {"sink": _sink, "encoder": _encoder, "shuffle": _shuffle}[mode](rows, windows, runner, prism)
     print(json.dumps({"mode": mode, "windows": windows, "rows": rows, "secs": round(time.monotonic() - started, 1),
                       "peak_rss_kib": _peak_rss_kib(), **result}))
 
 
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:7.1f} MiB"
+
+
+def _against(kib: int, base_kib: int) -> str:
+    return f"({(kib - base_kib) / 1024:+7.1f} MiB, x{kib / base_kib:.2f})"
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--child":
-        _child(argv[1], int(argv[2]), int(argv[3]))
+        _child(argv[1], int(argv[2]), int(argv[3]), argv[4], argv[5])
         return
     parser = argparse.ArgumentParser(prog="python -m benchmarks.window_rss")
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--modes", default=",".join(_MODES), help=f"comma-separated, of {', '.join(_MODES)}")
+    parser.add_argument("--runner", choices=_RUNNERS, default="fnapi",
+                        help="the runner of the sink and shuffle modes (the encoder needs none)")
+    parser.add_argument("--prism-location", default=None, help="the Prism binary (default: where ./dev engines puts it)")
     parser.add_argument("windows", type=int, nargs="*", default=[10, 100_000])
     args = parser.parse_args(argv)
+    prism = args.prism_location or _default_prism()
+    if args.runner == "prism" and not os.access(prism, os.X_OK):
+        raise SystemExit(f"{prism} is missing: run `./dev engines prism`, or give --prism-location")
     for mode in args.modes.split(","):
-        base = None
+        base: dict | None = None
         for windows in args.windows:
-            out = subprocess.run([sys.executable, "-m", "benchmarks.window_rss", "--child", mode, str(args.rows),
-                                  str(windows)], check=True, capture_output=True, text=True).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            base = r["peak_rss_kib"] if base is None else base
-            extra = ", ".join(f"{k} {r[k]}" for k in ("requests", "lines", "outputs", "most_open_buffers") if k in r)
-            print(f"{mode:>8}: {r['windows']:>7} windows, {r['rows']} rows, {r['secs']:>6.1f} s: "
-                  f"peak RSS {r['peak_rss_kib'] / 1024:7.1f} MiB ({(r['peak_rss_kib'] - base) / 1024:+7.1f} MiB)"
+            child = subprocess.run([sys.executable, "-m", "benchmarks.window_rss", "--child", mode, str(args.rows),
+                                    str(windows), args.runner, prism], capture_output=True, text=True)
+            if child.returncode:
+                raise SystemExit(f"{mode}, {windows} windows: exit status {child.returncode}\n{child.stderr[-3000:]}")
+            r = json.loads(child.stdout.strip().splitlines()[-1])
+            base = base or r
+            extra = ", ".join(f"{k} {r[k]}" for k in ("bundles", "requests", "lines", "outputs", "most_open_buffers") if k in r)
+            runner = "" if mode == "encoder" else f" on {args.runner}"
+            peaks = f"peak RSS {_mib(r['peak_rss_kib'])} {_against(r['peak_rss_kib'], base['peak_rss_kib'])}"
+            if "runner_peak_rss_kib" in r:
+                peaks = (f"worker {peaks}; Prism {_mib(r['runner_peak_rss_kib'])} "
+                         f"{_against(r['runner_peak_rss_kib'], base['runner_peak_rss_kib'])}")
+            print(f"{mode + runner:>16}: {r['windows']:>7} windows, {r['rows']} rows, {r['secs']:>6.1f} s: {peaks}"
                   + (f"; {extra}" if extra else ""), flush=True)
 
 

@@ -11,11 +11,14 @@ job never runs on Prism. Bounded input goes through a GroupByKey and runs on Pri
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 
 import pytest
 from engines_testlib import check_sample_files_job, check_windowed_sink, files_job_in_subprocess, prism_binary
-from pipelines_testlib import count
+from pipelines_testlib import REPO_ROOT, count
 from shared_testlib import dead_letters_in
 
 
@@ -59,3 +62,19 @@ def test_direct_runner_falls_back_when_prism_cannot_be_had(server, datasource, t
     assert "Falling back to DirectRunner" in result.stderr
     assert (count(server, datasource), count(server, f"{datasource}_quarantine")) == (4988, 10)
     assert sorted(letter.kind for letter in dead_letters_in(tmp_path / "dead")) == ["unencodable", "unencodable"]
+
+
+def test_window_rss_benchmark_measures_the_worker_and_prism_apart():
+    """``python -m benchmarks.window_rss --runner prism``, one run of it scaled down (2,000 one-row
+    windows): the whole input in one bundle of the LOOPBACK worker (this run's process), every
+    line posted once (the benchmark checks count and checksum), and both peaks read, the
+    worker's and Prism's, from two processes. The figures are printed, not bounded here: what
+    they show is in benchmarks/README.md."""
+    child = subprocess.run(
+        [sys.executable, "-m", "benchmarks.window_rss", "--child", "sink", "2000", "2000", "prism",
+         str(prism_binary())], cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert child.returncode == 0, child.stderr[-3000:]
+    run = json.loads(child.stdout.strip().splitlines()[-1])
+    assert (run["bundles"], run["requests"], run["lines"]) == ("1 (largest 2000)", 2000, 2000)
+    # Prism's VmHWM is its own: a Go process far smaller than a Python worker with Beam loaded.
+    assert 0 < run["runner_peak_rss_kib"] < run["peak_rss_kib"]
