@@ -66,7 +66,9 @@ class DatasourceFromField:
             raise ValueError(f"prefix must be a str, got {self.prefix!r}")
 
     def __call__(self, element: Any) -> str:
-        if isinstance(element, Mapping):
+        if type(element) is dict:  # the common case first: no ABC check
+            value = element[self.field]
+        elif isinstance(element, Mapping):
             value = element[self.field]
         elif isinstance(element, (str, bytes, bytearray, memoryview)):
             obj = orjson.loads(element)

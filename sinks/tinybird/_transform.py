@@ -441,7 +441,7 @@ class WriteToTinybird(beam.PTransform):
         # Merging windows of bounded input: chunks keep their windows, and a
         # GroupByKey merges them across bundles as Beam merges windows.
         merge_windows = bounded and windowing.windowfn.is_merging()
-        encoder = encoder_for(windowing.windowfn, bounded=bounded)(
+        encoder = encoder_for(windowing.windowfn, bounded=bounded, routed=not isinstance(datasource, str))(
             datasource=datasource, limits=limits, windowing=windowing,
             full_to_merge=not bounded or merge_windows, keep_windows=merge_windows)
         tags = (DEAD_LETTERS_TAG, FULL_TAG) if bounded and not merge_windows else (DEAD_LETTERS_TAG,)

@@ -231,11 +231,14 @@ def test_the_encoder_is_chosen_by_the_window_function():
     from sinks.tinybird._batching import (
         _EncodeAndBatchDoFn,
         _EncodeAndBatchGlobalDoFn,
+        _EncodeAndBatchGlobalRoutedDoFn,
         _EncodeAndBatchPerWindowDoFn,
         encoder_for,
     )
 
     assert encoder_for(GlobalWindows(), bounded=True) is _EncodeAndBatchGlobalDoFn
+    assert encoder_for(GlobalWindows(), bounded=True, routed=True) is _EncodeAndBatchGlobalRoutedDoFn
+    assert encoder_for(FixedWindows(10), bounded=True, routed=True) is _EncodeAndBatchDoFn
     assert encoder_for(GlobalWindows(), bounded=False) is _EncodeAndBatchDoFn
     assert encoder_for(FixedWindows(10), bounded=True) is _EncodeAndBatchDoFn
     assert encoder_for(Sessions(10), bounded=False) is _EncodeAndBatchDoFn

@@ -286,7 +286,7 @@ def test_in_a_bundle_every_line_leaves_once_under_its_data_source_however_buffer
     sources = [f"ds_{i}" for i in range(rng.choice((2, 5, 40)))]
     limits = BatchLimits(max_batch_bytes=rng.choice((64, 300, 5000)), max_batch_rows=rng.choice((3, 50, 1000)),
                          max_buffering_secs=5, num_shards=2, max_windows_per_bundle=rng.choice((1, 3, 10)))
-    encoder = encoder_for(GlobalWindows(), bounded=True)(
+    encoder = encoder_for(GlobalWindows(), bounded=True, routed=True)(
         datasource=DatasourceFromField("to"), limits=limits, windowing=Windowing(GlobalWindows()))
     encoder.setup()
     encoder.start_bundle()
