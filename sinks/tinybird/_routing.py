@@ -66,9 +66,7 @@ class DatasourceFromField:
             raise ValueError(f"prefix must be a str, got {self.prefix!r}")
 
     def __call__(self, element: Any) -> str:
-        if type(element) is dict:  # the common case first: no ABC check
-            value = element[self.field]
-        elif isinstance(element, Mapping):
+        if type(element) is dict or isinstance(element, Mapping):  # the common case first: no ABC check
             value = element[self.field]
         elif isinstance(element, (str, bytes, bytearray, memoryview)):
             obj = orjson.loads(element)
