@@ -111,8 +111,9 @@ class Router:
         except Exception as error:  # any element, any exception: it must not fail the bundle
             return Unroutable(f"the datasource function raised {_describe(error)}", "")
         if type(name) is not str:
-            return Unroutable(f"the datasource function's result {datasource_name_problem(name)}",
-                              name if isinstance(name, str) else "")
+            if not isinstance(name, str):
+                return Unroutable(f"the datasource function's result {datasource_name_problem(name)}", "")
+            name = str.__str__(name)  # a str subclass: its text, as a plain str
         checked = self._checked
         try:
             problem = checked[name]

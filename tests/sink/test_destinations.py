@@ -205,6 +205,11 @@ def test_an_element_without_a_valid_name_is_unroutable_with_the_reason(element, 
     assert isinstance(routed, Unroutable) and routed.message.startswith(message), routed
 
 
+class _Name(str):
+    def __str__(self):
+        return "overridden"
+
+
 class _Unprintable(Exception):
     def __str__(self):
         raise RuntimeError("no text")
@@ -217,6 +222,10 @@ class _Unprintable(Exception):
     (lambda e: 1 / 0, Unroutable("the datasource function raised ZeroDivisionError: division by zero", "")),
     (lambda e: (_ for _ in ()).throw(_Unprintable()), Unroutable("the datasource function raised _Unprintable", "")),
     (lambda e: "events", "events"),
+    # A str subclass (an enum's value, a library's name type) is its text.
+    (lambda e: _Name("events"), "events"),
+    (lambda e: _Name("bad name"), Unroutable("the datasource function's result must match "
+                                             "[A-Za-z_][A-Za-z0-9_]{0,99}, got 'bad name'", "bad name")),
 ])
 def test_whatever_the_function_does_the_router_answers_a_name_or_a_reason(function, expected):
     assert Router(function).route({"id": 1}) == expected
