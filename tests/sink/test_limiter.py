@@ -128,12 +128,16 @@ def test_slow_start_begins_with_one_request_and_doubles_each_clean_round_trip():
 
 
 def test_a_nearly_spent_window_slows_down_like_a_429_without_pausing():
-    assert RateWindow(limit=100, remaining=14).nearly_spent
-    assert not RateWindow(limit=100, remaining=15).nearly_spent
+    # Less than 15% of the window left when the request was counted (Remaining is after it).
+    assert RateWindow(limit=100, remaining=13).nearly_spent
+    assert not RateWindow(limit=100, remaining=14).nearly_spent
+    # The request that takes a small window's last slot filled it: not a signal to slow down.
+    assert not RateWindow(limit=5, remaining=0).nearly_spent
+    assert RateWindow(limit=7, remaining=0).nearly_spent
     limiter = Limiter(max_in_flight=4, rand=_half)
     limiter.admit(0.0)
     # One answer: too few to measure the service's rate, so the threshold is the signal.
-    limiter.done(0.1, signal=Signal.OK, rtt_secs=0.1, window=RateWindow(limit=100, remaining=14), sent_at=0.0)
+    limiter.done(0.1, signal=Signal.OK, rtt_secs=0.1, window=RateWindow(limit=100, remaining=13), sent_at=0.0)
     assert limiter.paced_rate_rps == pytest.approx(0.8 * _sent_rate([0.0], 0.1))
     assert limiter.pause_remaining(0.1) == 0.0
 
