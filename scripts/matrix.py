@@ -102,15 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         if nox_args:
             report = work / "nox.json"
             status = subprocess.run([*_NOX, *nox_args, "--report", str(report)], env=env, check=False).returncode
-            summary = _summary([report]) if report.exists() else 1
+            summary = _summary([report]) if report.exists() else 0  # no session run (nox -l): nothing to sum up
         else:
             lock = threading.Lock()
             with concurrent.futures.ThreadPoolExecutor(max_workers=args.lanes) as lanes:
                 reports = list(lanes.map(lambda cell: _run_cell(cell, work, env, lock), _cells()))
             status = 0
             summary = _summary(reports)
-    print(f"matrix: {time.monotonic() - started:.0f} s, {args.lanes} lane(s), "
-          f"exit status {status or summary}")
+    lanes = "" if nox_args else f", {args.lanes} cell(s) at a time"
+    print(f"matrix: {time.monotonic() - started:.0f} s{lanes}, exit status {status or summary}")
     return status or summary
 
 
