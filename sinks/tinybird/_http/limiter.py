@@ -202,7 +202,8 @@ class RateWindow:
         small limit (under 7 requests a window) only a 429 then says "slow down";
         otherwise every full window would slow a process down, and the processes
         together would settle well below the limit (8 simulated processes sharing
-        5 requests/s: 1.48x the ideal time, against 1.26-1.36x counted before).
+        5 requests/s took 1.48x the ideal time counting after the request, and
+        1.26-1.36x counting before it, seeds 1 to 4).
         """
         return self.remaining + 1 < WINDOW_SPENT_SHARE * self.limit
 
