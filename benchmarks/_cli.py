@@ -31,7 +31,7 @@ from pathlib import Path
 
 from benchmarks._counting_endpoint import CountingEndpoint
 from benchmarks._data import DEFAULT_SEED, DataFile, write_events
-from benchmarks._report import RunResult, Summary, evaluate_targets, render, summarize
+from benchmarks._report import RunResult, Summary, evaluate_targets, ratio_pairs, render, summarize
 from benchmarks._worker import RESULT_PREFIX
 from benchmarks.scenarios import (
     EVENTS,
@@ -96,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", metavar="DIR",
                         help="instead of the table: run each selected scenario once under cProfile, "
                              "write DIR/<scenario>.prof and print the top functions")
+    parser.add_argument("--instructions", action="store_true",
+                        help="instead of the table: count the instructions each selected scenario's worker "
+                             "executes per event, under valgrind's cachegrind (each scenario at its size and "
+                             "at a tenth of it; the difference per event, so imports and set-up cancel), and "
+                             "compare the pairs the targets compare")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"data seed (default {DEFAULT_SEED})")
     parser.add_argument("--json", metavar="PATH", help="also write every run's figures as JSON to PATH")
     parser.add_argument("--work-dir", help="where the data and the server's database go "
@@ -169,7 +174,8 @@ class _Bench:
         self._env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PROJECT_ROOT, self._env.get("PYTHONPATH", "")) if p)
 
-    def run(self, scenario: Scenario, *, events: int, repeat: int, profile_path: str | None = None) -> RunResult:
+    def run(self, scenario: Scenario, *, events: int, repeat: int, profile_path: str | None = None,
+            instructions_path: str | None = None) -> RunResult:
         self._runs += 1
         datasource = f"bench_{scenario.name}_{self._run_id}_{self._runs}"
         local = scenario.endpoint == LOCAL_SERVER
@@ -185,9 +191,15 @@ class _Bench:
         if local and self.server is not None:
             self.server.reset_stats()
         target_cpu_before = _process_cpu_secs(target.pid)
+        # Under cachegrind without its cache simulation: only the instruction count is wanted,
+        # with one hash seed, so that two runs lay out their dicts and sets alike.
+        under, env = [], self._env
+        if instructions_path is not None:
+            under = ["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={instructions_path}"]
+            env = {**env, "PYTHONHASHSEED": "0"}
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks._worker", json.dumps(dataclasses.asdict(spec))],
-            cwd=_PROJECT_ROOT, env=self._env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            [*under, sys.executable, "-m", "benchmarks._worker", json.dumps(dataclasses.asdict(spec))],
+            cwd=_PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         measured = None
         for line in proc.stdout.splitlines():
             if line.startswith(RESULT_PREFIX):
@@ -464,6 +476,49 @@ def _run_profile(args: argparse.Namespace, work_dir: str) -> int:
     return 0 if ok else 1
 
 
+def _instructions_of(path: str) -> int:
+    """The instructions a cachegrind run executed (its output file's ``summary:`` line)."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("summary:"):
+                return int(line.split()[1])
+    raise ValueError(f"no summary line in {path}")
+
+
+def _run_instructions(args: argparse.Namespace, work_dir: str) -> int:
+    if shutil.which("valgrind") is None:
+        _log("--instructions needs valgrind on PATH (Debian: apt-get install valgrind)")
+        return 2
+    sizes = {s.name: (max(1, _events_for(s, args) // 10), _events_for(s, args)) for s in args.selected}
+    data = _generate(work_dir, sorted({n for pair in sizes.values() for n in pair}), args.seed)
+    per_event: dict[str, float] = {}
+    ok = True
+    with _bench(args, work_dir, data, args.selected) as bench:
+        for scenario in args.selected:
+            counted = []
+            for events in sizes[scenario.name]:
+                path = os.path.join(work_dir, f"cachegrind.{scenario.name}.{events}")
+                result = bench.run(scenario, events=events, repeat=1, instructions_path=path)
+                _log(_progress(1, 1, result))
+                ok = ok and result.ok
+                counted.append(_instructions_of(path) if result.ok else 0)
+            (small, large), (small_ir, large_ir) = sizes[scenario.name], counted
+            if result.ok and large > small:
+                per_event[scenario.name] = (large_ir - small_ir) / (large - small)
+                print(f"{scenario.name}: {per_event[scenario.name]:,.0f} instructions per event "
+                      f"({large:,} events: {large_ir / 1e9:.2f} G; {small:,}: {small_ir / 1e9:.2f} G)", flush=True)
+    print()
+    print(f"Machine: {machine_description()}")
+    print(f"Command: python -m benchmarks {' '.join(args.argv)}".rstrip())
+    print("Events per instruction, as ratios (throughput on a CPU-bound run, without the machine's noise):")
+    for a, b, threshold, description in ratio_pairs():
+        if a in per_event and b in per_event:
+            value = per_event[b] / per_event[a]
+            bar = "" if threshold is None else f" (target >= {threshold:g}x): {'met' if value >= threshold else 'MISSED'}"
+            print(f"- {description.replace('events/s', 'events per instruction')}: {value:.3f}x{bar}")
+    return 0 if ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
@@ -474,6 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_memory_check(args, work_dir)
         if args.profile:
             return _run_profile(args, work_dir)
+        if args.instructions:
+            return _run_instructions(args, work_dir)
         return _run_table(args, work_dir)
     finally:
         if not args.work_dir:

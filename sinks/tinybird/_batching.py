@@ -51,7 +51,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from sinks.tinybird._encoding import EncodingError, element_repr, encode_element
 from sinks.tinybird._metrics import SinkMetrics
-from sinks.tinybird._routing import Router, Unroutable
+from sinks.tinybird._routing import Router, Unroutable, raised
 from sinks.tinybird.dead_letters import DeadLetter, DeadLetterKind, iso_utc, window_text
 
 DEAD_LETTERS_TAG = "dead_letters"
@@ -552,7 +552,9 @@ class _EncodeAndBatchGlobalRoutedDoFn(_EncodeAndBatchDoFn):
     """:class:`_EncodeAndBatchGlobalDoFn` with a data source per element (a ``datasource`` function).
 
     The same loop, with an open buffer per data source: a line that fits in
-    its data source's open buffer is appended right there.
+    its data source's open buffer is appended right there, and the name the
+    function returned is checked (and made a plain ``str``) only when it has no
+    open buffer, since a name has one only once it was checked.
     """
 
     def start_bundle(self) -> None:
@@ -561,28 +563,40 @@ class _EncodeAndBatchGlobalRoutedDoFn(_EncodeAndBatchDoFn):
         # least recently used past max_windows_per_bundle), so that none is appended to after.
         self._open: dict[str, _WindowBuffer | None] = {}
 
+    def setup(self) -> None:
+        super().setup()
+        self._name_of = self._router.function
+
     # Beam passes what the signature asks for: here the element and its timestamp.
     def process(self, element, timestamp=beam.DoFn.TimestampParam):
         self._count += 1
-        datasource = self._router.route(element)
-        if isinstance(datasource, Unroutable):
-            return [self._dead_letter(_unroutable(element, datasource, self._max_bytes), _GLOBAL_WINDOW, timestamp,
-                                      datasource.name)]
+        try:
+            name = self._name_of(element)
+        except Exception as error:  # any element, any exception: it must not fail the bundle
+            return [self._dead_letter(_unroutable(element, raised(error), self._max_bytes), _GLOBAL_WINDOW, timestamp,
+                                      "")]
+        # A name with an open buffer was checked when that buffer opened: for most elements
+        # this one look-up is all the routing there is.
+        buffer = self._open.get(name) if type(name) is str else None
+        if buffer is None:
+            name = self._router.check(name)
+            if isinstance(name, Unroutable):
+                return [self._dead_letter(_unroutable(element, name, self._max_bytes), _GLOBAL_WINDOW, timestamp,
+                                          name.name)]
         try:
             line = encode_element(element)
         except EncodingError as error:
-            return [self._dead_letter(_unencodable(element, error), _GLOBAL_WINDOW, timestamp, datasource)]
-        buffer = self._open.get(datasource)
+            return [self._dead_letter(_unencodable(element, error), _GLOBAL_WINDOW, timestamp, name)]
         if buffer is not None and len(buffer.data) + len(line) < self._max_bytes and buffer.rows + 1 < self._max_rows:
             buffer.append(line, timestamp.micros)
             return
         if len(line) >= self._max_bytes:
-            return [self._dead_letter(_oversize(line, self._max_bytes), _GLOBAL_WINDOW, timestamp, datasource)]
-        slot = (datasource, _GLOBAL_WINDOW)
+            return [self._dead_letter(_oversize(line, self._max_bytes), _GLOBAL_WINDOW, timestamp, name)]
+        slot = (name, _GLOBAL_WINDOW)
         left = self._buffers.add(slot, line, timestamp.micros)
         if left:
             self._open.clear()
-        self._open[datasource] = self._buffers.get(slot)
+        self._open[name] = self._buffers.get(slot)
         return left
 
 

@@ -11,7 +11,9 @@ dead-lettered as ``unroutable``; nothing else fails.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
+import types
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -66,7 +68,11 @@ class DatasourceFromField:
             raise ValueError(f"prefix must be a str, got {self.prefix!r}")
 
     def __call__(self, element: Any) -> str:
-        if type(element) is dict or isinstance(element, Mapping):  # the common case first: no ABC check
+        if type(element) is dict:  # the common case first: no ABC check, no other test
+            value = element[self.field]
+            if type(value) is str:
+                return self.prefix + value
+        elif isinstance(element, Mapping):
             value = element[self.field]
         elif isinstance(element, (str, bytes, bytearray, memoryview)):
             obj = orjson.loads(element)
@@ -97,33 +103,63 @@ class Router:
     Made on the worker (``DoFn.setup``): it caches the names it has checked.
     """
 
-    __slots__ = ("_checked", "_function", "static")
+    __slots__ = ("_routes", "function", "static")
 
     def __init__(self, datasource: str | Callable[[Any], str]) -> None:
         self.static = datasource if isinstance(datasource, str) else None
         """The one name, when ``datasource`` is a name (no per-element call)."""
-        self._function = None if isinstance(datasource, str) else datasource
-        self._checked: dict[str, str | None] = {}
+        self.function: Callable[[Any], Any] = _no_function if isinstance(datasource, str) else _cheapest_call(datasource)
+        """The function (for a loop that calls it itself, then :meth:`check` or :func:`raised`)."""
+        # Each name the function returned (a plain str) -> that name when valid, else its Unroutable.
+        self._routes: dict[str, str | Unroutable] = {}
 
     def route(self, element: Any) -> str | Unroutable:
         try:
-            name = self._function(element)  # type: ignore[misc]
+            name = self.function(element)
         except Exception as error:  # any element, any exception: it must not fail the bundle
-            return Unroutable(f"the datasource function raised {_describe(error)}", "")
-        if type(name) is not str:
-            if not isinstance(name, str):
-                return Unroutable(f"the datasource function's result {datasource_name_problem(name)}", "")
+            return raised(error)
+        if type(name) is str:
+            routed = self._routes.get(name)
+            if routed is not None:
+                return routed
+        return self.check(name)
+
+    def check(self, name: object) -> str | Unroutable:
+        """What the function returned, as a plain ``str`` name, or why it is not one (cached)."""
+        if type(name) is str:
+            routed = self._routes.get(name)
+            if routed is not None:
+                return routed
+        elif not isinstance(name, str):
+            return Unroutable(f"the datasource function's result {datasource_name_problem(name)}", "")
+        else:
             name = str.__str__(name)  # a str subclass: its text, as a plain str
-        checked = self._checked
-        try:
-            problem = checked[name]
-        except KeyError:
-            if len(checked) >= _MAX_CHECKED_NAMES:
-                checked.clear()
-            problem = checked[name] = datasource_name_problem(name)
-        if problem is not None:
-            return Unroutable(f"the datasource function's result {problem}", name)
-        return name
+        problem = datasource_name_problem(name)
+        routed = name if problem is None else Unroutable(f"the datasource function's result {problem}", name)
+        routes = self._routes
+        if len(routes) >= _MAX_CHECKED_NAMES:
+            routes.clear()
+        routes[name] = routed
+        return routed
+
+
+def raised(error: Exception) -> Unroutable:
+    """Why an element whose datasource function raised ``error`` has no data source."""
+    return Unroutable(f"the datasource function raised {_describe(error)}", "")
+
+
+def _no_function(element: Any) -> Any:
+    raise TypeError("this router has one data source name, not a function")
+
+
+def _cheapest_call(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``function``, or its bound ``__call__`` when its class defines ``__call__`` in Python.
+
+    Calling such an object looks ``__call__`` up on every call; the bound method
+    does not (``DatasourceFromField``: about 140 ns a call instead of 220).
+    """
+    call = inspect.getattr_static(type(function), "__call__", None)
+    return function.__call__ if isinstance(call, types.FunctionType) else function  # type: ignore[operator]
 
 
 def _describe(error: Exception) -> str:

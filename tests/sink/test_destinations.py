@@ -232,11 +232,43 @@ def test_whatever_the_function_does_the_router_answers_a_name_or_a_reason(functi
     assert Router(function).route({"id": 1}) == expected
 
 
-def test_the_router_checks_each_name_once_and_its_memory_is_bounded():
+def test_the_router_checks_each_name_once_and_its_memory_is_bounded(monkeypatch):
+    from sinks.tinybird import _routing
+
+    checks: list[object] = []
+    check = _routing.datasource_name_problem
+
+    def counted(name):
+        checks.append(name)
+        return check(name)
+
+    monkeypatch.setattr(_routing, "datasource_name_problem", counted)
     router = Router(lambda e: f"ev_{e}")
+    for _ in range(3):
+        for i in range(10):
+            assert router.route(i) == f"ev_{i}"
+    assert len(checks) == 10
     for i in range(_MAX_CHECKED_NAMES * 2 + 5):
         assert router.route(i) == f"ev_{i}"
-    assert len(router._checked) <= _MAX_CHECKED_NAMES
+    assert len(router._routes) <= _MAX_CHECKED_NAMES
+
+
+class _Callable:
+    """A callable object (its class defines ``__call__``): the router calls its bound ``__call__``."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, element):
+        self.calls += 1
+        return f"ev_{element['type']}"
+
+
+def test_a_callable_object_is_called_once_per_element_as_itself():
+    function = _Callable()
+    router = Router(function)
+    assert [router.route({"type": t}) for t in _TYPES] == [f"ev_{t}" for t in _TYPES]
+    assert function.calls == 3
 
 
 @pytest.mark.parametrize(("datasource", "error", "message"), [
@@ -278,6 +310,90 @@ def test_one_client_posts_to_each_named_data_source_paced_by_its_own_limiter(ser
 
 
 # -- the in-bundle step, driven directly ---------------------------------------------------------
+
+
+def _nasty_route(element):
+    """Every kind of answer a datasource function gives, by the element's ``to``."""
+    to = element["to"]
+    if to == "raise":
+        raise LookupError(f"no route for {element['id']}")
+    if to == "int":
+        return 7
+    if to == "list":
+        return ["ev_a"]  # unhashable
+    if to == "subclass":
+        return _Name("ev_a")  # a str subclass: its text, "ev_a"
+    return to
+
+
+def _drive(encoder_type, elements, limits, windowfn=None):
+    """The encoder's outputs for ``elements`` in one bundle, as (data source, id) per line
+    and (data source, kind, message, line) per dead letter."""
+    from apache_beam.transforms.core import Windowing
+    from apache_beam.transforms.window import GlobalWindow, GlobalWindows
+    from apache_beam.utils.timestamp import Timestamp
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from sinks.tinybird._batching import DEAD_LETTERS_TAG, FULL_TAG, Chunk, WindowKey
+
+    windowfn = windowfn or GlobalWindows()
+    encoder = encoder_type(datasource=_nasty_route, limits=limits, windowing=Windowing(windowfn))
+    encoder.setup()
+    encoder.start_bundle()
+    outputs = []
+    for element in elements:
+        if "wv" in encoder_type.process.__code__.co_varnames[:3]:
+            wv = WindowedValue(element, Timestamp(element["id"]), (GlobalWindow(),))
+            outputs += encoder.process(element, wv=wv) or ()
+        else:
+            outputs += encoder.process(element, timestamp=Timestamp(element["id"])) or ()
+    outputs += list(encoder.finish_bundle())
+    lines, letters = [], []
+    for out in outputs:
+        tag = getattr(out, "tag", None)
+        if tag == DEAD_LETTERS_TAG:
+            letter, _ = out.value.value
+            assert out.value.timestamp == Timestamp(orjson.loads(letter.line)["id"])
+            letters.append((letter.datasource, letter.kind, letter.message, letter.line))
+            continue
+        if tag == FULL_TAG:
+            datasource, payload = out.value.value[5], out.value.value[1]
+        else:
+            key, chunk = out.value
+            datasource, payload = WindowKey(*key).datasource, Chunk(*chunk).payload
+        lines += [(datasource, orjson.loads(line)["id"]) for line in payload.splitlines()]
+    return sorted(lines), sorted(letters)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_global_window_loop_routes_every_answer_as_the_general_one_does(seed):
+    """The bounded global-window encoder routes in a loop of its own (a name with an open buffer is
+    not checked again): every answer of the function, in any order, between full and evicted
+    buffers, ends as in the general encoder, line for line and dead letter for dead letter."""
+    import random
+
+    from sinks.tinybird._batching import BatchLimits, _EncodeAndBatchDoFn, _EncodeAndBatchGlobalRoutedDoFn
+
+    rng = random.Random(seed)
+    answers = ["ev_a", "ev_b", "ev_c", "bad name", "x_quarantine", "raise", "int", "list", "subclass"]
+    elements = [{"id": i, "to": rng.choice(answers)} for i in range(2000)]
+    limits = BatchLimits(max_batch_bytes=rng.choice((200, 5000)), max_batch_rows=rng.choice((4, 1000)),
+                         max_buffering_secs=5, num_shards=2, max_windows_per_bundle=rng.choice((1, 2, 20)))
+    fast = _drive(_EncodeAndBatchGlobalRoutedDoFn, elements, limits)
+    general = _drive(_EncodeAndBatchDoFn, elements, limits)
+    assert fast == general
+    lines, letters = fast
+    routed = {"ev_a": "ev_a", "ev_b": "ev_b", "ev_c": "ev_c", "subclass": "ev_a"}
+    assert lines == sorted((routed[e["to"]], e["id"]) for e in elements if e["to"] in routed)
+    assert len(letters) == sum(e["to"] not in routed for e in elements)
+    assert {(d, k, m.split(",")[0]) for d, k, m, _ in letters} <= {
+        ("bad name", "unroutable", "the datasource function's result must match [A-Za-z_][A-Za-z0-9_]{0"),
+        ("x_quarantine", "unroutable", "the datasource function's result must not name a quarantine data source "
+                                       "(the server fills it"),
+        ("", "unroutable", "the datasource function's result must be a str"),
+        ("", "unroutable", "the datasource function raised LookupError: no route for 0"),
+    } | {("", "unroutable", f"the datasource function raised LookupError: no route for {e['id']}")
+         for e in elements}
 
 
 @pytest.mark.parametrize("seed", range(6))
