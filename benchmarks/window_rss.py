@@ -1,6 +1,6 @@
 """Peak RSS of the bounded sink against the number of windows in one bundle (issue 21).
 
-    python -m benchmarks.window_rss [--rows N] [--modes M,...] [--runner fnapi|prism] [WINDOWS ...]
+    python -m benchmarks.window_rss [--rows N] [--modes M,...] [--runner fnapi|multiprocess|prism] [WINDOWS ...]
         (default: 100000 rows; 10 100000 windows; every mode; the FnApiRunner)
 
 ``N`` rows of about 2 KB in ``WINDOWS`` one-second fixed windows, all in one
@@ -24,6 +24,15 @@ sends the others to the cross-bundle merge (a ``GroupByKey``), as Beam's
 ``sink`` figure on the FnApiRunner then includes the runner's shuffle of
 those rows.
 
+``--runner multiprocess`` runs them on the FnApiRunner with
+``--direct_running_mode=multi_processing`` (one worker): the SDK worker is a
+subprocess (``sdk_worker_main``) and the runner, holding the shuffle, is the
+measured process, as a Dataflow worker's SDK harness is apart from its
+shuffle. The bundles' data goes between them over the data plane in chunks of
+at most 10 MB, with at most 5 chunks queued on the worker's side. The worker's
+peak is its VmHWM, read every 0.1 s while it runs (the high-water mark, so
+only a peak in its last 0.1 s could be missed).
+
 ``--runner prism`` runs ``sink`` and ``shuffle`` on Prism instead (the Go
 binary ``./dev engines prism`` builds, at this environment's Beam version, or
 ``--prism-location``), with a LOOPBACK worker: the SDK worker runs in the
@@ -39,12 +48,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _PAD = "x" * 2000
 _MODES = ("sink", "encoder", "shuffle")
-_RUNNERS = ("fnapi", "prism")
+_RUNNERS = ("fnapi", "multiprocess", "prism")
 
 
 def _peak_rss_kib(pid: int | str = "self") -> int:
@@ -66,32 +77,81 @@ def _pipeline(runner: str, prism: str):
 
     if runner == "fnapi":
         return beam.Pipeline(runner=FnApiRunner())
+    if runner == "multiprocess":
+        return beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(
+            ["--direct_running_mode=multi_processing", "--direct_num_workers=1"]))
     return beam.Pipeline(options=PipelineOptions(
         ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK"]))
 
 
-def _children_running(binary: str) -> list[int]:
-    """The pids of this process's children that run ``binary`` (the Prism that Beam started)."""
-    pids = []
+def _descendants(matches: Callable[[str], bool]) -> list[int]:
+    """The pids of this process's descendants whose ``/proc/PID`` entry ``matches``."""
+    parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            if ppid == os.getpid() and os.path.realpath(f"/proc/{entry}/exe") == os.path.realpath(binary):
-                pids.append(int(entry))
+                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError):
+            continue  # gone meanwhile
+    pids = []
+    for pid in parents:
+        ancestor = parents[pid]
+        while ancestor not in (0, 1, os.getpid()):
+            ancestor = parents.get(ancestor, 0)
+        try:
+            if ancestor == os.getpid() and matches(f"/proc/{pid}"):
+                pids.append(pid)
+        except OSError:
             continue  # gone meanwhile, or not ours to read
     return pids
 
 
-def _runner_peak(runner: str, prism: str) -> dict:
-    """Prism's own peak RSS (it runs until this process exits); nothing for the in-process FnApiRunner."""
-    if runner == "fnapi":
-        return {}
-    (pid,) = _children_running(prism)
-    return {"runner_peak_rss_kib": _peak_rss_kib(pid)}
+def _runs(binary: str) -> Callable[[str], bool]:
+    return lambda proc: os.path.realpath(f"{proc}/exe") == os.path.realpath(binary)
+
+
+def _is_sdk_worker(proc: str) -> bool:
+    """A Python running ``sdk_worker_main`` (not the shell that started it)."""
+    with open(f"{proc}/cmdline", "rb") as fh:
+        command = fh.read()
+    return b"sdk_worker_main" in command and os.path.basename(os.path.realpath(f"{proc}/exe")).startswith("python")
+
+
+class _WorkerPeaks:
+    """Reads the VmHWM of this process's SDK worker subprocesses every 0.1 s while running."""
+
+    def __enter__(self) -> _WorkerPeaks:
+        self.peaks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.1):
+            for pid in _descendants(_is_sdk_worker):
+                try:
+                    self.peaks[pid] = max(self.peaks.get(pid, 0), _peak_rss_kib(pid))
+                except (OSError, StopIteration):
+                    continue  # it ended meanwhile
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _runner_peak(runner: str, prism: str, workers: _WorkerPeaks) -> dict:
+    """The peak RSS of what runs beside this process: Prism's (it runs until this process exits),
+    or the SDK worker's (multiprocess); nothing for the in-process FnApiRunner."""
+    if runner == "prism":
+        (pid,) = _descendants(_runs(prism))
+        return {"runner_peak_rss_kib": _peak_rss_kib(pid)}
+    if runner == "multiprocess":
+        (peak,) = workers.peaks.values()
+        return {"worker_peak_rss_kib": peak}
+    return {}
 
 
 def _row(i: int) -> dict:
@@ -137,7 +197,7 @@ def _sink(rows: int, windows: int, runner: str, prism: str) -> dict:
     from sinks.tinybird import WriteToTinybird
     from sinks.tinybird._encoding import encode_element
 
-    with CountingEndpoint() as endpoint:
+    with CountingEndpoint() as endpoint, _WorkerPeaks() as workers:
         p = _pipeline(runner, prism)
         _ = (p | beam.Create(range(rows), reshuffle=False)
              | beam.Map(lambda i: TimestampedValue(_row(i), i % windows))
@@ -148,7 +208,7 @@ def _sink(rows: int, windows: int, runner: str, prism: str) -> dict:
         result = p.run()
         result.wait_until_finish()
         counts = endpoint.counts()["rss"]
-    runner_peak = _runner_peak(runner, prism)
+    runner_peak = _runner_peak(runner, prism, workers)
     expected = line_checksum(encode_element(_row(i)) for i in range(rows))
     if (counts["lines"], counts["checksum"]) != expected:
         raise SystemExit(f"lines or checksum differ: got {counts['lines']}, expected {expected[0]}")
@@ -189,17 +249,18 @@ def _shuffle(rows: int, windows: int, runner: str, prism: str) -> dict:
 
     from sinks.tinybird._encoding import encode_element
 
-    p = _pipeline(runner, prism)
-    _ = (p | beam.Create(range(rows), reshuffle=False)
-         | beam.Map(lambda i: TimestampedValue(_row(i), i % windows))
-         | beam.WindowInto(FixedWindows(1))
-         # A key per row: one window per key, as the sink's merge keys by window (one key
+    with _WorkerPeaks() as workers:
+        p = _pipeline(runner, prism)
+        _ = (p | beam.Create(range(rows), reshuffle=False)
+             | beam.Map(lambda i: TimestampedValue(_row(i), i % windows))
+             | beam.WindowInto(FixedWindows(1))
+             # A key per row: one window per key, as the sink's merge keys by window (one key
          # holding 100,000 windows is far slower to group on this runner).
-         | beam.Map(lambda row: (row["id"], encode_element(row)))
-         | beam.GroupByKey()
-         | beam.Map(lambda kv: len(kv[1])))
-    p.run().wait_until_finish()
-    return _runner_peak(runner, prism)
+             | beam.Map(lambda row: (row["id"], encode_element(row)))
+             | beam.GroupByKey()
+             | beam.Map(lambda kv: len(kv[1])))
+        p.run().wait_until_finish()
+    return _runner_peak(runner, prism, workers)
 
 
 def _child(mode: str, rows: int, windows: int, runner: str, prism: str) -> None:
@@ -247,6 +308,9 @@ def main(argv: list[str]) -> None:
             if "runner_peak_rss_kib" in r:
                 peaks = (f"worker {peaks}; Prism {_mib(r['runner_peak_rss_kib'])} "
                          f"{_against(r['runner_peak_rss_kib'], base['runner_peak_rss_kib'])}")
+            if "worker_peak_rss_kib" in r:
+                peaks = (f"worker peak RSS {_mib(r['worker_peak_rss_kib'])} "
+                         f"{_against(r['worker_peak_rss_kib'], base['worker_peak_rss_kib'])}; runner {peaks}")
             print(f"{mode + runner:>16}: {r['windows']:>7} windows, {r['rows']} rows, {r['secs']:>6.1f} s: {peaks}"
                   + (f"; {extra}" if extra else ""), flush=True)
 
