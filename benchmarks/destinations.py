@@ -59,10 +59,12 @@ def _one_run(events: list[dict], *, windowed: bool, routed: bool) -> float:
         for wv in values:
             dofn.process(wv.value, wv=wv)
     else:
-        stamp = Timestamp(0)
+        from apache_beam.transforms.window import GlobalWindow
+
+        values = [WindowedValue(e, Timestamp(0), (GlobalWindow(),)) for e in events]
         started = time.perf_counter()
-        for e in events:
-            dofn.process(e, timestamp=stamp)
+        for wv in values:
+            dofn.process(wv.value, wv=wv)
     for _ in dofn.finish_bundle():
         pass
     return time.perf_counter() - started

@@ -114,15 +114,10 @@ def _run_bundle(dofn, elements):
     from apache_beam.utils.timestamp import Timestamp
     from apache_beam.utils.windowed_value import WindowedValue
 
-    from sinks.tinybird._batching import _EncodeAndBatchGlobalDoFn
-
     dofn.start_bundle()
     outputs = []
     for element in elements:
-        if isinstance(dofn, _EncodeAndBatchGlobalDoFn):
-            outputs.extend(dofn.process(element, timestamp=Timestamp(0)) or ())
-        else:
-            outputs.extend(dofn.process(element, wv=WindowedValue(element, Timestamp(0), (GlobalWindow(),))) or ())
+        outputs.extend(dofn.process(element, wv=WindowedValue(element, Timestamp(0), (GlobalWindow(),))) or ())
     outputs.extend(dofn.finish_bundle())
     return outputs
 
@@ -383,7 +378,7 @@ def test_the_global_window_fast_path_batches_exactly_as_the_general_path(pads, m
 
     windowing = Windowing(GlobalWindows())
     fast = run(_EncodeAndBatchGlobalDoFn(datasource="d", limits=limits, windowing=windowing),
-               lambda d, e: d.process(e, timestamp=MIN_TIMESTAMP))
+               lambda d, e: d.process(e, wv=WindowedValue(e, MIN_TIMESTAMP, (GlobalWindow(),))))
     general = run(_EncodeAndBatchDoFn(datasource="d", limits=limits, windowing=windowing),
                   lambda d, e: d.process(e, wv=WindowedValue(e, MIN_TIMESTAMP, (GlobalWindow(),))))
     assert fast == general

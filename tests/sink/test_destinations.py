@@ -343,11 +343,7 @@ def _drive(encoder_type, elements, limits, windowfn=None):
     encoder.start_bundle()
     outputs = []
     for element in elements:
-        if "wv" in encoder_type.process.__code__.co_varnames[:3]:
-            wv = WindowedValue(element, Timestamp(element["id"]), (GlobalWindow(),))
-            outputs += encoder.process(element, wv=wv) or ()
-        else:
-            outputs += encoder.process(element, timestamp=Timestamp(element["id"])) or ()
+        outputs += encoder.process(element, wv=WindowedValue(element, Timestamp(element["id"]), (GlobalWindow(),))) or ()
     outputs += list(encoder.finish_bundle())
     lines, letters = [], []
     for out in outputs:
@@ -404,8 +400,9 @@ def test_in_a_bundle_every_line_leaves_once_under_its_data_source_however_buffer
     import random
 
     from apache_beam.transforms.core import Windowing
-    from apache_beam.transforms.window import GlobalWindows
+    from apache_beam.transforms.window import GlobalWindow, GlobalWindows
     from apache_beam.utils.timestamp import Timestamp
+    from apache_beam.utils.windowed_value import WindowedValue
 
     from sinks.tinybird._batching import FULL_TAG, BatchLimits, Chunk, WindowKey, encoder_for
 
@@ -420,7 +417,7 @@ def test_in_a_bundle_every_line_leaves_once_under_its_data_source_however_buffer
     elements = [{"id": i, "to": rng.choice(sources)} for i in range(3000)]
     outputs = []
     for element in elements:
-        outputs += encoder.process(element, timestamp=Timestamp(0)) or ()
+        outputs += encoder.process(element, wv=WindowedValue(element, Timestamp(0), (GlobalWindow(),))) or ()
         assert len(encoder._buffers._buffers) <= limits.max_windows_per_bundle
     outputs += list(encoder.finish_bundle())
     left: list[tuple[str, dict]] = []

@@ -34,7 +34,6 @@ from sinks.tinybird._batching import (
     FULL_TAG,
     BatchLimits,
     Chunk,
-    _EncodeAndBatchGlobalDoFn,
     _EncodeAndBatchPerWindowDoFn,
     _MergeContext,
     _MergeMergedWindowsDoFn,
@@ -83,9 +82,7 @@ def _run_encoder(windowfn, limits, elements, bundle_sizes, reused: bool) -> list
                 shared.update(value)
                 value = shared
             windows = windowfn.assign(_Assign(timestamp))
-            if isinstance(dofn, _EncodeAndBatchGlobalDoFn):
-                outputs += dofn.process(value, timestamp=timestamp) or ()
-            elif isinstance(dofn, _EncodeAndBatchPerWindowDoFn):
+            if isinstance(dofn, _EncodeAndBatchPerWindowDoFn):
                 for window in windows:
                     outputs += dofn.process(value, window=window, timestamp=timestamp) or ()
             else:
