@@ -510,8 +510,8 @@ class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
     """:class:`_EncodeAndBatchDoFn` for bounded input in the global window, to one data source.
 
     ``process`` takes the ``WindowedValue`` and reads its timestamp as
-    microseconds: asking Beam for ``TimestampParam`` costs two more parameter
-    comparisons in its invoker and a ``Timestamp`` object per element, a fifth
+    microseconds: asking Beam for ``TimestampParam`` costs one more parameter
+    comparison in its invoker and a ``Timestamp`` object per element, nearly a quarter
     of the instructions of a whole bounded run (``python -m benchmarks
     --instructions``: 47,728 against 36,661 per event). A line that fits
     in the open buffer is appended right there (most lines), without the
