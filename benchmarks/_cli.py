@@ -495,15 +495,15 @@ def _run_instructions(args: argparse.Namespace, work_dir: str) -> int:
     ok = True
     with _bench(args, work_dir, data, args.selected) as bench:
         for scenario in args.selected:
-            counted = []
+            counted: list[int | None] = []
             for events in sizes[scenario.name]:
                 path = os.path.join(work_dir, f"cachegrind.{scenario.name}.{events}")
                 result = bench.run(scenario, events=events, repeat=1, instructions_path=path)
                 _log(_progress(1, 1, result))
                 ok = ok and result.ok
-                counted.append(_instructions_of(path) if result.ok else 0)
+                counted.append(_instructions_of(path) if result.ok else None)
             (small, large), (small_ir, large_ir) = sizes[scenario.name], counted
-            if result.ok and large > small:
+            if small_ir is not None and large_ir is not None and large > small:
                 per_event[scenario.name] = (large_ir - small_ir) / (large - small)
                 print(f"{scenario.name}: {per_event[scenario.name]:,.0f} instructions per event "
                       f"({large:,} events: {large_ir / 1e9:.2f} G; {small:,}: {small_ir / 1e9:.2f} G)", flush=True)
