@@ -120,13 +120,18 @@ def _is_sdk_worker(proc: str) -> bool:
 
 
 class _WorkerPeaks:
-    """Reads the VmHWM of this process's SDK worker subprocesses every 0.1 s while running."""
+    """Reads the VmHWM of this process's SDK worker subprocesses every 0.1 s while running
+    (with ``runner`` ``"multiprocess"``; for the others there are none, and it does nothing)."""
+
+    def __init__(self, runner: str) -> None:
+        self._enabled = runner == "multiprocess"
 
     def __enter__(self) -> _WorkerPeaks:
         self.peaks: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
+        if self._enabled:
+            self._thread.start()
         return self
 
     def _watch(self) -> None:
@@ -139,7 +144,8 @@ class _WorkerPeaks:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._enabled:
+            self._thread.join()
 
 
 def _runner_peak(runner: str, prism: str, workers: _WorkerPeaks) -> dict:
@@ -197,7 +203,7 @@ def _sink(rows: int, windows: int, runner: str, prism: str) -> dict:
     from sinks.tinybird import WriteToTinybird
     from sinks.tinybird._encoding import encode_element
 
-    with CountingEndpoint() as endpoint, _WorkerPeaks() as workers:
+    with CountingEndpoint() as endpoint, _WorkerPeaks(runner) as workers:
         p = _pipeline(runner, prism)
         _ = (p | beam.Create(range(rows), reshuffle=False)
              | beam.Map(lambda i: TimestampedValue(_row(i), i % windows))
@@ -249,7 +255,7 @@ def _shuffle(rows: int, windows: int, runner: str, prism: str) -> dict:
 
     from sinks.tinybird._encoding import encode_element
 
-    with _WorkerPeaks() as workers:
+    with _WorkerPeaks(runner) as workers:
         p = _pipeline(runner, prism)
         _ = (p | beam.Create(range(rows), reshuffle=False)
              | beam.Map(lambda i: TimestampedValue(_row(i), i % windows))
