@@ -21,6 +21,7 @@ import apache_beam as beam
 import orjson
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
+from apache_beam.transforms.window import TimestampedValue
 
 from benchmarks._data import read_events
 from benchmarks.scenarios import RunSpec, Timed
@@ -29,6 +30,7 @@ from sinks.tinybird import WriteToTinybird
 __all__ = [
     "baseline",
     "baseline_streaming",
+    "baseline_timestamped",
     "bounded_source",
     "pipeline_options",
     "run_pipeline",
@@ -36,6 +38,7 @@ __all__ = [
     "sink_none",
     "sink_streaming",
     "sink_zstd",
+    "sink_zstd_timestamped",
     "stream_chunks",
     "streaming_source",
     "timed_pipeline",
@@ -53,9 +56,20 @@ def _read(_: bytes, path: str, events: int) -> Iterator[dict[str, Any]]:
     return read_events(path, events)
 
 
-def bounded_source(p: beam.Pipeline, spec: RunSpec) -> beam.PCollection:
-    """The events of ``spec`` as dicts, read lazily from the generated file (bounded)."""
-    return p | "Impulse" >> beam.Impulse() | "ReadEvents" >> beam.FlatMap(_read, spec.data_path, spec.events)
+def _read_timestamped(_: bytes, path: str, events: int) -> Iterator[TimestampedValue]:
+    for second, event in enumerate(read_events(path, events)):
+        yield TimestampedValue(event, second)
+
+
+def bounded_source(p: beam.Pipeline, spec: RunSpec, *, timestamped: bool = False) -> beam.PCollection:
+    """The events of ``spec`` as dicts, read lazily from the generated file (bounded).
+
+    ``timestamped``: each event gets a timestamp of its own (event ``i`` at ``i``
+    seconds), in the global window still, as events with their time read from a
+    field would have; otherwise every event has the source's ``MIN_TIMESTAMP``.
+    """
+    read = _read_timestamped if timestamped else _read
+    return p | "Impulse" >> beam.Impulse() | "ReadEvents" >> beam.FlatMap(read, spec.data_path, spec.events)
 
 
 def stream_chunks(spec: RunSpec) -> list[tuple[int, int]]:
@@ -156,6 +170,15 @@ def baseline(spec: RunSpec) -> Timed:
     return lambda: _discarded(run_pipeline(pipeline_options(streaming=False), build))
 
 
+def baseline_timestamped(spec: RunSpec) -> Timed:
+    """:func:`baseline` with a timestamp of its own on every event."""
+    def build(p):
+        (bounded_source(p, spec, timestamped=True)
+         | "Encode" >> beam.Map(orjson.dumps) | "Discard" >> beam.ParDo(_Discard()))
+
+    return lambda: _discarded(run_pipeline(pipeline_options(streaming=False), build))
+
+
 def baseline_streaming(spec: RunSpec) -> Timed:
     """The streaming scenarios' source and encoding, then a discard: the runner's own cost."""
     chunks = stream_chunks(spec)
@@ -174,9 +197,9 @@ def _sink(spec: RunSpec, *, compression: str | None, **kwargs: Any) -> WriteToTi
         **kwargs)
 
 
-def _sink_bounded(spec: RunSpec, compression: str | None) -> Timed:
+def _sink_bounded(spec: RunSpec, compression: str | None, *, timestamped: bool = False) -> Timed:
     def build(p):
-        bounded_source(p, spec) | "WriteToTinybird" >> _sink(spec, compression=compression)
+        bounded_source(p, spec, timestamped=timestamped) | "WriteToTinybird" >> _sink(spec, compression=compression)
 
     return timed_pipeline(streaming=False, build=build)
 
@@ -187,6 +210,11 @@ def sink_none(spec: RunSpec) -> Timed:
 
 def sink_zstd(spec: RunSpec) -> Timed:
     return _sink_bounded(spec, "zstd")
+
+
+def sink_zstd_timestamped(spec: RunSpec) -> Timed:
+    """``sink_zstd`` on events with a timestamp each: every line's timestamp differs from the last."""
+    return _sink_bounded(spec, "zstd", timestamped=True)
 
 
 def sink_gzip(spec: RunSpec) -> Timed:

@@ -197,6 +197,7 @@ _BASELINE_TARGETS: tuple[tuple[str, str, float | None, float | None], ...] = (
     ("sink_zstd", "baseline", 0.80, None),
     ("sink_gzip", "baseline", None, None),
     ("sink_zstd_local_server", "baseline", None, None),
+    ("sink_zstd_timestamped", "baseline_timestamped", None, None),
     ("sink_streaming", "baseline_streaming", 0.65, 0.75),
     ("sink_streaming_large", "baseline_streaming_large", 0.95, None),
 )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 from apache_beam.transforms.core import Windowing
-from apache_beam.transforms.window import FixedWindows, GlobalWindows
+from apache_beam.transforms.window import FixedWindows, GlobalWindow, GlobalWindows
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -340,29 +341,36 @@ def test_an_unencodable_element_in_two_windows_is_one_dead_letter_per_window_in_
     assert list(encoder.finish_bundle()) == []
 
 
+_MICROS = st.one_of(st.sampled_from([MIN_TIMESTAMP.micros, GlobalWindow().max_timestamp().micros, -1, 0]),
+                    st.integers(min_value=MIN_TIMESTAMP.micros, max_value=GlobalWindow().max_timestamp().micros))
+
+
 @settings(max_examples=200, deadline=None)
 @given(
-    pads=st.lists(st.one_of(st.integers(min_value=0, max_value=60), st.none()), min_size=1, max_size=80),
+    pads=st.lists(st.tuples(st.one_of(st.integers(min_value=0, max_value=60), st.none()), _MICROS),
+                  min_size=1, max_size=80),
     max_bytes=st.integers(min_value=2, max_value=200),
     max_rows=st.integers(min_value=1, max_value=12),
 )
 def test_the_global_window_fast_path_batches_exactly_as_the_general_path(pads, max_bytes, max_rows):
-    """Lines appended straight to the open buffer: same batches, remainders and dead letters, at every limit."""
-    from apache_beam.transforms.window import GlobalWindow
-    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+    """Lines appended straight to the open buffer: same batches, remainders and dead letters, at every
+    limit, and every line with its element's timestamp, from MIN_TIMESTAMP to the global window's end."""
+    from apache_beam.utils.timestamp import Timestamp
     from apache_beam.utils.windowed_value import WindowedValue
 
-    from sinks.tinybird._batching import _EncodeAndBatchDoFn, _EncodeAndBatchGlobalDoFn
+    from sinks.tinybird._batching import _EncodeAndBatchDoFn, _EncodeAndBatchGlobalDoFn, timestamps_of
 
     # None: an element that cannot be encoded; a pad: a line of 8 + pad bytes (oversize past max_bytes).
-    elements = [{"p": "x" * pad} if pad is not None else {"bad": object()} for pad in pads]
+    elements = [({"p": "x" * pad} if pad is not None else {"bad": object()}, micros) for pad, micros in pads]
     limits = BatchLimits(max_batch_bytes=max_bytes, max_batch_rows=max_rows, max_buffering_secs=5, num_shards=1)
 
-    def run(dofn, call):
+    def run(dofn):
         dofn.setup()
         dofn.start_bundle()
         dofn._buffers._shard = 0
-        outputs = [out for element in elements for out in (call(dofn, element) or ())]
+        outputs = [out for element, micros in elements
+                   for out in (dofn.process(element, wv=WindowedValue(element, Timestamp(micros=micros),
+                                                                      (GlobalWindow(),))) or ())]
         outputs += dofn.finish_bundle()
         shown = []
         for out in outputs:
@@ -377,10 +385,15 @@ def test_the_global_window_fast_path_batches_exactly_as_the_general_path(pads, m
         return shown
 
     windowing = Windowing(GlobalWindows())
-    fast = run(_EncodeAndBatchGlobalDoFn(datasource="d", limits=limits, windowing=windowing),
-               lambda d, e: d.process(e, wv=WindowedValue(e, MIN_TIMESTAMP, (GlobalWindow(),))))
-    general = run(_EncodeAndBatchDoFn(datasource="d", limits=limits, windowing=windowing),
-                  lambda d, e: d.process(e, wv=WindowedValue(e, MIN_TIMESTAMP, (GlobalWindow(),))))
+    fast = run(_EncodeAndBatchGlobalDoFn(datasource="d", limits=limits, windowing=windowing))
+    general = run(_EncodeAndBatchDoFn(datasource="d", limits=limits, windowing=windowing))
     assert fast == general
-    assert sum(1 for out in fast if out[0] == "dead_letters") == sum(
-        1 for pad in pads if pad is None or len(b'{"p":""}') + pad + 1 > max_bytes)
+    refused = [pad is None or len(b'{"p":""}') + pad + 1 > max_bytes for pad, _ in pads]
+    assert sum(1 for out in fast if out[0] == "dead_letters") == sum(refused)
+    # Batches (FULL_TAG) and chunks ((key, chunk)) in the order they left: their lines' timestamps
+    # are the sent elements' own, in order (one data source, one window, so one buffer at a time).
+    stamps = []
+    for tag, value, *_ in fast:
+        if tag != "dead_letters":
+            stamps += timestamps_of(value[4] if tag == "full" else value[1][2])
+    assert stamps == [micros for (_, micros), bad in zip(pads, refused, strict=True) if not bad]
