@@ -11,6 +11,7 @@ import pytest
 
 from sinks.tinybird._http.limiter import (
     MIN_RATE_RPS,
+    RATE_GROWTH_MIN_RPS,
     Limiter,
     LimiterKey,
     RateWindow,
@@ -148,16 +149,40 @@ def test_the_rate_grows_per_second_with_the_headroom_the_headers_show():
     limiter.done(0.1, signal=Signal.THROTTLED, rtt_secs=0.1, sent_at=0.0)
     rate0 = limiter.paced_rate_rps
     assert rate0 is not None
-    # Clean answer 1 s later, no headers: 1% per second.
+    # Clean answer 1 s later, no headers: 1% per second, plus the least additive growth.
     limiter.admit(1.0)
     limiter.done(1.1, signal=Signal.OK, rtt_secs=0.1, sent_at=1.0)
     rate1 = limiter.paced_rate_rps
-    assert rate1 == pytest.approx(rate0 * math.exp(0.01 * 1.0))
-    # An empty window (Remaining = Limit = 10): headroom 1, so 11% per second,
-    # plus 0.03% of the limit per second.
+    assert rate1 == pytest.approx(rate0 * math.exp(0.01 * 1.0) + RATE_GROWTH_MIN_RPS * 1.0)
+    # An empty window (Remaining = Limit = 1,000): headroom 1, so 11% per second,
+    # plus 0.03% of the limit per second (more than the least).
     limiter.admit(2.0)
-    limiter.done(2.1, signal=Signal.OK, rtt_secs=0.1, window=RateWindow(limit=10, remaining=10), sent_at=2.0)
-    assert limiter.paced_rate_rps == pytest.approx(rate1 * math.exp(0.11 * 1.0) + 0.0003 * 10 * 1.0)
+    limiter.done(2.1, signal=Signal.OK, rtt_secs=0.1, window=RateWindow(limit=1000, remaining=1000), sent_at=2.0)
+    rate2 = limiter.paced_rate_rps
+    assert rate2 == pytest.approx(rate1 * math.exp(0.11 * 1.0) + 0.0003 * 1000 * 1.0)
+    # A small limit (5 requests/s): 0.03% of it would be 0.0015 requests/s per second; the least is 0.02.
+    limiter.admit(3.0)
+    limiter.done(3.1, signal=Signal.OK, rtt_secs=0.1, window=RateWindow(limit=5, remaining=5), sent_at=3.0)
+    assert RATE_GROWTH_MIN_RPS == 0.02
+    assert limiter.paced_rate_rps == pytest.approx(rate2 * math.exp(0.11 * 1.0) + 0.02 * 1.0)
+
+
+def test_the_additive_growth_evens_out_two_processes_that_the_multiplicative_growth_would_not():
+    # Two processes paced at 0.2 and 1.0 requests/s, answered cleanly once a second
+    # for 20 s under a small limit: growth by the same factor alone keeps the ratio at
+    # 5; the additive part (the same for both) brings it down.
+    slow, fast = Limiter(max_in_flight=4, rand=_half), Limiter(max_in_flight=4, rand=_half)
+    for limiter, rate in ((slow, 0.2), (fast, 1.0)):
+        limiter.admit(0.0)
+        limiter.done(0.1, signal=Signal.THROTTLED, rtt_secs=0.1, sent_at=0.0)
+        limiter._rate = rate
+    for second in range(1, 21):
+        for limiter in (slow, fast):
+            limiter._sent.add(float(second))  # it sends what it is paced at, or near enough
+            limiter.done(second + 0.05, signal=Signal.OK, rtt_secs=0.05,
+                         window=RateWindow(limit=5, remaining=1), sent_at=float(second))
+    ratio = fast.paced_rate_rps / slow.paced_rate_rps
+    assert 1.0 < ratio < 3.0
 
 
 def test_an_idle_process_does_not_grow_its_rate():
