@@ -65,3 +65,13 @@ def test_eight_workers_on_5_requests_per_sec_finish_within_the_issues_bounds():
     assert result.dead_letters == 0
     assert result.wall_secs <= 1.2 * result.ideal_secs
     assert result.share_429 <= 0.25
+
+
+def test_a_byte_limit_is_filled_from_the_requests_that_fitted_it():
+    # 20 MB/s of 50 KB batches: 400 requests/s fit, of the header's 1,000. A 429 with requests
+    # left tells each worker how many fitted; it steers to that (81% of the capacity before).
+    result = run(_SCENARIOS["100 workers, 1,000 req/s, 20 MB/s"])
+    assert result.dead_letters == 0
+    assert result.capacity_used >= 0.90
+    assert result.share_429 <= 0.10
+    assert min(result.worker_shares) >= 0.5 and max(result.worker_shares) <= 2.0

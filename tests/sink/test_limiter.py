@@ -11,6 +11,7 @@ import pytest
 
 from sinks.tinybird._http.limiter import (
     MIN_RATE_RPS,
+    OTHER_LIMIT_SECS,
     RATE_GROWTH_MIN_RPS,
     Limiter,
     LimiterKey,
@@ -271,6 +272,30 @@ def test_a_process_paces_itself_before_the_first_429_when_the_service_is_near_it
     rate = limiter.paced_rate_rps
     assert rate is not None and 6.0 < rate < 10.0
     assert limiter.pause_remaining(3.0) == 0.0
+
+
+def test_a_429_with_requests_left_makes_the_requests_that_fitted_the_limit_to_steer_to():
+    # A byte limit binds: the service counts 390 requests a window of the header's 1,000 and
+    # refuses some with requests left (Remaining 600: 400 fitted). For OTHER_LIMIT_SECS the
+    # process reads the load against those 400, not the header's 1,000 (at 390 of 1,000 it
+    # would see room to grow 2.4 times, and grow until the next 429).
+    told, untold = (Limiter(max_in_flight=4, rand=_half, slow_start=False) for _ in range(2))
+    for limiter in (told, untold):
+        end = _answers_of_one_service(limiter, service_rps=390, own_rps=10, secs=2)
+    # "untold" met no such 429: it paces itself from the measured 39% of the header's limit.
+    told.admit(end)
+    told.done(end + 0.01, signal=Signal.THROTTLED, rtt_secs=0.01, pause_secs=0.5,
+              window=RateWindow(limit=1000, remaining=600), sent_at=end)
+    assert told._measured_load(end + 0.01) == pytest.approx(390 / 400, rel=0.05)
+    assert untold._measured_load(end + 0.01) == pytest.approx(0.39, rel=0.05)
+    for limiter in (told, untold):
+        _answers_of_one_service(limiter, service_rps=390, own_rps=10, secs=5, start=end + 1.0)
+    assert told.paced_rate_rps is not None and told.paced_rate_rps < 10.0
+    assert told._measured_load(end + 6.0) == pytest.approx(390 / 400, rel=0.05)
+    # Past OTHER_LIMIT_SECS the header's limit is what the load is read against again.
+    later = end + 1.0 + OTHER_LIMIT_SECS
+    _answers_of_one_service(told, service_rps=390, own_rps=10, secs=2, start=later)
+    assert told._measured_load(later + 2) == pytest.approx(0.39, rel=0.05)
 
 
 def test_a_paced_process_takes_up_what_the_others_leave_within_seconds():

@@ -135,7 +135,12 @@ STEER_GAIN = 0.5
 target doubles the rates in about 1.4 s, at most x2 per second)."""
 OTHER_LIMIT_SECS = 30.0
 """After a 429 with requests left in the window (a byte limit, not the request
-count, binds), the measured request rate is not steered to for this long."""
+count, binds), the measured request rate is steered to :data:`TARGET_LOAD` of the
+requests that window had counted (``X-RateLimit-Limit`` minus ``-Remaining``: those
+that fitted) rather than of ``X-RateLimit-Limit``, for this long. In the simulation
+at 20 MB/s (400 requests/s of 1,000), 89.4-90.5% of the capacity used and 3.1-3.3%
+429s (seeds 1 to 4), against 80.5-81.9% and 5.8-6.0% when it stopped steering
+for this long."""
 _MAX_LOG_STEER = math.log(4.0)
 _SENT_WINDOW_SECS = 5.0
 _USED_WINDOW_SECS = 3.0
@@ -263,6 +268,7 @@ class Limiter:
         self._counted_secs = 0.0
         self._counted_at = -math.inf
         self._other_limit_until = -math.inf
+        self._effective_limit = 0.0
         self._decreased_at = -math.inf
         self._sent = _DecayingRate(_SENT_WINDOW_SECS)
         # Adaptive concurrency: the moving round trip, and the interval under way.
@@ -371,9 +377,10 @@ class Limiter:
                 self._observe(now, window, now if sent_at is None else sent_at)
             if signal is Signal.THROTTLED and window is not None and window.remaining > 0:
                 # Refused with requests left in the window: another limit (bytes)
-                # binds, and the request count no longer says how far to go.
+                # binds, and the requests the window took before it are how far to go.
                 self._other_limit_until = now + OTHER_LIMIT_SECS
-            measured = self._measured_load(now) if now >= self._other_limit_until else None
+                self._effective_limit = window.limit - window.remaining
+            measured = self._measured_load(now)
             congested = signal is Signal.THROTTLED or (
                 measured is None and window is not None and window.nearly_spent)
             if congested:
@@ -437,9 +444,10 @@ class Limiter:
         """The service's load (its requests per second over its limit) measured from pairs of
         answers of one window, or ``None`` when too few answers came close enough together."""
         decay = math.exp(-max(now - self._counted_at, 0.0) / _USED_WINDOW_SECS)
-        if self._counted_secs * decay < _PAIRS_ENOUGH_SECS or self._limit_seen <= 0:
+        limit = self._window_limit(now)
+        if self._counted_secs * decay < _PAIRS_ENOUGH_SECS or limit <= 0:
             return None
-        return self._counted / self._counted_secs / self._limit_seen
+        return self._counted / self._counted_secs / limit
 
     def _headroom(self) -> float:
         """1 - the load estimated from the average share of the window used (0 when at or over the limit, or unknown)."""
@@ -483,8 +491,16 @@ class Limiter:
             growth = RATE_GROWTH_PER_SEC * (1.0 + HEADROOM_GROWTH * self._headroom())
             self._rate = self._rate * math.exp(growth * elapsed) + self._additive_growth() * elapsed
 
+    def _window_limit(self, now: float) -> float:
+        """The requests a window takes: ``X-RateLimit-Limit``, or for :data:`OTHER_LIMIT_SECS` after a
+        429 with requests left (another limit binds), the requests the window had counted then."""
+        return self._effective_limit if now < self._other_limit_until else self._limit_seen
+
     def _additive_growth(self) -> float:
-        """The additive part of the paced rate's growth, in requests per second per second."""
+        """The additive part of the paced rate's growth, in requests per second per second: a share of
+        ``X-RateLimit-Limit`` even while another limit binds (of the requests that fitted it, a step
+        too small to even the shares out: 0.57-2.19x of the fair share in the simulation at 20 MB/s,
+        against 0.62-1.79x, seeds 1 to 4)."""
         return max(RATE_GROWTH_OF_LIMIT * self._limit_seen, RATE_GROWTH_MIN_RPS)
 
     def _adjust_concurrency(self, now: float, signal: Signal, rtt_secs: float) -> None:
