@@ -518,9 +518,12 @@ class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
     microseconds: asking Beam for ``TimestampParam`` costs one more parameter
     comparison in its invoker and a ``Timestamp`` object per element, nearly a quarter
     of the instructions of a whole bounded run (``python -m benchmarks
-    --instructions``: 47,728 against 36,661 per event). A line that fits
+    --instructions``: 47,728 against 36,503-36,661 per event). A line that fits
     in the open buffer is appended right there (most lines), without the
-    general path's look-up of the ``(datasource, window)`` slot. The most
+    general path's look-up of the ``(datasource, window)`` slot. A batched
+    ``process_batch`` was tried: Beam groups a batch by timestamp first, so
+    elements with timestamps of their own cost 1.5 times as much (README,
+    "Benchmarks"). The most
     common shape of all (a batch job to one data source) gets this loop alone,
     without a test for routing (the routed loop's few extra steps per element
     showed in ``python -m benchmarks --profile``).
