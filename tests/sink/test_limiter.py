@@ -13,6 +13,7 @@ from sinks.tinybird._http.limiter import (
     MIN_RATE_RPS,
     OTHER_LIMIT_SECS,
     RATE_GROWTH_MIN_RPS,
+    SPENT_WINDOW_DECREASE,
     Limiter,
     LimiterKey,
     RateWindow,
@@ -142,6 +143,9 @@ def test_a_nearly_spent_window_slows_down_like_a_429_without_pausing():
     limiter.done(0.1, signal=Signal.OK, rtt_secs=0.1, window=RateWindow(limit=100, remaining=13), sent_at=0.0)
     assert limiter.paced_rate_rps == pytest.approx(0.8 * _sent_rate([0.0], 0.1))
     assert limiter.pause_remaining(0.1) == 0.0
+    # Against another limit than the header's: the share is of the requests that window takes.
+    assert RateWindow(limit=1000, remaining=600).nearly_spent_of(400)
+    assert not RateWindow(limit=1000, remaining=700).nearly_spent_of(400)
 
 
 def test_the_rate_grows_per_second_with_the_headroom_the_headers_show():
@@ -304,7 +308,59 @@ def test_a_paced_process_takes_up_what_the_others_leave_within_seconds():
     before = limiter.paced_rate_rps
     assert before is not None
     # The others stop: the service counts only this process's 10 requests/s.
-    _answers_of_one_service(limiter, service_rps=10, own_rps=10, secs=5, start=end)
-    # It grows up to twice what it really sends (10/s here): a rate it does not use stays put.
+    _answers_of_one_service(limiter, service_rps=10, own_rps=10, secs=8, start=end)
+    # It grows up to twice what it really sends (10/s here, once its sending rate, measured
+    # over 5 s, has caught up from the 6 it was admitted to send): a rate it does not use stays put.
     after = limiter.paced_rate_rps
     assert after is not None and after > 2 * before and after == pytest.approx(20.0, rel=0.15)
+
+
+def _paced_senders(limiters: list[Limiter], *, service_rps: float, secs: float, limit: int = 1000) -> None:
+    """Each limiter sends whenever it admits a request, to a fixed one-second-window service
+    counting ``service_rps`` requests evenly spread (every process's together)."""
+    steps = round(secs / 0.001)
+    for step in range(steps):
+        t = step * 0.001
+        for limiter in limiters:
+            if limiter.admit(t).admitted:
+                spent = min(limit, math.floor((t - math.floor(t)) * service_rps) + 1)
+                limiter.done(t + 0.01, signal=Signal.OK, rtt_secs=0.01,
+                             window=RateWindow(limit=limit, remaining=limit - spent), sent_at=t)
+
+
+@pytest.mark.parametrize("decrease, ratio_between", [(SPENT_WINDOW_DECREASE, (1.0, 2.2)), (1.0, (2.4, 4.0))])
+def test_answers_late_in_a_window_even_out_the_shares_of_processes_that_steer(monkeypatch, decrease, ratio_between):
+    # Two processes paced at 20 and 5 requests/s, the service at its target load: the steering
+    # factor is the same for both and keeps their ratio of 4. Their answers counted in the last
+    # 15% of a window are a share of their requests, so the faster one slows down 4 times as
+    # often: after 15 s the ratio is 1.9. Without it (decrease 1.0), the additive step alone: 2.55.
+    monkeypatch.setattr("sinks.tinybird._http.limiter.SPENT_WINDOW_DECREASE", decrease)
+    fast, slow = (Limiter(max_in_flight=4, rand=_half, slow_start=False) for _ in range(2))
+    for limiter, rate in ((fast, 20.0), (slow, 5.0)):
+        limiter.admit(0.0)
+        limiter.done(0.01, signal=Signal.THROTTLED, rtt_secs=0.01, sent_at=0.0)
+        limiter._rate = rate
+    _paced_senders([fast, slow], service_rps=920, secs=15)
+    assert fast.paced_rate_rps is not None and slow.paced_rate_rps is not None
+    low, high = ratio_between
+    assert low < fast.paced_rate_rps / slow.paced_rate_rps < high
+
+
+def test_a_pause_from_a_spent_window_ends_the_measurement_and_one_from_another_limit_does_not():
+    # Both processes measured the service at 99% of its limit.
+    spent, other = (Limiter(max_in_flight=4, rand=_half, slow_start=False) for _ in range(2))
+    for limiter in (spent, other):
+        end = _answers_of_one_service(limiter, service_rps=990, own_rps=10, secs=3)
+        assert limiter._measured_load(end) == pytest.approx(0.99, abs=0.02)
+        limiter.admit(end)
+    # A 429 with nothing left: every process is told to wait, and what they sent before says
+    # nothing of what they will send after. One with requests left (a byte limit) keeps it.
+    spent.done(end + 0.01, signal=Signal.THROTTLED, rtt_secs=0.01, pause_secs=1.0,
+               window=RateWindow(limit=1000, remaining=0), sent_at=end)
+    other.done(end + 0.01, signal=Signal.THROTTLED, rtt_secs=0.01, pause_secs=1.0,
+               window=RateWindow(limit=1000, remaining=10), sent_at=end)
+    assert spent._measured_load(end + 0.01) is None
+    assert other._measured_load(end + 0.01) is not None
+    # After the pause, the first answers of one window measure the service anew.
+    after = _answers_of_one_service(spent, service_rps=500, own_rps=10, secs=1, start=end + 1.0)
+    assert spent._measured_load(after) == pytest.approx(0.5, abs=0.02)
