@@ -331,9 +331,10 @@ def _paced_senders(limiters: list[Limiter], *, service_rps: float, secs: float, 
 @pytest.mark.parametrize("decrease, ratio_between", [(SPENT_WINDOW_DECREASE, (1.0, 2.2)), (1.0, (2.4, 4.0))])
 def test_answers_late_in_a_window_even_out_the_shares_of_processes_that_steer(monkeypatch, decrease, ratio_between):
     # Two processes paced at 20 and 5 requests/s, the service at its target load: the steering
-    # factor is the same for both and keeps their ratio of 4. Their answers counted in the last
-    # 15% of a window are a share of their requests, so the faster one slows down 4 times as
-    # often: after 15 s the ratio is 1.9. Without it (decrease 1.0), the additive step alone: 2.55.
+    # factor is the same for both and keeps their ratio of 4. Their answers to requests counted
+    # after 85% of the window's limit are a share of their requests, so the faster one slows down
+    # 4 times as often: after 15 s the ratio is 1.9. Without it (decrease 1.0), the additive step
+    # alone: 2.55.
     monkeypatch.setattr("sinks.tinybird._http.limiter.SPENT_WINDOW_DECREASE", decrease)
     fast, slow = (Limiter(max_in_flight=4, rand=_half, slow_start=False) for _ in range(2))
     for limiter, rate in ((fast, 20.0), (slow, 5.0)):
