@@ -15,6 +15,7 @@ delta rounded up) on every answer; answers take a few tens of milliseconds.
 
     python -m benchmarks.throttling_simulation            # the report for 100 workers
     python -m benchmarks.throttling_simulation --json out.json
+    python -m benchmarks.throttling_simulation --seeds 1-24  # ranges over seeds, and the seeds that miss a bound
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from sinks.tinybird._http.limiter import Limiter, Signal
 from sinks.tinybird._http.outcomes import BoundedResponse, Deliver, GiveUp, Retry
 from sinks.tinybird.retry import RetryPolicy
 
-__all__ = ["Scenario", "SimResult", "main", "run", "standard_scenarios"]
+__all__ = ["Scenario", "SimResult", "main", "misses", "run", "standard_scenarios"]
 
 _EPOCH = 1_700_000_000.0
 
@@ -341,6 +342,34 @@ def run(scenario: Scenario) -> SimResult:
         share_429_after_halving=tuple(buckets), recovery_secs=recovery)
 
 
+def misses(result: SimResult) -> list[str]:
+    """The bounds of issue 22 that a run misses: for 100 workers, 0 dead letters, at least 90% of the
+    capacity used, at most 10% of requests answered 429, every worker within 0.5-2x its fair share
+    and 429s under 10% within 30 s of a halving; for 8 workers (the multi-process run), 0 dead
+    letters, within 1.2x the ideal time and at most 25% 429s. Other runs have none to miss."""
+    s, missed = result.scenario, []
+    if s.workers not in (8, 100):
+        return missed
+    if result.dead_letters:
+        missed.append(f"{result.dead_letters} dead letters")
+    if s.workers == 8:
+        if result.wall_secs > 1.2 * result.ideal_secs:
+            missed.append(f"wall {result.wall_secs / result.ideal_secs:.2f}x")
+        if result.share_429 > 0.25:
+            missed.append(f"429 {100 * result.share_429:.1f}%")
+        return missed
+    if result.capacity_used < 0.90:
+        missed.append(f"capacity {100 * result.capacity_used:.1f}%")
+    if result.share_429 > 0.10:
+        missed.append(f"429 {100 * result.share_429:.1f}%")
+    low, high = min(result.worker_shares), max(result.worker_shares)
+    if low < 0.5 or high > 2.0:
+        missed.append(f"shares {low:.2f}-{high:.2f}x")
+    if result.recovery_secs is not None and result.recovery_secs > 30:
+        missed.append(f"429s over 10% for {result.recovery_secs:g} s")
+    return missed
+
+
 _IDEAL_STEP_SECS = 0.01
 
 
@@ -403,11 +432,52 @@ def _table(results: Sequence[SimResult]) -> str:
     return "\n".join(rows)
 
 
+def _seeds_table(runs: Sequence[Sequence[SimResult]]) -> str:
+    """Per scenario, the range of each figure over the seeds, and the seeds whose run misses a bound."""
+    def span(values: Sequence[float], fmt: str) -> str:
+        low, high = f"{min(values):{fmt}}", f"{max(values):{fmt}}"
+        return low if low == high else f"{low}-{high}"
+
+    rows = ["| scenario | seeds | wall / ideal | capacity used | 429 share | worker share min, max | "
+            "429s under 10% after halving within | seeds missing a bound |",
+            "|---|---|---|---|---|---|---|---|"]
+    for results in runs:
+        s = results[0].scenario
+        recoveries = [r.recovery_secs for r in results if r.recovery_secs is not None]
+        missed = [f"{r.scenario.seed} ({', '.join(misses(r))})" for r in results if misses(r)]
+        rows.append(
+            f"| {s.name} | {len(results)} | {span([r.wall_secs / r.ideal_secs for r in results], '.2f')}x "
+            f"| {span([100 * r.capacity_used for r in results], '.1f')}% | {span([100 * r.share_429 for r in results], '.1f')}% "
+            f"| {span([min(r.worker_shares) for r in results], '.2f')}, {span([max(r.worker_shares) for r in results], '.2f')}x "
+            f"| {span(recoveries, 'g') + ' s' if recoveries else '-'} | {'; '.join(missed) or 'none'} |")
+    return "\n".join(rows)
+
+
+def _seed_range(text: str) -> list[int]:
+    first, _, last = text.partition("-")
+    seeds = list(range(int(first), int(last or first) + 1))
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"an empty range of seeds: {text!r}")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throttling_simulation", description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write every run's figures here")
-    parser.add_argument("--seed", type=int, default=1)
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--seed", type=int, default=1)
+    runs.add_argument("--seeds", type=_seed_range, metavar="FIRST-LAST",
+                      help="run every scenario with each of these seeds; print ranges and the seeds that miss a bound")
     args = parser.parse_args(argv)
+    if args.seeds:
+        by_scenario = [[run(dataclasses.replace(s, seed=seed)) for seed in args.seeds] for s in standard_scenarios()]
+        print(f"Command: python -m benchmarks.throttling_simulation --seeds {args.seeds[0]}-{args.seeds[-1]}")
+        print(_seeds_table(by_scenario))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump([r.summary() | {"seed": r.scenario.seed, "misses": misses(r)}
+                           for results in by_scenario for r in results], fh, indent=2)
+        return 0
     results = [run(dataclasses.replace(s, seed=args.seed)) for s in standard_scenarios()]
     print("Command: python -m benchmarks.throttling_simulation" + (f" --seed {args.seed}" if args.seed != 1 else ""))
     print(_table(results))

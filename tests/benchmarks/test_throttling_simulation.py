@@ -3,9 +3,12 @@ it drives the production Limiter and classify with a fake clock, so these checks
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+
 import pytest
 
-from benchmarks.throttling_simulation import Scenario, run, standard_scenarios
+from benchmarks.throttling_simulation import Scenario, _seed_range, _seeds_table, misses, run, standard_scenarios
 
 _SCENARIOS = {s.name: s for s in standard_scenarios()}
 STEADY = _SCENARIOS["100 workers, 100 req/s"]
@@ -89,3 +92,32 @@ def test_a_byte_limit_is_filled_from_the_requests_that_fitted_it():
     assert result.capacity_used >= 0.90
     assert result.share_429 <= 0.10
     assert min(result.worker_shares) >= 0.5 and max(result.worker_shares) <= 2.0
+
+
+def test_misses_names_each_bound_a_run_misses_and_the_seeds_table_lists_them():
+    eight = run(EIGHT)
+    assert misses(eight) == []
+    slow = dataclasses.replace(eight, wall_secs=1.3 * eight.ideal_secs, throttled=eight.requests // 2)
+    assert misses(slow) == ["wall 1.30x", f"429 {100 * slow.share_429:.1f}%"]
+    steady = run(STEADY)
+    assert misses(steady) == []
+    bad = dataclasses.replace(steady, capacity_used=0.85, worker_shares=(0.4, 1.0, 2.5), recovery_secs=40.0,
+                              dead_letters=3)
+    assert misses(bad) == ["3 dead letters", "capacity 85.0%", "shares 0.40-2.50x", "429s over 10% for 40 s"]
+    # Four workers: the issue sets no bound for them.
+    four = dataclasses.replace(bad, scenario=_SCENARIOS["4 workers, 5 req/s"])
+    assert misses(four) == []
+    table = _seeds_table([[steady, dataclasses.replace(bad, scenario=dataclasses.replace(STEADY, seed=7))]])
+    low, high = min(steady.worker_shares), max(steady.worker_shares)
+    assert table.splitlines()[2] == (
+        f"| 100 workers, 100 req/s | 2 | {steady.wall_secs / steady.ideal_secs:.2f}x "
+        f"| 85.0-{100 * steady.capacity_used:.1f}% | {100 * steady.share_429:.1f}% "
+        f"| 0.40-{low:.2f}, {high:.2f}-2.50x | 40 s "
+        "| 7 (3 dead letters, capacity 85.0%, shares 0.40-2.50x, 429s over 10% for 40 s) |")
+
+
+def test_a_range_of_seeds_is_read_inclusively():
+    assert _seed_range("1-24") == list(range(1, 25))
+    assert _seed_range("5") == [5]
+    with pytest.raises(argparse.ArgumentTypeError):
+        _seed_range("9-3")
