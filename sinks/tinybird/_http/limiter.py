@@ -131,10 +131,11 @@ at 20 and 5 requests/s, steering at the target: a ratio of 1.9 after 15 s, again
 2.55), and the slowing down takes back the additive step's growth, which
 otherwise kept the service above :data:`TARGET_LOAD`, its windows overflowing
 every few seconds into 429s that pause up to a third of the processes for a
-second. In the simulation at 1,000 requests/s (100 workers) the capacity used
-went from 88.9-91.0% (seeds 1 to 4) to 92.2-92.4% (seeds 1 to 8), and the
-workers' shares from 0.37-1.97x to 0.62-1.56x of the fair one; with 0.95,
-90.7-90.9%, and 89.2-90.6% when the 1,000 requests/s halve to 500."""
+second. In the simulation at 1,000 requests/s (100 workers, ``--seeds 1-24``)
+the capacity used went from 86.0-93.8% to 92.2-92.5%, and the workers' shares
+from 0.34-2.62x to 0.61-1.59x of the fair one. 0.95 (tried with a threshold
+two requests lower) used 90.7-90.9%, and 89.2-90.6% when the 1,000 requests/s
+halve to 500 (seeds 1 to 8)."""
 PAUSE_JITTER = 0.5
 """A pause of a process that paces itself is lengthened by a random share of it up
 to this, so that the processes told to wait the same second do not all come back
