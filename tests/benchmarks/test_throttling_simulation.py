@@ -12,35 +12,39 @@ from benchmarks.throttling_simulation import Scenario, _seed_range, _seeds_table
 
 _SCENARIOS = {s.name: s for s in standard_scenarios()}
 STEADY = _SCENARIOS["100 workers, 100 req/s"]
-HALVING = _SCENARIOS["100 workers, 100 -> 50 req/s at 60 s"]
-FAST = _SCENARIOS["100 workers, 1,000 req/s"]
-FAST_HALVING = _SCENARIOS["100 workers, 1,000 -> 500 req/s at 60 s"]
 BURSTS = _SCENARIOS["100 workers, 100 req/s, bursts"]
 EIGHT = _SCENARIOS["8 workers, 5 req/s"]
 
 
-@pytest.mark.parametrize("scenario", [STEADY, HALVING, BURSTS, EIGHT], ids=["steady", "halving", "bursts", "eight"])
-def test_overload_never_dead_letters_and_every_batch_is_delivered_once(scenario: Scenario):
+# Seed 1 of every scenario the issue bounds (misses() in benchmarks/throttling_simulation.py says
+# which bounds; `--seeds 1-24` counts the seeds that miss one). What each one exercises:
+# - 100 req/s: about one answer a second per worker, too few to measure the service's rate: AIMD
+#   on 429s and on nearly spent windows;
+# - 100 -> 50 req/s: 429s back under 10% within 30 s of the halving;
+# - bursts: batches arriving at random times; capacity is read against an ideal that knows them;
+# - 1,000 req/s: dense answers: each worker measures the service's rate from pairs of answers of
+#   one window and steers towards it, and answers late in a window even the shares out;
+# - 1,000 -> 500 req/s: the first worker finishes before the halving (the span the capacity and
+#   shares are read over ends there), so this checks the start, where all 100 workers meet a
+#   spent window in the first half second (87.6% of the capacity and shares of 0.50-2.06x before
+#   a spent window's pause ended the measurement and answers late in a window evened the shares);
+# - 20 MB/s: 50 KB batches, 400 requests/s fit of the header's 1,000: a 429 with requests left
+#   tells each worker how many fitted, and it steers to that (81% of the capacity before);
+# - 8 workers, 5 req/s: the multi-process run (benchmarks/throttling_processes.py), simulated:
+#   400 batches, ideal 80 s (1.29x without the least additive growth).
+_BOUNDED = [s for s in standard_scenarios() if s.workers in (8, 100)]
+
+
+@pytest.mark.parametrize("scenario", _BOUNDED, ids=[s.name for s in _BOUNDED])
+def test_every_batch_is_delivered_once_and_the_run_meets_the_issues_bounds(scenario: Scenario):
     result = run(scenario)
     assert result.dead_letters == 0
     assert result.delivered == scenario.workers * scenario.batches_per_worker
     # Every accepted request is one delivered batch: none was accepted twice.
     assert result.requests - result.throttled == result.delivered
-
-
-def test_the_issues_bounds_for_100_workers_at_100_requests_per_sec():
-    result = run(STEADY)
-    assert result.capacity_used >= 0.90
-    assert result.share_429 <= 0.10
-    assert min(result.worker_shares) >= 0.5 and max(result.worker_shares) <= 2.0
-
-
-def test_after_the_capacity_halves_429s_are_back_under_10_percent_within_30_secs():
-    result = run(HALVING)
-    assert result.recovery_secs is not None and result.recovery_secs <= 30
-    assert result.share_429 <= 0.10
-    assert result.capacity_used >= 0.90
-    assert min(result.worker_shares) >= 0.5 and max(result.worker_shares) <= 2.0
+    if scenario.halve_at_secs is not None:
+        assert result.recovery_secs is not None
+    assert misses(result) == []
 
 
 def test_bursts_are_sent_as_fast_as_an_ideal_sender_would():
@@ -48,50 +52,6 @@ def test_bursts_are_sent_as_fast_as_an_ideal_sender_would():
     # arrivals is done within a few seconds of it.
     result = run(BURSTS)
     assert result.wall_secs <= result.ideal_secs * 1.05
-    assert result.capacity_used >= 0.90
-    assert result.share_429 <= 0.10
-
-
-def test_the_issues_bounds_for_100_workers_at_1000_requests_per_sec():
-    # Dense answers: each worker measures the service's rate from pairs of answers
-    # of one window and steers towards it, rather than backing off at a threshold.
-    result = run(FAST)
-    assert result.dead_letters == 0
-    assert result.capacity_used >= 0.90
-    assert result.share_429 <= 0.10
-    assert min(result.worker_shares) >= 0.5 and max(result.worker_shares) <= 2.0
-
-
-def test_the_issues_bounds_when_1000_requests_per_sec_halve():
-    # The first worker finishes before the halving (the span the capacity and shares are read
-    # over ends there): what this checks is the start, where all 100 workers meet a spent
-    # window in the first half second (87.6% of the capacity and shares of 0.50-2.06x before a
-    # spent window's pause ended the measurement and answers late in a window evened the shares).
-    result = run(FAST_HALVING)
-    assert result.dead_letters == 0
-    assert result.capacity_used >= 0.90
-    assert result.share_429 <= 0.10
-    assert min(result.worker_shares) >= 0.5 and max(result.worker_shares) <= 2.0
-    assert result.recovery_secs is not None and result.recovery_secs <= 30
-
-
-def test_eight_workers_on_5_requests_per_sec_finish_within_the_issues_bounds():
-    # The multi-process run's figure (benchmarks/throttling_processes.py), simulated: 400 batches
-    # at 5 requests/s, ideal 80 s. Without the least additive growth it took 1.29x (seed 1).
-    result = run(EIGHT)
-    assert result.dead_letters == 0
-    assert result.wall_secs <= 1.2 * result.ideal_secs
-    assert result.share_429 <= 0.25
-
-
-def test_a_byte_limit_is_filled_from_the_requests_that_fitted_it():
-    # 20 MB/s of 50 KB batches: 400 requests/s fit, of the header's 1,000. A 429 with requests
-    # left tells each worker how many fitted; it steers to that (81% of the capacity before).
-    result = run(_SCENARIOS["100 workers, 1,000 req/s, 20 MB/s"])
-    assert result.dead_letters == 0
-    assert result.capacity_used >= 0.90
-    assert result.share_429 <= 0.10
-    assert min(result.worker_shares) >= 0.5 and max(result.worker_shares) <= 2.0
 
 
 def test_misses_names_each_bound_a_run_misses_and_the_seeds_table_lists_them():
