@@ -29,8 +29,9 @@ limiter per target that three things in it obey:
   round trip), so that a process sending more slows down more and the
   processes drift to equal shares; clean answers make it grow by
   :data:`RATE_GROWTH_PER_SEC` of itself and :data:`RATE_GROWTH_OF_LIMIT` of
-  the limit (at least :data:`RATE_GROWTH_MIN_RPS`) per second, up to :data:`HEADROOM_GROWTH` times faster while the
-  headers show the service far from its limit. A 429 always slows down. The
+  the limit (at least :data:`RATE_GROWTH_MIN_RPS`) per second, up to
+  :data:`HEADROOM_GROWTH` times faster while the headers show the service far
+  from its limit. A 429 always slows down. The
   spacing, and the pauses of a process that paces itself, are jittered so that
   processes do not move in step;
 - **adaptive concurrency** (Vector's adaptive request concurrency): one
