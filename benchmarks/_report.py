@@ -210,10 +210,19 @@ _DESTINATION_TARGETS: tuple[tuple[str, str, float, str], ...] = (
 )
 
 
+# Its two parts (no target of their own): calling a function per element, and filling three batches
+# instead of one (the function of sink_zstd_routed costs what the three-destination one does).
+_DESTINATION_PARTS: tuple[tuple[str, str, None, str], ...] = (
+    ("sink_zstd_routed", "sink_zstd", None, "sink_zstd_routed / sink_zstd events/s (a function per element)"),
+    ("sink_zstd_3_destinations", "sink_zstd_routed", None,
+     "sink_zstd_3_destinations / sink_zstd_routed events/s (three batches instead of one)"),
+)
+
+
 def ratio_pairs() -> list[tuple[str, str, float | None, str]]:
     """The pairs of scenarios the targets compare: (scenario, against, target or None, description)."""
     return [*((sink, base, threshold, f"{sink} / {base} events/s") for sink, base, threshold, _ in _BASELINE_TARGETS),
-            *_DESTINATION_TARGETS]
+            *_DESTINATION_TARGETS, *_DESTINATION_PARTS]
 
 
 def evaluate_targets(summaries: Sequence[Summary], *, max_batch_bytes: int) -> list[Target]:
@@ -251,7 +260,10 @@ def evaluate_targets(summaries: Sequence[Summary], *, max_batch_bytes: int) -> l
             ratio(sink, "peer_a_post_each", 30.0, f"{sink} / (a) post per element events/s",
                   note=f"rates on {by_name[sink].events:,} vs {by_name['peer_a_post_each'].events:,} events")
     bounded_destinations, streaming_destinations = _DESTINATION_TARGETS
+    function_part, batches_part = _DESTINATION_PARTS
     ratio(*bounded_destinations)
+    ratio(*function_part)
+    ratio(*batches_part)
     ratio(*streaming_destinations)
     ratio("sink_streaming", "peer_c_gib_streaming", 5.0,
           "sink_streaming / (c) GroupIntoBatches streaming events/s")

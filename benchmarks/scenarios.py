@@ -99,6 +99,8 @@ SCENARIOS: tuple[Scenario, ...] = (
              size=EVENTS, sends=True, target="benchmarks._pipelines:sink_gzip"),
     Scenario(name="sink_zstd_3_destinations", title="WriteToTinybird, bounded, zstd, 3 data sources by a field",
              size=EVENTS, sends=True, target="benchmarks._pipelines:sink_zstd_3_destinations"),
+    Scenario(name="sink_zstd_routed", title="WriteToTinybird, bounded, zstd, 1 data source by the same kind of function",
+             size=EVENTS, sends=True, target="benchmarks._pipelines:sink_zstd_routed"),
     Scenario(name="sink_zstd_local_server", title="WriteToTinybird, bounded, zstd, to the local Events API server",
              size=EVENTS, sends=True, target="benchmarks._pipelines:sink_zstd", endpoint=LOCAL_SERVER),
     Scenario(name="peer_b_batch_bytes", title="(b) BatchElements by bytes + Session per batch",

@@ -60,25 +60,31 @@ def test_quick_run_covers_every_scenario_and_delivers_every_event(tmp_path):
     assert ("in 1 run(s), the local Events API server stored 3,000 rows (3,000 distinct event_id, 0 quarantined) "
             "for 3,000 events") in table
     assert "Targets:" in table
+    # Issue 23's target and its two parts, each a ratio of two scenarios that ran.
+    for pair in ("sink_zstd_3_destinations / sink_zstd events/s: ",
+                 "sink_zstd_routed / sink_zstd events/s (a function per element): ",
+                 "sink_zstd_3_destinations / sink_zstd_routed events/s (three batches instead of one): "):
+        assert f"- {pair}" in table, pair
 
 
 _FAKE_VALGRIND = """#!{python}
 # Stands in for valgrind: runs the command after the options, then writes a cachegrind
-# summary of 1,000,000 instructions plus 5,000 per event (5,250 for the three-destination scenario).
+# summary of 1,000,000 instructions plus 5,000 per event (5,200 routed by a function, 5,250 to three
+# data sources).
 import json, subprocess, sys
 options = [a for a in sys.argv[1:] if a.startswith("--")]
 command = sys.argv[1 + len(options):]
 out = next(a.split("=", 1)[1] for a in options if a.startswith("--cachegrind-out-file="))
 rc = subprocess.run(command).returncode
 spec = json.loads(command[-1])
-per_event = 5250 if spec["scenario"].endswith("_3_destinations") else 5000
+per_event = {{"sink_zstd_routed": 5200, "sink_zstd_3_destinations": 5250}}.get(spec["scenario"], 5000)
 with open(out, "w") as fh:
     fh.write("events: Ir\\nsummary: %d\\n" % (1_000_000 + per_event * spec["events"]))
 sys.exit(rc)
 """
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_instruction_counts_are_per_event_and_compared_as_the_targets_compare(tmp_path):
     """``--instructions`` (with a stand-in for valgrind: the real one takes minutes): each scenario
     at its size and a tenth of it, the difference per event, and the targets' pairs as ratios."""
@@ -92,15 +98,20 @@ def test_instruction_counts_are_per_event_and_compared_as_the_targets_compare(tm
     env["PATH"] = os.pathsep.join((str(bin_dir), env["PATH"]))
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--instructions", "--events", "400", "--max-batch-bytes", "4096",
-         "--scenarios", "sink_zstd", "sink_zstd_3_destinations", "--work-dir", str(tmp_path / "work")],
-        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=110)
+         "--scenarios", "sink_zstd", "sink_zstd_routed", "sink_zstd_3_destinations", "--work-dir",
+         str(tmp_path / "work")],
+        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     assert "sink_zstd: 5,000 instructions per event (400 events: 0.00 G; 40: 0.00 G)" in proc.stdout
     assert "sink_zstd_3_destinations: 5,250 instructions per event" in proc.stdout
     assert ("- sink_zstd_3_destinations / sink_zstd events per instruction: 0.952x (target >= 0.9x): met"
             in proc.stdout)
-    assert proc.stderr.count("lines 400/400, checksum equal OK") == 2
-    assert proc.stderr.count("lines 40/40, checksum equal OK") == 2
+    # The target's two parts: the function per element (5,000 / 5,200), three batches (5,200 / 5,250).
+    assert "- sink_zstd_routed / sink_zstd events per instruction (a function per element): 0.962x\n" in proc.stdout
+    assert ("- sink_zstd_3_destinations / sink_zstd_routed events per instruction (three batches instead of one): "
+            "0.990x\n") in proc.stdout
+    assert proc.stderr.count("lines 400/400, checksum equal OK") == 3
+    assert proc.stderr.count("lines 40/40, checksum equal OK") == 3
 
 
 def test_instruction_counts_need_valgrind(tmp_path):
