@@ -540,6 +540,11 @@ class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
         super().start_bundle()
         self._open: _WindowBuffer | None = None
 
+    def finish_bundle(self) -> Iterator[beam.pvalue.TaggedOutput | WindowedValue]:
+        # The runner keeps this instance for later bundles: the open buffer leaves with the bundle.
+        self._open = None
+        return super().finish_bundle()
+
     # Beam passes what the signature asks for: here the element and its WindowedValue, whose
     # timestamp is read as micros (``wv.timestamp`` makes a Timestamp object: only for dead letters).
     def process(self, element, wv=beam.DoFn.WindowedValueParam):
@@ -579,6 +584,11 @@ class _EncodeAndBatchGlobalRoutedDoFn(_EncodeAndBatchDoFn):
         # Each data source's open buffer: emptied whenever a buffer leaves (a full one, or the
         # least recently used past max_windows_per_bundle), so that none is appended to after.
         self._open: dict[str, _WindowBuffer | None] = {}
+
+    def finish_bundle(self) -> Iterator[beam.pvalue.TaggedOutput | WindowedValue]:
+        # As above: the open buffers leave with the bundle.
+        self._open = {}
+        return super().finish_bundle()
 
     def setup(self) -> None:
         super().setup()
