@@ -3,6 +3,7 @@ call takes ``now``, and the random numbers are fixed or seeded, so the numbers a
 
 from __future__ import annotations
 
+import collections
 import math
 import pickle
 import random
@@ -365,3 +366,74 @@ def test_a_pause_from_a_spent_window_ends_the_measurement_and_one_from_another_l
     # After the pause, the first answers of one window measure the service anew.
     after = _answers_of_one_service(spent, service_rps=500, own_rps=10, secs=1, start=end + 1.0)
     assert spent._measured_load(after) == pytest.approx(0.5, abs=0.02)
+
+
+def test_shared_limiters_are_bounded_dropping_the_least_recently_used_idle_one(monkeypatch):
+    """Issue 23: a data source function naming data sources without bound must not grow the registry
+    without bound. Past the bound the least recently used limiter goes, never one with a request in
+    flight; a key used again is recent again."""
+    import sinks.tinybird._http.limiter as limiter_module
+
+    monkeypatch.setattr(limiter_module, "_REGISTRY", collections.OrderedDict())
+    monkeypatch.setattr(limiter_module, "MAX_SHARED_LIMITERS", 3)
+
+    def clock() -> float:
+        return 0.0
+
+    def key(name: str) -> LimiterKey:
+        return LimiterKey.of(api_url="http://127.0.0.1:1", datasource=name, token="p.secret")
+
+    def get(name: str) -> Limiter:
+        return shared_limiter(key(name), max_in_flight=2, clock=clock, rand=_half)
+
+    busy, a, b = get("busy"), get("a"), get("b")
+    assert busy.admit(0.0).admitted  # a request in flight: never dropped
+    assert get("a") is a  # "a" is now more recent than "b"
+    get("c")  # over the bound: "busy" is the oldest but in flight, so the next oldest, "b", goes
+    assert list(limiter_module._REGISTRY) == [key("busy"), key("a"), key("c")]
+    assert get("busy") is busy and get("a") is a
+    assert get("b") is not b  # dropped: it starts over (and "c", now the oldest, goes)
+    assert list(limiter_module._REGISTRY) == [key("busy"), key("a"), key("b")]
+    busy.done(0.1, signal=Signal.OK, rtt_secs=0.1)
+    get("d")  # "busy" is idle now, and the least recently used
+    assert list(limiter_module._REGISTRY) == [key("a"), key("b"), key("d")]
+
+
+def test_a_hundred_thousand_data_sources_keep_the_registry_at_its_bound():
+    """At scale and at the real bound: 100,000 names, each used once, leave MAX_SHARED_LIMITERS
+    limiters, the most recent ones; and a limiter that has seen answers holds under 4 KB (counted by
+    tracemalloc over 1,000 of them: about 2 KB), so the registry's bound is some 21 MB."""
+    import tracemalloc
+
+    import sinks.tinybird._http.limiter as limiter_module
+
+    def clock() -> float:
+        return 0.0
+
+    def use(name: str) -> None:
+        limiter = shared_limiter(LimiterKey.of(api_url="http://127.0.0.1:1", datasource=name, token="p.t"),
+                                 max_in_flight=4, clock=clock, rand=_half)
+        assert limiter.admit(0.0).admitted
+        limiter.done(0.01, signal=Signal.OK, rtt_secs=0.01, window=RateWindow(limit=100, remaining=50))
+
+    saved = collections.OrderedDict(limiter_module._REGISTRY)
+    limiter_module._REGISTRY.clear()
+    try:
+        for i in range(100_000):
+            use(f"ev_{i}")
+        names = [key.datasource for key in limiter_module._REGISTRY]
+        limiter_module._REGISTRY.clear()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(1000):
+                use(f"sized_{i}")
+            per_limiter = (tracemalloc.get_traced_memory()[0] - before) / 1000
+        finally:
+            tracemalloc.stop()
+    finally:
+        limiter_module._REGISTRY.clear()
+        limiter_module._REGISTRY.update(saved)
+    bound = limiter_module.MAX_SHARED_LIMITERS
+    assert names == [f"ev_{i}" for i in range(100_000 - bound, 100_000)]
+    assert 500 < per_limiter < 4096, per_limiter

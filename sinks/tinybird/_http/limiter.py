@@ -44,12 +44,14 @@ limiter per target that three things in it obey:
 The :class:`Limiter` itself never sleeps and reads no clock: every call takes
 ``now``, so the discrete-event simulation (``benchmarks/throttling_simulation.py``)
 drives the very same code with a fake clock. :func:`shared_limiter` is the
-process's registry: created lazily, thread-safe, never pickled, keyed on a hash
-of the token (the token itself is neither stored nor logged).
+process's registry: created lazily, thread-safe, never pickled, bounded (the
+least recently used limiter past :data:`MAX_SHARED_LIMITERS` is dropped), keyed
+on a hash of the token (the token itself is neither stored nor logged).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import hashlib
@@ -61,6 +63,7 @@ __all__ = [
     "DECREASE_RATIO",
     "EWMA_ALPHA",
     "HEADROOM_GROWTH",
+    "MAX_SHARED_LIMITERS",
     "MIN_RATE_RPS",
     "OTHER_LIMIT_SECS",
     "PAUSE_JITTER",
@@ -606,14 +609,21 @@ class _DecayingRate:
             self._last = now
 
 
-_REGISTRY: dict[LimiterKey, tuple[Limiter, Callable[[], float]]] = {}
+MAX_SHARED_LIMITERS = 10_000
+"""The limiters a process keeps (about 2 KB each: some 21 MB at the bound). A data source function
+that names data sources without bound would otherwise grow the registry with every name; past the
+bound, the least recently used limiter with nothing in flight is dropped, and its data source, if
+it comes back, starts over as at a job's start (its learned rate is lost, never a row; a batch that
+still holds the dropped one, waiting to retry, finishes with it)."""
+
+_REGISTRY: collections.OrderedDict[LimiterKey, tuple[Limiter, Callable[[], float]]] = collections.OrderedDict()
 _REGISTRY_LOCK = threading.Lock()
 
 
 def shared_limiter(
     key: LimiterKey, *, max_in_flight: int, clock: Callable[[], float], rand: Callable[[], float],
 ) -> Limiter:
-    """The process's limiter for ``key``, created on first use.
+    """The process's limiter for ``key``, created on first use (at most :data:`MAX_SHARED_LIMITERS` are kept).
 
     Limiters are shared by callers that share a clock (in production, every
     client of the process reads ``time.monotonic``): a caller with another
@@ -623,8 +633,15 @@ def shared_limiter(
     with _REGISTRY_LOCK:
         entry = _REGISTRY.get(key)
         if entry is not None and entry[1] == clock:
+            _REGISTRY.move_to_end(key)
             entry[0].raise_ceiling(max_in_flight)
             return entry[0]
         limiter = Limiter(max_in_flight=max_in_flight, rand=rand)
         _REGISTRY[key] = (limiter, clock)
+        _REGISTRY.move_to_end(key)
+        if len(_REGISTRY) > MAX_SHARED_LIMITERS:
+            # The least recently used one that no request is using (in practice the first).
+            idle = next((k for k, (other, _) in _REGISTRY.items() if k != key and other.in_flight == 0), None)
+            if idle is not None:
+                del _REGISTRY[idle]
         return limiter
