@@ -1,0 +1,39 @@
+"""``./dev``, the README's entry point: its set-up steps never wait on another run forever."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+DEV = Path(__file__).resolve().parents[1] / "dev"
+
+
+def _lock_is_held() -> bool:
+    return subprocess.run(["flock", "-n", str(DEV), "true"], check=False).returncode != 0
+
+
+def test_dev_test_goes_on_when_another_run_holds_the_set_up_lock_past_the_deadline():
+    """Two ``./dev test`` runs in one checkout share one set-up (the clients, the engines) under a
+    lock on ``dev``. A run that holds it and hangs (a download that never ends) must not hold the
+    others forever: past ``DEV_LOCK_WAIT_SECS`` they go on, and say so."""
+    holder = subprocess.Popen(["flock", str(DEV), "sleep", "120"])
+    try:
+        deadline = time.monotonic() + 30
+        while not _lock_is_held():
+            assert time.monotonic() < deadline, "the holder never took the lock"
+            time.sleep(0.05)
+        started = time.monotonic()
+        run = subprocess.run([str(DEV), "test", "--version"], capture_output=True, text=True, timeout=110,
+                             env={**os.environ, "DEV_LOCK_WAIT_SECS": "1"})
+        elapsed = time.monotonic() - started
+        still_held = _lock_is_held()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert still_held  # it went on while the other run still held the lock
+    assert run.returncode == 0 and run.stdout.startswith("pytest "), (run.stdout, run.stderr)
+    assert "another ./dev test has been building the engines for over 1 s; going on without it" in run.stderr
+    # Bounded by the deadline it was given (1 s, plus pytest's start), far below the holder's 120 s.
+    assert elapsed < 60, elapsed
