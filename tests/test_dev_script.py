@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ def test_dev_test_goes_on_when_another_run_holds_the_set_up_lock_past_the_deadli
     """Two ``./dev test`` runs in one checkout share one set-up (the clients, the engines) under a
     lock on ``dev``. A run that holds it and hangs (a download that never ends) must not hold the
     others forever: past ``DEV_LOCK_WAIT_SECS`` they go on, and say so."""
-    holder = subprocess.Popen(["flock", str(DEV), "sleep", "120"])
+    # In a session of its own: flock and its sleep (which inherits the lock) are killed together.
+    holder = subprocess.Popen(["flock", str(DEV), "sleep", "120"], start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while not _lock_is_held():
@@ -30,10 +32,11 @@ def test_dev_test_goes_on_when_another_run_holds_the_set_up_lock_past_the_deadli
         elapsed = time.monotonic() - started
         still_held = _lock_is_held()
     finally:
-        holder.kill()
+        os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
     assert still_held  # it went on while the other run still held the lock
     assert run.returncode == 0 and run.stdout.startswith("pytest "), (run.stdout, run.stderr)
     assert "another ./dev test has been building the engines for over 1 s; going on without it" in run.stderr
     # Bounded by the deadline it was given (1 s, plus pytest's start), far below the holder's 120 s.
     assert elapsed < 60, elapsed
+    assert not _lock_is_held()  # and the test leaves the lock free for the next run
