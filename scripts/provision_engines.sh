@@ -9,6 +9,8 @@
 #
 #   scripts/provision_engines.sh PYTHON [TOOL...]   (default tools: prism fake-gcs-server)
 # Prints what it did for each tool and how long it took; exits non-zero if a tool could not be had.
+# Each build or download is stopped after ENGINES_FETCH_TIMEOUT_SECS (default 1200): a proxy that
+# answers slowly or never must not hold ./dev test (nor the runs waiting on its lock) for ever.
 set -euo pipefail
 
 python=${1:?usage: provision_engines.sh PYTHON [TOOL...]}
@@ -17,6 +19,7 @@ tools=("$@")
 [ ${#tools[@]} -gt 0 ] || tools=(prism fake-gcs-server)
 
 cache=${BEAM_TINYBIRD_ENGINES_CACHE:-$HOME/.cache/beam-tinybird-engines}
+fetch_secs=${ENGINES_FETCH_TIMEOUT_SECS:-1200}
 beam_version=$("$python" -c 'import apache_beam; print(apache_beam.__version__)')
 fake_gcs_version=v1.56.1
 mkdir -p "$cache"
@@ -30,7 +33,17 @@ go_tool() {  # go_tool NAME MODULE@VERSION DIR
   command -v go >/dev/null 2>&1 || { echo "engines: $name: Go is not installed (needed to build $module)" >&2; return 1; }
   # Built into a temporary folder and moved: a run stopped half-way leaves no half-written binary.
   rm -rf "$dir.tmp"
-  GOBIN="$dir.tmp" GOFLAGS=-mod=mod go install "$module"
+  local rc=0
+  GOBIN="$dir.tmp" GOFLAGS=-mod=mod timeout --kill-after=10 "$fetch_secs" go install "$module" || rc=$?
+  if [ $rc -ne 0 ]; then
+    rm -rf "$dir.tmp"
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+      echo "engines: $name: go install $module did not finish in $fetch_secs s (ENGINES_FETCH_TIMEOUT_SECS); stopped" >&2
+    else
+      echo "engines: $name: go install $module failed (exit $rc)" >&2
+    fi
+    return 1
+  fi
   mv "$dir.tmp" "$dir"
   echo "engines: $name: built $module in $((SECONDS - started)) s -> $dir/$name"
 }
@@ -43,9 +56,13 @@ maven_jar() {  # maven_jar ARTIFACT_ID: org.apache.beam:ARTIFACT_ID:<Beam versio
     return 0
   fi
   command -v mvn >/dev/null 2>&1 || { echo "engines: $artifact: Maven (mvn) is not installed" >&2; return 1; }
-  if ! mvn -q org.apache.maven.plugins:maven-dependency-plugin:3.8.1:get \
-      -Dartifact="org.apache.beam:$artifact:$beam_version" -Dtransitive=false >"$cache/mvn-$artifact.log" 2>&1; then
-    echo "engines: $artifact: Maven Central did not serve org.apache.beam:$artifact:$beam_version" \
+  local rc=0
+  timeout --kill-after=10 "$fetch_secs" mvn -q org.apache.maven.plugins:maven-dependency-plugin:3.8.1:get \
+      -Dartifact="org.apache.beam:$artifact:$beam_version" -Dtransitive=false >"$cache/mvn-$artifact.log" 2>&1 || rc=$?
+  if [ $rc -ne 0 ]; then
+    local why="did not serve"
+    { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && why="did not finish in $fetch_secs s (ENGINES_FETCH_TIMEOUT_SECS) with"
+    echo "engines: $artifact: Maven Central $why org.apache.beam:$artifact:$beam_version" \
          "(log: $cache/mvn-$artifact.log)" >&2
     return 1
   fi

@@ -1,4 +1,4 @@
-"""``./dev``, the README's entry point: its set-up steps never wait on another run forever."""
+"""``./dev``, the README's entry point: its set-up steps never wait forever, on another run or on a proxy."""
 
 from __future__ import annotations
 
@@ -40,3 +40,32 @@ def test_dev_test_goes_on_when_another_run_holds_the_set_up_lock_past_the_deadli
     # Bounded by the deadline it was given (1 s, plus pytest's start), far below the holder's 120 s.
     assert elapsed < 60, elapsed
     assert not _lock_is_held()  # and the test leaves the lock free for the next run
+
+
+def test_engine_builds_and_downloads_that_never_end_are_stopped_at_their_deadline(tmp_path):
+    """``./dev test`` builds the engines with ``go install`` and fetches jars with ``mvn``, through a
+    proxy that may answer slowly or never. Each is stopped after ``ENGINES_FETCH_TIMEOUT_SECS``,
+    leaves nothing half-written in the cache, and the script says which and why."""
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    for tool in ("go", "mvn"):  # a go and an mvn that wait for ever, as on a proxy that never answers
+        fake = fakes / tool
+        fake.write_text("#!/bin/sh\nexec sleep 600\n")
+        fake.chmod(0o755)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PATH": f"{fakes}:{os.environ['PATH']}", "HOME": str(tmp_path),
+           "BEAM_TINYBIRD_ENGINES_CACHE": str(cache), "ENGINES_FETCH_TIMEOUT_SECS": "2"}
+    python = DEV.parent / ".venv" / "bin" / "python"
+    started = time.monotonic()
+    run = subprocess.run([str(DEV.parent / "scripts" / "provision_engines.sh"), str(python), "prism", "flink"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    elapsed = time.monotonic() - started
+
+    assert run.returncode == 1, (run.stdout, run.stderr)
+    assert "engines: prism: go install github.com/apache/beam/sdks/v2/go/cmd/prism@v" in run.stderr
+    assert "did not finish in 2 s (ENGINES_FETCH_TIMEOUT_SECS); stopped" in run.stderr
+    assert ("engines: beam-runners-flink-2.2-job-server: Maven Central did not finish in 2 s "
+            "(ENGINES_FETCH_TIMEOUT_SECS) with org.apache.beam:beam-runners-flink-2.2-job-server:") in run.stderr
+    assert sorted(p.name for p in cache.iterdir()) == ["mvn-beam-runners-flink-2.2-job-server.log"]  # no binary
+    # Two deadlines of 2 s, plus the interpreter's start to read Beam's version: far below the fakes' 600 s.
+    assert elapsed < 120, elapsed
