@@ -174,10 +174,17 @@ class Target:
     per_cpu_value: float | None = None
     extra_cpu_micros: tuple[float, float] | None = None
     aim: float | None = None
+    paired: tuple[float, ...] = ()
+    """The ratio in each round that ran both scenarios (``--repeats``: round r runs every
+    scenario's r-th run, one after the other), so that each ratio compares runs minutes
+    apart at most: the machine's load drifts less within a round than over a whole set."""
 
     def line(self) -> str:
         value = f"{self.value:.1%}" if self.unit == "%" else f"{self.value:.2f}x"
         per_cpu = "" if self.per_cpu_value is None else f"; per CPU-second of the pipeline: {self.per_cpu_value:.2f}x"
+        if len(self.paired) > 1:
+            per_cpu += (f"; round by round: median {statistics.median(self.paired):.2f}x "
+                        f"({min(self.paired):.2f}-{max(self.paired):.2f}x, {len(self.paired)} rounds)")
         if self.extra_cpu_micros is not None:
             mine, theirs = self.extra_cpu_micros
             per_cpu += f"; CPU per event above the baseline: {mine:.1f} vs {theirs:.1f} us"
@@ -219,6 +226,13 @@ _DESTINATION_PARTS: tuple[tuple[str, str, None, str], ...] = (
 )
 
 
+def paired_ratios(a: Summary, b: Summary) -> tuple[float, ...]:
+    """``a``'s events/s over ``b``'s in each round (same repeat number) where both were measured."""
+    b_rates = {r.repeat: r.events_per_sec for r in b.runs if r.elapsed_secs > 0}
+    return tuple(r.events_per_sec / b_rates[r.repeat] for r in sorted(a.runs, key=lambda r: r.repeat)
+                 if r.elapsed_secs > 0 and b_rates.get(r.repeat))
+
+
 def ratio_pairs() -> list[tuple[str, str, float | None, str]]:
     """The pairs of scenarios the targets compare: (scenario, against, target or None, description)."""
     return [*((sink, base, threshold, f"{sink} / {base} events/s") for sink, base, threshold, _ in _BASELINE_TARGETS),
@@ -245,7 +259,8 @@ def evaluate_targets(summaries: Sequence[Summary], *, max_batch_bytes: int) -> l
                     extra = (ea, eb)
             met = None if threshold is None else value >= threshold
             targets.append(Target(description, value, threshold, met, note=note,
-                                  per_cpu_value=per_cpu, extra_cpu_micros=extra, aim=aim))
+                                  per_cpu_value=per_cpu, extra_cpu_micros=extra, aim=aim,
+                                  paired=paired_ratios(sa, sb)))
 
     for sink, base, threshold, aim in _BASELINE_TARGETS:
         note = ""
