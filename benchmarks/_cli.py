@@ -192,11 +192,13 @@ class _Bench:
             self.server.reset_stats()
         target_cpu_before = _process_cpu_secs(target.pid)
         # Under cachegrind without its cache simulation: only the instruction count is wanted,
-        # with one hash seed, so that two runs lay out their dicts and sets alike.
+        # with one hash seed, so that two runs lay out their dicts and sets alike, and without
+        # OpenBLAS's pool (Beam imports numpy): its threads spin on a clock, so under valgrind
+        # they counted 15-44 million instructions of busy waiting that grew with the run.
         under, env = [], self._env
         if instructions_path is not None:
             under = ["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={instructions_path}"]
-            env = {**env, "PYTHONHASHSEED": "0"}
+            env = {**env, "PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1"}
         proc = subprocess.run(
             [*under, sys.executable, "-m", "benchmarks._worker", json.dumps(dataclasses.asdict(spec))],
             cwd=_PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
