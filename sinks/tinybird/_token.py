@@ -16,6 +16,21 @@ _SECRET_VERSION = re.compile(r"^projects/[^/\s]+/secrets/[^/\s]+/versions/[^/\s]
 _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def _unshown(value: object) -> str:
+    """What is wrong with a value given where a name belongs, without showing it: a token
+    pasted into ``token_secret`` or ``token_env`` must not reach the error message."""
+    if not isinstance(value, str):
+        return type(value).__name__
+    if not value:
+        return "''"
+    bad = next((i for i, c in enumerate(value) if not (c.isascii() and (c.isalnum() or c in "_/"))), None)
+    if bad is not None:
+        where = f", {value[bad]!r} at position {bad}"
+    else:
+        where = ", starting with a digit" if value[0].isdigit() else ""
+    return f"{len(value)} characters{where} (the value is not shown: it may be a token)"
+
+
 class TokenError(RuntimeError):
     """No token could be found where the sink was told to look."""
 
@@ -36,11 +51,11 @@ class TokenSource:
         if self.secret_version is not None and not _SECRET_VERSION.fullmatch(self.secret_version):
             raise ValueError(
                 "token_secret must be a Secret Manager secret version, "
-                f"projects/PROJECT/secrets/NAME/versions/VERSION, got {self.secret_version!r}")
+                f"projects/PROJECT/secrets/NAME/versions/VERSION, got {_unshown(self.secret_version)}")
         if not isinstance(self.env_var, str) or not _ENV_VAR_NAME.fullmatch(self.env_var):
             raise ValueError(
                 "token_env must be an environment variable name (letters, digits and _, not starting "
-                f"with a digit), got {self.env_var!r}")
+                f"with a digit), got {_unshown(self.env_var)}")
 
     def resolve(self) -> str:
         """The token; raises :class:`TokenError` saying where it looked."""

@@ -9,6 +9,7 @@ import inspect
 import math
 
 import pytest
+from shared_testlib import TOKEN
 
 from sinks.tinybird import RetryPolicy, WriteToTinybird
 from sinks.tinybird._arguments import CHECKS
@@ -96,6 +97,18 @@ def test_bad_values_are_a_value_error_naming_the_argument(name, value, message):
 def test_token_env_must_be_an_environment_variable_name(value):
     with pytest.raises(ValueError, match=r"^token_env must be an environment variable name .*got "):
         WriteToTinybird(datasource="events", token_env=value)
+
+
+@pytest.mark.parametrize("name", ["token_env", "token_secret"])
+@pytest.mark.parametrize("token", [TOKEN, "p.eyJ1IjogIjQ2YzdjMGM0In0.SIGNATURE_abc-123", "e30.SIGNATURE"])
+def test_a_token_pasted_where_a_name_belongs_is_not_in_the_error(name, token):
+    with pytest.raises(ValueError) as raised:
+        WriteToTinybird(datasource="events", **{name: token})
+    message = str(raised.value)
+    assert message.startswith(f"{name} must be ")
+    assert "the value is not shown" in message
+    for start in range(len(token) - 8):
+        assert token[start:start + 8].lower() not in message.lower(), message
 
 
 @pytest.mark.parametrize("value", ["TINYBIRD_TOKEN", "_t", "tb_token2", "A"])
