@@ -25,6 +25,8 @@ DATASOURCE_NAMESPACE_PREFIX = SINK_METRICS_NAMESPACE + "/"
 """The sink counts ``rows_acknowledged`` and ``dead_letters`` per data source in ``tinybird/<datasource>``."""
 MAX_DATASOURCES_SHOWN = 20
 """Data sources the summary lists one by one; the rest are counted on one line."""
+UNREPLAYABLE_KIND = "unreplayable"
+"""The replay's dead-letter kind for records without a line (counted by ``pipelines.replay_dead_letters``)."""
 MAX_SQL_HINTS = 5
 """Data sources the summary prints a SQL command for."""
 
@@ -81,9 +83,18 @@ class RunSummary:
 
 
 def judge(summary: RunSummary, *, max_dead_letter_ratio: float) -> RunSummary:
-    """``summary`` with a ``failure`` when its dead-letter ratio is above ``max_dead_letter_ratio``."""
-    failure = ratio_failure(rows_read=summary.rows_read, dead_letters=summary.dead_letters,
+    """``summary`` with a ``failure`` when its dead-letter ratio is above ``max_dead_letter_ratio``.
+
+    A replay's unreplayable records (no line: nothing to resend) count on
+    neither side: they are carried over, not failed again, and counting them
+    would fail every replay of a folder that holds one, however much of the
+    rest was delivered.
+    """
+    carried = summary.dead_letters_by_kind.get(UNREPLAYABLE_KIND, 0)
+    failure = ratio_failure(rows_read=summary.rows_read - carried, dead_letters=summary.dead_letters - carried,
                             max_ratio=max_dead_letter_ratio)
+    if failure is not None and carried:
+        failure += f" ({carried:,} unreplayable records, carried over, are not counted)"
     return summary if failure is None else dataclasses.replace(summary, failure=failure)
 
 

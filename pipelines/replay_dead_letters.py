@@ -45,10 +45,10 @@ from pipelines._options import (
 )
 from pipelines._progress import METRICS_NAMESPACE, CountRowsDoFn
 from pipelines._running import check_input_exists, configure_logging, exit_on_usage_error, run_pipeline
-from pipelines._summary import RunSummary
+from pipelines._summary import UNREPLAYABLE_KIND, RunSummary
 
 TITLE = "Replay dead letters"
-UNREPLAYABLE = "dead_letters_unreplayable"
+UNREPLAYABLE = f"dead_letters_{UNREPLAYABLE_KIND}"
 """Counter (namespace ``pipelines``) of records without a line, carried over unchanged."""
 _UNREPLAYABLE_TAG = "unreplayable"
 _GLOB_CHARS = re.compile(r"[*?\[{]")
@@ -124,7 +124,7 @@ def build(pipeline: beam.Pipeline, *, input_pattern: str, write: beam.PTransform
     ``write`` must not write dead-letter files itself: its dead letters and the
     unreplayable records are written together, once, to ``dead_letter_path``.
     With ``max_dead_letter_ratio``, the job itself fails when more than that
-    share of the records read is still undelivered.
+    share of the lines resent failed again (records without a line are not counted).
     """
     from sinks.tinybird import ReadDeadLetters, WriteDeadLetterFiles
 
@@ -137,7 +137,10 @@ def build(pipeline: beam.Pipeline, *, input_pattern: str, write: beam.PTransform
     result = split.lines | "WriteToTinybird" >> write
     undelivered = (result.dead_letters, split[_UNREPLAYABLE_TAG]) | "StillUndelivered" >> beam.Flatten()
     if max_dead_letter_ratio is not None:
-        _ = (records, undelivered) | "CheckDeadLetterRatio" >> CheckDeadLetterRatio(max_dead_letter_ratio)
+        # Of the lines resent, how many failed again: unreplayable records are carried over, not
+        # counted (as pipelines._summary.judge does locally).
+        _ = (split.lines, result.dead_letters) | "CheckDeadLetterRatio" >> CheckDeadLetterRatio(
+            max_dead_letter_ratio)
     return undelivered | "WriteDeadLetters" >> WriteDeadLetterFiles(dead_letter_path, file_format=dead_letter_format)
 
 

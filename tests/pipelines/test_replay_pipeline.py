@@ -8,6 +8,7 @@ import os
 import apache_beam as beam
 import orjson
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from pipelines_testlib import RUNNERS, count, run_quietly, sink_flags
 from shared_testlib import dead_letters_in
@@ -67,6 +68,9 @@ def test_replay_resends_rejected_rows_and_keeps_only_what_fails_again(server, da
     assert second.dead_letters == 51
     assert second.dead_letters_by_kind == {"rejected": 50, "unreplayable": 1}
     assert "dead letters                 51   (rejected: 50, unreplayable: 1)" in printed
+    # Judged on the lines resent (50 of 100 failed again); the unreplayable record counts on neither side.
+    assert second.failure == ("50 of 100 rows read were dead-lettered (50.00%), more than --max_dead_letter_ratio "
+                              "0.01 (1.00%) (1 unreplayable records, carried over, are not counted)")
     # The input was left as it was.
     assert sorted(dead_letters_in(first_dead), key=repr) == sorted(rejected + unencodable, key=repr)
 
@@ -253,3 +257,34 @@ def test_replay_sends_each_line_to_the_data_source_its_record_names(server, data
         "--input", str(tmp_path / "replayed" / "*"), "--dead_letter_path", str(tmp_path / "replayed-2") + "/"])
     assert sorted(r["id"] for r in server.query(f"SELECT id FROM {misc}")) == [2000, 2001, 2002]
     assert again.dead_letters_by_kind == {"unreplayable": 1}
+
+
+def test_a_replay_that_delivers_every_line_passes_however_many_records_have_no_line(server, datasource, tmp_path):
+    """Unreplayable records are carried over, not failed again: they count against no ratio, here or in the job."""
+    letters = [*(_letter(json.dumps({"id": i}), datasource) for i in range(10)),
+               *(_letter(None, datasource, kind="unencodable") for _ in range(5))]
+    _write_letters(tmp_path / "dl" / "dead-letters-1.jsonl", letters)
+
+    summary, printed = run_quietly(replay_dead_letters.run, sink_flags(
+        server, datasource, "--input", str(tmp_path / "dl" / "*"), "--dead_letter_path", f"{tmp_path / 'out'}/",
+        "--max_dead_letter_ratio", "0"))
+    assert (summary.rows_read, summary.rows_acknowledged, summary.dead_letters) == (15, 10, 5)
+    assert summary.dead_letters_by_kind == {"unreplayable": 5}
+    assert summary.failure is None and "FAILED" not in printed
+    assert sorted(d.kind for d in dead_letters_in(tmp_path / "out")) == ["unencodable"] * 5  # carried over
+
+    # The check inside the job (Dataflow) counts the same way: it passes at a ratio of 0...
+    with TestPipeline(runner="FnApiRunner") as p:
+        replay_dead_letters.build(p, input_pattern=str(tmp_path / "dl" / "*"),
+                                  write=WriteToTinybird(datasource=datasource, api_url=server.url, token=server.token),
+                                  dead_letter_path=f"{tmp_path / 'in-job'}/", dead_letter_format="json",
+                                  max_dead_letter_ratio=0.0)
+    # ... and fails when a resent line fails again: 1 of the 10 lines, not 6 of 15 records.
+    server.set_faults([{"status": 400, "when": "before", "sequence": [1], "datasource": datasource}])
+    with (pytest.raises(Exception, match=r"1 of 10 rows read were dead-lettered \(10\.00%\)"),
+          TestPipeline(runner="FnApiRunner") as p):
+        replay_dead_letters.build(p, input_pattern=str(tmp_path / "dl" / "*"),
+                                  write=WriteToTinybird(datasource=datasource, api_url=server.url, token=server.token,
+                                                        max_batch_rows=1),
+                                  dead_letter_path=f"{tmp_path / 'in-job-2'}/", dead_letter_format="json",
+                                  max_dead_letter_ratio=0.05)
