@@ -15,6 +15,8 @@ import inspect
 import math
 import os
 import re
+import secrets
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -216,6 +218,7 @@ class SinkConfig:
     max_buffering_secs: float = sink_default("max_buffering_secs")
     dead_letter_path: str | None = None
     dead_letter_format: str = sink_default("dead_letter_format")
+    dead_letter_label: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         given = [flag for flag, value in (("--datasource", self.datasource),
@@ -236,8 +239,11 @@ class SinkConfig:
         self.write_transform(Endpoint(api_url=self.api_url or _EMBEDDED_PLACEHOLDER_URL))
 
     def with_dead_letter_path(self, path: str | None) -> SinkConfig:
-        """A copy writing dead letters to ``path`` (a local path made absolute: workers may have another cwd)."""
-        return dataclasses.replace(self, dead_letter_path=None if path is None else absolute_local_path(path))
+        """A copy writing dead letters to ``path`` (a local path made absolute: workers may have another cwd),
+        in files labelled with a new :func:`run_label`: this run's, apart from earlier runs' in that folder."""
+        if path is None:
+            return dataclasses.replace(self, dead_letter_path=None, dead_letter_label=None)
+        return dataclasses.replace(self, dead_letter_path=absolute_local_path(path), dead_letter_label=run_label())
 
     @property
     def routed(self) -> bool:
@@ -330,7 +336,15 @@ class SinkConfig:
             max_windows_per_bundle=self.max_windows_per_bundle,
             dead_letter_path=self.dead_letter_path if write_dead_letter_files else None,
             dead_letter_format=self.dead_letter_format,
+            dead_letter_label=self.dead_letter_label,
         )
+
+
+def run_label(now: float | None = None) -> str:
+    """A label for one run's dead-letter files: its start in UTC and 6 random hex digits,
+    ``20261207T081502Z-3fa9c1`` (sortable, all of one length, so that no label starts with another)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    return f"{stamp}-{secrets.token_hex(3)}"
 
 
 def beam_options_without_secrets(argv: Sequence[str]) -> PipelineOptions:

@@ -107,7 +107,8 @@ def run_pipeline(
             return None
         summary = judge(summarise(
             result, elapsed_secs=time.monotonic() - started,
-            dead_letter_files=list_dead_letter_files(dead_letter_path, since_epoch_secs=started_epoch_secs)),
+            dead_letter_files=list_dead_letter_files(dead_letter_path, label=config.dead_letter_label,
+                                                     since_epoch_secs=started_epoch_secs)),
             max_dead_letter_ratio=max_dead_letter_ratio)
         out.write(format_summary(summary, title=title, config=config, endpoint=endpoint,
                                  dead_letter_path=dead_letter_path))

@@ -274,7 +274,8 @@ def run_until_stopped(
             _cancel_without_waiting(result)
         summary = judge(summarise(
             result, elapsed_secs=time.monotonic() - started,
-            dead_letter_files=list_dead_letter_files(dead_letter_path, since_epoch_secs=started_epoch_secs)),
+            dead_letter_files=list_dead_letter_files(dead_letter_path, label=config.dead_letter_label,
+                                                     since_epoch_secs=started_epoch_secs)),
             max_dead_letter_ratio=max_dead_letter_ratio)
         summary = _with_losses(summary, in_flight)
         out.write(stop_note(title=title, reason=stop.reason, in_flight=in_flight))

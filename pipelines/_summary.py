@@ -153,15 +153,18 @@ def summarise(result: PipelineResult, *, elapsed_secs: float,
     )
 
 
-def list_dead_letter_files(path: str | None, *, since_epoch_secs: float = 0.0) -> list[str]:
-    """Dead-letter files under ``path`` (a directory) written since ``since_epoch_secs``, sorted.
+def list_dead_letter_files(path: str | None, *, label: str | None = None, since_epoch_secs: float = 0.0) -> list[str]:
+    """This run's dead-letter files under ``path`` (a directory), sorted.
 
     Files of earlier runs stay in the same directory (their names never
-    collide); the time filter keeps them out of this run's summary.
+    collide): a run's files carry its ``label`` (the pipelines give every run
+    one); without one, those written since ``since_epoch_secs`` are listed.
     """
     if not path:
         return []
-    pattern = FileSystems.join(path.rstrip("/"), "dead-letters*")
+    if label is not None:
+        since_epoch_secs = 0.0
+    pattern = dead_letter_pattern(path, label)
     try:
         matches = FileSystems.match([pattern])[0].metadata_list
     except Exception:
@@ -169,6 +172,11 @@ def list_dead_letter_files(path: str | None, *, since_epoch_secs: float = 0.0) -
         return []
     return sorted(m.path for m in matches
                   if not m.last_updated_in_seconds or m.last_updated_in_seconds >= since_epoch_secs)
+
+
+def dead_letter_pattern(path: str, label: str | None) -> str:
+    """A glob for the dead-letter files under ``path`` labelled ``label`` (every one without a label)."""
+    return FileSystems.join(path.rstrip("/"), "dead-letters*" if label is None else f"dead-letters-{label}-*")
 
 
 def display_path(path: str) -> str:
@@ -259,10 +267,12 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
     replayable = summary.dead_letters - sum(
         summary.dead_letters_by_kind.get(kind, 0) for kind in ("unencodable", "unreplayable"))
     if replay_hint and dead_letter_path and replayable > 0:
+        # This run's files only: the folder may hold earlier runs' too, already replayed.
         source = display_path(dead_letter_path).rstrip("/")
+        files = f"/dead-letters-{config.dead_letter_label}-*" if config.dead_letter_label else "/*"
         command = [
             f"{_python_command()} -m pipelines.replay_dead_letters",
-            f"--input {_shell_quote(source + '/*')}",
+            f"--input {_shell_quote(source + files)}",
         ]
         if config.datasource is not None:
             command.append(f"--datasource {config.datasource}")

@@ -117,7 +117,7 @@ def split_replayable(records: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
 
 
 def build(pipeline: beam.Pipeline, *, input_pattern: str, write: beam.PTransform,
-          dead_letter_path: str, dead_letter_format: str,
+          dead_letter_path: str, dead_letter_format: str, dead_letter_label: str | None = None,
           max_dead_letter_ratio: float | None = None) -> beam.PCollection:
     """Adds read -> split -> resend -> write what is still undelivered; returns the file results.
 
@@ -141,7 +141,8 @@ def build(pipeline: beam.Pipeline, *, input_pattern: str, write: beam.PTransform
         # counted (as pipelines._summary.judge does locally).
         _ = (split.lines, result.dead_letters) | "CheckDeadLetterRatio" >> CheckDeadLetterRatio(
             max_dead_letter_ratio)
-    return undelivered | "WriteDeadLetters" >> WriteDeadLetterFiles(dead_letter_path, file_format=dead_letter_format)
+    return undelivered | "WriteDeadLetters" >> WriteDeadLetterFiles(
+        dead_letter_path, file_format=dead_letter_format, label=dead_letter_label)
 
 
 def _is_url(path: str) -> bool:
@@ -229,6 +230,7 @@ def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
         build(pipeline, input_pattern=options.input,
               write=sink.write_transform(endpoint, write_dead_letter_files=False),
               dead_letter_path=str(sink.dead_letter_path), dead_letter_format=sink.dead_letter_format,
+              dead_letter_label=sink.dead_letter_label,
               max_dead_letter_ratio=in_job_ratio)
 
     return run_pipeline(title=TITLE, argv=argv, config=config, build=_build,

@@ -91,6 +91,7 @@ CHECKS: Mapping[str, _Check] = {
     "read_timeout_secs": _number,
     "dead_letter_path": _optional_text,
     "dead_letter_format": _text,
+    "dead_letter_label": _optional_text,
     "raise_on_failure": _flag,
     "ca_bundle_path": _optional_text,
     "allow_insecure_http": _flag,

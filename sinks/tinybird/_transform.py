@@ -41,6 +41,7 @@ from sinks.tinybird._routing import check_datasource
 from sinks.tinybird._token import DEFAULT_TOKEN_ENV, TokenSource
 from sinks.tinybird.dead_letters import (
     DEAD_LETTER_FORMATS,
+    DEAD_LETTER_LABEL,
     DeadLetter,
     DeadLetterKind,
     DeliveryError,
@@ -360,6 +361,10 @@ class WriteToTinybird(beam.PTransform):
         dead_letter_path: Where to write dead-letter files (any Beam filesystem
             path, e.g. ``gs://bucket/dlq/``), or None for no files.
         dead_letter_format: ``"json"`` (JSON lines, default) or ``"avro"``.
+        dead_letter_label: Put in every dead-letter file's name, after
+            ``dead-letters-`` (letters, digits, ``_.-``, at most 64): which
+            run wrote the file, so that a replay can read that run's files
+            alone from a folder that collects every run's. Default none.
         raise_on_failure: Fail the bundle with :class:`DeliveryError` instead
             of dead-lettering what the server did not accept. Encoding and
             size failures are still dead-lettered. Default False.
@@ -392,6 +397,7 @@ class WriteToTinybird(beam.PTransform):
         read_timeout_secs: float = 30.0,
         dead_letter_path: str | None = None,
         dead_letter_format: str = "json",
+        dead_letter_label: str | None = None,
         raise_on_failure: bool = False,
         ca_bundle_path: str | None = None,
         allow_insecure_http: bool = False,
@@ -406,7 +412,7 @@ class WriteToTinybird(beam.PTransform):
             "max_in_flight": max_in_flight, "retry_policy": retry_policy,
             "connect_timeout_secs": connect_timeout_secs, "read_timeout_secs": read_timeout_secs,
             "dead_letter_path": dead_letter_path, "dead_letter_format": dead_letter_format,
-            "raise_on_failure": raise_on_failure, "ca_bundle_path": ca_bundle_path,
+            "dead_letter_label": dead_letter_label, "raise_on_failure": raise_on_failure, "ca_bundle_path": ca_bundle_path,
             "allow_insecure_http": allow_insecure_http, "clock": clock,
         })
         check_datasource(datasource)
@@ -427,8 +433,11 @@ class WriteToTinybird(beam.PTransform):
             raise ValueError(
                 f"dead_letter_format must be one of {DEAD_LETTER_FORMATS}, got {dead_letter_format!r}")
         check_dead_letter_path(dead_letter_path)
-        self._dead_letter_path = dead_letter_path
-        self._dead_letter_format = dead_letter_format
+        if dead_letter_label is not None and not DEAD_LETTER_LABEL.fullmatch(dead_letter_label):
+            raise ValueError(f"dead_letter_label must match {DEAD_LETTER_LABEL.pattern}, got {dead_letter_label!r}")
+        self._dead_letter_files = (WriteDeadLetterFiles(dead_letter_path, file_format=dead_letter_format,
+                                                        label=dead_letter_label)
+                                   if dead_letter_path else None)
         self._raise_on_failure = raise_on_failure
 
     # No return annotation: Beam reads it as an output type hint and warns at
@@ -484,9 +493,8 @@ class WriteToTinybird(beam.PTransform):
             | "GatherDeadLetters" >> beam.Flatten().with_output_types(WINDOWED_DEAD_LETTER_HINT)
             | "DeadLetters" >> IntoWindowing(_RestoreWindowsDoFn(windowing), windowing).with_output_types(DeadLetter))
         files = None
-        if self._dead_letter_path:
-            files = dead_letters | "WriteDeadLetters" >> WriteDeadLetterFiles(
-                self._dead_letter_path, file_format=self._dead_letter_format)
+        if self._dead_letter_files is not None:
+            files = dead_letters | "WriteDeadLetters" >> self._dead_letter_files
         return WriteToTinybirdResult(dead_letters=dead_letters, dead_letter_files=files)
 
     def _post(self) -> beam.PTransform:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import logging
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -212,9 +213,17 @@ class _AvroSink(fileio.FileSink):
         self._writer.flush()
 
 
+DEAD_LETTER_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""What ``WriteDeadLetterFiles(label=)`` accepts: safe in a file name on every Beam filesystem, and in a glob."""
+
+
+def _prefix(label: str | None) -> str:
+    return "dead-letters" if label is None else f"dead-letters-{label}"
+
+
 # Not fileio.FileNaming: Beam's alias lists seven arguments, and WriteToFiles passes six.
-def _file_naming(suffix: str) -> Callable[..., str]:
-    """``dead-letters-[<window>-]<pane>-<shard>-of-<n>-<random><suffix>``: never the name of another file.
+def _file_naming(suffix: str, label: str | None = None) -> Callable[..., str]:
+    """``dead-letters-[<label>-][<window>-]<pane>-<shard>-of-<n>-<random><suffix>``: never another file's name.
 
     Beam's default naming leaves the pane out, so two firings of one window
     would write the same file; the random part also keeps a rerun or a
@@ -222,7 +231,7 @@ def _file_naming(suffix: str) -> Callable[..., str]:
     """
 
     def name(window, pane, shard_index, total_shards, compression, destination) -> str:
-        parts = ["dead-letters"]
+        parts = [_prefix(label)]
         if window != GlobalWindow():
             parts.append(f"{window.start.to_rfc3339()}-{window.end.to_rfc3339()}".replace(":", ""))
         parts.append(f"pane{pane.index if pane is not None else 0}")
@@ -233,10 +242,10 @@ def _file_naming(suffix: str) -> Callable[..., str]:
     return name
 
 
-def streaming_file_name(epoch_secs: float, suffix: str) -> str:
-    """``dead-letters-<UTC time>-<random><suffix>``: sorts by time, never the name of another file."""
+def streaming_file_name(epoch_secs: float, suffix: str, label: str | None = None) -> str:
+    """``dead-letters-[<label>-]<UTC time>-<random><suffix>``: sorts by time, never the name of another file."""
     stamp = iso_utc(epoch_secs).replace(":", "").replace(".", "")
-    return f"dead-letters-{stamp}-{uuid.uuid4().hex[:12]}{suffix}"
+    return f"{_prefix(label)}-{stamp}-{uuid.uuid4().hex[:12]}{suffix}"
 
 
 class _WritePaneFileDoFn(beam.DoFn):
@@ -252,9 +261,11 @@ class _WritePaneFileDoFn(beam.DoFn):
     records (the last one may be) writes no file.
     """
 
-    def __init__(self, *, path: str, file_format: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, path: str, file_format: str, label: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._path = path
         self._format = file_format
+        self._label = label
         self._clock = clock
 
     def setup(self) -> None:
@@ -265,7 +276,7 @@ class _WritePaneFileDoFn(beam.DoFn):
         first = next(records, None)
         if first is None:
             return
-        final = FileSystems.join(self._path, streaming_file_name(self._clock(), _SUFFIXES[self._format]))
+        final = FileSystems.join(self._path, streaming_file_name(self._clock(), _SUFFIXES[self._format], self._label))
         temp = FileSystems.join(self._path, _TEMP_PREFIX + final.rsplit("/", 1)[-1])
         handle = FileSystems.create(temp, mime_type="application/octet-stream",
                                     compression_type=CompressionTypes.UNCOMPRESSED)
@@ -317,7 +328,7 @@ class WriteDeadLetterFiles(beam.PTransform):
     first dead letter, and a last one when the watermark reaches the end (a
     drain, the end of a test stream), whatever the user's windowing, the
     watermark or a late timestamp. Each pane becomes one
-    final file (``dead-letters-<UTC time>-<random>``): at most
+    final file (``dead-letters-[<label>-]<UTC time>-<random>``): at most
     ``STREAMING_FILE_KEYS`` files per ``STREAMING_FILE_EVERY_SECS`` (720 an
     hour) rather than one per bundle that has a dead letter (at 1% bad rows,
     nearly every bundle). Until its pane fires a dead letter is in the runner's
@@ -333,16 +344,28 @@ class WriteDeadLetterFiles(beam.PTransform):
     Returns a ``PCollection`` of :class:`apache_beam.io.fileio.FileResult`,
     one per file, and counts ``tinybird/dead_letter_records_written`` (both
     kinds of input) and ``tinybird/dead_letter_files_written`` (unbounded).
+
+    Args:
+        path: The folder the files go to.
+        file_format: ``"json"`` (JSON lines) or ``"avro"``.
+        label: Put in every file's name after ``dead-letters-`` (letters,
+            digits, ``_.-``, at most 64): which run wrote it, so that
+            ``dead-letters-<label>-*`` matches this run's files and no
+            earlier run's in the same folder. The pipelines give each run
+            its own.
     """
 
-    def __init__(self, path: str, *, file_format: str = "json") -> None:
+    def __init__(self, path: str, *, file_format: str = "json", label: str | None = None) -> None:
         super().__init__()
         if file_format not in _SUFFIXES:
             raise ValueError(f"dead_letter_format must be one of {DEAD_LETTER_FORMATS}, got {file_format!r}")
         if not isinstance(path, str) or not path.strip():
             raise ValueError(f"dead_letter_path must be a non-empty path, got {path!r}")
+        if label is not None and (not isinstance(label, str) or not DEAD_LETTER_LABEL.fullmatch(label)):
+            raise ValueError(f"label must match {DEAD_LETTER_LABEL.pattern}, got {label!r}")
         self._path = path
         self._format = file_format
+        self._label = label
 
     def expand(self, dead_letters):
         # Files are not per window: each record keeps its window as text.
@@ -360,12 +383,13 @@ class WriteDeadLetterFiles(beam.PTransform):
                     accumulation_mode=trigger.AccumulationMode.DISCARDING,
                     timestamp_combiner=TimestampCombiner.OUTPUT_AT_LATEST)
                 | "GroupIntoPanes" >> beam.GroupByKey()
-                | "WritePaneFiles" >> beam.ParDo(_WritePaneFileDoFn(path=self._path, file_format=self._format)))
+                | "WritePaneFiles" >> beam.ParDo(
+                    _WritePaneFileDoFn(path=self._path, file_format=self._format, label=self._label)))
         sink = _AvroSink if self._format == "avro" else _JsonLinesSink
         return dead_letters | "Write" >> fileio.WriteToFiles(
             path=self._path,
             sink=lambda _destination: sink(),
-            file_naming=_file_naming(_SUFFIXES[self._format]),
+            file_naming=_file_naming(_SUFFIXES[self._format], self._label),
             shards=DEAD_LETTER_SHARDS,
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 import apache_beam as beam
 import orjson
@@ -288,3 +289,35 @@ def test_a_replay_that_delivers_every_line_passes_however_many_records_have_no_l
                                                         max_batch_rows=1),
                                   dead_letter_path=f"{tmp_path / 'in-job-2'}/", dead_letter_format="json",
                                   max_dead_letter_ratio=0.05)
+
+
+def test_following_each_runs_replay_hint_resends_that_runs_dead_letters_only(server, datasource, tmp_path, monkeypatch):
+    """Runs collect their dead letters in one folder: a hint for all of it would resend what was replayed before."""
+    monkeypatch.chdir(tmp_path)
+
+    def files_run(ids) -> tuple[list[str], list[str]]:
+        source = tmp_path / f"in-{ids[0]}.ndjson"
+        source.write_text("".join(f'{{"id": {i}}}\n' for i in ids))
+        server.set_faults([{**_REJECT_FIRST_REQUEST, "datasource": datasource}])  # the first 5 rows
+        summary, printed = run_quietly(files_to_tinybird.run, sink_flags(
+            server, datasource, "--input", str(source), "--max_batch_rows", "5", "--num_shards", "1",
+            "--dead_letter_path", "dead-letters/", "--max_dead_letter_ratio", "1"))
+        server.clear_faults()
+        hint = next(line for line in printed.splitlines() if "pipelines.replay_dead_letters" in line)
+        return summary.dead_letter_files, shlex.split(hint)[3:]  # less "python -m pipelines.replay_dead_letters"
+
+    def follow(args) -> None:
+        summary, _ = run_quietly(replay_dead_letters.run, [
+            *args, "--api_url", server.url, "--token", server.token, "--datasource", datasource, "--wait"])
+        assert (summary.rows_read, summary.rows_acknowledged, summary.dead_letters) == (5, 5, 0)
+
+    first_files, first_hint = files_run(range(0, 10))
+    follow(first_hint)
+    second_files, second_hint = files_run(range(100, 110))
+    assert set(first_files).isdisjoint(second_files) and second_files  # the summary lists this run's files
+    assert {os.path.dirname(f) for f in first_files + second_files} == {str(tmp_path / "dead-letters")}
+    follow(second_hint)
+
+    server.flush()
+    stored = [r["id"] for r in server.query(f"SELECT id FROM {datasource} ORDER BY id")]
+    assert stored == [*range(0, 10), *range(100, 110)]  # each once: the first run's were not resent again

@@ -57,6 +57,7 @@ _WRONG_TYPES = [
     ("compression", 3, r"^compression must be a str or None, got int"),
     ("dead_letter_path", b"/tmp/x", r"^dead_letter_path must be a str or None, got bytes"),
     ("dead_letter_format", None, r"^dead_letter_format must be a str, got NoneType"),
+    ("dead_letter_label", 7, r"^dead_letter_label must be a str or None, got int"),
     ("ca_bundle_path", 0, r"^ca_bundle_path must be a str or None, got int"),
     ("clock", 0.0, r"^clock must be a callable returning epoch seconds, got float"),
 ]
@@ -84,6 +85,9 @@ def test_wrong_types_are_a_type_error_naming_the_argument(name, value, message):
     ("compression", "brotli", r"^compression must be 'zstd', 'gzip' or None, got 'brotli'"),
     ("dead_letter_format", "csv", r"^dead_letter_format must be one of \('json', 'avro'\), got 'csv'"),
     ("dead_letter_path", "  ", r"^dead_letter_path is empty"),
+    ("dead_letter_label", "run/1", r"^dead_letter_label must match \[A-Za-z0-9\]"),
+    ("dead_letter_label", "-x", r"^dead_letter_label must match "),
+    ("dead_letter_label", "*", r"^dead_letter_label must match "),
     ("datasource", "events_quarantine", r"^datasource must not name a quarantine data source .*, got .events_quarantine.$"),
     ("datasource", "web-events", r"^datasource must match"),
     ("api_url", "ftp://x", r"^api_url must be an http:// or https:// URL"),

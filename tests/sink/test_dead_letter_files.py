@@ -15,6 +15,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that
 from apache_beam.transforms.window import TimestampedValue
+from shared_testlib import dead_letters_in
 
 from sinks.tinybird.dead_letters import (
     STREAMING_FILE_EVERY_SECS,
@@ -99,6 +100,16 @@ def test_file_names_sort_by_time_and_never_repeat():
     assert len(names) == 100
     assert all(n.startswith("dead-letters-2026-11-30T005320000Z-") for n in names)
     assert streaming_file_name(1_796_000_000.0, ".avro") < streaming_file_name(1_796_000_001.0, ".avro")
+
+
+def test_a_label_goes_into_every_file_name_bounded_and_streaming(tmp_path):
+    assert streaming_file_name(1_796_000_000.0, ".jsonl", "run-7").startswith("dead-letters-run-7-2026-11-30T005320000Z-")
+    letters = [_letter(i) for i in range(40)]
+    with TestPipeline(runner="FnApiRunner") as p:
+        _ = p | beam.Create(letters) | WriteDeadLetterFiles(str(tmp_path / "dl"), label="20261207T081502Z-3fa9c1")
+    names = [n for n in os.listdir(tmp_path / "dl") if not n.startswith(".temp")]  # Beam's own temporary folder
+    assert names and all(n.startswith("dead-letters-20261207T081502Z-3fa9c1-pane0-") for n in names)
+    assert sorted(dead_letters_in(tmp_path / "dl"), key=repr) == sorted(letters, key=repr)
 
 
 def test_the_path_and_format_are_checked():
