@@ -90,7 +90,16 @@ class _RoutedLine(bytes):
 
 
 def record_datasource(line: _RoutedLine) -> str:
-    """The data source a line goes back to without ``--datasource``: the one its record names."""
+    """The data source a line goes back to without ``--datasource``: the one its record names.
+
+    Raises:
+        ValueError: The record names none (an element that was unroutable): its
+            new dead letter says so and how to send it, rather than that ``''``
+            is not a valid name.
+    """
+    if not line.datasource:
+        raise ValueError("the dead letter names no data source (its element was unroutable); "
+                         "replay it with --datasource NAME")
     return line.datasource
 
 

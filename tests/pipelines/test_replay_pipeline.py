@@ -192,7 +192,7 @@ def test_routed_lines_keep_their_bytes_and_data_source_across_a_fusion_break(run
         split = replay_dead_letters.split_replayable(p | beam.Create(letters))
         seen = (split.lines
                 | beam.Reshuffle()
-                | beam.Map(lambda line: (type(line).__name__, bytes(line), replay_dead_letters.record_datasource(line))))
+                | beam.Map(lambda line: (type(line).__name__, bytes(line), line.datasource)))
         assert_that(seen, equal_to([("_RoutedLine", _ODD_LINE.encode(), "ev_a"), ("_RoutedLine", b'{"id":2}', "ev_b"),
                                     ("_RoutedLine", b'{"id":3}', "")]), label="lines")
         assert_that(split.unreplayable | beam.Map(lambda d: d.kind), equal_to(["unencodable"]), label="unreplayable")
@@ -249,6 +249,10 @@ def test_replay_sends_each_line_to_the_data_source_its_record_names(server, data
     unroutable = sorted((d for d in still if d.kind == "unroutable"), key=lambda d: d.line)
     assert [(d.line, d.datasource) for d in unroutable] == [
         ('{"id": 2000, "t": 7}', ""), ('{"id": 2001}', ""), ('{"id": 2002, "t": "bad-name"}', f"{datasource}_bad-name")]
+    assert [d.message for d in unroutable[:2]] == [
+        "the datasource function raised ValueError: the dead letter names no data source (its element was "
+        "unroutable); replay it with --datasource NAME"] * 2
+    assert unroutable[2].message.startswith("the datasource function's result must match [A-Za-z_]")
     assert "data sources named by each record" in printed.splitlines()[0]
 
     # With --datasource, every line goes there, those that named no data source too.
