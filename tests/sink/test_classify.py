@@ -4,6 +4,7 @@ for every kind of answer, with no server, no clock and no sleeping."""
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import types
 
 import pytest
@@ -87,9 +88,9 @@ def test_throttling_spends_no_attempt_and_ends_at_max_throttled_secs():
     # The 6th error attempt is the last; a 429 after 5 errors is still waited out.
     assert classify(response(429, headers={"Retry-After": "2"}), at(attempt=6), POLICY) == Retry(
         after_secs=2.0, cause="429", pause_secs=2.0, throttled=True)
-    # 503 with Retry-After is throttling; without it, an error.
+    # 503 with Retry-After is throttling, and pauses every thread as a 429 does; without it, an error.
     assert classify(response(503, headers={"Retry-After": "2"}), CONTEXT, POLICY) == Retry(
-        after_secs=2.0, cause="503", throttled=True)
+        after_secs=2.0, cause="503", pause_secs=2.0, throttled=True)
     assert classify(response(503), CONTEXT, POLICY) == Retry(after_secs=0.375, cause="503")
     policy = RetryPolicy(max_throttled_secs=10)
     assert classify(response(429, headers={"Retry-After": "2"}, message="slow"),
@@ -98,6 +99,47 @@ def test_throttling_spends_no_attempt_and_ends_at_max_throttled_secs():
         message="throttled 5 times, 8.5 s in all; the next wait would bring it to 10.5 s, past "
                 "max_throttled_secs=10; last: HTTP 429: slow",
         pause_secs=2.0)
+
+
+# The date is 7 s after CONTEXT.now_epoch; X-RateLimit-Reset counts on a 429 only.
+_IN_7_SECS = "Tue, 14 Nov 2023 22:13:27 GMT"
+
+
+@pytest.mark.parametrize("status, headers, wait", [
+    (429, {"Retry-After": "7"}, 7.0),
+    (429, {"Retry-After": _IN_7_SECS}, 7.0),
+    (429, {"X-RateLimit-Reset": "7"}, 7.0),
+    (429, {}, 0.375),  # no hint: the backoff
+    (429, {"Retry-After": "garbled"}, 0.375),
+    (429, {"Retry-After": "500"}, 120.0),  # up to max_retry_after_secs
+    (503, {"Retry-After": "7"}, 7.0),
+    (503, {"Retry-After": _IN_7_SECS}, 7.0),
+    (503, {"Retry-After": "500"}, 120.0),
+])
+def test_every_throttling_answer_pauses_every_thread_as_long_as_the_batch_waits(status, headers, wait):
+    assert email.utils.parsedate_to_datetime(_IN_7_SECS).timestamp() == CONTEXT.now_epoch + 7
+    decision = classify(response(status, headers=headers), CONTEXT, POLICY)
+    assert decision == Retry(after_secs=wait, cause=str(status), pause_secs=wait, throttled=True)
+    # The same pause when the batch gives up, throttled too long.
+    gave_up = classify(response(status, headers=headers), at(throttled_secs=POLICY.max_throttled_secs), POLICY)
+    assert (type(gave_up), gave_up.kind, gave_up.pause_secs) == (GiveUp, DeadLetterKind.THROTTLED, wait)
+
+
+@pytest.mark.parametrize("status, headers, wait", [
+    (429, {"Retry-After": "7"}, 7.0), (429, {"X-RateLimit-Reset": "7"}, 7.0), (503, {"Retry-After": "7"}, 7.0),
+    (503, {"Retry-After": _IN_7_SECS}, 7.0), (503, {"Retry-After": "500"}, 120.0),
+])
+def test_the_servers_wait_pauses_every_thread_even_when_the_policy_does_not_retry_the_status(status, headers, wait):
+    decision = classify(response(status, headers=headers), CONTEXT, RetryPolicy(retry_status_codes={500}))
+    assert (type(decision), decision.kind, decision.pause_secs) == (GiveUp, DeadLetterKind.REJECTED, wait)
+
+
+@pytest.mark.parametrize("status, headers", [
+    (503, {}), (503, {"Retry-After": "garbled"}), (503, {"X-RateLimit-Reset": "7"}), (500, {"Retry-After": "7"}),
+])
+def test_an_error_that_is_not_throttling_pauses_no_other_thread(status, headers):
+    assert classify(response(status, headers=headers), CONTEXT, POLICY) == Retry(
+        after_secs=0.375, cause=str(status))
 
 
 def test_a_2xx_with_an_exhausted_window_pauses_up_to_the_cap():

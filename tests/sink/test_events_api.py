@@ -491,13 +491,15 @@ def test_paces_on_rate_limit_remaining_zero(limited_server, datasource):
     assert fake.sleeps == [1.0]
 
 
-def test_a_429_pauses_every_thread_of_the_client(server, datasource, fake_time):
-    # 429 spends no attempt (max_attempts=1 does not end it): the batch waits 3 s,
-    # gets a second 429, and is dead-lettered as throttled because another 3 s
-    # would pass max_throttled_secs=4; that second pause holds the other thread:
-    # 3 s lengthened by the jitter of a process that already paces itself
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_throttling_answer_pauses_every_thread_of_the_client(server, datasource, fake_time, status):
+    # A throttling answer (a 429, a 503 with Retry-After) spends no attempt
+    # (max_attempts=1 does not end it): the batch waits 3 s, gets a second one,
+    # and is dead-lettered as throttled because another 3 s would pass
+    # max_throttled_secs=4; that second pause holds the other thread: 3 s
+    # lengthened by the jitter of a process that already paces itself
     # (PAUSE_JITTER 0.5 x rand 0.5: 0.75 s).
-    server.set_faults([{"status": 429, "sequence": [1, 2], "retry_after_secs": 3, "datasource": datasource}])
+    server.set_faults([{"status": status, "sequence": [1, 2], "retry_after_secs": 3, "datasource": datasource}])
     policy = RetryPolicy(max_attempts=1, max_throttled_secs=4)
     with make_client(server.url, datasource, fake=fake_time, policy=policy) as client:
         first = client.send(ndjson(1), 1)
@@ -506,10 +508,10 @@ def test_a_429_pauses_every_thread_of_the_client(server, datasource, fake_time):
         thread.start()
         thread.join()
     (failed,) = first.failed
-    assert (failed.kind, failed.status, failed.attempts) == (DeadLetterKind.THROTTLED, 429, 2)
+    assert (failed.kind, failed.status, failed.attempts) == (DeadLetterKind.THROTTLED, status, 2)
     assert failed.message == (
         "throttled 2 times, 3.0 s in all; the next wait would bring it to 6.0 s, past max_throttled_secs=4; "
-        "last: HTTP 429: injected fault: rule 0 (before)")
+        f"last: HTTP {status}: injected fault: rule 0 (before)")
     assert (first.throttled_secs, first.throttled_answers) == (3.0, 2)
     # The other thread's request waited the 3 s the server asked for, and the jitter.
     (second,) = results

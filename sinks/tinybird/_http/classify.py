@@ -86,7 +86,7 @@ def classify(
         return _retry_or_give_up(outcome.error, outcome.message, None, context, policy, pause_secs=0.0)
     status, headers = outcome.status, outcome.headers
     server_wait = server_wait_secs(status, headers, context.now_epoch)
-    pause = _pause_secs(status, headers, server_wait, context.now_epoch, policy)
+    pause = _pause_secs(headers, server_wait, context.now_epoch, policy)
     if 200 <= status < 300:
         return _delivered(outcome, context, pause)
     if status == 413:
@@ -124,9 +124,9 @@ def _throttled(
         delay = min(max(server_wait, 0.0), policy.max_retry_after_secs)
     else:
         delay = policy.backoff_secs(number, rand=context.rand)
-    if outcome.status == 429 and server_wait is None:
-        # A 429 without a hint: every thread of the process backs off as long as this one.
-        pause = max(pause, delay)
+    # Every thread of the process waits as long as this batch: the server's wish (a
+    # 429 or a 503 with Retry-After), or the backoff when a 429 gives no hint.
+    pause = max(pause, delay)
     waited = context.throttled_secs + max(delay, context.pause_ahead_secs, pause)
     last = f"HTTP {outcome.status}: {outcome.message}"
     if waited > policy.max_throttled_secs:
@@ -249,11 +249,13 @@ def server_wait_secs(status: int, headers: Mapping[str, str], now_epoch: float) 
 
 
 def _pause_secs(
-    status: int, headers: Mapping[str, str], server_wait: float | None, now_epoch: float, policy: RetryPolicy,
+    headers: Mapping[str, str], server_wait: float | None, now_epoch: float, policy: RetryPolicy,
 ) -> float:
-    """The pause every thread of the client takes: a 429's wait, or until an exhausted window resets."""
+    """The pause every thread of the client takes: the wait a throttling answer asks for (a 429,
+    a 503 with Retry-After), or until an exhausted window resets."""
     cap = policy.max_retry_after_secs
-    pause = min(server_wait, cap) if status == 429 and server_wait is not None else 0.0
+    # Only a throttling answer has a server_wait (see server_wait_secs).
+    pause = min(server_wait, cap) if server_wait is not None else 0.0
     remaining = headers.get("X-RateLimit-Remaining")
     if remaining is not None and _is_exhausted(remaining):
         reset = parse_reset(headers.get("X-RateLimit-Reset"), now_epoch)

@@ -108,7 +108,8 @@ class Retry:
     Attributes:
         after_secs: The wait (backoff, or the server's wish up to the policy's cap).
         cause: The status as text (``"503"``) or the transport error (``"timeout"``).
-        pause_secs: A pause for every thread of the process (429).
+        pause_secs: A pause for every thread of the process (a throttling answer:
+            429, 503 with ``Retry-After``).
         throttled: The server said "slow down" (429, 503 with ``Retry-After``):
             the wait counts against ``max_throttled_secs``, not ``max_attempts``.
     """
