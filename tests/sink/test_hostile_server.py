@@ -33,7 +33,8 @@ from sink_testlib import FakeTime, RawRequest, RawServer, answer, counted, count
 from sinks.tinybird import RetryPolicy, WriteToTinybird
 from sinks.tinybird._events_api import ClientSettings, EventsApiClient, SendReport
 from sinks.tinybird._http import redaction
-from sinks.tinybird._http.transport import _DEADLINE_SLACK_SECS, MAX_BODY_BYTES
+from sinks.tinybird._http.outcomes import BoundedResponse
+from sinks.tinybird._http.transport import _DEADLINE_SLACK_SECS, MAX_BODY_BYTES, Transport
 from sinks.tinybird.dead_letters import DeadLetter, DeadLetterKind, to_json_line
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,10 +47,10 @@ def payload_of(n: int, start: int = 0) -> bytes:
 
 
 def client_for(server: RawServer, *, policy: RetryPolicy = QUICK, fake: FakeTime | None = None,
-               **settings) -> EventsApiClient:
+               token: str = TOKEN, **settings) -> EventsApiClient:
     timing = {} if fake is None else {"clock": fake.clock, "sleep": fake.sleep, "wall_clock": fake.wall}
     settings.setdefault("read_timeout_secs", 2.0)
-    return EventsApiClient(ClientSettings(api_url=server.url, datasource="events", **settings), token=TOKEN,
+    return EventsApiClient(ClientSettings(api_url=server.url, datasource="events", **settings), token=token,
                            retry_policy=policy, rand=lambda: 0.5, **timing)
 
 
@@ -500,6 +501,76 @@ def test_a_token_echoed_in_a_malformed_header_line_reaches_no_log(caplog):
     assert account(report, [0, 1]) == ([], [0, 1])
     # Installed while the client is open (one filter however many clients), released when it closes.
     assert len(filters) == 1 and (during, after) == (registered + 1, registered)
+
+
+_TOKENS = (
+    TOKEN,
+    "p.secret-lowercase-token-0123456789abcdefghijklmnopqrstuvwxyz",
+    "p.eyJ1IjogIjQ2YzdjMGM0LTMwZjMtNGQ1Yy1hYjYwLTJmZTM3NTk5NmQ2YyJ9.SIGnatureXYZ",
+)
+_CASES = (str, str.upper, str.lower, str.swapcase)
+# Every header kept, one not kept, and the reason phrase.
+_ECHOING_HEADERS = ("Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Location",
+                    "Content-Type", "Content-Encoding", "X-Echo")
+
+
+def _slices_in_any_case(token: str, text: str) -> list[str]:
+    """Pieces of ``token`` (12 characters or more) found in ``text``, whatever their case."""
+    folded = text.lower()
+    return [token[i:i + 12] for i in range(len(token) - 11) if token[i:i + 12].lower() in folded]
+
+
+def echoing(token: str, status: int | None):
+    """An answer with ``token`` in every header (a different case in each) and its reason
+    phrase; ``None``: a status line that does not parse, holding it."""
+
+    def behave(conn, request):
+        if status is None:
+            conn.sendall(f"HTTP/1.1 2x0 {token.upper()}\r\nContent-Length: 0\r\n\r\n".encode())
+            return False
+        lines = [f"HTTP/1.1 {status} {token.swapcase()}"]
+        lines += [f"{name}: {_CASES[i % len(_CASES)](token)}" for i, name in enumerate(_ECHOING_HEADERS)]
+        lines.append("Content-Length: 0")
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return False
+
+    return behave
+
+
+@pytest.mark.parametrize("status", [200, 307, 400, 429, 503, None])
+@pytest.mark.parametrize("token", _TOKENS)
+def test_a_token_echoed_in_any_header_in_any_case_reaches_no_text(token, status, caplog):
+    """Scrubbed before anything lower-cases or cuts it, in any case of its letters: no
+    12-character piece of the token is left in the headers kept, the messages or the logs."""
+    caplog.set_level(logging.DEBUG)
+    with RawServer(default=echoing(token, status)) as server:
+        transport = Transport(url=f"{server.url}/v0/events", headers={}, token=token,
+                              redactor=redaction.Redactor((token,)), connect_timeout_secs=2.0,
+                              read_timeout_secs=2.0, attempt_timeout_secs=5.0, ca_bundle_path=None, max_in_flight=1)
+        try:
+            outcome = transport.post(b'{"id":1}\n')
+        finally:
+            transport.close()
+        policy = RetryPolicy(max_attempts=2, initial_backoff_secs=0.01, max_backoff_secs=0.01,
+                             max_throttled_secs=0.05)
+        with client_for(server, policy=policy, token=token) as client:
+            report = client.send(payload_of(2), 2)
+    texts = [outcome.message, repr(report), caplog.text, *(r.getMessage() + (r.exc_text or "") for r in caplog.records)]
+    if isinstance(outcome, BoundedResponse):
+        # Every header kept held nothing but the token; the unknown encoding is named, scrubbed.
+        assert (outcome.status, dict(outcome.headers)) == (
+            status, {**{name: "***" for name in _ECHOING_HEADERS[:-1]}, "Content-Length": "0"})
+        assert outcome.message == "(body unreadable: content encoding '***' is not supported)"
+        texts.append(outcome.body_error or "")
+    else:
+        assert (status, outcome.error) == (None, "protocol_error")
+        assert "BadStatusLine('HTTP/1.1 2x0 ***\\r\\n')" in outcome.message
+    if status == 307:
+        assert [f.message for f in report.failed] == ["HTTP 307: unexpected redirect to '***'; check api_url"]
+    texts += [f.message for f in report.failed]
+    for text in texts:
+        assert _slices_in_any_case(token, text) == [], text[:300]
+    account(report, [0, 1])
 
 
 # -- helpers of the pipeline tests ----------------------------------------------------------------

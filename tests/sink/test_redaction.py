@@ -3,8 +3,11 @@ spelling of the token, and the log filter's life on the HTTP stack's loggers."""
 
 from __future__ import annotations
 
+import json
 import logging
+import urllib.parse
 
+import pytest
 from shared_testlib import TOKEN
 
 from sinks.tinybird._http.redaction import Redactor, install_log_redaction, uninstall_log_redaction
@@ -60,3 +63,17 @@ def test_the_log_filter_is_shared_counted_and_removed_with_the_last_token(caplog
     assert [r.getMessage() for r in caplog.records] == ["echo *** and ***", "failed", "still ***"]
     assert "ValueError: unparsed data: '***'" in caplog.records[1].exc_text
     assert TOKEN not in caplog.text and "p.other-token-123" not in caplog.text
+
+
+@pytest.mark.parametrize("token", [TOKEN, ODD_TOKEN, "p.eyJ1IjogIjQ2YzdjMGM0In0.SIGnatureXYZ"])
+@pytest.mark.parametrize("case", [str.upper, str.lower, str.swapcase, str.title])
+def test_scrubs_every_spelling_of_the_token_in_any_case(token, case):
+    redactor = Redactor([token])
+    spellings = [token, json.dumps(token)[1:-1], repr(token)[1:-1], repr(token.encode())[2:-1],
+                 urllib.parse.quote(token, safe="")]
+    for spelling in spellings:
+        text = case(f"echo: {spelling}!")
+        scrubbed = redactor.bounded(text, 1000)
+        assert scrubbed == case("echo: ") + "***" + "!", (spelling, scrubbed)
+    # Capped after scrubbing: no part of the token is left.
+    assert redactor.bounded("x" * 30 + case(token) + "y" * 100, 40) == "x" * 30 + "***" + "y" * 4 + "..."

@@ -1,11 +1,12 @@
 """Keeps the token out of every text the HTTP layer hands on, and out of the logs.
 
-:class:`Redactor` scrubs a text first and caps it second (capping first could
-cut the token in two and let a part through). :func:`install_log_redaction`
-puts one process-wide :class:`logging.Filter` on the loggers of the HTTP stack
-(urllib3, requests) and of the sink's HTTP layer, so that a server echoing the
-token in a malformed header line does not put it in urllib3's warning either;
-it holds every token of every open client and is safe to install repeatedly.
+:class:`Redactor` scrubs a text first, in any case of the token's letters, and
+caps it second (capping first could cut the token in two and let a part
+through). :func:`install_log_redaction` puts one process-wide
+:class:`logging.Filter` on the loggers of the HTTP stack (urllib3, requests)
+and of the sink's HTTP layer, so that a server echoing the token in a malformed
+header line does not put it in urllib3's warning either; it holds every token
+of every open client and is safe to install repeatedly.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import re
 import threading
 import traceback
 import urllib.parse
@@ -54,7 +56,8 @@ def _spellings(token: str) -> tuple[str, ...]:
 
 
 class Redactor:
-    """Scrubs one or more tokens out of texts; never shows them in its repr."""
+    """Scrubs one or more tokens out of texts, whatever the case of their letters;
+    never shows them in its repr."""
 
     def __init__(self, tokens: Iterable[str]) -> None:
         spellings: set[str] = set()
@@ -62,15 +65,17 @@ class Redactor:
             if token:
                 spellings.update(_spellings(token))
         self._spellings = tuple(sorted(spellings, key=len, reverse=True))
+        # Any case: a token echoed with its letters' case changed (by a server, a proxy,
+        # or code that lower-cases a value) still tells most of it. Alternatives are
+        # tried longest first, so that a spelling holding another is replaced whole.
+        self._pattern = (re.compile("|".join(map(re.escape, self._spellings)), re.IGNORECASE)
+                         if self._spellings else None)
 
     def __repr__(self) -> str:
         return f"Redactor({len(self._spellings)} spellings)"
 
     def scrub(self, text: str) -> str:
-        for spelling in self._spellings:
-            if spelling in text:
-                text = text.replace(spelling, REDACTED)
-        return text
+        return text if self._pattern is None else self._pattern.sub(REDACTED, text)
 
     def bounded(self, text: str, limit: int) -> str:
         """Scrubbed first, then capped to ``limit`` characters."""

@@ -398,11 +398,17 @@ class Transport:
     # -- the answer ------------------------------------------------------------------
 
     def _bounded(self, response: requests.Response, deadline: float) -> BoundedResponse:
+        headers = {}
+        for name in _ALLOWED_HEADERS:
+            value = response.headers.get(name)
+            if value is not None:
+                headers[name] = self._redactor.bounded(value, _HEADER_CHARS)
         raw = response.raw
         body, body_error, complete = None, None, False
         try:
             data, complete = _read_capped(response)
-            encoding = (response.headers.get("Content-Encoding") or "").strip().lower()
+            # The scrubbed value: lower-cased or cut before scrubbing, an echoed token would get past it.
+            encoding = headers.get("Content-Encoding", "").strip().lower()
             if not complete:
                 body_error = f"larger than {MAX_BODY_BYTES} bytes"
             else:
@@ -414,11 +420,6 @@ class Transport:
                 # Unread bytes are left: the connection cannot carry another request.
                 raw.close()
             raw.release_conn()
-        headers = {}
-        for name in _ALLOWED_HEADERS:
-            value = response.headers.get(name)
-            if value is not None:
-                headers[name] = self._redactor.bounded(value, _HEADER_CHARS)
         return BoundedResponse(
             status=response.status_code,
             headers=types.MappingProxyType(headers),
