@@ -11,6 +11,7 @@ was sent. The server is :class:`sink_testlib.RawServer`, a raw socket on 127.0.0
 from __future__ import annotations
 
 import array
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -215,10 +217,15 @@ def huge_body(server: RawServer):
     return behave
 
 
-def _gzip_bomb_answer() -> bytes:
+@functools.cache
+def _gzip_of_zeros(mib: int) -> bytes:
     compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
     zeros = b"\0" * (1 << 20)
-    bomb = b"".join(compressor.compress(zeros) for _ in range(512)) + compressor.flush()
+    return b"".join(compressor.compress(zeros) for _ in range(mib)) + compressor.flush()
+
+
+def _gzip_bomb_answer() -> bytes:
+    bomb = _gzip_of_zeros(512)
     assert len(bomb) < 600_000  # about 0.5 MB that decodes to 512 MiB
     return bomb
 
@@ -283,6 +290,57 @@ def test_a_small_bomb_is_decoded_only_up_to_the_cap():
     assert failed.message.endswith(
         f"last: HTTP 503: (body unreadable: gzip body that does not decode to a whole body of at most "
         f"{MAX_BODY_BYTES} bytes)")
+
+
+# A 3xx is an answer like any other: never followed, its body read within the caps and the
+# attempt's deadline, its Location kept as text. Most bytes traced while one is handled: a
+# few reads and decodes of at most MAX_BODY_BYTES, far under the bombs' 32 and 256 MiB.
+_REDIRECT_TRACED_BYTES = 4 * 1024 * 1024
+# case: (MiB of zeros in a gzip body, None for a body that drips, 0 for none; the Location)
+_REDIRECT_CASES = {
+    "gzip bomb read whole": (32, "https://elsewhere.example/"),  # about 32 KB on the wire
+    "gzip bomb over the read cap": (256, "https://elsewhere.example/"),  # about 250 KB
+    "slow body": (None, "https://elsewhere.example/"),
+    "Location urllib cannot parse": (0, "http://[oops/"),
+    "Location that is not UTF-8": (0, "https://h\xe9llo.example/"),
+}
+
+
+@pytest.mark.parametrize("case", list(_REDIRECT_CASES))
+@pytest.mark.parametrize("status", [300, 301, 302, 303, 304, 305, 307, 308])
+def test_every_3xx_is_rejected_after_one_attempt_within_the_caps(status, case):
+    mib, location = _REDIRECT_CASES[case]
+    body = _gzip_of_zeros(mib) if mib else b""
+
+    def behave(conn, request):
+        server.mark(request, status)
+        head = b"HTTP/1.1 %d X\r\nLocation: %s\r\n" % (status, location.encode("latin-1"))
+        if mib is None:
+            conn.sendall(head + b"Content-Length: 1000\r\n\r\n")
+            return _send_forever(conn, b"x", every_secs=0.05)
+        if body:
+            head += b"Content-Encoding: gzip\r\n"
+        conn.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        return True
+
+    deadline_secs = 0.6
+    with (RawServer(default=behave) as server,
+          client_for(server, read_timeout_secs=0.5, attempt_timeout_secs=deadline_secs) as client):
+        tracemalloc.start()
+        try:
+            report = client.send(payload_of(3), 3)
+            traced_peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert len(server.requests) == 1
+    (attempt,) = report.attempts
+    assert (attempt.status, attempt.error, attempt.retry_cause) == (status, None, None)
+    assert attempt.latency_secs <= deadline_secs + BUSY_MACHINE_SLACK_SECS
+    (failed,) = report.failed
+    assert (failed.kind, failed.status, failed.attempts) == (DeadLetterKind.REJECTED, status, 1)
+    assert failed.message == f"HTTP {status}: unexpected redirect to {location!r}; check api_url"
+    assert traced_peak < _REDIRECT_TRACED_BYTES, traced_peak
+    account(report, [0, 1, 2], server)
 
 
 # -- 4. exceptions that escaped: absurd dates, negative chunk sizes --------------------------

@@ -308,6 +308,20 @@ class _DeadlineAdapter(HTTPAdapter):
         return host_params, pool_kwargs
 
 
+class _NoRedirectSession(requests.Session):
+    """A session that never looks for a redirect: the transport never follows one.
+
+    Even with ``allow_redirects=False``, ``Session.send`` fills ``Response.next``
+    by running ``resolve_redirects``, which reads and decodes a 301/302/303/307/308's
+    whole body, with no cap and past the attempt's deadline, and parses its
+    ``Location`` (raising on one it cannot). With no redirect target, a 3xx is an
+    answer like any other: its body is read within the caps and its status decides.
+    """
+
+    def get_redirect_target(self, resp: requests.Response) -> None:
+        return None
+
+
 class _BearerAuth(requests.auth.AuthBase):
     """Sets the Authorization header. Passing an auth object also keeps requests
     from replacing it with credentials found in ~/.netrc."""
@@ -356,7 +370,7 @@ class Transport:
         self._timeout = (min(connect_timeout_secs, attempt_timeout_secs), read_timeout_secs)
         self._attempt_timeout = attempt_timeout_secs
         self._verify: str | bool = ca_bundle_path or True
-        session = requests.Session()
+        session = _NoRedirectSession()
         adapter = _DeadlineAdapter(pool_maxsize=max_in_flight)
         session.mount("https://", adapter)
         session.mount("http://", adapter)
