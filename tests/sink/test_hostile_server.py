@@ -2,8 +2,10 @@
 
 One test (or a few) per class of misbehaviour: short row counts in a 2xx, dripped
 headers and bodies, huge, endless and bomb bodies, garbled rate-limit dates and
-chunk sizes, broken 2xx and interim 1xx answers, 413 to everything and long
-rate-limit pauses, megabytes of server text, and servers that echo the token.
+chunk sizes, broken 2xx and interim 1xx answers, header blocks the HTTP stack
+refuses, 3xx answers with bomb or slow bodies or bad locations, 413 to
+everything and long rate-limit pauses, megabytes of server text, and servers
+that echo the token.
 Each counts ids: what the server acknowledged plus what was dead-lettered is what
 was sent. The server is :class:`sink_testlib.RawServer`, a raw socket on 127.0.0.1.
 """
@@ -432,6 +434,64 @@ def test_endless_interim_answers_are_a_protocol_error():
     assert [a.error for a in report.attempts] == ["protocol_error", "protocol_error"]
     assert report.failed[0].kind is DeadLetterKind.RETRIES_EXHAUSTED
     account(report, list(range(4)))
+
+
+# Header blocks that the HTTP stack refuses once the status line was read: urllib3
+# refuses different Content-Length values, http.client more than 100 header lines
+# and a line over 64 KiB.
+_HEADER_DEFECTS = {
+    "two different Content-Length values": lambda length: [
+        b"Content-Length: %d" % length, b"Content-Length: %d" % (length + 1)],
+    "a Content-Length list of different values": lambda length: [b"Content-Length: %d, %d" % (length, length + 1)],
+    "101 header lines": lambda length: [b"X-H%d: v" % i for i in range(101)] + [b"Content-Length: %d" % length],
+    "a header line over 64 KiB": lambda length: [b"X-Long: " + b"v" * 70_000, b"Content-Length: %d" % length],
+}
+
+
+def refused_headers(server: RawServer, status: int, defect: str):
+    def behave(conn, request):
+        server.mark(request, status)
+        body = counts_body(request) if 200 <= status < 300 else b'{"error":"no"}'
+        head = [b"HTTP/1.1 %d X" % status, *_HEADER_DEFECTS[defect](len(body))]
+        conn.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        return False
+
+    return behave
+
+
+@pytest.mark.parametrize("defect", sorted(_HEADER_DEFECTS))
+@pytest.mark.parametrize("status", [200, 202, 204, 400, 401, 403, 404])
+def test_an_answer_whose_headers_the_http_stack_refuses_keeps_its_status(status, defect):
+    """The answer came, so its status decides: a 2xx is acknowledged (its rows are
+    stored: resending would store them twice), a 4xx is rejected; neither is resent."""
+    with RawServer(default=None) as server:  # type: ignore[arg-type]
+        server.default = refused_headers(server, status, defect)
+        with client_for(server) as client:
+            report = client.send(payload_of(5), 5)
+    assert len(server.requests) == 1
+    assert [(a.status, a.error, a.body_unreadable, a.retry_cause) for a in report.attempts] == [
+        (status, None, True, None)]
+    if status < 300:
+        assert [(d.rows, d.status, d.counts_read) for d in report.delivered] == [(5, status, False)]
+        assert report.failed == ()
+    else:
+        (failed,) = report.failed
+        assert (failed.kind, failed.status, failed.attempts) == (DeadLetterKind.REJECTED, status, 1)
+        assert failed.message.startswith(f"HTTP {status}: ")
+        assert "(body unreadable: its headers were refused (" in failed.message
+    account(report, list(range(5)), server)
+
+
+@pytest.mark.parametrize("defect", sorted(_HEADER_DEFECTS))
+def test_a_5xx_whose_headers_the_http_stack_refuses_is_retried_as_a_5xx(defect):
+    with RawServer(default=None) as server:  # type: ignore[arg-type]
+        server.default = refused_headers(server, 503, defect)
+        with client_for(server) as client:
+            report = client.send(payload_of(5), 5)
+    assert [(a.status, a.retry_cause) for a in report.attempts] == [(503, "503"), (503, "503"), (503, None)]
+    (failed,) = report.failed
+    assert (failed.kind, failed.status) == (DeadLetterKind.RETRIES_EXHAUSTED, 503)
+    assert account(report, list(range(5)), server) == ([], list(range(5)))
 
 
 # -- 6. unbounded work: 413 to everything, long rate-limit pauses -----------------------------

@@ -38,7 +38,8 @@ class BoundedResponse:
 
     Attributes:
         status: The HTTP status.
-        headers: Only the allow-listed headers, each value scrubbed and capped.
+        headers: Only the allow-listed headers, each value scrubbed and capped (none
+            when the HTTP stack refused the header block: then the status alone stands).
         body: The body, decoded (at most the cap), or ``None`` when it could not
             be read whole: cut short, larger than the cap, not decodable, too slow.
         body_error: Why ``body`` is ``None``; else ``None``.

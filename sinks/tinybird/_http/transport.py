@@ -13,7 +13,10 @@ attempt's wall-clock deadline (kept per thread while the attempt runs); the
 name lookup and the connect also end by that deadline (:class:`_Resolver`). And
 ``http.client`` takes a ``103 Early Hints`` for the answer and reads a negative
 chunk size as "read to the end": its response class here skips interim answers
-and refuses negative chunk sizes.
+and refuses negative chunk sizes. Two more: requests never looks for a
+redirect (:class:`_NoRedirectSession`), so a 3xx is read within the caps like
+any answer; and an answer whose header block the stack refuses keeps the
+status it began with (:meth:`_FinalResponse.begin`).
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ _DEADLINE_SLACK_SECS = 0.005
 _LOOKUP_THREADS = 2
 
 # The deadline (time.monotonic()) of the attempt running in this thread, if any,
-# and the Transport's _Resolver.
+# the Transport's _Resolver, and the status of the final answer once its status
+# line was read (see _FinalResponse.begin).
 _ATTEMPT = threading.local()
 
 # Every error the HTTP stack raises for what a server or the network does:
@@ -150,7 +154,22 @@ class _DeadlineSSLSocket(ssl.SSLSocket):
 
 
 class _FinalResponse(http.client.HTTPResponse):
-    """Skips interim (1xx) answers and refuses negative chunk sizes."""
+    """Skips interim (1xx) answers, refuses negative chunk sizes, and records the final status."""
+
+    def begin(self) -> None:
+        try:
+            super().begin()
+        except http.client.HTTPException:
+            # The status line was taken (version set) and the header block refused: more
+            # than 100 headers, a header line over 64 KiB. The server did answer, so its
+            # status decides; a header block cut short by a timeout or a reset (OSError,
+            # not caught here) is no answer, and is retried.
+            if self.version in (10, 11):
+                _ATTEMPT.status = self.status
+            raise
+        # Also for what fails after the header block, in urllib3 or requests (two
+        # different Content-Length values).
+        _ATTEMPT.status = self.status
 
     def _read_status(self) -> tuple[str, int, str]:
         for _ in range(_MAX_INTERIM_ANSWERS):
@@ -396,6 +415,7 @@ class Transport:
         deadline = time.monotonic() + self._attempt_timeout
         _ATTEMPT.deadline = deadline
         _ATTEMPT.resolver = self._resolver
+        _ATTEMPT.status = None
         try:
             try:
                 response = session.post(
@@ -403,11 +423,15 @@ class Transport:
                     verify=self._verify, allow_redirects=False, stream=True,
                 )
             except _HTTP_STACK_ERRORS as exc:
+                status: int | None = _ATTEMPT.status
+                if status is not None:
+                    return self._refused(status, exc)
                 return self._failure(exc, deadline)
             return self._bounded(response, deadline)
         finally:
             _ATTEMPT.deadline = None
             _ATTEMPT.resolver = None
+            _ATTEMPT.status = None
 
     # -- the answer ------------------------------------------------------------------
 
@@ -460,6 +484,14 @@ class Transport:
         if time.monotonic() >= deadline - _DEADLINE_SLACK_SECS:
             return f"not complete within the attempt's deadline of {self._attempt_timeout:g} s"
         return self._redactor.bounded(f"cut short ({_describe(exc)})", MESSAGE_CHARS)
+
+    def _refused(self, status: int, exc: BaseException) -> BoundedResponse:
+        """An answer whose status line came whole but whose header block the HTTP stack
+        refused: the status stands (a 2xx was stored, a 401 is a rejection), with no
+        headers and no body."""
+        body_error = self._redactor.bounded(f"its headers were refused ({_describe(exc)})", MESSAGE_CHARS)
+        return BoundedResponse(status=status, headers=types.MappingProxyType({}), body=None,
+                               body_error=body_error, message=self._message(None, body_error))
 
     # -- no answer -------------------------------------------------------------------
 
