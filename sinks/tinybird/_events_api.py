@@ -16,7 +16,6 @@ never raises for an HTTP or network outcome: it returns a :class:`SendReport`.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import math
 import random
@@ -46,7 +45,7 @@ from sinks.tinybird._http.outcomes import (
     TransportFailure,
 )
 from sinks.tinybird._http.redaction import Redactor, cap, install_log_redaction, uninstall_log_redaction
-from sinks.tinybird._http.transport import Transport
+from sinks.tinybird._http.transport import Transport, is_loopback
 from sinks.tinybird._routing import datasource_name_problem
 from sinks.tinybird.dead_letters import DeadLetterKind
 from sinks.tinybird.retry import RetryPolicy
@@ -598,7 +597,7 @@ def _checked_api_url(api_url: object, *, allow_insecure_http: bool) -> str:
         _ = parts.port  # parsed on access
     except ValueError:
         raise ValueError(f"api_url has an invalid port: {api_url!r}") from None
-    if parts.scheme == "http" and allow_insecure_http is not True and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and allow_insecure_http is not True and not is_loopback(parts.hostname):
         raise ValueError(
             f"api_url {url!r} is plain http:// to a host that is not loopback: the token "
             "would be sent in clear text. Use https://, or set allow_insecure_http=True."
@@ -626,16 +625,6 @@ def _check_datasource(name: object) -> None:
 
 def _is_positive_number(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
-def _is_loopback(host: str) -> bool:
-    host = host.lower().rstrip(".")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _split_at_line(payload: bytes) -> tuple[bytes, bytes]:

@@ -4,8 +4,8 @@ One test (or a few) per class of misbehaviour: short row counts in a 2xx, drippe
 headers and bodies, huge, endless and bomb bodies, garbled rate-limit dates and
 chunk sizes, broken 2xx and interim 1xx answers, header blocks the HTTP stack
 refuses, 3xx answers with bomb or slow bodies or bad locations, 413 to
-everything and long rate-limit pauses, megabytes of server text, and servers
-that echo the token.
+everything and long rate-limit pauses, megabytes of server text, servers
+that echo the token, and a proxy in the environment.
 Each counts ids: what the server acknowledged plus what was dead-lettered is what
 was sent. The server is :class:`sink_testlib.RawServer`, a raw socket on 127.0.0.1.
 """
@@ -856,3 +856,48 @@ def test_without_an_injected_lookup_socket_getaddrinfo_is_looked_up_at_each_look
             transport.close()
     # Then urllib3 looks up the address it connects to, an IP literal (no DNS query).
     assert lookups[0] == "tinybird.test" and set(lookups[1:]) <= {"127.0.0.1"} and response.status == 200
+
+
+# -- proxies from the environment ----------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy_environment(monkeypatch):
+    """A proxy in every variable requests reads (it answers itself), and no exception for any host."""
+    with RawServer(default=counted_answer_behaviour()) as proxy:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.setenv(name, proxy.url)
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        yield proxy
+
+
+def counted_answer_behaviour():
+    def behave(conn, request):
+        return answer(202, counts_body(request))(conn, request)
+    return behave
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_loopback_host_is_never_reached_through_a_proxy_from_the_environment(proxy_environment, host):
+    """Through the proxy, the token would go (in clear text for http://) to the proxy's host."""
+    with RawServer(default=counted_answer_behaviour()) as server:
+        api_url = server.url.replace("127.0.0.1", host)
+        with EventsApiClient(ClientSettings(api_url=api_url, datasource="events", read_timeout_secs=2.0),
+                             token=TOKEN, retry_policy=QUICK, rand=lambda: 0.5) as client:
+            report = client.send(payload_of(10), 10)
+    assert [d.rows for d in report.delivered] == [10]
+    assert [r.ids for r in server.requests] == [list(range(10))]
+    assert proxy_environment.requests == []
+
+
+def test_another_host_is_reached_through_the_proxy_from_the_environment(proxy_environment):
+    """The control: the environment's proxy is requests' own behaviour, kept for every other host
+    (here a name that never resolves: only the proxy, on 127.0.0.1, is connected to)."""
+    settings = ClientSettings(api_url="http://tinybird.invalid", datasource="events", read_timeout_secs=2.0,
+                              allow_insecure_http=True)
+    with EventsApiClient(settings, token=TOKEN, retry_policy=QUICK, rand=lambda: 0.5) as client:
+        report = client.send(payload_of(10), 10)
+    assert [d.rows for d in report.delivered] == [10]
+    assert [r.head.split(b" ")[:2] for r in proxy_environment.requests] == [
+        [b"POST", b"http://tinybird.invalid/v0/events?name=events"]]

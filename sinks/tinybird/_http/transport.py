@@ -31,6 +31,7 @@ import ssl
 import threading
 import time
 import types
+import urllib.parse
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -301,8 +302,8 @@ _POOL_CLASSES = types.MappingProxyType({"http": _HTTPConnectionPool, "https": _H
 
 class _DeadlineAdapter(HTTPAdapter):
     """requests' adapter with the pools above (also through a proxy) and a TLS context
-    whose sockets keep deadlines. Everything else (proxies from the environment,
-    the CA bundle requests picks) is requests' own."""
+    whose sockets keep deadlines. Everything else (proxies from the environment, but
+    for a loopback host: see ``_NO_PROXY``; the CA bundle requests picks) is requests' own."""
 
     def __init__(self, *, pool_maxsize: int) -> None:
         context = create_urllib3_context()
@@ -325,6 +326,24 @@ class _DeadlineAdapter(HTTPAdapter):
             # Ours instead of requests' shared one; requests still names the CA bundle to load.
             pool_kwargs["ssl_context"] = self._ssl_context
         return host_params, pool_kwargs
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    host = (host or "").lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# Proxies from the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY) are not used for a
+# loopback host, as Go's net/http does: the local server is on this machine, and through a
+# proxy the token would travel, in clear text for http://, to the proxy's host. requests
+# drops the keys set to None after merging the environment's.
+_NO_PROXY = types.MappingProxyType({"http": None, "https": None, "all": None})
 
 
 class _NoRedirectSession(requests.Session):
@@ -389,6 +408,8 @@ class Transport:
         self._timeout = (min(connect_timeout_secs, attempt_timeout_secs), read_timeout_secs)
         self._attempt_timeout = attempt_timeout_secs
         self._verify: str | bool = ca_bundle_path or True
+        # requests' stubs say dict[str, str]; a None value is how requests drops a proxy.
+        self._proxies: Any = dict(_NO_PROXY) if is_loopback(urllib.parse.urlsplit(url).hostname) else None
         session = _NoRedirectSession()
         adapter = _DeadlineAdapter(pool_maxsize=max_in_flight)
         session.mount("https://", adapter)
@@ -420,7 +441,7 @@ class Transport:
             try:
                 response = session.post(
                     url or self._url, data=body, headers=self._headers, auth=self._auth, timeout=self._timeout,
-                    verify=self._verify, allow_redirects=False, stream=True,
+                    verify=self._verify, allow_redirects=False, stream=True, proxies=self._proxies,
                 )
             except _HTTP_STACK_ERRORS as exc:
                 status: int | None = _ATTEMPT.status
