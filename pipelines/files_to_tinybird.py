@@ -11,12 +11,19 @@ Formats, chosen by ``--format`` or from the extension of ``--input``:
 * NDJSON (``.ndjson``, ``.jsonl``): each line is sent as it is, after the sink checks
   it holds one JSON object.
 * JSON (``.json``): one array (each item is a row) or one object per file; a
-  ``.json`` file that is not one JSON document is read as JSON lines.
-* CSV (``.csv``): a header row; values are typed where unambiguous (integers
-  without a leading zero, decimals, ``true``/``false``; empty fields are null),
-  anything else stays a string.
+  ``.json`` file that is not one JSON document is read as JSON lines. Numbers
+  go out exactly as written, as from NDJSON.
+* CSV (``.csv``): a header row (the first line that is not blank); values are
+  typed where unambiguous (integers without a leading zero, decimals,
+  ``true``/``false``; empty fields are null), anything else stays a string. A
+  row that cannot be read (bytes that are not UTF-8, a quote never closed) is
+  dead-lettered on its own.
 * Avro (``.avro``) and Parquet (``.parquet``): records as they are; binary values
   become base64 text (JSON has no bytes).
+
+NDJSON, JSON and CSV files may be compressed (``.gz``, ``.bz2``, ``.zst``,
+``.deflate``, ``.xz``); Avro and Parquet compress inside the file, and a
+compression suffix on them is refused before anything runs.
 
 A record that is not one JSON object (a truncated line, a CSV row with too many
 values) is dead-lettered with the reason, never dropped. With
@@ -42,7 +49,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines._dead_letter_ratio import CheckDeadLetterRatio, in_job_max_ratio
 from pipelines._endpoint import Endpoint
-from pipelines._formats import FORMATS, ReadRecords, format_from_path
+from pipelines._formats import FORMATS, ReadRecords, check_compression, format_from_path
 from pipelines._options import (
     SinkConfig,
     UsageError,
@@ -68,13 +75,16 @@ class FilesToTinybirdOptions(PipelineOptions):
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         add_argument_once(
             parser, "--input",
-            help="Files to read: a path or glob on any Beam filesystem (local, gs://, s3://), "
-                 "compressed or not. Default: the sample data set shipped with the pipelines.")
+            help="Files to read: a path or glob on any Beam filesystem (local, gs://, s3://). "
+                 "NDJSON, JSON and CSV files may be compressed (.gz, .bz2, .zst, .deflate, .xz); "
+                 "Avro and Parquet may not (they compress inside the file, with a codec). "
+                 "Default: the sample data set shipped with the pipelines.")
         add_argument_once(
             parser, "--format", choices=("auto", *FORMATS), default="auto",
             help="ndjson, json (one array or one object per file), csv (header row), avro or "
                  "parquet. Default auto: from the extension of --input (.ndjson/.jsonl, .json, "
-                 ".csv, .avro, .parquet, optionally followed by .gz/.bz2/.zst/.deflate/.xz).")
+                 ".csv, .avro, .parquet; the first three optionally followed by "
+                 ".gz/.bz2/.zst/.deflate/.xz).")
         add_sink_arguments(parser)
 
 
@@ -84,15 +94,21 @@ def resolve_input(options: FilesToTinybirdOptions) -> str:
 
 
 def resolve_format(file_pattern: str, requested: str) -> str:
-    """The format to read ``file_pattern`` with; raises :class:`UsageError` when it cannot be told."""
-    if requested != "auto":
-        return requested
-    detected = format_from_path(file_pattern)
-    if detected is None:
+    """The format to read ``file_pattern`` with.
+
+    Raises :class:`UsageError` when it cannot be told, or when ``file_pattern``
+    is compressed and the format is read only uncompressed (``x.avro.gz``).
+    """
+    file_format = format_from_path(file_pattern) if requested == "auto" else requested
+    if file_format is None:
         raise UsageError(
             f"cannot tell the format of --input {file_pattern!r} from its extension; "
             f"pass --format ({', '.join(FORMATS)})")
-    return detected
+    try:
+        check_compression(file_pattern, file_format)
+    except ValueError as error:
+        raise UsageError(f"--input {error}") from error
+    return file_format
 
 
 def build(pipeline: beam.Pipeline, *, file_pattern: str, file_format: str,

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import bz2
 import datetime
 import decimal
 import gzip
 import json
+import lzma
 import os
 import re
 import subprocess
 import sys
+import zlib
 
 import fastavro
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zstandard
 from pipelines_testlib import RUNNERS, count, run_quietly, sink_flags
 from shared_testlib import dead_letters_in
 
+from pipelines import _formats
+from pipelines._formats import COMPRESSIBLE_FORMATS, CSV_MAX_FIELD_CHARS
 from pipelines._options import UsageError
 from pipelines.files_to_tinybird import SAMPLE_DATA, run
 from pipelines.sample_data import generate as sample
@@ -232,6 +238,217 @@ def test_parquet_records_struct_list_decimal_timestamp_binary(server, datasource
     assert [r["purchase_currency"] for r in stored] == ["EUR", "USD", "GBP", "EUR"]
     assert stored[1]["skus"] == ["b", "c"]
     assert [r["blob"] for r in stored] == ["AA==", "b2s=", "", "AA=="]
+
+
+# -- every row read is stored or dead-lettered: compressed files, bad records, exact numbers ------
+
+def _zstd(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor().compress(data)
+
+
+COMPRESSORS = {
+    ".gz": gzip.compress, ".bz2": bz2.compress, ".zst": _zstd, ".zstd": _zstd, ".deflate": zlib.compress,
+    ".xz": lzma.compress, ".lzma": lambda data: lzma.compress(data, format=lzma.FORMAT_ALONE),
+}
+GOOD_ROWS = [{"id": i, "name": f"n{i}"} for i in range(40)]
+# Each format's file: the good rows with one bad record among them, and what its dead letter shows.
+BAD_RECORD_FILES = {
+    "ndjson": ("".join(json.dumps(r) + "\n" for r in GOOD_ROWS[:20]) + '{"id": 99, "name": \n'
+               + "".join(json.dumps(r) + "\n" for r in GOOD_ROWS[20:]), '{"id": 99, "name": '),
+    "json": (json.dumps([*GOOD_ROWS[:20], 7, *GOOD_ROWS[20:]]), "b'7'"),
+    "csv": ("id,name\n" + "".join(f"{r['id']},{r['name']}\n" for r in GOOD_ROWS[:20]) + "99,x,too many\n"
+            + "".join(f"{r['id']},{r['name']}\n" for r in GOOD_ROWS[20:]), "3 values for 2 columns"),
+}
+
+
+def test_the_compressions_tested_are_every_one_beam_reads():
+    assert set(COMPRESSORS) == set(_formats._COMPRESSION_SUFFIXES)
+    assert set(BAD_RECORD_FILES) == set(COMPRESSIBLE_FORMATS)
+
+
+@pytest.mark.parametrize("suffix", sorted(COMPRESSORS))
+@pytest.mark.parametrize("file_format", COMPRESSIBLE_FORMATS)
+def test_every_compression_of_every_format_that_may_be_compressed(server, datasource, tmp_path, file_format, suffix):
+    text, shown = BAD_RECORD_FILES[file_format]
+    path = tmp_path / f"rows.{file_format}{suffix}"
+    path.write_bytes(COMPRESSORS[suffix](text.encode()))
+    dead_dir = tmp_path / "dead"
+
+    summary, _ = run_quietly(run, sink_flags(  # the format from the extension, behind the suffix
+        server, datasource, "--input", str(path), "--dead_letter_path", f"{dead_dir}/"))
+
+    assert server.query(f"SELECT id, name FROM {datasource} ORDER BY id") == GOOD_ROWS
+    assert summary.rows_read == 41 == summary.rows_acknowledged + summary.dead_letters
+    assert summary.rows_acknowledged == 40 and summary.dead_letters == 1
+    (letter,) = dead_letters_in(dead_dir)
+    assert letter.kind == "unencodable" and shown in letter.element
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".zst", ".xz", ".deflate"])  # each decompressor
+@pytest.mark.parametrize("file_format", COMPRESSIBLE_FORMATS)
+def test_a_compressed_file_cut_short_ends_in_a_dead_letter_saying_so(
+        server, datasource, tmp_path, file_format, suffix):
+    rows = [{"id": i, "name": f"n{i}"} for i in range(2000)]
+    if file_format == "csv":
+        text = "id,name\n" + "".join(f"{r['id']},{r['name']}\n" for r in rows)
+    else:  # NDJSON, and a .json file of JSON lines (as BigQuery exports them)
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    whole = COMPRESSORS[suffix](text.encode())
+    path = tmp_path / f"rows.{file_format}{suffix}"
+    path.write_bytes(whole[: len(whole) // 2])  # an interrupted upload
+    dead_dir = tmp_path / "dead"
+
+    summary, _ = run_quietly(run, sink_flags(
+        server, datasource, "--input", str(path), "--dead_letter_path", f"{dead_dir}/"))
+
+    assert summary.rows_read == summary.rows_acknowledged + summary.dead_letters
+    letters = dead_letters_in(dead_dir)
+    cut = [d for d in letters if "the compressed data stops before its end (a truncated file)" in d.element]
+    assert len(cut) == 1 and cut[0].kind == "unencodable"
+    # What was stored is the file's first rows, whole: no row made of half a line.
+    stored = server.query(f"SELECT id, name FROM {datasource} ORDER BY id") if summary.rows_acknowledged else []
+    assert stored == rows[: len(stored)] and len(stored) < len(rows)
+    # Besides the one saying so, at most the line the cut went through (a .json file's lines).
+    assert len(letters) - 1 <= (file_format == "json")
+
+
+def test_a_compressed_json_file_larger_than_one_beam_read_is_read_whole(server, datasource, tmp_path):
+    # Beam's CompressedFile.read() with no size returns 16 MiB: the rest of the file was dropped.
+    rows = [{"id": i, "pad": chr(ord("a") + i) * (1024 * 1024)} for i in range(20)]  # 20 MiB
+    (tmp_path / "big.json.gz").write_bytes(gzip.compress(
+        "".join(json.dumps(r) + "\n" for r in rows).encode(), compresslevel=1))
+    dead_dir = tmp_path / "dead"
+
+    summary, _ = run_quietly(run, sink_flags(
+        server, datasource, "--input", str(tmp_path / "big.json.gz"), "--dead_letter_path", f"{dead_dir}/"))
+
+    assert (summary.rows_read, summary.rows_acknowledged, summary.dead_letters) == (20, 20, 0)
+    stored = server.query(f"SELECT id, length(pad) AS n, substr(pad, 1, 1) AS c FROM {datasource} ORDER BY id")
+    assert stored == [{"id": r["id"], "n": 1024 * 1024, "c": r["pad"][0]} for r in rows]
+
+
+def test_avro_and_parquet_with_a_compression_suffix_are_refused_before_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, file_format in (("x.avro.gz", "avro"), ("x.parquet.zst", "parquet"), ("data.gz", "avro")):
+        (tmp_path / name).write_bytes(b"\x00")
+        message = (rf"^--input '.*{re.escape(name)}' is compressed \(\.\w+\), but {file_format} files are "
+                   rf"read only uncompressed: .* only ndjson, json, csv files may be compressed$")
+        with pytest.raises(UsageError, match=message):
+            run(["--input", str(tmp_path / name), *(["--format", file_format] if name == "data.gz" else [])])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.gz", "x.avro.gz", "x.parquet.zst"]
+
+
+def test_csv_bad_rows_are_dead_lettered_each_on_its_own_and_the_rest_stored(server, datasource, tmp_path):
+    (tmp_path / "rows.csv").write_bytes(
+        b"\xef\xbb\xbf\r\n   \r\n"                         # lines 1-2: a BOM, a blank line, one of spaces
+        b"id,name,name,code\r\n"                             # 3: the header, a name repeated
+        b"1,a,b,007\r\n"                                     # 4
+        b"2,caf\xe9,c,x\r\n"                                 # 5: not UTF-8 (Latin-1)
+        b"3,c,d," + b"9" * 5000 + b"\r\n"                    # 6: too long for an int: kept as text
+        b"  \r\n"                                            # 7
+        b'4,"d"x,e,y\r\n'                                    # 8: text after a closing quote
+        b'5,"' + b"x" * (CSV_MAX_FIELD_CHARS + 1) + b'",f,z\r\n'  # 9: a field over the limit
+        b"6,e,f,g,h\r\n"                                     # 10: too many values
+        b'7,"two\r\nlines",g,\r\n'                          # 11-12: a quoted line end, an empty value
+        b"8\r\n"                                             # 13: values missing
+        b'9,"never closed,h,i\r\n10,j,k,l\r\n11,m,n,o\r\n')  # 14-16: a quote never closed
+    (tmp_path / "latin1-header.csv").write_bytes(b"id,caf\xe9\n1,2\n3,4\n")
+    (tmp_path / "broken-header.csv").write_bytes(b'id,"na"me\n1,a\n')
+    dead_dir = tmp_path / "dead"
+
+    summary, _ = run_quietly(run, sink_flags(
+        server, datasource, "--input", str(tmp_path / "*.csv"), "--dead_letter_path", f"{dead_dir}/"))
+
+    stored = server.query(f"SELECT id, name, name_1, code FROM {datasource} ORDER BY id")
+    assert stored == [
+        {"id": 1, "name": "a", "name_1": "b", "code": "007"},
+        {"id": 3, "name": "c", "name_1": "d", "code": "9" * 5000},
+        {"id": 7, "name": "two\r\nlines", "name_1": "g", "code": None},
+        {"id": 8, "name": None, "name_1": None, "code": None},
+    ]
+    letters = sorted(d.element for d in dead_letters_in(dead_dir))
+    assert summary.rows_read == 13 == summary.rows_acknowledged + summary.dead_letters
+    assert summary.dead_letters == len(letters) == 9
+    assert all(d.kind == "unencodable" for d in dead_letters_in(dead_dir))
+    csv_path, header_path, broken_path = (tmp_path / name for name in (
+        "rows.csv", "latin1-header.csv", "broken-header.csv"))
+    expected = sorted([
+        f"UnreadableRecord({broken_path} line 1: the header: ',' expected after '\"'; text='id,\"na\"me')",
+        f"UnreadableRecord({broken_path} line 2: the header (line 1) could not be read; text='1,a')",
+        f"UnreadableRecord({header_path} line 2: the header (line 1) is not UTF-8; text='1,2')",
+        f"UnreadableRecord({header_path} line 3: the header (line 1) is not UTF-8; text='3,4')",
+        f"UnreadableRecord({csv_path} line 5: not UTF-8 (the bytes that are not are shown as \\xNN); "
+        "text='2,caf\\\\xe9,c,x')",
+        f"UnreadableRecord({csv_path} line 8: ',' expected after '\"'; text='4,\"d\"x,e,y')",
+        f"UnreadableRecord({csv_path} line 10: 5 values for 4 columns; text='6,e,f,g,h')",
+        f"UnreadableRecord({csv_path} lines 14-16: unexpected end of data inside a quoted field never closed "
+        "(3 lines read as this one record); text='9,\"never closed,h,i\\r\\n10,j,k,l\\r\\n11,m,n,o')",
+    ])
+    over_limit = [e for e in letters if " line 9: " in e]
+    assert sorted(e for e in letters if e not in over_limit) == expected
+    assert len(over_limit) == 1 and over_limit[0].startswith(
+        f"UnreadableRecord({csv_path} line 9: field larger than field limit ({CSV_MAX_FIELD_CHARS}); "
+        "text='5,\"xxxxxxxx")
+
+
+def test_csv_unclosed_quote_holds_the_rest_of_the_file_and_says_how_many_lines(server, datasource, tmp_path):
+    (tmp_path / "x.csv").write_bytes(b'id,name\n1,a\n2,"b\n3,c\n4,d\n5,e\n')
+    dead_dir = tmp_path / "dead"
+
+    summary, _ = run_quietly(run, sink_flags(
+        server, datasource, "--input", str(tmp_path / "x.csv"), "--dead_letter_path", f"{dead_dir}/"))
+
+    assert server.query(f"SELECT id, name FROM {datasource}") == [{"id": 1, "name": "a"}]
+    assert (summary.rows_read, summary.rows_acknowledged, summary.dead_letters) == (2, 1, 1)
+    (letter,) = dead_letters_in(dead_dir)
+    assert "lines 3-6: unexpected end of data inside a quoted field never closed (4 lines" in letter.element
+    assert letter.element.endswith("text='2,\"b\\n3,c\\n4,d\\n5,e')")
+
+
+def _sent_lines(server, datasource, tmp_path, path) -> list[str]:
+    """What the sink sent for ``path``'s rows: the server refuses every request, so each is a dead letter's line."""
+    server.set_faults([{"status": 400, "when": "before", "datasource": datasource, "message": "injected"}])
+    dead_dir = tmp_path / f"dead-{path.name}"
+    summary, _ = run_quietly(run, sink_flags(
+        server, datasource, "--input", str(path), "--dead_letter_path", f"{dead_dir}/"))
+    letters = dead_letters_in(dead_dir)
+    assert summary.rows_read == summary.dead_letters == len(letters)
+    assert all(d.kind == "rejected" for d in letters)
+    return sorted(d.line for d in letters)
+
+
+def test_numbers_go_out_as_written_from_json_arrays_and_csv(server, datasource, tmp_path):
+    # As an NDJSON line is sent: wider than 64 bits, more digits than a double holds, out of its range.
+    rows = ['{"id":1,"big":123456789012345678901234567890,"u64":18446744073709551615,'
+            '"below":-9223372036854775809,"dec":0.1000000000000000055511151231257827,"money":12.50}',
+            '{"id":2,"huge":1E+400,"tiny":1E-400,"nested":{"x":[0.30000000000000000001,2]}}']
+    (tmp_path / "rows.json").write_text("[\n  " + ",\n  ".join(rows) + "\n]\n")
+    assert _sent_lines(server, datasource, tmp_path, tmp_path / "rows.json") == sorted(rows)
+
+    (tmp_path / "rows.csv").write_text(
+        "id,dec,huge,tiny,money\n1,0.1000000000000000055511151231257827,1e999,1e-400,12.50\n")
+    assert _sent_lines(server, datasource, tmp_path, tmp_path / "rows.csv") == [
+        '{"id":1,"dec":0.1000000000000000055511151231257827,"huge":1E+999,"tiny":1E-400,"money":12.5}']
+
+
+def test_json_not_a_number_lone_surrogate_and_classic_mac_line_ends(server, datasource, tmp_path):
+    (tmp_path / "nan.json").write_text('[{"id": 1, "x": NaN}]')  # not JSON: not sent as null
+    (tmp_path / "cr.json").write_bytes(b'{"id": 2}\r{"id": 3}\r')
+    (tmp_path / "cr-whitespace.json").write_bytes(b'{"id":\r4}')  # one document, \r between tokens
+    (tmp_path / "cr.ndjson").write_bytes(b'\xef\xbb\xbf{"id": 5}\r{"id": 6}\r\r')
+    (tmp_path / "surrogate.json").write_text('[{"id": 7, "s": "\\ud800"}]')  # no text holds a lone surrogate
+    dead_dir = tmp_path / "dead"
+
+    json_run, _ = run_quietly(run, sink_flags(
+        server, datasource, "--input", str(tmp_path / "*.json"), "--dead_letter_path", f"{dead_dir}/"))
+    ndjson_run, _ = run_quietly(run, sink_flags(server, datasource, "--input", str(tmp_path / "cr.ndjson")))
+
+    assert [r["id"] for r in server.query(f"SELECT id FROM {datasource} ORDER BY id")] == [2, 3, 4, 5, 6]
+    assert (json_run.rows_read, json_run.rows_acknowledged, json_run.dead_letters) == (5, 3, 2)
+    assert (ndjson_run.rows_read, ndjson_run.rows_acknowledged, ndjson_run.dead_letters) == (2, 2, 0)
+    nan, surrogate = sorted(dead_letters_in(dead_dir), key=lambda d: "NaN" not in d.element)
+    assert nan.message.startswith("invalid JSON") and "NaN" in nan.element
+    assert surrogate.message.startswith("invalid JSON") and "\\\\ud800" in surrogate.element
 
 
 def test_input_that_cannot_be_read_is_refused_before_running(tmp_path, monkeypatch):

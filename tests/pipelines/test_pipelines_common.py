@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import decimal
 import logging
 import pickle
 
 import apache_beam as beam
+import fastavro
+import orjson
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -13,10 +16,18 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import files_to_tinybird, replay_dead_letters, streaming_to_tinybird
 from pipelines._endpoint import Endpoint
-from pipelines._formats import UnreadableRecord, binary_safe_record, csv_value, format_from_path
+from pipelines._formats import (
+    UnreadableRecord,
+    binary_safe_record,
+    compression_suffix,
+    csv_value,
+    format_from_path,
+)
 from pipelines._options import SinkConfig, UsageError, beam_options_without_secrets, parse_bool
 from pipelines._progress import CountRowsDoFn
 from pipelines._summary import RunSummary, display_path, format_summary, judge
+from sinks.tinybird._encoding import element_repr, encode_element
+from sinks.tinybird.dead_letters import AVRO_SCHEMA, DeadLetter, to_json_line
 
 _OPTION_CLASSES = [
     files_to_tinybird.FilesToTinybirdOptions,
@@ -190,19 +201,42 @@ def test_display_path(tmp_path, monkeypatch):
     ("data/*.ndjson", "ndjson"), ("a.jsonl", "ndjson"), ("a.JSONL.GZ", "ndjson"), ("gs://b/x/*.json", "json"),
     ("x.json.zst", "json"), ("x.csv.bz2", "csv"), ("x.avro", "avro"), ("s3://b/p/*.parquet", "parquet"),
     ("x.pq", "parquet"), ("data/*", None), ("x.txt", None), ("x.gz", None),
+    ("x.avro.gz", "avro"), ("x.parquet.zst", "parquet"),  # told, to be refused with why
 ])
 def test_format_from_path(path, expected):
     assert format_from_path(path) == expected
+
+
+@pytest.mark.parametrize("path, suffix", [
+    ("a.csv.gz", ".gz"), ("gs://b/x/*.JSONL.ZST", ".zst"), ("x.ndjson.zstd", ".zstd"), ("x.lzma", ".lzma"),
+    ("x.csv", None), ("data/*", None), ("gz/x.csv", None),
+])
+def test_compression_suffix(path, suffix):
+    assert compression_suffix(path) == suffix
 
 
 @pytest.mark.parametrize("text, expected", [
     ("", None), ("0", 0), ("-12", -12), ("+7", 7), ("007", "007"), ("12.50", 12.5), ("-1.5e2", -150.0),
     ("1e3", 1000.0), (".5", ".5"), ("1.", "1."), ("true", True), ("FALSE", False), ("NaN", "NaN"),
     ("1,5", "1,5"), ("2024-05-01", "2024-05-01"), (" 1", " 1"), ("yes", "yes"),
+    # A float when it is the number (15 significant digits, or a double's own shortest text), else exact.
+    ("123456789012345", 123456789012345), ("12345678901234.5", 12345678901234.5), ("-0.0", -0.0),
+    ("0.30000000000000004", 0.30000000000000004), ("1.7976931348623157e308", 1.7976931348623157e308),
+    ("2.3e-308", 2.3e-308), ("5e-324", decimal.Decimal("5e-324")), ("12.500000000000000000", 12.5),  # subnormal
+    ("1234567890123456.7", decimal.Decimal("1234567890123456.7")), ("2e308", decimal.Decimal("2e308")),
+    ("2.4703282292062328e-324", decimal.Decimal("2.4703282292062328e-324")),  # rounds to 5e-324
+    ("0.1000000000000000055511151231257827", decimal.Decimal("0.1000000000000000055511151231257827")),
+    ("1e999", decimal.Decimal("1e999")), ("-1e999", decimal.Decimal("-1e999")),
+    ("1e-400", decimal.Decimal("1e-400")),
+    # Integers wider than 64 bits are exact ints; longer than Python converts, the text.
+    ("123456789012345678901234567890", 123456789012345678901234567890),
+    ("9" * 5000, "9" * 5000), ("1e99999999999999999999", "1e99999999999999999999"),
 ])
 def test_csv_values_are_typed_only_where_unambiguous(text, expected):
     value = csv_value(text)
     assert value == expected and type(value) is type(expected)
+    if isinstance(value, decimal.Decimal):
+        assert encode_element({"x": value}) == b'{"x":' + str(value).encode() + b"}"
 
 
 def test_binary_safe_record():
@@ -219,6 +253,24 @@ def test_unreadable_records_pickle_and_show_why():
     record = UnreadableRecord(path="/d/a.csv", position="line 3", reason="4 values for 3 columns", text="1,2,3,4")
     assert pickle.loads(pickle.dumps(record)) == record
     assert repr(record) == "UnreadableRecord(/d/a.csv line 3: 4 values for 3 columns; text='1,2,3,4')"
+
+
+def test_an_unreadable_record_keeps_its_reason_whole_in_a_dead_letter_of_either_format(tmp_path):
+    # A local file name that is not UTF-8 (a lone surrogate), a long path, a long text.
+    path = "/data/" + "p" * 150 + "/caf\udce9.csv"
+    reason = "unexpected end of data inside a quoted field never closed (4 lines read as this one record)"
+    record = UnreadableRecord(path=path, position="lines 3-6", reason=reason, text='2,"b\n3,c\n' * 100)
+    shown = element_repr(record)
+    assert shown == repr(record) and len(shown) == 400  # the sink's cut, which would take out the middle
+    assert shown.startswith(f"UnreadableRecord(/data/{'p' * 150}/caf\\udce9.csv lines 3-6: {reason}; text='2,")
+    assert shown.endswith("...)")
+    letter = DeadLetter(kind="unencodable", line=None, element=shown, datasource="d", status=None,
+                        message="m", attempts=0, first_attempt_at="", last_attempt_at="", window="global")
+    assert orjson.loads(to_json_line(letter))["element"] == shown
+    with open(tmp_path / "x.avro", "wb") as fh:
+        fastavro.writer(fh, AVRO_SCHEMA, [letter._asdict()])
+    with open(tmp_path / "x.avro", "rb") as fh:
+        assert [r["element"] for r in fastavro.reader(fh)] == [shown]
 
 
 def _summary(*, rows_read: int, dead_letters: int) -> RunSummary:

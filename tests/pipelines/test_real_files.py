@@ -163,3 +163,39 @@ def test_csv_written_by_pandas(server, datasource, tmp_path):
     assert [r["price"] for r in rows[:2]] == [0.05, 1.05]
     assert [r["premium"] for r in rows[:2]] == [True, False]
     assert [r["note"] for r in rows[:2]] == [None, 'say "hi", 1\nthen go']
+
+
+def _text_frame() -> pd.DataFrame:
+    """300 rows of what every text format holds; text with quotes, commas, line ends and accents; row 1 has a missing count."""
+    return pd.DataFrame({
+        "id": pd.Series(range(ROWS), dtype="int64"),
+        "name": [f'café "{i}", then\nmore' for i in range(ROWS)],
+        "amount": [i / 4 for i in range(ROWS)],
+        "count": pd.array([None if i == 1 else i * 10 for i in range(ROWS)], dtype="Int64"),
+        "premium": [i % 2 == 0 for i in range(ROWS)],
+    })
+
+
+PANDAS_TEXT_WRITERS = {
+    "csv": lambda frame, path, compression: frame.to_csv(path, index=False, compression=compression),
+    "ndjson": lambda frame, path, compression: frame.to_json(
+        path, orient="records", lines=True, compression=compression),
+    "json": lambda frame, path, compression: frame.to_json(path, orient="records", compression=compression),
+}
+
+
+@pytest.mark.parametrize("compression, suffix", [("gzip", ".gz"), ("bz2", ".bz2"), ("zstd", ".zst"), ("xz", ".xz")])
+@pytest.mark.parametrize("file_format", sorted(PANDAS_TEXT_WRITERS))
+def test_compressed_csv_ndjson_and_json_written_by_pandas(server, datasource, tmp_path, file_format, compression,
+                                                          suffix):
+    path = tmp_path / f"events.{file_format}{suffix}"
+    PANDAS_TEXT_WRITERS[file_format](_text_frame(), path, compression)
+
+    rows = _run_and_check_every_row_stored(server, datasource, tmp_path, str(path))
+
+    assert [r["name"] for r in rows[:2]] == ['café "0", then\nmore', 'café "1", then\nmore']
+    assert [r["amount"] for r in rows[:3]] == [0.0, 0.25, 0.5]
+    assert [r["count"] for r in rows[:3]] == [0, None, 20]
+    assert [r["premium"] for r in rows[:2]] == [True, False]
+    assert rows[-1] == {"id": 299, "name": 'café "299", then\nmore', "amount": 74.75, "count": 2990,
+                        "premium": False}

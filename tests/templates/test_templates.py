@@ -235,6 +235,19 @@ def _as_parameter(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def test_the_files_template_says_which_formats_may_be_compressed_as_the_option_does():
+    from pipelines._formats import COMPRESSIBLE_FORMATS
+
+    parser = argparse.ArgumentParser(add_help=False)
+    files_to_tinybird.FilesToTinybirdOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+    option = {action.dest: action.help for action in parser._actions}["input"]  # pylint: disable=protected-access
+    parameter = {p["name"]: p for p in _metadata("files_to_tinybird")["parameters"]}["input"]["helpText"]
+    said = ("NDJSON, JSON and CSV files may be compressed (.gz, .bz2, .zst, .deflate, .xz); "
+            "Avro and Parquet may not (they compress inside the file, with a codec).")
+    assert said in option and said in parameter
+    assert COMPRESSIBLE_FORMATS == ("ndjson", "json", "csv")
+
+
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_documented_defaults_are_the_pipelines_and_the_sinks(name):
     parser = argparse.ArgumentParser(add_help=False)
