@@ -18,8 +18,8 @@ import enum
 import re
 import reprlib
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import orjson
 from apache_beam.pvalue import Row
@@ -28,7 +28,12 @@ from apache_beam.utils.timestamp import Timestamp
 __all__ = ["MAX_NESTING_DEPTH", "MAX_REASON_CHARS", "EncodingError", "element_repr", "encode_element"]
 
 MAX_NESTING_DEPTH = 254
-"""Deepest nesting of objects and arrays that can be encoded (orjson's own limit)."""
+"""Deepest nesting of objects and arrays that can be encoded (orjson's own limit).
+
+Every container kind is a level (a dict, list, tuple, set, NamedTuple, Row,
+dataclass), on either path; but orjson (3.13) counts no level for a tuple held
+by a tuple, so tuples nested only in tuples may be written past this depth.
+"""
 
 MAX_REASON_CHARS = 1000
 """Longest :attr:`EncodingError.reason`; longer reasons are cut (a dead letter stays small)."""
@@ -43,6 +48,8 @@ _OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z
 # JSON numbers by the slow path.
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
+
+_RAW_NEWLINE = "an orjson.Fragment holds a raw newline: the line would be two NDJSON rows"
 
 # Longest exception message and dict key quoted in a reason.
 _EXCEPTION_TEXT_CHARS = 200
@@ -105,8 +112,17 @@ def encode_element(element: Any) -> bytes:
 
     * ``dict`` (and other mappings with ``str`` keys), ``beam.Row``, NamedTuples and
       dataclass instances; these may nest each other, lists, tuples and sets, and
-      their values follow the rules below. Dataclass fields whose name starts
-      with ``_`` are left out.
+      their values follow the rules below. Two keys of a mapping that are
+      distinct objects with the same text (``str`` subclasses with their own
+      ``__eq__``) are refused rather than one of them dropped.
+    * A dataclass instance is written by orjson's rule, whichever path encodes
+      it: the attributes in its ``__dict__`` (its fields, and also attributes set
+      in ``__post_init__`` or later, and ``functools.cached_property`` values
+      once computed), or, when its class defines ``__slots__``
+      (``slots=True``) or it has no ``__dict__``, its fields (not ``ClassVar``
+      nor ``InitVar``). Names starting with ``_`` are left out. A class without
+      ``__slots__`` that inherits from a ``slots=True`` dataclass is written
+      from its ``__dict__``, without the inherited slot fields.
     * ``str``/``bytes`` holding exactly one JSON object. Its bytes are sent as they
       are (only surrounding whitespace is stripped); a pretty-printed object
       (with raw ``\\n`` or ``\\r``) is compacted by removing the whitespace between
@@ -140,7 +156,8 @@ def encode_element(element: Any) -> bytes:
       and the rest of the row delivered, and lands in a Nullable column or the
       column's default, the same as a missing value. Dead-lettering the whole
       row for one missing value would lose more than it protects.
-    * ``Decimal``: an exact JSON number (``Decimal("1.10")`` -> ``1.10``).
+    * ``Decimal``: an exact JSON number (``Decimal("1.10")`` -> ``1.10``), also
+      for a subclass, whatever its own ``__str__`` says.
     * ``bytes``, ``bytearray``, ``memoryview`` and numpy ``bytes_`` inside a record
       -> standard base64 text with padding (RFC 4648, ``b"\\x00\\xff"`` ->
       ``"AP8="``), the spelling the file readers give Avro and Parquet binary
@@ -153,19 +170,29 @@ def encode_element(element: Any) -> bytes:
       the output does not depend on hash order), else in iteration order.
     * Integers wider than 64 bits -> exact JSON numbers; integers with more
       digits than Python converts to text (4,300 by default) are refused.
+    * ``orjson.Fragment``: its bytes as they are (as orjson writes them), not
+      parsed per element: the caller vouches for one JSON value in UTF-8. A row
+      whose fragment is not JSON, or not UTF-8, is the server's to judge: it
+      puts a row it cannot parse in ``<datasource>_quarantine`` and stores the
+      rest of the request. In a dead letter, bytes that are not UTF-8 are
+      shown as ``\\x`` escapes. A fragment holding a raw newline is refused:
+      the line would be two rows.
 
     Args:
         element: The element to encode.
 
     Returns:
-        The UTF-8 bytes of one JSON object, with no newline in them.
+        The bytes of one JSON object, with no newline in them: UTF-8, unless
+        an ``orjson.Fragment`` in the element holds bytes that are not.
 
     Raises:
         EncodingError: The element is not a JSON object (a list, a number, JSON
             text holding an array...), holds a value that cannot be serialized,
-            a non-``str`` dict key, a string that is not valid UTF-8, nests
-            deeper than :data:`MAX_NESTING_DEPTH` levels, or raised an exception
-            while it was read.
+            a non-``str`` dict key, two keys with the same text, a string that
+            is not valid UTF-8, a fragment holding a raw newline, nests deeper
+            than :data:`MAX_NESTING_DEPTH` levels (every container kind counts
+            as one level, on every path), or raised an exception while it was
+            read.
     """
     try:
         kind = type(element)
@@ -187,11 +214,18 @@ def encode_element(element: Any) -> bytes:
                 "(expected a dict, beam.Row, NamedTuple, dataclass, or str/bytes holding one JSON object)"
             )
         try:
-            return orjson.dumps(obj, default=_default, option=_OPTIONS)
+            line = orjson.dumps(obj, default=_default, option=_OPTIONS)
         except orjson.JSONEncodeError:
             # Rare: find out exactly what and where, and encode what orjson alone refuses
             # but JSON can hold (wide integers, str subclass keys, time with tzinfo).
-            return _encode_slowly(obj)
+            line = _encode_slowly(obj)
+        # orjson never writes a raw newline, but an orjson.Fragment is written as it
+        # is: one element would be two rows (and its batch's row count wrong). 10 is
+        # b"\n" as an int, which bytes look for with memchr at once; b"\n" itself first
+        # fails a conversion to int (an exception raised and cleared): 25 ns against 215.
+        if 10 in line:
+            raise EncodingError(_RAW_NEWLINE)
+        return line
     except EncodingError:
         raise
     except Exception as error:  # any element, any exception: it must not fail the bundle
@@ -329,7 +363,8 @@ def _refuse(obj: Any) -> Any:
 
 
 def _decimal(obj: decimal.Decimal) -> Any:
-    return orjson.Fragment(str(obj)) if obj.is_finite() else None
+    # Decimal's own methods: a subclass's __str__ ("9.99 EUR") would be written as it is.
+    return orjson.Fragment(decimal.Decimal.__str__(obj)) if decimal.Decimal.is_finite(obj) else None
 
 
 def _base64(obj: bytes | bytearray | memoryview) -> str:
@@ -351,7 +386,17 @@ def _named_tuple(obj: Any) -> dict:
 
 
 def _dataclass_fields(obj: Any) -> dict:
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if not f.name.startswith("_")}
+    """The columns orjson writes for a dataclass instance, so that the slow path writes the same ones.
+
+    orjson reads the instance's ``__dict__`` (every attribute, not only fields)
+    unless the class itself defines ``__slots__`` or the instance has no
+    ``__dict__``, and then its fields; either way it skips names starting with ``_``.
+    """
+    attributes = getattr(obj, "__dict__", None)
+    if not isinstance(attributes, dict) or "__slots__" in type(obj).__dict__:
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if not f.name.startswith("_")}
+    # A key that is not a str is kept, for the slow path to refuse with its reason.
+    return {key: value for key, value in attributes.items() if not (isinstance(key, str) and key.startswith("_"))}
 
 
 def _enum_value(obj: enum.Enum) -> Any:
@@ -513,7 +558,7 @@ _NUMPY_CONVERTERS: dict[str, _Converter] = {
 
 
 def _encode_slowly(obj: Any) -> bytes:
-    normalized = _normalize(obj, 0, "$")
+    normalized = _normalize(obj)
     try:
         return orjson.dumps(normalized, default=_default, option=_OPTIONS)
     except orjson.JSONEncodeError as e:
@@ -526,19 +571,62 @@ def _reason_from_orjson(message: str) -> str:
     return message
 
 
-def _normalize(obj: Any, depth: int, path: str) -> Any:
-    """Rebuilds ``obj`` from types orjson serializes, or raises a precise EncodingError."""
+class _Open(NamedTuple):
+    """A container being rebuilt: its new value, its items still to take, their depth, its path."""
+
+    out: Any
+    items: Iterator[tuple[Any, Any]]
+    depth: int
+    path: str
+
+
+def _normalize(obj: Any) -> Any:
+    """Rebuilds ``obj`` from types orjson serializes, or raises a precise EncodingError.
+
+    A loop over a stack of open containers, not recursion: recursing took
+    about six Python frames per NamedTuple, Row or dataclass level, so
+    :data:`MAX_NESTING_DEPTH` levels did not fit in Python's recursion limit.
+    It walks as recursion would (depth first, each container's items in order,
+    taken one at a time): the first problem found is the same, and the stack
+    grows with the depth only.
+    """
+    root: list[Any] = [None]
+    stack = [_Open(root, iter(((0, obj),)), 0, "")]
+    where = "$"
     try:
-        return _normalize_value(obj, depth, path)
+        while stack:
+            out, items, depth, path = stack[-1]
+            where = path
+            for key, value in items:
+                if out is root:
+                    where = "$"
+                elif type(out) is dict:
+                    key, where = _mapping_key(out, key, path)
+                else:
+                    where = f"{path}[{key}]"
+                normalized = _normalize_value(value, depth, where)
+                if type(normalized) is _Open:
+                    out[key] = normalized.out
+                    stack.append(normalized)
+                    break  # its items first; this container's next item after them
+                out[key] = normalized
+                where = path
+            else:
+                stack.pop()
     except EncodingError:
         raise
     except _Refused as refused:
-        raise EncodingError(f"{refused} (at {path})") from None
+        raise EncodingError(f"{refused} (at {where})") from None
     except Exception as error:  # the element's own code raised: report it, do not fail the bundle
-        raise EncodingError(_raised(error, path)) from None
+        raise EncodingError(_raised(error, where)) from None
+    return root[0]
 
 
 def _normalize_value(obj: Any, depth: int, path: str) -> Any:
+    """``obj`` as orjson serializes it, or an :class:`_Open` container whose items are still to normalize.
+
+    ``depth`` is the number of containers holding ``obj``.
+    """
     kind = type(obj)
     if obj is None or kind is bool or kind is float:
         return obj
@@ -550,14 +638,65 @@ def _normalize_value(obj: Any, depth: int, path: str) -> Any:
         return obj
     if kind is datetime.time:
         return obj.isoformat() if obj.tzinfo is not None else obj
-    depth += 1
-    if depth > MAX_NESTING_DEPTH:
-        raise EncodingError(f"nesting deeper than {MAX_NESTING_DEPTH} levels (at {path})")
     if isinstance(obj, Mapping):
-        return _normalize_mapping(obj, depth, path)
+        # Read as the fast path reads them: a dict's own items (orjson calls no method
+        # of a dict subclass), another mapping through dict() (keys() and __getitem__).
+        items = dict.items(obj) if isinstance(obj, dict) else dict(obj).items()
+        return _Open({}, iter(items), _deeper(depth, path), path)
     if kind is list or kind is tuple:
-        return [_normalize(v, depth, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return _open_items(obj, depth, path)
     return _normalize_other(obj, depth, path)
+
+
+def _normalize_other(obj: Any, depth: int, path: str) -> Any:
+    """Subclasses of the plain types, containers by their rule, and the types of _default."""
+    kind = type(obj)
+    if isinstance(obj, enum.Enum):
+        pass  # by its value, below (a StrEnum or an IntEnum is also a str or an int)
+    elif isinstance(obj, str):  # np.str_ and other str subclasses
+        return _normalize_str(str.__str__(obj), path)
+    elif isinstance(obj, float):  # np.float64 and other float subclasses
+        return float(obj)
+    elif isinstance(obj, int):
+        return _normalize_int(int(obj), path)
+    elif isinstance(obj, list) or (isinstance(obj, tuple) and not hasattr(kind, "_asdict")):
+        return _open_items(list(obj), depth, path)
+    elif isinstance(obj, set | frozenset):
+        return _open_items(_set_to_list(obj), depth, path)
+    if _orjson_knows(obj):
+        return obj  # UUID, an Enum of a plain value, and the like
+    converted = _default(obj)
+    if converted is None or isinstance(converted, orjson.Fragment | str | float):
+        return converted
+    if type(converted) is kind:
+        raise _Refused(f"Type is not JSON serializable: {_type_name(obj)}")
+    # The converted value takes the place of obj: same depth, same path. One call
+    # deeper per conversion, never per level: a converted container is only opened here.
+    return _normalize_value(converted, depth, path)
+
+
+def _open_items(items: list | tuple, depth: int, path: str) -> _Open:
+    return _Open([None] * len(items), enumerate(items), _deeper(depth, path), path)
+
+
+def _deeper(depth: int, path: str) -> int:
+    """The depth of a container's items; refuses one container too many."""
+    if depth >= MAX_NESTING_DEPTH:
+        raise EncodingError(f"nesting deeper than {MAX_NESTING_DEPTH} levels (at {path})")
+    return depth + 1
+
+
+def _mapping_key(out: dict, key: Any, path: str) -> tuple[str, str]:
+    """A mapping's key as a plain ``str``, and its value's path; refuses a key JSON cannot hold."""
+    if not isinstance(key, str):
+        raise EncodingError(f"dict key {_short_repr(key)} is {_type_name(key)}, not str (at {path})")
+    if type(key) is not str:
+        key = str.__str__(key)  # a plain str, also for str subclasses and str enums
+    if key in out:
+        # Two keys that are distinct objects with one text (str subclasses with
+        # their own __eq__): one value would silently replace the other.
+        raise EncodingError(f"two dict keys have the text {_short_repr(key)} (at {path})")
+    return key, f"{path}.{_path_key(key)}"
 
 
 def _normalize_int(obj: int, path: str) -> Any:
@@ -576,45 +715,6 @@ def _normalize_str(obj: str, path: str) -> str:
     except UnicodeEncodeError:
         raise EncodingError(f"str is not valid UTF-8 (lone surrogate) (at {path})") from None
     return obj
-
-
-def _normalize_mapping(obj: Mapping, depth: int, path: str) -> dict:
-    out = {}
-    # Read as the fast path reads them: a dict's own items (orjson calls no method
-    # of a dict subclass), another mapping through dict() (keys() and __getitem__).
-    items = dict.items(obj) if isinstance(obj, dict) else dict(obj).items()
-    for key, value in items:
-        if not isinstance(key, str):
-            raise EncodingError(f"dict key {_short_repr(key)} is {_type_name(key)}, not str (at {path})")
-        key = str.__str__(key)  # a plain str, also for str subclasses and str enums
-        out[key] = _normalize(value, depth, f"{path}.{_path_key(key)}")
-    return out
-
-
-def _normalize_other(obj: Any, depth: int, path: str) -> Any:
-    """Subclasses of the plain types, containers by their rule, and the types of _default."""
-    kind = type(obj)
-    if isinstance(obj, enum.Enum):
-        pass  # by its value, below (a StrEnum or an IntEnum is also a str or an int)
-    elif isinstance(obj, str):  # np.str_ and other str subclasses
-        return _normalize_str(str.__str__(obj), path)
-    elif isinstance(obj, float):  # np.float64 and other float subclasses
-        return float(obj)
-    elif isinstance(obj, int):
-        return _normalize_int(int(obj), path)
-    elif isinstance(obj, list) or (isinstance(obj, tuple) and not hasattr(kind, "_asdict")):
-        return [_normalize(v, depth, f"{path}[{i}]") for i, v in enumerate(obj)]
-    elif isinstance(obj, set | frozenset):
-        return [_normalize(v, depth, f"{path}[{i}]") for i, v in enumerate(_set_to_list(obj))]
-    if _orjson_knows(obj):
-        return obj  # UUID, an Enum of a plain value, and the like
-    converted = _default(obj)
-    if converted is None or isinstance(converted, orjson.Fragment | str | float):
-        return converted
-    if type(converted) is kind:
-        raise _Refused(f"Type is not JSON serializable: {_type_name(obj)}")
-    # The converted value takes the place of obj: same depth, same path.
-    return _normalize(converted, depth - 1, path)
 
 
 def _orjson_knows(obj: Any) -> bool:

@@ -8,9 +8,12 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import functools
 import math
 import pathlib
 import pickle
+import sys
+import types
 import typing
 import uuid
 
@@ -142,12 +145,87 @@ def test_dataclass_with_nested_values_and_private_field_left_out():
     )
 
 
-def test_dataclass_through_slow_path_gives_same_fields():
-    # A wide integer forces the slow path; the private field is still left out.
-    purchase = Purchase(sku="A1", price=decimal.Decimal("1"), at=datetime.datetime(2024, 1, 2), where=Point(2**70, 0))
-    assert encode_element(purchase) == (
-        b'{"sku":"A1","price":1,"at":"2024-01-02T00:00:00Z","where":{"x":1180591620717411303424,"y":0}}'
-    )
+@dataclasses.dataclass
+class Order:
+    id: int
+    price: float
+
+    def __post_init__(self):
+        self.note = "set in __post_init__"
+        self._scratch = "private"
+
+    @functools.cached_property
+    def total(self):
+        return self.price * 2
+
+
+@dataclasses.dataclass(slots=True)
+class SlottedOrder:
+    id: int
+    price: float
+    kind: typing.ClassVar[str] = "slotted"
+    scale: dataclasses.InitVar[int] = 1
+    _internal: int = 0
+
+
+@dataclasses.dataclass
+class FromSlottedOrder(SlottedOrder):
+    """No ``__slots__`` of its own: it has a ``__dict__``, which lacks the inherited slot fields."""
+
+    extra: str = "e"
+
+
+@dataclasses.dataclass
+class SlotsAndDict:
+    __slots__ = ("__dict__", "id")
+    id: int
+
+
+def _order_with_total(value: int) -> Order:
+    order = Order(value, 2.5)
+    assert order.total == 5.0
+    return order
+
+
+def _slots_and_dict(value: int) -> SlotsAndDict:
+    record = SlotsAndDict(value)
+    record.later = "in __dict__, not written: the class defines __slots__"
+    return record
+
+
+# Each holds ``value`` where it is written, and what orjson writes for it (the fast path, with a
+# small value), which the slow path (taken for a value wider than 64 bits) must match.
+DATACLASSES = [
+    (lambda value: Purchase(sku="A1", price=decimal.Decimal("1"), at=datetime.datetime(2024, 1, 2),
+                            where=Point(value, 0)),
+     b'{"sku":"A1","price":1,"at":"2024-01-02T00:00:00Z","where":{"x":%d,"y":0}}'),
+    (lambda value: Order(value, 2.5), b'{"id":%d,"price":2.5,"note":"set in __post_init__"}'),
+    (_order_with_total, b'{"id":%d,"price":2.5,"note":"set in __post_init__","total":5.0}'),
+    (lambda value: SlottedOrder(value, 2.5), b'{"id":%d,"price":2.5}'),
+    (lambda value: FromSlottedOrder(1, 2.5, extra=value), b'{"extra":%d}'),
+    (_slots_and_dict, b'{"id":%d}'),
+]
+
+
+@pytest.mark.parametrize("value", [7, 2**70], ids=["fast-path", "slow-path"])
+@pytest.mark.parametrize("make, expected", DATACLASSES, ids=[
+    "fields", "post_init", "cached_property", "slots", "dict_from_slots", "slots_and_dict"])
+def test_dataclass_through_slow_path_gives_same_fields(make, expected, value):
+    # orjson's own rule, on either path: its __dict__ unless the class defines __slots__ (then its
+    # fields), names with "_" left out. An int wider than 64 bits takes the slow path.
+    assert encode_element(make(value)) == expected % value
+    assert encode_element({"r": make(value)}) == b'{"r":' + expected % value + b"}"
+
+
+def test_dataclass_attributes_that_need_the_slow_path_are_written_there():
+    order = Order(2**70, 2.5)
+    order.when = datetime.time(3, 4, tzinfo=UTC)  # orjson refuses a time with tzinfo
+    assert order.total == 5.0
+    assert encode_element(order) == (
+        b'{"id":1180591620717411303424,"price":2.5,"note":"set in __post_init__","when":"03:04:00+00:00",'
+        b'"total":5.0}')
+    slotted = SlottedOrder(2**70, 2.5)
+    assert encode_element(slotted) == b'{"id":1180591620717411303424,"price":2.5}'
 
 
 def test_mapping_that_is_not_a_dict():
@@ -166,6 +244,95 @@ def test_numpy_values():
 def test_nan_and_infinity_become_null():
     element = {"nan": math.nan, "inf": math.inf, "ninf": -math.inf, "dnan": decimal.Decimal("NaN"), "dinf": decimal.Decimal("-Infinity")}
     assert encode_element(element) == b'{"nan":null,"inf":null,"ninf":null,"dnan":null,"dinf":null}'
+
+
+# -- Decimal subclasses and orjson.Fragment: nothing but JSON, on one line ------------
+
+
+class Money(decimal.Decimal):
+    def __str__(self):
+        return f"{decimal.Decimal.__str__(self)} EUR"
+
+
+class Injecting(decimal.Decimal):
+    """Its own text would end the object, start another line and claim to be finite."""
+
+    def __str__(self):
+        return '1}\n{"injected":true'
+
+    def is_finite(self):
+        return True
+
+
+@pytest.mark.parametrize("value, expected", [
+    (Money("9.99"), b"9.99"),
+    (Money("-0.000001"), b"-0.000001"),
+    (Money("1E+2"), b"1E+2"),
+    (Money("NaN"), b"null"),
+    (Money("-Infinity"), b"null"),
+    (Injecting("1.10"), b"1.10"),
+    (Injecting("NaN"), b"null"),
+    (Injecting("sNaN"), b"null"),
+    (Injecting("Infinity"), b"null"),
+])
+def test_a_decimal_subclass_is_written_as_its_exact_number_whatever_its_str(value, expected):
+    assert encode_element({"p": value}) == b'{"p":' + expected + b"}"
+    # The slow path (a wide integer beside it) and a NamedTuple (through the converters) alike.
+    assert encode_element({"p": value, "big": 2**70}) == b'{"p":' + expected + b',"big":1180591620717411303424}'
+    assert encode_element(Point(value, 1)) == b'{"x":' + expected + b',"y":1}'
+
+
+def test_a_fragment_is_written_as_it_is():
+    # Not parsed per element: the caller vouches for JSON (the server quarantines a row that is not).
+    assert encode_element({"f": orjson.Fragment(b'{"a":[1,2]}')}) == b'{"f":{"a":[1,2]}}'
+    assert encode_element({"f": orjson.Fragment(b'"\xff"')}) == b'{"f":"\xff"}'
+
+
+_RAW_NEWLINE = "an orjson.Fragment holds a raw newline: the line would be two NDJSON rows"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: {"f": orjson.Fragment(b'{"a":\n1}')},
+    lambda: {"f": orjson.Fragment("1\n")},
+    lambda: {"f": orjson.Fragment(b"1\n"), "big": 2**70},  # the slow path
+    lambda: {"n": [Point(orjson.Fragment(b"\n1"), 1)]},
+    lambda: Order(orjson.Fragment(b"1\n"), 2.5),
+    lambda: Row(f=orjson.Fragment(b"1\r\n")),
+], ids=["dict", "str-fragment", "slow-path", "named-tuple", "dataclass", "row"])
+def test_a_fragment_holding_a_raw_newline_is_refused_on_every_path(make):
+    with pytest.raises(EncodingError) as info:
+        encode_element(make())
+    assert info.value.reason == _RAW_NEWLINE
+
+
+# -- str subclass keys -----------------------------------------------------------------
+
+
+class Symbol(str):
+    """A str compared by identity (as some symbol and tag classes are): two can have one text."""
+
+    def __hash__(self):
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: {"amount": 10, Symbol("amount"): 99}, "two dict keys have the text 'amount' (at $)"),
+    (lambda: {Symbol("amount"): 99, "amount": 10}, "two dict keys have the text 'amount' (at $)"),
+    (lambda: {"a": [{Symbol("k"): 1, Symbol("k"): 2}]}, "two dict keys have the text 'k' (at $.a[0])"),
+    (lambda: types.MappingProxyType({Symbol("k"): 1, Symbol("k"): 2}), "two dict keys have the text 'k' (at $)"),
+])
+def test_keys_with_one_text_are_refused_rather_than_one_value_dropped(make, reason):
+    element = make()
+    with pytest.raises(EncodingError) as info:
+        encode_element(element)
+    assert info.value.reason == reason
+
+
+def test_str_subclass_keys_with_their_own_texts_are_written():
+    assert encode_element({Symbol("a"): 1, Symbol("b"): 2, "c": 3}) == b'{"a":1,"b":2,"c":3}'
 
 
 # -- str / bytes holding JSON -------------------------------------------------
@@ -278,6 +445,70 @@ def test_nesting_limit():
     with pytest.raises(EncodingError) as info:
         encode_element({"x": nested_lists(MAX_NESTING_DEPTH)})
     assert info.value.reason.startswith("nesting deeper than 254 levels (at $.x[0][0]")
+
+
+@dataclasses.dataclass
+class Level:
+    n: object
+
+
+class Wrapped(typing.NamedTuple):
+    n: object
+
+
+_LEVELS = {
+    "dict": lambda v: {"n": v},
+    "mapping": lambda v: types.MappingProxyType({"n": v}),
+    "list": lambda v: [v],
+    "tuple": lambda v: (v,),
+    "frozenset": lambda v: frozenset([v]),
+    "named_tuple": Wrapped,
+    "row": lambda v: Row(n=v),
+    "dataclass": Level,
+}
+
+
+def _nested_in(kind: str, levels: int, leaf: object) -> dict:
+    """An element of ``levels`` levels: a dict holding ``levels - 1`` containers of ``kind``, then ``leaf``."""
+    value = leaf
+    for _ in range(levels - 1):
+        value = _LEVELS[kind](value)
+    return {"x": value}
+
+
+def _json_levels(value: object) -> int:
+    levels = 0
+    while isinstance(value, dict | list):
+        levels += 1
+        value = next(iter(value.values())) if isinstance(value, dict) else value[0]
+    return levels
+
+
+def _near_the_recursion_limit(call, spare_frames: int = 40):
+    """``call()`` with only ``spare_frames`` frames left before Python's recursion limit."""
+    depth, frame = 0, sys._getframe()
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+
+    def down(n: int):
+        return call() if n == 0 else down(n - 1)
+
+    return down(sys.getrecursionlimit() - depth - spare_frames)
+
+
+@pytest.mark.parametrize("leaf", [1, 2**70], ids=["fast-path", "slow-path"])
+@pytest.mark.parametrize("kind", sorted(_LEVELS))
+def test_the_documented_depth_holds_for_every_container_kind_on_both_paths(kind, leaf):
+    # The slow path walks with a stack of its own: deep in the caller's stack it still reaches the limit.
+    line = _near_the_recursion_limit(lambda: encode_element(_nested_in(kind, MAX_NESTING_DEPTH, leaf)))
+    assert _json_levels(orjson.loads(line)) == MAX_NESTING_DEPTH
+    closing = b"]" if kind in ("list", "tuple", "frozenset") else b"}"
+    assert line.endswith(b"%d" % leaf + closing * (MAX_NESTING_DEPTH - 1) + b"}")
+    if kind == "tuple" and leaf == 1:
+        return  # orjson counts no level for a tuple in a tuple (see MAX_NESTING_DEPTH)
+    with pytest.raises(EncodingError) as info:
+        _near_the_recursion_limit(lambda: encode_element(_nested_in(kind, MAX_NESTING_DEPTH + 1, leaf)))
+    assert info.value.reason.startswith(f"nesting deeper than {MAX_NESTING_DEPTH} levels"), info.value.reason
 
 
 def test_cycle_is_reported_as_nesting():
@@ -638,7 +869,8 @@ _EXCEPTIONS = [
     AttributeError, StopIteration, decimal.InvalidOperation, Unprintable, IndexError, UnicodeError, LookupError,
 ]
 _ODD_VALUES = [10**5000, decimal.Decimal("NaN"), frozenset({decimal.Decimal("NaN")}), pd.NaT, pd.NA,
-               np.datetime64("NaT"), np.datetime64("99999-01-01", "D"), b"\xff", "\ud800", 2**70]
+               np.datetime64("NaT"), np.datetime64("99999-01-01", "D"), b"\xff", "\ud800", 2**70,
+               Money("2.5"), Injecting("1"), orjson.Fragment(b'{"a":\n1}'), {"k": 1, Symbol("k"): 2}]
 _message = st.sampled_from([0, 1, 30, 5_000]).map(lambda n: "m" * n)
 _raising = st.builds(
     lambda where, kind, text: RaisingMapping({"id": 1}, where, kind, text),
