@@ -322,7 +322,7 @@ class EventsApiClient:
         batch = _Batch(started=self._clock(), limiter=self.limiter(datasource), datasource=datasource,
                        url=self._settings.events_url_for(datasource))
         # A stack of parts, so that the halves of a split go in payload order.
-        parts = [_Part(payload=payload, rows=rows, prior_attempts=0, first_attempt_at=None)]
+        parts = [_Part(payload=payload, rows=rows, prior_attempts=0, first_attempt_at=None, first_row=0)]
         while parts:
             parts.extend(reversed(self._send_part(parts.pop(), batch)))
         return SendReport(
@@ -491,8 +491,10 @@ class EventsApiClient:
             batch.datasource, part.rows, len(part.payload), first_rows, part.rows - first_rows,
         )
         return [
-            _Part(payload=payload, rows=rows, prior_attempts=state.attempts, first_attempt_at=state.first_attempt_at)
-            for payload, rows in ((first, first_rows), (second, part.rows - first_rows))
+            _Part(payload=payload, rows=rows, prior_attempts=state.attempts, first_attempt_at=state.first_attempt_at,
+                  first_row=first_row)
+            for payload, rows, first_row in (
+                (first, first_rows, part.first_row), (second, part.rows - first_rows, part.first_row + first_rows))
         ]
 
     def _fail(self, state: _PartState, batch: _Batch, decision: GiveUp) -> None:
@@ -503,6 +505,7 @@ class EventsApiClient:
             payload=part.payload, rows=part.rows, kind=decision.kind, status=state.last_status, message=message,
             attempts=state.attempts, first_attempt_at=now if state.first_attempt_at is None else state.first_attempt_at,
             last_attempt_at=now if state.last_attempt_at is None else state.last_attempt_at,
+            first_row=part.first_row,
         ))
         _LOG.info(
             "Tinybird %s: %d rows (%d bytes) dead-lettered as %s after %d attempts: %s",
@@ -530,12 +533,13 @@ class EventsApiClient:
 
 @dataclasses.dataclass(frozen=True)
 class _Part:
-    """Lines to send, and what the larger parts they were split from already used."""
+    """Lines to send, where they start in the payload, and what the larger parts they were split from used."""
 
     payload: bytes
     rows: int
     prior_attempts: int
     first_attempt_at: float | None
+    first_row: int
 
 
 @dataclasses.dataclass

@@ -214,9 +214,8 @@ class _PostDoFn(beam.DoFn):
         """One dead letter per line of ``failed``, each at its own element's timestamp."""
         first, last = iso_utc(failed.first_attempt_at), iso_utc(failed.last_attempt_at)
         kind = failed.kind.value
-        # A failed part is a run of whole lines of the batch: find where it starts to find its timestamps.
-        offset = batch.payload.find(failed.payload) if len(failed.payload) != len(batch.payload) else 0
-        first_row = batch.payload.count(b"\n", 0, offset)
+        # A failed part is a run of whole lines of the batch, starting at its first_row.
+        first_row = failed.first_row
         stamps = timestamps_of(batch.timestamps)
         for i, line in enumerate(failed.payload.split(b"\n")[:-1]):
             letter = DeadLetter(

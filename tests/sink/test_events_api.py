@@ -426,8 +426,22 @@ def test_413_on_a_single_row_dead_letters_only_that_row(small_server, datasource
         "HTTP 413: a single row of 1499 bytes (1500 on the wire) is larger than the server accepts: "
         "the body is larger than the limit of 1000 bytes"
     )
+    assert failed.first_row == 3  # where its line is in the payload sent
     assert report.delivered_rows + report.failed_rows == 7
     assert small_server.query(f"SELECT i FROM {datasource} ORDER BY i") == [{"i": i} for i in (0, 1, 2, 4, 5, 6)]
+
+
+def test_failed_parts_say_where_they_start_even_when_their_lines_repeat(small_server, datasource):
+    big = line_of(1500, 3)
+    payload = big + line_of(100, 0) + line_of(100, 1) + line_of(100, 2) + big  # the same big row twice
+    with make_client(small_server.url, datasource, compression=None) as client:
+        report = client.send(payload, 5)
+    # 3300 -> [1700 | 1600]; 1700 -> [big | 200]; 1600 -> [100 | big]: each big row fails alone.
+    assert [(f.payload, f.rows, f.kind, f.first_row) for f in report.failed] == [
+        (big, 1, DeadLetterKind.PAYLOAD_TOO_LARGE, 0),
+        (big, 1, DeadLetterKind.PAYLOAD_TOO_LARGE, 4),
+    ]
+    assert report.delivered_rows == 3
 
 
 def test_413_halves_keep_their_own_retries(small_server, datasource, fake_time):

@@ -34,7 +34,7 @@ from apache_beam.utils.timestamp import Timestamp
 from sink_testlib import ScriptedServer, decoded_body
 
 from sinks.tinybird import DeliveryError, RetryPolicy, WriteToTinybird
-from sinks.tinybird._batching import BatchLimits, _BundleBuffers
+from sinks.tinybird._batching import Batch, BatchLimits, _BundleBuffers
 
 TOKEN = "p.test-token-21"
 
@@ -359,6 +359,42 @@ def test_bounded_dead_letters_are_each_in_their_elements_window_with_its_timesta
         assert_that(_letters_by_window(result.dead_letters), equal_to_per_window(expected),
                     use_global_window=False)
         p.run().wait_until_finish()
+
+
+def test_a_dead_letter_has_its_own_rows_timestamp_when_its_line_repeats_in_the_batch(tmp_path):
+    """The same row twice (t=10 and t=30), each too large for the server alone: the 413 splits the
+    batch down to each, and each dead letter is at its own row's timestamp, not the first copy's."""
+    from tinybird_emulator import LocalServer
+
+    big = {"id": 7, "pad": "x" * 1500}
+    rows = [TimestampedValue(big, 10), TimestampedValue({"id": 1}, 20), TimestampedValue(dict(big), 30),
+            TimestampedValue({"id": 2}, 40)]
+    with LocalServer(data_dir=tmp_path, token=TOKEN, rate_limit_rps=None, max_body_bytes=1000) as server:
+        p = beam.Pipeline(runner=FnApiRunner())
+        result = p | beam.Create(rows, reshuffle=False) | _sink(server.url, num_shards=1)
+        assert_that(_letters_by_window(result.dead_letters),
+                    equal_to([(7, "payload_too_large", 10.0), (7, "payload_too_large", 30.0)]))
+        p.run().wait_until_finish()
+        server.flush()
+        assert server.query("SELECT id FROM events ORDER BY id") == [{"id": 1}, {"id": 2}]
+
+
+def test_each_line_of_a_failed_part_gets_the_timestamp_of_its_row_in_the_batch():
+    import array
+
+    from sinks.tinybird._events_api import Failed
+    from sinks.tinybird._transform import _PostDoFn
+    from sinks.tinybird.dead_letters import DeadLetterKind
+
+    a, b = b'{"id":1}', b'{"id":2}'
+    stamps = array.array("q", [10_000_000, 20_000_000, 30_000_000, 40_000_000]).tobytes()
+    batch = Batch("global", a + b"\n" + b + b"\n" + a + b"\n" + b + b"\n", 4, b"", stamps, "events")
+    # The last two rows failed (a split's second half): the same lines as the first two.
+    failed = Failed(payload=a + b"\n" + b + b"\n", rows=2, kind=DeadLetterKind.RETRIES_EXHAUSTED, status=503,
+                    message="HTTP 503", attempts=6, first_attempt_at=0.0, last_attempt_at=1.0, first_row=2)
+    outputs = list(_PostDoFn._dead_letters(object.__new__(_PostDoFn), failed, batch))
+    assert [(out.value.value[0].line, out.value.timestamp) for out in outputs] == [
+        ('{"id":1}', Timestamp(30)), ('{"id":2}', Timestamp(40))]
 
 
 def _window_of(windowfn, rows, timestamp: Timestamp):

@@ -200,6 +200,10 @@ class Failed:
         attempts: HTTP attempts that carried these rows (split parents included).
         first_attempt_at: Wall-clock time (epoch seconds) of the first of them.
         last_attempt_at: Wall-clock time (epoch seconds) of the last of them.
+        first_row: The index, in the sent payload, of the part's first line
+            (the part is a run of whole lines of it), carried from where the
+            payload was split: searching for the part's bytes would find an
+            earlier copy of a duplicated line.
     """
 
     payload: bytes
@@ -210,6 +214,7 @@ class Failed:
     attempts: int
     first_attempt_at: float
     last_attempt_at: float
+    first_row: int = 0
 
     def __repr__(self) -> str:
         # Never print row data (it can be large or sensitive).
