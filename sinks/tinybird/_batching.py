@@ -52,7 +52,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from sinks.tinybird._encoding import EncodingError, element_repr, encode_element
 from sinks.tinybird._metrics import SinkMetrics
 from sinks.tinybird._routing import Router, Unroutable, raised
-from sinks.tinybird.dead_letters import DeadLetter, DeadLetterKind, iso_utc, window_text
+from sinks.tinybird.dead_letters import DeadLetter, DeadLetterKind, iso_utc, line_text, utf8_text, window_text
 
 DEAD_LETTERS_TAG = "dead_letters"
 FULL_TAG = "full"
@@ -171,12 +171,18 @@ def never_sent(
     *, datasource: str, kind: DeadLetterKind, message: str, window: object,
     line: str | None = None, element: str | None = None,
 ) -> DeadLetter:
-    """A dead letter for an element refused before any request."""
+    """A dead letter for an element refused before any request.
+
+    Its text comes from the element and the user's functions (a key or an
+    exception message in ``message``, a ``repr``, the name a ``datasource``
+    function gave): a lone surrogate in it is escaped here, once, so that no
+    coder, metric or file writer meets it.
+    """
     now = iso_utc(time.time())
     return DeadLetter(
-        line=line, element=element, datasource=datasource, kind=kind.value,
-        status=None, message=message, attempts=0,
-        first_attempt_at=now, last_attempt_at=now, window=window_text(window),
+        line=line, element=None if element is None else utf8_text(element), datasource=utf8_text(datasource),
+        kind=kind.value, status=None, message=utf8_text(message), attempts=0,
+        first_attempt_at=now, last_attempt_at=now, window=utf8_text(window_text(window)),
     )
 
 
@@ -247,14 +253,14 @@ def _unencodable(element, error: EncodingError) -> _Refusal:
 def _oversize(line: bytes, max_bytes: int) -> _Refusal:
     """For a line that does not fit in a batch with its newline."""
     message = f"the encoded row is {len(line) + 1} bytes, over max_batch_bytes={max_bytes}"
-    return _Refusal(DeadLetterKind.OVERSIZE, message, line.decode("utf-8"), None)
+    return _Refusal(DeadLetterKind.OVERSIZE, message, line_text(line), None)
 
 
 def _unroutable(element, unroutable: Unroutable, max_bytes: int) -> _Refusal:
     """For an element without a data source: its line when it has one that fits (a replay can send it)."""
     line = _line_or_refusal(element, max_bytes)
     if isinstance(line, bytes):
-        return _Refusal(DeadLetterKind.UNROUTABLE, unroutable.message, line.decode("utf-8"), None)
+        return _Refusal(DeadLetterKind.UNROUTABLE, unroutable.message, line_text(line), None)
     return _Refusal(DeadLetterKind.UNROUTABLE, unroutable.message, line.line, line.element)
 
 
@@ -502,9 +508,16 @@ class _EncodeAndBatchDoFn(beam.DoFn):
 
     def _dead_letter(self, refusal: _Refusal, window, timestamp: Timestamp,
                      datasource: str) -> beam.pvalue.TaggedOutput:
-        """The dead letter for one window of an element, with that window as bytes and the element's timestamp."""
-        self._metrics.dead_letters(refusal.kind.value, 1, datasource=datasource)
-        letter = never_sent(datasource=datasource, kind=refusal.kind, message=refusal.message,
+        """The dead letter for one window of an element, with that window as bytes and the element's timestamp.
+
+        An unroutable element's ``datasource`` is what the function gave, not a
+        data source: it is counted under none (a counter namespace per invalid
+        name would be unbounded, and a lone surrogate in one fails the bundle).
+        """
+        kind = refusal.kind
+        self._metrics.dead_letters(
+            kind.value, 1, datasource="" if kind is DeadLetterKind.UNROUTABLE else datasource)
+        letter = never_sent(datasource=datasource, kind=kind, message=refusal.message,
                             window=window, line=refusal.line, element=refusal.element)
         windows = (window,) if self._keep_windows else _GLOBAL_WINDOWS
         return beam.pvalue.TaggedOutput(

@@ -11,7 +11,9 @@ JSON; delivered on its status) and
 code, ``timeout``, ``deadline`` or ``connection_error``), ``bytes_raw`` and
 ``bytes_wire`` (per attempt, before and after compression), ``dead_letters``
 and ``dead_letters_<kind>``; per data source, in namespace
-``tinybird/<datasource>``: ``rows_acknowledged`` and ``dead_letters``. Distributions: ``batch_bytes``, ``batch_rows``,
+``tinybird/<datasource>``: ``rows_acknowledged`` and ``dead_letters`` (an
+``unroutable`` element has no data source: it counts in ``dead_letters`` and
+``dead_letters_unroutable`` alone). Distributions: ``batch_bytes``, ``batch_rows``,
 ``request_latency_ms``.
 
 Throttling (time spent waiting because the service said "slow down", on the
@@ -107,6 +109,11 @@ class SinkMetrics:
                 self.inc("responses_2xx_unaccounted")
 
     def dead_letters(self, kind: str, count: int, *, datasource: str = "") -> None:
+        """Dead letters of ``kind``; ``datasource``: a checked data source name, or ``""`` for none.
+
+        A name becomes a counter namespace: never pass one the router did not
+        accept (it may be anything a ``datasource`` function returned).
+        """
         self.inc("dead_letters", count)
         self.inc(f"dead_letters_{kind}", count)
         if datasource:

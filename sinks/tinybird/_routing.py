@@ -15,12 +15,12 @@ import inspect
 import re
 import types
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import orjson
 from apache_beam import Row
 
-from sinks.tinybird._encoding import element_repr
+from sinks.tinybird._encoding import _type_name, element_repr
 
 DATASOURCE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 """A name the Events API accepts in ``?name=``."""
@@ -33,8 +33,10 @@ _MAX_CHECKED_NAMES = 10_000
 
 def datasource_name_problem(name: object) -> str | None:
     """What is wrong with ``name`` as a data source to append to (``"must ..."``), or None."""
-    if not isinstance(name, str):
-        return f"must be a str, got {type(name).__name__} {element_repr(name, 100)}"
+    # type(), not isinstance(): an object's __class__ (a property, which may raise) is not asked.
+    if not issubclass(type(name), str):
+        return f"must be a str, got {_type_name(name)} {element_repr(name, 100)}"
+    name = cast(str, name)
     if not DATASOURCE_NAME.fullmatch(name):
         return f"must match [A-Za-z_][A-Za-z0-9_]{{0,99}}, got {element_repr(name, 120)}"
     if name.endswith("_quarantine"):
@@ -77,15 +79,15 @@ class DatasourceFromField:
         elif isinstance(element, (str, bytes, bytearray, memoryview)):
             obj = orjson.loads(element)
             if not isinstance(obj, dict):
-                raise TypeError(f"the element's JSON is {type(obj).__name__}, not an object")
+                raise TypeError(f"the element's JSON is {_type_name(obj)}, not an object")
             value = obj[self.field]
         elif isinstance(element, Row) or (isinstance(element, tuple) and hasattr(element, "_asdict")) or (
                 dataclasses.is_dataclass(element) and not isinstance(element, type)):
             value = getattr(element, self.field)
         else:
-            raise TypeError(f"cannot read field {self.field!r} of {type(element).__name__}")
+            raise TypeError(f"cannot read field {self.field!r} of {_type_name(element)}")
         if not isinstance(value, str):
-            raise TypeError(f"field {self.field!r} holds {type(value).__name__} {element_repr(value, 100)}, not a str")
+            raise TypeError(f"field {self.field!r} holds {_type_name(value)} {element_repr(value, 100)}, not a str")
         return self.prefix + value
 
 
@@ -130,7 +132,7 @@ class Router:
             routed = self._routes.get(name)
             if routed is not None:
                 return routed
-        elif not isinstance(name, str):
+        elif not issubclass(type(name), str):
             return Unroutable(f"the datasource function's result {datasource_name_problem(name)}", "")
         else:
             name = str.__str__(name)  # a str subclass: its text, as a plain str
@@ -165,11 +167,13 @@ def _cheapest_call(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _describe(error: Exception) -> str:
+    # _type_name: a type that hides its name (a metaclass property that raises) gives a reason too.
     try:
         text = str(error)
     except Exception:
         text = ""
-    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+    name = _type_name(error)
+    return f"{name}: {text[:200]}" if text else name
 
 
 def check_datasource(datasource: object) -> None:
@@ -180,4 +184,4 @@ def check_datasource(datasource: object) -> None:
             raise ValueError(f"datasource {problem}")
     elif not callable(datasource):
         raise TypeError(f"datasource must be a data source name (str) or a callable (element -> str), "
-                        f"got {type(datasource).__name__}")
+                        f"got {_type_name(datasource)}")

@@ -47,6 +47,8 @@ from sinks.tinybird.dead_letters import (
     DeliveryError,
     WriteDeadLetterFiles,
     iso_utc,
+    line_text,
+    utf8_text,
 )
 from sinks.tinybird.retry import RetryPolicy
 
@@ -214,13 +216,15 @@ class _PostDoFn(beam.DoFn):
         """One dead letter per line of ``failed``, each at its own element's timestamp."""
         first, last = iso_utc(failed.first_attempt_at), iso_utc(failed.last_attempt_at)
         kind = failed.kind.value
+        # The server's text cannot hold a lone surrogate (the transport decodes it), an exception's might.
+        message = utf8_text(failed.message)
         # A failed part is a run of whole lines of the batch, starting at its first_row.
         first_row = failed.first_row
         stamps = timestamps_of(batch.timestamps)
         for i, line in enumerate(failed.payload.split(b"\n")[:-1]):
             letter = DeadLetter(
-                line=line.decode("utf-8"), element=None, datasource=batch.datasource,
-                kind=kind, status=failed.status, message=failed.message, attempts=failed.attempts,
+                line=line_text(line), element=None, datasource=batch.datasource,
+                kind=kind, status=failed.status, message=message, attempts=failed.attempts,
                 first_attempt_at=first, last_attempt_at=last, window=batch.window)
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS_TAG, WindowedValue(
                 (letter, batch.window_bytes), Timestamp(micros=stamps[first_row + i]), _GLOBAL_WINDOWS))

@@ -60,6 +60,10 @@ class DeadLetterKind(enum.StrEnum):
 class DeadLetter(NamedTuple):
     """One element that was not delivered.
 
+    Text that cannot be written as UTF-8 is escaped: a lone surrogate in any
+    field as ``\\udcff``, bytes of ``line`` that are not UTF-8 (only an
+    ``orjson.Fragment`` can put them there) as ``\\xff``.
+
     Attributes:
         line: The exact NDJSON line (without the newline) that was or would have
             been sent; replaying it as is re-sends the element. ``None`` when the
@@ -128,9 +132,44 @@ def window_text(window: object) -> str:
     return str(window)
 
 
+def utf8_text(text: str) -> str:
+    """``text`` with every lone surrogate escaped (``"\\udcff"``), so that it can be written as UTF-8.
+
+    Dead letters quote what elements and functions gave (keys, exception
+    messages, a data source function's result), and a lone surrogate there would
+    fail the coder, metrics or file writer that meets it.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def line_text(line: bytes) -> str:
+    """An NDJSON line as a dead letter's ``line``; bytes that are not UTF-8 (only an
+    ``orjson.Fragment`` can put them there) are shown as ``\\x`` escapes."""
+    return line.decode("utf-8", "backslashreplace")
+
+
+def writable(record: DeadLetter) -> DeadLetter:
+    """``record`` with its text fields made writable as UTF-8 (see :func:`utf8_text`)."""
+    fields = record._asdict()
+    for name, value in fields.items():
+        if isinstance(value, str):
+            fields[name] = utf8_text(value)
+    return DeadLetter(**fields)
+
+
 def to_json_line(record: DeadLetter) -> bytes:
     """One dead letter as a JSON line (with its newline)."""
-    return orjson.dumps(record._asdict()) + b"\n"
+    try:
+        return orjson.dumps(record._asdict()) + b"\n"
+    except orjson.JSONEncodeError:
+        # A record not made by the sink, with a lone surrogate in its text.
+        return orjson.dumps(writable(record)._asdict()) + b"\n"
 
 
 def from_dict(fields: Any) -> DeadLetter:
@@ -206,7 +245,9 @@ class _AvroSink(fileio.FileSink):
         self._writer = fastavro.write.Writer(fh, AVRO_SCHEMA, codec="deflate")
 
     def write(self, record: DeadLetter) -> None:
-        self._writer.write(record._asdict())
+        # Made writable first: fastavro fails on a lone surrogate halfway through a record,
+        # with the fields before it already in the file (which no longer reads back).
+        self._writer.write(writable(record)._asdict())
         self._written.inc()
 
     def flush(self) -> None:

@@ -50,6 +50,42 @@ def _not_serializable():
     return {"id": 100_001, "obj": object()}
 
 
+class Money(decimal.Decimal):
+    """A money type whose text is not a JSON number."""
+
+    def __str__(self):
+        return f"{decimal.Decimal.__str__(self)} EUR"
+
+
+class Injecting(decimal.Decimal):
+    """Its text would end the row and start another."""
+
+    def __str__(self):
+        return '1}\n{"injected":true'
+
+
+class Symbol(str):
+    """A str compared by identity: two keys can have one text."""
+
+    def __hash__(self):
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
+
+
+class Wrapped(typing.NamedTuple):
+    n: object
+
+
+def _named_tuples(levels: int) -> object:
+    """``levels`` NamedTuples, one in the other, around a value only the slow path encodes."""
+    value: object = datetime.time(1, 2, tzinfo=datetime.UTC)
+    for _ in range(levels):
+        value = Wrapped(value)
+    return value
+
+
 # name -> (element factory, expected outcome)
 #   ("stored", id, {column: value})      sent, stored with these values
 #   ("quarantined", id as text, error)   sent, put in <datasource>_quarantine by the server
@@ -100,6 +136,27 @@ BAD = {
     "int_beyond_64_bits": (
         lambda: {"id": 100_016, "big": 2**70},
         ("quarantined", "100016", "is not a valid Nullable(Int64)")),
+    "decimal_subclass_with_its_own_str": (
+        lambda: {"id": 100_017, "score": Money("9.99")}, ("stored", 100_017, {"score": 9.99})),
+    "decimal_subclass_whose_str_splits_the_line": (
+        lambda: {"id": 100_018, "score": Injecting("1.25")}, ("stored", 100_018, {"score": 1.25})),
+    "fragment_with_a_raw_newline": (
+        lambda: {"id": 100_019, "s": orjson.Fragment(b'"two"\n')},
+        ("dead", "unencodable", None, "an orjson.Fragment holds a raw newline: the line would be two NDJSON rows")),
+    "fragment_not_utf8_over_max_batch_bytes": (
+        lambda: {"id": 100_020, "pad": orjson.Fragment(b'"\xff' + b"y" * 50_000 + b'"')},
+        ("dead", "oversize", None, "the encoded row is 50024 bytes, over max_batch_bytes=40000")),
+    "str_subclass_keys_with_one_text": (
+        lambda: {"id": 100_021, "score": 1.5, Symbol("score"): 2.5},
+        ("dead", "unencodable", None, "two dict keys have the text 'score' (at $)")),
+    "key_with_a_lone_surrogate": (
+        lambda: {"id": 100_022, "name\udcff": object()},
+        ("dead", "unencodable", None, "Type is not JSON serializable: object (at $.name\\udcff)")),
+    "named_tuples_254_levels_through_the_slow_path": (
+        lambda: {"id": 100_023, "deep": _named_tuples(253)}, ("stored", 100_023, {})),
+    "named_tuples_255_levels": (
+        lambda: {"id": 100_024, "deep": _named_tuples(254)},
+        ("dead", "unencodable", None, "nesting deeper than 254 levels (at $.deep" + ".n" * 253 + ")")),
 }
 _NAMES = sorted(BAD)
 
@@ -169,12 +226,61 @@ def test_bad_elements_are_sent_as_valid_json_or_dead_lettered_and_the_rest_is_de
         else:
             assert letter.line is not None and letter.element is None
     assert "<object object at" in next(d.element for d in letters if "JSON serializable" in d.message)
+    # Text that is not UTF-8 is escaped, never a failed bundle: bytes as \\x, a lone surrogate as \\u.
+    assert next(d.line for d in letters if d.kind == "oversize" and "100020" in d.line).startswith(
+        '{"id":100020,"pad":"\\xffyyy')
+    assert "'name\\udcff': <object object at" in next(d.element for d in letters if "name\\udcff" in d.message)
 
     assert counters["elements_in"] == GOOD + len(BAD)
     assert counters["rows_acknowledged"] == GOOD + len(stored_expected) + len(quarantined_expected)
     assert counters["rows_quarantined"] == len(quarantined_expected)
     assert counters["dead_letters"] == len(dead_expected)
     assert counters["retries_413"] > 0  # batches over the server's limit were split, not lost
+
+
+def _fragments(index: int):
+    if index < FRAGMENT_GOOD:
+        return events(1, start=index)[0]
+    # What a Fragment can hold that the sink does not parse per element: not JSON, not UTF-8.
+    return {"id": 100_000 + index, "kind": "fragment", "pad": orjson.Fragment(
+        [b"9.99 EUR", b'"\xff\xfe"', b'{"a":[1,2]}'][index - FRAGMENT_GOOD])}
+
+
+FRAGMENT_GOOD = 3000
+FRAGMENTS = 3
+
+
+def test_fragments_the_server_cannot_parse_are_quarantined_and_their_batch_delivered(small_server, tmp_path):
+    server, datasource = small_server, "fragments"
+    counters, _ = run(lambda p: (
+        p | beam.Create(list(range(FRAGMENT_GOOD + FRAGMENTS)), reshuffle=False)
+          | "MakeElements" >> beam.Map(_fragments)
+          | sink(server, datasource, wait=True, dead_letter_path=f"{tmp_path}/dlq/")))
+    assert dead_letters_in(tmp_path / "dlq") == []
+    stored = stored_ids(server, datasource)
+    assert sorted(stored) == [*range(FRAGMENT_GOOD), 100_000 + FRAGMENT_GOOD + 2]
+    errors = sorted(e for row in server.query(f"SELECT c__error FROM {datasource}_quarantine")
+                    for e in _listed(row["c__error"]))
+    assert [e.split(":")[0] for e in errors] == ["invalid JSON", "invalid UTF-8"]
+    assert counters["rows_acknowledged"] == FRAGMENT_GOOD + FRAGMENTS and counters["rows_quarantined"] == 2
+
+
+def test_a_refused_batch_holding_bytes_that_are_not_utf8_is_dead_lettered_line_by_line(small_server, tmp_path):
+    server, datasource = small_server, "fragments_refused"
+    dead_dir = tmp_path / "dlq"
+    counters, _ = run(lambda p: (
+        p | beam.Create(list(range(FRAGMENT_GOOD + FRAGMENTS)), reshuffle=False)
+          | "MakeElements" >> beam.Map(_fragments)
+          | sink(server, datasource, token="p.not-the-token", dead_letter_path=f"{dead_dir}/")))
+    letters = dead_letters_in(dead_dir)
+    assert len(letters) == FRAGMENT_GOOD + FRAGMENTS == counters["dead_letters_rejected"]
+    assert {(d.kind, d.status) for d in letters} == {("rejected", 403)}
+    assert sorted(d.line for d in letters if '"fragment"' in d.line) == [
+        '{"id":103000,"kind":"fragment","pad":9.99 EUR}',
+        '{"id":103001,"kind":"fragment","pad":"\\xff\\xfe"}',
+        '{"id":103002,"kind":"fragment","pad":{"a":[1,2]}}',
+    ]
+    assert stored_ids(server, datasource) == {}
 
 
 # -- hostile elements: one element's exception never fails its bundle ------------------
@@ -378,6 +484,7 @@ VALUE_TYPES = {
     "decimal_nan": (lambda: decimal.Decimal("NaN"), 0.5, None),
     "decimal_infinity": (lambda: decimal.Decimal("-Infinity"), 0.5, None),
     "decimal": (lambda: decimal.Decimal("12.50"), 0.5, 12.5),
+    "decimal_subclass": (lambda: Money("12.50"), 0.5, 12.5),
     "enum": (lambda: Color.RED, "text", "red"),
     "bytes": (lambda: b"\x00\xff", "text", "AP8="),
     "bytearray": (lambda: bytearray(b"ok"), "text", "b2s="),

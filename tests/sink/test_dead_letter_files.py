@@ -11,9 +11,10 @@ import fastavro
 import orjson
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
-from apache_beam.testing.util import assert_that
+from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 from shared_testlib import dead_letters_in
 
@@ -21,9 +22,13 @@ from sinks.tinybird.dead_letters import (
     STREAMING_FILE_EVERY_SECS,
     STREAMING_FILE_KEYS,
     DeadLetter,
+    ReadDeadLetters,
     WriteDeadLetterFiles,
     _WritePaneFileDoFn,
+    line_text,
     streaming_file_name,
+    to_json_line,
+    utf8_text,
 )
 
 
@@ -64,6 +69,52 @@ def test_a_pane_that_fails_while_written_leaves_no_file_behind(tmp_path):
     # An empty pane (the last one may be) writes nothing.
     assert list(writer.process((0, []))) == []
     assert os.listdir(tmp_path) == []
+
+
+def _with_surrogates(i: int) -> DeadLetter:
+    """A record as a user's code can make one (the sink's own are escaped when made)."""
+    return _letter(i)._replace(element=f"{{'name\udcff': {i}}}", datasource="ev_\udcff",
+                               message="Type is not JSON serializable: object (at $.name\udcff)")
+
+
+def _escaped(i: int) -> DeadLetter:
+    return _letter(i)._replace(element=f"{{'name\\udcff': {i}}}", datasource="ev_\\udcff",
+                               message="Type is not JSON serializable: object (at $.name\\udcff)")
+
+
+@pytest.mark.parametrize("file_format", ["json", "avro"])
+def test_a_record_holding_a_lone_surrogate_is_written_escaped_with_the_others(tmp_path, file_format):
+    writer = _WritePaneFileDoFn(path=str(tmp_path) + "/", file_format=file_format)
+    writer.setup()
+    records = [_letter(0), _with_surrogates(1), _letter(2)]
+    [result] = list(writer.process((0, records)))
+    with open(result.file_name, "rb") as fh:
+        written = list(fastavro.reader(fh)) if file_format == "avro" else [orjson.loads(line) for line in fh]
+    assert [DeadLetter(**r) for r in written] == [_letter(0), _escaped(1), _letter(2)]
+
+
+@pytest.mark.parametrize("file_format", ["json", "avro"])
+def test_bounded_dead_letter_files_hold_every_record_escaped_and_read_back(tmp_path, file_format):
+    records = [_with_surrogates(i) if i % 2 else _letter(i) for i in range(10)]
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        # Made in the pipeline, next to the writer: a lone surrogate crosses no Beam coder.
+        _ = (p | beam.Create(list(range(10)), reshuffle=False)
+             | beam.Map(lambda i: _with_surrogates(i) if i % 2 else _letter(i)).with_output_types(DeadLetter)
+             | WriteDeadLetterFiles(str(tmp_path / "out") + "/", file_format=file_format))
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        read = p | ReadDeadLetters(str(tmp_path / "out" / "*"))
+        assert_that(read, equal_to([_escaped(i) if i % 2 else _letter(i) for i in range(10)]))
+    assert all("\udcff" in r.datasource for r in records[1::2])  # what went in did hold them
+
+
+def test_text_is_escaped_only_where_it_cannot_be_written_as_utf8():
+    assert utf8_text("caf\u00e9 \U0001f600") == "caf\u00e9 \U0001f600"
+    assert utf8_text("a\udcffb\ud800") == "a\\udcffb\\ud800"
+    assert utf8_text("plain") == "plain"
+    assert line_text(b'{"s":"caf\xc3\xa9"}') == '{"s":"caf\u00e9"}'
+    assert line_text(b'{"s":"\xff"}') == '{"s":"\\xff"}'
+    assert orjson.loads(to_json_line(_with_surrogates(1))) == _escaped(1)._asdict()
+    assert to_json_line(_letter(1)) == orjson.dumps(_letter(1)._asdict()) + b"\n"
 
 
 def _streaming() -> PipelineOptions:

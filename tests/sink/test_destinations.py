@@ -135,6 +135,82 @@ def test_a_request_never_mixes_data_sources_and_dead_letters_name_theirs(server,
     assert per_source[(f"{datasource}_click", "rows_acknowledged")] == 1000
 
 
+_FILLERS = 3000
+_INVALID_NAMES = 50
+
+
+def _hostile_for_routing(i: int) -> dict:
+    """Made next to the sink: a lone surrogate crosses no Beam coder, and Beam samples the first
+    elements of a step (by encoding them) to estimate sizes, hence the fillers first."""
+    if i < _FILLERS:
+        return {"id": i, "type": "click"}
+    i -= _FILLERS
+    if i < _INVALID_NAMES:
+        return {"id": _FILLERS + i, "type": f"bad-{i}"}  # each a name of its own, none valid
+    return [
+        {"id": 10_000, "type": "a\udcffb"},  # a name holding a lone surrogate
+        {"id": 10_001, "type": "click", "name\udcff": object()},  # routed; its reason quotes the key
+        {"id": 10_002, "type": "raise"},  # the function raises, its message holds a lone surrogate
+        {"id": 10_003, "type": "opaque"},  # the function returns an object whose type hides its name
+    ][i - _INVALID_NAMES]
+
+
+def _route_hostile(prefix: str):
+    def route(element):
+        if element["type"] == "raise":
+            raise LookupError(f"no route for \udcff{element['id']}")
+        if element["type"] == "opaque":
+            return _Opaque()
+        return f"{prefix}_{element['type']}"
+    return route
+
+
+@pytest.mark.parametrize("dead_letter_format", ["json", "avro"])
+def test_names_no_data_source_can_have_are_dead_lettered_counted_under_none_and_written(
+        server, datasource, tmp_path, dead_letter_format):
+    """Surrogates in a name, a key or an exception message, invalid names by the dozen, a type that
+    hides its name: each element is stored or dead-lettered with its reason (escaped), the files are
+    written, no counter namespace is made for a name that is not a data source, the pipeline succeeds."""
+    dead_dir = tmp_path / "dlq"
+    count = _FILLERS + _INVALID_NAMES + 4
+    totals, per_source = _run(lambda p: (
+        p | beam.Create(list(range(count)), reshuffle=False)
+        | beam.Map(_hostile_for_routing)
+        | _sink(server, _route_hostile(datasource), dead_letter_path=str(dead_dir) + "/",
+                dead_letter_format=dead_letter_format)))
+
+    click = f"{datasource}_click"
+    assert [r["id"] for r in _rows(server, click)] == list(range(_FILLERS))
+    letters = dead_letters_in(dead_dir)
+    assert len(letters) == count - _FILLERS
+    invalid = sorted((letter for letter in letters if letter.datasource.startswith(f"{datasource}_bad-")),
+                     key=lambda letter: int(letter.datasource.rsplit("-", 1)[1]))
+    assert [(letter.datasource, letter.kind, letter.line) for letter in invalid] == [
+        (f"{datasource}_bad-{i}", "unroutable", f'{{"id":{_FILLERS + i},"type":"bad-{i}"}}')
+        for i in range(_INVALID_NAMES)]
+    rest = sorted(((letter.datasource, letter.kind, letter.message, letter.line) for letter in letters
+                   if letter not in invalid), key=lambda fields: fields[2])
+    assert rest == sorted([
+        (f"{datasource}_a\\udcffb", "unroutable", "the datasource function's result must match "
+         f"[A-Za-z_][A-Za-z0-9_]{{0,99}}, got '{datasource}_a\\udcffb'", None),
+        (click, "unencodable", "Type is not JSON serializable: object (at $.name\\udcff)", None),
+        ("", "unroutable", "the datasource function raised LookupError: no route for \\udcff10002",
+         '{"id":10002,"type":"raise"}'),
+        ("", "unroutable", "the datasource function's result must be a str, got test_destinations._Opaque "
+         "<unrepresentable test_destinations._Opaque>", '{"id":10003,"type":"opaque"}'),
+    ], key=lambda fields: fields[2])
+    assert next(letter.element for letter in letters if letter.kind == "unencodable").startswith(
+        "{'id': 10001, 'name\\udcff': <object object at")
+
+    assert totals["elements_in"] == count
+    assert totals["rows_acknowledged"] == _FILLERS
+    assert totals["dead_letters"] == count - _FILLERS
+    assert totals["dead_letters_unroutable"] == count - _FILLERS - 1
+    assert totals["dead_letters_unencodable"] == 1
+    # Per data source: only the one data source there is (an unroutable element counts under none).
+    assert per_source == {(click, "rows_acknowledged"): _FILLERS, (click, "dead_letters"): 1}
+
+
 def test_streaming_routes_each_element_with_state_per_data_source(server, datasource):
     """Unbounded input (TestStream): late and on-time rows of three types, each data source exactly its rows."""
     stream = TestStream().advance_watermark_to(0)
@@ -193,7 +269,7 @@ def test_datasource_from_field_reads_every_element_form_the_sink_encodes(element
     ({"id": 1}, "the datasource function raised KeyError: 'type'"),
     ({"type": 7}, "the datasource function raised TypeError: field 'type' holds int 7, not a str"),
     ('[1, 2]', "the datasource function raised TypeError: the element's JSON is list, not an object"),
-    ("not json", "the datasource function raised JSONDecodeError: "),
+    ("not json", "the datasource function raised orjson.JSONDecodeError: "),
     (42, "the datasource function raised TypeError: cannot read field 'type' of int"),
     ({"type": "bad name"}, "the datasource function's result must match [A-Za-z_][A-Za-z0-9_]{0,99}, "
                            "got 'ev_bad name'"),
@@ -216,12 +292,49 @@ class _Unprintable(Exception):
         raise RuntimeError("no text")
 
 
+class _HidesItsName(type):
+    @property
+    def __name__(cls):
+        raise RuntimeError("no name")
+
+
+class _Opaque(metaclass=_HidesItsName):
+    pass
+
+
+class _OpaqueError(Exception, metaclass=type("_HidesItsErrorName", (type,), {"__name__": property(lambda c: 1 / 0)})):
+    pass
+
+
+class _ClassRaises:
+    @property
+    def __class__(self):
+        raise RuntimeError("no class today")
+
+    def __repr__(self):
+        return "<class raises>"
+
+
+def _raise(error: Exception):
+    raise error
+
+
 @pytest.mark.parametrize(("function", "expected"), [
     (lambda e: 42, Unroutable("the datasource function's result must be a str, got int 42", "")),
     (lambda e: None, Unroutable("the datasource function's result must be a str, got NoneType None", "")),
     (lambda e: b"events", Unroutable("the datasource function's result must be a str, got bytes b'events'", "")),
     (lambda e: 1 / 0, Unroutable("the datasource function raised ZeroDivisionError: division by zero", "")),
-    (lambda e: (_ for _ in ()).throw(_Unprintable()), Unroutable("the datasource function raised _Unprintable", "")),
+    (lambda e: (_ for _ in ()).throw(_Unprintable()), Unroutable("the datasource function raised test_destinations._Unprintable", "")),
+    # Types that hide their names, and an object whose __class__ raises: a reason, never an exception.
+    (lambda e: _Opaque(), Unroutable("the datasource function's result must be a str, got test_destinations._Opaque "
+                                     "<unrepresentable test_destinations._Opaque>", "")),
+    (lambda e: _raise(_OpaqueError("x")), Unroutable("the datasource function raised test_destinations._OpaqueError: x",
+                                                     "")),
+    (lambda e: _ClassRaises(), Unroutable("the datasource function's result must be a str, got "
+                                          "test_destinations._ClassRaises <class raises>", "")),
+    # A lone surrogate is quoted escaped (repr); the name itself is kept (the dead letter escapes it).
+    (lambda e: "ev_a\udcffb", Unroutable("the datasource function's result must match [A-Za-z_][A-Za-z0-9_]{0,99}, "
+                                        "got 'ev_a\\udcffb'", "ev_a\udcffb")),
     (lambda e: "events", "events"),
     # A str subclass (an enum's value, a library's name type) is its text.
     (lambda e: _Name("events"), "events"),
@@ -324,6 +437,12 @@ def _nasty_route(element):
         return ["ev_a"]  # unhashable
     if to == "subclass":
         return _Name("ev_a")  # a str subclass: its text, "ev_a"
+    if to == "opaque":
+        return _Opaque()  # its type hides its name
+    if to == "opaque_raise":
+        raise _OpaqueError(f"no route for {element['id']}")
+    if to == "surrogate":
+        return "ev_\udcff"
     return to
 
 
@@ -372,7 +491,8 @@ def test_the_global_window_loop_routes_every_answer_as_the_general_one_does(seed
     from sinks.tinybird._batching import BatchLimits, _EncodeAndBatchDoFn, _EncodeAndBatchGlobalRoutedDoFn
 
     rng = random.Random(seed)
-    answers = ["ev_a", "ev_b", "ev_c", "bad name", "x_quarantine", "raise", "int", "list", "subclass"]
+    answers = ["ev_a", "ev_b", "ev_c", "bad name", "x_quarantine", "raise", "int", "list", "subclass", "opaque",
+               "opaque_raise", "surrogate"]
     elements = [{"id": i, "to": rng.choice(answers)} for i in range(2000)]
     limits = BatchLimits(max_batch_bytes=rng.choice((200, 5000)), max_batch_rows=rng.choice((4, 1000)),
                          max_buffering_secs=5, num_shards=2, max_windows_per_bundle=rng.choice((1, 2, 20)))
@@ -388,9 +508,9 @@ def test_the_global_window_loop_routes_every_answer_as_the_general_one_does(seed
         ("x_quarantine", "unroutable", "the datasource function's result must not name a quarantine data source "
                                        "(the server fills it"),
         ("", "unroutable", "the datasource function's result must be a str"),
-        ("", "unroutable", "the datasource function raised LookupError: no route for 0"),
-    } | {("", "unroutable", f"the datasource function raised LookupError: no route for {e['id']}")
-         for e in elements}
+        ("ev_\\udcff", "unroutable", "the datasource function's result must match [A-Za-z_][A-Za-z0-9_]{0"),
+    } | {("", "unroutable", f"the datasource function raised {error}: no route for {e['id']}")
+         for e in elements for error in ("LookupError", "test_destinations._OpaqueError")}
 
 
 @pytest.mark.parametrize("seed", range(6))
