@@ -17,6 +17,7 @@ from pipelines._dead_letter_ratio import dead_letter_ratio, ratio_failure
 from pipelines._endpoint import Endpoint
 from pipelines._options import SinkConfig
 from pipelines._progress import METRICS_NAMESPACE, ROWS_READ
+from sinks.tinybird._metrics import LINELESS_DEAD_LETTERS
 
 _LOG = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class RunSummary:
         dead_letter_files: Dead-letter files found under the dead-letter path after the run.
         failure: Why the run counts as failed (too many dead letters), or None.
         by_datasource: The figures of each data source rows were meant for, by name.
+        lineless_dead_letters: Of ``dead_letters``, those holding no line (never
+            encodable, or a replay's unreplayable records): nothing to resend.
     """
 
     rows_read: int
@@ -70,6 +73,7 @@ class RunSummary:
     dead_letter_files: tuple[str, ...] = ()
     failure: str | None = None
     by_datasource: Mapping[str, DatasourceFigures] = dataclasses.field(default_factory=dict)
+    lineless_dead_letters: int = 0
 
     @property
     def rows_stored(self) -> int:
@@ -150,6 +154,7 @@ def summarise(result: PipelineResult, *, elapsed_secs: float,
         elapsed_secs=elapsed_secs,
         dead_letter_files=tuple(dead_letter_files),
         by_datasource=datasource_figures(result),
+        lineless_dead_letters=sink.get(LINELESS_DEAD_LETTERS, 0) + by_kind.get(UNREPLAYABLE_KIND, 0),
     )
 
 
@@ -263,9 +268,7 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
         lines.append("  dead letters were not written to files: pass --dead_letter_path")
     if endpoint.server is not None and endpoint.data_dir is not None:
         lines += _embedded_server_lines(summary, endpoint, datasources, routed=config.routed)
-    # Unencodable and unreplayable dead letters have no line to resend.
-    replayable = summary.dead_letters - sum(
-        summary.dead_letters_by_kind.get(kind, 0) for kind in ("unencodable", "unreplayable"))
+    replayable = summary.dead_letters - summary.lineless_dead_letters
     if replay_hint and dead_letter_path and replayable > 0:
         # This run's files only: the folder may hold earlier runs' too, already replayed.
         source = display_path(dead_letter_path).rstrip("/")

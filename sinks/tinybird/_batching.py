@@ -517,6 +517,8 @@ class _EncodeAndBatchDoFn(beam.DoFn):
         kind = refusal.kind
         self._metrics.dead_letters(
             kind.value, 1, datasource="" if kind is DeadLetterKind.UNROUTABLE else datasource)
+        if refusal.line is None:
+            self._metrics.without_line()
         letter = never_sent(datasource=datasource, kind=kind, message=refusal.message,
                             window=window, line=refusal.line, element=refusal.element)
         windows = (window,) if self._keep_windows else _GLOBAL_WINDOWS

@@ -10,7 +10,7 @@ JSON; delivered on its status) and
 ``rows_unaccounted``), ``retries`` and ``retries_<cause>`` (cause is the status
 code, ``timeout``, ``deadline`` or ``connection_error``), ``bytes_raw`` and
 ``bytes_wire`` (per attempt, before and after compression), ``dead_letters``
-and ``dead_letters_<kind>``; per data source, in namespace
+and ``dead_letters_<kind>``, ``lineless_dead_letters``; per data source, in namespace
 ``tinybird/<datasource>``: ``rows_acknowledged`` and ``dead_letters`` (an
 ``unroutable`` element has no data source: it counts in ``dead_letters`` and
 ``dead_letters_unroutable`` alone). Distributions: ``batch_bytes``, ``batch_rows``,
@@ -43,6 +43,8 @@ NAMESPACE = "tinybird"
 THROTTLING_NAMESPACE = "beam-throttling-metrics"
 THROTTLING_MSECS = "throttling-msecs"
 THROTTLING_SECONDS = "cumulativeThrottlingSeconds"
+LINELESS_DEAD_LETTERS = "lineless_dead_letters"
+"""Counter: dead letters that hold no line (the element could not be encoded), which a replay cannot resend."""
 # Counter handles kept per (data source, name); past this many, dropped and made again.
 _MAX_DATASOURCE_COUNTERS = 2_000
 
@@ -118,6 +120,10 @@ class SinkMetrics:
         self.inc(f"dead_letters_{kind}", count)
         if datasource:
             self._of(datasource, "dead_letters").inc(count)
+
+    def without_line(self) -> None:
+        """A dead letter that holds no line (the element could not be encoded): nothing to replay."""
+        self.inc(LINELESS_DEAD_LETTERS)
 
     def acknowledged(self, datasource: str, rows: int) -> None:
         """Rows a data source acknowledged (the total is counted from the report)."""

@@ -325,3 +325,30 @@ def test_following_each_runs_replay_hint_resends_that_runs_dead_letters_only(ser
     server.flush()
     stored = [r["id"] for r in server.query(f"SELECT id FROM {datasource} ORDER BY id")]
     assert stored == [*range(0, 10), *range(100, 110)]  # each once: the first run's were not resent again
+
+
+def test_the_replay_command_is_printed_only_when_a_dead_letter_has_a_line_to_resend(server, datasource, tmp_path,
+                                                                                   monkeypatch):
+    """Counted by the sink (lineless_dead_letters), not guessed from kinds: an unroutable row has a line
+    when it could be encoded, and none when it could not."""
+    monkeypatch.chdir(tmp_path)
+    good = [json.dumps({"id": i, "type": "a"}) for i in range(5)]
+
+    def routed_run(lines):
+        source = tmp_path / "in.ndjson"
+        source.write_text("\n".join(lines) + "\n")
+        return run_quietly(files_to_tinybird.run, [
+            "--api_url", server.url, "--token", server.token, "--wait", "--input", str(source),
+            "--datasource_field", "type", "--datasource_prefix", f"{datasource}_",
+            "--dead_letter_path", "dl/", "--max_dead_letter_ratio", "1"])
+
+    # Not JSON objects: unroutable, and without a line (as the demo's two bad rows).
+    summary, printed = routed_run([*good, '{"id": "broken"', "[1, 2]"])
+    assert (summary.dead_letters, summary.dead_letters_by_kind, summary.lineless_dead_letters) == (
+        2, {"unroutable": 2}, 2)
+    assert "pipelines.replay_dead_letters" not in printed
+    # A row without the field has a line: it can be resent with --datasource.
+    summary, printed = routed_run([*good, '{"id": "broken"', json.dumps({"id": 9})])
+    assert (summary.dead_letters, summary.lineless_dead_letters) == (2, 1)
+    assert "Resend the dead letters once their cause is fixed:" in printed
+    assert "those that name none need --datasource NAME" in printed
