@@ -55,10 +55,10 @@ def _number(name: str, value: object) -> None:
 
 
 def _retry_policy(name: str, value: object) -> None:
-    if value is not None and not isinstance(value, RetryPolicy):
+    if value is not None and not isinstance(value, (RetryPolicy, Mapping)):
         raise TypeError(
-            f"{name} must be a sinks.tinybird.RetryPolicy or None, got {_describe(value)} {value!r}; "
-            "e.g. RetryPolicy(max_attempts=3)")
+            f"{name} must be a sinks.tinybird.RetryPolicy, a mapping of its fields (Beam YAML) or None, "
+            f"got {_describe(value)} {value!r}; e.g. RetryPolicy(max_attempts=3)")
 
 
 def _clock(name: str, value: object) -> None:

@@ -7,7 +7,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import apache_beam as beam
@@ -286,6 +286,20 @@ class WriteToTinybirdResult(dict):
         return self.get("dead_letter_files")
 
 
+def _retry_policy_of(value: RetryPolicy | Mapping[str, Any] | None) -> RetryPolicy:
+    """``WriteToTinybird(retry_policy=)`` as a :class:`RetryPolicy`: a mapping gives its fields by name."""
+    if value is None:
+        return RetryPolicy()
+    if isinstance(value, RetryPolicy):
+        return value
+    fields = {field.name for field in dataclasses.fields(RetryPolicy)}
+    unknown = sorted(str(key) for key in value if key not in fields)
+    if unknown:
+        raise ValueError(f"retry_policy has no field {', '.join(map(repr, unknown))}; its fields: "
+                         f"{', '.join(sorted(fields))}")
+    return RetryPolicy(**value)
+
+
 class WriteToTinybird(beam.PTransform):
     """Delivers a PCollection to a Tinybird data source through the Events API.
 
@@ -356,9 +370,10 @@ class WriteToTinybird(beam.PTransform):
         max_in_flight: Requests under way at once per worker process, data
             source and token (the ceiling of the adaptive concurrency limit).
             Default 4.
-        retry_policy: A :class:`RetryPolicy`; default ``RetryPolicy()``
-            (6 attempts, 0.5 s doubling to 30 s, at most 300 s of errors and
-            1,800 s of throttling per batch).
+        retry_policy: A :class:`RetryPolicy`, or a mapping of its fields
+            (``{"max_attempts": 3}``: what Beam YAML's ``kwargs`` can give);
+            default ``RetryPolicy()`` (6 attempts, 0.5 s doubling to 30 s, at
+            most 300 s of errors and 1,800 s of throttling per batch).
         connect_timeout_secs: Default 5 s.
         read_timeout_secs: Default 30 s.
         dead_letter_path: Where to write dead-letter files (any Beam filesystem
@@ -395,7 +410,7 @@ class WriteToTinybird(beam.PTransform):
         num_shards: int = DEFAULT_NUM_SHARDS,
         max_windows_per_bundle: int = DEFAULT_MAX_WINDOWS_PER_BUNDLE,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        retry_policy: RetryPolicy | None = None,
+        retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
         connect_timeout_secs: float = 5.0,
         read_timeout_secs: float = 30.0,
         dead_letter_path: str | None = None,
@@ -431,7 +446,7 @@ class WriteToTinybird(beam.PTransform):
             max_buffering_secs=max_buffering_secs, num_shards=num_shards,
             max_windows_per_bundle=max_windows_per_bundle)
         self._token = TokenSource(value=token, secret_version=token_secret, env_var=token_env)
-        self._retry_policy = retry_policy if retry_policy is not None else RetryPolicy()
+        self._retry_policy = _retry_policy_of(retry_policy)
         if dead_letter_format not in DEAD_LETTER_FORMATS:
             raise ValueError(
                 f"dead_letter_format must be one of {DEAD_LETTER_FORMATS}, got {dead_letter_format!r}")

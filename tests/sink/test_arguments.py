@@ -33,8 +33,8 @@ def test_the_defaults_pass_their_own_checks():
 
 
 _WRONG_TYPES = [
-    ("retry_policy", "fast", r"^retry_policy must be a sinks.tinybird.RetryPolicy or None, got str 'fast'"),
-    ("retry_policy", {"max_attempts": 3}, r"^retry_policy must be a sinks.tinybird.RetryPolicy or None, got dict"),
+    ("retry_policy", "fast", r"^retry_policy must be a sinks.tinybird.RetryPolicy, a mapping of its fields "
+                             r"\(Beam YAML\) or None, got str 'fast'"),
     ("wait", "yes", r"^wait must be True or False, got str 'yes'"),
     ("wait", 1, r"^wait must be True or False, got int 1"),
     ("raise_on_failure", None, r"^raise_on_failure must be True or False, got NoneType None"),
@@ -156,3 +156,12 @@ def test_errors_never_show_the_token(changes):
     with pytest.raises((TypeError, ValueError)) as error:
         WriteToTinybird(datasource="events", **changes)
     assert _SECRET not in str(error.value) and "12345" not in str(error.value)
+
+
+def test_retry_policy_may_be_a_mapping_of_its_fields_as_beam_yaml_writes_it():
+    sink = WriteToTinybird(datasource="events", retry_policy={"max_attempts": 3, "retry_status_codes": [500, 503]})
+    assert sink._retry_policy == RetryPolicy(max_attempts=3, retry_status_codes=frozenset({500, 503}))
+    with pytest.raises(ValueError, match=r"^retry_policy has no field 'attempts', 'x'; its fields: backoff_multiplier, "):
+        WriteToTinybird(datasource="events", retry_policy={"attempts": 3, "x": 1})
+    with pytest.raises(ValueError, match=r"max_attempts"):
+        WriteToTinybird(datasource="events", retry_policy={"max_attempts": 0})

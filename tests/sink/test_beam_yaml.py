@@ -16,6 +16,7 @@ from pathlib import Path
 import apache_beam as beam
 import pytest
 from shared_testlib import TOKEN
+from sink_testlib import stored_rows
 
 from sinks.tinybird import DeadLetter, WriteToTinybird, WriteToTinybirdResult
 
@@ -127,3 +128,42 @@ def test_write_to_tinybird_by_field_builds_the_sink_with_datasource_from_field()
         WriteToTinybirdByField(datasource_field="type", datasource_prefix="9x", token="t")
     with pytest.raises(ValueError, match="field must be a non-empty str"):
         WriteToTinybirdByField(datasource_field="", token="t")
+
+
+_YAML_RETRY = """
+pipeline:
+  transforms:
+    - type: Create
+      name: Events
+      config:
+        elements: [{{id: 1}}, {{id: 2}}, {{id: 3}}]
+    - type: PyTransform
+      name: ToTinybird
+      input: Events
+      config:
+        constructor: sinks.tinybird.WriteToTinybird
+        kwargs:
+          datasource: {datasource}
+          api_url: {api_url}
+          token_env: TINYBIRD_TOKEN
+          wait: yes
+          retry_policy: {retry_policy}
+"""
+
+
+@pytest.mark.parametrize("retry_policy, stored", [
+    ("{max_attempts: 1}", 0),                                               # the 503 is not retried
+    ("{max_attempts: 2, initial_backoff_secs: 0.01, max_backoff_secs: 0.02}", 3),  # one retry delivers
+])
+def test_yaml_kwargs_set_the_retry_policy_as_a_mapping(server, datasource, monkeypatch, retry_policy, stored):
+    """YAML can only write a mapping: the sink takes one for retry_policy, field by field."""
+    from apache_beam.yaml import yaml_transform
+
+    monkeypatch.setenv("TINYBIRD_TOKEN", server.token)
+    server.set_faults([{"status": 503, "when": "before", "sequence": [1], "datasource": datasource}])
+    with beam.Pipeline(runner="BundleBasedDirectRunner") as p:
+        yaml_transform.expand_pipeline(p, _YAML_RETRY.format(
+            datasource=datasource, api_url=server.url, retry_policy=retry_policy))
+    assert stored_rows(server, datasource) == stored
+    # Every request to the data source: the 503, then, with a retry, the one that stored the rows.
+    assert [(r["matched"], r["fired"]) for r in server.faults()["state"]] == [(1 if stored == 0 else 2, 1)]
