@@ -8,7 +8,10 @@ extra (aiohttp) and the checkout's own editable install (``pipelines_testlib``).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import sys
+import tarfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -85,3 +88,50 @@ def test_local_extra_modules_are_the_local_extra():
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     extra = {Requirement(r).name.replace("-", "_") for r in project["optional-dependencies"]["local"]}
     assert set(LOCAL_EXTRA_MODULES) == extra
+
+
+def _gcp_extra_setuptools_floor() -> str:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    for line in project["optional-dependencies"]["gcp"]:
+        requirement = Requirement(line)
+        if requirement.name == "setuptools":
+            (floor,) = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+            return floor
+    raise AssertionError("the gcp extra names no setuptools")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("setuptools, builds", [("76.1.0", False), ("floor", True)])
+def test_the_sdist_dataflow_stages_builds_with_the_setuptools_the_gcp_extra_brings(tmp_path, setuptools, builds):
+    """``--setup_file``: Beam's Stager builds the sdist with the submitting environment's setuptools
+    (``python -m build --no-isolation``, else ``setup.py sdist``), not the one [build-system] names.
+    The gcp extra (what a Dataflow submitter installs) must bring one that reads pyproject.toml;
+    the control, one version older, cannot."""
+    if setuptools == "floor":  # the floor's own release line (77.0.0 was never published)
+        floor = _gcp_extra_setuptools_floor()
+        wanted = f"setuptools>={floor},<{int(floor.split('.')[0]) + 1}"
+    else:
+        wanted = f"setuptools=={setuptools}"
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in _SOURCES:
+        path = REPO_ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(path, source / name)
+    venv = tmp_path / "venv"
+    assert _run([sys.executable, "-m", "venv", "--without-pip", str(venv)]).returncode == 0
+    python = str(venv / "bin" / "python")
+    install = _run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", wanted])
+    assert install.returncode == 0, install.stderr[-2000:]
+    sdist = _run([python, "setup.py", "--quiet", "sdist", "--dist-dir", str(tmp_path / "dist")], cwd=source)
+    if builds:
+        assert sdist.returncode == 0, sdist.stderr[-2000:]
+        (archive,) = (tmp_path / "dist").glob("beam_tinybird-*.tar.gz")
+        with tarfile.open(archive) as tar:
+            names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+        assert {"setup.py", "pyproject.toml", "pipelines/sample_data/events.ndjson",
+                "sinks/tinybird/_transform.py"} <= names
+    else:
+        assert sdist.returncode != 0 and "project.license" in sdist.stderr + sdist.stdout
