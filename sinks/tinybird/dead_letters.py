@@ -24,6 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows, IntervalWindow, TimestampCombiner
+from apache_beam.utils.timestamp import Timestamp
 
 _LOG = logging.getLogger(__name__)
 
@@ -124,12 +125,25 @@ def iso_utc(epoch_secs: float) -> str:
 
 
 def window_text(window: object) -> str:
-    """The window of an element as text: ``"global"`` or ``"[start, end)"`` in UTC."""
+    """The window of an element as text: ``"global"`` or ``"[start, end)"`` in UTC.
+
+    Never raises: a bound outside the years 1-9999, which Beam's timestamps
+    reach and Python's datetime does not (``beam.Create``'s elements sit at
+    Beam's minimum timestamp; a time in microseconds read as milliseconds is
+    in the year 55,000), is written in microseconds since the epoch, ``"<n>us"``.
+    """
     if isinstance(window, GlobalWindow):
         return "global"
     if isinstance(window, IntervalWindow):
-        return f"[{window.start.to_rfc3339()}, {window.end.to_rfc3339()})"
+        return f"[{_instant_text(window.start)}, {_instant_text(window.end)})"
     return str(window)
+
+
+def _instant_text(instant: Timestamp) -> str:
+    try:
+        return instant.to_rfc3339()
+    except (OverflowError, ValueError):
+        return f"{instant.micros}us"
 
 
 def utf8_text(text: str) -> str:
@@ -274,7 +288,7 @@ def _file_naming(suffix: str, label: str | None = None) -> Callable[..., str]:
     def name(window, pane, shard_index, total_shards, compression, destination) -> str:
         parts = [_prefix(label)]
         if window != GlobalWindow():
-            parts.append(f"{window.start.to_rfc3339()}-{window.end.to_rfc3339()}".replace(":", ""))
+            parts.append(f"{_instant_text(window.start)}-{_instant_text(window.end)}".replace(":", ""))
         parts.append(f"pane{pane.index if pane is not None else 0}")
         parts.append(f"{shard_index or 0:05d}-of-{total_shards or 1:05d}")
         parts.append(uuid.uuid4().hex[:12])

@@ -30,7 +30,7 @@ from apache_beam.transforms.window import (
     SlidingWindows,
     TimestampedValue,
 )
-from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
 from sink_testlib import ScriptedServer, decoded_body
 
 from sinks.tinybird import DeliveryError, RetryPolicy, WriteToTinybird
@@ -511,3 +511,41 @@ def test_windowing_of_the_dead_letters_is_the_inputs():
     assert isinstance(result.dead_letters.windowing, Windowing)
     assert result.dead_letters.windowing.windowfn == Sessions(10)
     assert equal_to([1])([1]) is None
+
+
+# -- timestamps past what Python's datetime holds -------------------------------------
+
+
+def test_elements_at_beams_minimum_timestamp_in_fixed_windows_are_delivered_and_dead_lettered():
+    """beam.Create's elements sit at Beam's minimum timestamp (year -290,000): a window there has no
+    RFC 3339 text. The batch leaving the bundle and the dead letters both name the window, and the
+    bundle failed (no request, no dead letter) before window_text fell back to microseconds."""
+    with ScriptedServer() as server:
+        p = beam.Pipeline(runner=FnApiRunner())
+        result = (p | beam.Create([{"id": i} for i in range(3)] + [{"id": 3, "bad": float("nan"), "x": object()}])
+                  | beam.WindowInto(FixedWindows(60)) | _sink(server.url))
+        windows = result.dead_letters | beam.Map(lambda d: (d.kind, d.window))
+        assert_that(windows, equal_to([("unencodable", "[-9223372036860000000us, -9223372036800000000us)")]))
+        p.run().wait_until_finish()
+        assert _posted_ids(server) == collections.Counter(range(3))
+
+
+def test_a_streamed_element_with_a_timestamp_in_the_year_55000_is_delivered():
+    """A producer's time in microseconds read as milliseconds: inside Beam's range, past datetime's."""
+    far = Timestamp(micros=1_700_000_000_000_000_000)
+    with ScriptedServer() as server:
+        stream = (TestStream().advance_watermark_to(0)
+                  .add_elements([TimestampedValue({"id": 1}, 10), TimestampedValue({"id": 2}, far)])
+                  .advance_watermark_to(1000).advance_watermark_to_infinity())
+        with TestPipeline(options=_streaming()) as p:
+            _ = p | stream | beam.WindowInto(FixedWindows(60)) | _sink(server.url, max_buffering_secs=3600)
+        assert _posted_ids(server) == collections.Counter([1, 2])
+
+
+def test_window_text_never_raises():
+    from sinks.tinybird.dead_letters import window_text
+
+    assert window_text(IntervalWindow(Timestamp(0), Timestamp(60))) == "[1970-01-01T00:00:00Z, 1970-01-01T00:01:00Z)"
+    assert window_text(IntervalWindow(MIN_TIMESTAMP, MIN_TIMESTAMP + 60)) == (
+        f"[{MIN_TIMESTAMP.micros}us, {(MIN_TIMESTAMP + 60).micros}us)")
+    assert window_text(IntervalWindow(MAX_TIMESTAMP - 60, MAX_TIMESTAMP)).endswith(f"{MAX_TIMESTAMP.micros}us)")
