@@ -4,7 +4,7 @@ Usage::
 
     python -m tinybird_emulator serve --port 7181 --data-dir DIR [--token TOKEN] [--faults FILE.json]
         [--rate-limit-rps 100|none] [--rate-limit-bytes-per-sec N|none]
-        [--max-body-bytes 10000000] [--queue-max-bytes N] [--queue-max-requests N]
+        [--max-body-bytes 10000000] [--body-read-timeout-secs 60] [--queue-max-bytes N] [--queue-max-requests N]
         [--synchronous FULL|NORMAL] [--host 127.0.0.1] [--log-level INFO]
     python -m tinybird_emulator token create --data-dir DIR --name NAME --scope DATASOURCE:APPEND:events [--scope ...]
     python -m tinybird_emulator sql (--url URL --token TOKEN | --data-dir DIR) "SELECT count(*) FROM events"
@@ -65,6 +65,7 @@ def _optional_number(kind: type):
 
 def _build_parser() -> argparse.ArgumentParser:
     from tinybird_emulator._config import (
+        DEFAULT_BODY_READ_TIMEOUT_SECS,
         DEFAULT_MAX_BODY_BYTES,
         DEFAULT_PORT,
         DEFAULT_QUEUE_MAX_BYTES,
@@ -96,6 +97,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                        help=f"largest body, wire and decoded (default {DEFAULT_MAX_BODY_BYTES})")
+    serve.add_argument("--body-read-timeout-secs", type=float, default=DEFAULT_BODY_READ_TIMEOUT_SECS,
+                       help="longest time to receive a body; then 408 and the connection is closed "
+                       f"(default {DEFAULT_BODY_READ_TIMEOUT_SECS:g})")
     serve.add_argument("--queue-max-bytes", type=int, default=DEFAULT_QUEUE_MAX_BYTES,
                        help=f"uncommitted bytes before 503 (default {DEFAULT_QUEUE_MAX_BYTES})")
     serve.add_argument("--queue-max-requests", type=int, default=DEFAULT_QUEUE_MAX_REQUESTS,
@@ -183,6 +187,7 @@ def _config(args: argparse.Namespace, token: str, faults: tuple) -> ServerConfig
         rate_limit_rps=args.rate_limit_rps,
         rate_limit_bytes_per_sec=args.rate_limit_bytes_per_sec,
         max_body_bytes=args.max_body_bytes,
+        body_read_timeout_secs=args.body_read_timeout_secs,
         queue_max_bytes=args.queue_max_bytes,
         queue_max_requests=args.queue_max_requests,
         synchronous=args.synchronous,

@@ -1,7 +1,7 @@
 """The aiohttp application: /v0/events, /v0/tokens, /v0/sql, /v0/datasources, /_emulator/*.
 
 Request flow of ``POST /v0/events``: name -> token -> request rate (429) -> queue
-room (503) -> body, bounded (413) -> byte rate (429) -> decode and validate
+room (503) -> body, bounded in size (413) and time (408) -> byte rate (429) -> decode and validate
 (400) -> fault rules -> enqueue (503 when full) -> 202, or 200 once committed.
 Every response carries the ``X-RateLimit-*`` headers; every error body is
 ``{"error": "..."}``, except the text/plain 400 that aiohttp itself sends for a
@@ -219,16 +219,15 @@ class EventsApp:
         return self.tokens.lookup(_token_of(request))
 
     async def read_and_decode(self, request: web.Request, name: str, fmt: str) -> Received | web.Response:
-        """Reads a body (413 past the limit) and decodes it in the pool, for a data source
-        that exists; an error answer when it cannot be used."""
+        """Reads a body (413 past the limit, 408 past the deadline) and decodes it in the
+        pool, for a data source that exists; an error answer when it cannot be used."""
         if self._decode_sem is None:
             self._decode_sem = asyncio.Semaphore(self.config.max_concurrent_decodes)
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        wire = await self._receive(request)
+        if isinstance(wire, web.Response):
+            return wire
         async with self._decode_sem:
-            try:
-                wire = await self._read_body(request, self.config.max_body_bytes)
-            except _TooLarge:
-                return _error(413, f"the body is larger than the limit of {self.config.max_body_bytes} bytes")
             try:
                 decoded = await asyncio.get_running_loop().run_in_executor(
                     self._pool, _decode, wire, encoding, self.config.max_body_bytes, fmt, name, True
@@ -286,27 +285,29 @@ class EventsApp:
             )
         jobs, nbytes = self.store.queued()
         if jobs >= self.config.queue_max_requests or nbytes >= self.config.queue_max_bytes:
-            await self._drain(request)
-            return _error(503, "the write queue is full; nothing was inserted, retry later")
+            drained = await self._drain(request)
+            response = _error(503, "the write queue is full; nothing was inserted, retry later")
+            if not drained:
+                _close_after(response)
+            return response
         return None
 
     async def _events_body(
         self, request: web.Request, name: str, fmt: str
     ) -> tuple[_Decoded, Schema | None] | web.StreamResponse:
-        """The body read (413), paced by bytes (429) and decoded (400), with the schema of a
-        new data source; or the answer refusing it."""
+        """The body read (413, 408), paced by bytes (429) and decoded (400), with the schema
+        of a new data source; or the answer refusing it."""
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if self._decode_sem is None:
             self._decode_sem = asyncio.Semaphore(self.config.max_concurrent_decodes)
+        wire = await self._receive(request)
+        if isinstance(wire, web.Response):
+            return wire
+        byte_decision = self.limiter.acquire_bytes(name, len(wire))
+        if not byte_decision.allowed:
+            request["rate"] = byte_decision
+            return _error(429, byte_decision.reason, headers={"Retry-After": str(byte_decision.retry_after_secs)})
         async with self._decode_sem:
-            try:
-                wire = await self._read_body(request, self.config.max_body_bytes)
-            except _TooLarge:
-                return _error(413, f"the body is larger than the limit of {self.config.max_body_bytes} bytes")
-            byte_decision = self.limiter.acquire_bytes(name, len(wire))
-            if not byte_decision.allowed:
-                request["rate"] = byte_decision
-                return _error(429, byte_decision.reason, headers={"Retry-After": str(byte_decision.retry_after_secs)})
             schema_known = name in self._pending_schemas or self.store.schema(name) is not None
             try:
                 decoded = await asyncio.get_running_loop().run_in_executor(
@@ -412,10 +413,38 @@ class EventsApp:
                 pass
         transport.abort()
 
-    async def _read_body(self, request: web.Request, limit: int) -> bytes:
+    async def _receive(self, request: web.Request) -> bytes | web.Response:
+        """The whole body, or the answer refusing it: 413 past ``max_body_bytes``, 408
+        past ``body_read_timeout_secs``.
+
+        Called before a decode slot is taken: a client that stalls mid-body holds its
+        own connection only, and the deadline frees that one too.
+        """
+        limit = self.config.max_body_bytes
+        deadline = asyncio.get_running_loop().time() + self.config.body_read_timeout_secs
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._read_body(request, limit)
+        except _TooLarge:
+            drained = await self._drain(request, deadline)
+            response = _error(413, f"the body is larger than the limit of {limit} bytes")
+        except TimeoutError:
+            # RFC 9110 408: the server closes the connection; the client may resend
+            # (the sink retries 408).
+            drained = False
+            response = _error(
+                408,
+                f"the body did not arrive within {self.config.body_read_timeout_secs:g} s; nothing was inserted",
+            )
+        if not drained:
+            _close_after(response)
+        return response
+
+    @staticmethod
+    async def _read_body(request: web.Request, limit: int) -> bytes:
+        """The body; ``_TooLarge`` (the rest unread) past ``limit``."""
         length = request.content_length
         if length is not None and length > limit:
-            await self._drain(request)
             raise _TooLarge()
         chunks = []
         total = 0
@@ -426,21 +455,28 @@ class EventsApp:
             total += len(chunk)
             if total > limit:
                 chunks.clear()
-                await self._drain(request)
                 raise _TooLarge()
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _drain(self, request: web.Request) -> None:
-        """Reads and drops the rest of a refused body, so that the client reads our answer."""
+    async def _drain(self, request: web.Request, deadline: float | None = None) -> bool:
+        """Reads and drops the rest of a refused body, so that the client reads our answer;
+        by ``deadline`` (loop time; ``body_read_timeout_secs`` from now by default). False
+        when the body did not end by then (or is too long to drain): the answer must then
+        close the connection."""
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.config.body_read_timeout_secs
         drained = 0
-        while drained < _MAX_DRAIN_BYTES:
-            chunk = await request.content.readany()
-            if not chunk:
-                return
-            drained += len(chunk)
-        # A client that keeps sending that much is cut off after the answer.
-        request.protocol.force_close()  # type: ignore[union-attr]
+        try:
+            async with asyncio.timeout_at(deadline):
+                while drained < _MAX_DRAIN_BYTES:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        return True
+                    drained += len(chunk)
+        except TimeoutError:
+            pass
+        return False
 
     # -- /v0/tokens ----------------------------------------------------------
 
@@ -587,6 +623,17 @@ class EventsApp:
     def close(self) -> None:
         self.store.close()
         self._pool.shutdown(wait=True)
+
+
+def _close_after(response: web.Response) -> None:
+    """The connection closes once ``response`` is sent (``Connection: close``).
+
+    Not ``protocol.force_close()``, which drops the transport before the answer is
+    written: aiohttp sends the answer, then reads and ignores what the client still
+    sends for its ``lingering_time`` (10 s), so that the client reads the answer
+    rather than a reset, then closes.
+    """
+    response.force_close()
 
 
 def _resolve(future: asyncio.Future, result: Any) -> None:

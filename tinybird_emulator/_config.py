@@ -11,6 +11,7 @@ import dataclasses
 from tinybird_emulator._faults import FaultRule
 
 __all__ = [
+    "DEFAULT_BODY_READ_TIMEOUT_SECS",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_PORT",
     "DEFAULT_QUEUE_MAX_BYTES",
@@ -27,6 +28,8 @@ DEFAULT_MAX_BODY_BYTES = 10_000_000
 DEFAULT_QUEUE_MAX_BYTES = 128_000_000
 DEFAULT_QUEUE_MAX_REQUESTS = 1_000
 DEFAULT_SQL_TIMEOUT_SECS = 30.0
+# Room for 10 MB over a slow link; a client stalled mid-body is answered 408 after it.
+DEFAULT_BODY_READ_TIMEOUT_SECS = 60.0
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
@@ -46,8 +49,11 @@ class ServerConfig:
             decoded size.
         queue_max_bytes: Decoded bytes accepted but not yet committed; beyond it 503.
         queue_max_requests: Requests accepted but not yet committed; beyond it 503.
-        max_concurrent_decodes: Request bodies read and decoded at the same time;
-            the others wait before their body is read, which bounds memory.
+        max_concurrent_decodes: Request bodies decoded at the same time; the others
+            wait with their body read (each at most ``max_body_bytes``), so that a
+            slow upload never holds a slot.
+        body_read_timeout_secs: Longest time to receive a whole body (or to drain a
+            refused one); past it the answer is 408 and the connection is closed.
         synchronous: SQLite ``PRAGMA synchronous`` (WAL mode). ``FULL`` makes a
             200 survive power loss; ``NORMAL`` survives a process kill only.
         faults: Fault rules active from the start.
@@ -65,6 +71,7 @@ class ServerConfig:
     queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES
     queue_max_requests: int = DEFAULT_QUEUE_MAX_REQUESTS
     max_concurrent_decodes: int = 4
+    body_read_timeout_secs: float = DEFAULT_BODY_READ_TIMEOUT_SECS
     synchronous: str = "FULL"
     faults: tuple[FaultRule, ...] = ()
     sql_timeout_secs: float = DEFAULT_SQL_TIMEOUT_SECS
@@ -96,6 +103,8 @@ class ServerConfig:
             raise ValueError(
                 f"max_concurrent_decodes must be > 0, got {self.max_concurrent_decodes!r}"
             )
+        if not self.body_read_timeout_secs > 0:
+            raise ValueError(f"body_read_timeout_secs must be > 0, got {self.body_read_timeout_secs!r}")
         if self.synchronous.upper() not in SYNCHRONOUS_MODES:
             raise ValueError(
                 f"synchronous must be one of {SYNCHRONOUS_MODES}, got {self.synchronous!r}"

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import random
+import socket
+import time
+import uuid
 
+import orjson
 import pytest
 import requests
 import zstandard
@@ -14,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tinybird_emulator import LocalServer
+from tinybird_emulator._config import ServerConfig
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -167,6 +173,98 @@ def test_slow_and_aborted_uploads(bclient):
         except OSError:
             pass
     _still_fine(bclient)
+
+
+def _stalled_upload(server: LocalServer, name: str, *, content_length: int = 100, sent: bytes = b"{") -> socket.socket:
+    """A connection that sends its headers and ``sent`` of a ``content_length`` body, then nothing."""
+    host, port = server.url.rsplit("//", 1)[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=15)
+    sock.sendall(
+        f"POST /v0/events?name={name}&wait=true HTTP/1.1\r\nHost: x\r\n".encode()
+        + f"Authorization: Bearer {server.token}\r\nContent-Length: {content_length}\r\n\r\n".encode()
+        + sent
+    )
+    return sock
+
+
+def _answer_then_close(sock: socket.socket) -> tuple[bytes, float, float]:
+    """The server's answer, when it was complete and when the server closed the
+    connection (seconds from now)."""
+    start = time.monotonic()
+    out = b""
+    answered = None
+    while chunk := sock.recv(65536):
+        out += chunk
+        head, sep, body = out.partition(b"\r\n\r\n")
+        length = next((int(line[15:]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), -1)
+        if answered is None and sep and len(body) == length:
+            answered = time.monotonic() - start
+    assert answered is not None, out
+    return out, answered, time.monotonic() - start
+
+
+def test_stalled_uploads_leave_the_other_requests_alone(bclient, ds):
+    """More stalled bodies than decode slots: a request to another data source is answered."""
+    slots = next(f.default for f in dataclasses.fields(ServerConfig) if f.name == "max_concurrent_decodes")
+    assert isinstance(slots, int)
+    stalled = [_stalled_upload(bclient.server, "t_stalled") for _ in range(slots + 2)]
+    try:
+        time.sleep(0.5)  # the server reads their headers and waits for their bodies
+        assert_ok(bclient.post(ds, GOOD, timeout=15), 200, 1)
+        assert bclient.server.query(f"SELECT id, s FROM {ds}") == [{"id": 1, "s": "keep"}]
+    finally:
+        for sock in stalled:
+            sock.close()
+    _still_fine(bclient)
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory):
+    """A server that waits 1 s for a body."""
+    with LocalServer(
+        data_dir=tmp_path_factory.mktemp("emulator-impatient"),
+        rate_limit_rps=None,
+        max_body_bytes=1000,
+        extra_args=["--body-read-timeout-secs", "1"],
+    ) as srv:
+        yield srv
+
+
+def _status_and_headers(answer: bytes) -> tuple[bytes, bytes, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines)}
+    return status, body, headers
+
+
+def test_a_body_stalled_past_the_deadline_gets_408_and_the_connection_closed(impatient):
+    name = "t_" + uuid.uuid4().hex[:12]
+    impatient.reset_stats()
+    with _stalled_upload(impatient, name) as sock:
+        answer, answered_secs, closed_secs = _answer_then_close(sock)
+    # The answer at the deadline; the close after aiohttp's lingering time (10 s).
+    assert 0.9 <= answered_secs < 8, answered_secs
+    assert closed_secs < 20, closed_secs
+    status, body, headers = _status_and_headers(answer)
+    assert status == b"HTTP/1.1 408 Request Timeout", answer
+    assert headers[b"connection"].lower() == b"close"
+    assert orjson.loads(body) == {"error": "the body did not arrive within 1 s; nothing was inserted"}
+    assert impatient.stats()["requests"]["by_status"] == {"408": 1}
+    assert name not in impatient.datasources()
+    assert_ok(EventsClient(impatient).post(name, GOOD), 200, 1)
+
+
+def test_a_refused_body_that_never_comes_gets_its_413_by_the_deadline(impatient):
+    """A body announced over the limit is drained so that the client reads the 413;
+    one that never arrives is not waited for past the deadline."""
+    with _stalled_upload(impatient, "keep", content_length=5000, sent=b"") as sock:
+        answer, answered_secs, closed_secs = _answer_then_close(sock)
+    assert 0.9 <= answered_secs < 8, answered_secs
+    assert closed_secs < 20, closed_secs
+    status, body, headers = _status_and_headers(answer)
+    assert status == b"HTTP/1.1 413 Request Entity Too Large", answer
+    assert headers[b"connection"].lower() == b"close"
+    assert orjson.loads(body) == {"error": "the body is larger than the limit of 1000 bytes"}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
