@@ -9,7 +9,9 @@ joined and SQLite's JSON parser (which releases the GIL) checks that the array
 holds exactly one object per line. That proves each line is one object only when
 no line holds ``}`` ``,`` ``{`` at its top level, so a body where that sequence
 appears anywhere (say, arrays of objects) takes the slow path: orjson line by
-line, which also tells which lines are invalid.
+line, which also tells which lines are invalid. So does a body holding what SQLite
+takes and orjson refuses (a lone surrogate escape, a number beyond a double), so
+that such a row is quarantined whatever its neighbours.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ _DICT_ONLY = frozenset({dict})
 # Two objects side by side on one line: the joined array could then hold as many
 # elements as there are lines without each line being one object.
 _OBJECTS_SIDE_BY_SIDE_RE = re.compile(r"\}[ \t\r]*,[ \t\r]*\{")
+# What SQLite's JSON parser accepts and orjson refuses: a surrogate escape (a lone
+# one is stored as bytes that are not UTF-8, and then no SELECT of the table can
+# read it back) and a number too large for a double (stored as infinity): an
+# exponent of three digits, or 200 digits in a row. A false alarm (a valid pair of
+# surrogates, such digits inside a string) only costs the fast path.
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}", re.IGNORECASE)
+# Digits to 0, E to e, - to +: three substring searches then find the numbers, several
+# times faster than regular expressions over the whole body.
+_NUMBER_SHAPES = bytes.maketrans(b"123456789E-", b"000000000e+")
+_HUGE_NUMBER_SHAPES = (b"e000", b"e+000", b"0" * 200)
 _local = threading.local()
 # A backslash right before a newline can appear nowhere in valid JSON (raw
 # newlines are not allowed inside strings); the documented curl example for
@@ -142,6 +154,14 @@ def json_array(lines: Sequence[str]) -> str:
     return "[" + ",".join(lines) + "]"
 
 
+def _sqlite_only(data: bytes) -> bool:
+    """True when ``data`` may hold JSON that SQLite takes and orjson refuses."""
+    if _SURROGATE_ESCAPE_RE.search(data):
+        return True
+    shapes = data.translate(_NUMBER_SHAPES)
+    return any(shape in shapes for shape in _HUGE_NUMBER_SHAPES)
+
+
 def _one_object_per_line(array_text: str, lines: int) -> bool:
     """True when SQLite reads ``array_text`` as an array of exactly ``lines`` objects."""
     conn = getattr(_local, "conn", None)
@@ -232,6 +252,7 @@ def parse_body(data: bytes, *, fmt: str, keep_objects: bool) -> ParsedBody:
             not keep_objects
             and lines
             and not _OBJECTS_SIDE_BY_SIDE_RE.search(text)
+            and not _sqlite_only(data)
             and _one_object_per_line(json_array(lines), len(lines))
         ):
             return ParsedBody(lines, [], None)

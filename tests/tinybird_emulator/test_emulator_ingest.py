@@ -348,3 +348,51 @@ def test_unknown_route_and_method_are_json_errors(client):
     headers = {"Authorization": f"Bearer {client.server.token}"}
     assert_error(client.session.get(f"{client.server.url}/v0/nope", headers=headers), 404)
     assert_error(client.session.get(f"{client.server.url}/v0/events", headers=headers), 405)
+
+
+# JSON that SQLite's parser takes and orjson refuses: a lone surrogate escape (stored,
+# it would make every SELECT of the table fail) and numbers beyond a double.
+SQLITE_ONLY_ROWS = [
+    (b'{"a": 2, "s": "\\ud800"}', "surrogate"),
+    (b'{"a": 2, "s": "x\\uDFFF"}', "surrogate"),
+    (b'{"a": 1e999, "s": "y"}', "infinity"),
+    (b'{"a": -1E+400, "s": "y"}', "infinity"),
+    (b'{"a": ' + b"9" * 400 + b', "s": "y"}', "infinity"),
+]
+
+
+@pytest.mark.parametrize(("row", "error"), SQLITE_ONLY_ROWS)
+def test_json_only_sqlite_reads_is_quarantined_whatever_its_neighbours(client, ds, row, error):
+    assert_ok(client.post(ds, b'{"a": 1.5, "s": "x"}\n'), 200, 1)
+    assert_ok(client.post(ds, row + b"\n"), 200, 0, 1)  # alone
+    assert_ok(client.post(ds, b'{"a": 3, "s": "z"}\n' + row + b"\n"), 200, 1, 1)  # next to a good row
+    assert_ok(client.post(ds, row + b"\nnope\n"), 200, 0, 2)  # next to a bad line
+    # The table stays readable and holds only the good rows.
+    assert client.server.query(f"SELECT a, s FROM {ds} ORDER BY rowid") == [
+        {"a": 1.5, "s": "x"},
+        {"a": 3.0, "s": "z"},
+    ]
+    q = client.quarantined(ds)
+    assert [r["c__raw"] for r in q] == [row.decode(), row.decode(), row.decode(), "nope"]
+    assert all(r["c__error"][0].startswith("invalid JSON") and error in r["c__error"][0] for r in q[:3]), q
+    assert client.server.datasources()[ds]["quarantined"] == 4
+
+
+@pytest.mark.parametrize(("row", "error"), SQLITE_ONLY_ROWS[:3])
+def test_json_only_sqlite_reads_in_a_first_batch(client, ds, row, error):
+    # Like any line that is not JSON: alone it creates nothing, with a good row it is quarantined.
+    assert_error(client.post(ds, row + b"\n"), 400, "no valid JSON object")
+    assert_ok(client.post(ds, row + b'\n{"a": 3, "s": "z"}\n'), 200, 1, 1)
+    assert client.server.query(f"SELECT a, s FROM {ds}") == [{"a": 3, "s": "z"}]
+    assert [r["c__raw"] for r in client.quarantined(ds)] == [row.decode()]
+
+
+def test_a_valid_surrogate_pair_and_large_numbers_are_stored(client, ds):
+    assert_ok(client.post(ds, b'{"a": 1.5, "s": "x"}\n'), 200, 1)
+    body = b'{"a": 1e308, "s": "\\ud83d\\ude00"}\n{"a": 1e-400, "s": "\\u00e9"}\n'
+    assert_ok(client.post(ds, body), 200, 2)
+    assert client.server.query(f"SELECT a, s FROM {ds} ORDER BY rowid") == [
+        {"a": 1.5, "s": "x"},
+        {"a": 1e308, "s": "\U0001f600"},
+        {"a": 0.0, "s": "\u00e9"},
+    ]
