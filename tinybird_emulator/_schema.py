@@ -3,9 +3,9 @@
 Nested objects are flattened into columns named after their JSONPath
 (``$.purchase.datetime`` -> ``purchase_datetime``). Types follow Tinybird's
 names (Int64, Float64, String, Bool, Date, DateTime, DateTime64, Array(T),
-Nullable(T)). The insert statement checks every value's JSON type in SQLite and
-is what decides what fits and what is stored; rows that fail a check go to
-the quarantine table.
+Nullable(T)). The insert statement checks every value's JSON type in SQLite (and
+that a date or time exists) and is what decides what fits and what is stored;
+rows that fail a check go to the quarantine table.
 """
 
 from __future__ import annotations
@@ -153,12 +153,18 @@ class Column:
         elif base == "String":
             fits = f"typeof({x}) IN ('text','integer','real')"
         elif base in ("DateTime", "DateTime64"):
+            # A date alone is 10 characters; else the first 19 are the local date and
+            # time, before any fraction or time zone (which would normalise it).
             fits = (
                 f"typeof({x}) = 'text' AND ({x} GLOB {_sql_str(_DATETIME_GLOB)} OR {x} GLOB {_sql_str(_DATE_GLOB)}) "
-                f"AND datetime({x}) IS NOT NULL"
+                f"AND datetime({x}) IS NOT NULL AND CASE WHEN length({x}) = 10 THEN {_possible_date(x)} "
+                f"ELSE {_possible_datetime(f'substr({x}, 1, 19)')} END"
             )
         elif base == "Date":
-            fits = f"typeof({x}) = 'text' AND {x} GLOB {_sql_str(_DATE_GLOB)} AND date({x}) IS NOT NULL"
+            fits = (
+                f"typeof({x}) = 'text' AND {x} GLOB {_sql_str(_DATE_GLOB)} AND date({x}) IS NOT NULL "
+                f"AND {_possible_date(x)}"
+            )
         elif base.startswith("Array("):
             allowed = _ELEMENT_JSON_TYPES[base[6:-1]]
             fits = (
@@ -186,6 +192,18 @@ class Column:
 
     def sql_json_type(self) -> str:
         return f"json_type(v, {_sql_str(self.sql_path)})"
+
+
+def _possible_date(x: str) -> str:
+    """SQL: the date ``YYYY-MM-DD`` exists. SQLite reads days up to 31 in any month
+    (2021-02-30) and shifts them into the next month once a modifier applies."""
+    return f"date({x}, '+0 days') = {x}"
+
+
+def _possible_datetime(x: str) -> str:
+    """SQL: ``YYYY-MM-DD[ T]HH:MM:SS`` exists; as :func:`_possible_date`, and SQLite
+    reads 24:00:00 as the next day's midnight."""
+    return f"datetime({x}, '+0 seconds') = replace({x}, 'T', ' ')"
 
 
 @dataclasses.dataclass(frozen=True)

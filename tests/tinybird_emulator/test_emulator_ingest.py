@@ -396,3 +396,50 @@ def test_a_valid_surrogate_pair_and_large_numbers_are_stored(client, ds):
         {"a": 1e308, "s": "\U0001f600"},
         {"a": 0.0, "s": "\u00e9"},
     ]
+
+
+IMPOSSIBLE_DATES = [
+    # (DateTime value, Date value, the columns quarantine names)
+    ("2021-02-30 10:00:00", "2021-02-28", ["ts"]),  # February 30
+    ("2021-04-30 10:00:00", "2021-04-31", ["day"]),  # April 31
+    ("2021-01-01 24:00:00", "2021-01-01", ["ts"]),  # hour 24
+    ("2021-02-29 00:00:00", "2021-02-29", ["ts", "day"]),  # leap day in a year that has none
+    ("2021-02-30T10:00:00+02:00", "2021-01-01", ["ts"]),  # February 30 with a time zone
+    ("2021-02-31 10:00:00.123", "2021-01-01", ["ts"]),  # February 31 with a fraction
+    ("2021-04-31", "2021-01-01", ["ts"]),  # a date alone in a DateTime column
+]
+
+
+@pytest.mark.parametrize(("ts", "day", "columns"), IMPOSSIBLE_DATES)
+def test_impossible_dates_are_quarantined(client, ds, ts, day, columns):
+    assert_ok(client.post(ds, ndjson({"id": 1, "ts": "2020-04-05 00:05:38", "day": "2020-04-05"})), 200, 1)
+    assert [c["type"] for c in client.server.datasources()[ds]["columns"]] == ["Int64", "DateTime", "Date"]
+    assert_ok(client.post(ds, ndjson({"id": 2, "ts": ts, "day": day})), 200, 0, 1)
+    assert client.server.query(f"SELECT id FROM {ds}") == [{"id": 1}]
+    q = client.quarantined(ds)
+    assert [(r["ts"], r["day"], r["c__error_column"]) for r in q] == [(ts, day, columns)]
+
+
+def test_impossible_dates_in_a_date_column(client, ds):
+    assert_ok(client.post(ds, ndjson({"id": 1, "day": "2020-04-05"})), 200, 1)
+    assert client.server.datasources()[ds]["columns"][1]["type"] == "Date"
+    body = ndjson({"id": 2, "day": "2021-04-31"}, {"id": 3, "day": "2021-02-29"}, {"id": 4, "day": "2021-02-30"})
+    assert_ok(client.post(ds, body), 200, 0, 3)
+    assert [r["day"] for r in client.quarantined(ds)] == ["2021-04-31", "2021-02-29", "2021-02-30"]
+
+
+def test_possible_dates_at_the_edges_are_stored(client, ds):
+    assert_ok(client.post(ds, ndjson({"id": 1, "ts": "2020-04-05 00:05:38", "day": "2020-04-05"})), 200, 1)
+    body = ndjson(
+        {"id": 2, "ts": "2024-02-29 23:59:59", "day": "2024-02-29"},
+        {"id": 3, "ts": "2021-04-30T00:00:00", "day": "2021-12-31"},
+        {"id": 4, "ts": "2021-03-01T01:00:00+02:00", "day": "2000-02-29"},
+        {"id": 5, "ts": "2021-01-31", "day": "2021-01-31"},
+    )
+    assert_ok(client.post(ds, body), 200, 4)
+    assert client.server.query(f"SELECT id, ts, day FROM {ds} WHERE id > 1 ORDER BY id") == [
+        {"id": 2, "ts": "2024-02-29 23:59:59", "day": "2024-02-29"},
+        {"id": 3, "ts": "2021-04-30 00:00:00", "day": "2021-12-31"},
+        {"id": 4, "ts": "2021-02-28 23:00:00", "day": "2000-02-29"},
+        {"id": 5, "ts": "2021-01-31 00:00:00", "day": "2021-01-31"},
+    ]
