@@ -2,7 +2,7 @@
 
 aiohttp logs a request it cannot parse at ERROR (``aiohttp.server``) with the raw
 request line or header quoted in the exception, so a token in an Authorization
-header or a ``?token=`` query would be written to the log. :class:`RedactingFilter`
+header or a ``?token=`` query (``%74oken=`` too) would be written to the log. :class:`RedactingFilter`
 rewrites such records before any handler formats them.
 """
 
@@ -24,13 +24,24 @@ REQUEST_BYTES_NOT_LOGGED = "<request bytes not logged>"
 # Shorter "secrets" would blank out ordinary words, and are no secret anyway.
 _MIN_SECRET_CHARS = 8
 
+
+
+def _maybe_percent_encoded(word: str) -> str:
+    """A pattern for ``word`` with any of its letters percent-encoded, in either case:
+    a server decodes ``%74oken=`` into ``token=`` (aiohttp's pure-Python parser logs
+    a malformed request line as it came)."""
+    return "".join(
+        f"(?:{re.escape(c)}|%{ord(c.lower()):02x}|%{ord(c.upper()):02x})" for c in word
+    )
+
+
 _PATTERNS: tuple[re.Pattern[str], ...] = (
     # An Authorization header, whatever its scheme: raw, in a bytes repr or in a dict of headers.
     re.compile(r"""(?i)(\bauthorization['"]?\s*[:=]\s*['"]?)[^'"\r\n]+"""),
     # A bearer token quoted without its header name.
     re.compile(r"""(?i)(\bbearer(?:\s|\\t|%20|\+)+)[^\s'"&,;]+"""),
-    # ?token=... (also access_token=...) in a URL or a request line.
-    re.compile(r"""(?i)(token(?:=|%3D))[^\s'"&#;]+"""),
+    # ?token=... (also access_token=..., and %74oken=...) in a URL or a request line.
+    re.compile(rf"""(?i)({_maybe_percent_encoded("token")}(?:=|%3D))[^\s'"&#;]+"""),
 )
 # A bytes literal quoted by aiohttp's parser, with the caret line that points into it.
 # The parser quotes only what arrived in the last TCP segment, which may start in the
