@@ -58,6 +58,8 @@ _DATETIME_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9][ T][0-9][0-9]:[0-9]
 _DATE_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]"
 
 _EMPTY_ARRAY = "Array()"
+# Scalar columns whose value is a JSON string (or may be: String takes numbers too).
+_TEXT_BASES = frozenset({"String", "DateTime", "DateTime64", "Date"})
 _SCALARS = ("Int64", "Float64", "String", "Bool", "Date", "DateTime", "DateTime64")
 _ELEMENT_JSON_TYPES = {
     "Int64": "('integer')",
@@ -173,10 +175,23 @@ class Column:
             )
         else:  # pragma: no cover - schemas are built by this module
             raise ValueError(f"unknown column type {base!r}")
+        if base in _TEXT_BASES:
+            fits = f"{fits} AND NOT {self.sql_holds_nul()}"
         if self.nullable:
             absent = f"{x} IS NULL OR {x} = 'null'" if base.startswith("Array(") else f"{x} IS NULL"
             return f"coalesce({absent} OR ({fits}), 0)"
         return f"coalesce(({fits}), 0)"
+
+    def sql_holds_nul(self) -> str:
+        """1 when this column's value is a string holding ``\\u0000``, else 0.
+
+        SQLite's ``->>`` ends a string at its first NUL ("a\\u0000b" gives "a"), so
+        such a value would be stored cut short, or a cut-off date would fit: the row
+        is quarantined instead. The escape is looked for in the value's JSON text once
+        escaped backslashes (``\\\\``) are removed; ``z`` tells whether the row's text
+        holds it at all, so that the usual row costs one search.
+        """
+        return f"(z <> 0 AND coalesce(instr(replace((v -> {_sql_str(self.sql_path)}), '\\\\', ''), '\\u0000'), 0) <> 0)"
 
     def sql_store(self, x: str) -> str:
         """The value to store from the extracted ``x``, assuming :meth:`sql_check` passed."""
@@ -265,7 +280,7 @@ class Schema:
         # LIMIT -1 keeps each subquery from being flattened into its parent, which
         # would evaluate the element text and the extractions once per reference.
         return (
-            f"(SELECT {'k, ' if with_key else ''}v{extracts} "
+            f"(SELECT {'k, ' if with_key else ''}v, instr(v, '\\u0000') AS z{extracts} "
             f"FROM (SELECT {key}value AS v FROM json_each(?1) LIMIT -1) LIMIT -1)"
         )
 
@@ -280,9 +295,11 @@ class Schema:
 
     def misfits_statement(self) -> str:
         """Selects, for rows of the array that do not fit: index, text, then per column
-        (fits, JSON type, raw value)."""
+        (fits, JSON type, raw value, holds ``\\u0000``)."""
         per_col = "".join(
-            f", {c.sql_check(f'x{i}')}, {c.sql_json_type()}, x{i}" for i, c in enumerate(self.columns)
+            f", {c.sql_check(f'x{i}')}, {c.sql_json_type()}, x{i}, "
+            + (c.sql_holds_nul() if c.base in _TEXT_BASES else "0")
+            for i, c in enumerate(self.columns)
         )
         return f"SELECT k, v{per_col} FROM {self._extracted(with_key=True)} WHERE NOT ({self.ok_expression()})"
 

@@ -472,12 +472,17 @@ class Store:
             errors: list[str] = []
             raws: list[Any] = []
             for i, col in enumerate(schema.columns):
-                fits, json_type, raw = row[2 + 3 * i : 5 + 3 * i]
+                fits, json_type, raw, holds_nul = row[2 + 4 * i : 6 + 4 * i]
                 raws.append(raw)
                 if fits:
                     continue
                 error_columns.append(col.name)
-                if json_type is None:
+                if holds_nul:
+                    errors.append(
+                        f"value of column '{col.name}' ({col.type}) holds \\u0000 (a NUL character), "
+                        "which the local server cannot store"
+                    )
+                elif json_type is None:
                     errors.append(f"column '{col.name}' ({col.type}) is missing")
                 elif json_type == "null":
                     errors.append(f"column '{col.name}' ({col.type}) cannot be null")

@@ -443,3 +443,35 @@ def test_possible_dates_at_the_edges_are_stored(client, ds):
         {"id": 4, "ts": "2021-02-28 23:00:00", "day": "2000-02-29"},
         {"id": 5, "ts": "2021-01-31 00:00:00", "day": "2021-01-31"},
     ]
+
+
+def test_a_string_holding_nul_is_quarantined_not_cut_short(client, ds):
+    assert_ok(client.post(ds, ndjson({"id": 1, "s": "x", "ts": "2020-04-05 00:05:38"})), 200, 1)
+    nul_in_string = b'{"id": 2, "s": "a\\u0000b", "ts": "2020-04-05 00:05:38"}'
+    nul_after_backslash = b'{"id": 3, "s": "\\\\\\u0000", "ts": "2020-04-05 00:05:38"}'
+    nul_in_date = b'{"id": 4, "s": "d", "ts": "2020-04-05 00:05:38\\u0000 and more"}'
+    escaped_backslash = b'{"id": 5, "s": "a\\\\u0000b", "ts": "2020-04-05 00:05:38"}'  # text: a\u0000b
+    nul_elsewhere = b'{"id": 6, "s": "e", "ts": "2020-04-05 00:05:38", "unknown": "\\u0000"}'
+    body = b"\n".join([nul_in_string, nul_after_backslash, nul_in_date, escaped_backslash, nul_elsewhere]) + b"\n"
+    assert_ok(client.post(ds, body), 200, 2, 3)
+    assert client.server.query(f"SELECT id, s, length(s) AS n FROM {ds} ORDER BY id") == [
+        {"id": 1, "s": "x", "n": 1},
+        {"id": 5, "s": "a\\u0000b", "n": 8},
+        {"id": 6, "s": "e", "n": 1},
+    ]
+    q = client.quarantined(ds)
+    assert [(json.loads(r["c__raw"]), r["c__error_column"]) for r in q] == [
+        (json.loads(nul_in_string), ["s"]),
+        (json.loads(nul_after_backslash), ["s"]),
+        (json.loads(nul_in_date), ["ts"]),
+    ]
+    assert q[0]["c__error"] == [
+        "value of column 's' (String) holds \\u0000 (a NUL character), which the local server cannot store"
+    ]
+
+
+def test_a_string_holding_nul_in_a_first_batch(client, ds):
+    body = b'{"id": 1, "s": "a\\u0000b"}\n{"id": 2, "s": "c"}\n'
+    assert_ok(client.post(ds, body), 200, 1, 1)
+    assert client.server.query(f"SELECT id, s FROM {ds}") == [{"id": 2, "s": "c"}]
+    assert [r["c__error_column"] for r in client.quarantined(ds)] == [["s"]]
