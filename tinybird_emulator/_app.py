@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import struct
 import sys
 import threading
@@ -31,7 +32,7 @@ from typing import Any, NamedTuple
 import orjson
 from aiohttp import HttpVersion11, web
 
-from tinybird_emulator._body import BodyError, decompress, parse_body
+from tinybird_emulator._body import BodyError, decompress, json_array, parse_body
 from tinybird_emulator._client_routes import ClientRoutes
 from tinybird_emulator._config import ServerConfig
 from tinybird_emulator._faults import WHEN_AFTER, FaultInjector, FiredFault, parse_rules
@@ -83,27 +84,60 @@ class _Decoded(NamedTuple):
     invalid: list[tuple[str, str]]
     new_schema: Schema | None
     cost_bytes: int
+    # Of ``lines``, those that fit the schema (what the writer will store); None when not counted.
+    fitting_rows: int | None = None
+
+
+_fit_local = threading.local()
+
+
+def _count_fitting(schema: Schema, lines: list[str]) -> int | None:
+    """How many of ``lines`` the writer will store under ``schema``; None when SQLite
+    refuses the array as a whole (the writer then goes row by row)."""
+    conn = getattr(_fit_local, "conn", None)
+    if conn is None:
+        conn = _fit_local.conn = sqlite3.connect(":memory:")
+    try:
+        (count,) = conn.execute(schema.count_fitting_statement(), (json_array(lines),)).fetchone()
+    except sqlite3.Error:
+        return None
+    return int(count)
 
 
 def _decode(
-    wire: bytes, encoding: str, max_bytes: int, fmt: str, name: str, schema_known: bool
+    wire: bytes,
+    encoding: str,
+    max_bytes: int,
+    fmt: str,
+    name: str,
+    known_schema: Schema | None,
+    count_fitting: bool = False,
 ) -> _Decoded:
-    """Decompresses and validates a body, and infers the schema of a new data source.
-    Runs in the pool."""
+    """Decompresses and validates a body, infers the schema of a new data source, and
+    when asked counts the rows that fit (the counts of a 202). Runs in the pool."""
     data = decompress(wire, encoding, max_bytes=max_bytes)
     if len(data) > max_bytes:
         raise BodyError(413, f"body is larger than the limit of {max_bytes} bytes")
-    parsed = parse_body(data, fmt=fmt, keep_objects=not schema_known)
+    parsed = parse_body(data, fmt=fmt, keep_objects=known_schema is None)
     del data
     new_schema = None
-    if not schema_known and parsed.lines:
+    if known_schema is None and parsed.lines:
         new_schema = infer_schema(name, parsed.objects or [])
+    fitting_rows = None
+    schema = known_schema or new_schema
+    if count_fitting and parsed.lines and schema is not None and schema.columns:
+        fitting_rows = _count_fitting(schema, parsed.lines)
     return _Decoded(
         lines=parsed.lines,
         invalid=parsed.invalid,
         new_schema=new_schema,
         cost_bytes=parsed.array_chars + sum(len(raw) for raw, _ in parsed.invalid) + 256,
+        fitting_rows=fitting_rows,
     )
+
+
+def _wants_wait(request: web.Request) -> bool:
+    return request.query.get("wait", "").lower() in ("true", "1", "yes")
 
 
 class Received(NamedTuple):
@@ -230,7 +264,7 @@ class EventsApp:
         async with self._decode_sem:
             try:
                 decoded = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, _decode, wire, encoding, self.config.max_body_bytes, fmt, name, True
+                    self._pool, _decode, wire, encoding, self.config.max_body_bytes, fmt, name, self.store.schema(name)
                 )
             except BodyError as exc:
                 return _error(exc.status, exc.message)
@@ -308,10 +342,18 @@ class EventsApp:
             request["rate"] = byte_decision
             return _error(429, byte_decision.reason, headers={"Retry-After": str(byte_decision.retry_after_secs)})
         async with self._decode_sem:
-            schema_known = name in self._pending_schemas or self.store.schema(name) is not None
+            known_schema = self.store.schema(name) or self._pending_schemas.get(name)
             try:
                 decoded = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, _decode, wire, encoding, self.config.max_body_bytes, fmt, name, schema_known
+                    self._pool,
+                    _decode,
+                    wire,
+                    encoding,
+                    self.config.max_body_bytes,
+                    fmt,
+                    name,
+                    known_schema,
+                    not _wants_wait(request),
                 )
             except BodyError as exc:
                 return _error(exc.status, exc.message)
@@ -331,7 +373,7 @@ class EventsApp:
     ) -> web.StreamResponse:
         """Fault rules, then the write: 202 at once, or 200 once committed (``wait``)."""
         loop = asyncio.get_running_loop()
-        wait = request.query.get("wait", "").lower() in ("true", "1", "yes")
+        wait = _wants_wait(request)
         fault = self.faults.decide(name)
         if fault is not None and fault.rule.when != WHEN_AFTER:
             outcome = await self._apply_fault(request, fault)
@@ -366,9 +408,15 @@ class EventsApp:
             return _error(503, "the write queue is full; nothing was inserted, retry later")
         if new_schema is not None:
             self._pending_schemas.setdefault(name, new_schema)
+        fitting = len(job.lines) if decoded.fitting_rows is None else decoded.fitting_rows
         del decoded
         if future is None:
-            return _json({"successful_rows": len(job.lines), "quarantined_rows": len(job.invalid)}, status=202)
+            # The counts the writer will reach: rows that do not fit the schema are
+            # quarantined as well as lines that are not JSON objects.
+            return _json(
+                {"successful_rows": fitting, "quarantined_rows": len(job.invalid) + len(job.lines) - fitting},
+                status=202,
+            )
         result = await asyncio.shield(future)
         if isinstance(result, BaseException):
             return _error(500, f"the write failed: {result}")

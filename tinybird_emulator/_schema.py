@@ -293,6 +293,10 @@ class Schema:
             f"FROM {self._extracted(with_key=False)} WHERE {self.ok_expression()}"
         )
 
+    def count_fitting_statement(self) -> str:
+        """Counts the rows of a JSON array (parameter 1) that :meth:`insert_statement` stores."""
+        return f"SELECT count(*) FROM {self._extracted(with_key=False)} WHERE {self.ok_expression()}"
+
     def misfits_statement(self) -> str:
         """Selects, for rows of the array that do not fit: index, text, then per column
         (fits, JSON type, raw value, holds ``\\u0000``)."""

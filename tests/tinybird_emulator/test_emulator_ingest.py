@@ -475,3 +475,27 @@ def test_a_string_holding_nul_in_a_first_batch(client, ds):
     assert_ok(client.post(ds, body), 200, 1, 1)
     assert client.server.query(f"SELECT id, s FROM {ds}") == [{"id": 2, "s": "c"}]
     assert [r["c__error_column"] for r in client.quarantined(ds)] == [["s"]]
+
+
+def test_202_counts_rows_that_do_not_fit_the_schema_as_quarantined(client, ds):
+    assert_ok(client.post(ds, ndjson({"id": 1, "ts": "2020-04-05 00:05:38"})), 200, 1)
+    body = (
+        ndjson({"id": 2, "ts": "2020-04-05 00:05:39"})
+        + ndjson({"id": "two", "ts": "2020-04-05 00:05:40"})  # not an Int64
+        + ndjson({"id": 4, "ts": "2021-02-30 00:00:00"})  # no such day
+        + ndjson({"ts": "2020-04-05 00:05:41"})  # id missing
+        + b"nope\n"
+    )
+    assert_ok(client.post(ds, body, wait=False), 202, 1, 4)
+    # The same counts as the answer once committed, and as what is stored.
+    assert_ok(client.post(ds, body), 200, 1, 4)
+    assert client.server.query(f"SELECT id FROM {ds} ORDER BY rowid") == [{"id": 1}, {"id": 2}, {"id": 2}]
+    assert len(client.quarantined(ds)) == 8
+
+
+def test_202_counts_of_a_first_batch_follow_its_inferred_schema(client, ds):
+    body = ndjson({"id": 1, "ts": "2020-04-05 00:05:38"}, {"id": 2, "ts": "2021-02-30 00:00:00"}) + b"nope\n"
+    assert_ok(client.post(ds, body, wait=False), 202, 1, 2)
+    client.server.flush()
+    assert client.server.query(f"SELECT id, ts FROM {ds}") == [{"id": 1, "ts": "2020-04-05 00:05:38"}]
+    assert len(client.quarantined(ds)) == 2
