@@ -178,17 +178,22 @@ def run_checked(command: Sequence[str], *, cwd: Path, env: dict[str, str] | None
     return result.stdout
 
 
-def build_wheel(sources: Sequence[str], into: Path) -> Path:
-    """The project's wheel, built offline from a copy of ``sources`` (nothing is written into the
-    checkout), with the build backend of this venv (the test extra holds it)."""
-    source = into / "source"
-    source.mkdir(parents=True)
+def copy_sources(sources: Sequence[str], into: Path) -> Path:
+    """A copy of the checkout's ``sources`` (files and folders, less bytecode) in ``into``; returns ``into``."""
+    into.mkdir(parents=True)
     for name in sources:
         path = REPO_ROOT / name
         if path.is_dir():
-            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(path, into / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
-            shutil.copy2(path, source / name)
+            shutil.copy2(path, into / name)
+    return into
+
+
+def build_wheel(sources: Sequence[str], into: Path) -> Path:
+    """The project's wheel, built offline from a copy of ``sources`` (nothing is written into the
+    checkout), with the build backend of this venv (the test extra holds it)."""
+    source = copy_sources(sources, into / "source")
     run_checked([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
             "--wheel-dir", str(into / "wheels"), str(source)], cwd=into)
     (wheel,) = (into / "wheels").glob("beam_tinybird-*.whl")

@@ -8,7 +8,6 @@ extra (aiohttp) and the checkout's own editable install (``pipelines_testlib``).
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
-from pipelines_testlib import build_wheel, clean_env, venv_with_wheel
+from pipelines_testlib import build_wheel, clean_env, copy_sources, venv_with_wheel
 
 from pipelines._endpoint import LOCAL_EXTRA_MODULES
 
@@ -112,14 +111,7 @@ def test_the_sdist_dataflow_stages_builds_with_the_setuptools_the_gcp_extra_brin
         wanted = f"setuptools>={floor},<{int(floor.split('.')[0]) + 1}"
     else:
         wanted = f"setuptools=={setuptools}"
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in _SOURCES:
-        path = REPO_ROOT / name
-        if path.is_dir():
-            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(path, source / name)
+    source = copy_sources(_SOURCES, tmp_path / "source")
     venv = tmp_path / "venv"
     assert _run([sys.executable, "-m", "venv", "--without-pip", str(venv)]).returncode == 0
     python = str(venv / "bin" / "python")
