@@ -25,9 +25,10 @@ from typing import Any, Union
 
 import apache_beam as beam
 import orjson
-from apache_beam.coders import BytesCoder
-from apache_beam.io import ReadFromAvro, ReadFromParquet, ReadFromText, fileio
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io import ReadFromAvro, ReadFromParquet, fileio
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.restriction_trackers import OffsetRange
 
 from sinks.tinybird._encoding import EncodingError, encode_element
 
@@ -53,6 +54,8 @@ _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".deflate", ".zst", ".zstd", ".xz", ".lz
 _UTF8_BOM = b"\xef\xbb\xbf"
 # Bytes asked of a Beam file at once when a whole file is read (Beam's own read size).
 _READ_BYTES = 16 * 1024 * 1024
+# Bytes of an uncompressed NDJSON file read as one part, by any worker (ReadAllFromText's default).
+_RANGE_BYTES = 64 * 1024 * 1024
 # Bytes that are not UTF-8, as decoded with errors="surrogateescape".
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _CUT_SHORT = "the compressed data stops before its end (a truncated file): what followed is lost"
@@ -229,7 +232,7 @@ class _CutShort(EOFError):
 
 
 class _RawFile(io.RawIOBase):
-    """A file from Beam's filesystems as a raw binary stream, for ``io.TextIOWrapper``.
+    """A file from Beam's filesystems as a raw binary stream, for ``io.BufferedReader``.
 
     Beam opens a compressed file as a ``CompressedFile``, which is no ``io``
     object (TextIOWrapper asks it for ``writable``), whatever the compression.
@@ -300,25 +303,79 @@ def _exact_number(value: decimal.Decimal) -> orjson.Fragment:
     return orjson.Fragment(str(value))
 
 
-class _CompressedNdjsonDoFn(beam.DoFn):
-    """A compressed NDJSON file, line by line, as ``ReadFromText`` reads it.
+class _NdjsonPartsDoFn(beam.DoFn):
+    """A matched NDJSON file as the parts that workers read apart: ``(metadata, start, stop)``.
 
-    ``ReadFromText`` cannot split a compressed file either, but it ends quietly
-    where the compressed data stops short: a cut ``.bz2`` or ``.zst`` gave no
-    line at all. Here such a file ends with an :class:`UnreadableRecord` that
-    says so.
+    An uncompressed file is cut into byte ranges, as ``ReadFromText`` splits one.
+    A file whose name has a compression suffix is one part, read whole: compressed
+    data cannot be read from its middle.
     """
 
-    def process(self, readable: fileio.ReadableFile) -> Iterator[Record]:
-        lines_read = 0
-        with readable.open(mime_type="application/octet-stream") as file:
-            try:
-                for line in io.BufferedReader(_RawFile(file)):
-                    lines_read += 1
-                    yield from _non_blank_lines(line.rstrip(b"\r\n"))
-            except _CutShort:
-                yield UnreadableRecord(path=readable.metadata.path, position=f"after line {lines_read}",
-                                       reason=_CUT_SHORT, text="")
+    def __init__(self, range_bytes: int) -> None:
+        self._range_bytes = range_bytes
+
+    def process(self, metadata: FileMetadata) -> Iterator[tuple[FileMetadata, int, int]]:
+        if compression_suffix(metadata.path):
+            yield metadata, 0, metadata.size_in_bytes
+            return
+        for part in OffsetRange(0, metadata.size_in_bytes).split(self._range_bytes):
+            yield metadata, part.start, part.stop
+
+
+class _NdjsonDoFn(beam.DoFn):
+    """A part of an NDJSON file (see :class:`_NdjsonPartsDoFn`), line by line.
+
+    Each file is read as its own name says, whatever the pattern that matched it:
+    one with a compression suffix is decompressed, and where its compressed data
+    stops short (a cut ``.gz`` gives its first lines, a cut ``.bz2`` or ``.zst``
+    none) it ends with an :class:`UnreadableRecord` that says so, which
+    ``ReadFromText`` does not; any other is read uncompressed.
+    """
+
+    def process(self, part: tuple[FileMetadata, int, int]) -> Iterator[Record]:
+        metadata, start, stop = part
+        if compression_suffix(metadata.path):
+            yield from _compressed_ndjson(metadata.path)
+            return
+        for line in _lines_starting_in(metadata.path, start, stop):
+            yield from _non_blank_lines(line)
+
+
+def _compressed_ndjson(path: str) -> Iterator[Record]:
+    """The records of a compressed NDJSON file, then one saying so if it stops short.
+
+    ``ReadFromText`` cannot split a compressed file either, but it ends quietly
+    where the compressed data stops: a cut ``.bz2`` or ``.zst`` gave no line at all.
+    """
+    lines_read = 0
+    with FileSystems.open(path, "application/octet-stream", compression_type=CompressionTypes.AUTO) as file:
+        try:
+            for line in io.BufferedReader(_RawFile(file)):
+                lines_read += 1
+                yield from _non_blank_lines(line.rstrip(b"\r\n"))
+        except _CutShort:
+            yield UnreadableRecord(path=path, position=f"after line {lines_read}", reason=_CUT_SHORT, text="")
+
+
+def _lines_starting_in(path: str, start: int, stop: int) -> Iterator[bytes]:
+    """The lines of an uncompressed file that start at a byte in ``[start, stop)``, without their ends.
+
+    As ``ReadFromText`` reads a range: a line that starts in it is read whole,
+    past ``stop`` if need be, and the line that the byte before ``start`` belongs
+    to is the range before's. A line ends at ``\\n``; a ``\\r`` before it goes
+    with it. Read through a buffer: a Beam file may have no ``readline`` of its
+    own (a GCS one reads a line byte by byte).
+    """
+    with FileSystems.open(path, "application/octet-stream",
+                          compression_type=CompressionTypes.UNCOMPRESSED) as file:
+        position = max(start - 1, 0)
+        file.seek(position)
+        lines = io.BufferedReader(_RawFile(file))
+        if start:
+            position += len(lines.readline())
+        while position < stop and (line := lines.readline()):
+            position += len(line)
+            yield line[:-2] if line.endswith(b"\r\n") else line.removesuffix(b"\n")
 
 
 class _JsonDocumentDoFn(beam.DoFn):
@@ -551,6 +608,12 @@ def binary_safe_record(record: dict[str, Any]) -> bytes | dict[str, Any]:
 class ReadRecords(beam.PTransform):
     """Reads files matching ``file_pattern`` in ``file_format`` as records for the sink.
 
+    Each NDJSON file is read as its own name says, whatever the pattern: one with
+    a compression suffix (:func:`compression_suffix`) whole, by one worker,
+    ending with an :class:`UnreadableRecord` where its compressed data stops
+    short; any other uncompressed, in 64 MiB ranges read in parallel. JSON and
+    CSV files are read whole, decompressed by their suffixes.
+
     Args:
         file_pattern: A glob on any Beam filesystem.
         file_format: One of :data:`FORMATS`.
@@ -569,12 +632,6 @@ class ReadRecords(beam.PTransform):
         self._format = file_format
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        if self._format == "ndjson" and not compression_suffix(self._pattern):
-            return (
-                pbegin
-                | "ReadLines" >> ReadFromText(self._pattern, coder=BytesCoder(), validate=False)
-                | "SkipBlankLines" >> beam.FlatMap(_non_blank_lines)
-            )
         if self._format == "avro":
             return (
                 pbegin
@@ -587,13 +644,20 @@ class ReadRecords(beam.PTransform):
                 | "ReadParquet" >> ReadFromParquet(self._pattern, validate=False)
                 | "BinaryAsBase64" >> beam.Map(binary_safe_record)
             )
-        parse = {"ndjson": _CompressedNdjsonDoFn, "json": _JsonDocumentDoFn, "csv": _CsvDoFn}[self._format]()
+        files = pbegin | "MatchFiles" >> fileio.MatchFiles(self._pattern)
+        if self._format == "ndjson":
+            return (
+                files
+                | "SplitFiles" >> beam.ParDo(_NdjsonPartsDoFn(_RANGE_BYTES))
+                # Spread the parts over workers before reading them.
+                | "SpreadFiles" >> beam.Reshuffle()
+                | "ParseNDJSON" >> beam.ParDo(_NdjsonDoFn())
+            )
+        parse = {"json": _JsonDocumentDoFn, "csv": _CsvDoFn}[self._format]()
         return (
-            pbegin
-            | "MatchFiles" >> fileio.MatchFiles(self._pattern)
+            files
             # Spread the files over workers before reading them whole.
             | "SpreadFiles" >> beam.Reshuffle()
             | "OpenFiles" >> fileio.ReadMatches(compression=CompressionTypes.AUTO)
             | f"Parse{self._format.upper()}" >> beam.ParDo(parse)
         )
-

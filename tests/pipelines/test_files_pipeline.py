@@ -312,6 +312,78 @@ def test_a_compressed_file_cut_short_ends_in_a_dead_letter_saying_so(
     assert len(letters) - 1 <= (file_format == "json")
 
 
+def _whole_lines(data: bytes) -> list[bytes]:
+    """The lines of ``data`` that end with a newline (a cut file's last line is lost, and said to be)."""
+    return data[: data.rfind(b"\n") + 1].splitlines()
+
+
+def test_a_glob_without_a_compression_suffix_reads_a_compressed_file_cut_short_as_strictly(
+        server, datasource, tmp_path):
+    # --input 'export/part-*': ReadFromText decompressed each file by its own suffix and ended
+    # quietly where one stopped short (half of the .gz's rows, none of the .zst's, no dead letter).
+    export = tmp_path / "export"
+    export.mkdir()
+    plain = [{"id": i, "name": f"p{i}"} for i in range(1000)]
+    (export / "part-0").write_text("".join(json.dumps(r) + "\n" for r in plain))
+    readable: list[bytes] = []
+    cut_files = {}
+    for number, (suffix, decompressor) in enumerate(
+            [(".gz", zlib.decompressobj(wbits=31)), (".zst", zstandard.ZstdDecompressor().decompressobj())], 1):
+        text = "".join(json.dumps({"id": number * 10_000 + i, "name": f"c{i}"}) + "\n" for i in range(2000))
+        whole = COMPRESSORS[suffix](text.encode())
+        path = export / f"part-{number}{suffix}"
+        path.write_bytes(whole[: len(whole) // 2])  # an interrupted upload
+        lines = _whole_lines(decompressor.decompress(whole[: len(whole) // 2]))
+        readable.extend(lines)
+        cut_files[str(path)] = len(lines)
+    assert len(readable) > 500  # half of the .gz is readable, and read
+    dead_dir = tmp_path / "dead"
+
+    summary, _ = run_quietly(run, sink_flags(
+        server, datasource, "--input", str(export / "part-*"), "--format", "ndjson",
+        "--dead_letter_path", f"{dead_dir}/"))
+
+    stored = server.query(f"SELECT id, name FROM {datasource} ORDER BY id")
+    assert stored == plain + sorted((json.loads(line) for line in readable), key=lambda r: r["id"])
+    assert (summary.rows_read, summary.rows_acknowledged, summary.dead_letters) == (
+        len(plain) + len(readable) + 2, len(plain) + len(readable), 2)
+    letters = dead_letters_in(dead_dir)
+    assert sorted(d.element for d in letters) == sorted(
+        f"UnreadableRecord({path} after line {lines}: {_formats._CUT_SHORT}; text='')"
+        for path, lines in cut_files.items())
+    assert {d.kind for d in letters} == {"unencodable"}
+
+
+def test_a_glob_matching_plain_and_compressed_files_reads_every_row_once(server, datasource, tmp_path, monkeypatch):
+    # Each uncompressed file is read in ranges of this many bytes, as on a cluster: no row is read
+    # twice where a range ends inside it, nor lost.
+    monkeypatch.setattr(_formats, "_RANGE_BYTES", 4096)
+    export = tmp_path / "export"
+    export.mkdir()
+    rows = [{"id": i, "name": f"n{i}" * (i % 7)} for i in range(6000)]
+
+    def ndjson(part: list[dict], line_end: str = "\n") -> bytes:
+        return "".join(json.dumps(r) + line_end + ("\n" if r["id"] % 100 == 0 else "") for r in part).encode()
+
+    (export / "part-0").write_bytes(ndjson(rows[:2000]))  # about 25 ranges, with blank lines
+    (export / "part-1.ndjson").write_bytes(ndjson(rows[2000:3000], "\r\n"))
+    (export / "part-2.gz").write_bytes(gzip.compress(ndjson(rows[3000:4000])))
+    (export / "part-3.zst").write_bytes(_zstd(ndjson(rows[4000:5000], "\r\n")))
+    # A name holding glob characters is read as itself, not as a pattern matching part-4.
+    (export / "part-[4]").write_bytes(ndjson(rows[5000:5500]))
+    (export / "part-4").write_bytes(ndjson(rows[5500:]))
+    (export / "part-5").write_bytes(b"")
+
+    summary, _ = run_quietly(run, sink_flags(
+        server, datasource, "--input", str(export / "part-*"), "--format", "ndjson"))
+
+    ids = [r["id"] for r in server.query(f"SELECT id FROM {datasource} ORDER BY id")]
+    assert ids == list(range(6000))
+    assert (summary.rows_read, summary.rows_acknowledged, summary.dead_letters) == (6000, 6000, 0)
+    assert server.query(f"SELECT name FROM {datasource} WHERE id IN (2006, 4006) ORDER BY id") == [
+        {"name": "n2006" * 4}, {"name": "n4006" * 2}]  # no \r left on a \r\n line
+
+
 def test_a_compressed_json_file_larger_than_one_beam_read_is_read_whole(server, datasource, tmp_path):
     # Beam's CompressedFile.read() with no size returns 16 MiB: the rest of the file was dropped.
     rows = [{"id": i, "pad": chr(ord("a") + i) * (1024 * 1024)} for i in range(20)]  # 20 MiB

@@ -5,11 +5,17 @@ from __future__ import annotations
 import decimal
 import logging
 import pickle
+import random
 
 import apache_beam as beam
 import fastavro
 import orjson
 import pytest
+from apache_beam.coders import BytesCoder
+from apache_beam.io import textio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.range_trackers import OffsetRangeTracker
+from apache_beam.io.restriction_trackers import OffsetRange
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -18,6 +24,7 @@ from pipelines import files_to_tinybird, replay_dead_letters, streaming_to_tinyb
 from pipelines._endpoint import Endpoint
 from pipelines._formats import (
     UnreadableRecord,
+    _lines_starting_in,
     binary_safe_record,
     compression_suffix,
     csv_value,
@@ -213,6 +220,25 @@ def test_format_from_path(path, expected):
 ])
 def test_compression_suffix(path, suffix):
     assert compression_suffix(path) == suffix
+
+
+def test_an_uncompressed_file_read_in_ranges_gives_the_lines_readfromtext_gives(tmp_path):
+    # Beam's text source (what ReadFromText reads a range with) over the same ranges and over the
+    # whole file: line ends (\n, \r\n; a lone \r is no end), a range ending inside a line or
+    # between \r and \n, a last line with no end, an empty file.
+    path = str(tmp_path / "lines")
+    text_source = textio._TextSource(path, 0, CompressionTypes.UNCOMPRESSED, True, BytesCoder(), validate=False)
+    pieces = [b"a", b"bb", b"\r", b"\n", b"\r\n", b'{"x": 1}', b"\xef\xbb\xbf", b" "]
+    randomness = random.Random(7)
+    for _ in range(200):
+        data = b"".join(randomness.choices(pieces, k=randomness.randrange(0, 30)))
+        (tmp_path / "lines").write_bytes(data)
+        expected = list(text_source.read_records(path, OffsetRangeTracker(0, len(data))))
+        for range_bytes in (1, 2, 3, 7, 64):
+            ranges = list(OffsetRange(0, len(data)).split(range_bytes))
+            assert [line for r in ranges for line in _lines_starting_in(path, r.start, r.stop)] == expected
+            assert [line for r in ranges for line in text_source.read_records(
+                path, OffsetRangeTracker(r.start, r.stop))] == expected
 
 
 @pytest.mark.parametrize("text, expected", [
