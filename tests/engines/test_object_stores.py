@@ -2,7 +2,8 @@
 stand-ins: ``gs://`` on fake-gcs-server (``STORAGE_EMULATOR_HOST``, which Beam's GCS client,
 google-cloud-storage, honours) and ``s3://`` on moto's server (Beam's ``--s3_endpoint_url``).
 
-Each round trip: events read from the bucket, the first request refused (400) so that 100 rows
+Each round trip: events read from the bucket (in ranges of 2 KiB, each read from its own offset
+of the object, as workers read a large file), the first request refused (400) so that 100 rows
 and one unencodable line become dead letters in the bucket, then the replay job reads them back
 and delivers the 100 rows; every id is stored exactly once. A dead-letter file is written under a
 hidden ``.in-progress-`` name and renamed (a copy and a delete on both stores), so a reader of
@@ -21,7 +22,7 @@ import pytest
 from engines_testlib import fake_gcs_server_binary, loopback_server, new_port, stored_ids
 from pipelines_testlib import run_quietly, sink_flags
 
-from pipelines import files_to_tinybird, replay_dead_letters
+from pipelines import _formats, files_to_tinybird, replay_dead_letters
 from sinks.tinybird.dead_letters import from_dict
 
 ROWS = 600
@@ -126,8 +127,9 @@ def _letters(store: _Store, prefix: str) -> list:
 
 
 @pytest.mark.parametrize("store_name", ["gcs", "s3"])
-def test_files_job_and_replay_round_trip_on_the_bucket(server, datasource, store_name, request):
+def test_files_job_and_replay_round_trip_on_the_bucket(server, datasource, store_name, request, monkeypatch):
     store: _Store = request.getfixturevalue(store_name)
+    monkeypatch.setattr(_formats, "_RANGE_BYTES", 2048)
     run = f"{datasource}/"
     store.put(f"{run}in/events.ndjson", _events())
 
