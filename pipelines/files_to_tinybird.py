@@ -22,8 +22,10 @@ Formats, chosen by ``--format`` or from the extension of ``--input``:
   become base64 text (JSON has no bytes).
 
 NDJSON, JSON and CSV files may be compressed (``.gz``, ``.bz2``, ``.zst``,
-``.deflate``, ``.xz``); Avro and Parquet compress inside the file, and a
-compression suffix on them is refused before anything runs.
+``.deflate``, ``.xz``): each file is read as its own suffix says, whatever the
+pattern, and one cut short ends with a dead letter saying so. Avro and Parquet
+compress inside the file, and a compression suffix on them is refused before
+anything runs.
 
 A record that is not one JSON object (a truncated line, a CSV row with too many
 values) is dead-lettered with the reason, never dropped. With
