@@ -101,7 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="longest time to receive a body; then 408 and the connection is closed "
                        f"(default {DEFAULT_BODY_READ_TIMEOUT_SECS:g})")
     serve.add_argument("--queue-max-bytes", type=int, default=DEFAULT_QUEUE_MAX_BYTES,
-                       help=f"uncommitted bytes before 503 (default {DEFAULT_QUEUE_MAX_BYTES})")
+                       help=f"uncommitted bytes, and bytes of bodies being received, before 503 (default {DEFAULT_QUEUE_MAX_BYTES})")
     serve.add_argument("--queue-max-requests", type=int, default=DEFAULT_QUEUE_MAX_REQUESTS,
                        help=f"uncommitted requests before 503 (default {DEFAULT_QUEUE_MAX_REQUESTS})")
     serve.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL", "EXTRA", "OFF"],

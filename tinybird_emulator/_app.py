@@ -1,7 +1,8 @@
 """The aiohttp application: /v0/events, /v0/tokens, /v0/sql, /v0/datasources, /_emulator/*.
 
 Request flow of ``POST /v0/events``: name -> token -> request rate (429) -> queue
-room (503) -> body, bounded in size (413) and time (408) -> byte rate (429) -> decode and validate
+room (503) -> room for the body among those being received (503) -> body, bounded in size
+(413) and time (408) -> byte rate (429) -> decode and validate
 (400) -> fault rules -> enqueue (503 when full) -> 202, or 200 once committed.
 Every response carries the ``X-RateLimit-*`` headers; every error body is
 ``{"error": "..."}``, except the text/plain 400 that aiohttp itself sends for a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import fcntl
 import logging
 import math
@@ -26,7 +28,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import orjson
@@ -167,6 +169,9 @@ class EventsApp:
         self.faults = FaultInjector(config.faults)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="emulator-decode")
         self._decode_sem: asyncio.Semaphore | None = None
+        # Bytes of request bodies being received or waiting for a decode slot (each request's
+        # Content-Length, or max_body_bytes when it has none): bounded by queue_max_bytes.
+        self._held_bytes = 0
         # The schema of the first job queued for a data source not committed yet.
         # Requests that come meanwhile reuse it instead of parsing their whole body
         # into objects and inferring again: the writer creates the data source with
@@ -258,17 +263,44 @@ class EventsApp:
         if self._decode_sem is None:
             self._decode_sem = asyncio.Semaphore(self.config.max_concurrent_decodes)
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
-        wire = await self._receive(request)
-        if isinstance(wire, web.Response):
-            return wire
-        async with self._decode_sem:
-            try:
-                decoded = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, _decode, wire, encoding, self.config.max_body_bytes, fmt, name, self.store.schema(name)
-                )
-            except BodyError as exc:
-                return _error(exc.status, exc.message)
+        with self._holding(request) as room:
+            if not room:
+                return await self._busy(request)
+            wire = await self._receive(request)
+            if isinstance(wire, web.Response):
+                return wire
+            async with self._decode_sem:
+                try:
+                    decoded = await asyncio.get_running_loop().run_in_executor(
+                        self._pool, _decode, wire, encoding, self.config.max_body_bytes, fmt, name,
+                        self.store.schema(name),
+                    )
+                except BodyError as exc:
+                    return _error(exc.status, exc.message)
         return Received(decoded, len(wire))
+
+    @contextlib.contextmanager
+    def _holding(self, request: web.Request) -> Iterator[bool]:
+        """Room for ``request``'s body while it is received and waits to be decoded: False when
+        the bodies held already fill ``queue_max_bytes`` (one body alone always has room)."""
+        length = request.content_length
+        size = self.config.max_body_bytes if length is None else min(length, self.config.max_body_bytes)
+        if self._held_bytes and self._held_bytes + size > self.config.queue_max_bytes:
+            yield False
+            return
+        self._held_bytes += size
+        try:
+            yield True
+        finally:
+            self._held_bytes -= size
+
+    async def _busy(self, request: web.Request) -> web.Response:
+        """503 for a body that found no room (drained first, so that the client reads it)."""
+        drained = await self._drain(request)
+        response = _error(503, "too many request bodies are being received; nothing was inserted, retry later")
+        if not drained:
+            _close_after(response)
+        return response
 
     # -- /v0/events ----------------------------------------------------------
 
@@ -334,39 +366,42 @@ class EventsApp:
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if self._decode_sem is None:
             self._decode_sem = asyncio.Semaphore(self.config.max_concurrent_decodes)
-        wire = await self._receive(request)
-        if isinstance(wire, web.Response):
-            return wire
-        byte_decision = self.limiter.acquire_bytes(name, len(wire))
-        if not byte_decision.allowed:
-            request["rate"] = byte_decision
-            return _error(429, byte_decision.reason, headers={"Retry-After": str(byte_decision.retry_after_secs)})
-        async with self._decode_sem:
-            known_schema = self.store.schema(name) or self._pending_schemas.get(name)
-            try:
-                decoded = await asyncio.get_running_loop().run_in_executor(
-                    self._pool,
-                    _decode,
-                    wire,
-                    encoding,
-                    self.config.max_body_bytes,
-                    fmt,
-                    name,
-                    known_schema,
-                    not _wants_wait(request),
-                )
-            except BodyError as exc:
-                return _error(exc.status, exc.message)
-            del wire
-            if self.store.schema(name) is not None:
-                self._pending_schemas.pop(name, None)
-                return decoded, None
-            if not decoded.lines:
-                return _error(400, f"cannot create the data source '{name}': the body holds no valid JSON object")
-            new_schema = self._pending_schemas.get(name) or decoded.new_schema
-            if new_schema is None or not new_schema.columns:
-                return _error(400, f"cannot create the data source '{name}': no column could be inferred")
-            return decoded, new_schema
+        with self._holding(request) as room:
+            if not room:
+                return await self._busy(request)
+            wire = await self._receive(request)
+            if isinstance(wire, web.Response):
+                return wire
+            byte_decision = self.limiter.acquire_bytes(name, len(wire))
+            if not byte_decision.allowed:
+                request["rate"] = byte_decision
+                return _error(429, byte_decision.reason, headers={"Retry-After": str(byte_decision.retry_after_secs)})
+            async with self._decode_sem:
+                known_schema = self.store.schema(name) or self._pending_schemas.get(name)
+                try:
+                    decoded = await asyncio.get_running_loop().run_in_executor(
+                        self._pool,
+                        _decode,
+                        wire,
+                        encoding,
+                        self.config.max_body_bytes,
+                        fmt,
+                        name,
+                        known_schema,
+                        not _wants_wait(request),
+                    )
+                except BodyError as exc:
+                    return _error(exc.status, exc.message)
+                del wire
+                if self.store.schema(name) is not None:
+                    self._pending_schemas.pop(name, None)
+                    return decoded, None
+                if not decoded.lines:
+                    return _error(400, f"cannot create the data source '{name}': the body holds no valid JSON object")
+                new_schema = self._pending_schemas.get(name) or decoded.new_schema
+                if new_schema is None or not new_schema.columns:
+                    return _error(400, f"cannot create the data source '{name}': no column could be inferred")
+                return decoded, new_schema
 
     async def _store_and_answer(
         self, request: web.Request, name: str, decoded: _Decoded, new_schema: Schema | None
@@ -628,6 +663,7 @@ class EventsApp:
                 "bytes": nbytes,
                 "max_requests": self.config.queue_max_requests,
                 "max_bytes": self.config.queue_max_bytes,
+                "bodies_held_bytes": self._held_bytes,
             },
             "commits": self.store.commits,
             "uptime_secs": self.clock() - self._started,

@@ -48,10 +48,14 @@ class ServerConfig:
         max_body_bytes: Largest accepted body, checked on the wire size and on the
             decoded size.
         queue_max_bytes: Decoded bytes accepted but not yet committed; beyond it 503.
+            Also the bound on the bytes of the bodies being received or waiting to
+            be decoded (each counted at its ``Content-Length``, or ``max_body_bytes``
+            without one): a body that would pass it is answered 503 (one body alone
+            is always received).
         queue_max_requests: Requests accepted but not yet committed; beyond it 503.
         max_concurrent_decodes: Request bodies decoded at the same time; the others
-            wait with their body read (each at most ``max_body_bytes``), so that a
-            slow upload never holds a slot.
+            wait with their body read (each at most ``max_body_bytes``, all of them
+            within ``queue_max_bytes``), so that a slow upload never holds a slot.
         body_read_timeout_secs: Longest time to receive a whole body (or to drain a
             refused one); past it the answer is 408 and the connection is closed.
         synchronous: SQLite ``PRAGMA synchronous`` (WAL mode). ``FULL`` makes a

@@ -68,7 +68,8 @@ class LocalServer:
         rate_limit_rps: Requests per second per data source; None lifts the limit.
         rate_limit_bytes_per_sec: Bytes per second per data source; None: no limit.
         max_body_bytes: Largest body (wire and decoded).
-        queue_max_bytes: Accepted-but-uncommitted bytes beyond which requests get 503.
+        queue_max_bytes: Accepted-but-uncommitted bytes beyond which requests get 503; also the
+            bytes of the bodies being received (see ``ServerConfig.queue_max_bytes``).
         queue_max_requests: Accepted-but-uncommitted requests beyond which requests get 503.
         faults: Fault rules active from the start (dicts or FaultRule).
         synchronous: SQLite ``PRAGMA synchronous``: FULL (default) or NORMAL.

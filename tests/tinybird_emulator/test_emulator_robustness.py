@@ -17,6 +17,7 @@ import zstandard
 from emulator_testlib import EventsClient, assert_error, assert_ok
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shared_testlib import BUSY_MACHINE_SLACK_SECS, wait_for
 
 from tinybird_emulator import LocalServer
 from tinybird_emulator._config import ServerConfig
@@ -265,6 +266,47 @@ def test_a_refused_body_that_never_comes_gets_its_413_by_the_deadline(impatient)
     assert status == b"HTTP/1.1 413 Request Entity Too Large", answer
     assert headers[b"connection"].lower() == b"close"
     assert orjson.loads(body) == {"error": "the body is larger than the limit of 1000 bytes"}
+
+
+def test_bodies_being_received_are_bounded_in_bytes_and_a_lone_one_always_gets_in(tmp_path):
+    """Bodies read whole wait for a decode slot: those being received hold at most
+    ``queue_max_bytes`` (each counted at its Content-Length); past it, 503 and nothing stored."""
+    with LocalServer(data_dir=tmp_path / "data", rate_limit_rps=None, max_body_bytes=2_000_000,
+                     queue_max_bytes=1_000_000, extra_args=["--body-read-timeout-secs", "2"]) as server:
+        client = EventsClient(server)
+
+        def held() -> int:
+            return server.stats()["queue"]["bodies_held_bytes"]
+
+        # Alone, a body larger than the bound gets in.
+        lone = b"".join(b'{"id": %d, "pad": "%s"}\n' % (i, b"x" * 100) for i in range(12_000))
+        assert len(lone) > 1_000_000
+        assert_ok(client.post("t_lone", lone), 200, 12_000)
+        assert held() == 0
+        # Two uploads that stall mid-body hold 500,000 + 400,000 bytes...
+        first = _stalled_upload(server, "t_held", content_length=500_000)
+        second = _stalled_upload(server, "t_held", content_length=400_000)
+        try:
+            wait_for(lambda: held() == 900_000, timeout_secs=10 + BUSY_MACHINE_SLACK_SECS,
+                     what="the server to receive both stalled bodies' headers")
+            # ... so a third of 200,000 bytes finds no room: 503, drained, nothing stored.
+            third = b"".join(b'{"id": %d, "pad": "%s"}\n' % (i, b"y" * 100) for i in range(1_800))
+            assert 200_000 <= len(third) < 250_000
+            response = client.post("t_third", third)
+            assert response.status_code == 503, response.text
+            assert response.json() == {
+                "error": "too many request bodies are being received; nothing was inserted, retry later"}
+            assert "t_third" not in server.datasources()
+            assert held() == 900_000
+        finally:
+            for sock in (first, second):
+                sock.close()
+        # Their deadline (or their close) frees the room: the same body is stored whole.
+        wait_for(lambda: held() == 0, timeout_secs=2 + 10 + BUSY_MACHINE_SLACK_SECS,
+                 what="the stalled bodies' room to be freed")
+        assert_ok(client.post("t_third", third), 200, 1_800)
+        assert server.query("SELECT count(*) AS n FROM t_third") == [{"n": 1_800}]
+        assert "t_held" not in server.datasources()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
