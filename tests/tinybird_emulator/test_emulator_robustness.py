@@ -210,7 +210,9 @@ def test_stalled_uploads_leave_the_other_requests_alone(bclient, ds):
     assert isinstance(slots, int)
     stalled = [_stalled_upload(bclient.server, "t_stalled") for _ in range(slots + 2)]
     try:
-        time.sleep(0.5)  # the server reads their headers and waits for their bodies
+        # The server has read their headers and waits for their bodies (100 bytes each).
+        wait_for(lambda: bclient.server.stats()["queue"]["bodies_held_bytes"] == 100 * len(stalled),
+                 timeout_secs=10 + BUSY_MACHINE_SLACK_SECS, what="the server to receive the stalled headers")
         assert_ok(bclient.post(ds, GOOD, timeout=15), 200, 1)
         assert bclient.server.query(f"SELECT id, s FROM {ds}") == [{"id": 1, "s": "keep"}]
     finally:
