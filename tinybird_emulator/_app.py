@@ -561,6 +561,17 @@ class EventsApp:
             pass
         return False
 
+    async def _small_body(self, request: web.Request) -> bytes | web.Response:
+        """The body of a request other than an append (at most ``max_body_bytes``, aiohttp's
+        ``client_max_size``), by ``body_read_timeout_secs``: past it 408, and the connection closes."""
+        try:
+            async with asyncio.timeout(self.config.body_read_timeout_secs):
+                return await request.read()
+        except TimeoutError:
+            response = _error(408, f"the body did not arrive within {self.config.body_read_timeout_secs:g} s")
+            _close_after(response)
+            return response
+
     # -- /v0/tokens ----------------------------------------------------------
 
     async def post_tokens(self, request: web.Request) -> web.StreamResponse:
@@ -588,10 +599,13 @@ class EventsApp:
             return _error(403, "this token has no DATASOURCE:READ scope")
         q = request.query.get("q")
         if q is None and request.method == "POST":
+            body = await self._small_body(request)
+            if isinstance(body, web.Response):
+                return body
             if request.content_type == "application/x-www-form-urlencoded":
-                q = (await request.post()).get("q")  # type: ignore[assignment]
+                q = (await request.post()).get("q")  # type: ignore[assignment]  # parses the body read above
             else:
-                q = (await request.read()).decode("utf-8", "replace")
+                q = body.decode("utf-8", "replace")
         status, content_type, body = await asyncio.wrap_future(
             self.store.submit_sql(None if q is None else str(q), readable=readable)
         )
@@ -624,8 +638,11 @@ class EventsApp:
         denied = self._admin(request)
         if denied is not None:
             return denied
+        body = await self._small_body(request)
+        if isinstance(body, web.Response):
+            return body
         try:
-            rules = parse_rules(orjson.loads(await request.read()))
+            rules = parse_rules(orjson.loads(body))
         except (orjson.JSONDecodeError, ValueError) as exc:
             return _error(400, f"invalid fault rules: {exc}")
         self.faults.set_rules(rules)

@@ -257,6 +257,29 @@ def test_a_body_stalled_past_the_deadline_gets_408_and_the_connection_closed(imp
     assert_ok(EventsClient(impatient).post(name, GOOD), 200, 1)
 
 
+@pytest.mark.parametrize("path, content_type", [
+    ("/v0/sql", "text/plain"), ("/v0/sql", "application/x-www-form-urlencoded"), ("/_emulator/faults", "")])
+def test_a_query_or_rules_body_stalled_past_the_deadline_gets_408(impatient, path, content_type):
+    """/v0/sql's POST body and the fault rules' PUT body have the appends' deadline too."""
+    host, port = impatient.url.rsplit("//", 1)[1].split(":")
+    method = "PUT" if path.startswith("/_emulator") else "POST"
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {impatient.token}\r\n".encode()
+                     + f"Content-Type: {content_type}\r\nContent-Length: 100\r\n\r\nq=SEL".encode())
+        answer, answered_secs, closed_secs = _answer_then_close(sock)
+    assert 0.9 <= answered_secs < 8, answered_secs
+    assert closed_secs < 20, closed_secs
+    status, body, headers = _status_and_headers(answer)
+    assert status == b"HTTP/1.1 408 Request Timeout", answer
+    assert headers[b"connection"].lower() == b"close"
+    assert orjson.loads(body) == {"error": "the body did not arrive within 1 s"}
+    # The server answers the next query, and the rules are as they were.
+    assert impatient.query("SELECT 1 AS one") == [{"one": 1}]
+    rules = requests.get(f"{impatient.url}/_emulator/faults", timeout=10,
+                         headers={"Authorization": f"Bearer {impatient.token}"})
+    assert rules.status_code == 200 and rules.json()["rules"] == []
+
+
 def test_a_refused_body_that_never_comes_gets_its_413_by_the_deadline(impatient):
     """A body announced over the limit is drained so that the client reads the 413;
     one that never arrives is not waited for past the deadline."""
