@@ -28,7 +28,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NamedTuple
 
 import orjson
@@ -263,10 +263,7 @@ class EventsApp:
         if self._decode_sem is None:
             self._decode_sem = asyncio.Semaphore(self.config.max_concurrent_decodes)
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
-        with self._holding(request) as room:
-            if not room:
-                return await self._busy(request)
-            wire = await self._receive(request)
+        async with self._received(request) as wire:
             if isinstance(wire, web.Response):
                 return wire
             async with self._decode_sem:
@@ -279,28 +276,25 @@ class EventsApp:
                     return _error(exc.status, exc.message)
         return Received(decoded, len(wire))
 
-    @contextlib.contextmanager
-    def _holding(self, request: web.Request) -> Iterator[bool]:
-        """Room for ``request``'s body while it is received and waits to be decoded: False when
-        the bodies held already fill ``queue_max_bytes`` (one body alone always has room)."""
+    @contextlib.asynccontextmanager
+    async def _received(self, request: web.Request) -> AsyncIterator[bytes | web.Response]:
+        """``request``'s whole body (see :meth:`_receive`), held until the block ends (it waits
+        there to be decoded); or the answer refusing it, a 503 when the bodies held already fill
+        ``queue_max_bytes`` (each counted at its Content-Length; one body alone always has room)."""
         length = request.content_length
         size = self.config.max_body_bytes if length is None else min(length, self.config.max_body_bytes)
         if self._held_bytes and self._held_bytes + size > self.config.queue_max_bytes:
-            yield False
+            drained = await self._drain(request)
+            response = _error(503, "too many request bodies are being received; nothing was inserted, retry later")
+            if not drained:
+                _close_after(response)
+            yield response
             return
         self._held_bytes += size
         try:
-            yield True
+            yield await self._receive(request)
         finally:
             self._held_bytes -= size
-
-    async def _busy(self, request: web.Request) -> web.Response:
-        """503 for a body that found no room (drained first, so that the client reads it)."""
-        drained = await self._drain(request)
-        response = _error(503, "too many request bodies are being received; nothing was inserted, retry later")
-        if not drained:
-            _close_after(response)
-        return response
 
     # -- /v0/events ----------------------------------------------------------
 
@@ -366,10 +360,7 @@ class EventsApp:
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if self._decode_sem is None:
             self._decode_sem = asyncio.Semaphore(self.config.max_concurrent_decodes)
-        with self._holding(request) as room:
-            if not room:
-                return await self._busy(request)
-            wire = await self._receive(request)
+        async with self._received(request) as wire:
             if isinstance(wire, web.Response):
                 return wire
             byte_decision = self.limiter.acquire_bytes(name, len(wire))

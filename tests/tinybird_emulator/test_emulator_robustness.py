@@ -9,6 +9,7 @@ import random
 import socket
 import time
 import uuid
+from typing import Any
 
 import orjson
 import pytest
@@ -177,11 +178,17 @@ def test_slow_and_aborted_uploads(bclient):
 
 
 def _stalled_upload(server: LocalServer, name: str, *, content_length: int = 100, sent: bytes = b"{") -> socket.socket:
-    """A connection that sends its headers and ``sent`` of a ``content_length`` body, then nothing."""
+    """An append that sends its headers and ``sent`` of a ``content_length`` body, then nothing."""
+    return _stalled_request(server, f"POST /v0/events?name={name}&wait=true", content_length=content_length, sent=sent)
+
+
+def _stalled_request(server: LocalServer, request_line: str, *, content_length: int, sent: bytes,
+                     headers: str = "") -> socket.socket:
+    """A connection that sends ``request_line``, its headers and ``sent`` of a ``content_length`` body, then nothing."""
     host, port = server.url.rsplit("//", 1)[1].split(":")
     sock = socket.create_connection((host, int(port)), timeout=15)
     sock.sendall(
-        f"POST /v0/events?name={name}&wait=true HTTP/1.1\r\nHost: x\r\n".encode()
+        f"{request_line} HTTP/1.1\r\nHost: x\r\n{headers}".encode()
         + f"Authorization: Bearer {server.token}\r\nContent-Length: {content_length}\r\n\r\n".encode()
         + sent
     )
@@ -240,18 +247,24 @@ def _status_and_headers(answer: bytes) -> tuple[bytes, bytes, dict]:
     return status, body, headers
 
 
+def _refused_at_the_deadline(sock: socket.socket, status: bytes) -> Any:
+    """The JSON body of the answer ``status``, which came by the 1 s deadline and closed the
+    connection (after aiohttp's lingering time, 10 s)."""
+    answer, answered_secs, closed_secs = _answer_then_close(sock)
+    assert 0.9 <= answered_secs < 8, answered_secs
+    assert closed_secs < 20, closed_secs
+    got, body, headers = _status_and_headers(answer)
+    assert got == status, answer
+    assert headers[b"connection"].lower() == b"close"
+    return orjson.loads(body)
+
+
 def test_a_body_stalled_past_the_deadline_gets_408_and_the_connection_closed(impatient):
     name = "t_" + uuid.uuid4().hex[:12]
     impatient.reset_stats()
     with _stalled_upload(impatient, name) as sock:
-        answer, answered_secs, closed_secs = _answer_then_close(sock)
-    # The answer at the deadline; the close after aiohttp's lingering time (10 s).
-    assert 0.9 <= answered_secs < 8, answered_secs
-    assert closed_secs < 20, closed_secs
-    status, body, headers = _status_and_headers(answer)
-    assert status == b"HTTP/1.1 408 Request Timeout", answer
-    assert headers[b"connection"].lower() == b"close"
-    assert orjson.loads(body) == {"error": "the body did not arrive within 1 s; nothing was inserted"}
+        assert _refused_at_the_deadline(sock, b"HTTP/1.1 408 Request Timeout") == {
+            "error": "the body did not arrive within 1 s; nothing was inserted"}
     assert impatient.stats()["requests"]["by_status"] == {"408": 1}
     assert name not in impatient.datasources()
     assert_ok(EventsClient(impatient).post(name, GOOD), 200, 1)
@@ -261,18 +274,11 @@ def test_a_body_stalled_past_the_deadline_gets_408_and_the_connection_closed(imp
     ("/v0/sql", "text/plain"), ("/v0/sql", "application/x-www-form-urlencoded"), ("/_emulator/faults", "")])
 def test_a_query_or_rules_body_stalled_past_the_deadline_gets_408(impatient, path, content_type):
     """/v0/sql's POST body and the fault rules' PUT body have the appends' deadline too."""
-    host, port = impatient.url.rsplit("//", 1)[1].split(":")
     method = "PUT" if path.startswith("/_emulator") else "POST"
-    with socket.create_connection((host, int(port)), timeout=15) as sock:
-        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {impatient.token}\r\n".encode()
-                     + f"Content-Type: {content_type}\r\nContent-Length: 100\r\n\r\nq=SEL".encode())
-        answer, answered_secs, closed_secs = _answer_then_close(sock)
-    assert 0.9 <= answered_secs < 8, answered_secs
-    assert closed_secs < 20, closed_secs
-    status, body, headers = _status_and_headers(answer)
-    assert status == b"HTTP/1.1 408 Request Timeout", answer
-    assert headers[b"connection"].lower() == b"close"
-    assert orjson.loads(body) == {"error": "the body did not arrive within 1 s"}
+    with _stalled_request(impatient, f"{method} {path}", content_length=100, sent=b"q=SEL",
+                          headers=f"Content-Type: {content_type}\r\n") as sock:
+        assert _refused_at_the_deadline(sock, b"HTTP/1.1 408 Request Timeout") == {
+            "error": "the body did not arrive within 1 s"}
     # The server answers the next query, and the rules are as they were.
     assert impatient.query("SELECT 1 AS one") == [{"one": 1}]
     rules = requests.get(f"{impatient.url}/_emulator/faults", timeout=10,
@@ -284,13 +290,8 @@ def test_a_refused_body_that_never_comes_gets_its_413_by_the_deadline(impatient)
     """A body announced over the limit is drained so that the client reads the 413;
     one that never arrives is not waited for past the deadline."""
     with _stalled_upload(impatient, "keep", content_length=5000, sent=b"") as sock:
-        answer, answered_secs, closed_secs = _answer_then_close(sock)
-    assert 0.9 <= answered_secs < 8, answered_secs
-    assert closed_secs < 20, closed_secs
-    status, body, headers = _status_and_headers(answer)
-    assert status == b"HTTP/1.1 413 Request Entity Too Large", answer
-    assert headers[b"connection"].lower() == b"close"
-    assert orjson.loads(body) == {"error": "the body is larger than the limit of 1000 bytes"}
+        assert _refused_at_the_deadline(sock, b"HTTP/1.1 413 Request Entity Too Large") == {
+            "error": "the body is larger than the limit of 1000 bytes"}
 
 
 def test_bodies_being_received_are_bounded_in_bytes_and_a_lone_one_always_gets_in(tmp_path):
