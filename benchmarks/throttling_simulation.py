@@ -401,10 +401,12 @@ def _ideal(sim: _Sim) -> tuple[float, Callable[[float], float]]:
 
 def standard_scenarios() -> list[Scenario]:
     """The issue's runs: 100 workers against 100 and 1,000 requests/s, steady, bursty, byte-limited and
-    halving; and 8 and 4 workers against 5 requests/s, as in the multi-process run."""
+    halving; 8 and 4 workers against 5 requests/s, as in the multi-process run; and 10 workers against
+    100 requests/s, a common job that the issue sets no bound for."""
     return [
         Scenario(name="8 workers, 5 req/s", workers=8, capacity_rps=5, batches_per_worker=50),
         Scenario(name="4 workers, 5 req/s", workers=4, capacity_rps=5, batches_per_worker=100),
+        Scenario(name="10 workers, 100 req/s", workers=10, capacity_rps=100, batches_per_worker=1200),
         Scenario(name="100 workers, 100 req/s", workers=100, capacity_rps=100, batches_per_worker=120),
         Scenario(name="100 workers, 1,000 req/s", workers=100, capacity_rps=1000, batches_per_worker=1200),
         Scenario(name="100 workers, 100 req/s, bursts", workers=100, capacity_rps=100, batches_per_worker=120,
