@@ -53,7 +53,7 @@ class DatasourceFromField:
     Reads mappings by key, ``beam.Row``, NamedTuples and dataclasses by
     attribute, and ``str``/``bytes`` elements holding one JSON object by
     parsing them. An element without the field, or whose field is not a
-    ``str``, is dead-lettered as ``unroutable``.
+    ``str`` or is empty, is dead-lettered as ``unroutable``.
 
     Attributes:
         field: The field holding the name (or the part after ``prefix``).
@@ -72,7 +72,7 @@ class DatasourceFromField:
     def __call__(self, element: Any) -> str:
         if type(element) is dict:  # the common case first: no ABC check, no other test
             value = element[self.field]
-            if type(value) is str:
+            if type(value) is str and value:
                 return self.prefix + value
         elif isinstance(element, Mapping):
             value = element[self.field]
@@ -88,6 +88,9 @@ class DatasourceFromField:
             raise TypeError(f"cannot read field {self.field!r} of {_type_name(element)}")
         if not isinstance(value, str):
             raise TypeError(f"field {self.field!r} holds {_type_name(value)} {element_repr(value, 100)}, not a str")
+        if not str.__len__(value):
+            # No name, with or without a prefix: not the prefix alone (a data source "events_" no row named).
+            raise ValueError(f"field {self.field!r} is empty: it names no data source")
         return self.prefix + value
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 
 import apache_beam as beam
@@ -280,6 +281,24 @@ def test_datasource_from_field_reads_every_element_form_the_sink_encodes(element
 def test_an_element_without_a_valid_name_is_unroutable_with_the_reason(element, message):
     routed = Router(DatasourceFromField("type", prefix="ev_")).route(element)
     assert isinstance(routed, Unroutable) and routed.message.startswith(message), routed
+
+
+class _Text(str):
+    pass
+
+
+@pytest.mark.parametrize("prefix", ["", "ev_"])
+@pytest.mark.parametrize("element", [
+    {"id": 1, "type": ""}, {"id": 1, "type": _Text("")}, types.MappingProxyType({"id": 1, "type": ""}), beam.Row(id=1, type=""),
+    _Named(1, ""), _Event(1, ""), '{"id": 1, "type": ""}', b'{"type": "", "id": 1}',
+])
+def test_an_empty_field_names_no_data_source_whatever_the_prefix(element, prefix):
+    """An empty field is no name: not the prefix alone (a data source ``ev_`` that no row named)."""
+    router = Router(DatasourceFromField("type", prefix=prefix))
+    for _ in range(2):  # the second time, past the router's cache of names
+        assert router.route(element) == Unroutable(
+            "the datasource function raised ValueError: field 'type' is empty: it names no data source", "")
+    assert router.route({"type": "click"}) == f"{prefix}click"
 
 
 class _Name(str):
