@@ -20,7 +20,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any, Union
 
 import apache_beam as beam
@@ -509,7 +509,7 @@ def _column_names(header: list[str]) -> list[str]:
     return names
 
 
-def _csv_records(path: str, text: Iterable[str]) -> Iterator[Record]:
+def _csv_records(path: str, text: Iterable[str], text_columns: Collection[str] = ()) -> Iterator[Record]:
     """The records of a CSV file whose lines ``text`` yields (with their line ends).
 
     See :class:`_CsvDoFn`. ``text`` is decoded with ``errors="surrogateescape"``
@@ -549,7 +549,8 @@ def _csv_records(path: str, text: Iterable[str]) -> Iterator[Record]:
         elif len(values) > len(header):
             reason = f"{len(values)} values for {len(header)} columns"
         else:
-            record = {name: csv_value(value) for name, value in zip(header, values, strict=False)}
+            record = {name: (value or None) if name in text_columns else csv_value(value)
+                      for name, value in zip(header, values, strict=False)}
             for name in header[len(values):]:
                 record[name] = None
             yield record
@@ -574,7 +575,15 @@ class _CsvDoFn(beam.DoFn):
     closed makes the rest of the file one such record, whose reason says how
     many lines it covers. A compressed file that stops short ends with one
     saying so.
+
+    The columns in ``text_columns`` are not typed: their values stay the
+    strings written (empty is still null). For ``--datasource_field``: a name
+    is text, and ``90210`` or ``true`` typed as a number or a boolean would
+    name no data source where ``02134`` does.
     """
+
+    def __init__(self, text_columns: Collection[str] = ()) -> None:
+        self._text_columns = frozenset(text_columns)
 
     def setup(self) -> None:
         # The csv module's limit (128 KiB by default) is per process: raised, never lowered.
@@ -585,7 +594,7 @@ class _CsvDoFn(beam.DoFn):
         with readable.open(mime_type="application/octet-stream") as file:
             text = io.TextIOWrapper(io.BufferedReader(_RawFile(file)), encoding="utf-8-sig",
                                     errors="surrogateescape", newline="")
-            yield from _csv_records(readable.metadata.path, text)
+            yield from _csv_records(readable.metadata.path, text, self._text_columns)
 
 
 def binary_safe_record(record: dict[str, Any]) -> bytes | dict[str, Any]:
@@ -617,19 +626,21 @@ class ReadRecords(beam.PTransform):
     Args:
         file_pattern: A glob on any Beam filesystem.
         file_format: One of :data:`FORMATS`.
+        text_columns: CSV columns read as the text written, not typed (see :class:`_CsvDoFn`).
 
     Raises:
         ValueError: An unknown format, or a compression suffix on a format not in
             :data:`COMPRESSIBLE_FORMATS`.
     """
 
-    def __init__(self, file_pattern: str, *, file_format: str) -> None:
+    def __init__(self, file_pattern: str, *, file_format: str, text_columns: Collection[str] = ()) -> None:
         super().__init__()
         if file_format not in FORMATS:
             raise ValueError(f"file_format must be one of {FORMATS}, got {file_format!r}")
         check_compression(file_pattern, file_format)
         self._pattern = file_pattern
         self._format = file_format
+        self._text_columns = tuple(text_columns)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         if self._format == "avro":
@@ -653,7 +664,7 @@ class ReadRecords(beam.PTransform):
                 | "SpreadFiles" >> beam.Reshuffle()
                 | "ParseNDJSON" >> beam.ParDo(_NdjsonDoFn())
             )
-        parse = {"json": _JsonDocumentDoFn, "csv": _CsvDoFn}[self._format]()
+        parse = _JsonDocumentDoFn() if self._format == "json" else _CsvDoFn(self._text_columns)
         return (
             files
             # Spread the files over workers before reading them whole.

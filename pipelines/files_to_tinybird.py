@@ -15,7 +15,8 @@ Formats, chosen by ``--format`` or from the extension of ``--input``:
   go out exactly as written, as from NDJSON.
 * CSV (``.csv``): a header row (the first line that is not blank); values are
   typed where unambiguous (integers without a leading zero, decimals,
-  ``true``/``false``; empty fields are null), anything else stays a string. A
+  ``true``/``false``; empty fields are null), anything else stays a string
+  (as does every value of the ``--datasource_field`` column: a name is text). A
   row that cannot be read (bytes that are not UTF-8, a quote never closed) is
   dead-lettered on its own.
 * Avro (``.avro``) and Parquet (``.parquet``): records as they are; binary values
@@ -114,15 +115,19 @@ def resolve_format(file_pattern: str, requested: str) -> str:
 
 
 def build(pipeline: beam.Pipeline, *, file_pattern: str, file_format: str,
-          write: beam.PTransform, max_dead_letter_ratio: float | None = None) -> beam.pvalue.PValue:
+          write: beam.PTransform, max_dead_letter_ratio: float | None = None,
+          datasource_field: str | None = None) -> beam.pvalue.PValue:
     """Adds read -> count -> write to ``pipeline``; returns the sink's result.
 
     With ``max_dead_letter_ratio``, the job itself fails when more than that
     share of the rows read is dead-lettered (for runners the launcher does not wait for).
+    ``datasource_field``, the field ``write`` routes by, is read from CSV as
+    the text written, not typed: a name is text.
     """
+    text_columns = () if datasource_field is None else (datasource_field,)
     rows = (
         pipeline
-        | "Read" >> ReadRecords(file_pattern, file_format=file_format)
+        | "Read" >> ReadRecords(file_pattern, file_format=file_format, text_columns=text_columns)
         | "CountRows" >> beam.ParDo(CountRowsDoFn())
     )
     result = rows | "WriteToTinybird" >> write
@@ -153,7 +158,8 @@ def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
 
     def _build(pipeline: beam.Pipeline, endpoint: Endpoint, sink: SinkConfig) -> None:
         build(pipeline, file_pattern=file_pattern, file_format=file_format,
-              write=sink.write_transform(endpoint), max_dead_letter_ratio=in_job_ratio)
+              write=sink.write_transform(endpoint), max_dead_letter_ratio=in_job_ratio,
+              datasource_field=sink.datasource_field)
 
     return run_pipeline(title=TITLE, argv=argv, config=config, build=_build,
                         dead_letter_path=config.dead_letter_path, out=out, data_dir=data_dir)

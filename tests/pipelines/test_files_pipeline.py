@@ -634,6 +634,58 @@ def test_datasource_field_sends_each_row_to_its_types_data_source(server, dataso
         assert re.search(rf"^    {prefix}{kind}\s+100\s+0$", printed, re.MULTILINE)
 
 
+# The same rows in every format: zip codes, with and without a leading zero, a number, a word, a
+# decimal and nothing. A CSV field is text like a JSON string: each row goes where its text says.
+_ZIPS = ("02134", "90210", "7", "true", "1.50", "")
+
+
+def _write_zips(path, file_format: str) -> None:
+    rows = [{"id": i, "zip": zip_code} for i, zip_code in enumerate(_ZIPS)]
+    if file_format == "csv":
+        path.write_text("id,zip\n" + "".join(f"{row['id']},{row['zip']}\n" for row in rows), encoding="utf-8")
+    elif file_format == "ndjson":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    elif file_format == "json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    elif file_format == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        with open(path, "wb") as fh:
+            fastavro.writer(fh, fastavro.parse_schema({"type": "record", "name": "Zip", "fields": [
+                {"name": "id", "type": "long"}, {"name": "zip", "type": "string"}]}), rows)
+
+
+@pytest.mark.parametrize("file_format", _formats.FORMATS)
+def test_datasource_field_routes_a_rows_text_alike_from_every_format(server, datasource, tmp_path, file_format):
+    """A prefix makes "90210", "7" and "true" names: a CSV row goes where a JSON row with that text goes
+    (CSV's typing turned them into an int and a bool, which name nothing); "1.50" and "" name none."""
+    _write_zips(tmp_path / f"zips.{file_format}", file_format)
+    prefix = f"{datasource}_{file_format}_"
+    dead_dir = tmp_path / "dead"
+
+    summary, _ = run_quietly(run, [
+        "--api_url", server.url, "--token", server.token, "--wait", "--num_shards", "2",
+        "--datasource_field", "zip", "--datasource_prefix", prefix, "--max_dead_letter_ratio", "1",
+        "--input", str(tmp_path / f"zips.{file_format}"), "--dead_letter_path", f"{dead_dir}/"])
+
+    server.flush()
+    for i, zip_code in enumerate(_ZIPS[:4]):
+        assert server.query(f"SELECT id, zip FROM {prefix}{zip_code}") == [{"id": i, "zip": zip_code}]
+    assert (summary.rows_read, summary.rows_acknowledged) == (6, 4)
+    assert summary.dead_letters_by_kind == {"unroutable": 2}
+    assert {name: f.rows_acknowledged for name, f in summary.by_datasource.items() if f.rows_acknowledged} == {
+        f"{prefix}{zip_code}": 1 for zip_code in _ZIPS[:4]}
+    letters = sorted(dead_letters_in(dead_dir), key=lambda d: json.loads(d.line)["id"])
+    assert [(json.loads(d.line)["id"], d.kind, d.datasource) for d in letters] == [
+        (4, "unroutable", f"{prefix}1.50"), (5, "unroutable", "")]
+    assert letters[0].message.startswith("the datasource function's result must match [A-Za-z_]")
+    # CSV reads an empty field as null (JSON's missing value); the other formats hold "".
+    assert letters[1].message == ("the datasource function raised TypeError: field 'zip' holds NoneType None, not a str"
+                                  if file_format == "csv" else
+                                  "the datasource function raised ValueError: field 'zip' is empty: it names no data "
+                                  "source")
+
+
 def test_sample_data_by_type(server, datasource, tmp_path):
     dead_dir = tmp_path / "dead"
     prefix = f"{datasource}_"
