@@ -2,8 +2,9 @@
 
 One test (or a few) per class of misbehaviour: short row counts in a 2xx, dripped
 headers and bodies, huge, endless and bomb bodies, garbled rate-limit dates and
-chunk sizes, broken 2xx and interim 1xx answers, header blocks the HTTP stack
-refuses, 3xx answers with bomb or slow bodies or bad locations, 413 to
+chunk sizes, absurd rate-limit numbers, broken 2xx and interim 1xx answers,
+header blocks the HTTP stack refuses, 3xx answers with bomb or slow bodies or
+bad locations, 413 to
 everything and long rate-limit pauses, megabytes of server text, servers
 that echo the token, and a proxy in the environment.
 Each counts ids: what the server acknowledged plus what was dead-lettered is what
@@ -381,6 +382,48 @@ def test_bad_chunk_sizes_never_escape(chunk_size):
     assert (attempt.status, attempt.body_unreadable) == (200, True)
     assert [(d.rows, d.counts_read) for d in report.delivered] == [(7, False)]
     account(report, list(range(7)), server)
+
+
+def _window(limit: str, remaining: str, *, status: int = 202, retry_after: str | None = None):
+    headers = [("X-RateLimit-Limit", limit), ("X-RateLimit-Remaining", remaining)]
+    return status, headers + ([] if retry_after is None else [("Retry-After", retry_after)])
+
+
+_TOP = "1.7976931348623157e308"  # the largest float
+_ABSURD_WINDOWS = {
+    # Finite, a limit above 0, nothing negative: each answer passes as a rate-limit window, but
+    # the requests counted between two of them sum past float's range.
+    "enormous limit": [_window("1e308", "0" if i % 2 == 0 else "1e308") for i in range(12)],
+    "largest float limit": [_window(_TOP, "0" if i % 2 == 0 else _TOP) for i in range(12)],
+    # A service measured at its limit, then a 429 with requests left in a window of 1e-310 requests:
+    # the requests that fitted it, which the load is read against for 30 s, are next to zero.
+    "next to no requests": [_window("1000", str(900 - 100 * i)) for i in range(8)]
+    + [_window("1e-310", "5e-311", status=429, retry_after="0.1")] + [_window("1000", "500")] * 4,
+}
+
+
+@pytest.mark.parametrize("case", list(_ABSURD_WINDOWS))
+def test_absurd_rate_limit_numbers_never_escape(case):
+    """A ValueError (math domain error) from the limiter's steering escaped ``send`` after the server
+    had stored the batch: the bundle failed, and its retry would store the rows again."""
+    answers = list(_ABSURD_WINDOWS[case])
+    fake = FakeTime()
+
+    def behave(conn, request):
+        fake.advance(0.1)  # answers 0.1 s apart: pairs of one window, as the limiter measures them
+        status, headers = answers.pop(0) if answers else (202, [])
+        body = b'{"error":"slow down"}' if status == 429 else counts_body(request)
+        return answer(status, body, headers=headers, server=server)(conn, request)
+
+    sends = sum(1 for status, _ in answers if status == 202)
+    with RawServer(default=behave) as server, client_for(server, policy=RetryPolicy(), fake=fake) as client:
+        reports = [client.send(payload_of(1, start=i), 1) for i in range(sends)]
+    assert answers == []
+    assert [(r.delivered_rows, r.failed_rows) for r in reports] == [(1, 0)] * sends
+    for i, report in enumerate(reports):
+        account(report, [i], server)
+    # Every wait was a number within the batch's throttling budget (never infinite nor NaN).
+    assert all(0 <= secs <= RetryPolicy().max_throttled_secs for secs in fake.sleeps), fake.sleeps
 
 
 # -- 5. broken 2xx and interim 1xx answers ----------------------------------------------------

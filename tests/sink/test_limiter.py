@@ -7,6 +7,7 @@ import collections
 import math
 import pickle
 import random
+import sys
 
 import pytest
 
@@ -437,3 +438,41 @@ def test_a_hundred_thousand_data_sources_keep_the_registry_at_its_bound():
     bound = limiter_module.MAX_SHARED_LIMITERS
     assert names == [f"ev_{i}" for i in range(100_000 - bound, 100_000)]
     assert 500 < per_limiter < 4096, per_limiter
+
+
+def _hostile_windows(kind: str) -> list[tuple[Signal, RateWindow]]:
+    """Answers 0.1 s apart whose ``X-RateLimit-*`` headers passed :func:`rate_window` (finite, a limit
+    above 0, nothing negative) but are absurd: what a lying proxy or a broken gateway may send."""
+    if kind == "enormous limit":  # counts of one window that sum past float's range
+        return [(Signal.OK, RateWindow(limit=1e308, remaining=1e308 if i % 2 else 0.0)) for i in range(12)]
+    if kind == "largest float limit":
+        top = sys.float_info.max
+        return [(Signal.OK, RateWindow(limit=top, remaining=top if i % 2 else 0.0)) for i in range(12)]
+    # A 429 with requests left in a window of 1e-310 requests: the requests that fitted it (the
+    # limit the load is read against for OTHER_LIMIT_SECS) are next to zero.
+    return [(Signal.THROTTLED, RateWindow(limit=1e-310, remaining=5e-311))] + [
+        (Signal.OK, RateWindow(limit=1000, remaining=500 - i)) for i in range(10)]
+
+
+@pytest.mark.parametrize("kind", ["enormous limit", "largest float limit", "a window of next to no requests"])
+def test_absurd_rate_limit_numbers_never_raise_nor_leave_a_rate_that_is_not_a_number(kind):
+    # The process first measures a service at 99% of its limit (so it steers by a measured load).
+    limiter = Limiter(max_in_flight=4, rand=_half, slow_start=False)
+    now = _answers_of_one_service(limiter, service_rps=990, own_rps=10, secs=3)
+    for signal, window in _hostile_windows(kind):
+        admission = limiter.admit(now)
+        if not admission.admitted:
+            assert math.isfinite(admission.wait_secs) and admission.wait_secs >= 0, admission
+            now += admission.wait_secs
+            assert limiter.admit(now, waited_for=admission.not_before).admitted
+        limiter.done(now + 0.01, signal=signal, rtt_secs=0.01, window=window, sent_at=now,
+                     pause_secs=0.5 if signal is Signal.THROTTLED else 0.0)
+        load = limiter._measured_load(now + 0.01)
+        assert load is None or math.isfinite(load), load
+        rate = limiter.paced_rate_rps
+        assert rate is not None and math.isfinite(rate) and rate >= MIN_RATE_RPS, rate
+        now += 0.1
+    # Still usable: the next request is admitted within the slowest pacing (a request per
+    # 1 / MIN_RATE_RPS s, jittered by up to 1.5 times) or the 0.5 s pause.
+    later = now + 1.5 / MIN_RATE_RPS
+    assert limiter.admit(later).admitted

@@ -485,7 +485,10 @@ class Limiter:
         limit = self._window_limit(now)
         if self._counted_secs * decay < _PAIRS_ENOUGH_SECS or limit <= 0:
             return None
-        return self._counted / self._counted_secs / limit
+        load = self._counted / self._counted_secs / limit
+        # Absurd headers (an X-RateLimit-Limit of 1e308, whose counts sum past float's range, or a
+        # window of 1e-310 requests) make an infinite or NaN load: that measures nothing.
+        return load if math.isfinite(load) else None
 
     def _headroom(self) -> float:
         """1 - the load estimated from the average share of the window used (0 when at or over the limit, or unknown)."""
