@@ -10,10 +10,14 @@ import random
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from sinks.tinybird._http.classify import rate_window
 from sinks.tinybird._http.limiter import (
     MIN_RATE_RPS,
     OTHER_LIMIT_SECS,
+    PAUSE_JITTER,
     RATE_GROWTH_MIN_RPS,
     SPENT_WINDOW_DECREASE,
     Limiter,
@@ -476,3 +480,73 @@ def test_absurd_rate_limit_numbers_never_raise_nor_leave_a_rate_that_is_not_a_nu
     # 1 / MIN_RATE_RPS s, jittered by up to 1.5 times) or the 0.5 s pause.
     later = now + 1.5 / MIN_RATE_RPS
     assert limiter.admit(later).admitted
+
+
+@pytest.mark.parametrize("lying", [[0.0], [1e308, 0.0], [0.0, 1e308]], ids=["one answer", "a pair", "a pair, spent first"])
+def test_answers_with_a_lying_limit_leave_the_measure_of_the_service_within_seconds(lying):
+    """A new X-RateLimit-Limit starts a new measure: one or two answers of a lying proxy (a limit of
+    1e308) between honest ones leave the measured load as it was a few seconds later, instead of
+    counting 1e308 requests against the honest limit until they decay (about half an hour)."""
+    limiter = Limiter(max_in_flight=4, rand=_half, slow_start=False)
+    now = _answers_of_one_service(limiter, service_rps=500, own_rps=10, secs=5)
+    for remaining in lying:
+        limiter.admit(now)
+        limiter.done(now + 0.01, signal=Signal.OK, rtt_secs=0.01, window=RateWindow(limit=1e308, remaining=remaining),
+                     sent_at=now)
+        now += 0.1
+    now = _answers_of_one_service(limiter, service_rps=500, own_rps=10, secs=3, start=now)
+    assert limiter._measured_load(now) == pytest.approx(0.5, abs=0.02)
+
+
+# Header values a broken gateway or a lying proxy may send: every float rate_window lets through
+# (finite, a limit above 0, nothing negative), the extremes most of all, and the remaining count
+# often a share of the limit (so that answers close together measure a "window" of it).
+_LIMITS = st.sampled_from(["1", "5", "1000", "1e-310", "5e-324", "1e308", "1.7976931348623157e308", "0", "-1",
+                           "nan", "inf", "x"])
+_ANSWERS = st.lists(st.tuples(
+    st.sampled_from([0.0, 0.01, 0.1, 0.5, 3.0]),  # seconds since the last answer
+    st.sampled_from(list(Signal)),
+    _LIMITS,  # X-RateLimit-Limit
+    st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(min_value=0.0, max_value=1.0),
+              st.sampled_from(["", "-1", "nan", "1e308"])),  # X-RateLimit-Remaining: a share of the limit, or a value
+    st.sampled_from([0.0, 0.001, 1.0, 120.0])), min_size=1, max_size=80)  # a pause (Retry-After, capped)
+
+
+def _remaining(limit: str, remaining: float | str) -> str:
+    if isinstance(remaining, str):
+        return remaining
+    try:
+        return repr(float(limit) * remaining)
+    except ValueError:
+        return "0"
+
+
+@settings(max_examples=500, deadline=None)
+@given(answers=_ANSWERS)
+def test_no_answer_headers_make_the_limiter_raise_or_leave_a_rate_or_a_wait_that_is_not_a_number(answers):
+    """The whole class of the absurd-limit crash: whatever the headers (through ``rate_window``, as
+    the client reads them), the limiter never raises, its paced rate stays finite and at least
+    MIN_RATE_RPS, its concurrency within 1 and max_in_flight, and a process with nothing in flight
+    is admitted after a finite wait (at most a pause and a paced interval)."""
+    limiter = Limiter(max_in_flight=4, rand=_half)
+    now = last_pause = 0.0
+    for gap, signal, limit, remaining, pause in answers:
+        waited = 0.0
+        admission = limiter.admit(now)
+        for _ in range(3):
+            if admission.admitted:
+                break
+            assert math.isfinite(admission.wait_secs) and admission.wait_secs >= 0, admission
+            waited += admission.wait_secs
+            now += admission.wait_secs
+            admission = limiter.admit(now, waited_for=admission.not_before)
+        assert admission.admitted, admission
+        # The last answer's pause (lengthened by at most PAUSE_JITTER), then at most a paced interval.
+        assert waited <= last_pause * (1.0 + PAUSE_JITTER) + 1.0 / MIN_RATE_RPS + 1e-6, (waited, last_pause)
+        last_pause = pause if signal is Signal.THROTTLED else 0.0
+        window = rate_window({"X-RateLimit-Limit": limit, "X-RateLimit-Remaining": _remaining(limit, remaining)})
+        now += gap
+        limiter.done(now, signal=signal, rtt_secs=gap, pause_secs=last_pause, window=window, sent_at=now - gap)
+        rate = limiter.paced_rate_rps
+        assert rate is None or (math.isfinite(rate) and rate >= MIN_RATE_RPS), rate
+        assert 1 <= limiter.concurrency_limit <= limiter.max_in_flight

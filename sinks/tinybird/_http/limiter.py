@@ -292,7 +292,7 @@ class Limiter:
         self._used_at = -math.inf
         # The service's consumption measured between two answers of one window:
         # decaying sums of the requests it counted in between and of the time.
-        self._last_count: tuple[float, float] | None = None
+        self._last_count: tuple[float, float, float] | None = None
         self._counted = 0.0
         self._counted_secs = 0.0
         self._counted_at = -math.inf
@@ -463,9 +463,14 @@ class Limiter:
         # Two answers close in time whose counts did not fall back are of one
         # window: the requests counted between them, over the time between them,
         # is the service's rate (every process's), read without knowing where
-        # the window begins.
+        # the window begins. A new limit starts a new measure: the requests
+        # counted under the old one are read against it no longer (one lying
+        # answer, a limit of 1e308, would otherwise weigh on it for half an hour).
+        if self._last_count is not None and window.limit != self._last_count[2]:
+            self._counted = self._counted_secs = 0.0
+            self._last_count = None
         if self._last_count is not None:
-            last_at, last_spent = self._last_count
+            last_at, last_spent, _ = self._last_count
             gap, more = counted_at - last_at, spent - last_spent
             if gap < 0:
                 gap, more = -gap, -more
@@ -476,7 +481,7 @@ class Limiter:
                 self._counted_at = now
             if counted_at < last_at:
                 return
-        self._last_count = (counted_at, spent)
+        self._last_count = (counted_at, spent, window.limit)
 
     def _measured_load(self, now: float) -> float | None:
         """The service's load (its requests per second over its limit) measured from pairs of
