@@ -330,6 +330,15 @@ class EventsApp:
         if info is None:
             return _error(403, "invalid or missing token")
         exists = self.store.schema(name) is not None
+        clash = None if exists else self.store.same_but_case(name)
+        if clash is not None:
+            # A limit of this server (SQLite table names ignore case), said plainly rather than
+            # storing the rows in the other data source's table.
+            return _error(
+                400,
+                f"the data source '{clash}' exists, and this local server cannot hold '{name}' beside it: "
+                "its tables ignore case",
+            )
         if not exists and not info.can_create():
             return _error(
                 403,

@@ -259,6 +259,17 @@ class Store:
     def schema(self, name: str) -> Schema | None:
         return self._catalog.get(name)
 
+    def same_but_case(self, name: str) -> str | None:
+        """The data source whose name is ``name`` but for case, if any (and not ``name`` itself).
+
+        SQLite table names ignore case, so this server cannot hold both: the
+        second would write into the first's table, and the catalog of both would
+        break every ``/v0/sql`` query.
+        """
+        folded = name.casefold()
+        with self._lock:
+            return next((other for other in self._catalog if other != name and other.casefold() == folded), None)
+
     def datasources(self) -> list[dict[str, Any]]:
         with self._lock:
             return [
@@ -411,6 +422,12 @@ class Store:
         if schema is None:
             if job.new_schema is None:
                 raise sqlite3.OperationalError(f"data source {job.name} does not exist")
+            # Two creations that differ only in case, in one group or racing the app's check.
+            folded = job.name.casefold()
+            clash = next((n for n in (*self._catalog, *new_schemas) if n.casefold() == folded), None)
+            if clash is not None:
+                raise ValueError(f"the data source '{clash}' exists: names that differ only in case are one "
+                                 f"table here")
             schema = job.new_schema
             for stmt in schema.create_statements():
                 conn.execute(stmt)

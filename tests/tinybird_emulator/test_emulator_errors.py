@@ -52,6 +52,22 @@ def test_unsafe_or_reserved_names(client, name):
     assert_error(client.post(name, LINE), 400, "data source name")
 
 
+@pytest.mark.parametrize("other", ["upper", "swapcase"])
+def test_a_name_that_differs_only_in_case_from_a_data_source_is_refused_and_sql_keeps_working(client, ds, other):
+    """SQLite table names ignore case: this server cannot hold ``t_ab`` beside ``T_AB``. It says so
+    (400) rather than storing the second one's rows in the first's table, after which the catalog of
+    both broke every /v0/sql query (a run of the whole suite failed six tests that way)."""
+    name = ds + "Ab"
+    assert_ok(client.post(name, LINE), 200, 1)
+    twin = getattr(name, other)()
+    body = assert_error(client.post(twin, LINE), 400, f"the data source '{name}' exists")
+    assert "ignore case" in body["error"]
+    assert [n for n in client.server.datasources() if n.casefold() == name.casefold()] == [name]
+    assert client.server.query(f"SELECT count() AS n FROM {name}") == [{"n": 1}]
+    assert_ok(client.post(name, LINE), 200, 1)  # the data source itself takes more
+    assert client.count(name) == 2
+
+
 def test_unknown_content_encoding(client, ds):
     assert_error(client.post(ds, LINE, headers={"Content-Encoding": "br"}), 400, "Content-Encoding")
     assert_error(client.post(ds, LINE, headers={"Content-Encoding": "deflate"}), 400, "Content-Encoding")

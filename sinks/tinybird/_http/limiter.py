@@ -20,7 +20,7 @@ limiter per target that three things in it obey:
   both even out the shares, the limit is filled without a 429 to find it, and
   what finished processes leave is taken up within seconds. A window spent to
   a 429 ends the measurement (the rates before it are of processes all told to
-  wait). When answers are sparse, AIMD (as TCP and Beam's
+  wait), and so does a new ``X-RateLimit-Limit``. When answers are sparse, AIMD (as TCP and Beam's
   ``AdaptiveThrottler`` react to overload on the client side): a congestion
   answer is a 429 or an answer whose ``X-RateLimit-Remaining`` says less than
   :data:`WINDOW_SPENT_SHARE` of the window was left when the request was
