@@ -115,6 +115,8 @@ _IN_7_SECS = "Tue, 14 Nov 2023 22:13:27 GMT"
     (503, {"Retry-After": "7"}, 7.0),
     (503, {"Retry-After": _IN_7_SECS}, 7.0),
     (503, {"Retry-After": "500"}, 120.0),
+    (503, {"Retry-After": "7, 7"}, 7.0),  # sent twice (a proxy's and the service's), joined by the HTTP stack
+    (429, {"Retry-After": "2, 7"}, 7.0),
 ])
 def test_every_throttling_answer_pauses_every_thread_as_long_as_the_batch_waits(status, headers, wait):
     assert email.utils.parsedate_to_datetime(_IN_7_SECS).timestamp() == CONTEXT.now_epoch + 7

@@ -711,7 +711,9 @@ def test_server_echoing_the_token_is_scrubbed(scripted):
 
 @pytest.mark.parametrize(
     "value, expected",
-    [("5", 5.0), (" 1.5 ", 1.5), ("0", 0.0), ("-3", 0.0), ("soon", None), ("", None), (None, None), ("nan", None)],
+    [("5", 5.0), (" 1.5 ", 1.5), ("0", 0.0), ("-3", 0.0), ("soon", None), ("", None), (None, None), ("nan", None),
+     # The header sent twice, joined by the HTTP stack: the longest wait.
+     ("5, 5", 5.0), ("5, 10", 10.0), ("10,5", 10.0), ("5, soon", None), ("5, nan", None), ("5,", None)],
 )
 def test_parse_retry_after_seconds(value, expected):
     assert parse_retry_after(value, WALL_EPOCH) == expected

@@ -284,16 +284,21 @@ def _is_exhausted(remaining: str) -> bool:
 
 
 def parse_retry_after(value: str | None, now_epoch: float) -> float | None:
-    """Retry-After as seconds (delta-seconds or an HTTP-date); None if absent or garbled."""
+    """Retry-After as seconds (delta-seconds or an HTTP-date); None if absent or garbled.
+
+    A header sent twice (a proxy adding its own) reaches us joined, ``"5, 10"``:
+    delta-seconds joined that way give the longest (an HTTP-date has a comma
+    of its own, and a joined pair of dates reads as the first).
+    """
     if value is None:
         return None
     value = value.strip()
     try:
-        secs = float(value)
+        waits = [float(part) for part in value.split(",")]
     except ValueError:
         pass
     else:
-        return max(secs, 0.0) if math.isfinite(secs) else None
+        return max(max(waits), 0.0) if all(math.isfinite(w) for w in waits) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
         if when.tzinfo is None:
