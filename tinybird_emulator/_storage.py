@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -266,9 +266,8 @@ class Store:
         second would write into the first's table, and the catalog of both would
         break every ``/v0/sql`` query.
         """
-        folded = name.casefold()
         with self._lock:
-            return next((other for other in self._catalog if other != name and other.casefold() == folded), None)
+            return _case_twin(name, self._catalog)
 
     def datasources(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -423,8 +422,7 @@ class Store:
             if job.new_schema is None:
                 raise sqlite3.OperationalError(f"data source {job.name} does not exist")
             # Two creations that differ only in case, in one group or racing the app's check.
-            folded = job.name.casefold()
-            clash = next((n for n in (*self._catalog, *new_schemas) if n.casefold() == folded), None)
+            clash = _case_twin(job.name, (*self._catalog, *new_schemas))
             if clash is not None:
                 raise ValueError(f"the data source '{clash}' exists: names that differ only in case are one "
                                  f"table here")
@@ -580,6 +578,12 @@ def answer_sql_formatted(
     except QueryError as exc:
         return exc.status, json_type, orjson.dumps({"error": f"query failed: {exc}"})
     return 200, FORMATS[fmt], render(result, fmt)
+
+
+def _case_twin(name: str, names: Iterable[str]) -> str | None:
+    """The one of ``names`` that is ``name`` but for case (SQLite's table names ignore it), if any."""
+    folded = name.casefold()
+    return next((other for other in names if other != name and other.casefold() == folded), None)
 
 
 class _Shapes:
