@@ -726,10 +726,12 @@ def test_parse_retry_after_dates():
 
 @pytest.mark.parametrize(
     "value, expected",
-    [("2", 2.0), ("0", 0.0), ("x", None), (None, None), (str(WALL_EPOCH + 7), 7.0)],
+    [("2", 2.0), ("0", 0.0), ("x", None), (None, None), (str(WALL_EPOCH + 7), 7.0),
+     # An epoch time in milliseconds (as seconds it would be 120 s or more of pause: the cap).
+     (str(int((WALL_EPOCH + 7) * 1000)), 7.0), (str(int((WALL_EPOCH - 3) * 1000)), 0.0)],
 )
 def test_parse_rate_limit_reset(value, expected):
-    # A delta in seconds, as Tinybird sends; an epoch time is tolerated.
+    # A delta in seconds, as Tinybird sends; an epoch time, in seconds or milliseconds, is tolerated.
     assert parse_reset(value, WALL_EPOCH) == expected
 
 

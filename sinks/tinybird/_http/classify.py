@@ -38,8 +38,10 @@ __all__ = [
 ]
 
 # Above this, an X-RateLimit-Reset value is an epoch time, not a delta (some
-# gateways send that; Tinybird sends a delta).
+# gateways send that; Tinybird sends a delta); above the second, in milliseconds
+# (1e12 ms is 2001: as seconds, 31,000 years).
 _EPOCH_THRESHOLD_SECS = 1e9
+_EPOCH_MILLIS_THRESHOLD = 1e12
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -311,7 +313,7 @@ def parse_retry_after(value: str | None, now_epoch: float) -> float | None:
 
 
 def parse_reset(value: str | None, now_epoch: float) -> float | None:
-    """X-RateLimit-Reset: seconds until the window resets (an epoch time is tolerated)."""
+    """X-RateLimit-Reset: seconds until the window resets (an epoch time, in seconds or milliseconds, is tolerated)."""
     if value is None:
         return None
     try:
@@ -320,6 +322,8 @@ def parse_reset(value: str | None, now_epoch: float) -> float | None:
         return None
     if not math.isfinite(secs):
         return None
-    if secs > _EPOCH_THRESHOLD_SECS:
+    if secs > _EPOCH_MILLIS_THRESHOLD:
+        secs = secs / 1000 - now_epoch
+    elif secs > _EPOCH_THRESHOLD_SECS:
         secs -= now_epoch
     return max(secs, 0.0)
