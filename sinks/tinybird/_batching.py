@@ -123,6 +123,10 @@ _GLOBAL_WINDOWS = (_GLOBAL_WINDOW,)
 
 _CHUNK_CODER = TupleCoder([BytesCoder(), VarIntCoder(), BytesCoder()])
 
+# The longest max_buffering_secs (about 31 years: "never" in practice). A buffering timer is
+# set at now + max_buffering_secs, which must be a Beam timestamp (they end in the year 294,247).
+MAX_BUFFERING_SECS = 1e9
+
 
 def timestamps_of(timestamps: bytes) -> array.array:
     """The per-line microsecond timestamps of a chunk or batch."""
@@ -139,7 +143,7 @@ class BatchLimits:
         max_batch_bytes: Bound on the uncompressed NDJSON of one request.
         max_batch_rows: Bound on the rows of one request.
         max_buffering_secs: For unbounded input, the longest a row waits in a
-            partial batch before it is sent anyway.
+            partial batch before it is sent anyway (at most ``MAX_BUFFERING_SECS``).
         num_shards: Keys the batching state is spread over; each shard posts
             on its own, so this bounds the sink's parallelism.
         max_windows_per_bundle: Bound on the windows a bundle keeps a buffer
@@ -161,6 +165,9 @@ class BatchLimits:
             raise ValueError(f"max_batch_rows must be at least 1, got {self.max_batch_rows!r}")
         if not self.max_buffering_secs > 0:
             raise ValueError(f"max_buffering_secs must be positive, got {self.max_buffering_secs!r}")
+        if self.max_buffering_secs > MAX_BUFFERING_SECS:
+            raise ValueError(f"max_buffering_secs must be at most {MAX_BUFFERING_SECS:g} (about 31 years), "
+                             f"got {self.max_buffering_secs!r}")
         if self.num_shards < 1:
             raise ValueError(f"num_shards must be at least 1, got {self.num_shards!r}")
         if self.max_windows_per_bundle < 1:

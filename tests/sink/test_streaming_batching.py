@@ -7,6 +7,7 @@ import array
 
 import apache_beam as beam
 import orjson
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
@@ -208,3 +209,25 @@ def test_a_buffer_full_inside_a_bundle_is_posted_by_the_merge_step_at_once():
     assert [Chunk(*c) for c in bag.read()] == [
         Chunk(orjson.dumps(_event(3)) + b"\n", 1, array.array("q", [3_000_000]).tobytes())]
     assert held.read() == (20, 1) and window_end.at is not None and stale.at is not None
+
+
+def test_the_longest_max_buffering_secs_sets_a_timer_inside_beams_timestamps():
+    """A finite max_buffering_secs past Beam's last timestamp (1.7e308, meant as "never") passed the
+    checks, then made every bundle of the merge step fail (OverflowError making the timer's time);
+    the longest one accepted now sets its timer within Beam's range, with the real clock."""
+    import time
+
+    from apache_beam.utils.timestamp import MAX_TIMESTAMP
+
+    from sinks.tinybird._batching import MAX_BUFFERING_SECS
+
+    limits = BatchLimits(max_batch_bytes=1000, max_batch_rows=1000, max_buffering_secs=MAX_BUFFERING_SECS,
+                         num_shards=1)
+    merge = _BatchDoFn(limits=limits, buffer_in_processing_time=True, clock=time.time)
+    key = (0, 9_999_999, "[1970-01-01T00:00:00Z, 1970-01-01T00:00:10Z)", b"", "events")
+    chunk = (orjson.dumps(_event(1)) + b"\n", 1, array.array("q", [0]).tobytes())
+    bag, held, window_end, stale = _Bag(), _Value(), _Timer(), _Timer()
+    assert list(merge.process((key, chunk), buffer=bag, held=held, window_end=window_end, stale=stale)) == []
+    assert time.time() < stale.at.seconds() < MAX_TIMESTAMP.seconds()
+    with pytest.raises(ValueError, match="max_buffering_secs must be at most"):
+        BatchLimits(max_batch_bytes=1000, max_batch_rows=1000, max_buffering_secs=1.7e308, num_shards=1)
