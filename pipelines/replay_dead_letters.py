@@ -13,11 +13,13 @@ it, it is dead-lettered again as ``unroutable``. What fails again is written to
 anything runs, a path equal to, inside, or containing the input's location, so
 the files being read are never overwritten.
 
-Records without a ``line`` (elements that could not be encoded at all) cannot
-be replayed: they are counted as ``unreplayable`` and copied unchanged to the
-new dead-letter path, so that it holds everything still undelivered and the
-old location can be deleted. Without ``--api_url`` the job uses the local
-Events API server on ``./tinybird-local/``, like the files pipeline.
+Records without a ``line`` (elements that could not be encoded at all), or whose
+line the sink would refuse as an element (one an ``orjson.Fragment`` made that
+is not JSON), cannot be replayed: they are counted as ``unreplayable`` and
+copied unchanged to the new dead-letter path, so that it holds everything
+still undelivered and the old location can be deleted. Without ``--api_url``
+the job uses the local Events API server on ``./tinybird-local/``, like the
+files pipeline.
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ from pipelines._options import (
 from pipelines._progress import METRICS_NAMESPACE, CountRowsDoFn
 from pipelines._running import check_input_exists, configure_logging, exit_on_usage_error, run_pipeline
 from pipelines._summary import UNREPLAYABLE_KIND, RunSummary
+from sinks.tinybird._encoding import EncodingError, encode_element
 
 TITLE = "Replay dead letters"
 UNREPLAYABLE = f"dead_letters_{UNREPLAYABLE_KIND}"
-"""Counter (namespace ``pipelines``) of records without a line, carried over unchanged."""
+"""Counter (namespace ``pipelines``) of records without a line to send, carried over unchanged."""
 _UNREPLAYABLE_TAG = "unreplayable"
 _GLOB_CHARS = re.compile(r"[*?\[{]")
 
@@ -104,21 +107,38 @@ def record_datasource(line: _RoutedLine) -> str:
 
 
 class _SplitDoFn(beam.DoFn):
-    """Replayable records -> their line (a :class:`_RoutedLine`); the others -> the ``unreplayable`` output."""
+    """Replayable records -> their line (a :class:`_RoutedLine`); the others -> the ``unreplayable`` output.
+
+    A line the sink would refuse as an element is not replayable either: one an
+    ``orjson.Fragment`` made (not JSON, or bytes that are not UTF-8, shown as
+    ``\\x`` escapes). Sent, it would come back as an ``unencodable`` dead
+    letter holding only a repr cut to 500 characters; carried over, it keeps
+    its whole line.
+    """
 
     def setup(self) -> None:
         self._unreplayable = Metrics.counter(METRICS_NAMESPACE, UNREPLAYABLE)
 
     def process(self, record) -> Iterator[_RoutedLine | beam.pvalue.TaggedOutput]:
-        if record.line is None:
+        line = None if record.line is None else record.line.encode("utf-8")
+        if line is None or not _sendable(line):
             self._unreplayable.inc()
             yield beam.pvalue.TaggedOutput(_UNREPLAYABLE_TAG, record)
         else:
-            yield _RoutedLine(record.line.encode("utf-8"), record.datasource or "")
+            yield _RoutedLine(line, record.datasource or "")
+
+
+def _sendable(line: bytes) -> bool:
+    """Whether the sink takes ``line`` as an element (it holds one JSON object), as it takes any ``bytes``."""
+    try:
+        encode_element(line)
+    except EncodingError:
+        return False
+    return True
 
 
 def split_replayable(records: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
-    """Dead-letter records -> ``lines`` (:class:`_RoutedLine`) and ``unreplayable`` (records without a line)."""
+    """Dead-letter records -> ``lines`` (:class:`_RoutedLine`) and ``unreplayable`` (records without a line to send)."""
     # Declared, so that a fusion break between here and the sink encodes the lines with
     # the pickling coder (an exact-bytes coder would drop their data source).
     return records | "Split" >> beam.ParDo(_SplitDoFn()).with_output_types(_RoutedLine).with_outputs(

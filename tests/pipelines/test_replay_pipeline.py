@@ -295,6 +295,25 @@ def test_a_replay_that_delivers_every_line_passes_however_many_records_have_no_l
                                   max_dead_letter_ratio=0.05)
 
 
+def test_a_line_the_sink_refuses_as_an_element_is_carried_over_whole(server, datasource, tmp_path):
+    """Lines an orjson.Fragment made (not JSON; bytes that are not UTF-8, shown as \\x escapes) were sent as
+    they were, and dead-lettered when their request was refused. As a replay's elements the sink refuses
+    them (no JSON object): they must stay in the new dead letters whole, not as a 500-character repr."""
+    pad = "x" * 2_000
+    odd = [_letter(f'{{"id":1000,"price":9.99 EUR,"pad":"{pad}"}}', datasource),
+           _letter(f'{{"id":1001,"s":"\\xff\\xfe","pad":"{pad}"}}', datasource, kind="retries_exhausted")]
+    letters = [*(_letter(json.dumps({"id": i}), datasource) for i in range(10)), *odd]
+    _write_letters(tmp_path / "dl" / "dead-letters-1.jsonl", letters)
+
+    summary, _ = run_quietly(replay_dead_letters.run, sink_flags(
+        server, datasource, "--input", str(tmp_path / "dl" / "*"), "--dead_letter_path", f"{tmp_path / 'out'}/"))
+
+    assert _ids(server, datasource) == list(range(10))
+    assert sorted(dead_letters_in(tmp_path / "out"), key=repr) == sorted(odd, key=repr)  # carried over unchanged
+    assert (summary.rows_read, summary.rows_acknowledged, summary.dead_letters_by_kind) == (12, 10, {"unreplayable": 2})
+    assert summary.failure is None
+
+
 def test_following_each_runs_replay_hint_resends_that_runs_dead_letters_only(server, datasource, tmp_path, monkeypatch):
     """Runs collect their dead letters in one folder: a hint for all of it would resend what was replayed before."""
     monkeypatch.chdir(tmp_path)
