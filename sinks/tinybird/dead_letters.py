@@ -307,7 +307,8 @@ class _WritePaneFileDoFn(beam.DoFn):
     """Unbounded input: each pane of grouped dead letters goes to one new file, final when written.
 
     The file is written under a hidden temporary name (``.in-progress-...``,
-    which ``dead-letters*`` patterns do not match) and renamed to its final
+    which ``dead-letters*`` patterns do not match and :class:`ReadDeadLetters`
+    skips) and renamed to its final
     name in the same call: the pane's bundle does not complete (and the
     grouping step does not count its records as consumed) before they are in a
     final file. A call that fails deletes its temporary file; the runner
@@ -450,6 +451,9 @@ class WriteDeadLetterFiles(beam.PTransform):
 
 
 def _read_file(readable: fileio.ReadableFile) -> Iterator[DeadLetter]:
+    if readable.metadata.path.rsplit("/", 1)[-1].startswith(_TEMP_PREFIX):
+        # A pane's file that a killed writer left: its bundle's retry wrote the records to a final file.
+        return
     with readable.open(compression_type=CompressionTypes.UNCOMPRESSED) as fh:
         if readable.metadata.path.endswith(".avro"):
             for fields in fastavro.reader(fh):
@@ -461,7 +465,12 @@ def _read_file(readable: fileio.ReadableFile) -> Iterator[DeadLetter]:
 
 
 class ReadDeadLetters(beam.PTransform):
-    """Reads dead-letter files (``*.avro`` as Avro, anything else as JSON lines)."""
+    """Reads dead-letter files (``*.avro`` as Avro, anything else as JSON lines).
+
+    A temporary file of the writer (``.in-progress-...``, which ``dead-letters/*`` matches) is
+    skipped: one is left only when its writer was killed, and the retried bundle wrote its
+    records to a final file.
+    """
 
     def __init__(self, file_pattern: str) -> None:
         super().__init__()

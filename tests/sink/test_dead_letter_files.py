@@ -107,6 +107,20 @@ def test_bounded_dead_letter_files_hold_every_record_escaped_and_read_back(tmp_p
     assert all("\udcff" in r.datasource for r in records[1::2])  # what went in did hold them
 
 
+def test_a_temporary_file_left_by_a_killed_writer_is_not_read_back(tmp_path):
+    """A worker killed between closing a pane's file and renaming it leaves its ``.in-progress-`` file;
+    the retried bundle writes the same records to a final file. ``dead-letters/*`` (as the READMEs
+    write it) matches both: reading the temporary one would replay every record twice."""
+    records = [_letter(i) for i in range(3)]
+    writer = _WritePaneFileDoFn(path=str(tmp_path) + "/", file_format="json")
+    writer.setup()
+    [result] = list(writer.process((0, records)))
+    final = os.path.basename(result.file_name)
+    (tmp_path / f".in-progress-{final}").write_bytes((tmp_path / final).read_bytes())
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        assert_that(p | ReadDeadLetters(str(tmp_path / "*")), equal_to(records))
+
+
 def test_text_is_escaped_only_where_it_cannot_be_written_as_utf8():
     assert utf8_text("caf\u00e9 \U0001f600") == "caf\u00e9 \U0001f600"
     assert utf8_text("a\udcffb\ud800") == "a\\udcffb\\ud800"
