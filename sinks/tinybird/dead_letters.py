@@ -26,6 +26,8 @@ from apache_beam.transforms import trigger
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows, IntervalWindow, TimestampCombiner
 from apache_beam.utils.timestamp import Timestamp
 
+from sinks.tinybird._encoding import element_repr
+
 _LOG = logging.getLogger(__name__)
 
 __all__ = ["DeadLetter", "DeadLetterKind", "DeliveryError", "ReadDeadLetters", "WriteDeadLetterFiles"]
@@ -459,13 +461,30 @@ def _read_file(readable: fileio.ReadableFile) -> Iterator[DeadLetter]:
             for fields in fastavro.reader(fh):
                 yield from_dict(fields)
             return
-        for raw in fh:
+        for number, raw in enumerate(fh, 1):
             if raw.strip():
-                yield from_dict(orjson.loads(raw))
+                try:
+                    yield from_dict(orjson.loads(raw))
+                except ValueError as error:  # orjson.JSONDecodeError too
+                    yield _not_a_record(raw.rstrip(b"\r\n"), f"line {number} of {readable.metadata.path}", error)
+
+
+def _not_a_record(raw: bytes, where: str, error: Exception) -> DeadLetter:
+    """A line of a dead-letter file that holds no record (cut short, of some other file), as a
+    dead letter without a line: failing the read would fail a replay after it posted the lines before it."""
+    now = iso_utc(time.time())
+    return DeadLetter(
+        line=None, element=element_repr(raw), datasource="", kind=DeadLetterKind.UNENCODABLE.value, status=None,
+        message=utf8_text(f"{where} is not a dead-letter record: {error}"), attempts=0,
+        first_attempt_at=now, last_attempt_at=now, window="global")
 
 
 class ReadDeadLetters(beam.PTransform):
     """Reads dead-letter files (``*.avro`` as Avro, anything else as JSON lines).
+
+    A JSON line that holds no record (a file cut short, a line of some other
+    file) becomes a record of its own, of kind ``unencodable``, without a
+    line, saying which line of which file it was (a replay carries it over).
 
     A temporary file of the writer (``.in-progress-...``, which ``dead-letters/*`` matches) is
     skipped: one is left only when its writer was killed, and the retried bundle wrote its

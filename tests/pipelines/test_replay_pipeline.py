@@ -314,6 +314,28 @@ def test_a_line_the_sink_refuses_as_an_element_is_carried_over_whole(server, dat
     assert summary.failure is None
 
 
+@pytest.mark.parametrize("cut", ["a cut last line", "a line of another file"])
+def test_a_line_that_is_not_a_record_is_carried_over_and_the_replay_goes_on(server, datasource, tmp_path, cut):
+    """A file cut short (copied while written, a full disk), or a line of some other file: failing the
+    job after the lines before it were posted would store those twice when the replay is run again."""
+    letters = [_letter(json.dumps({"id": i}), datasource) for i in range(20)]
+    bad = orjson.dumps(letters[0]._asdict())[:50] if cut == "a cut last line" else b"[1, 2]"
+    path = tmp_path / "dl" / "dead-letters-1.jsonl"
+    _write_letters(path, letters)
+    path.write_bytes(path.read_bytes() + bad + b"\n")
+
+    summary, _ = run_quietly(replay_dead_letters.run, sink_flags(
+        server, datasource, "--input", str(tmp_path / "dl" / "*"), "--dead_letter_path", f"{tmp_path / 'out'}/",
+        "--max_batch_rows", "5"))
+
+    assert _ids(server, datasource) == list(range(20))
+    (carried,) = dead_letters_in(tmp_path / "out")
+    assert (carried.kind, carried.line, carried.datasource) == ("unencodable", None, "")
+    assert carried.message.startswith(f"line 21 of {path} is not a dead-letter record: ")
+    assert carried.element == repr(bad)
+    assert (summary.rows_read, summary.rows_acknowledged, summary.dead_letters_by_kind) == (21, 20, {"unreplayable": 1})
+
+
 def test_following_each_runs_replay_hint_resends_that_runs_dead_letters_only(server, datasource, tmp_path, monkeypatch):
     """Runs collect their dead letters in one folder: a hint for all of it would resend what was replayed before."""
     monkeypatch.chdir(tmp_path)
