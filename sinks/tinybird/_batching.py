@@ -253,8 +253,28 @@ class _Refusal(NamedTuple):
     element: str | None
 
 
-def _unencodable(element, error: EncodingError) -> _Refusal:
-    return _Refusal(DeadLetterKind.UNENCODABLE, error.reason, None, element_repr(element))
+def _unencodable(element, error: EncodingError, max_bytes: int) -> _Refusal:
+    return _Refusal(DeadLetterKind.UNENCODABLE, error.reason, None, _refused_element(element, max_bytes))
+
+
+def _refused_element(element, max_bytes: int) -> str:
+    """What a dead letter shows of an element that could not be encoded.
+
+    Text (``str``, ``bytes``: a Pub/Sub message, a line of a file that is not
+    JSON) is often the only copy of what it held once its source has moved on:
+    its whole ``repr`` (which ``ast.literal_eval`` reads back) when it is no
+    longer than ``max_bytes``, the bound on a line. Anything else, and longer
+    text, as :func:`element_repr`'s ``repr`` cut to 500 characters.
+    """
+    kind = type(element)  # not isinstance(): an element's __class__ (a property) may raise
+    if issubclass(kind, str):
+        if str.__len__(element) <= max_bytes:
+            return str.__repr__(element)  # the text, not what a subclass's __repr__ says
+    elif issubclass(kind, (bytes, bytearray, memoryview)):
+        with memoryview(element) as view:  # no copy of a long one
+            if view.nbytes <= max_bytes:
+                return repr(view.tobytes())
+    return element_repr(element)
 
 
 def _oversize(line: bytes, max_bytes: int) -> _Refusal:
@@ -275,7 +295,7 @@ def _line_or_refusal(element, max_bytes: int) -> bytes | _Refusal:
     try:
         line = encode_element(element)
     except EncodingError as error:
-        return _unencodable(element, error)
+        return _unencodable(element, error, max_bytes)
     return _oversize(line, max_bytes) if len(line) >= max_bytes else line
 
 
@@ -574,7 +594,8 @@ class _EncodeAndBatchGlobalDoFn(_EncodeAndBatchDoFn):
         try:
             line = encode_element(element)
         except EncodingError as error:
-            return [self._dead_letter(_unencodable(element, error), _GLOBAL_WINDOW, wv.timestamp, self._only)]
+            return [self._dead_letter(_unencodable(element, error, self._max_bytes), _GLOBAL_WINDOW, wv.timestamp,
+                                      self._only)]
         buffer = self._open
         if buffer is not None and len(buffer.data) + len(line) < self._max_bytes and buffer.rows + 1 < self._max_rows:
             # _WindowBuffer.append, inline: a call less per element.
@@ -635,7 +656,7 @@ class _EncodeAndBatchGlobalRoutedDoFn(_EncodeAndBatchDoFn):
         try:
             line = encode_element(element)
         except EncodingError as error:
-            return [self._dead_letter(_unencodable(element, error), _GLOBAL_WINDOW, wv.timestamp, name)]
+            return [self._dead_letter(_unencodable(element, error, self._max_bytes), _GLOBAL_WINDOW, wv.timestamp, name)]
         if buffer is not None and len(buffer.data) + len(line) < self._max_bytes and buffer.rows + 1 < self._max_rows:
             # _WindowBuffer.append, inline (as above).
             data = buffer.data

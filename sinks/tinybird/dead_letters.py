@@ -71,8 +71,10 @@ class DeadLetter(NamedTuple):
         line: The exact NDJSON line (without the newline) that was or would have
             been sent; replaying it as is re-sends the element. ``None`` when the
             element could not be encoded.
-        element: A truncated ``repr`` of the element when it could not be
-            encoded, else ``None``.
+        element: A ``repr`` of the element when it could not be encoded, else
+            ``None``: whole for a ``str`` or ``bytes`` of up to
+            ``max_batch_bytes`` (``ast.literal_eval`` reads it back), cut to 500
+            characters for anything else.
         datasource: The data source the element was meant for (with a
             ``datasource`` function: what it returned for the element, or ``""``
             when it gave no ``str``).

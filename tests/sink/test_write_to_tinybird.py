@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime
 import decimal
@@ -118,6 +119,48 @@ def test_every_row_is_acknowledged_or_dead_lettered_on_every_runner(server, data
     assert counters["elements_in"] == 3004
     assert counters["rows_acknowledged"] == 3000
     assert counters["dead_letters"] == 4
+
+
+class _Shouting(str):
+    def __repr__(self) -> str:
+        return "not the text"
+
+
+@pytest.mark.parametrize("windowing", ["global", "global, routed", "fixed", "sliding"])
+def test_text_that_is_not_json_is_kept_whole_in_its_dead_letter(server, datasource, windowing, tmp_path):
+    """A message or line that is not JSON may be the only copy of what it held (a Pub/Sub message is
+    acknowledged): its dead letter keeps all of it, as a repr read back by ast.literal_eval, up to
+    max_batch_bytes (64 KiB here); longer text and other objects are shown cut to 500 characters."""
+    max_bytes = 64 * 1024
+    texts = [
+        '{"id": 1, "note": "' + "é\u2603 " * 3000 + '", "cut": ',   # 15,000+ characters, not JSON
+        "\x00\t control characters, \\ud800 escaped " * 400 + "{",
+        _Shouting("{'single': 'quotes'} " * 300),
+    ]
+    raw = [b"\xff\xfe not utf-8 " * 500, bytearray(b"[1, 2] " * 2000)]
+    cut = ["{" * (max_bytes + 1), {"id": 2, "bad": object()}]
+    dead_dir = tmp_path / "dlq"
+    routed = (lambda e: datasource) if windowing == "global, routed" else datasource
+    window_fn = {"fixed": beam.window.FixedWindows(60), "sliding": beam.window.SlidingWindows(60, 60)}.get(windowing)
+
+    def build(p):
+        elements = p | beam.Create([*_events(10), *texts, *raw, *cut], reshuffle=False)
+        if window_fn is not None:
+            elements = elements | beam.WindowInto(window_fn)
+        elements | _sink(server, routed, dead_letter_path=str(dead_dir) + "/")
+
+    _run(build)
+    assert _ids(server, datasource) == list(range(10))
+    letters = dead_letters_in(dead_dir)
+    assert all(letter.kind == "unencodable" and letter.line is None for letter in letters)
+    shown = [letter.element for letter in letters]
+    assert len(shown) == len(texts) + len(raw) + len(cut)
+    too_long = [text for text in shown if text.startswith("'{{{{")]
+    assert len(too_long) == 1 and len(too_long[0]) <= 500 and too_long[0].endswith(f"...[{max_bytes + 1} chars]")
+    an_object = [text for text in shown if "<object object at" in text]
+    assert len(an_object) == 1 and "'id': 2" in an_object[0]
+    whole = [ast.literal_eval(text) for text in shown if text not in too_long + an_object]
+    assert sorted(whole, key=repr) == sorted([str(t) for t in texts] + [bytes(r) for r in raw], key=repr)
 
 
 @pytest.mark.parametrize("windowing", ["global", "fixed"])
