@@ -193,13 +193,32 @@ def to_json_line(record: DeadLetter) -> bytes:
 def from_dict(fields: Any) -> DeadLetter:
     """A dead letter from the fields of a JSON line or Avro record.
 
+    A record may leave fields out (a Beam YAML step that keeps ``kind``,
+    ``message`` and ``line``): those that every record has then read as
+    ``""`` (``attempts`` as 0), so that it can be written again, as Avro too.
+
     Raises:
-        ValueError: ``fields`` is not a mapping (a line of some other file).
+        ValueError: ``fields`` is no dead-letter record: not a mapping, without a
+            ``kind``, or with fields no dead letter has (a line of some other file).
     """
     if not isinstance(fields, dict):
         raise ValueError(f"a dead-letter record is a JSON object, got {type(fields).__name__}")
+    foreign = sorted(str(name) for name in fields if name not in _FIELDS)
+    if foreign:
+        raise ValueError(f"a dead-letter record has no field {', '.join(foreign)[:200]}")
+    if not isinstance(fields.get("kind"), str):
+        raise ValueError("a dead-letter record has a kind (a string)")
     values: dict[str, Any] = {name: fields.get(name) for name in DeadLetter._fields}
+    for name, default in _EVERY_RECORD_HAS.items():
+        if values[name] is None:
+            values[name] = default
     return DeadLetter(**values)
+
+
+_FIELDS = frozenset(DeadLetter._fields)
+# The fields every record written by the sink has (not null in AVRO_SCHEMA), and what a record without one reads as.
+_EVERY_RECORD_HAS = {"datasource": "", "message": "", "attempts": 0, "first_attempt_at": "",
+                     "last_attempt_at": "", "window": ""}
 
 
 AVRO_SCHEMA = fastavro.parse_schema({
