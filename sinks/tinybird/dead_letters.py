@@ -248,6 +248,7 @@ DEAD_LETTER_RECORDS_WRITTEN = "dead_letter_records_written"
 DEAD_LETTER_FILES_WRITTEN = "dead_letter_files_written"
 """Counter: dead-letter files of unbounded input made final."""
 _TEMP_PREFIX = ".in-progress-"
+_UTF8_BOM = b"\xef\xbb\xbf"
 DEAD_LETTER_SHARDS = 16
 """Bounded input: files written at once (Beam's WriteToFiles shards), so that a
 backfill whose every row fails is not funnelled through one writer."""
@@ -474,29 +475,58 @@ class WriteDeadLetterFiles(beam.PTransform):
 
 
 def _read_file(readable: fileio.ReadableFile) -> Iterator[DeadLetter]:
-    if readable.metadata.path.rsplit("/", 1)[-1].startswith(_TEMP_PREFIX):
+    path = readable.metadata.path
+    if path.rsplit("/", 1)[-1].startswith(_TEMP_PREFIX):
         # A pane's file that a killed writer left: its bundle's retry wrote the records to a final file.
         return
-    with readable.open(compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-        if readable.metadata.path.endswith(".avro"):
-            for fields in fastavro.reader(fh):
-                yield from_dict(fields)
+    # A file compressed since (dead-letters-....jsonl.gz) is read through its compression.
+    compression = CompressionTypes.detect_compression_type(path)
+    written = path if compression == CompressionTypes.UNCOMPRESSED else path.rsplit(".", 1)[0]
+    with readable.open(compression_type=compression) as fh:
+        if written.endswith(".avro"):
+            yield from _read_avro(fh, path)
             return
-        for number, raw in enumerate(fh, 1):
+        # readline: a CompressedFile (a .gz) is not iterable.
+        for number, raw in enumerate(iter(fh.readline, b""), 1):
+            if number == 1:
+                raw = raw.removeprefix(_UTF8_BOM)  # a file saved by an editor that marks UTF-8
             if raw.strip():
                 try:
                     yield from_dict(orjson.loads(raw))
                 except ValueError as error:  # orjson.JSONDecodeError too
-                    yield _not_a_record(raw.rstrip(b"\r\n"), f"line {number} of {readable.metadata.path}", error)
+                    yield _not_a_record(raw.rstrip(b"\r\n"),
+                                        f"line {number} of {path} is not a dead-letter record: {error}")
 
 
-def _not_a_record(raw: bytes, where: str, error: Exception) -> DeadLetter:
-    """A line of a dead-letter file that holds no record (cut short, of some other file), as a
+def _read_avro(fh, path: str) -> Iterator[DeadLetter]:
+    """The records of an Avro file; one that stops short (copied while written) gives the records before the
+    cut, then a record saying where it stopped, rather than failing a replay that posted those."""
+    number = 0
+    try:
+        records = iter(fastavro.reader(fh))
+        while True:
+            try:
+                fields = next(records)
+            except StopIteration:
+                return
+            number += 1
+            try:
+                letter = from_dict(fields)
+            except ValueError as error:
+                letter = _not_a_record(None, f"record {number} of {path} is not a dead-letter record: {error}")
+            yield letter
+    except Exception as error:  # what the cut bytes make fastavro raise: EOFError, ValueError, ...
+        yield _not_a_record(None, f"{path} cannot be read after its record {number} (a file cut short?): "
+                                  f"{type(error).__name__}: {error}")
+
+
+def _not_a_record(raw: bytes | None, message: str) -> DeadLetter:
+    """What a dead-letter file holds that is no record (a line cut short, of some other file), as a
     dead letter without a line: failing the read would fail a replay after it posted the lines before it."""
     now = iso_utc(time.time())
     return DeadLetter(
-        line=None, element=element_repr(raw), datasource="", kind=DeadLetterKind.UNENCODABLE.value, status=None,
-        message=utf8_text(f"{where} is not a dead-letter record: {error}"), attempts=0,
+        line=None, element=None if raw is None else element_repr(raw), datasource="",
+        kind=DeadLetterKind.UNENCODABLE.value, status=None, message=utf8_text(message), attempts=0,
         first_attempt_at=now, last_attempt_at=now, window="global")
 
 

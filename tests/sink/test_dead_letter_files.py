@@ -3,6 +3,8 @@ temporary file left behind."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 
@@ -19,6 +21,7 @@ from apache_beam.transforms.window import TimestampedValue
 from shared_testlib import dead_letters_in
 
 from sinks.tinybird.dead_letters import (
+    AVRO_SCHEMA,
     STREAMING_FILE_EVERY_SECS,
     STREAMING_FILE_KEYS,
     DeadLetter,
@@ -119,6 +122,50 @@ def test_a_temporary_file_left_by_a_killed_writer_is_not_read_back(tmp_path):
     (tmp_path / f".in-progress-{final}").write_bytes((tmp_path / final).read_bytes())
     with beam.Pipeline(runner=FnApiRunner()) as p:
         assert_that(p | ReadDeadLetters(str(tmp_path / "*")), equal_to(records))
+
+
+def _read_back(pattern: str, tmp_path) -> list[DeadLetter]:
+    """What ``ReadDeadLetters`` reads, in the order of the files and of their records."""
+    out = tmp_path / "read-back"
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        (p | ReadDeadLetters(pattern) | beam.Map(lambda r: orjson.dumps(r._asdict()).decode())
+           | beam.io.WriteToText(str(out), shard_name_template=""))
+    return [DeadLetter(**orjson.loads(line)) for line in out.read_text().splitlines()]
+
+
+def test_an_avro_file_cut_short_gives_its_whole_records_then_says_where_it_stops(tmp_path):
+    """Copied while written, or from a full disk: the records before the cut are replayed, and the
+    rest is one record saying so, not a failure of a replay that has posted those already."""
+    records = [_letter(i) for i in range(300)]
+    whole = tmp_path / "whole.avro"
+    with open(whole, "wb") as fh:
+        fastavro.writer(fh, AVRO_SCHEMA, [r._asdict() for r in records], codec="deflate", sync_interval=2000)
+    data = whole.read_bytes()
+    (tmp_path / "in").mkdir()
+    cut = tmp_path / "in" / "dead-letters-cut.avro"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+
+    found = _read_back(str(tmp_path / "in" / "*"), tmp_path)
+
+    *read, last = found
+    assert 0 < len(read) < len(records) and read == records[: len(read)]
+    assert (last.kind, last.line, last.element, last.datasource) == ("unencodable", None, None, "")
+    assert last.message.startswith(f"{cut} cannot be read after its record {len(read)} (a file cut short?): ")
+
+
+def test_json_lines_compressed_since_or_saved_with_a_byte_order_mark_read_back(tmp_path):
+    records = [_letter(i) for i in range(5)]
+    text = b"".join(orjson.dumps(r._asdict()) + b"\n" for r in records)
+    (tmp_path / "dead-letters-a.jsonl.gz").write_bytes(gzip.compress(text))
+    (tmp_path / "dead-letters-b.jsonl").write_bytes(b"\xef\xbb\xbf" + text)
+    avro = io.BytesIO()
+    fastavro.writer(avro, AVRO_SCHEMA, [r._asdict() for r in records])
+    (tmp_path / "dead-letters-c.avro.gz").write_bytes(gzip.compress(avro.getvalue()))
+
+    (tmp_path / "in").mkdir()
+    for name in ("dead-letters-a.jsonl.gz", "dead-letters-b.jsonl", "dead-letters-c.avro.gz"):
+        (tmp_path / name).rename(tmp_path / "in" / name)
+    assert sorted(_read_back(str(tmp_path / "in" / "*"), tmp_path)) == sorted(records * 3)
 
 
 def test_text_is_escaped_only_where_it_cannot_be_written_as_utf8():
