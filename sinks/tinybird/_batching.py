@@ -730,8 +730,8 @@ def cut_batches(
     Returns the full batches and, unless ``flush``, the remainder that fills
     neither limit (``None`` when nothing remains). With ``flush`` the remainder
     is returned as the last batch. Every line of the input is in exactly one
-    output, in order; no batch is over ``max_bytes`` or ``max_rows``, given
-    that no single line (with its newline) is over ``max_bytes``.
+    output, in order; no batch is over ``max_rows``, nor over ``max_bytes``
+    but one holding a single line over it (a batch of its own).
     """
     chunks = list(chunks)
     if not chunks:
@@ -747,7 +747,10 @@ def cut_batches(
     while start < total and (total - start >= max_bytes or rows_left >= max_rows):
         end = data.rfind(b"\n", start, start + max_bytes) + 1
         if end <= start:
-            raise ValueError(f"a line at offset {start} is longer than max_bytes={max_bytes}")
+            # A line longer than the limit: only state kept under a larger max_batch_bytes (a
+            # pipeline updated in place) holds one. A batch of its own, which the service takes or
+            # refuses with a 413 (a dead letter): raising would fail its key's every bundle.
+            end = data.index(b"\n", start) + 1
         rows = data.count(b"\n", start, end)
         if rows > max_rows:
             end = start

@@ -58,9 +58,13 @@ def test_flush_returns_the_remainder_as_the_last_batch():
     assert rest is None
 
 
-def test_a_line_longer_than_the_limit_is_refused_not_split():
-    with pytest.raises(ValueError, match="longer than max_bytes=4"):
-        cut_batches([_chunk(b"abcdefgh")], max_bytes=4, max_rows=10, flush=True)
+@pytest.mark.parametrize("flush", [False, True])
+def test_a_line_longer_than_the_limit_is_a_batch_of_its_own(flush):
+    """Only state kept under a larger max_batch_bytes (a streaming pipeline updated in place with a
+    smaller one) holds such a line: raising failed every bundle of its key, for ever."""
+    batches, rest = cut_batches([_chunk(b"ab", b"abcdefgh", b"c"), _chunk(b"d")], max_bytes=5, max_rows=10, flush=flush)
+    assert batches + ([rest] if rest else []) == [_c(b"ab\n", 1), _c(b"abcdefgh\n", 1), _c(b"c\nd\n", 2)]
+    assert (rest is None) == flush
 
 
 def test_limits_are_validated_with_the_bad_value_named():
@@ -78,7 +82,7 @@ _lines = st.lists(st.binary(min_size=0, max_size=30).map(lambda b: b.replace(b"\
 @settings(max_examples=300, deadline=None)
 @given(
     groups=st.lists(_lines, min_size=1, max_size=6),
-    max_bytes=st.integers(min_value=31, max_value=200),
+    max_bytes=st.integers(min_value=2, max_value=200),
     max_rows=st.integers(min_value=1, max_value=50),
     flush=st.booleans(),
 )
@@ -88,7 +92,7 @@ def test_every_line_in_exactly_one_batch_in_order_and_within_limits(groups, max_
     outputs = batches + ([rest] if rest is not None else [])
     assert b"".join(c.payload for c in outputs) == b"".join(c.payload for c in chunks)
     for batch in outputs:
-        assert len(batch.payload) <= max_bytes
+        assert len(batch.payload) <= max_bytes or batch.rows == 1  # a line over the limit: alone
         assert 1 <= batch.rows <= max_rows
         assert batch.payload.count(b"\n") == batch.rows
         assert batch.payload.endswith(b"\n")
@@ -103,7 +107,7 @@ def test_every_line_in_exactly_one_batch_in_order_and_within_limits(groups, max_
     for batch in batches[:-1] if flush else batches:
         offset += len(batch.payload)
         if offset == len(payload):
-            assert batch.rows == max_rows or len(batch.payload) == max_bytes
+            assert batch.rows == max_rows or len(batch.payload) >= max_bytes
         else:
             next_line_end = payload.find(b"\n", offset) + 1
             assert batch.rows == max_rows or len(batch.payload) + (next_line_end - offset) > max_bytes
