@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -115,7 +116,9 @@ def test_a_2xx_whose_counts_add_up_is_delivered_with_its_quarantined_rows():
 
 
 def drip_headers(conn: socket.socket, request: RawRequest) -> bool:
-    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+    # The status line itself never ends: no answer (one whose status line came whole keeps its
+    # status, see test_an_answer_cut_after_its_status_line_keeps_its_status).
+    conn.sendall(b"HTTP/1.1 200")
     return _send_forever(conn, b"X", every_secs=0.05)
 
 
@@ -521,7 +524,7 @@ def test_an_answer_whose_headers_the_http_stack_refuses_keeps_its_status(status,
         (failed,) = report.failed
         assert (failed.kind, failed.status, failed.attempts) == (DeadLetterKind.REJECTED, status, 1)
         assert failed.message.startswith(f"HTTP {status}: ")
-        assert "(body unreadable: its headers were refused (" in failed.message
+        assert "(body unreadable: its headers were refused or cut short (" in failed.message
     account(report, list(range(5)), server)
 
 
@@ -530,6 +533,58 @@ def test_a_5xx_whose_headers_the_http_stack_refuses_is_retried_as_a_5xx(defect):
     with RawServer(default=None) as server:  # type: ignore[arg-type]
         server.default = refused_headers(server, 503, defect)
         with client_for(server) as client:
+            report = client.send(payload_of(5), 5)
+    assert [(a.status, a.retry_cause) for a in report.attempts] == [(503, "503"), (503, "503"), (503, None)]
+    (failed,) = report.failed
+    assert (failed.kind, failed.status) == (DeadLetterKind.RETRIES_EXHAUSTED, 503)
+    assert account(report, list(range(5)), server) == ([], list(range(5)))
+
+
+def _cut_after_status_line(server: RawServer, status: int, how: str):
+    """A status line and half a header, then a reset, an orderly close, or header bytes dripped
+    until the attempt's deadline."""
+    def behave(conn, request):
+        server.mark(request, status)
+        conn.sendall(b"HTTP/1.1 %d X\r\nContent-Ty" % status)
+        if how == "dripped past the deadline":
+            return _send_forever(conn, b"p", every_secs=0.05)
+        if how == "reset":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        return False
+
+    return behave
+
+
+_CUTS = ["reset", "closed", "dripped past the deadline"]
+
+
+@pytest.mark.parametrize("how", _CUTS)
+@pytest.mark.parametrize("status", [200, 202, 400, 403])
+def test_an_answer_cut_after_its_status_line_keeps_its_status(status, how):
+    """Found by a review: a 200 whose headers were cut by a reset (or the deadline) was taken
+    for no answer and resent, where the same 200 closed in order was delivered once: up to
+    max_attempts copies of stored rows. The status line came whole, so it decides."""
+    with RawServer(default=None) as server:  # type: ignore[arg-type]
+        server.default = _cut_after_status_line(server, status, how)
+        with client_for(server, read_timeout_secs=0.5, attempt_timeout_secs=0.8) as client:
+            report = client.send(payload_of(5), 5)
+    assert len(server.requests) == 1
+    # Closed in order, the stream's end ends the headers for http.client: an empty body.
+    assert [(a.status, a.error, a.body_unreadable) for a in report.attempts] == [(status, None, how != "closed")]
+    if status < 300:
+        assert [(d.rows, d.status, d.counts_read) for d in report.delivered] == [(5, status, False)]
+    else:
+        (failed,) = report.failed
+        assert (failed.kind, failed.status, failed.attempts) == (DeadLetterKind.REJECTED, status, 1)
+    account(report, list(range(5)), server)
+
+
+@pytest.mark.parametrize("how", _CUTS)
+def test_a_5xx_cut_after_its_status_line_is_retried_as_a_5xx(how):
+    with RawServer(default=None) as server:  # type: ignore[arg-type]
+        server.default = _cut_after_status_line(server, 503, how)
+        with client_for(server, read_timeout_secs=0.5, attempt_timeout_secs=0.8) as client:
             report = client.send(payload_of(5), 5)
     assert [(a.status, a.retry_cause) for a in report.attempts] == [(503, "503"), (503, "503"), (503, None)]
     (failed,) = report.failed

@@ -160,11 +160,11 @@ class _FinalResponse(http.client.HTTPResponse):
     def begin(self) -> None:
         try:
             super().begin()
-        except http.client.HTTPException:
-            # The status line was taken (version set) and the header block refused: more
-            # than 100 headers, a header line over 64 KiB. The server did answer, so its
-            # status decides; a header block cut short by a timeout or a reset (OSError,
-            # not caught here) is no answer, and is retried.
+        except (http.client.HTTPException, OSError):
+            # The status line came whole (version set) and the header block did not: refused
+            # (more than 100 headers, a line over 64 KiB), or cut by the deadline or a reset.
+            # The server did answer, so its status decides: a 2xx stored the rows, and
+            # resending them would store them twice. Cut before the status line is no answer.
             if self.version in (10, 11):
                 _ATTEMPT.status = self.status
             raise
@@ -446,7 +446,7 @@ class Transport:
             except _HTTP_STACK_ERRORS as exc:
                 status: int | None = _ATTEMPT.status
                 if status is not None:
-                    return self._refused(status, exc)
+                    return self._refused(status, exc, deadline)
                 return self._failure(exc, deadline)
             return self._bounded(response, deadline)
         finally:
@@ -506,11 +506,15 @@ class Transport:
             return f"not complete within the attempt's deadline of {self._attempt_timeout:g} s"
         return self._redactor.bounded(f"cut short ({_describe(exc)})", MESSAGE_CHARS)
 
-    def _refused(self, status: int, exc: BaseException) -> BoundedResponse:
-        """An answer whose status line came whole but whose header block the HTTP stack
-        refused: the status stands (a 2xx was stored, a 401 is a rejection), with no
-        headers and no body."""
-        body_error = self._redactor.bounded(f"its headers were refused ({_describe(exc)})", MESSAGE_CHARS)
+    def _refused(self, status: int, exc: BaseException, deadline: float) -> BoundedResponse:
+        """An answer whose status line came whole but whose header block did not (refused by
+        the HTTP stack, cut by the deadline or a reset): the status stands (a 2xx was
+        stored, a 401 is a rejection), with no headers and no body."""
+        if time.monotonic() >= deadline - _DEADLINE_SLACK_SECS:
+            why = f"not complete within the attempt's deadline of {self._attempt_timeout:g} s"
+        else:
+            why = f"refused or cut short ({_describe(exc)})"
+        body_error = self._redactor.bounded(f"its headers were {why}", MESSAGE_CHARS)
         return BoundedResponse(status=status, headers=types.MappingProxyType({}), body=None,
                                body_error=body_error, message=self._message(None, body_error))
 
