@@ -7,6 +7,7 @@ import dataclasses
 import email.utils
 import types
 
+import orjson
 import pytest
 
 from sinks.tinybird._http.classify import AttemptContext, budget_check, classify
@@ -44,12 +45,17 @@ def test_2xx_is_delivered_when_its_counts_add_up_or_cannot_be_read(body, expecte
     assert classify(response(200, body), CONTEXT, POLICY) == expected
 
 
-def test_2xx_counting_fewer_rows_gives_up_as_rows_unaccounted():
-    decision = classify(response(202, b'{"successful_rows":6,"quarantined_rows":3}'), CONTEXT, POLICY)
+@pytest.mark.parametrize("body", [b'{"successful_rows":6,"quarantined_rows":3}',
+                                  # null quarantined as left out: 9 counted (was unreadable: all 10 delivered).
+                                  b'{"successful_rows":9,"quarantined_rows":null}'])
+def test_2xx_counting_fewer_rows_gives_up_as_rows_unaccounted(body):
+    decision = classify(response(202, body), CONTEXT, POLICY)
+    counted = orjson.loads(body)
+    stored, quarantined = counted["successful_rows"], counted["quarantined_rows"] or 0
     assert decision == GiveUp(
         kind=DeadLetterKind.ROWS_UNACCOUNTED,
-        message="HTTP 202: the server counted 6 rows stored and 3 quarantined of 10 sent; not retried, "
-                "since it may have stored some")
+        message=f"HTTP 202: the server counted {stored} rows stored and {quarantined} quarantined of 10 sent; "
+                "not retried, since it may have stored some")
 
 
 def test_413_splits_several_rows_and_refuses_one():

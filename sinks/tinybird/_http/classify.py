@@ -210,7 +210,10 @@ def _row_counts(body: bytes | None) -> tuple[int, int] | None:
     if not isinstance(parsed, dict):
         return None
     successful = parsed.get("successful_rows")
-    quarantined = parsed.get("quarantined_rows", 0)
+    # Left out or null: none quarantined (null read as unreadable let a short count through).
+    quarantined = parsed.get("quarantined_rows")
+    if quarantined is None:
+        quarantined = 0
     if isinstance(successful, int) and isinstance(quarantined, int) and _is_count(successful) and _is_count(quarantined):
         return successful, quarantined
     return None
