@@ -425,10 +425,10 @@ class _RowLines:
     """The lines of a CSV file for ``csv.reader``, remembering those of the row being read.
 
     What csv.reader does not tell: where a row starts and ends, its text as
-    written, whether it holds bytes that are not UTF-8, and whether its last
-    line ends inside a quoted field (an odd count of ``"`` so far, since ``""``
-    inside a quoted field counts two). A compressed file that stops short ends
-    the lines, with :attr:`cut_short` set.
+    written, whether it holds bytes that are not UTF-8, whether it holds a
+    ``"``, and where a row it stopped reading at an error ends (see
+    :meth:`skip_row`). A compressed file that stops short ends the lines, with
+    :attr:`cut_short` set.
     """
 
     def __init__(self, text: Iterable[str]) -> None:
@@ -444,6 +444,8 @@ class _RowLines:
         self.undecodable = False
         self._kept: list[str] = []
         self._kept_chars = 0
+        # Every line of the row (csv.reader holds its fields as long, up to the field limit).
+        self._row: list[str] = []
 
     def __iter__(self) -> _RowLines:
         return self
@@ -458,21 +460,25 @@ class _RowLines:
         self.quotes += line.count('"')
         if not line.isascii() and _UNDECODABLE.search(line):
             self.undecodable = True
+        self._row.append(line)
         if self._kept_chars < _REPR_CHARS:
             kept = line[: _REPR_CHARS - self._kept_chars]
             self._kept.append(kept)
             self._kept_chars += len(kept)
         return line
 
-    def skip_quoted(self) -> None:
-        """Reads on to the line where an open quoted field closes, or to the end of the file.
+    def skip_row(self) -> bool:
+        """Reads on to the end of the row csv.reader stopped in; whether a quoted field never closed.
 
         After an error csv.reader starts again at the next line, which, inside
         a quoted field, is part of this row: read as a row, it would be a
-        made-up one.
+        made-up one. The row ends where csv would end it if it were not strict
+        (see :func:`_ends_in_quotes`), or at the end of the file.
         """
-        while self.quotes % 2 and next(self, None) is not None:
-            pass
+        quoted = _ends_in_quotes("".join(self._row))
+        while quoted and next(self, None) is not None:
+            quoted = _ends_in_quotes(self._row.pop(), quoted=True)
+        return quoted
 
     def position(self) -> str:
         if self.line <= self.first_line:
@@ -488,6 +494,36 @@ class _RowLines:
         """The row as written, at most ``_REPR_CHARS`` characters; bytes that are not UTF-8 as ``\\xNN``."""
         text = "".join(self._kept).rstrip("\r\n")
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_CSV_FIELD_END = re.compile(r"[,\r\n]")
+
+
+def _ends_in_quotes(text: str, *, quoted: bool = False) -> bool:
+    """Whether CSV ``text`` (starting inside a quoted field if ``quoted``) ends inside one.
+
+    As csv reads it when not strict: a ``"`` opens a quoted field only where a
+    field starts, and ``""`` inside one is a quote; elsewhere (``12" pipe``, or
+    text after the quote that closed a field) a ``"`` is a character. So a
+    count of ``"`` cannot tell: ``2,"12" pipe"`` holds three and ends outside.
+    """
+    position = 0
+    if not quoted and text.startswith('"'):
+        quoted, position = True, 1
+    while True:
+        if quoted:
+            close = text.find('"', position)
+            while close >= 0 and text.startswith('"', close + 1):
+                close = text.find('"', close + 2)
+            if close < 0:
+                return True
+            position = close + 1
+        end = _CSV_FIELD_END.search(text, position)
+        if end is None:
+            return False
+        position = end.end()
+        quoted = text.startswith('"', position)
+        position += quoted
 
 
 def _column_names(header: list[str]) -> list[str]:
@@ -526,8 +562,7 @@ def _csv_records(path: str, text: Iterable[str], text_columns: Collection[str] =
         except StopIteration:
             break
         except csv.Error as error:
-            lines.skip_quoted()
-            unclosed = " inside a quoted field never closed" if lines.quotes % 2 else ""
+            unclosed = " inside a quoted field never closed" if lines.skip_row() else ""
             reason = f"{error}{unclosed}{lines.covered()}"
             if header is None and header_problem is None:
                 header_problem = f"the header ({lines.position()}) could not be read"

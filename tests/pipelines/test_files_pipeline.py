@@ -477,6 +477,30 @@ def test_csv_unclosed_quote_holds_the_rest_of_the_file_and_says_how_many_lines(s
     assert letter.element.endswith("text='2,\"b\\n3,c\\n4,d\\n5,e')")
 
 
+def test_csv_a_stray_quote_in_a_bad_row_does_not_take_the_rows_after_it(server, datasource, tmp_path):
+    # A quote inside a field that did not start with one (12" pipe), or after the quote that
+    # closed one, is a character to csv, not the start of a quoted field: a bad row holding an
+    # odd number of them ends at its line end, as any other bad row. They were counted as opening
+    # a quoted field, and the rows after it, up to the next odd count, were read as part of it.
+    (tmp_path / "x.csv").write_bytes(
+        b'id,name,size\n1,a,1\n2,"12" pipe",2\n3,c,3\n4,d,4\n5,5\'10" tall,"x"y\n6,e,6\n'
+        b'7,"open ""quoted"" and\nclosed" x,7\n8,h,8\n')
+    dead_dir = tmp_path / "dead"
+
+    summary, _ = run_quietly(run, sink_flags(
+        server, datasource, "--input", str(tmp_path / "x.csv"), "--dead_letter_path", f"{dead_dir}/"))
+
+    assert [r["id"] for r in server.query(f"SELECT id FROM {datasource} ORDER BY id")] == [1, 3, 4, 6, 8]
+    assert (summary.rows_read, summary.rows_acknowledged, summary.dead_letters) == (8, 5, 3)
+    letters = sorted(d.element for d in dead_letters_in(dead_dir))
+    assert letters == sorted([
+        f"UnreadableRecord({tmp_path / 'x.csv'} line 3: ',' expected after '\"'; text='2,\"12\" pipe\",2')",
+        f"UnreadableRecord({tmp_path / 'x.csv'} line 6: ',' expected after '\"'; text='5,5\\'10\" tall,\"x\"y')",
+        f"UnreadableRecord({tmp_path / 'x.csv'} lines 8-9: ',' expected after '\"' (2 lines read as this one "
+        "record); text='7,\"open \"\"quoted\"\" and\\nclosed\" x,7')",
+    ])
+
+
 def _sent_lines(server, datasource, tmp_path, path) -> list[str]:
     """What the sink sent for ``path``'s rows: the server refuses every request, so each is a dead letter's line."""
     server.set_faults([{"status": 400, "when": "before", "datasource": datasource, "message": "injected"}])
