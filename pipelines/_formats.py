@@ -290,9 +290,12 @@ def _exact_json(data: bytes) -> Any:
     not, and an escaped lone surrogate (``"\\ud800"``), which stdlib json lets
     through into a string that no coder can write (Beam's would fail the bundle).
     """
-    if b"\\ud" in data or b"\\uD" in data:  # rare: orjson checks the surrogates of a document that has some
-        orjson.loads(data)
-    return json.loads(data.decode("utf-8"), parse_float=decimal.Decimal, parse_constant=_not_json)
+    document = json.loads(data.decode("utf-8"), parse_float=decimal.Decimal, parse_constant=_not_json)
+    if (b"\\ud" in data or b"\\uD" in data) and not _is_json(data):
+        # orjson refuses a lone surrogate, but also a number no double holds (1E+400), which
+        # is kept: only a string holding a lone surrogate cannot be encoded (UnicodeEncodeError).
+        json.dumps(document, ensure_ascii=False, default=str).encode("utf-8")
+    return document
 
 
 def _not_json(name: str) -> Any:

@@ -547,6 +547,16 @@ def test_json_not_a_number_lone_surrogate_and_classic_mac_line_ends(server, data
     assert surrogate.message.startswith("invalid JSON") and "\\\\ud800" in surrogate.element
 
 
+def test_json_an_escaped_emoji_beside_a_number_no_double_holds_is_read_as_one_document(server, datasource, tmp_path):
+    # json.dumps and pandas escape an emoji as a surrogate pair. A document holding one was also
+    # read by orjson, to refuse a lone surrogate, but orjson refuses 1E+400 too: the whole array
+    # was then read as JSON lines, every row a dead letter in pieces ("  {", "    \"id\": 1,").
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {\n    "id": 1,\n    "msg": "ok \\ud83d\\ude00"\n  },\n'
+                    '  {\n    "id": 2,\n    "huge": 1E+400\n  }\n]\n')
+    assert _sent_lines(server, datasource, tmp_path, path) == ['{"id":1,"msg":"ok \U0001F600"}', '{"id":2,"huge":1E+400}']
+
+
 def test_input_that_cannot_be_read_is_refused_before_running(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.bin").write_bytes(b"{}")
