@@ -17,14 +17,17 @@ import csv
 import decimal
 import io
 import json
+import lzma
 import math
 import re
 import sys
+import zlib
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any, Union
 
 import apache_beam as beam
 import orjson
+import zstandard
 from apache_beam.io import ReadFromAvro, ReadFromParquet, fileio
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
@@ -228,7 +231,21 @@ def _is_json(text: bytes) -> bool:
 
 
 class _CutShort(EOFError):
-    """Compressed data that stops before its end marker."""
+    """Compressed data that stops before its end marker, or that is corrupt; its text says which."""
+
+
+# What the decompressors raise on data that is not theirs (trailing zero padding after a .gz,
+# a flipped bit). bz2 raises a bare OSError, which an I/O error is too: left to fail the bundle.
+_DECOMPRESSION_ERRORS = (zlib.error, lzma.LZMAError, zstandard.ZstdError)
+
+
+def _decompressed(file: Any, size: int) -> bytes:
+    """``file.read(size)``; corrupt compressed data raises :class:`_CutShort`, saying so."""
+    try:
+        return file.read(size)
+    except _DECOMPRESSION_ERRORS as error:
+        raise _CutShort(f"the compressed data is corrupt ({type(error).__name__}: {error}): "
+                        "what followed is lost") from error
 
 
 class _RawFile(io.RawIOBase):
@@ -250,7 +267,7 @@ class _RawFile(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._file.read(len(buffer))
+        data = _decompressed(self._file, len(buffer))
         if not data and _cut_short(self._file):
             raise _CutShort(_CUT_SHORT)
         buffer[: len(data)] = data
@@ -269,13 +286,16 @@ def _cut_short(file: Any) -> bool:
     return decompressor is not None and not decompressor.eof
 
 
-def _read_whole(readable: fileio.ReadableFile) -> tuple[bytes, bool]:
-    """The file's data, decompressed, and whether it stopped short of its end."""
+def _read_whole(readable: fileio.ReadableFile) -> tuple[bytes, str | None]:
+    """The file's data, decompressed, and why it stopped short of its end (None: it did not)."""
     chunks = []
     with readable.open(mime_type="application/octet-stream") as file:
-        while chunk := file.read(_READ_BYTES):
-            chunks.append(chunk)
-        cut = _cut_short(file)
+        try:
+            while chunk := _decompressed(file, _READ_BYTES):
+                chunks.append(chunk)
+            cut = _CUT_SHORT if _cut_short(file) else None
+        except _CutShort as error:
+            cut = str(error)
     return b"".join(chunks), cut
 
 
@@ -356,8 +376,8 @@ def _compressed_ndjson(path: str) -> Iterator[Record]:
             for line in io.BufferedReader(_RawFile(file)):
                 lines_read += 1
                 yield from _non_blank_lines(line.rstrip(b"\r\n"))
-        except _CutShort:
-            yield UnreadableRecord(path=path, position=f"after line {lines_read}", reason=_CUT_SHORT, text="")
+        except _CutShort as cut:
+            yield UnreadableRecord(path=path, position=f"after line {lines_read}", reason=str(cut), text="")
 
 
 def _lines_starting_in(path: str, start: int, stop: int) -> Iterator[bytes]:
@@ -395,9 +415,9 @@ class _JsonDocumentDoFn(beam.DoFn):
 
     def process(self, readable: fileio.ReadableFile) -> Iterator[Record]:
         data, cut = _read_whole(readable)
-        if cut:
+        if cut is not None:
             yield UnreadableRecord(path=readable.metadata.path, position=f"after byte {len(data)}",
-                                   reason=_CUT_SHORT, text=data[-_REPR_CHARS:].decode("utf-8", "replace"))
+                                   reason=cut, text=data[-_REPR_CHARS:].decode("utf-8", "replace"))
         if data.startswith(_UTF8_BOM):
             data = data[len(_UTF8_BOM):]
         try:
@@ -437,7 +457,8 @@ class _RowLines:
     def __init__(self, text: Iterable[str]) -> None:
         self._text = iter(text)
         self.line = 0
-        self.cut_short = False
+        self.cut_short: str | None = None
+        """Why the lines stopped short of the file's end (compressed data cut or corrupt), if they did."""
         self.new_row()
 
     def new_row(self) -> None:
@@ -456,8 +477,8 @@ class _RowLines:
     def __next__(self) -> str:
         try:
             line = next(self._text)
-        except _CutShort:
-            self.cut_short = True
+        except _CutShort as cut:
+            self.cut_short = str(cut)
             raise StopIteration from None
         self.line += 1
         self.quotes += line.count('"')
@@ -594,8 +615,8 @@ def _csv_records(path: str, text: Iterable[str], text_columns: Collection[str] =
             yield record
             continue
         yield UnreadableRecord(path=path, position=lines.position(), reason=reason, text=lines.text())
-    if lines.cut_short:
-        yield UnreadableRecord(path=path, position=f"after line {lines.line}", reason=_CUT_SHORT, text="")
+    if lines.cut_short is not None:
+        yield UnreadableRecord(path=path, position=f"after line {lines.line}", reason=lines.cut_short, text="")
 
 
 class _CsvDoFn(beam.DoFn):
