@@ -299,7 +299,7 @@ def _read_whole(readable: fileio.ReadableFile) -> tuple[bytes, str | None]:
     return b"".join(chunks), cut
 
 
-def _exact_json(data: bytes) -> Any:
+def _exact_json(data: bytes, *, constant: Any = None) -> Any:
     """``data`` as one JSON document, every number exactly as written.
 
     orjson reads numbers as doubles and 64-bit integers (a wider one becomes a
@@ -310,7 +310,7 @@ def _exact_json(data: bytes) -> Any:
     not, and an escaped lone surrogate (``"\\ud800"``), which stdlib json lets
     through into a string that no coder can write (Beam's would fail the bundle).
     """
-    document = json.loads(data.decode("utf-8"), parse_float=decimal.Decimal, parse_constant=_not_json)
+    document = json.loads(data.decode("utf-8"), parse_float=decimal.Decimal, parse_constant=constant or _not_json)
     if (b"\\ud" in data or b"\\uD" in data) and not _is_json(data):
         # orjson refuses a lone surrogate, but also a number no double holds (1E+400), which
         # is kept: only a string holding a lone surrogate cannot be encoded (UnicodeEncodeError).
@@ -318,8 +318,34 @@ def _exact_json(data: bytes) -> Any:
     return document
 
 
+class _NotJson(ValueError):
+    """NaN, Infinity or -Infinity in a document: Python's json writes them, JSON has none."""
+
+
 def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+class _Constant:
+    """Where a document held NaN, Infinity or -Infinity (read again to find the items holding one)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _holds_constant(value: Any) -> bool:
+    if isinstance(value, _Constant):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_constant(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_constant(v) for v in value)
+    return False
 
 
 def _exact_number(value: decimal.Decimal) -> orjson.Fragment:
@@ -410,7 +436,9 @@ class _JsonDocumentDoFn(beam.DoFn):
     (see :func:`_exact_json`), which costs about a quarter more time than orjson
     (a 50 MB array read and encoded: 3.2 s against 2.6 s, medians of three).
     A compressed file that stops short yields an :class:`UnreadableRecord`
-    saying so, besides what could be read.
+    saying so, besides what could be read. A document that is JSON but for
+    NaN or Infinity (Python's ``json`` writes them) is read as one: each item
+    holding one is an :class:`UnreadableRecord`, as NDJSON refuses such a line.
     """
 
     def process(self, readable: fileio.ReadableFile) -> Iterator[Record]:
@@ -420,20 +448,31 @@ class _JsonDocumentDoFn(beam.DoFn):
                                    reason=cut, text=data[-_REPR_CHARS:].decode("utf-8", "replace"))
         if data.startswith(_UTF8_BOM):
             data = data[len(_UTF8_BOM):]
+        path, constants = readable.metadata.path, False
         try:
-            document = _exact_json(data)
+            try:
+                document = _exact_json(data)
+            except _NotJson:
+                # A document but for NaN or Infinity (as Python's json writes them): only the
+                # items holding one are refused, as NDJSON refuses such a line.
+                document, constants = _exact_json(data, constant=_Constant), True
         except (ValueError, RecursionError):  # not one document (or nested deeper than Python recurses)
             for line in data.split(b"\n"):
                 yield from _non_blank_lines(line.rstrip(b"\r"))
             return
-        if isinstance(document, list):
-            for item in document:
+        items = document if isinstance(document, list) else [document]
+        for number, item in enumerate(items, 1):
+            if constants and _holds_constant(item):
+                yield UnreadableRecord(
+                    path=path, position=f"item {number}" if isinstance(document, list) else "the document",
+                    reason="NaN, Infinity and -Infinity are not JSON values", text=repr(item))
+            elif isinstance(item, dict):
+                yield item
+            elif isinstance(document, list):
                 # A non-object item goes on as JSON text; the sink dead-letters it with the reason.
-                yield item if isinstance(item, dict) else _item_text(item)
-        elif isinstance(document, dict):
-            yield document
-        else:
-            yield data
+                yield _item_text(item)
+            else:
+                yield data
 
 
 def _item_text(item: Any) -> Any:

@@ -588,8 +588,33 @@ def test_json_not_a_number_lone_surrogate_and_classic_mac_line_ends(server, data
     assert (json_run.rows_read, json_run.rows_acknowledged, json_run.dead_letters) == (5, 3, 2)
     assert (ndjson_run.rows_read, ndjson_run.rows_acknowledged, ndjson_run.dead_letters) == (2, 2, 0)
     nan, surrogate = sorted(dead_letters_in(dead_dir), key=lambda d: "NaN" not in d.element)
-    assert nan.message.startswith("invalid JSON") and "NaN" in nan.element
+    assert nan.kind == "unencodable" and nan.element.startswith(
+        f"UnreadableRecord({tmp_path / 'nan.json'} item 1: NaN, Infinity and -Infinity are not JSON values; "
+        "text=\"{'id': 1, 'x': NaN}\")")
     assert surrogate.message.startswith("invalid JSON") and "\\\\ud800" in surrogate.element
+
+
+def test_json_written_by_python_with_nan_refuses_only_the_items_holding_one(server, datasource, tmp_path):
+    """Python's json.dump writes NaN and Infinity, which JSON has not: the whole array was read as
+    JSON lines, every row of it a dead letter in pieces. Now the items holding one are refused, as
+    NDJSON refuses such a line, and the others are stored."""
+    rows = [{"id": i, "score": 0.5, "nested": {"values": [1, 2]}} for i in range(50)]
+    rows[7]["score"] = float("nan")
+    rows[31]["nested"]["values"].append(float("-inf"))
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows, indent=2))
+    dead_dir = tmp_path / "dead"
+
+    summary, _ = run_quietly(run, sink_flags(
+        server, datasource, "--input", str(path), "--dead_letter_path", f"{dead_dir}/"))
+
+    assert [r["id"] for r in server.query(f"SELECT id FROM {datasource} ORDER BY id")] == [
+        i for i in range(50) if i not in (7, 31)]
+    assert (summary.rows_read, summary.rows_acknowledged, summary.dead_letters) == (50, 48, 2)
+    letters = sorted(d.element for d in dead_letters_in(dead_dir))
+    assert [letter.split(": NaN, Infinity")[0] for letter in letters] == [
+        f"UnreadableRecord({path} item 32", f"UnreadableRecord({path} item 8"]
+    assert "'score': NaN" in letters[1] and "[1, 2, -Infinity]" in letters[0]
 
 
 def test_json_an_escaped_emoji_beside_a_number_no_double_holds_is_read_as_one_document(server, datasource, tmp_path):
