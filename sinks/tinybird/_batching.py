@@ -263,13 +263,16 @@ def _refused_element(element, max_bytes: int) -> str:
     Text (``str``, ``bytes``: a Pub/Sub message, a line of a file that is not
     JSON) is often the only copy of what it held once its source has moved on:
     its whole ``repr`` (which ``ast.literal_eval`` reads back) when it is no
-    longer than ``max_bytes``, the bound on a line. Anything else, and longer
+    longer than ``max_bytes``, the bound on a line, and its ``repr`` no longer
+    than four times that (a byte shown as ``\\xff``). Anything else, and longer
     text, as :func:`element_repr`'s ``repr`` cut to 500 characters.
     """
     kind = type(element)  # not isinstance(): an element's __class__ (a property) may raise
     if issubclass(kind, str):
         if str.__len__(element) <= max_bytes:
-            return str.__repr__(element)  # the text, not what a subclass's __repr__ says
+            text = str.__repr__(element)  # the text, not what a subclass's __repr__ says
+            if len(text) <= 4 * max_bytes + 2:  # not every character shown as \U000e0000
+                return text
     elif issubclass(kind, (bytes, bytearray, memoryview)):
         with memoryview(element) as view:  # no copy of a long one
             if view.nbytes <= max_bytes:

@@ -10,7 +10,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sinks.tinybird._batching import BatchLimits, Chunk, cut_batches
+from sinks.tinybird._batching import BatchLimits, Chunk, _refused_element, cut_batches
 from sinks.tinybird.dead_letters import window_text
 
 
@@ -401,3 +401,16 @@ def test_the_global_window_fast_path_batches_exactly_as_the_general_path(pads, m
         if tag != "dead_letters":
             stamps += timestamps_of(value[4] if tag == "full" else value[1][2])
     assert stamps == [micros for (_, micros), bad in zip(pads, refused, strict=True) if not bad]
+
+
+def test_a_refused_elements_text_is_kept_whole_within_its_bound():
+    """Text that is not JSON is kept whole in its dead letter (a repr ast.literal_eval reads back) up
+    to max_bytes characters and a repr four times that; past either, cut to 500 characters."""
+    assert _refused_element("x" * 100, 100) == repr("x" * 100)
+    assert _refused_element(b"\xff" * 100, 100) == repr(b"\xff" * 100)  # 402 characters: kept
+    assert _refused_element(bytearray(b"{" * 100), 100) == repr(b"{" * 100)
+    assert _refused_element(memoryview(b"{" * 100), 100) == repr(b"{" * 100)
+    for too_long in ("x" * 1000, b"x" * 1000, "\U000e0000" * 100):  # the last: a repr of 1,002 characters
+        shown = _refused_element(too_long, 100)
+        assert len(shown) <= 500 and shown.endswith(("chars]", "bytes]")), shown
+    assert len(_refused_element({"deep": "x" * 1000}, 10_000)) <= 500  # not text: cut whatever the bound
