@@ -88,6 +88,8 @@ class _Decoded(NamedTuple):
     cost_bytes: int
     # Of ``lines``, those that fit the schema (what the writer will store); None when not counted.
     fitting_rows: int | None = None
+    # The schema ``fitting_rows`` was counted against.
+    counted_schema: Schema | None = None
 
 
 _fit_local = threading.local()
@@ -129,12 +131,15 @@ def _decode(
     schema = known_schema or new_schema
     if count_fitting and parsed.lines and schema is not None and schema.columns:
         fitting_rows = _count_fitting(schema, parsed.lines)
+    else:
+        schema = None
     return _Decoded(
         lines=parsed.lines,
         invalid=parsed.invalid,
         new_schema=new_schema,
         cost_bytes=parsed.array_chars + sum(len(raw) for raw, _ in parsed.invalid) + 256,
         fitting_rows=fitting_rows,
+        counted_schema=schema,
     )
 
 
@@ -443,7 +448,13 @@ class EventsApp:
             return _error(503, "the write queue is full; nothing was inserted, retry later")
         if new_schema is not None:
             self._pending_schemas.setdefault(name, new_schema)
-        fitting = len(job.lines) if decoded.fitting_rows is None else decoded.fitting_rows
+        fitting_rows = decoded.fitting_rows
+        schema = self.store.schema(name) or self._pending_schemas.get(name)
+        if future is None and schema is not None and schema != decoded.counted_schema:
+            # Another request's schema creates the data source (both were decoded at once,
+            # or this one waited on a fault's latency): the rows are stored against it.
+            fitting_rows = await loop.run_in_executor(self._pool, _count_fitting, schema, job.lines)
+        fitting = len(job.lines) if fitting_rows is None else fitting_rows
         del decoded
         if future is None:
             # The counts the writer will reach: rows that do not fit the schema are

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import os
 import sqlite3
+import threading
 
 import orjson
 import pytest
@@ -270,3 +271,42 @@ def test_requests_queued_behind_a_new_data_sources_first_job_reuse_its_schema(tm
         assert db.execute("SELECT n, at FROM fresh ORDER BY rowid").fetchall() == [
             (1, "2024-05-01"), (3, "2024-05-03"), (4, "2024-05-04")]
         assert db.execute("SELECT c__error_column FROM fresh_quarantine").fetchall() == [('["n"]',)]
+
+
+def test_two_first_requests_decoded_at_once_are_counted_against_the_schema_that_creates(tmp_path, monkeypatch):
+    """Two requests to a new data source decoded at the same time each infer a schema; the
+    first queued creates the data source, so the other's 202 counts must be those of the
+    first's schema, which its rows are stored or quarantined against."""
+    both_decoding = threading.Barrier(2, timeout=10)
+    decode = app_module._decode
+
+    def decode_side_by_side(*args):
+        both_decoding.wait()
+        return decode(*args)
+
+    monkeypatch.setattr(app_module, "_decode", decode_side_by_side)
+    events = app_module.EventsApp(ServerConfig(data_dir=str(tmp_path), admin_token="p.admin", rate_limit_rps=None))
+    auth = {"Authorization": "Bearer p.admin"}
+
+    async def scenario() -> list:
+        async with TestClient(TestServer(events.make_app())) as client:
+
+            async def post(body: bytes) -> dict:
+                response = await client.post("/v0/events?name=fresh", data=body, headers=auth)
+                assert response.status == 202
+                return await response.json()
+
+            answers = await asyncio.gather(post(b'{"n": 1}\n'), post(b'{"n": "two"}\n'))
+            events.store.start()
+            assert (await client.post("/_emulator/flush", headers=auth)).status == 200
+            return answers
+
+    try:
+        answers = asyncio.run(scenario())
+    finally:
+        events.store.close()
+    with sqlite3.connect(os.path.join(tmp_path, DB_FILE)) as db:
+        stored = db.execute("SELECT count(*) FROM fresh").fetchone()[0]
+        quarantined = db.execute("SELECT count(*) FROM fresh_quarantine").fetchone()[0]
+    assert sum(a["successful_rows"] for a in answers) == stored
+    assert sum(a["quarantined_rows"] for a in answers) == quarantined
