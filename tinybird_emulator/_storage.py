@@ -440,10 +440,11 @@ class Store:
         if job.lines:
             ok, quarantined = self._insert_json(conn, schema, json_array(job.lines), len(job.lines), import_id)
         if job.invalid:
-            now = _utc_now_text()
+            # Not ``now``: that one (with microseconds) is the catalog's updated_at below.
+            inserted = _utc_now_text()
             empty = (None,) * len(schema.columns)
             for raw, error in job.invalid:
-                quarantined.append(("[]", orjson.dumps([error]).decode(), import_id, now, raw, *empty))
+                quarantined.append(("[]", orjson.dumps([error]).decode(), import_id, inserted, raw, *empty))
         if quarantined:
             conn.executemany(schema.quarantine_insert_statement(), quarantined)
         nbytes = 0

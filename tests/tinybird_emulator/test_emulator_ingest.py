@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 
 import pytest
 import zstandard
 from emulator_testlib import RATE_HEADERS, assert_error, assert_ok
+
+from tinybird_emulator._storage import DB_FILE, ReadOnlyDatabase
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -282,6 +285,21 @@ def test_datasources_endpoint(client, ds):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", entry["updated_at"])
     assert entry["quarantine"] == f"{ds}_quarantine"
 
+
+
+def test_datasources_endpoint_and_data_dir_agree_after_a_line_that_is_not_json(client, ds):
+    """GET /v0/datasources (the server's memory) and the catalog table (what ``sql
+    --data-dir`` and ``datasources --data-dir`` read) give one ``updated_at``."""
+    assert_ok(client.post(ds, ndjson({"a": 1})), 200, 1)
+    assert_ok(client.post(ds, ndjson({"a": 2}) + b"not json\n"), 200, 1, 1)
+    served = next(d for d in client.server._call("GET", "/v0/datasources")["datasources"] if d["name"] == ds)
+    on_disk = ReadOnlyDatabase(os.path.join(client.server.data_dir, DB_FILE))
+    try:
+        stored = next(d for d in on_disk.datasources() if d["name"] == ds)
+    finally:
+        on_disk.close()
+    assert (stored["rows"], stored["quarantined_rows"]) == (served["rows"], served["quarantined_rows"]) == (2, 1)
+    assert stored["updated_at"] == served["updated_at"]
 
 def test_sql_endpoint_shape(client, ds):
     assert_ok(client.post(ds, ndjson({"a": 1, "s": "x"}, {"a": 2, "s": "y"})), 200, 2)
