@@ -335,15 +335,8 @@ class EventsApp:
         if info is None:
             return _error(403, "invalid or missing token")
         exists = self.store.schema(name) is not None
-        clash = None if exists else self.store.same_but_case(name)
-        if clash is not None:
-            # A limit of this server (SQLite table names ignore case), said plainly rather than
-            # storing the rows in the other data source's table.
-            return _error(
-                400,
-                f"the data source '{clash}' exists, and this local server cannot hold '{name}' beside it: "
-                "its tables ignore case",
-            )
+        if not exists and (clash := self._case_clash(name)) is not None:
+            return clash
         if not exists and not info.can_create():
             return _error(
                 403,
@@ -365,6 +358,20 @@ class EventsApp:
                 _close_after(response)
             return response
         return None
+
+    def _case_clash(self, name: str) -> web.Response | None:
+        """The 400 for a new data source whose name is that of another but for case, one that
+        exists or whose first job is queued; None when there is none."""
+        clash = self.store.same_but_case(name, also=self._pending_schemas)
+        if clash is None:
+            return None
+        # A limit of this server (SQLite table names ignore case), said plainly rather than
+        # storing the rows in the other data source's table.
+        return _error(
+            400,
+            f"the data source '{clash}' exists, and this local server cannot hold '{name}' beside it: "
+            "its tables ignore case",
+        )
 
     async def _events_body(
         self, request: web.Request, name: str, fmt: str
@@ -434,6 +441,9 @@ class EventsApp:
             if future is not None:
                 loop.call_soon_threadsafe(_resolve, future, result)
 
+        if new_schema is not None and (clash := self._case_clash(name)) is not None:
+            # Another request queued its twin while this one was being read or decoded.
+            return clash
         job = WriteJob(
             name=name,
             lines=decoded.lines,

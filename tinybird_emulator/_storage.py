@@ -259,15 +259,16 @@ class Store:
     def schema(self, name: str) -> Schema | None:
         return self._catalog.get(name)
 
-    def same_but_case(self, name: str) -> str | None:
-        """The data source whose name is ``name`` but for case, if any (and not ``name`` itself).
+    def same_but_case(self, name: str, *, also: Iterable[str] = ()) -> str | None:
+        """The data source (or name of ``also``) that is ``name`` but for case, if any (and
+        not ``name`` itself).
 
         SQLite table names ignore case, so this server cannot hold both: the
         second would write into the first's table, and the catalog of both would
         break every ``/v0/sql`` query.
         """
         with self._lock:
-            return _case_twin(name, self._catalog)
+            return _case_twin(name, (*self._catalog, *also))
 
     def datasources(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -310,3 +310,60 @@ def test_two_first_requests_decoded_at_once_are_counted_against_the_schema_that_
         quarantined = db.execute("SELECT count(*) FROM fresh_quarantine").fetchone()[0]
     assert sum(a["successful_rows"] for a in answers) == stored
     assert sum(a["quarantined_rows"] for a in answers) == quarantined
+
+
+def test_a_name_that_differs_only_in_case_from_a_data_source_being_created_is_refused(tmp_path):
+    """While the job that creates ``Events`` waits in the queue, ``events`` is refused (400) as
+    it is once ``Events`` exists: its 202 promised rows that the writer then dropped (the
+    creation fails there, names that differ only in case being one table)."""
+    events = app_module.EventsApp(ServerConfig(data_dir=str(tmp_path), admin_token="p.admin", rate_limit_rps=None))
+    auth = {"Authorization": "Bearer p.admin"}
+
+    async def scenario() -> None:
+        async with TestClient(TestServer(events.make_app())) as client:
+            # The writer is not started yet: every job stays queued.
+            first = await client.post("/v0/events?name=Events", data=b'{"n": 1}\n', headers=auth)
+            assert first.status == 202
+            twin = await client.post("/v0/events?name=events", data=b'{"n": 2}\n', headers=auth)
+            assert twin.status == 400, await twin.text()
+            assert "ignore case" in (await twin.json())["error"]
+            events.store.start()
+            assert (await client.post("/_emulator/flush", headers=auth)).status == 200
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        events.store.close()
+    with sqlite3.connect(os.path.join(tmp_path, DB_FILE)) as db:
+        assert db.execute("SELECT n FROM Events").fetchall() == [(1,)]
+
+
+def test_two_names_that_differ_only_in_case_decoded_at_once_one_is_refused(tmp_path, monkeypatch):
+    """Both pass the early check (neither is queued yet); the second to be queued is refused."""
+    both_decoding = threading.Barrier(2, timeout=10)
+    decode = app_module._decode
+
+    def decode_side_by_side(*args):
+        both_decoding.wait()
+        return decode(*args)
+
+    monkeypatch.setattr(app_module, "_decode", decode_side_by_side)
+    events = app_module.EventsApp(ServerConfig(data_dir=str(tmp_path), admin_token="p.admin", rate_limit_rps=None))
+    auth = {"Authorization": "Bearer p.admin"}
+
+    async def scenario() -> list[int]:
+        async with TestClient(TestServer(events.make_app())) as client:
+
+            async def post(name: str) -> int:
+                return (await client.post(f"/v0/events?name={name}", data=b'{"n": 1}\n', headers=auth)).status
+
+            statuses = await asyncio.gather(post("Events"), post("events"))
+            events.store.start()
+            assert (await client.post("/_emulator/flush", headers=auth)).status == 200
+            return statuses
+
+    try:
+        assert sorted(asyncio.run(scenario())) == [202, 400]
+    finally:
+        events.store.close()
+    assert [d["rows"] for d in events.store.datasources()] == [1]
