@@ -168,12 +168,14 @@ def _one_object_per_line(array_text: str, lines: int) -> bool:
     if conn is None:
         conn = _local.conn = sqlite3.connect(":memory:")
     try:
-        count, objects = conn.execute(
-            "SELECT count(*), count(*) FILTER (WHERE type = 'object') FROM json_each(?1)", (array_text,)
+        # json_valid: from SQLite 3.42 json_each also reads JSON5 ({a: 1}, NaN, 0x10), which is not JSON.
+        valid, count, objects = conn.execute(
+            "SELECT json_valid(?1), count(*), count(*) FILTER (WHERE type = 'object') FROM json_each(?1)",
+            (array_text,),
         ).fetchone()
     except sqlite3.Error:
         return False
-    return count == lines and objects == lines
+    return bool(valid) and count == lines and objects == lines
 
 
 def _whole_document(text: str) -> tuple[list[str], list[dict[str, Any]]] | None:

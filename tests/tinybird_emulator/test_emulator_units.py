@@ -154,6 +154,17 @@ def test_parse_body_fast_and_slow_paths():
         parse_body(b" \n\t\n", fmt="", keep_objects=False)
 
 
+@pytest.mark.parametrize("line", [b'{"a": NaN}', b"{a: 1}", b"{'a': 0x10,}", b'{"a": 1,}'])
+def test_json5_lines_are_invalid_on_every_sqlite(line):
+    """From SQLite 3.42 json_each reads JSON5, so the fast path for an existing data source (no
+    objects kept) took these as rows; json_valid is strict on every version. This machine's
+    SQLite is older (the test passed before the fix here); newer ones are what it guards."""
+    body = b'{"a": 1}\n' + line + b'\n{"a": 2}\n'
+    for keep_objects in (False, True):
+        parsed = parse_body(body, fmt="ndjson", keep_objects=keep_objects)
+        assert (len(parsed.lines), [raw for raw, _ in parsed.invalid]) == (2, [line.decode()]), sqlite3.sqlite_version
+
+
 # -- schema --------------------------------------------------------------------------
 
 
