@@ -48,7 +48,7 @@ from sinks.tinybird._http.redaction import Redactor, cap, install_log_redaction,
 from sinks.tinybird._http.transport import Transport, is_loopback
 from sinks.tinybird._routing import datasource_name_problem
 from sinks.tinybird.dead_letters import DeadLetterKind
-from sinks.tinybird.retry import RetryPolicy
+from sinks.tinybird.retry import RetryPolicy, check_wait_secs
 
 __all__ = [
     "Attempt",
@@ -136,9 +136,12 @@ class ClientSettings:
         for name in ("connect_timeout_secs", "read_timeout_secs"):
             if not _is_positive_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
-        if self.attempt_timeout_secs is not None and not _is_positive_number(self.attempt_timeout_secs):
-            raise ValueError(
-                f"attempt_timeout_secs must be a finite number > 0 or None, got {self.attempt_timeout_secs!r}")
+            check_wait_secs(name, getattr(self, name))
+        if self.attempt_timeout_secs is not None:
+            if not _is_positive_number(self.attempt_timeout_secs):
+                raise ValueError(
+                    f"attempt_timeout_secs must be a finite number > 0 or None, got {self.attempt_timeout_secs!r}")
+            check_wait_secs("attempt_timeout_secs", self.attempt_timeout_secs)
         if isinstance(self.max_in_flight, bool) or not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be an int >= 1, got {self.max_in_flight!r}")
         if self.ca_bundle_path is not None and (not isinstance(self.ca_bundle_path, str) or not self.ca_bundle_path):

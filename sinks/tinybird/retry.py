@@ -11,7 +11,9 @@ import dataclasses
 import math
 from collections.abc import Iterable
 
-__all__ = ["DEFAULT_MAX_THROTTLED_SECS", "RETRYABLE_STATUS_CODES", "RETRY_AFTER_STATUS_CODES", "RetryPolicy"]
+__all__ = [
+    "DEFAULT_MAX_THROTTLED_SECS", "MAX_WAIT_SECS", "RETRYABLE_STATUS_CODES", "RETRY_AFTER_STATUS_CODES", "RetryPolicy",
+]
 
 RETRYABLE_STATUS_CODES: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
 """Statuses retried by default: request timeout, rate limit and transient server
@@ -37,6 +39,11 @@ leased; the runner sees the wait in the throttling counters rather than as
 errors. The same half hour is a bound on that stall that an on-call engineer
 notices before anything is lost; lower it (say to 300) when fresh data matters
 more than complete data, raise it for a backfill."""
+
+MAX_WAIT_SECS = 1e9
+"""The longest budget or timeout (about 31 years: "never" in practice). A batch's send is waited
+for, and a socket waits, at most a few of them together; a thread or a socket cannot wait past
+about 9.2e9 s (OverflowError), which a longer one made every bundle's post step fail with."""
 
 # Never retryable, whatever the policy says: 413 is answered by splitting the
 # batch, and re-sending after a 422 (partially ingested) duplicates rows.
@@ -66,7 +73,8 @@ class RetryPolicy:
         max_total_secs: The error time budget of one batch: no attempt (a retry
             or a half of a 413 split) starts later than this after the batch's
             send began, not counting time spent throttled; when the next wait
-            would end past it, what is left of the batch fails at once.
+            would end past it, what is left of the batch fails at once. At most
+            :data:`MAX_WAIT_SECS`, as ``max_throttled_secs``.
         max_throttled_secs: The throttling budget of one batch: the longest it
             waits, in all, on the server's "slow down" (429, 503 with
             ``Retry-After``, an exhausted ``X-RateLimit-Remaining``) and on the
@@ -103,6 +111,8 @@ class RetryPolicy:
             )
         _check_number("max_total_secs", self.max_total_secs, minimum=0.0, strict=True)
         _check_number("max_throttled_secs", self.max_throttled_secs, minimum=0.0)
+        for name in ("max_total_secs", "max_throttled_secs"):
+            check_wait_secs(name, getattr(self, name))
         _check_number("max_retry_after_secs", self.max_retry_after_secs, minimum=0.0)
         codes = self.retry_status_codes
         if isinstance(codes, (str, bytes)) or not isinstance(codes, Iterable):
@@ -167,6 +177,12 @@ class RetryPolicy:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_wait_secs(name: str, value: float) -> None:
+    """Raises ValueError when ``value`` (a checked number of seconds) is over :data:`MAX_WAIT_SECS`."""
+    if value > MAX_WAIT_SECS:
+        raise ValueError(f"{name} must be at most {MAX_WAIT_SECS:g} (about 31 years), got {value!r}")
 
 
 def _check_number(name: str, value: object, *, minimum: float, strict: bool = False) -> None:

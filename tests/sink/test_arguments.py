@@ -80,6 +80,12 @@ def test_wrong_types_are_a_type_error_naming_the_argument(name, value, message):
     ("max_buffering_secs", 0, r"^max_buffering_secs must be positive, got 0"),
     # Finite, but its timer (now + this) is past Beam's last timestamp: every streaming bundle failed.
     ("max_buffering_secs", 1.7e308, r"^max_buffering_secs must be at most 1e\+09 \(about 31 years\), got 1.7e\+308"),
+    # Finite, but a wait this long is past what a thread or a socket can wait (about 292 years):
+    # every bundle's post step failed with OverflowError.
+    ("read_timeout_secs", 1e10, r"^read_timeout_secs must be at most 1e\+09 \(about 31 years\), got 10000000000\.0"),
+    ("connect_timeout_secs", 1e10, r"^connect_timeout_secs must be at most 1e\+09 \(about 31 years\), got 10000000000\.0"),
+    ("retry_policy", {"max_total_secs": 1e10}, r"^max_total_secs must be at most 1e\+09 \(about 31 years\)"),
+    ("retry_policy", {"max_throttled_secs": 1e10}, r"^max_throttled_secs must be at most 1e\+09 \(about 31 years\)"),
     ("num_shards", 0, r"^num_shards must be at least 1, got 0"),
     ("max_windows_per_bundle", 0, r"^max_windows_per_bundle must be at least 1, got 0"),
     ("max_batch_bytes", 1, r"^max_batch_bytes must be at least 2, got 1"),

@@ -514,3 +514,23 @@ def test_a_run_without_429_reports_no_throttling(server, datasource):
     assert counters.get(("tinybird", "responses_throttled"), 0) == 0
     assert counters.get(("tinybird", "cumulativeThrottlingSeconds"), 0) == 0
     assert counters.get(("beam-throttling-metrics", "throttling-msecs"), 0) == 0
+
+
+def test_the_longest_timeouts_and_budgets_accepted_deliver(server, datasource):
+    """Finite timeouts and budgets past what a thread or a socket can wait (1e10 s) passed the
+    checks, then every bundle of the post step failed (OverflowError waiting for its send): they
+    are refused when built now, and the longest accepted ones deliver."""
+    from sinks.tinybird.retry import MAX_WAIT_SECS
+
+    longest = {"connect_timeout_secs": MAX_WAIT_SECS, "read_timeout_secs": MAX_WAIT_SECS}
+    policy = {"max_total_secs": MAX_WAIT_SECS, "max_throttled_secs": MAX_WAIT_SECS,
+              "max_backoff_secs": MAX_WAIT_SECS, "max_retry_after_secs": MAX_WAIT_SECS}
+
+    def build(p):
+        _ = (p | beam.Create(_events(20))
+             | WriteToTinybird(datasource=datasource, token=server.token, api_url=server.url, wait=True,
+                               retry_policy=policy, **longest))
+
+    counters = _run(build)
+    assert counters["rows_acknowledged"] == 20 and "dead_letters" not in counters
+    assert sorted(_ids(server, datasource)) == list(range(20))
