@@ -52,6 +52,9 @@ from pipelines._summary import RunSummary
 
 TITLE = "Streaming to Tinybird"
 DEFAULT_WINDOW_SECS = 60
+MAX_WINDOW_SECS = 10**9
+"""The longest window (about 31 years). A window must end within Beam's timestamps (the year
+294,247): a longer one made every bundle of the sink's first step fail encoding it."""
 SUBSCRIPTION_PATTERN = r"^projects/[^/]+/subscriptions/[^/]+$"
 TOPIC_PATTERN = r"^projects/[^/]+/topics/[^/]+$"
 
@@ -71,7 +74,7 @@ class StreamingToTinybirdOptions(PipelineOptions):
                  "(messages published while the job is down are lost: prefer --input_subscription).")
         add_argument_once(
             parser, "--window_secs", type=_window_secs, default=DEFAULT_WINDOW_SECS,
-            help=f"Length of the fixed windows; the rest of a window's batch is sent when the "
+            help=f"Length of the fixed windows, at most {MAX_WINDOW_SECS} (about 31 years); the rest of a window's batch is sent when the "
                  f"watermark passes its end. Default {DEFAULT_WINDOW_SECS}.")
         add_argument_once(
             parser, "--timestamp_attribute",
@@ -88,6 +91,8 @@ def _window_secs(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number of seconds, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1 second, got {text!r}")
+    if value > MAX_WINDOW_SECS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_WINDOW_SECS} seconds (about 31 years), got {text!r}")
     return value
 
 

@@ -145,3 +145,30 @@ def test_reading_pubsub_without_the_gcp_extra_is_a_clear_error(monkeypatch):
         streaming_to_tinybird.run([
             "--input_subscription", "projects/p/subscriptions/s",
             "--api_url", "https://api.tinybird.co", "--datasource", "events"])
+
+
+def test_the_longest_window_accepted_delivers_and_a_longer_one_is_refused(server, datasource):
+    """--window_secs past what a window's end can be (999999999999999999, which the template's
+    regex took) was accepted, then every bundle of the sink's first step failed encoding the
+    window (OverflowError); it is refused with the other bad values now, and the longest one
+    accepted delivers."""
+    from pipelines.streaming_to_tinybird import MAX_WINDOW_SECS
+
+    def options(*argv):
+        return streaming_to_tinybird.StreamingToTinybirdOptions(list(argv))
+
+    assert options("--window_secs", str(MAX_WINDOW_SECS)).window_secs == MAX_WINDOW_SECS
+    for too_long in (MAX_WINDOW_SECS + 1, 999_999_999_999_999_999):
+        with pytest.raises(SystemExit):
+            options("--window_secs", str(too_long))
+    config = SinkConfig(datasource=datasource, api_url=server.url, wait=True, num_shards=1)
+    p = beam.Pipeline(options=PipelineOptions(RUNNERS["direct"]))
+    now = 1_765_000_000  # December 2025
+    messages = (p | beam.Create([_message(i) for i in range(5)])
+                | beam.Map(lambda m: TimestampedValue(m, now)))
+    result = build(messages, window_secs=MAX_WINDOW_SECS,
+                   write=config.write_transform(Endpoint(api_url=server.url, token=server.token)))
+    assert_that(result.dead_letters, equal_to([]))
+    p.run().wait_until_finish()
+    server.flush()
+    assert [r["id"] for r in server.query(f"SELECT id FROM {datasource} ORDER BY id")] == list(range(5))

@@ -68,7 +68,7 @@ EXAMPLES = {
     "input_subscription": (["projects/p/subscriptions/s"],
                            ["", "s", "projects/p/topics/t", "projects/p/subscriptions/s/x"]),
     "input_topic": (["projects/p/topics/t"], ["", "t", "projects/p/subscriptions/s"]),
-    "window_secs": (["1", "60", "3600"], ["", "0", "1.5", "-60"]),
+    "window_secs": (["1", "60", "3600", "1000000000"], ["", "0", "1.5", "-60", "1000000001", "999999999999999999"]),
     "timestamp_attribute": (["event_time", "ts"], ["", "two words"]),
     "max_buffering_secs": (["5", "0.5", "1.25", "10.0"], ["", "0", "0.0", "-1", "five", "1e3"]),
     "max_dead_letter_ratio": (["0", "0.01", "0.5", "1", "1.0"], ["", "-0.1", "1.5", "2", "1e-2", "abc", "5%"]),
