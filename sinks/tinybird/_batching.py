@@ -126,6 +126,8 @@ _CHUNK_CODER = TupleCoder([BytesCoder(), VarIntCoder(), BytesCoder()])
 # The longest max_buffering_secs (about 31 years: "never" in practice). A buffering timer is
 # set at now + max_buffering_secs, which must be a Beam timestamp (they end in the year 294,247).
 MAX_BUFFERING_SECS = 1e9
+# Shards are 0 .. num_shards - 1, in keys that Beam codes as 64-bit integers.
+MAX_NUM_SHARDS = 2**63
 
 
 def timestamps_of(timestamps: bytes) -> array.array:
@@ -170,6 +172,8 @@ class BatchLimits:
                              f"got {self.max_buffering_secs!r}")
         if self.num_shards < 1:
             raise ValueError(f"num_shards must be at least 1, got {self.num_shards!r}")
+        if self.num_shards > MAX_NUM_SHARDS:
+            raise ValueError(f"num_shards must be at most 2**63 (a shard is a 64-bit key), got {self.num_shards!r}")
         if self.max_windows_per_bundle < 1:
             raise ValueError(f"max_windows_per_bundle must be at least 1, got {self.max_windows_per_bundle!r}")
 

@@ -87,6 +87,8 @@ def test_wrong_types_are_a_type_error_naming_the_argument(name, value, message):
     ("retry_policy", {"max_total_secs": 1e10}, r"^max_total_secs must be at most 1e\+09 \(about 31 years\)"),
     ("retry_policy", {"max_throttled_secs": 1e10}, r"^max_throttled_secs must be at most 1e\+09 \(about 31 years\)"),
     ("num_shards", 0, r"^num_shards must be at least 1, got 0"),
+    # A shard past a 64-bit key failed every bundle of the first step (OverflowError in Beam's coder).
+    ("num_shards", 2**63 + 1, r"^num_shards must be at most 2\*\*63 \(a shard is a 64-bit key\), got 9223372036854775809"),
     ("max_windows_per_bundle", 0, r"^max_windows_per_bundle must be at least 1, got 0"),
     ("max_batch_bytes", 1, r"^max_batch_bytes must be at least 2, got 1"),
     ("max_batch_rows", -1, r"^max_batch_rows must be at least 1, got -1"),

@@ -534,3 +534,20 @@ def test_the_longest_timeouts_and_budgets_accepted_deliver(server, datasource):
     counters = _run(build)
     assert counters["rows_acknowledged"] == 20 and "dead_letters" not in counters
     assert sorted(_ids(server, datasource)) == list(range(20))
+
+
+def test_the_most_shards_accepted_deliver(server, datasource):
+    """num_shards past a 64-bit key (2**70, which --num_shards also took) passed the checks, then
+    every bundle of the first step failed coding its shard (OverflowError): refused when built
+    now, and the most shards accepted deliver."""
+
+    def build(p):
+        _ = (p | beam.Create(_events(20))
+             | WriteToTinybird(datasource=datasource, token=server.token, api_url=server.url, wait=True,
+                               num_shards=2**63))
+
+    counters = _run(build)
+    assert counters["rows_acknowledged"] == 20 and "dead_letters" not in counters
+    assert sorted(_ids(server, datasource)) == list(range(20))
+    with pytest.raises(ValueError, match=r"^num_shards must be at most 2\*\*63"):
+        WriteToTinybird(datasource=datasource, num_shards=2**70)
