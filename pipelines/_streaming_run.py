@@ -48,8 +48,9 @@ from sinks.tinybird.dead_letters import DEAD_LETTER_RECORDS_WRITTEN, STREAMING_F
 
 _LOG = logging.getLogger(__name__)
 
-LOCAL_STREAMING_RUNNERS = frozenset({"DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"})
-"""Runners that run the job in this process, where a stop is handled here."""
+LOCAL_STREAMING_RUNNERS = frozenset({"directrunner", "bundlebaseddirectrunner", "switchingdirectrunner"})
+"""Runners that run the job in this process, where a stop is handled here (lower case: Beam takes
+a runner's name in any case, with or without ``Runner``, or as its class's dotted path)."""
 DIRECT_RUNNER_PULL_SECS = 30.0
 """Beam's DirectRunner pulls Pub/Sub with a 30 s timeout on its only worker thread: on a quiet
 subscription, nothing else (timers, posts, dead-letter files) runs until the pull returns."""
@@ -68,8 +69,8 @@ def is_local_runner(runner: object) -> bool:
     """True for the runners whose streaming jobs run here (and for no ``--runner``)."""
     if runner is None:
         return True
-    name = runner if isinstance(runner, str) else type(runner).__name__
-    return name in LOCAL_STREAMING_RUNNERS
+    name = (runner.rsplit(".", 1)[-1] if isinstance(runner, str) else type(runner).__name__).lower()
+    return name in LOCAL_STREAMING_RUNNERS or f"{name}runner" in LOCAL_STREAMING_RUNNERS
 
 
 @dataclasses.dataclass(frozen=True)

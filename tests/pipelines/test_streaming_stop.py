@@ -27,6 +27,26 @@ def test_stop_after_secs_is_taken_out_of_the_pipeline_options():
 def test_only_local_runners_are_stopped_here():
     assert is_local_runner(None) and is_local_runner("DirectRunner") and is_local_runner("BundleBasedDirectRunner")
     assert not is_local_runner("DataflowRunner") and not is_local_runner("FlinkRunner")
+    # Beam takes a runner's name in any case, without "Runner", or as its class's path.
+    for name in ("direct", "directrunner", "Direct", "bundlebaseddirect", "SwitchingDirectRunner",
+                 "apache_beam.runners.direct.direct_runner.BundleBasedDirectRunner"):
+        assert is_local_runner(name), name
+    for name in ("dataflow", "Dataflow", "flink", "apache_beam.runners.dataflow.dataflow_runner.DataflowRunner",
+                 "PrismRunner", "directrunners"):
+        assert not is_local_runner(name), name
+
+
+def test_the_direct_runner_by_any_name_beam_takes_runs_here_until_stopped(monkeypatch):
+    """--runner=direct is Beam's DirectRunner: it was taken for a remote runner, so --stop_after_secs
+    was refused ("for the DirectRunner") and a stop did not wait for the rows in flight."""
+    from pipelines import streaming_to_tinybird
+
+    ran_here = []
+    monkeypatch.setattr(streaming_to_tinybird, "require_pubsub", lambda: None)
+    monkeypatch.setattr(streaming_to_tinybird, "run_until_stopped", lambda **kwargs: ran_here.append(kwargs))
+    streaming_to_tinybird.run(["--input_subscription", "projects/p/subscriptions/s", "--datasource", "events",
+                               "--api_url", "https://api.tinybird.co", "--runner=direct", "--stop_after_secs", "5"])
+    assert [kwargs["stop_after_secs"] for kwargs in ran_here] == [5.0]
     # A partial batch's wait, one blocked 30 s pull of the DirectRunner, a dead letter's wait for its file, a margin.
     assert settle_timeout_secs(5.0) == 60.0
 
