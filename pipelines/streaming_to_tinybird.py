@@ -124,7 +124,10 @@ def split_message(data: bytes) -> Iterator[bytes]:
 
     A message without a newline is passed on untouched (the sink validates it).
     One with newlines is one pretty-printed JSON value if it parses as one,
-    else NDJSON: each non-blank line is a row.
+    else NDJSON when a line of it is a JSON object: each non-blank line is a
+    row. One that is neither (a pretty-printed object cut short, not JSON at
+    all) is passed on whole, so that its one dead letter holds all of it, not
+    a dead letter per line.
     """
     body = data.strip()
     if not body:
@@ -136,11 +139,17 @@ def split_message(data: bytes) -> Iterator[bytes]:
     try:
         orjson.loads(body)
     except orjson.JSONDecodeError:
-        for line in body.split(b"\n"):
-            if line.strip():
-                yield line.rstrip(b"\r")
+        lines = [line.rstrip(b"\r") for line in body.split(b"\n") if line.strip()]
+        yield from lines if any(_is_object(line) for line in lines) else (body,)
         return
     yield body
+
+
+def _is_object(line: bytes) -> bool:
+    try:
+        return isinstance(orjson.loads(line), dict)
+    except orjson.JSONDecodeError:
+        return False
 
 
 def build(messages: beam.PCollection, *, window_secs: float, write: beam.PTransform) -> beam.pvalue.PValue:

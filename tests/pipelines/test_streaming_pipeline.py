@@ -118,6 +118,12 @@ def test_split_message():
     pretty = b'{\n  "a": 1,\n  "b": [1, 2]\n}\n'
     assert list(split_message(pretty)) == [pretty.strip()]
     assert list(split_message(b"not json")) == [b"not json"]
+    # NDJSON with a bad line among objects: a row per line, the bad one dead-lettered alone.
+    assert list(split_message(b'{"a": 1}\n{"a": \n{"a": 3}\n')) == [b'{"a": 1}', b'{"a": ', b'{"a": 3}']
+    # No line is an object (a pretty-printed object cut short, text): the message whole, one dead letter.
+    cut = b'{\n  "a": 1,\n  "b": [1, 2],\n'
+    assert list(split_message(cut)) == [cut.strip()]
+    assert list(split_message(b"line one\r\nline two\n")) == [b"line one\r\nline two"]
     assert list(split_message(b"")) == [b""]  # not dropped: the sink dead-letters it
 
 
