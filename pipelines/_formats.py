@@ -339,12 +339,20 @@ class _Constant:
 
 
 def _holds_constant(value: Any) -> bool:
+    """Whether ``value`` holds a :class:`_Constant` (an item nested deeper than Python recurses: taken as one)."""
+    try:
+        return _walk_for_constant(value)
+    except RecursionError:
+        return True
+
+
+def _walk_for_constant(value: Any) -> bool:
     if isinstance(value, _Constant):
         return True
     if isinstance(value, dict):
-        return any(_holds_constant(v) for v in value.values())
+        return any(_walk_for_constant(v) for v in value.values())
     if isinstance(value, list):
-        return any(_holds_constant(v) for v in value)
+        return any(_walk_for_constant(v) for v in value)
     return False
 
 

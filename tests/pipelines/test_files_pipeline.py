@@ -833,3 +833,10 @@ def test_the_demo_by_type_on_the_embedded_server(tmp_path, monkeypatch):
         assert f'-m tinybird_emulator sql --data-dir ./tinybird-local "SELECT count(*) FROM {kind}"' in printed
     # The biggest data source first.
     assert printed.index("  pageviews now holds") < printed.index("  commerce now holds") < printed.index("  searches now holds")
+
+
+def test_an_item_nested_deeper_than_python_recurses_is_taken_as_holding_nan():
+    deep: list = [_formats._Constant("NaN")]
+    for _ in range(5000):
+        deep = [deep]
+    assert _formats._holds_constant(deep) and not _formats._holds_constant([[1, {"a": [2]}]])
