@@ -284,10 +284,8 @@ def test_requests_queued_behind_a_new_data_sources_first_job_reuse_its_schema(tm
         assert db.execute("SELECT c__error_column FROM fresh_quarantine").fetchall() == [('["n"]',)]
 
 
-def test_two_first_requests_decoded_at_once_are_counted_against_the_schema_that_creates(tmp_path, monkeypatch):
-    """Two requests to a new data source decoded at the same time each infer a schema; the
-    first queued creates the data source, so the other's 202 counts must be those of the
-    first's schema, which its rows are stored or quarantined against."""
+def _app_decoding_two_at_once(tmp_path, monkeypatch) -> app_module.EventsApp:
+    """An app whose bodies are decoded two at a time, side by side (each waits for the other)."""
     both_decoding = threading.Barrier(2, timeout=10)
     decode = app_module._decode
 
@@ -296,7 +294,14 @@ def test_two_first_requests_decoded_at_once_are_counted_against_the_schema_that_
         return decode(*args)
 
     monkeypatch.setattr(app_module, "_decode", decode_side_by_side)
-    events = app_module.EventsApp(ServerConfig(data_dir=str(tmp_path), admin_token="p.admin", rate_limit_rps=None))
+    return app_module.EventsApp(ServerConfig(data_dir=str(tmp_path), admin_token="p.admin", rate_limit_rps=None))
+
+
+def test_two_first_requests_decoded_at_once_are_counted_against_the_schema_that_creates(tmp_path, monkeypatch):
+    """Two requests to a new data source decoded at the same time each infer a schema; the
+    first queued creates the data source, so the other's 202 counts must be those of the
+    first's schema, which its rows are stored or quarantined against."""
+    events = _app_decoding_two_at_once(tmp_path, monkeypatch)
     auth = {"Authorization": "Bearer p.admin"}
 
     async def scenario() -> list:
@@ -351,15 +356,7 @@ def test_a_name_that_differs_only_in_case_from_a_data_source_being_created_is_re
 
 def test_two_names_that_differ_only_in_case_decoded_at_once_one_is_refused(tmp_path, monkeypatch):
     """Both pass the early check (neither is queued yet); the second to be queued is refused."""
-    both_decoding = threading.Barrier(2, timeout=10)
-    decode = app_module._decode
-
-    def decode_side_by_side(*args):
-        both_decoding.wait()
-        return decode(*args)
-
-    monkeypatch.setattr(app_module, "_decode", decode_side_by_side)
-    events = app_module.EventsApp(ServerConfig(data_dir=str(tmp_path), admin_token="p.admin", rate_limit_rps=None))
+    events = _app_decoding_two_at_once(tmp_path, monkeypatch)
     auth = {"Authorization": "Bearer p.admin"}
 
     async def scenario() -> list[int]:
