@@ -100,13 +100,19 @@ def add_sink_arguments(parser: argparse.ArgumentParser, *, streaming: bool = Fal
     ``datasource_field`` False leaves out ``--datasource_field`` and
     ``--datasource_prefix`` (the replay job routes each line by its record instead).
     """
-    add_argument_once(
-        parser, "--datasource",
-        help=f"Tinybird data source to append to (created from the first events if the token may). "
-             f"Required with --api_url unless --datasource_field is given; default {DEFAULT_DATASOURCE!r} "
-             f"for the embedded local server.")
     if datasource_field:
+        add_argument_once(
+            parser, "--datasource",
+            help=f"Tinybird data source to append to (created from the first events if the token may). "
+                 f"Required with --api_url unless --datasource_field is given; default {DEFAULT_DATASOURCE!r} "
+                 f"for the embedded local server.")
         _add_datasource_field_arguments(parser)
+    else:
+        add_argument_once(
+            parser, "--datasource",
+            help="Tinybird data source to send every line to. Without it, each line goes back to the "
+                 "data source its dead-letter record names (a record that names none is dead-lettered "
+                 "again as unroutable).")
     add_argument_once(
         parser, "--api_url",
         help="Events API host of the workspace's region, e.g. https://api.tinybird.co or "

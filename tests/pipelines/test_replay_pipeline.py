@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -164,6 +165,18 @@ def test_replay_exits_with_status_2_on_overlap(tmp_path, monkeypatch, capsys):
         replay_dead_letters.main(["--input", "dl/*", "--dead_letter_path", "dl"])
     assert exited.value.code == 2
     assert "error: --dead_letter_path 'dl' overlaps the input location" in capsys.readouterr().err
+
+
+
+def test_the_replays_help_says_what_it_does_without_datasource():
+    """Its --datasource is optional: without it each line goes back to its record's data source."""
+    parser = argparse.ArgumentParser()
+    replay_dead_letters.ReplayDeadLettersOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+    (action,) = [a for a in parser._actions if "--datasource" in a.option_strings]  # pylint: disable=protected-access
+    assert action.default is None
+    assert "--datasource_field" not in action.help
+    assert "default 'events'" not in action.help
+    assert "the data source its dead-letter record names" in action.help
 
 
 # -- a data source per record ---------------------------------------------------------------
