@@ -8,13 +8,15 @@ JSON; delivered on its status) and
 ``rows_acknowledged_uncounted`` (their rows), ``responses_2xx_unaccounted`` (a
 2xx that counted fewer rows than were sent: its rows are dead-lettered as
 ``rows_unaccounted``), ``retries`` and ``retries_<cause>`` (cause is the status
-code, ``timeout``, ``deadline`` or ``connection_error``), ``bytes_raw`` and
+code, ``413`` for a split, ``timeout``, ``deadline``, ``connect_timeout``,
+``connection_error`` or ``protocol_error``), ``bytes_raw`` and
 ``bytes_wire`` (per attempt, before and after compression), ``dead_letters``
 and ``dead_letters_<kind>``, ``lineless_dead_letters``; per data source, in namespace
 ``tinybird/<datasource>``: ``rows_acknowledged`` and ``dead_letters`` (an
 ``unroutable`` element has no data source: it counts in ``dead_letters`` and
 ``dead_letters_unroutable`` alone). Distributions: ``batch_bytes``, ``batch_rows``,
-``request_latency_ms``.
+``request_latency_ms``. The dead-letter file writers count
+``dead_letter_records_written`` and ``dead_letter_files_written`` (``dead_letters.py``).
 
 Throttling (time spent waiting because the service said "slow down", on the
 process's shared limiter or after a 429/503 with ``Retry-After``), for the
