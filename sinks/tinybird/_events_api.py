@@ -246,6 +246,10 @@ class EventsApiClient:
         self._token_key = LimiterKey.of(api_url=settings.api_url, datasource=settings.datasource or "", token=token)
         # Data source names a send was given, checked once (a bounded set: past it, checked again).
         self._checked_names: set[str] = set()
+        # Sends under way: the log redaction stays until the last one ends, also after close()
+        # (a send abandoned by a torn-down DoFn still reads an answer, which urllib3 may log).
+        self._lock = threading.Lock()
+        self._sends = 0
         install_log_redaction(token)
 
     def __repr__(self) -> str:
@@ -279,10 +283,17 @@ class EventsApiClient:
         return shared_limiter(key, max_in_flight=self._settings.max_in_flight, clock=self._clock, rand=self._rand)
 
     def close(self) -> None:
-        """Closes the connection pool; a send under way in another thread fails as ``closed``."""
-        transport, self._transport = self._transport, None
+        """Closes the connection pool; a send under way in another thread fails as ``closed``.
+
+        The token is scrubbed from the HTTP stack's log records until the last send under way
+        ends: its attempt in progress still reads an answer.
+        """
+        with self._lock:
+            transport, self._transport = self._transport, None
+            last = transport is not None and self._sends == 0
         if transport is not None:
             transport.close()
+        if last:
             uninstall_log_redaction(self._token)
 
     def __enter__(self) -> EventsApiClient:
@@ -312,8 +323,6 @@ class EventsApiClient:
             raise ValueError(f"payload must be bytes, got {type(payload).__name__}")
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
             raise ValueError(f"rows must be an int >= 0, got {rows!r}")
-        if self._transport is None:
-            raise RuntimeError("EventsApiClient is closed")
         if not payload and rows == 0:
             return SendReport(delivered=(), failed=(), attempts=())
         if not payload.endswith(b"\n"):
@@ -322,6 +331,22 @@ class EventsApiClient:
         if lines != rows:
             raise ValueError(f"rows={rows} but the payload holds {lines} lines")
         datasource = self._datasource(datasource)
+        with self._lock:
+            if self._transport is None:
+                raise RuntimeError("EventsApiClient is closed")
+            self._sends += 1
+        try:
+            return self._send(payload, rows, datasource)
+        finally:
+            with self._lock:
+                self._sends -= 1
+                last = self._transport is None and self._sends == 0
+            if last:
+                uninstall_log_redaction(self._token)
+
+    # -- internals -----------------------------------------------------------
+
+    def _send(self, payload: bytes, rows: int, datasource: str) -> SendReport:
         batch = _Batch(started=self._clock(), limiter=self.limiter(datasource), datasource=datasource,
                        url=self._settings.events_url_for(datasource))
         # A stack of parts, so that the halves of a split go in payload order.
@@ -337,8 +362,6 @@ class EventsApiClient:
             throttled_answers=batch.throttled_answers,
             concurrency_limit=batch.limiter.concurrency_limit,
         )
-
-    # -- internals -----------------------------------------------------------
 
     def _datasource(self, datasource: str | None) -> str:
         if datasource is None:

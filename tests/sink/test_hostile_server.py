@@ -719,6 +719,50 @@ def test_a_token_echoed_in_a_malformed_header_line_reaches_no_log(caplog):
     assert len(filters) == 1 and (during, after) == (registered + 1, registered)
 
 
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+def test_a_token_echoed_after_the_client_closed_reaches_no_log(in_flight, caplog):
+    """A DoFn torn down (a failed bundle) with sends under way: each attempt still reads
+    its answer after close(), and urllib3 logs a malformed header line of it. The token
+    stays scrubbed until the last of them ends, then its registration is released."""
+    caplog.set_level(logging.DEBUG)
+    token = f"p.closed-while-in-flight-{in_flight}-0123456789abcdef"  # no other client registers it
+    arrived, closed = threading.Semaphore(0), threading.Event()
+
+    def behave(conn, request):
+        arrived.release()
+        closed.wait(10)
+        time.sleep(0.05 * request.ids[0])  # the answers end one after the other
+        body = b'{"error":"bad"}'
+        conn.sendall(b"HTTP/1.1 400 Bad\r\nContent-Length: %d\r\n" % len(body)
+                     + b"Bearer " + token.encode() + b" \x01\r\n\r\n" + body)
+        return True
+
+    with RawServer(default=behave) as server:
+        client = client_for(server, token=token, max_in_flight=in_flight, read_timeout_secs=10.0)
+        reports: list[SendReport] = []
+        # A data source each: each has a limiter of its own, which lets its first request go at once.
+        threads = [threading.Thread(target=lambda i=i: reports.append(client.send(payload_of(1, i), 1, f"closing_{i}")))
+                   for i in range(in_flight)]
+        for thread in threads:
+            thread.start()
+        for _ in threads:
+            assert arrived.acquire(timeout=10)
+        client.close()
+        registered_after_close = redaction._FILTER._tokens[token]
+        closed.set()
+        for thread in threads:
+            thread.join(10)
+    parse_failures = [r for r in caplog.records if "Failed to parse headers" in r.getMessage()]
+    assert len(parse_failures) == in_flight, "urllib3 did not log every answer"
+    for text in [caplog.text, *(r.getMessage() + (r.exc_text or "") for r in caplog.records)]:
+        assert _slices_in_any_case(token, text) == [], text[:300]
+    # Kept while the sends ran, released once the last ended.
+    assert (registered_after_close, redaction._FILTER._tokens[token]) == (1, 0)
+    assert sorted((r.failed[0].status, *ids_in(r.failed[0].payload)) for r in reports) == [
+        (400, i) for i in range(in_flight)]
+
+
 _TOKENS = (
     TOKEN,
     "p.secret-lowercase-token-0123456789abcdefghijklmnopqrstuvwxyz",
