@@ -198,7 +198,7 @@ class EventsApiClient:
         retry_policy: When and how long to retry, and the time budget of a batch.
         clock: Monotonic clock (seconds) for latencies, the time budget and pacing.
         wall_clock: Epoch clock (seconds) for attempt timestamps and HTTP dates.
-        sleep: Sleeps for backoff and pacing.
+        sleep: Sleeps for backoff and pacing; default: a wait that :meth:`close` ends.
         rand: Uniform random numbers in [0, 1) for jitter.
     """
 
@@ -210,7 +210,7 @@ class EventsApiClient:
         retry_policy: RetryPolicy,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] | None = None,
         rand: Callable[[], float] = random.random,
     ) -> None:
         if not isinstance(settings, ClientSettings):
@@ -228,7 +228,11 @@ class EventsApiClient:
         self._token = token
         self._clock = clock
         self._wall_clock = wall_clock
-        self._sleep = sleep
+        # Set by close(): a send abandoned by a torn-down DoFn stops waiting (backoff, Retry-After,
+        # the limiter's pause) and sends nothing more, rather than running on for up to
+        # max_send_secs, holding its batch and the worker process's exit (which joins its thread).
+        self._closing = threading.Event()
+        self._sleep = self._closing.wait if sleep is None else sleep
         self._rand = rand
         # Read only when there is a compression, which then has a level.
         self._level = settings.effective_compression_level or 1
@@ -285,12 +289,15 @@ class EventsApiClient:
     def close(self) -> None:
         """Closes the connection pool; a send under way in another thread fails as ``closed``.
 
-        The token is scrubbed from the HTTP stack's log records until the last send under way
-        ends: its attempt in progress still reads an answer.
+        Such a send ends with the attempt it has under way (at most one attempt's deadline), or
+        within a second when it is waiting: it starts no attempt after close. The token is
+        scrubbed from the HTTP stack's log records until the last send under way ends: its
+        attempt in progress still reads an answer.
         """
         with self._lock:
             transport, self._transport = self._transport, None
             last = transport is not None and self._sends == 0
+        self._closing.set()
         if transport is not None:
             transport.close()
         if last:
@@ -477,6 +484,8 @@ class EventsApiClient:
         limiter = batch.limiter
         waited_for = None
         while True:
+            if self._transport is None:
+                return DeadLetterKind.REJECTED, _CLOSED.message
             now = self._clock()
             refusal = budget_check(
                 elapsed_secs=now - batch.started - batch.throttled_secs, pause_ahead_secs=0.0, policy=self._policy)

@@ -166,7 +166,9 @@ class _PostDoFn(beam.DoFn):
 
     def teardown(self) -> None:
         # Never waits: after finish_bundle nothing is in flight, and after a
-        # failed bundle (which the runner retries) what is left is abandoned.
+        # failed bundle (which the runner retries) what is left is abandoned:
+        # queued sends are cancelled, and the closed client makes those under
+        # way end with their attempt in progress.
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)

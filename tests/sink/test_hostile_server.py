@@ -923,6 +923,57 @@ def test_finish_bundle_never_waits_past_the_clients_bound():
     assert letters[0].message.startswith("no outcome within 0.3 s")
 
 
+
+_LONG_WAIT_SECS = 30.0
+# Each case: the answers that put the sends into a wait of _LONG_WAIT_SECS, and the sends
+# (rows of each, to one data source) under way when the client is closed.
+_WAITS_AT_CLOSE = {
+    "after a 429's Retry-After": ([answer(429, headers=[("Retry-After", "30")])], [2]),
+    "in a 503's backoff": ([answer(503)], [2]),
+    "on the process's pause another send's 429 set": ([answer(429, headers=[("Retry-After", "30")])], [2, 3]),
+    "with the other half of a 413 split left": (
+        [answer(413), answer(429, headers=[("Retry-After", "30")])], [4]),
+}
+
+
+@pytest.mark.parametrize("case", list(_WAITS_AT_CLOSE))
+def test_a_send_waiting_when_its_client_closes_ends_at_once_and_sends_nothing_more(case):
+    """A DoFn torn down with sends under way (a failed bundle; the runner retries it): each
+    send that is waiting ends within a second of close(), not after its wait of 30 s, starts no
+    attempt, and still accounts for every row (the worker process's exit joins its thread)."""
+    script, sends = _WAITS_AT_CLOSE[case]
+    policy = RetryPolicy(max_attempts=3, initial_backoff_secs=_LONG_WAIT_SECS, max_backoff_secs=_LONG_WAIT_SECS,
+                         max_total_secs=1000)
+    reports: list[SendReport] = []
+    with RawServer(default=answer(500), script=script) as server:
+        client = client_for(server, policy=policy)  # its own limiter: the server has a port of its own
+        first_ids = [sum(sends[:i]) for i in range(len(sends))]
+        threads = [threading.Thread(target=lambda rows=rows, first=first: reports.append(
+            client.send(payload_of(rows, first), rows))) for rows, first in zip(sends, first_ids, strict=True)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(server.requests) < len(script) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # every send is in its wait now
+        requests_at_close = len(server.requests)
+        closed_at = time.monotonic()
+        client.close()
+        for thread in threads:
+            thread.join(_LONG_WAIT_SECS + 10)
+        ended_after = time.monotonic() - closed_at
+    assert requests_at_close == len(script)
+    assert len(server.requests) == requests_at_close  # no attempt after close
+    assert ended_after < 1.0 + BUSY_MACHINE_SLACK_SECS < _LONG_WAIT_SECS, ended_after
+    assert len(reports) == len(sends)
+    for report in reports:
+        assert report.delivered == ()
+        assert {(f.kind, f.message.split("; last:")[0]) for f in report.failed} == {
+            (DeadLetterKind.REJECTED, "the client was closed")}
+    dead = sorted(i for report in reports for failed in report.failed for i in ids_in(failed.payload))
+    assert dead == list(range(sum(sends)))
+
+
 # -- name lookups ---------------------------------------------------------------------------
 
 
