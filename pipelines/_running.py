@@ -26,6 +26,10 @@ from pipelines._summary import RunSummary, format_summary, judge, list_dead_lett
 
 _LOG = logging.getLogger(__name__)
 
+STREAMING_ENDS = frozenset({PipelineState.DRAINED, PipelineState.UPDATED})
+"""Ends of a streaming job other than DONE that are no failure: a drain (how one is stopped) and an
+update in place (a new job goes on from its state)."""
+
 
 def check_input_exists(file_pattern: str, *, argv: Sequence[str] = ()) -> None:
     """Raises :class:`UsageError` when nothing matches ``file_pattern`` (before anything starts).
@@ -69,6 +73,10 @@ def run_pipeline(
         out: Where the summary goes; default stdout.
         data_dir: The embedded server's data directory; default ``./tinybird-local``.
 
+    A streaming job that was drained ends as one that is DONE, with its
+    summary; one updated in place (UPDATED) is replaced by a new job, and ends
+    with a line saying so. Any other end but DONE fails (on a batch job, any end but DONE).
+
     Raises:
         RuntimeError: The pipeline failed or was cancelled.
     """
@@ -96,10 +104,25 @@ def run_pipeline(
             with contextlib.suppress(Exception):
                 result.cancel()
             raise
-        if state in (PipelineState.FAILED, PipelineState.CANCELLED, PipelineState.UPDATED,
-                     PipelineState.DRAINED):
-            raise RuntimeError(f"{title} ended in state {state}")
-        if state not in (None, PipelineState.DONE):
+        except Exception as error:
+            # Beam's Dataflow and portable (Flink) results raise on any end but DONE, a drain
+            # included; the result still says which end it was.
+            state = getattr(result, "state", None)
+            if not (standard.streaming and state in STREAMING_ENDS):
+                raise RuntimeError(ended_badly(title, state, streaming=bool(standard.streaming),
+                                               error=error)) from error
+        if standard.streaming and state == PipelineState.UPDATED:
+            out.write(f"{title}: replaced by an update (state UPDATED): the new job goes on from this "
+                      "one's state; follow it on its runner.\n")
+            out.flush()
+            return None
+        if standard.streaming and state == PipelineState.DRAINED:
+            out.write(f"{title}: drained (state DRAINED), the way a streaming job is stopped: it stopped "
+                      "reading and sent what it held.\n")
+        elif state in (PipelineState.FAILED, PipelineState.CANCELLED, PipelineState.UPDATED,
+                       PipelineState.DRAINED):
+            raise RuntimeError(ended_badly(title, state, streaming=bool(standard.streaming)))
+        if state not in (None, PipelineState.DONE, PipelineState.DRAINED):
             # E.g. a Flex Template launch: the runner wrote a job spec (state
             # UNKNOWN, no job to wait for, no metrics); the runner's console has the figures.
             out.write(f"{title}: submitted (state {state}); follow the job on its runner.\n")
@@ -114,6 +137,15 @@ def run_pipeline(
                                  dead_letter_path=dead_letter_path))
         out.flush()
     return summary
+
+
+def ended_badly(title: str, state: object, *, streaming: bool, error: BaseException | None = None) -> str:
+    """Why a run that ended in ``state`` failed, for its ``RuntimeError``."""
+    text = f"{title} ended in state {state}"
+    if streaming and state == PipelineState.CANCELLED:
+        text += (": a cancelled streaming job drops the rows it held whose messages were acknowledged; "
+                 "stop one with a drain")
+    return text + (f": {error}" if error is not None else "")
 
 
 def configure_logging() -> None:

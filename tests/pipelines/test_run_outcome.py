@@ -144,3 +144,77 @@ def test_the_files_job_with_the_check_fails_when_most_rows_are_dead_lettered(ser
                                 max_dead_letter_ratio=0.5)
     server.flush()
     assert server.query(f"SELECT count() AS n FROM {datasource}") == [{"n": 4}]
+
+
+# -- how a job on a remote runner ended: a streaming job's drain is its normal end -----------------
+
+
+class _FakeResult:
+    """A finished job's result as a remote runner gives it: its end state and (empty) counters.
+
+    ``raising``: ``wait_until_finish`` raises on any end but DONE, as Beam's Dataflow and
+    portable (Flink) results do, the state staying readable on the result.
+    """
+
+    def __init__(self, state, *, raising):
+        self.state, self._raising = state, raising
+
+    def wait_until_finish(self, duration=None):
+        if self._raising and self.state != "DONE":
+            raise RuntimeError(f"Dataflow pipeline failed. State: {self.state}, Error:\nNone")
+        return self.state
+
+    def metrics(self):
+        class _Metrics:
+            def query(self, _filter=None):
+                return {"counters": [], "distributions": [], "gauges": []}
+        return _Metrics()
+
+
+def _launch(monkeypatch, state, *, raising, streaming):
+    """``run_pipeline`` on a remote runner whose job ends in ``state``: (exit status, stdout, error text)."""
+    from pipelines._options import SinkConfig
+    from pipelines._running import run_pipeline
+
+    monkeypatch.setattr(beam.Pipeline, "run", lambda self, *args, **kwargs: _FakeResult(state, raising=raising))
+    config = SinkConfig(datasource="events", api_url="https://api.tinybird.co")
+    out = io.StringIO()
+
+    def main(argv):
+        return run_pipeline(title="Streaming to Tinybird", argv=argv, config=config,
+                            build=lambda *args: None, dead_letter_path=None, out=out)
+
+    argv = ["--runner=FnApiRunner", *(["--streaming"] if streaming else [])]
+    try:
+        exit_on_usage_error(main, argv)
+    except SystemExit as exit_:
+        return exit_.code, out.getvalue(), ""
+    except RuntimeError as error:  # uncaught: Python prints the traceback and exits with status 1
+        return 1, out.getvalue(), str(error)
+    return 0, out.getvalue(), ""
+
+
+@pytest.mark.parametrize("raising", [False, True], ids=["returns-the-state", "raises-unless-done"])
+@pytest.mark.parametrize("state, status, says", [
+    ("DONE", 0, "Streaming to Tinybird: finished in"),
+    ("DRAINED", 0, "Streaming to Tinybird: drained (state DRAINED)"),
+    ("UPDATED", 0, "Streaming to Tinybird: replaced by an update (state UPDATED)"),
+    ("CANCELLED", 1, "Streaming to Tinybird ended in state CANCELLED: a cancelled streaming job"),
+    ("FAILED", 1, "Streaming to Tinybird ended in state FAILED"),
+])
+def test_a_streaming_job_on_a_remote_runner_ends_well_when_drained(monkeypatch, raising, state, status, says):
+    """Draining is how a streaming job is stopped: it was reported as a failure (Beam's Dataflow result
+    raises on any state but DONE, and the launcher raised on DRAINED itself)."""
+    code, printed, error = _launch(monkeypatch, state, raising=raising, streaming=True)
+    assert code == status
+    assert says in (printed if status == 0 else error)
+    # A drained job's rows are counted and judged as a finished one's; an updated job goes on elsewhere.
+    assert ("  rows read                     0" in printed) == (state in ("DONE", "DRAINED"))
+
+
+@pytest.mark.parametrize("raising", [False, True], ids=["returns-the-state", "raises-unless-done"])
+@pytest.mark.parametrize("state", ["DRAINED", "UPDATED", "CANCELLED", "FAILED"])
+def test_a_batch_job_that_does_not_end_done_fails(monkeypatch, raising, state):
+    code, printed, error = _launch(monkeypatch, state, raising=raising, streaming=False)
+    assert (code, printed) == (1, "")
+    assert error.startswith(f"Streaming to Tinybird ended in state {state}")
