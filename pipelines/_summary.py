@@ -196,6 +196,31 @@ def display_path(path: str) -> str:
     return text + "/" if path.endswith("/") and not text.endswith("/") else text
 
 
+def replay_paths(dead_letter_path: str, *, label: str | None) -> tuple[str, str]:
+    """The ``--input`` and ``--dead_letter_path`` of the replay command for a run's dead letters.
+
+    It reads this run's files alone (``dead-letters-<label>-*``: the folder may
+    hold earlier runs' too, already replayed) and writes what fails again next
+    to their folder, in ``<name>-replayed/``, on the same filesystem and in the
+    same bucket. A bucket's root (``gs://bucket``) or the filesystem's has no
+    name and no place next to it there: the replay writes in ``replayed/``
+    inside it, where the files it reads are not.
+    """
+    files = f"dead-letters-{label}-*" if label else "dead-letters*"
+    if "://" in dead_letter_path:
+        scheme, rest = dead_letter_path.split("://", 1)
+        folder = f"{scheme}://{rest.rstrip('/')}"
+        if "/" not in rest.rstrip("/"):
+            return f"{folder}/{files}", f"{folder}/replayed/"
+        parent, name = folder.rsplit("/", 1)
+        return f"{folder}/{files}", f"{parent}/{name}-replayed/"
+    resolved = Path(dead_letter_path).resolve()
+    shown = display_path(str(resolved)).rstrip("/")
+    if not resolved.name:
+        return f"{shown}/{files}", f"{resolved}replayed/"
+    return f"{shown}/{files}", display_path(str(resolved.with_name(resolved.name + "-replayed"))) + "/"
+
+
 def _python_command() -> str:
     """The interpreter running this job as the user can type it: ``.venv/bin/python``
     from the checkout, else its full path (not resolved: a venv's python is a symlink)."""
@@ -270,16 +295,14 @@ def format_summary(summary: RunSummary, *, title: str, config: SinkConfig, endpo
         lines += _embedded_server_lines(summary, endpoint, datasources, routed=config.routed)
     replayable = summary.dead_letters - summary.lineless_dead_letters
     if replay_hint and dead_letter_path and replayable > 0:
-        # This run's files only: the folder may hold earlier runs' too, already replayed.
-        source = display_path(dead_letter_path).rstrip("/")
-        files = f"/dead-letters-{config.dead_letter_label}-*" if config.dead_letter_label else "/*"
+        source, replayed = replay_paths(dead_letter_path, label=config.dead_letter_label)
         command = [
             f"{_python_command()} -m pipelines.replay_dead_letters",
-            f"--input {_shell_quote(source + files)}",
+            f"--input {_shell_quote(source)}",
         ]
         if config.datasource is not None:
             command.append(f"--datasource {config.datasource}")
-        command.append(f"--dead_letter_path {_shell_quote(source + '-replayed/')}")
+        command.append(f"--dead_letter_path {_shell_quote(replayed)}")
         if not config.embedded:
             command.append(f"--api_url {config.api_url}")
         lines += ["", "Resend the dead letters once their cause is fixed:", "  " + " ".join(command)]

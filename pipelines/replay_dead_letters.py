@@ -10,8 +10,9 @@ record names (its ``datasource``), or, with ``--datasource NAME``, every line to
 unroutable element whose function gave no name) needs ``--datasource``: without
 it, it is dead-lettered again as ``unroutable``. What fails again is written to
 ``--dead_letter_path``, which must be a new location: the job refuses, before
-anything runs, a path equal to, inside, or containing the input's location, so
-the files being read are never overwritten.
+anything runs, a path equal to or containing the input's folder, or inside it
+where the input's pattern may read (``replayed/`` next to ``dead-letters-<run>-*``
+is taken), so the files being read are never overwritten nor read again.
 
 Records without a ``line`` (elements that could not be encoded at all), or whose
 line the sink would refuse as an element (one an ``orjson.Fragment`` made that
@@ -206,16 +207,43 @@ def input_location(input_pattern: str) -> str:
     return _normalise(folder or "/")
 
 
+def _names_read(input_pattern: str) -> str:
+    """How the names ``input_pattern`` reads in its folder start (``dead-letters-x-`` of
+    ``gs://b/dead-letters-x-*``); ``""`` when it may read any name there."""
+    match = _GLOB_CHARS.search(input_pattern)
+    if match is None:
+        return ""
+    head = input_pattern[: match.start()]
+    if "/" not in head or (_is_url(head) and "/" not in head.split("://", 1)[1]):
+        return ""  # the working directory's names, or a bucket's: "gs://bucket*"
+    return head.rsplit("/", 1)[1]
+
+
 def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _overlaps(target: str, input_pattern: str) -> bool:
+    """Whether ``target`` is the input's folder, holds it, or is inside it where the pattern may read."""
+    source = input_location(input_pattern)
+    if _within(source, target):
+        return True
+    if not _within(target, source):
+        return False
+    first = target[len(source.rstrip("/")) + 1:].split("/", 1)[0]
+    return first.startswith(_names_read(input_pattern))
 
 
 def check_output_outside_input(input_pattern: str, dead_letter_path: str | None) -> None:
     """Refuses a missing dead-letter path, or one that overlaps the input's location.
 
+    Inside the input's folder, a folder whose name the pattern cannot read is
+    no overlap: ``gs://b/replayed/`` for ``gs://b/dead-letters-x-*`` (the
+    files of a run whose dead letters are at a bucket's root).
+
     Raises:
         UsageError: ``dead_letter_path`` is missing, equal to the input's
-            folder, inside it, or contains it.
+            folder, contains it, or is inside it where the pattern may read.
     """
     if not dead_letter_path:
         raise UsageError(
@@ -224,7 +252,7 @@ def check_output_outside_input(input_pattern: str, dead_letter_path: str | None)
     target = _normalise(dead_letter_path)
     if _is_url(source) != _is_url(target):
         return
-    if _within(target, source) or _within(source, target):
+    if _overlaps(target, input_pattern):
         raise UsageError(
             f"--dead_letter_path {dead_letter_path!r} overlaps the input location {source!r} "
             f"(of --input {input_pattern!r}): replaying must never write over or next to the files "

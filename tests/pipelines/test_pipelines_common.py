@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import decimal
 import logging
+import os
 import pickle
 import random
 
@@ -191,9 +192,77 @@ def test_summary_text(tmp_path, monkeypatch):
         "  dead-letter files in ./dl/:",
         "    ./dl/dead-letters-x.jsonl",
     ]
-    assert ("python -m pipelines.replay_dead_letters --input './dl/*' --datasource events "
+    assert ("python -m pipelines.replay_dead_letters --input './dl/dead-letters*' --datasource events "
             "--dead_letter_path ./dl-replayed/ --api_url https://api.tinybird.co") in text
     assert "emulator" not in text  # no local server in this run
+
+
+def _replay_hint(dead_letter_path: str, *, label: str | None) -> tuple[str, str]:
+    """The (--input, --dead_letter_path) of the replay command a run's summary prints for ``dead_letter_path``."""
+    import shlex
+
+    summary = RunSummary(rows_read=1, rows_acknowledged=0, rows_quarantined=0, dead_letters=1,
+                         dead_letters_by_kind={"rejected": 1}, requests=1, retries=0, extra={}, elapsed_secs=1.0)
+    config = SinkConfig(datasource="events", api_url="https://api.tinybird.co", dead_letter_path=dead_letter_path,
+                        dead_letter_label=label)
+    text = format_summary(summary, title="Files to Tinybird", config=config,
+                          endpoint=Endpoint(api_url="https://api.tinybird.co"), dead_letter_path=dead_letter_path)
+    (command,) = [line for line in text.splitlines() if "-m pipelines.replay_dead_letters" in line]
+    words = shlex.split(command)
+    return words[words.index("--input") + 1], words[words.index("--dead_letter_path") + 1]
+
+
+_HINT_CASES = [
+    # dead-letter path (W: the working directory, E: a folder outside it), its files, where the replay writes
+    ("dl", "./dl/{files}", "./dl-replayed/"),
+    ("dl/", "./dl/{files}", "./dl-replayed/"),
+    ("./sub/dl//", "./sub/dl/{files}", "./sub/dl-replayed/"),
+    ("W/dl", "./dl/{files}", "./dl-replayed/"),
+    ("W/sub/dl/", "./sub/dl/{files}", "./sub/dl-replayed/"),
+    ("E/dl", "E/dl/{files}", "E/dl-replayed/"),
+    ("E/dl/", "E/dl/{files}", "E/dl-replayed/"),
+    (".", "./{files}", "E/work-replayed/"),
+    ("./", "./{files}", "E/work-replayed/"),
+    ("W", "./{files}", "E/work-replayed/"),
+    ("..", "E/{files}", "E-replayed/"),
+    ("/", "/{files}", "/replayed/"),
+    ("gs://bucket", "gs://bucket/{files}", "gs://bucket/replayed/"),
+    ("gs://bucket/", "gs://bucket/{files}", "gs://bucket/replayed/"),
+    ("gs://bucket/dl", "gs://bucket/dl/{files}", "gs://bucket/dl-replayed/"),
+    ("gs://bucket/dl/", "gs://bucket/dl/{files}", "gs://bucket/dl-replayed/"),
+    ("gs://bucket/a/dl/", "gs://bucket/a/dl/{files}", "gs://bucket/a/dl-replayed/"),
+    ("s3://bucket", "s3://bucket/{files}", "s3://bucket/replayed/"),
+    ("s3://bucket/", "s3://bucket/{files}", "s3://bucket/replayed/"),
+    ("s3://bucket/a/dl", "s3://bucket/a/dl/{files}", "s3://bucket/a/dl-replayed/"),
+]
+
+
+@pytest.mark.parametrize("label", ["20261207T081502Z-3fa9c1", None])
+@pytest.mark.parametrize("path, files_in, replayed", _HINT_CASES)
+def test_the_replay_hint_reads_the_runs_files_and_writes_next_to_them_in_the_same_bucket(
+        tmp_path, monkeypatch, path, files_in, replayed, label):
+    """At a bucket root (gs://bucket, gs://bucket/) the hint wrote to another bucket (gs://bucket-replayed/),
+    at / to '-replayed/' (an option, to the shell), at . to '.-replayed/' (inside the input: refused)."""
+    import fnmatch
+
+    from pipelines.replay_dead_letters import check_output_outside_input
+
+    work, elsewhere = tmp_path / "work", tmp_path
+    (work / "dl").mkdir(parents=True)
+    monkeypatch.chdir(work)
+
+    def place(text: str) -> str:
+        return text.replace("W", str(work)) if text.startswith("W") else text.replace("E", str(elsewhere), 1)
+    files = f"dead-letters-{label}-*" if label else "dead-letters*"
+    source, target = _replay_hint(place(path), label=label)
+    assert (source, target) == (place(files_in.format(files=files)), place(replayed))
+    # The replay takes it, and the files it writes there are not among those it reads.
+    check_output_outside_input(source, target)
+    written = target + f"dead-letters-{label or ''}-next-00000-of-00001.jsonl"
+    assert not fnmatch.fnmatch(written, source)
+    folder = place(path).rstrip("/") if "://" in path else os.path.abspath(place(path))
+    run_file = f"{folder.rstrip('/')}/dead-letters-{label or 'x'}-00000-of-00001.jsonl"
+    assert fnmatch.fnmatch(run_file, source if "://" in source else os.path.abspath(source))
 
 
 def test_display_path(tmp_path, monkeypatch):
@@ -397,6 +466,6 @@ def test_summary_text_with_a_data_source_per_row(tmp_path, monkeypatch):
         "    (no data source)                0            3",
     ]
     # The replay sends each line back to its record's data source: no --datasource in the hint.
-    assert ("python -m pipelines.replay_dead_letters --input './dl/*' --dead_letter_path ./dl-replayed/ "
+    assert ("python -m pipelines.replay_dead_letters --input './dl/dead-letters*' --dead_letter_path ./dl-replayed/ "
             "--api_url https://api.tinybird.co") in text
     assert "those that name none need --datasource NAME" in text

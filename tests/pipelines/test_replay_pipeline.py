@@ -110,6 +110,12 @@ def test_replay_reads_avro_dead_letters(server, datasource, tmp_path):
     ("gs://bucket/dl/*", "gs://bucket/dl/new/"),
     ("gs://bucket/dl/*", "gs://bucket/"),
     ("gs://bucket/dl/run-*/x.avro", "gs://bucket//dl"),
+    # Inside the input's folder, where its pattern may read.
+    ("gs://bucket/dead-letters-x-*", "gs://bucket/dead-letters-x-2/"),
+    ("gs://bucket/dl-*", "gs://bucket/dl-replayed/"),
+    ("gs://bucket*", "gs://bucket/replayed/"),
+    ("dl/dead-letters-x-*", "dl/dead-letters-x-again/"),
+    ("dl/dead-letters-x-*", "dl/dead-letters-x-"),
 ])
 def test_an_output_overlapping_the_input_is_refused(tmp_path, monkeypatch, pattern, output):
     monkeypatch.chdir(tmp_path)
@@ -125,6 +131,10 @@ def test_an_output_overlapping_the_input_is_refused(tmp_path, monkeypatch, patte
     ("gs://bucket/dl/*", "gs://bucket/dl-replayed/"),
     ("gs://bucket/dl/*", "gs://other-bucket/dl/"),
     ("dl/*", "gs://bucket/dl/"),
+    # Inside the input's folder, where its pattern cannot read: a run's files at a bucket's root.
+    ("gs://bucket/dead-letters-x-*", "gs://bucket/replayed/"),
+    ("s3://bucket/dead-letters*", "s3://bucket/replayed/"),
+    ("dl/dead-letters-x-*", "dl/replayed/"),
 ])
 def test_an_output_outside_the_input_is_accepted(tmp_path, monkeypatch, pattern, output):
     monkeypatch.chdir(tmp_path)
