@@ -182,6 +182,9 @@ class EventsApp:
         # into objects and inferring again: the writer creates the data source with
         # the first job's schema anyway.
         self._pending_schemas: dict[str, Schema] = {}
+        # Jobs queued with the pending schema of each name: when the last has committed or
+        # failed, the schema goes (a failed creation leaves no data source, nor its schema).
+        self._pending_jobs: collections.Counter[str] = collections.Counter()
         self._started = clock()
         self._reset_stats()
 
@@ -406,7 +409,6 @@ class EventsApp:
                     return _error(exc.status, exc.message)
                 del wire
                 if self.store.schema(name) is not None:
-                    self._pending_schemas.pop(name, None)
                     return decoded, None
                 if not decoded.lines:
                     return _error(400, f"cannot create the data source '{name}': the body holds no valid JSON object")
@@ -435,6 +437,9 @@ class EventsApp:
 
         def done(result: WriteResult | BaseException) -> None:
             # Runs on the writer thread once the job is committed (or failed).
+            if new_schema is not None:
+                # Before the answer: a client told of a failed creation finds no schema left.
+                loop.call_soon_threadsafe(self._creating_job_ended, name)
             if isinstance(result, WriteResult) and fault is not None and fails_after:
                 self.faults.record_rows_stored_after(fault, result.successful_rows)
                 loop.call_soon_threadsafe(self._count_after_rows, result.successful_rows)
@@ -458,6 +463,7 @@ class EventsApp:
             return _error(503, "the write queue is full; nothing was inserted, retry later")
         if new_schema is not None:
             self._pending_schemas.setdefault(name, new_schema)
+            self._pending_jobs[name] += 1
         fitting_rows = decoded.fitting_rows
         schema = self.store.schema(name) or self._pending_schemas.get(name)
         if future is None and schema is not None and schema != decoded.counted_schema:
@@ -484,6 +490,13 @@ class EventsApp:
             {"successful_rows": result.successful_rows, "quarantined_rows": result.quarantined_rows},
             status=200 if wait else 202,
         )
+
+    def _creating_job_ended(self, name: str) -> None:
+        """A job queued to create ``name`` committed or failed: the last one takes its pending schema away."""
+        self._pending_jobs[name] -= 1
+        if self._pending_jobs[name] <= 0:
+            del self._pending_jobs[name]
+            self._pending_schemas.pop(name, None)
 
     def _count_after_rows(self, rows: int) -> None:
         self.rows_after_faults += rows

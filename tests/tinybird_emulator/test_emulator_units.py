@@ -375,3 +375,98 @@ def test_two_names_that_differ_only_in_case_decoded_at_once_one_is_refused(tmp_p
     finally:
         events.store.close()
     assert [d["rows"] for d in events.store.datasources()] == [1]
+
+
+def _app_whose_writer_fails(tmp_path, monkeypatch, *, failing: set[int],
+                            gates: dict[int, threading.Event] | None = None) -> tuple[app_module.EventsApp, list]:
+    """An app whose writer fails the jobs numbered in ``failing`` (0: the first it applies), and
+    holds job N until ``gates[N]`` is set; and the names of the jobs it has begun to apply."""
+    events = app_module.EventsApp(ServerConfig(data_dir=str(tmp_path), admin_token="p.admin", rate_limit_rps=None))
+    apply, applied = events.store._apply, []
+
+    def failing_apply(conn, job, new_schemas, now):
+        number = len(applied)
+        applied.append(job.name)
+        if number in (gates or {}):
+            assert gates[number].wait(10)
+        if number in failing:
+            raise sqlite3.OperationalError("disk I/O error")
+        return apply(conn, job, new_schemas, now)
+
+    monkeypatch.setattr(events.store, "_apply", failing_apply)
+    return events, applied
+
+
+@pytest.mark.parametrize("wait", [True, False])
+@pytest.mark.parametrize("then_name", ["fresh", "Fresh"])
+def test_a_data_source_whose_creation_failed_in_the_writer_leaves_no_schema_behind(
+        tmp_path, monkeypatch, wait, then_name):
+    """The next request for the name (or for one that differs only in case) met the schema
+    of a creation that was never committed: its rows counted and stored against it (a
+    String quarantined as no Int64), or the twin refused as if the data source existed."""
+    events, _ = _app_whose_writer_fails(tmp_path, monkeypatch, failing={0})
+    auth = {"Authorization": "Bearer p.admin"}
+    suffix = "&wait=true" if wait else ""
+
+    async def scenario() -> tuple[int, int, dict]:
+        async with TestClient(TestServer(events.make_app())) as client:
+            events.store.start()
+            failed = await client.post(f"/v0/events?name=fresh{suffix}", data=b'{"n": 1}\n', headers=auth)
+            assert (await client.post("/_emulator/flush", headers=auth)).status == 200
+            assert events.store.schema("fresh") is None
+            then = await client.post(f"/v0/events?name={then_name}&wait=true", data=b'{"n": "text"}\n', headers=auth)
+            return failed.status, then.status, await then.json()
+
+    try:
+        failed_status, status, answer = asyncio.run(scenario())
+    finally:
+        events.store.close()
+    assert (failed_status, status, answer) == (500 if wait else 202, 200, {"successful_rows": 1, "quarantined_rows": 0})
+    with sqlite3.connect(os.path.join(tmp_path, DB_FILE)) as db:
+        assert db.execute(f"SELECT n FROM {then_name}").fetchall() == [("text",)]
+
+
+def test_a_failed_creation_leaves_its_schema_to_the_job_queued_behind_it(tmp_path, monkeypatch):
+    """The first creating job fails while a second, queued with its schema, waits for its turn:
+    a third request is still counted against that schema, which the second creates the data
+    source with (so its 202 says what is stored)."""
+    gates = {0: threading.Event(), 1: threading.Event()}
+    events, applied = _app_whose_writer_fails(tmp_path, monkeypatch, failing={0}, gates=gates)
+    auth = {"Authorization": "Bearer p.admin"}
+
+    async def post(client, body: bytes) -> dict:
+        response = await client.post("/v0/events?name=fresh", data=body, headers=auth)
+        assert response.status == 202
+        return await response.json()
+
+    async def until(condition) -> None:
+        for _ in range(1000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    async def scenario() -> list:
+        async with TestClient(TestServer(events.make_app())) as client:
+            events.store.start()
+            answers = [await post(client, b'{"n": 1}\n')]
+            await until(lambda: applied == ["fresh"])  # the first job alone in its group
+            answers.append(await post(client, b'{"n": 2}\n'))
+            gates[0].set()  # the first fails; the second is applied in a group of its own
+            await until(lambda: applied == ["fresh", "fresh"])
+            await asyncio.sleep(0.1)  # the first job's callbacks, scheduled on the loop before the second began
+            answers.append(await post(client, b'{"n": "three"}\n'))
+            gates[1].set()
+            assert (await client.post("/_emulator/flush", headers=auth)).status == 200
+            assert events._pending_schemas == {}
+            return answers
+
+    try:
+        answers = asyncio.run(scenario())
+    finally:
+        events.store.close()
+    assert answers == [{"successful_rows": 1, "quarantined_rows": 0}, {"successful_rows": 1, "quarantined_rows": 0},
+                       {"successful_rows": 0, "quarantined_rows": 1}]
+    with sqlite3.connect(os.path.join(tmp_path, DB_FILE)) as db:
+        assert db.execute("SELECT n FROM fresh").fetchall() == [(2,)]
+        assert db.execute("SELECT c__error_column FROM fresh_quarantine").fetchall() == [('["n"]',)]
