@@ -10,6 +10,7 @@ fire is applied.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import threading
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,23 @@ _KNOWN_KEYS = frozenset(
         "message",
     }
 )
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, not a boolean (Python's bool is an int: JSON true would read as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite number, not a boolean."""
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _shown(value: Any) -> str:
+    """``value`` as JSON wrote it, for the message refusing it."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean, not a number)"
+    return repr(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,37 +89,35 @@ class FaultRule:
     message: str | None = None
 
     def __post_init__(self) -> None:
-        if self.status is not None and (
-            isinstance(self.status, bool) or not isinstance(self.status, int) or not 400 <= self.status <= 599
-        ):
-            raise ValueError(f"status must be an integer in 400..599 or null, got {self.status!r}")
+        if self.status is not None and (not _is_int(self.status) or not 400 <= self.status <= 599):
+            raise ValueError(f"status must be an integer in 400..599 or null, got {_shown(self.status)}")
         if not isinstance(self.reset, bool):
             raise ValueError(f"reset must be a boolean, got {self.reset!r}")
         if self.reset and self.status is not None:
             raise ValueError("a rule sets either status or reset, not both")
         if self.when not in (WHEN_BEFORE, WHEN_AFTER):
             raise ValueError(f"when must be 'before' or 'after', got {self.when!r}")
-        if not isinstance(self.latency_secs, (int, float)) or not 0 <= self.latency_secs <= 3600:
-            raise ValueError(f"latency_secs must be in 0..3600, got {self.latency_secs!r}")
+        if not _is_number(self.latency_secs) or not 0 <= self.latency_secs <= 3600:
+            raise ValueError(f"latency_secs must be a number in 0..3600, got {_shown(self.latency_secs)}")
         if self.status is None and not self.reset and self.latency_secs == 0:
             raise ValueError("a rule needs a status, reset=true or a latency_secs > 0")
         if self.datasource is not None and not isinstance(self.datasource, str):
             raise ValueError(f"datasource must be a string or null, got {self.datasource!r}")
-        if not isinstance(self.probability, (int, float)) or not 0 <= self.probability <= 1:
-            raise ValueError(f"probability must be in 0..1, got {self.probability!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
+        if not _is_number(self.probability) or not 0 <= self.probability <= 1:
+            raise ValueError(f"probability must be a number in 0..1, got {_shown(self.probability)}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or null, got {_shown(self.seed)}")
         if self.sequence is not None:
             seq = tuple(self.sequence)
-            if not seq or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in seq):
-                raise ValueError(f"sequence must be a non-empty list of integers >= 1, got {self.sequence!r}")
+            bad = [n for n in seq if not _is_int(n) or n < 1]
+            if not seq or bad:
+                raise ValueError("sequence must be a non-empty list of integers >= 1, got "
+                                 + (_shown(bad[0]) if bad else "[]"))
             object.__setattr__(self, "sequence", seq)
-        if self.times is not None and (isinstance(self.times, bool) or not isinstance(self.times, int) or self.times < 0):
-            raise ValueError(f"times must be an integer >= 0 or null, got {self.times!r}")
-        if self.retry_after_secs is not None and (
-            not isinstance(self.retry_after_secs, (int, float)) or self.retry_after_secs < 0
-        ):
-            raise ValueError(f"retry_after_secs must be >= 0 or null, got {self.retry_after_secs!r}")
+        if self.times is not None and (not _is_int(self.times) or self.times < 0):
+            raise ValueError(f"times must be an integer >= 0 or null, got {_shown(self.times)}")
+        if self.retry_after_secs is not None and (not _is_number(self.retry_after_secs) or self.retry_after_secs < 0):
+            raise ValueError(f"retry_after_secs must be a number >= 0 or null, got {_shown(self.retry_after_secs)}")
         if self.message is not None and not isinstance(self.message, str):
             raise ValueError(f"message must be a string or null, got {self.message!r}")
 

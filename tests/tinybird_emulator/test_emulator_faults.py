@@ -219,6 +219,33 @@ def test_invalid_rules_are_400(client, rules, fragment):
     assert_error(response, 400, "invalid fault rules")
 
 
+_NUMBER_KEYS = {  # each key that takes a number, with a rule in which it is valid
+    "status": {"status": 503},
+    "latency_secs": {"latency_secs": 1},
+    "probability": {"status": 503, "probability": 1},
+    "seed": {"status": 503, "seed": 1},
+    "times": {"status": 503, "times": 1},
+    "retry_after_secs": {"status": 503, "retry_after_secs": 1},
+}
+
+
+@pytest.mark.parametrize("value", [True, False])
+@pytest.mark.parametrize("key", [*sorted(_NUMBER_KEYS), "sequence"])
+def test_a_boolean_where_a_number_is_expected_is_400(client, key, value):
+    """JSON true was taken as 1 (and false as 0): Python's bool is an int. Refused, saying so."""
+    rule = {**_NUMBER_KEYS.get(key, {"status": 503}), key: [1, value] if key == "sequence" else value}
+    response = client.session.put(
+        f"{client.server.url}/_emulator/faults", data=json.dumps([rule]),
+        headers={"Authorization": f"Bearer {client.server.token}"})
+    body = assert_error(response, 400, f"invalid fault rules: fault rule 0: {key} must be")
+    assert f"got {json.dumps(value)} (a boolean, not a number)" in body["error"]
+    valid = client.session.put(
+        f"{client.server.url}/_emulator/faults", data=json.dumps([_NUMBER_KEYS.get(key, {"status": 503, "sequence": [1]})]),
+        headers={"Authorization": f"Bearer {client.server.token}"})
+    assert valid.status_code == 200, valid.text
+    client.server.clear_faults()
+
+
 def test_emulator_endpoints_need_admin(client, ds):
     token = client.server.create_token(f"app_{ds}", scopes=[f"DATASOURCE:APPEND:{ds}", "DATASOURCE:CREATE"])
     url = client.server.url
