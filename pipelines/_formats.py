@@ -299,7 +299,7 @@ def _read_whole(readable: fileio.ReadableFile) -> tuple[bytes, str | None]:
     return b"".join(chunks), cut
 
 
-def _exact_json(data: bytes, *, constant: Any = None) -> Any:
+def _exact_json(data: bytes) -> Any:
     """``data`` as one JSON document, every number exactly as written.
 
     orjson reads numbers as doubles and 64-bit integers (a wider one becomes a
@@ -310,7 +310,7 @@ def _exact_json(data: bytes, *, constant: Any = None) -> Any:
     not, and an escaped lone surrogate (``"\\ud800"``), which stdlib json lets
     through into a string that no coder can write (Beam's would fail the bundle).
     """
-    document = json.loads(data.decode("utf-8"), parse_float=decimal.Decimal, parse_constant=constant or _not_json)
+    document = json.loads(data.decode("utf-8"), parse_float=decimal.Decimal, parse_constant=_not_json)
     if (b"\\ud" in data or b"\\uD" in data) and not _is_json(data):
         # orjson refuses a lone surrogate, but also a number no double holds (1E+400), which
         # is kept: only a string holding a lone surrogate cannot be encoded (UnicodeEncodeError).
@@ -318,12 +318,9 @@ def _exact_json(data: bytes, *, constant: Any = None) -> Any:
     return document
 
 
-class _NotJson(ValueError):
-    """NaN, Infinity or -Infinity in a document: Python's json writes them, JSON has none."""
-
-
 def _not_json(name: str) -> Any:
-    raise _NotJson(f"{name} is not a JSON value")
+    """NaN, Infinity or -Infinity in a document: Python's json writes them, JSON has none."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 class _Constant:
@@ -338,22 +335,58 @@ class _Constant:
         return self.name
 
 
-def _holds_constant(value: Any) -> bool:
-    """Whether ``value`` holds a :class:`_Constant` (an item nested deeper than Python recurses: taken as one)."""
+class _HugeInt:
+    """Where a document held an integer of more digits than Python reads (``sys.get_int_max_str_digits``)."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: str) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return self.digits
+
+
+def _int_or_huge(text: str) -> int | _HugeInt:
     try:
-        return _walk_for_constant(value)
-    except RecursionError:
-        return True
+        return int(text)
+    except ValueError:  # more digits than Python reads
+        return _HugeInt(text)
 
 
-def _walk_for_constant(value: Any) -> bool:
+def _tolerant_json(data: bytes) -> Any:
+    """``data`` as one JSON document, as :func:`_exact_json` reads it, but whatever no JSON text can
+    hold left in place, for :func:`_refusal` to find in its item: NaN and Infinity (as
+    :class:`_Constant`), integers Python will not read (:class:`_HugeInt`), bytes that are not
+    UTF-8 (as lone surrogates, ``surrogateescape``) and escaped lone surrogates."""
+    return json.loads(data.decode("utf-8", "surrogateescape"), parse_float=decimal.Decimal,
+                      parse_int=_int_or_huge, parse_constant=_Constant)
+
+
+def _refusal(value: Any) -> str | None:
+    """Why an item of :func:`_tolerant_json` cannot be sent, or None when it can."""
+    try:
+        return _walk_for_refusal(value)
+    except RecursionError:  # nested deeper than Python recurses: nothing it holds can be checked
+        return "nested deeper than this reader can check"
+
+
+def _walk_for_refusal(value: Any) -> str | None:
     if isinstance(value, _Constant):
-        return True
+        return "NaN, Infinity and -Infinity are not JSON values"
+    if isinstance(value, _HugeInt):
+        return "an integer of more than 4,300 digits"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "a string holds a lone surrogate or bytes that are not UTF-8"
+        return None
     if isinstance(value, dict):
-        return any(_walk_for_constant(v) for v in value.values())
+        return next(filter(None, (_walk_for_refusal(v) for pair in value.items() for v in pair)), None)
     if isinstance(value, list):
-        return any(_walk_for_constant(v) for v in value)
-    return False
+        return next(filter(None, map(_walk_for_refusal, value)), None)
+    return None
 
 
 def _exact_number(value: decimal.Decimal) -> orjson.Fragment:
@@ -445,8 +478,10 @@ class _JsonDocumentDoFn(beam.DoFn):
     (a 50 MB array read and encoded: 3.2 s against 2.6 s, medians of three).
     A compressed file that stops short yields an :class:`UnreadableRecord`
     saying so, besides what could be read. A document that is JSON but for
-    NaN or Infinity (Python's ``json`` writes them) is read as one: each item
-    holding one is an :class:`UnreadableRecord`, as NDJSON refuses such a line.
+    values no JSON text sent can hold (NaN or Infinity, as Python's ``json``
+    writes them; a lone surrogate escape; bytes that are not UTF-8 in a string;
+    an integer of more than 4,300 digits) is read as one: each item holding one
+    is an :class:`UnreadableRecord` with its whole text, as NDJSON refuses such a line.
     """
 
     def process(self, readable: fileio.ReadableFile) -> Iterator[Record]:
@@ -456,24 +491,26 @@ class _JsonDocumentDoFn(beam.DoFn):
                                    reason=cut, text=data[-_REPR_CHARS:].decode("utf-8", "replace"))
         if data.startswith(_UTF8_BOM):
             data = data[len(_UTF8_BOM):]
-        path, constants = readable.metadata.path, False
+        path, tolerant = readable.metadata.path, False
         try:
             try:
                 document = _exact_json(data)
-            except _NotJson:
-                # A document but for NaN or Infinity (as Python's json writes them): only the
-                # items holding one are refused, as NDJSON refuses such a line.
-                document, constants = _exact_json(data, constant=_Constant), True
+            except ValueError:
+                # Maybe a document but for some items no JSON text can hold (NaN as Python's
+                # json writes it, a lone surrogate, bytes that are not UTF-8): only they are
+                # refused, as NDJSON refuses such a line.
+                document, tolerant = _tolerant_json(data), True
         except (ValueError, RecursionError):  # not one document (or nested deeper than Python recurses)
             for line in data.split(b"\n"):
                 yield from _non_blank_lines(line.rstrip(b"\r"))
             return
         items = document if isinstance(document, list) else [document]
         for number, item in enumerate(items, 1):
-            if constants and _holds_constant(item):
+            reason = _refusal(item) if tolerant else None
+            if reason is not None:
                 yield UnreadableRecord(
                     path=path, position=f"item {number}" if isinstance(document, list) else "the document",
-                    reason="NaN, Infinity and -Infinity are not JSON values", text=repr(item))
+                    reason=reason, text=repr(item))
             elif isinstance(item, dict):
                 yield item
             elif isinstance(document, list):

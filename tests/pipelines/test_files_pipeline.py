@@ -591,7 +591,9 @@ def test_json_not_a_number_lone_surrogate_and_classic_mac_line_ends(server, data
     assert nan.kind == "unencodable" and nan.element.startswith(
         f"UnreadableRecord({tmp_path / 'nan.json'} item 1: NaN, Infinity and -Infinity are not JSON values; "
         "text=\"{'id': 1, 'x': NaN}\")")
-    assert surrogate.message.startswith("invalid JSON") and "\\\\ud800" in surrogate.element
+    assert surrogate.kind == "unencodable" and surrogate.element.startswith(
+        f"UnreadableRecord({tmp_path / 'surrogate.json'} item 1: a string holds a lone surrogate or bytes "
+        "that are not UTF-8; text=\"{'id': 7, 's': '\\\\ud800'}\")")
 
 
 def test_json_written_by_python_with_nan_refuses_only_the_items_holding_one(server, datasource, tmp_path):
@@ -835,8 +837,42 @@ def test_the_demo_by_type_on_the_embedded_server(tmp_path, monkeypatch):
     assert printed.index("  pageviews now holds") < printed.index("  commerce now holds") < printed.index("  searches now holds")
 
 
-def test_an_item_nested_deeper_than_python_recurses_is_taken_as_holding_nan():
+_BAD_ITEMS = [  # (an item's JSON text, as bytes, that no JSON text sent can hold, the reason given)
+    (b'{"id": 2, "x": NaN}', "NaN, Infinity and -Infinity are not JSON values"),
+    (b'{"id": 2, "x": [1, -Infinity]}', "NaN, Infinity and -Infinity are not JSON values"),
+    (b'{"id": 2, "s": "\\ud800"}', "a string holds a lone surrogate or bytes that are not UTF-8"),
+    (b'{"id": 2, "\\udfff": 1}', "a string holds a lone surrogate or bytes that are not UTF-8"),
+    (b'{"id": 2, "s": "caf\xe9"}', "a string holds a lone surrogate or bytes that are not UTF-8"),
+    (b'{"id": 2, "n": {"deep": ' + b"9" * 5000 + b"}}", "an integer of more than 4,300 digits"),
+]
+
+
+@pytest.mark.parametrize("pretty", [False, True], ids=["one-line", "indented"])
+@pytest.mark.parametrize("bad, reason", _BAD_ITEMS, ids=["nan", "infinity", "lone-surrogate", "surrogate-key",
+                                                         "latin-1-byte", "huge-integer"])
+def test_json_an_array_refuses_only_the_item_no_json_text_can_hold(tmp_path, bad, reason, pretty):
+    """One bad item (a lone surrogate escape, bytes that are not UTF-8, an integer Python will not read)
+    made the whole array be read as JSON lines, every line of it a dead letter in pieces; now that item
+    alone is refused, with its whole text, and the others are read."""
+    from apache_beam.io import fileio
+    from apache_beam.io.filesystem import FileMetadata
+
+    separator = b",\n  " if pretty else b", "
+    path = tmp_path / "rows.json"
+    path.write_bytes(b"[" + separator.join([b'{"id": 1}', bad, b'{"id": 3, "ok": "\\ud83d\\ude00"}']) + b"]")
+    readable = fileio.ReadableFile(FileMetadata(str(path), path.stat().st_size))
+    records = list(_formats._JsonDocumentDoFn().process(readable))
+
+    assert [type(record).__name__ for record in records] == ["dict", "UnreadableRecord", "dict"]
+    assert records[0] == {"id": 1} and records[2] == {"id": 3, "ok": "\U0001F600"}
+    refused = records[1]
+    assert (refused.path, refused.position, refused.reason) == (str(path), "item 2", reason)
+    assert "'id': 2" in refused.text and len(refused.text) > len(bad) // 2  # the whole item, not a piece
+
+
+def test_an_item_nested_deeper_than_python_recurses_is_refused():
     deep: list = [_formats._Constant("NaN")]
     for _ in range(5000):
         deep = [deep]
-    assert _formats._holds_constant(deep) and not _formats._holds_constant([[1, {"a": [2]}]])
+    assert _formats._refusal(deep) == "nested deeper than this reader can check"
+    assert _formats._refusal([[1, {"a": [2]}]]) is None
