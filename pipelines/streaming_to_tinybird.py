@@ -55,8 +55,12 @@ DEFAULT_WINDOW_SECS = 60
 MAX_WINDOW_SECS = 10**9
 """The longest window (about 31 years). A window must end within Beam's timestamps (the year
 294,247): a longer one made every bundle of the sink's first step fail encoding it."""
-SUBSCRIPTION_PATTERN = r"^projects/[^/]+/subscriptions/[^/]+$"
-TOPIC_PATTERN = r"^projects/[^/]+/topics/[^/]+$"
+PROJECT_PATTERN = r"[a-z][-a-z0-9:.]{4,61}[a-z0-9]"
+"""A project id as Beam's ``ReadFromPubSub`` takes one (its ``PROJECT_ID_REGEXP``), checked here
+before anything starts: Beam checks it only when the job's graph is built, with a traceback."""
+SUBSCRIPTION_PATTERN = rf"^projects/{PROJECT_PATTERN}/subscriptions/[^/]+$"
+TOPIC_PATTERN = rf"^projects/{PROJECT_PATTERN}/topics/[^/]+$"
+_PROJECT_RULE = "PROJECT a project id: lower case letters, digits and -, starting with a letter, at least 6 characters"
 
 
 class StreamingToTinybirdOptions(PipelineOptions):
@@ -187,10 +191,10 @@ def check_source(options: StreamingToTinybirdOptions) -> None:
     if bool(subscription) == bool(topic):
         raise UsageError("give exactly one of --input_subscription and --input_topic")
     if subscription and not re.fullmatch(SUBSCRIPTION_PATTERN, subscription):
-        raise UsageError(
-            f"--input_subscription must look like projects/PROJECT/subscriptions/NAME, got {subscription!r}")
+        raise UsageError(f"--input_subscription must look like projects/PROJECT/subscriptions/NAME, "
+                         f"{_PROJECT_RULE}, got {subscription!r}")
     if topic and not re.fullmatch(TOPIC_PATTERN, topic):
-        raise UsageError(f"--input_topic must look like projects/PROJECT/topics/NAME, got {topic!r}")
+        raise UsageError(f"--input_topic must look like projects/PROJECT/topics/NAME, {_PROJECT_RULE}, got {topic!r}")
 
 
 def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None,

@@ -110,7 +110,7 @@ def test_the_sinks_own_checks_refuse_bad_options_naming_them(argv, message):
 ])
 def test_the_streaming_options_are_checked_by_the_sink_too(argv, message):
     with pytest.raises(UsageError, match=message):
-        streaming_to_tinybird.run([*argv, "--input_subscription=projects/p/subscriptions/s"])
+        streaming_to_tinybird.run([*argv, "--input_subscription=projects/my-project/subscriptions/s"])
 
 
 def test_defaults_are_the_sinks():
@@ -420,7 +420,7 @@ def test_datasource_field_options_are_checked(argv, message):
     with pytest.raises(UsageError, match=message):
         files_to_tinybird.run(argv)
     with pytest.raises(UsageError, match=message):
-        streaming_to_tinybird.run([*argv, "--input_subscription=projects/p/subscriptions/s"])
+        streaming_to_tinybird.run([*argv, "--input_subscription=projects/my-project/subscriptions/s"])
 
 
 def test_the_replay_routes_by_record_and_refuses_datasource_field():

@@ -11,6 +11,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pipelines_testlib import RUNNERS
 from shared_testlib import dead_letters_in
 
@@ -131,13 +133,13 @@ def test_source_options_are_checked():
     def options(*argv):
         return streaming_to_tinybird.StreamingToTinybirdOptions(list(argv))
 
-    check_source(options("--input_subscription", "projects/p/subscriptions/s"))
-    check_source(options("--input_topic", "projects/p/topics/t"))
+    check_source(options("--input_subscription", "projects/my-project/subscriptions/s"))
+    check_source(options("--input_topic", "projects/my-project/topics/t"))
     with pytest.raises(UsageError, match="exactly one"):
         check_source(options())
     with pytest.raises(UsageError, match="exactly one"):
-        check_source(options("--input_subscription", "projects/p/subscriptions/s",
-                             "--input_topic", "projects/p/topics/t"))
+        check_source(options("--input_subscription", "projects/my-project/subscriptions/s",
+                             "--input_topic", "projects/my-project/topics/t"))
     with pytest.raises(UsageError, match="projects/PROJECT/subscriptions/NAME"):
         check_source(options("--input_subscription", "my-subscription"))
     assert options("--window_secs", "15").window_secs == 15
@@ -145,11 +147,66 @@ def test_source_options_are_checked():
         options("--window_secs", "0")
 
 
+PROJECTS = ["p", "P", "0", "12345678", "abcde", "abcdef", "my-project", "My-Project", "my-project-", "-my-project",
+            "my_project", "example.com:my-project", "a" * 63, "a" * 64, "my-project ", "my-proj\u00e9ct"]
+
+
+def _beam_refusal(subscription: str | None, topic: str | None) -> str | None:
+    from apache_beam.io.gcp.pubsub import ReadFromPubSub
+
+    try:
+        ReadFromPubSub(subscription=subscription, topic=topic)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _check_source_takes(*argv: str) -> bool:
+    try:
+        check_source(streaming_to_tinybird.StreamingToTinybirdOptions(list(argv)))
+    except UsageError:
+        return False
+    return True
+
+
+def _check_agrees_with_beam(project: str) -> None:
+    for flag, value, subscription, topic in (
+            ("--input_subscription", f"projects/{project}/subscriptions/s", f"projects/{project}/subscriptions/s", None),
+            ("--input_topic", f"projects/{project}/topics/t", None, f"projects/{project}/topics/t")):
+        if _check_source_takes(flag, value):
+            assert _beam_refusal(subscription, topic) is None, (flag, value)
+
+
+@pytest.mark.parametrize("project", PROJECTS)
+def test_a_source_the_options_take_is_one_beam_reads(project):
+    """projects/p/subscriptions/s (a project id Beam refuses: too short, upper case, a number) passed the
+    check and the template's regex, then Beam refused it when the job's graph was built: on a
+    template, at launch, with a traceback; here, after the local server had started."""
+    _check_agrees_with_beam(project)
+
+
+@settings(max_examples=200, deadline=None)
+@given(project=st.from_regex(r"[-a-zA-Z0-9:._ ]{0,70}", fullmatch=True) | st.text(max_size=12))
+def test_every_source_the_options_take_is_one_beam_reads(project):
+    _check_agrees_with_beam(project)
+
+
+def test_a_pubsub_project_is_checked_as_beam_checks_it():
+    from apache_beam.io.gcp import pubsub
+
+    assert streaming_to_tinybird.PROJECT_PATTERN == pubsub.PROJECT_ID_REGEXP
+    with pytest.raises(UsageError, match=r"^--input_subscription must look like projects/PROJECT/subscriptions/NAME, "
+                                         r"PROJECT a project id: .* got 'projects/p/subscriptions/s'$"):
+        check_source(streaming_to_tinybird.StreamingToTinybirdOptions(["--input_subscription=projects/p/subscriptions/s"]))
+    with pytest.raises(UsageError, match=r"^--input_topic must look like projects/PROJECT/topics/NAME, PROJECT a"):
+        check_source(streaming_to_tinybird.StreamingToTinybirdOptions(["--input_topic=projects/My-Project/topics/t"]))
+
+
 def test_reading_pubsub_without_the_gcp_extra_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(streaming_to_tinybird.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UsageError, match=r"pip install 'beam-tinybird\[gcp\]'"):
         streaming_to_tinybird.run([
-            "--input_subscription", "projects/p/subscriptions/s",
+            "--input_subscription", "projects/my-project/subscriptions/s",
             "--api_url", "https://api.tinybird.co", "--datasource", "events"])
 
 

@@ -16,7 +16,7 @@ from pipelines.streaming_to_tinybird import take_stop_after_secs
 
 
 def test_stop_after_secs_is_taken_out_of_the_pipeline_options():
-    assert take_stop_after_secs(["--input_topic", "projects/p/topics/t"]) == (None, ["--input_topic", "projects/p/topics/t"])
+    assert take_stop_after_secs(["--input_topic", "projects/my-project/topics/t"]) == (None, ["--input_topic", "projects/my-project/topics/t"])
     assert take_stop_after_secs(["--stop_after_secs", "2.5", "--window_secs", "5"]) == (2.5, ["--window_secs", "5"])
     assert take_stop_after_secs(["--stop_after_secs=30"]) == (30.0, [])
     for bad in ("0", "-1", "soon", "nan"):
@@ -44,7 +44,7 @@ def test_the_direct_runner_by_any_name_beam_takes_runs_here_until_stopped(monkey
     ran_here = []
     monkeypatch.setattr(streaming_to_tinybird, "require_pubsub", lambda: None)
     monkeypatch.setattr(streaming_to_tinybird, "run_until_stopped", lambda **kwargs: ran_here.append(kwargs))
-    streaming_to_tinybird.run(["--input_subscription", "projects/p/subscriptions/s", "--datasource", "events",
+    streaming_to_tinybird.run(["--input_subscription", "projects/my-project/subscriptions/s", "--datasource", "events",
                                "--api_url", "https://api.tinybird.co", "--runner=direct", "--stop_after_secs", "5"])
     assert [kwargs["stop_after_secs"] for kwargs in ran_here] == [5.0]
     # A partial batch's wait, one blocked 30 s pull of the DirectRunner, a dead letter's wait for its file, a margin.

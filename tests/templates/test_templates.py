@@ -65,9 +65,9 @@ EXAMPLES = {
     "max_windows_per_bundle": (["1", "20", "500"], ["", "0", "-1", "twenty", "2.5"]),
     "dead_letter_path": (["gs://bucket/tinybird/dead-letters/"], ["", "dead-letters/", "/tmp/dl"]),
     "dead_letter_format": (["json", "avro"], ["", "jsonl", "parquet"]),
-    "input_subscription": (["projects/p/subscriptions/s"],
-                           ["", "s", "projects/p/topics/t", "projects/p/subscriptions/s/x"]),
-    "input_topic": (["projects/p/topics/t"], ["", "t", "projects/p/subscriptions/s"]),
+    "input_subscription": (["projects/my-project/subscriptions/s"],
+                           ["", "s", "projects/my-project/topics/t", "projects/my-project/subscriptions/s/x"]),
+    "input_topic": (["projects/my-project/topics/t"], ["", "t", "projects/my-project/subscriptions/s"]),
     "window_secs": (["1", "60", "3600", "1000000000"], ["", "0", "1.5", "-60", "1000000001", "999999999999999999"]),
     "timestamp_attribute": (["event_time", "ts"], ["", "two words"]),
     "max_buffering_secs": (["5", "0.5", "1.25", "10.0"], ["", "0", "0.0", "-1", "five", "1e3"]),
@@ -290,6 +290,12 @@ def test_token_secret_regex_is_the_sinks():
     for name in OPTIONS:
         (secret,) = [p for p in _metadata(name)["parameters"] if p["name"] == "token_secret"]
         assert secret["regexes"] == [_token._SECRET_VERSION.pattern]  # pylint: disable=protected-access
+
+
+def test_pubsub_regexes_are_the_pipelines():
+    parameters = {p["name"]: p for p in _metadata("streaming_to_tinybird")["parameters"]}
+    assert parameters["input_subscription"]["regexes"] == [streaming_to_tinybird.SUBSCRIPTION_PATTERN]
+    assert parameters["input_topic"]["regexes"] == [streaming_to_tinybird.TOPIC_PATTERN]
 
 
 def _beam_pin() -> Version:
