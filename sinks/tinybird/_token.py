@@ -11,7 +11,10 @@ import os
 import re
 
 DEFAULT_TOKEN_ENV = "TINYBIRD_TOKEN"
-_SECRET_VERSION = re.compile(r"^projects/[^/\s]+/secrets/[^/\s]+/versions/[^/\s]+$")
+# A part of the name: no '/', no space. Python's \s is every Unicode space; the Flex Templates' regex
+# is this one, and Dataflow reads it as Java, whose \s is ASCII only: the others are written out.
+_NAME_PART = r"[^/\s\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+"
+_SECRET_VERSION = re.compile(rf"^projects/{_NAME_PART}/secrets/{_NAME_PART}/versions/{_NAME_PART}$")
 # POSIX shell names: what ``export NAME=...`` and Dataflow's worker environment accept.
 _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -11,14 +13,18 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from unittest import mock
 
 import apache_beam
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from pipelines import files_to_tinybird, replay_dead_letters, streaming_to_tinybird
+from pipelines._endpoint import Endpoint
 from pipelines._options import SinkConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,19 +53,25 @@ EXAMPLES = {
     "format": (["auto", "ndjson", "json", "csv", "avro", "parquet"], ["", "xml", "NDJSON", "csv "]),
     "datasource": (["events", "web_events_v2", "_tmp", "e" * 100, "quarantine_log"],
                    ["", "2events", "web-events", "a b", "e" * 101, "events_quarantine"]),
-    "datasource_field": (["type", "event_type", "kind"], ["", "two words", "a\nb", " "]),
+    "datasource_field": (["type", "event_type", "kind", "tipo_d\u00e9v\u00e9nement"],
+                         ["", "two words", "a\nb", " ", "\u00a0", "\u3000"]),
     "datasource_prefix": (["events_", "ev", "_x", "p" * 99], ["", "1st_", "web-", "a b", "p" * 100]),
-    "api_url": (["https://api.tinybird.co", "https://api.us-east.aws.tinybird.co", "https://tb.example.com/"],
+    "api_url": (["https://api.tinybird.co", "https://api.us-east.aws.tinybird.co", "https://tb.example.com/",
+                 "https://api.europe-west2.gcp.tinybird.co", "https://api.tinybird.co:443",
+                 "https://tb.example.com:8443/tinybird/"],
                 ["", "http://api.tinybird.co", "api.tinybird.co", "https://api.tinybird.co?token=x",
-                 "https://a b"]),
-    "token": (["p.eyJ1IjoiYSJ9.x-y_z"], ["", "two words"]),
+                 "https://a b", "https://user:pass@api.tinybird.co", "https://token@api.tinybird.co",
+                 "https://api.tinybird.co:99999", "https://api.tinybird.co:abc", "https://:443",
+                 "https://[::1]:8443"]),
+    "token": (["p.eyJ1IjoiYSJ9.x-y_z", "p.eyJ1IjogIjEyMzQ1Njc4In0.AbC-dEf_123="], ["", "two words", "\u00a0", "t\u00f6k"]),
     "token_env": (["TINYBIRD_TOKEN", "tb_token2"], ["", "1TOKEN", "MY-TOKEN"]),
     "token_secret": (["projects/p/secrets/tinybird/versions/latest", "projects/123/secrets/tb/versions/3"],
                      ["", "tinybird", "projects/p/secrets/tinybird", "projects/p/secrets/s/versions/",
-                      "projects//secrets/s/versions/1", "projects/p/secrets/s/versions/1/extra"]),
+                      "projects//secrets/s/versions/1", "projects/p/secrets/s/versions/1/extra",
+                      "projects/p\u00a0/secrets/s/versions/1", "projects/p/secrets/s/versions/1\u2003"]),
     "wait": (["true", "false"], ["", "yes", "True", "1"]),
     "compression": (["zstd", "gzip", "none"], ["", "brotli", "ZSTD"]),
-    "max_batch_bytes": (["1048576", "8388608"], ["", "0", "-1", "1.5", "8MiB", "01"]),
+    "max_batch_bytes": (["1048576", "8388608", "2"], ["", "0", "1", "-1", "1.5", "8MiB", "01"]),
     "max_batch_rows": (["1", "200000"], ["", "0", "1e5"]),
     "num_shards": (["1", "8", "64"], ["", "0", "eight"]),
     "max_windows_per_bundle": (["1", "20", "500"], ["", "0", "-1", "twenty", "2.5"]),
@@ -70,7 +82,9 @@ EXAMPLES = {
     "input_topic": (["projects/my-project/topics/t"], ["", "t", "projects/my-project/subscriptions/s"]),
     "window_secs": (["1", "60", "3600", "1000000000"], ["", "0", "1.5", "-60", "1000000001", "999999999999999999"]),
     "timestamp_attribute": (["event_time", "ts"], ["", "two words"]),
-    "max_buffering_secs": (["5", "0.5", "1.25", "10.0"], ["", "0", "0.0", "-1", "five", "1e3"]),
+    "max_buffering_secs": (["5", "0.5", ".5", "1.25", "10.0", "0.001", "3600", "1000000000"],
+                           ["", "0", "0.0", "-1", "five", "1e3", "1000000001", "1000000000.5", "9" * 400,
+                            "0." + "0" * 400 + "1", "0.0000000001", "inf", "nan"]),
     "max_dead_letter_ratio": (["0", "0.01", "0.5", "1", "1.0"], ["", "-0.1", "1.5", "2", "1e-2", "abc", "5%"]),
 }
 # The sink's options (checked by building the sink) whose template regex refuses more than the
@@ -85,6 +99,9 @@ STRICTER_IN_TEMPLATE = {
     ("wait", "True"): "a command line also takes yes/no, 1/0 and any case",
     ("wait", "1"): "a command line also takes yes/no, 1/0 and any case",
     ("max_buffering_secs", "1e3"): "a command line takes any float spelling",
+    ("max_buffering_secs", "0.0000000001"): "more than 9 decimals (the form cannot tell which round to 0)",
+    ("api_url", "https://[::1]:8443"): "the sink takes an IPv6 literal; no Tinybird region is reached by one",
+    ("token", "t\u00f6k"): "Tinybird tokens are ASCII; the sink checks a token's characters only on the workers",
     ("dead_letter_path", "dead-letters/"): "templates write to Cloud Storage; a command line may write locally",
     ("dead_letter_path", "/tmp/dl"): "templates write to Cloud Storage; a command line may write locally",
     ("datasource_field", "two words"): "a command line takes any field name (a JSON key may hold a space)",
@@ -110,8 +127,10 @@ def _option_names(options_class) -> list:
 
 
 def _matches(regexes, value: str) -> bool:
-    # Dataflow checks that a value matches every regex of its parameter.
-    return all(re.fullmatch(regex, value) for regex in regexes)
+    """Whether Dataflow takes ``value``: it must match every regex of its parameter, whole (Java's
+    ``matches()``; Python's ``$`` also matches before a final newline). Java's ``\\s``, ``\\d`` and
+    ``\\w`` are ASCII only (a no-break space is ``\\S``), as Python's are with ``re.ASCII``."""
+    return all(re.fullmatch(regex, value, re.ASCII) for regex in regexes)
 
 
 def test_every_pipeline_has_a_template_folder():
@@ -167,16 +186,138 @@ def test_regexes_accept_good_and_refuse_bad_values(name):
             assert not _matches(parameter["regexes"], value), (name, parameter["name"], value)
 
 
+# A launch that passes every check, into which one parameter at a time is put. Its input's extension
+# names the format, and the replay writes to another bucket than it reads: those rules join two
+# parameters, which no regex can (the job refuses such a launch before it starts).
+LAUNCH = {
+    "files_to_tinybird": {"input": "gs://in-bucket/events/*.ndjson", "api_url": "https://api.tinybird.co",
+                          "datasource": "events"},
+    "streaming_to_tinybird": {"input_subscription": "projects/my-project/subscriptions/events",
+                              "api_url": "https://api.tinybird.co", "datasource": "events"},
+    "replay_dead_letters": {"input": "gs://in-bucket/dead-letters/*", "api_url": "https://api.tinybird.co",
+                            "dead_letter_path": "gs://out-bucket/replayed/"},
+}
+CROSS_PARAMETER = {
+    ("files_to_tinybird", "input"): ["--format=ndjson"],  # format auto needs an extension it knows
+}
+# Checked again when the job's graph is built (by Beam's ReadFromPubSub), which takes a quarter of a
+# second: the other parameters are launched without building it (timestamp_attribute too: Beam 2.77
+# passes it on unchecked).
+GRAPH_PARAMETERS = {"input_subscription", "input_topic"}
+
+
+def _launch_argv(name: str, parameter: str, value: str) -> list[str]:
+    values = dict(LAUNCH[name])
+    if parameter in ("datasource_field", "datasource_prefix"):
+        del values["datasource"]
+        values.setdefault("datasource_field", "type")
+    if parameter == "input_topic":
+        del values["input_subscription"]
+    values[parameter] = value
+    return [f"--{key}={text}" for key, text in values.items()] + CROSS_PARAMETER.get((name, parameter), [])
+
+
+def _launch_refusal(name: str, argv: list[str], *, build_graph: bool) -> str | None:
+    """Runs the pipeline's own ``run(argv)`` as the template launcher does, up to where the job would
+    start (no file is listed, nothing is sent): None when it gets there, else why it stopped."""
+    module = sys.modules[f"pipelines.{name}"]
+
+    def submit(**kwargs):
+        if build_graph:
+            config = kwargs["config"]
+            kwargs["build"](apache_beam.Pipeline(), Endpoint(api_url=config.api_url), config)
+
+    with contextlib.ExitStack() as stack:
+        for attribute in ("run_pipeline", "run_until_stopped", "check_input_exists"):
+            if hasattr(module, attribute):
+                replacement = submit if attribute != "check_input_exists" else (lambda *args, **kwargs: None)
+                stack.enter_context(mock.patch.object(module, attribute, replacement))
+        stack.enter_context(contextlib.redirect_stderr(io.StringIO()))  # argparse's usage text
+        try:
+            module.run(argv)
+        except SystemExit as error:  # argparse refused the value
+            return f"argparse: exit {error.code}"
+        except (ValueError, TypeError) as error:  # UsageError is a ValueError
+            return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _check_taken_by_the_launch(name: str, parameter: dict, value: str) -> None:
+    if not _matches(parameter["regexes"], value):
+        return
+    refusal = _launch_refusal(name, _launch_argv(name, parameter["name"], value),
+                              build_graph=parameter["name"] in GRAPH_PARAMETERS)
+    assert refusal is None, f"{name}: {parameter['name']}={value!r} passes the template's regexes, but {refusal}"
+
+
+def _parameters() -> list[tuple[str, dict]]:
+    return [(name, parameter) for name in sorted(OPTIONS) for parameter in _metadata(name)["parameters"]]
+
+
+def _parameter_id(case) -> str:
+    return f"{case[0]}-{case[1]['name']}" if isinstance(case, tuple) else str(case)
+
+
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_values_the_template_accepts_are_accepted_by_the_pipeline(name):
     """What passes Dataflow's regexes must not fail later, when the job starts."""
     for parameter in _metadata(name)["parameters"]:
         for value in EXAMPLES[parameter["name"]][0]:
-            argv = [f"--{parameter['name']}={value}", *_destination_besides(parameter["name"])]
-            if parameter["name"] == "token" or parameter["name"] == "token_secret":
-                argv.append("--api_url=https://api.tinybird.co")
-            options = OPTIONS[name](argv)
-            SinkConfig.from_options(options)
+            assert _matches(parameter["regexes"], value), (name, parameter["name"], value)
+            _check_taken_by_the_launch(name, parameter, value)
+
+
+# Every character Python's str.isspace() takes (Python's \s), most of which Java's \s is not.
+UNICODE_SPACES = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+TRICKY_VALUES = [
+    "", " ", "\n", "0", "1", "2", "-1", "+1", "01", "1.", ".5", "1e3", "1E+3", "-0", "nan", "NaN", "inf", "-inf",
+    "Infinity", "1_000", "\u0661\u0662", "\uff11\uff12", "\u00b2", "9" * 18, "9" * 19, "9" * 400,
+    "1" + "0" * 9, "1" + "0" * 9 + "1", "100000000", "100000001", "104857600", "1e-400", "0." + "0" * 400 + "1",
+    "https://user:pass@api.tinybird.co", "https://token@api.tinybird.co", "https://@api.tinybird.co",
+    "https://api.tinybird.co:443", "https://api.tinybird.co:65535", "https://api.tinybird.co:65536",
+    "https://api.tinybird.co:99999", "https://api.tinybird.co:0", "https://api.tinybird.co:+443",
+    "https://api.tinybird.co:abc", "https://api.tinybird.co:", "https://:443", "https://[::1", "https://[::1]:8443",
+    "https://[]", "https://api.tinybird.co/v0/", "https://api.tinybird.co?x=1", "https://api.tinybird.co#x",
+    "https://api.tinybird.co/a;b", "https://api.tinybird.co\u00a0", "https://\u00e9.example", "https://a\u00a0b",
+    "https://api.tinybird.co/\u2003", "projects/p/subscriptions/s", "projects/P/topics/t",
+    "projects/my-project/subscriptions/s", "projects/my-project/topics/t", "projects/12345678/topics/t",
+    "projects/example.com:my-project/topics/t", "projects/my-project/subscriptions/s\u00a0",
+    "projects/p/secrets/s/versions/1", "projects/my-project/secrets/tb\u00a0/versions/latest",
+    "gs://in-bucket/x", "gs://in-bucket/x.avro.gz", "gs://", "gs://\u00a0",
+    *UNICODE_SPACES, *(f"a{space}b" for space in UNICODE_SPACES), *(f"{space}a" for space in UNICODE_SPACES),
+]
+
+
+@pytest.mark.parametrize("case", _parameters(), ids=_parameter_id)
+def test_tricky_values_the_template_accepts_are_accepted_by_the_pipeline(case):
+    """Signs, exponents, huge numbers, nan/inf, unicode digits and spaces (\\s is ASCII in Java), a
+    trailing newline, URLs with userinfo, ports, paths and queries: a value that passes the
+    template's regexes as Dataflow reads them passes the pipeline's own checks too."""
+    name, parameter = case
+    good = EXAMPLES[parameter["name"]][0]
+    values = [*TRICKY_VALUES, *good, *(f"{value}\n" for value in good), *(f" {value}" for value in good),
+              *(value + space for value in good for space in UNICODE_SPACES)]
+    for value in values:
+        _check_taken_by_the_launch(name, parameter, value)
+
+
+def _near_misses(value: str) -> st.SearchStrategy[str]:
+    """``value`` with one character put in or replaced: a sign, an exponent, a unicode digit or space..."""
+    tricky = st.sampled_from(["+", "-", "e", "E", ".", "0", "9", "@", ":", "/", "?", "#", "_", "\n",
+                              "\u0661", "\uff10", *UNICODE_SPACES]) | st.characters()
+    return st.tuples(st.integers(0, len(value)), st.booleans(), tricky).map(
+        lambda edit: value[:edit[0]] + edit[2] + value[edit[0] + edit[1]:])
+
+
+@pytest.mark.parametrize("case", _parameters(), ids=_parameter_id)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_every_value_the_template_accepts_is_accepted_by_the_pipeline(case, data):
+    """The same, for values drawn from each regex (as Python reads it) and their near misses."""
+    name, parameter = case
+    drawn = st.one_of([st.from_regex(regex, fullmatch=True) for regex in parameter["regexes"]])
+    value = data.draw(drawn | drawn.flatmap(_near_misses) | st.text(max_size=12), label="value")
+    _check_taken_by_the_launch(name, parameter, value)
 
 
 def _destination_besides(parameter: str) -> list[str]:
