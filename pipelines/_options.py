@@ -25,6 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines._endpoint import LOCAL_DATA_DIR, Endpoint
 from sinks.tinybird import DatasourceFromField, WriteToTinybird
+from sinks.tinybird._batching import MAX_BATCH_BYTES
 from sinks.tinybird._beam_compat import option_values
 
 _SINK_PARAMETERS = inspect.signature(WriteToTinybird).parameters
@@ -141,8 +142,9 @@ def add_sink_arguments(parser: argparse.ArgumentParser, *, streaming: bool = Fal
         help=f"Request body compression: zstd, gzip or none. Default {sink_default('compression')}.")
     add_argument_once(
         parser, "--max_batch_bytes", type=int, default=sink_default("max_batch_bytes"),
-        help=f"Bound on the uncompressed NDJSON of one request; a single row larger than this is "
-             f"dead-lettered. Default {sink_default('max_batch_bytes')} "
+        help=f"Bound on the uncompressed NDJSON of one request, at most {MAX_BATCH_BYTES} (100 MB, the "
+             f"Events API's limit on paid plans; 10 MB on the free plan); a single row larger than this "
+             f"is dead-lettered. Default {sink_default('max_batch_bytes')} "
              f"({sink_default('max_batch_bytes') / 2**20:g} MiB).")
     add_argument_once(
         parser, "--max_batch_rows", type=int, default=sink_default("max_batch_rows"),

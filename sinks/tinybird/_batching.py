@@ -128,6 +128,10 @@ _CHUNK_CODER = TupleCoder([BytesCoder(), VarIntCoder(), BytesCoder()])
 MAX_BUFFERING_SECS = 1e9
 # Shards are 0 .. num_shards - 1, in keys that Beam codes as 64-bit integers.
 MAX_NUM_SHARDS = 2**63
+MAX_BATCH_BYTES = 100_000_000
+"""The largest ``max_batch_bytes``: 100 MB, the largest request the Events API takes on any plan
+(10 MB on the free plan), measured, as its documentation measures it, on the uncompressed NDJSON.
+Past it every full batch would only be refused with a 413 and split."""
 
 
 def timestamps_of(timestamps: bytes) -> array.array:
@@ -142,7 +146,8 @@ class BatchLimits:
     """Bounds on one request, how long a partial batch may wait, and open buffers per bundle.
 
     Attributes:
-        max_batch_bytes: Bound on the uncompressed NDJSON of one request.
+        max_batch_bytes: Bound on the uncompressed NDJSON of one request, at most
+            ``MAX_BATCH_BYTES`` (100 MB, the Events API's limit on paid plans).
         max_batch_rows: Bound on the rows of one request.
         max_buffering_secs: For unbounded input, the longest a row waits in a
             partial batch before it is sent anyway (at most ``MAX_BUFFERING_SECS``).
@@ -163,6 +168,10 @@ class BatchLimits:
     def __post_init__(self) -> None:
         if self.max_batch_bytes < 2:
             raise ValueError(f"max_batch_bytes must be at least 2, got {self.max_batch_bytes!r}")
+        if self.max_batch_bytes > MAX_BATCH_BYTES:
+            raise ValueError(
+                f"max_batch_bytes must be at most {MAX_BATCH_BYTES} (100 MB: the Events API refuses larger "
+                f"requests on every plan, and over 10 MB on the free plan), got {self.max_batch_bytes!r}")
         if self.max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be at least 1, got {self.max_batch_rows!r}")
         if not self.max_buffering_secs > 0:

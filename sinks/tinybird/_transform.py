@@ -359,7 +359,8 @@ class WriteToTinybird(beam.PTransform):
             than accepted ones (202). Default False.
         compression: ``"zstd"`` (default), ``"gzip"`` or None.
         max_batch_bytes: Bound on the uncompressed NDJSON of one request.
-            Default 8 MiB (the Events API refuses requests over 10 MB).
+            Default 8 MiB (the Events API refuses requests over 10 MB on the
+            free plan); at most 100,000,000 (100 MB, its limit on paid plans).
         max_batch_rows: Bound on the rows of one request. Default 200,000.
         max_buffering_secs: Unbounded input only: the longest a row waits in a
             partial batch. Default 5 s.

@@ -92,6 +92,7 @@ def test_options_as_a_command_line_and_as_flex_template_parameters():
     (["--num_shards=0"], r"^--num_shards must be at least 1, got 0"),
     (["--max_windows_per_bundle=0"], r"^--max_windows_per_bundle must be at least 1, got 0"),
     (["--max_batch_bytes=1"], r"^--max_batch_bytes must be at least 2, got 1"),
+    (["--max_batch_bytes=100000001"], r"^--max_batch_bytes must be at most 100000000 \(100 MB: "),
     (["--max_batch_rows=0"], r"^--max_batch_rows must be at least 1, got 0"),
     (["--dead_letter_format=csv"], r"^--dead_letter_format must be one of \('json', 'avro'\), got 'csv'"),
     (["--dead_letter_path= "], r"^--dead_letter_path is empty"),

@@ -107,6 +107,21 @@ def test_bad_values_are_a_value_error_naming_the_argument(name, value, message):
         _build(**{name: value})
 
 
+def test_max_batch_bytes_is_at_most_the_largest_request_the_events_api_takes():
+    """A max_batch_bytes over 100 MB (the Events API's request limit on paid plans, 10 MB on the free
+    plan) was taken: every full batch was then posted only to be refused with a 413 and split."""
+    from sinks.tinybird._batching import MAX_BATCH_BYTES
+
+    assert MAX_BATCH_BYTES == 100_000_000
+    for value in (2, 8 * 2**20, 10_000_000, MAX_BATCH_BYTES - 1, MAX_BATCH_BYTES):
+        assert _build(max_batch_bytes=value)._limits.max_batch_bytes == value
+    for value in (MAX_BATCH_BYTES + 1, 100 * 2**20, 2**31, 2**63, 10**30):
+        with pytest.raises(ValueError, match=rf"^max_batch_bytes must be at most 100000000 \(100 MB: the Events API "
+                                             rf"refuses larger requests on every plan, and over 10 MB on the free "
+                                             rf"plan\), got {value}$"):
+            _build(max_batch_bytes=value)
+
+
 @pytest.mark.parametrize("value", ["", "1TOKEN", "MY-TOKEN", "not a var!", "TOKEN\n", "TÖKEN", "A=B"])
 def test_token_env_must_be_an_environment_variable_name(value):
     with pytest.raises(ValueError, match=r"^token_env must be an environment variable name .*got "):
