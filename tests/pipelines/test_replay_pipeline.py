@@ -177,7 +177,6 @@ def test_replay_exits_with_status_2_on_overlap(tmp_path, monkeypatch, capsys):
     assert "error: --dead_letter_path 'dl' overlaps the input location" in capsys.readouterr().err
 
 
-
 def test_the_replays_help_says_what_it_does_without_datasource():
     """Its --datasource is optional: without it each line goes back to its record's data source."""
     parser = argparse.ArgumentParser()

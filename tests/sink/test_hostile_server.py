@@ -719,7 +719,6 @@ def test_a_token_echoed_in_a_malformed_header_line_reaches_no_log(caplog):
     assert len(filters) == 1 and (during, after) == (registered + 1, registered)
 
 
-
 @pytest.mark.parametrize("in_flight", [1, 2, 3])
 def test_a_token_echoed_after_the_client_closed_reaches_no_log(in_flight, caplog):
     """A DoFn torn down (a failed bundle) with sends under way: each attempt still reads
@@ -921,7 +920,6 @@ def test_finish_bundle_never_waits_past_the_clients_bound():
     assert sorted(orjson.loads(d.line)["id"] for d in letters) == list(range(5))
     assert {(d.kind, d.attempts) for d in letters} == {("retries_exhausted", 0)}
     assert letters[0].message.startswith("no outcome within 0.3 s")
-
 
 
 _LONG_WAIT_SECS = 30.0

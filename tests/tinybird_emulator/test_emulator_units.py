@@ -239,7 +239,6 @@ def test_parse_body_is_never_fooled_by_the_joined_array(body, valid, invalid):
     assert parsed.array_chars == len(array_text)  # the write queue's cost of the body
 
 
-
 def test_requests_queued_behind_a_new_data_sources_first_job_reuse_its_schema(tmp_path, monkeypatch):
     """While the job that creates a data source waits in the queue, later requests
     take its schema instead of inferring their own; the writer then creates the data
