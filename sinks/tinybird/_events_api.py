@@ -430,18 +430,34 @@ class EventsApiClient:
             state.first_attempt_at = started_at
         state.last_attempt_at = started_at
         t0 = self._clock()
+        released = False
         try:
             outcome = _CLOSED if transport is None else transport.post(body, batch.url)
-        except BaseException:
-            limiter.done(self._clock(), signal=Signal.BACK_PRESSURE, rtt_secs=self._clock() - t0, sent_at=t0)
-            raise
-        now = self._clock()
-        latency = now - t0
+            now = self._clock()
+            latency = now - t0
+            decision, throttled = self._decide(outcome, state, batch, now)
+            window = rate_window(outcome.headers) if isinstance(outcome, BoundedResponse) else None
+            # Marked first: a second done() would free another request's slot.
+            released = True
+            limiter.done(now, signal=_signal(outcome, throttled), rtt_secs=latency, pause_secs=decision.pause_secs,
+                         window=window, sent_at=t0)
+        finally:
+            if not released:
+                # Whatever raised (the transport, or reading its answer), the process's slot
+                # is freed: a slot held for ever would leave the data source fewer requests
+                # in flight for the life of the worker, and none once max_in_flight leaked.
+                limiter.done(self._clock(), signal=Signal.BACK_PRESSURE, rtt_secs=self._clock() - t0, sent_at=t0)
+        self._record(outcome, decision, state, batch, latency, started_at)
+        return decision
+
+    def _decide(self, outcome: BoundedResponse | TransportFailure, state: _PartState, batch: _Batch, now: float) -> tuple[Decision, bool]:
+        """What the policy makes of one attempt's outcome, answered at ``now``: the decision, and whether it
+        was the service's "slow down" (throttled) rather than an error."""
         part = state.part
         context = AttemptContext(
             rows=part.rows, raw_bytes=len(part.payload), wire_bytes=state.wire_bytes,
             attempt=state.error_attempts + 1, elapsed_secs=now - batch.started - batch.throttled_secs,
-            pause_ahead_secs=limiter.pause_remaining(now), now_epoch=self._wall_clock(), rand=self._rand(),
+            pause_ahead_secs=batch.limiter.pause_remaining(now), now_epoch=self._wall_clock(), rand=self._rand(),
             api_url=self._settings.api_url, throttled=state.throttled, throttled_secs=batch.throttled_secs,
         )
         decision = classify(outcome, context, self._policy)
@@ -451,9 +467,12 @@ class EventsApiClient:
             batch.throttled_answers += 1
         else:
             state.error_attempts += 1
-        limiter.done(now, signal=_signal(outcome, throttled), rtt_secs=latency, pause_secs=decision.pause_secs,
-                     window=rate_window(outcome.headers) if isinstance(outcome, BoundedResponse) else None,
-                     sent_at=t0)
+        return decision, throttled
+
+    def _record(self, outcome: BoundedResponse | TransportFailure, decision: Decision, state: _PartState, batch: _Batch, latency: float,
+                started_at: float) -> None:
+        """Keeps one attempt's outcome: the part's last answer and the batch's list of attempts."""
+        part = state.part
         response = outcome if isinstance(outcome, BoundedResponse) else None
         status = None if response is None else response.status
         error = outcome.error if isinstance(outcome, TransportFailure) else None
@@ -470,7 +489,6 @@ class EventsApiClient:
             batch.datasource, state.attempts, status, error, latency,
             part.rows, len(part.payload), state.wire_bytes, type(decision).__name__,
         )
-        return decision
 
     def _admit(self, batch: _Batch) -> tuple[DeadLetterKind, str] | None:
         """Waits until the shared limiter lets an attempt start, within the budgets; else says why not.

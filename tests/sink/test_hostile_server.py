@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import functools
+import importlib
 import json
 import logging
 import os
@@ -970,6 +971,52 @@ def test_a_send_waiting_when_its_client_closes_ends_at_once_and_sends_nothing_mo
             (DeadLetterKind.REJECTED, "the client was closed")}
     dead = sorted(i for report in reports for failed in report.failed for i in ids_in(failed.payload))
     assert dead == list(range(sum(sends)))
+
+
+_RAISING_STEPS = {
+    "the transport": "sinks.tinybird._http.transport.Transport.post",
+    "classifying the answer": "sinks.tinybird._events_api.classify",
+    "reading the rate-limit headers": "sinks.tinybird._events_api.rate_window",
+    "asking the pause left": "sinks.tinybird._http.limiter.Limiter.pause_remaining",
+}
+
+
+@pytest.mark.parametrize("step", list(_RAISING_STEPS))
+def test_an_attempt_that_raises_after_taking_its_slot_gives_the_slot_back(step, monkeypatch):
+    """Whatever step of an attempt raises once it holds a slot of the process's limiter (none is
+    known to, for any answer: a fault injected here), the slot is given back: one held for ever
+    would leave the data source a request in flight fewer for the life of the worker, and none at
+    all once max_in_flight had leaked. The send raises (its bundle fails and is retried); the next
+    sends go through, as many at once as before."""
+    target = _RAISING_STEPS[step]
+    module_path, _, name = target.rpartition(".")
+    owner: object
+    try:
+        owner = importlib.import_module(module_path)
+    except ModuleNotFoundError:
+        module, _, cls = module_path.rpartition(".")
+        owner = getattr(importlib.import_module(module), cls)
+    real = getattr(owner, name)
+    failures = {"left": 2}
+
+    def raising(*args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError(f"injected in {step}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, raising)
+    with RawServer(default=answer(200, b'{"successful_rows": 3, "quarantined_rows": 0}')) as server:
+        client = client_for(server, max_in_flight=2)  # its own limiter: the server has a port of its own
+        limiter = client.limiter("events")
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="injected"):
+                client.send(payload_of(3), 3)
+            assert limiter.in_flight == 0
+        reports = [client.send(payload_of(3, 3 * i), 3) for i in range(3)]
+        client.close()
+    assert [r.delivered_rows for r in reports] == [3, 3, 3]
+    assert limiter.in_flight == 0
 
 
 # -- name lookups ---------------------------------------------------------------------------
