@@ -62,7 +62,7 @@ class RetryPolicy:
     ``max_retry_after_secs``. A throttling answer (429, or 503 with
     ``Retry-After``) is waited out without spending an attempt, for at most
     ``max_throttled_secs`` per batch. The defaults retry errors 5 times, waiting 0.25-0.5,
-    0.5-1, 1-2, 2-4 and 4-8 s (8 to 15.5 s in all): enough to ride out a short
+    0.5-1, 1-2, 2-4 and 4-8 s (7.75 to 15.5 s in all): enough to ride out a short
     overload without stalling a bundle for minutes.
 
     Attributes:

@@ -63,6 +63,16 @@ def test_backoff_exact_numbers(retry_number, rand, expected):
     assert RetryPolicy().backoff_secs(retry_number, rand=rand) == expected
 
 
+def test_the_default_policys_retries_wait_what_its_docstring_says():
+    """5 retries of errors, 0.25-0.5, 0.5-1, 1-2, 2-4 and 4-8 s: 7.75 to 15.5 s in all."""
+    policy = RetryPolicy()
+    retries = range(1, policy.max_attempts)
+    assert len(retries) == 5
+    assert sum(policy.backoff_secs(n, rand=0.0) for n in retries) == 7.75
+    assert sum(policy.backoff_secs(n, rand=1.0) for n in retries) == 15.5
+    assert "7.75 to 15.5 s in all" in " ".join((RetryPolicy.__doc__ or "").split())
+
+
 def test_backoff_with_other_multiplier_and_cap():
     policy = RetryPolicy(initial_backoff_secs=0.2, backoff_multiplier=3.0, max_backoff_secs=5.0)
     assert [policy.backoff_secs(n, rand=1.0) for n in (1, 2, 3, 4)] == pytest.approx([0.2, 0.6, 1.8, 5.0])
