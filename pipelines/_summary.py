@@ -348,6 +348,10 @@ def _embedded_server_lines(summary: RunSummary, endpoint: Endpoint, datasources:
         info = (held or {}).get(name) or {}
         lines.append(f"  {name} now holds {int(info.get('rows', 0)):,} rows "
                      f"({int(info.get('quarantined', 0)):,} quarantined) in {data_dir}")
+    if not present:
+        # Nothing of this run's is there to look at (a replay whose lines all failed again
+        # before any reached a data source): no heading over no commands.
+        return lines
     # The embedded server stops with the job; its data stays in data_dir.
     python = _python_command()
     sql = f"{python} -m tinybird_emulator sql --data-dir {_shell_quote(data_dir)}"

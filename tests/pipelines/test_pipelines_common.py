@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import decimal
 import logging
 import os
@@ -33,7 +34,7 @@ from pipelines._formats import (
 )
 from pipelines._options import SinkConfig, UsageError, beam_options_without_secrets, parse_bool
 from pipelines._progress import CountRowsDoFn
-from pipelines._summary import RunSummary, display_path, format_summary, judge
+from pipelines._summary import DatasourceFigures, RunSummary, display_path, format_summary, judge
 from sinks.tinybird._encoding import element_repr, encode_element
 from sinks.tinybird.dead_letters import AVRO_SCHEMA, DeadLetter, to_json_line
 
@@ -196,6 +197,40 @@ def test_summary_text(tmp_path, monkeypatch):
     assert ("python -m pipelines.replay_dead_letters --input './dl/dead-letters*' --datasource events "
             "--dead_letter_path ./dl-replayed/ --api_url https://api.tinybird.co") in text
     assert "emulator" not in text  # no local server in this run
+
+
+class _HoldingServer:
+    """The embedded server, as the summary reads it: what it holds by data source."""
+
+    def __init__(self, held: dict[str, dict]) -> None:
+        self._held = held
+
+    def flush(self) -> None:
+        pass
+
+    def datasources(self) -> dict[str, dict]:
+        return self._held
+
+
+@pytest.mark.parametrize("held", [{}, {"other": {"rows": 5, "quarantined": 0}}])
+def test_a_routed_run_whose_data_sources_the_server_does_not_hold_prints_no_empty_heading(tmp_path, held):
+    """A replay whose every line failed again (no data source of it on the server): the summary
+    shows no "Look at the data" heading without a command under it; with a data source, both."""
+    summary = RunSummary(rows_read=2, rows_acknowledged=0, rows_quarantined=0, dead_letters=2,
+                         dead_letters_by_kind={"rejected": 2}, requests=1, retries=0, extra={}, elapsed_secs=1.0,
+                         by_datasource={"gone": DatasourceFigures(rows_acknowledged=0, dead_letters=2)})
+    config = SinkConfig(datasource_of=lambda line: "gone")  # the replay's: each line to its record's
+    endpoint = Endpoint(api_url="http://127.0.0.1:1", server=_HoldingServer(held), data_dir=tmp_path / "data")
+    text = format_summary(summary, title="Replay", config=config, endpoint=endpoint, dead_letter_path=None)
+    assert "Look at the data" not in text and "tinybird_emulator sql" not in text, text
+    assert "tinybird_emulator serve" not in text, text
+    summary = dataclasses.replace(summary, rows_acknowledged=2, dead_letters=0, dead_letters_by_kind={},
+                                  by_datasource={"gone": DatasourceFigures(rows_acknowledged=2, dead_letters=0)})
+    text = format_summary(summary, title="Replay", config=config,
+                          endpoint=dataclasses.replace(endpoint, server=_HoldingServer(
+                              {**held, "gone": {"rows": 2, "quarantined": 0}})), dead_letter_path=None)
+    heading = text.splitlines().index("Look at the data (read-only, straight from the data dir; no server needed):")
+    assert 'SELECT count(*) FROM gone"' in text.splitlines()[heading + 1]
 
 
 def _replay_hint(dead_letter_path: str, *, label: str | None) -> tuple[str, str]:
