@@ -20,17 +20,40 @@ _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _unshown(value: object) -> str:
-    """What is wrong with a value given where a name belongs, without showing it: a token
-    pasted into ``token_secret`` or ``token_env`` must not reach the error message."""
+    """What is wrong with a value given where an environment variable's name belongs, without
+    showing it: a token pasted into ``token_env`` must not reach the error message."""
     if not isinstance(value, str):
         return type(value).__name__
     if not value:
         return "''"
-    bad = next((i for i, c in enumerate(value) if not (c.isascii() and (c.isalnum() or c in "_/"))), None)
+    bad = next((i for i, c in enumerate(value) if not (c.isascii() and (c.isalnum() or c == "_"))), None)
     if bad is not None:
         where = f", {value[bad]!r} at position {bad}"
     else:
         where = ", starting with a digit" if value[0].isdigit() else ""
+    return f"{len(value)} characters{where} (the value is not shown: it may be a token)"
+
+
+def _unshown_secret(value: object) -> str:
+    """What is wrong with a value given as a secret version, without showing it (it may be a token):
+    its shape, which the six parts of ``projects/PROJECT/secrets/NAME/versions/VERSION`` are not."""
+    if not isinstance(value, str):
+        return type(value).__name__
+    if not value:
+        return "''"
+    space = next((i for i, c in enumerate(value) if c.isspace()), None)
+    if space is not None:
+        where = f", a space at position {space}"
+    else:
+        parts = value.split("/")
+        where = f", {len(parts)} part{'s' if len(parts) != 1 else ''} between '/'"
+        if any(not part for part in parts):
+            where += ", one of them empty"
+        elif len(parts) == 6:
+            # The fixed words (never a token's text) may be named.
+            wrong = [f"part {i + 1} is not {word!r}" for i, word in ((0, "projects"), (2, "secrets"), (4, "versions"))
+                     if parts[i] != word]
+            where += "".join(f", {text}" for text in wrong)
     return f"{len(value)} characters{where} (the value is not shown: it may be a token)"
 
 
@@ -54,7 +77,7 @@ class TokenSource:
         if self.secret_version is not None and not _SECRET_VERSION.fullmatch(self.secret_version):
             raise ValueError(
                 "token_secret must be a Secret Manager secret version, "
-                f"projects/PROJECT/secrets/NAME/versions/VERSION, got {_unshown(self.secret_version)}")
+                f"projects/PROJECT/secrets/NAME/versions/VERSION, got {_unshown_secret(self.secret_version)}")
         if not isinstance(self.env_var, str) or not _ENV_VAR_NAME.fullmatch(self.env_var):
             raise ValueError(
                 "token_env must be an environment variable name (letters, digits and _, not starting "

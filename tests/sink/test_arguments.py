@@ -140,6 +140,25 @@ def test_a_token_pasted_where_a_name_belongs_is_not_in_the_error(name, token):
         assert token[start:start + 8].lower() not in message.lower(), message
 
 
+@pytest.mark.parametrize("value, shape", [
+    ("projects/my-project/secrets/tb/version/latest", "45 characters, 6 parts between '/', part 5 is not 'versions' ("),
+    ("project/my-project/secret/tb/versions/1", "39 characters, 6 parts between '/', part 1 is not 'projects', "
+                                                "part 3 is not 'secrets' ("),
+    ("projects/my-project/secrets/tb", "30 characters, 4 parts between '/' ("),
+    ("projects/my-project/secrets/tb/versions/", "40 characters, 6 parts between '/', one of them empty ("),
+    ("projects/my project/secrets/tb/versions/1", "41 characters, a space at position 11 ("),
+    ("tinybird-token", "14 characters, 1 part between '/' ("),
+])
+def test_a_bad_token_secret_is_described_by_its_shape(value, shape):
+    """Not by a character a valid secret version holds (the '-' of a project id): by what makes it
+    no secret version, without showing it."""
+    with pytest.raises(ValueError) as raised:
+        WriteToTinybird(datasource="events", token_secret=value)
+    message = str(raised.value)
+    assert message.endswith(f"got {shape}the value is not shown: it may be a token)"), message
+    assert "'-'" not in message and "my-project" not in message
+
+
 @pytest.mark.parametrize("value", ["TINYBIRD_TOKEN", "_t", "tb_token2", "A"])
 def test_token_env_accepts_names(value):
     assert WriteToTinybird(datasource="events", token_env=value) is not None
