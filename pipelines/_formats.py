@@ -235,15 +235,20 @@ class _CutShort(EOFError):
 
 
 # What the decompressors raise on data that is not theirs (trailing zero padding after a .gz,
-# a flipped bit). bz2 raises a bare OSError, which an I/O error is too: left to fail the bundle.
+# a flipped bit).
 _DECOMPRESSION_ERRORS = (zlib.error, lzma.LZMAError, zstandard.ZstdError)
+# bz2's: a bare OSError, as an I/O error is, told apart by its exact text (CPython's _bz2 module
+# raises it for BZ_DATA_ERROR and BZ_DATA_ERROR_MAGIC alone). Any other OSError fails the bundle.
+_BZ2_DATA_ERROR = ("Invalid data stream",)
 
 
 def _decompressed(file: Any, size: int) -> bytes:
     """``file.read(size)``; corrupt compressed data raises :class:`_CutShort`, saying so."""
     try:
         return file.read(size)
-    except _DECOMPRESSION_ERRORS as error:
+    except (*_DECOMPRESSION_ERRORS, OSError) as error:
+        if isinstance(error, OSError) and (type(error) is not OSError or error.args != _BZ2_DATA_ERROR):
+            raise
         raise _CutShort(f"the compressed data is corrupt ({type(error).__name__}: {error}): "
                         "what followed is lost") from error
 

@@ -313,11 +313,11 @@ def test_a_compressed_file_cut_short_ends_in_a_dead_letter_saying_so(
 
 
 @pytest.mark.parametrize("damage", ["zero padding after the end", "bytes overwritten in the middle"])
-@pytest.mark.parametrize("suffix", [".gz", ".zst", ".xz", ".deflate"])  # bz2 raises a bare OSError: see _formats
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".zst", ".xz", ".deflate"])  # each decompressor
 @pytest.mark.parametrize("file_format", COMPRESSIBLE_FORMATS)
 def test_corrupt_compressed_data_ends_in_a_dead_letter_saying_so(
         server, datasource, tmp_path, file_format, suffix, damage):
-    """A decompressor's error (zlib.error, LZMAError, ZstdError) failed the job, after the batches
+    """A decompressor's error (zlib.error, LZMAError, ZstdError, bz2's OSError) failed the job, after the batches
     of the rows before it were posted (a rerun stores them twice): it now ends the file's rows with
     a dead letter saying what was lost, as a file cut short does."""
     rows = [{"id": i, "name": f"n{i}"} for i in range(2000)]
@@ -348,7 +348,12 @@ def test_corrupt_compressed_data_ends_in_a_dead_letter_saying_so(
     said = [d for d in letters if "what followed is lost" in d.element]
     assert all(d.kind == "unencodable" for d in said)
     if damage == "bytes overwritten in the middle":
-        assert len(stored) < len(rows) and len(said) == 1 and "the compressed data is corrupt (" in said[0].element
+        # Said to be corrupt, or (bz2, whose damaged block never ends: libbz2 gives neither data nor
+        # an error) to stop before its end.
+        expected = ("the compressed data is corrupt (",) + (("the compressed data stops before its end",)
+                                                            if suffix == ".bz2" else ())
+        assert len(stored) < len(rows) and len(said) == 1 and said[0].element.count(expected[0]) + sum(
+            text in said[0].element for text in expected[1:]) == 1
     else:
         # Said to be corrupt (zlib, zstd: the rows decompressed in the read that met the padding are
         # lost with it, and the dead letter says after which line), or taken for a stream cut short
