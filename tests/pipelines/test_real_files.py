@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import tracemalloc
 import uuid
 
+import apache_beam as beam
 import fastavro
 import numpy as np
 import orjson
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.io.parquetio import _ArrowTableToRowDictionaries
 from pipelines_testlib import count, run_quietly, sink_flags
 from shared_testlib import dead_letters_in
 
+from pipelines._formats import PARQUET_ROWS_PER_SLICE, ReadRecords, _TableRowsDoFn
 from pipelines.files_to_tinybird import run
 
 pytestmark = pytest.mark.timeout(180)
@@ -109,6 +114,78 @@ def test_parquet_written_by_pandas_every_row_stored_with_its_values(server, data
 
 
 # snappy: Spark's default codec for Avro files (fastavro reads it with cramjam, a dependency for this).
+def _every_arrow_type(rows: int) -> pa.Table:
+    """A table of every kind of column a Parquet file written by pandas, pyarrow or Spark holds."""
+    at = datetime.datetime(2024, 5, 1, 8, 0, 0, 123456)
+    return pa.table({
+        "int8": pa.array([i % 100 - 50 for i in range(rows)], pa.int8()),
+        "uint64": pa.array([2**64 - 1 - i for i in range(rows)], pa.uint64()),
+        "float32": pa.array([i / 3 for i in range(rows)], pa.float32()),
+        "float64": pa.array([float("nan") if i % 7 == 0 else i / 3 for i in range(rows)]),
+        "text": pa.array([None if i % 5 == 0 else f"é {i}" for i in range(rows)]),
+        "large_text": pa.array([f"t{i}" for i in range(rows)], pa.large_string()),
+        "binary": pa.array([bytes([i % 256]) * 3 for i in range(rows)], pa.binary()),
+        "bool": pa.array([i % 3 == 0 for i in range(rows)]),
+        "ts_ns": pa.array([at + datetime.timedelta(seconds=i) for i in range(rows)], pa.timestamp("ns")),
+        "ts_tz": pa.array([at + datetime.timedelta(seconds=i) for i in range(rows)], pa.timestamp("us", tz="Europe/Madrid")),
+        "date": pa.array([datetime.date(2024, 1, 1) + datetime.timedelta(days=i % 400) for i in range(rows)]),
+        "time": pa.array([datetime.time(i % 24, 30) for i in range(rows)], pa.time64("us")),
+        "decimal": pa.array([decimal.Decimal(i) / 100 for i in range(rows)], pa.decimal128(12, 2)),
+        "dictionary": pa.array([["ES", "MX", "AR"][i % 3] for i in range(rows)]).dictionary_encode(),
+        "list": pa.array([list(range(i % 4)) for i in range(rows)]),
+        "struct": pa.array([{"a": i, "b": None if i % 2 else str(i)} for i in range(rows)]),
+        "map": pa.array([[("k", i)] for i in range(rows)], pa.map_(pa.string(), pa.int64())),
+        "null": pa.nulls(rows),
+    })
+
+
+def test_parquet_rows_are_the_values_beams_reader_gives_a_slice_at_a_time():
+    """The files job makes a Parquet row group's rows a slice at a time (Beam's own step makes the
+    whole row group Python objects at once): the same rows, every value equal and of the same type."""
+    table = _every_arrow_type(2 * PARQUET_ROWS_PER_SLICE + 7)
+    ours = list(_TableRowsDoFn().process(table))
+    beams = list(_ArrowTableToRowDictionaries().process(table))
+    assert len(ours) == len(beams) == table.num_rows
+    for mine, theirs in zip(ours, beams, strict=True):
+        assert list(mine) == list(theirs)
+        for name in mine:
+            a, b = mine[name], theirs[name]
+            assert type(a) is type(b), name
+            assert a == b or (a != a and b != b), (name, a, b)  # NaN is itself
+
+
+def test_a_parquet_row_group_is_made_python_objects_a_slice_at_a_time():
+    """A row group of 200,000 rows: the Python objects alive at once while its rows are taken one
+    by one are those of a slice, not the row group's (Beam's step: every row at once)."""
+    table = _every_arrow_type(200_000).select(["int8", "float64", "text", "ts_ns", "bool"])
+
+    def peak_bytes(do_fn) -> int:
+        tracemalloc.start()
+        try:
+            rows = sum(1 for _ in do_fn.process(table))
+            return tracemalloc.get_traced_memory()[1] if rows == table.num_rows else -1
+        finally:
+            tracemalloc.stop()
+
+    ours, beams = peak_bytes(_TableRowsDoFn()), peak_bytes(_ArrowTableToRowDictionaries())
+    assert 0 < ours < 2 * 2**20, ours  # a slice of 1,024 rows, and the iteration's own
+    assert beams > 20 * ours, (beams, ours)  # what the bound is against (about 40 MB here)
+    # And it is what the files job reads Parquet rows with (its first steps, as built for a run).
+    pipeline = beam.Pipeline()
+    _ = pipeline | "Read" >> ReadRecords("/nowhere/*.parquet", file_format="parquet")
+    do_fns = [type(node.transform.dofn) for node in _applied(pipeline) if isinstance(node.transform, beam.ParDo)]
+    assert _TableRowsDoFn in do_fns and _ArrowTableToRowDictionaries not in do_fns, do_fns
+
+
+def _applied(pipeline: beam.Pipeline) -> list:
+    nodes, stack = [], [pipeline._root_transform()]  # pylint: disable=protected-access
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack.extend(node.parts)
+    return nodes
+
+
 @pytest.mark.parametrize("codec", ["null", "deflate", "snappy"])
 def test_avro_written_by_fastavro_with_logical_types(server, datasource, tmp_path, codec):
     schema = fastavro.parse_schema({
