@@ -126,27 +126,36 @@ def take_stop_after_secs(argv: Sequence[str]) -> tuple[float | None, list[str]]:
 def split_message(data: bytes) -> Iterator[bytes]:
     """The rows of one message: the message itself, or its lines when it holds NDJSON.
 
-    A message without a newline is passed on untouched (the sink validates it).
-    One with newlines is one pretty-printed JSON value if it parses as one,
-    else NDJSON when a line of it is a JSON object: each non-blank line is a
-    row. One that is neither (a pretty-printed object cut short, not JSON at
-    all) is passed on whole, so that its one dead letter holds all of it, not
-    a dead letter per line.
+    A message without a newline is passed on untouched (the sink validates it,
+    leaving out the JSON whitespace around it). One with newlines is one
+    pretty-printed JSON value if it parses as one, else NDJSON when a line of
+    it is a JSON object: each non-blank line is a row, as written. One that is
+    neither (a pretty-printed object cut short, not JSON at all) is passed on
+    whole, byte for byte, so that its one dead letter holds all of it: for a
+    binary message (a protobuf starts with ``0x0a``, a newline) that record is
+    the only copy left.
     """
     body = data.strip()
     if not body:
         yield data  # empty: the sink dead-letters it ("invalid JSON"), so it is not lost silently
         return
     if b"\n" not in body:
+        # Around it, only what the sink leaves out itself, or JSON: else the message as it came.
+        yield data if len(data.strip(b" \t\n\r")) == len(body) or not _is_json(body) else body
+        return
+    if _is_json(body):
         yield body
         return
+    lines = [line.rstrip(b"\r") for line in data.split(b"\n") if line.strip()]
+    yield from lines if any(_is_object(line) for line in lines) else (data,)
+
+
+def _is_json(text: bytes) -> bool:
     try:
-        orjson.loads(body)
+        orjson.loads(text)
     except orjson.JSONDecodeError:
-        lines = [line.rstrip(b"\r") for line in body.split(b"\n") if line.strip()]
-        yield from lines if any(_is_object(line) for line in lines) else (body,)
-        return
-    yield body
+        return False
+    return True
 
 
 def _is_object(line: bytes) -> bool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 
 import apache_beam as beam
+import orjson
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -115,7 +117,8 @@ def test_streaming_body_on_the_batch_runners(server, datasource, runner, tmp_pat
 
 def test_split_message():
     assert list(split_message(b'{"a": 1}')) == [b'{"a": 1}']
-    assert list(split_message(b'  {"a": 1}\n')) == [b'{"a": 1}']
+    assert list(split_message(b'  {"a": 1}\n')) == [b'  {"a": 1}\n']  # the sink leaves the whitespace out
+    assert list(split_message(b'\x0c{"a": 1}\x0b')) == [b'{"a": 1}']  # not JSON whitespace, but JSON inside
     assert list(split_message(b'{"a": 1}\r\n\n{"b": 2}\r\n')) == [b'{"a": 1}', b'{"b": 2}']
     pretty = b'{\n  "a": 1,\n  "b": [1, 2]\n}\n'
     assert list(split_message(pretty)) == [pretty.strip()]
@@ -124,8 +127,8 @@ def test_split_message():
     assert list(split_message(b'{"a": 1}\n{"a": \n{"a": 3}\n')) == [b'{"a": 1}', b'{"a": ', b'{"a": 3}']
     # No line is an object (a pretty-printed object cut short, text): the message whole, one dead letter.
     cut = b'{\n  "a": 1,\n  "b": [1, 2],\n'
-    assert list(split_message(cut)) == [cut.strip()]
-    assert list(split_message(b"line one\r\nline two\n")) == [b"line one\r\nline two"]
+    assert list(split_message(cut)) == [cut]
+    assert list(split_message(b"line one\r\nline two\n")) == [b"line one\r\nline two\n"]
     assert list(split_message(b"")) == [b""]  # not dropped: the sink dead-letters it
 
 
@@ -235,3 +238,36 @@ def test_the_longest_window_accepted_delivers_and_a_longer_one_is_refused(server
     p.run().wait_until_finish()
     server.flush()
     assert [r["id"] for r in server.query(f"SELECT id FROM {datasource} ORDER BY id")] == list(range(5))
+
+
+_PIECES = [b'{"a": 1}', b'{"a": "x y"}', b"{oops", b"[1]", b"1", b" ", b"\t", b"\n", b"\r\n", b"\x0b", b"\x0c",
+           b"\x0a\x05hello", b"\xff", b"\x1f\x8b\x08\x00"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(data=st.binary(max_size=40) | st.lists(st.sampled_from(_PIECES), max_size=8).map(b"".join))
+def test_a_message_is_split_into_rows_without_losing_a_byte(data):
+    """A message that is not JSON is passed on (to its one dead letter) byte for byte: a protobuf message
+    starts with 0x0a, a newline, which was stripped, and the dead letter was then the only copy left,
+    without it. An NDJSON message's lines are passed on as written (no line terminator)."""
+    rows = list(split_message(data))
+    if len(rows) > 1:
+        assert rows == [line.rstrip(b"\r") for line in data.split(b"\n") if line.strip()]
+        return
+    [row] = rows
+    if row != data:  # one JSON value: only the whitespace around it is left out
+        assert row == data.strip()
+        orjson.loads(row)
+
+
+def test_a_binary_message_keeps_every_byte_in_its_dead_letter(tmp_path):
+    messages = [b"\x0a\x05hello\x12\x02\x08\x01", b"\x0a\x03abc\x20", b" not json \n", b"\t{oops\n{\n"]
+    with LocalServer(data_dir=tmp_path / "tb", rate_limit_rps=None) as server:
+        config = SinkConfig(datasource="binary", api_url=server.url, wait=True, num_shards=1,
+                            dead_letter_path=str(tmp_path / "dead") + "/")
+        p = beam.Pipeline(options=PipelineOptions(RUNNERS["direct"]))
+        result = build(p | beam.Create(messages), window_secs=60,
+                       write=config.write_transform(Endpoint(api_url=server.url, token=server.token)))
+        assert_that(result.dead_letters | beam.Map(lambda d: d.element), equal_to([repr(m) for m in messages]))
+        p.run().wait_until_finish()
+    assert sorted(ast.literal_eval(d.element) for d in dead_letters_in(tmp_path / "dead")) == sorted(messages)
