@@ -84,7 +84,8 @@ class StreamingToTinybirdOptions(PipelineOptions):
             parser, "--timestamp_attribute",
             help="Message attribute holding the event time (RFC 3339 or milliseconds since the "
                  "epoch); default: the publish time. Messages behind the watermark are late: sent "
-                 "all the same, never dropped.")
+                 "all the same, never dropped. Beam's Pub/Sub read parses it: a message whose value "
+                 "it cannot read fails the read, and comes back on every run (see pipelines/README.md).")
         add_sink_arguments(parser, streaming=True)
 
 
