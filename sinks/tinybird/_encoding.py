@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import math
 import re
 import reprlib
 import sys
@@ -165,7 +166,10 @@ def encode_element(element: Any) -> bytes:
     * ``UUID`` -> its canonical string; ``Enum`` -> its value (by these rules).
     * numpy scalars -> numbers and booleans; numpy arrays -> arrays (nested for
       several dimensions), their items by these rules; a structured numpy record
-      -> an object of its fields. Complex numbers are refused.
+      -> an object of its fields. A float16 or float32 is written as the exact
+      value it holds (``float32(0.1)`` -> ``0.10000000149011612``); a longdouble
+      as the nearest 64-bit float, and refused when that float is infinite or
+      0 and it is not. Complex numbers (``clongdouble`` too) are refused.
     * ``set``/``frozenset`` -> an array, sorted when its items can be compared (so
       the output does not depend on hash order), else in iteration order.
     * Integers wider than 64 bits -> exact JSON numbers; integers with more
@@ -521,12 +525,19 @@ def _timedelta64(obj: Any) -> float | None:
 
 
 def _numpy_scalar(obj: Any) -> Any:
-    value = obj.item()
-    if isinstance(value, complex):
+    if obj.dtype.kind == "c":
+        # Complex, clongdouble included (its .item() is itself, and float() of it kept
+        # the real part alone).
         return _refuse(obj)
+    value = obj.item()
     if type(value) is type(obj):
-        # longdouble: .item() keeps it; a float is what JSON can hold.
-        return float(value)
+        # longdouble: .item() keeps it; a float is what JSON can hold, when it holds this one.
+        import numpy
+
+        number = float(value)
+        if numpy.isfinite(obj) and (math.isinf(number) or (number == 0 and obj != 0)):
+            raise _Refused(f"{_type_name(obj)} {obj} is outside the range of a 64-bit float")
+        return number
     return value
 
 

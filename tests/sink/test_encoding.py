@@ -772,6 +772,25 @@ def test_values_json_cannot_hold_are_refused_with_their_place(value, reason):
     assert info.value.reason == reason
 
 
+def test_no_numpy_complex_nor_longdouble_is_written_as_another_number():
+    """Every complex dtype is refused, whatever its precision; a longdouble float64 cannot
+    hold is refused rather than written as null or 0."""
+    for kind in (np.complex64, np.complex128, np.clongdouble):
+        for value in (kind(1 + 2j), kind(1), np.array([kind(3 + 0j)]), np.array(kind(1j))):
+            with pytest.raises(EncodingError) as info:
+                encode_element({"v": value})
+            assert info.value.reason.startswith(f"Type is not JSON serializable: numpy.{kind.__name__} (at $.v"), value
+    wider = np.finfo(np.longdouble).max > np.finfo(np.float64).max  # not on every platform
+    for text in ("1e400", "-1e400", "1e-400", "-1e-4000") if wider else ():
+        with pytest.raises(EncodingError) as info:
+            encode_element({"v": np.longdouble(text), "w": [np.longdouble(text)]})
+        assert info.value.reason == f"numpy.longdouble {np.longdouble(text)} is outside the range of a 64-bit float (at $.v)"
+    for value, expected in ((np.longdouble(2.5), b"2.5"), (np.longdouble(0), b"0.0"), (np.longdouble("-0"), b"-0.0"),
+                            (np.longdouble("nan"), b"null"), (np.longdouble("-inf"), b"null"),
+                            (np.longdouble(np.finfo(np.float64).max), b"1.7976931348623157e+308")):
+        assert encode_element({"v": value}) == b'{"v":' + expected + b"}", value
+
+
 def test_the_encoder_never_imports_pandas_or_numpy():
     tree = ast.parse(pathlib.Path(_encoding.__file__).read_text(encoding="utf-8"))
     top_level = set()
