@@ -328,44 +328,38 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-class _Constant:
-    """Where a document held NaN, Infinity or -Infinity (read again to find the items holding one)."""
+class _Unsendable:
+    """A value of a document that no JSON text sent can hold, left in its place (:func:`_tolerant_json`):
+    its text as written, and why it cannot be sent."""
 
-    __slots__ = ("name",)
+    __slots__ = ("reason", "text")
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-class _HugeInt:
-    """Where a document held an integer of more digits than Python reads (``sys.get_int_max_str_digits``)."""
-
-    __slots__ = ("digits",)
-
-    def __init__(self, digits: str) -> None:
-        self.digits = digits
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
 
     def __repr__(self) -> str:
-        return self.digits
+        return self.text
 
 
-def _int_or_huge(text: str) -> int | _HugeInt:
+def _constant(name: str) -> _Unsendable:
+    return _Unsendable(name, "NaN, Infinity and -Infinity are not JSON values")
+
+
+def _int_or_huge(text: str) -> int | _Unsendable:
     try:
         return int(text)
-    except ValueError:  # more digits than Python reads
-        return _HugeInt(text)
+    except ValueError:  # more digits than Python reads (sys.get_int_max_str_digits)
+        return _Unsendable(text, "an integer of more than 4,300 digits")
 
 
 def _tolerant_json(data: bytes) -> Any:
     """``data`` as one JSON document, as :func:`_exact_json` reads it, but whatever no JSON text can
-    hold left in place, for :func:`_refusal` to find in its item: NaN and Infinity (as
-    :class:`_Constant`), integers Python will not read (:class:`_HugeInt`), bytes that are not
-    UTF-8 (as lone surrogates, ``surrogateescape``) and escaped lone surrogates."""
+    hold left in place, for :func:`_refusal` to find in its item: NaN and Infinity and integers
+    Python will not read (as :class:`_Unsendable`), bytes that are not UTF-8 (as lone surrogates,
+    ``surrogateescape``) and escaped lone surrogates."""
     return json.loads(data.decode("utf-8", "surrogateescape"), parse_float=decimal.Decimal,
-                      parse_int=_int_or_huge, parse_constant=_Constant)
+                      parse_int=_int_or_huge, parse_constant=_constant)
 
 
 def _refusal(value: Any) -> str | None:
@@ -377,10 +371,8 @@ def _refusal(value: Any) -> str | None:
 
 
 def _walk_for_refusal(value: Any) -> str | None:
-    if isinstance(value, _Constant):
-        return "NaN, Infinity and -Infinity are not JSON values"
-    if isinstance(value, _HugeInt):
-        return "an integer of more than 4,300 digits"
+    if isinstance(value, _Unsendable):
+        return value.reason
     if isinstance(value, str):
         try:
             value.encode("utf-8")

@@ -876,7 +876,7 @@ def test_json_an_array_refuses_only_the_item_no_json_text_can_hold(tmp_path, bad
 
 
 def test_an_item_nested_deeper_than_python_recurses_is_refused():
-    deep: list = [_formats._Constant("NaN")]
+    deep: list = [_formats._constant("NaN")]
     for _ in range(5000):
         deep = [deep]
     assert _formats._refusal(deep) == "nested deeper than this reader can check"
