@@ -134,8 +134,19 @@ def split_message(data: bytes) -> Iterator[bytes]:
     neither (a pretty-printed object cut short, not JSON at all) is passed on
     whole, byte for byte, so that its one dead letter holds all of it: for a
     binary message (a protobuf starts with ``0x0a``, a newline) that record is
-    the only copy left.
+    the only copy left. A UTF-8 byte order mark before JSON or NDJSON is left
+    out, as the files job leaves it out of a file (a message that is neither
+    keeps it).
     """
+    if data.startswith(_UTF8_BOM):
+        rows = list(_split(data[len(_UTF8_BOM):]))
+        if len(rows) > 1 or _is_json(rows[0].strip(b" \t\n\r")):
+            yield from rows
+            return
+    yield from _split(data)
+
+
+def _split(data: bytes) -> Iterator[bytes]:
     body = data.strip()
     if not body:
         yield data  # empty: the sink dead-letters it ("invalid JSON"), so it is not lost silently
@@ -149,6 +160,9 @@ def split_message(data: bytes) -> Iterator[bytes]:
         return
     lines = [line.rstrip(b"\r") for line in data.split(b"\n") if line.strip()]
     yield from lines if any(_is_object(line) for line in lines) else (data,)
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def _is_json(text: bytes) -> bool:
